@@ -1,0 +1,226 @@
+//! Model configuration: a serde struct mirroring HF `config.json` (llama family) plus the AFM
+//! extensions. The same struct is filled from GGUF metadata for GGUF checkpoints.
+
+use crate::error::{LmError, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// `eos_token_id` is an integer or a list of integers in HF configs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(x) => vec![*x],
+            TokenIds::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Configuration of a dense decoder (`DeviceModel`).
+///
+/// Field names are those of HF `LlamaConfig` so a llama-style `config.json` deserialises as is.
+/// The AFM fields (`num_kv_reuse_layers`, `qk_norm`, `rope_interleaved`, `kv_quant`) default to
+/// "off", which is exactly a llama model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LmConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// GQA: number of K/V heads (defaults to `num_attention_heads`).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width (defaults to `hidden_size / num_attention_heads`).
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Context length in tokens.
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    /// AFM KV-cache sharing: the number of trailing layers (block 2) that have no K/V
+    /// projections and attend to the K/V cache of the last block-1 layer. 0 = off (llama).
+    #[serde(default)]
+    pub num_kv_reuse_layers: usize,
+    /// AFM QK-norm: learned RMSNorm over the head dim on q and k, applied after RoPE.
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// RoPE rotates adjacent pairs (x0,x1),(x2,x3)... (AFM, GGUF llama) instead of the two
+    /// halves of the head (HF llama safetensors).
+    #[serde(default)]
+    pub rope_interleaved: bool,
+    /// AFM 8-bit KV fake quantisation with learned per-layer key/value scales.
+    #[serde(default)]
+    pub kv_quant: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_ctx() -> usize {
+    2048
+}
+
+impl LmConfig {
+    /// Reads and validates a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| LmError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: LmConfig = serde_json::from_str(&text).map_err(|e| LmError::BadFile {
+            path: path.to_path_buf(),
+            format: "config.json",
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Number of block-1 layers (those with their own K/V).
+    pub fn num_block1_layers(&self) -> usize {
+        self.num_hidden_layers - self.num_kv_reuse_layers
+    }
+
+    /// Sets block 2 to `b2 / (b1 + b2)` of the layers (the paper uses 5:3), rounded to the
+    /// nearest layer. `(1, 0)` turns sharing off.
+    pub fn with_block_ratio(mut self, b1: usize, b2: usize) -> Result<Self> {
+        if b1 == 0 {
+            return Err(LmError::config("block ratio", "block 1 must have at least one layer"));
+        }
+        let n = self.num_hidden_layers;
+        self.num_kv_reuse_layers = (n * b2 + (b1 + b2) / 2) / (b1 + b2);
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks the invariants the model code relies on; every failure names its field.
+    pub fn validate(&self) -> Result<()> {
+        let pos = |v: usize, f: &str| {
+            if v == 0 {
+                Err(LmError::config(f, "must be > 0"))
+            } else {
+                Ok(())
+            }
+        };
+        pos(self.vocab_size, "vocab_size")?;
+        pos(self.hidden_size, "hidden_size")?;
+        pos(self.intermediate_size, "intermediate_size")?;
+        pos(self.num_hidden_layers, "num_hidden_layers")?;
+        pos(self.num_attention_heads, "num_attention_heads")?;
+        pos(self.num_kv_heads(), "num_key_value_heads")?;
+        pos(self.max_position_embeddings, "max_position_embeddings")?;
+        if self.num_attention_heads % self.num_kv_heads() != 0 {
+            return Err(LmError::config(
+                "num_key_value_heads",
+                format!(
+                    "{} query heads are not a multiple of {} K/V heads",
+                    self.num_attention_heads,
+                    self.num_kv_heads()
+                ),
+            ));
+        }
+        let hd = self.head_dim();
+        if hd == 0 || hd % 2 != 0 {
+            return Err(LmError::config("head_dim", format!("{hd} must be even and > 0 for RoPE")));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(LmError::config(
+                "hidden_size",
+                "not divisible by num_attention_heads and no head_dim given",
+            ));
+        }
+        if self.num_kv_reuse_layers >= self.num_hidden_layers {
+            return Err(LmError::config(
+                "num_kv_reuse_layers",
+                format!(
+                    "{} reuse layers leave no block-1 layer out of {}",
+                    self.num_kv_reuse_layers, self.num_hidden_layers
+                ),
+            ));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return Err(LmError::config("rms_norm_eps", "must be a positive number"));
+        }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return Err(LmError::config("rope_theta", "must be a positive number"));
+        }
+        if self.max_position_embeddings > 1 << 20 {
+            return Err(LmError::config(
+                "max_position_embeddings",
+                format!("{} exceeds the supported 1M tokens", self.max_position_embeddings),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> LmConfig {
+        serde_json::from_str(
+            r#"{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "eos_token_id": [1, 2]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn hf_llama_config_parses_with_afm_defaults_off() {
+        let c = base();
+        c.validate().unwrap();
+        assert_eq!(c.head_dim(), 16);
+        assert_eq!(c.num_kv_reuse_layers, 0);
+        assert_eq!(c.eos_token_id.unwrap().to_vec(), vec![1, 2]);
+    }
+
+    #[test]
+    fn block_ratio_5_3_of_8_layers_is_3_reuse_layers() {
+        let c = base().with_block_ratio(5, 3).unwrap();
+        assert_eq!(c.num_kv_reuse_layers, 3);
+        assert_eq!(c.num_block1_layers(), 5);
+        let c56 = LmConfig { num_hidden_layers: 56, ..base() }.with_block_ratio(5, 3).unwrap();
+        assert_eq!(c56.num_kv_reuse_layers, 21);
+    }
+
+    #[test]
+    fn bad_configs_name_their_field() {
+        let mut c = base();
+        c.num_key_value_heads = Some(3);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let mut c = base();
+        c.num_kv_reuse_layers = 8;
+        assert!(c.validate().unwrap_err().to_string().contains("num_kv_reuse_layers"));
+    }
+}

@@ -1,0 +1,224 @@
+//! `DeviceModel`: the AFM on-device dense decoder (RMSNorm, GQA + RoPE, SwiGLU) with the
+//! paper's KV-cache sharing, which is also exactly a llama model when sharing is off.
+//!
+//! Layers `0..b1` (block 1) are ordinary. Layers `b1..` (block 2, `num_kv_reuse_layers` of
+//! them) have no K/V projections and attend to the cache of layer `b1 - 1`. Since nothing
+//! reads block 2's hidden states at other positions, prefill runs block 2 only on the rows
+//! whose logits are wanted (the time-to-first-token saving); `set_prefill_shortcut(false)`
+//! runs it on every row instead (same result, for tests and benchmarks).
+
+use crate::attention::{Attention, AttentionSpec};
+use crate::cache::Cache;
+use crate::config::LmConfig;
+use crate::error::{LmError, Result};
+use crate::mlp::Mlp;
+use crate::model::{LanguageModel, LogitsFor, ModelInfo};
+use crate::rms_norm::RmsNorm;
+use crate::rope::{Positions, Rope};
+use crate::weights::WeightSource;
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(src: &WeightSource, cfg: &LmConfig, i: usize) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let h = cfg.hidden_size;
+        let spec = AttentionSpec {
+            hidden: h,
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_kv_heads(),
+            head_dim: cfg.head_dim(),
+            eps: cfg.rms_norm_eps,
+            reuses_kv: i >= cfg.num_block1_layers(),
+            qk_norm: cfg.qk_norm,
+            kv_quant: cfg.kv_quant,
+        };
+        Ok(Self {
+            input_norm: RmsNorm::load(src, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
+            attn: Attention::load(src, &format!("{p}.self_attn"), &spec)?,
+            post_norm: RmsNorm::load(src, &format!("{p}.post_attention_layernorm.weight"), h, cfg.rms_norm_eps)?,
+            mlp: Mlp::load(src, &format!("{p}.mlp"), h, cfg.intermediate_size)?,
+        })
+    }
+}
+
+/// The on-device decoder. See the module docs.
+#[derive(Debug, Clone)]
+pub struct DeviceModel {
+    cfg: LmConfig,
+    info: ModelInfo,
+    embed: QMatMul,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: QMatMul,
+    rope: Rope,
+    prefill_shortcut: bool,
+}
+
+impl DeviceModel {
+    /// Builds the model from a weight source and a validated config.
+    ///
+    /// Tensor names (HF llama style; GGUF names are mapped, see `weights::gguf_name`):
+    /// `model.embed_tokens.weight (vocab, hidden)`, `model.norm.weight (hidden)`,
+    /// `lm_head.weight (vocab, hidden)` unless tied, and per layer `model.layers.{i}.`
+    /// `input_layernorm.weight`, `post_attention_layernorm.weight`,
+    /// `self_attn.{q,k,v,o}_proj.weight`, `mlp.{gate,up,down}_proj.weight`; block-2 layers
+    /// have no `k_proj`/`v_proj`; with `qk_norm`, `self_attn.q_norm.weight (head_dim)` and
+    /// (block 1 only) `self_attn.k_norm.weight`; with `kv_quant`, block-1 layers have scalar
+    /// `self_attn.k_scale (1)` and `self_attn.v_scale (1)`.
+    pub fn from_source(src: &WeightSource, cfg: LmConfig) -> Result<Self> {
+        cfg.validate()?;
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_name = "model.embed_tokens.weight";
+        let embed = src.matrix(embed_name, v, h)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(src, &cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(src, "model.norm.weight", h, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            src.matrix("lm_head.weight", v, h)?
+        };
+        let rope = Rope::new(cfg.head_dim(), cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_interleaved)?;
+        let info = ModelInfo {
+            vocab_size: v,
+            context_length: cfg.max_position_embeddings,
+            hidden_size: h,
+            num_layers: cfg.num_hidden_layers,
+        };
+        Ok(Self {
+            cfg,
+            info,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            prefill_shortcut: true,
+        })
+    }
+
+    pub fn config(&self) -> &LmConfig {
+        &self.cfg
+    }
+
+    /// With `false`, block 2 runs on every prompt position (for comparison only).
+    pub fn set_prefill_shortcut(&mut self, on: bool) {
+        self.prefill_shortcut = on;
+    }
+
+    pub fn prefill_shortcut(&self) -> bool {
+        self.prefill_shortcut
+    }
+
+    fn has_kv(&self) -> Vec<bool> {
+        self.layers.iter().map(|l| !l.attn.reuses_kv()).collect()
+    }
+
+    fn run(&self, x: &Tensor, cache: &mut Cache, logits: &LogitsFor) -> Result<Tensor> {
+        let (t, h) = x.dims2()?;
+        if h != self.info.hidden_size {
+            return Err(LmError::Invalid(format!(
+                "input embeddings have width {h}, the model's hidden size is {}",
+                self.info.hidden_size
+            )));
+        }
+        if t == 0 {
+            return Err(LmError::Invalid("forward pass with no positions".into()));
+        }
+        let start = cache.seq_len();
+        if start + t > self.info.context_length {
+            return Err(LmError::PromptTooLong {
+                tokens: start + t,
+                context: self.info.context_length,
+                reserved: 0,
+            });
+        }
+        if cache.num_layers() != self.layers.len() {
+            return Err(LmError::Invalid("cache was made for another model".into()));
+        }
+        let rows = logits.rows(t)?;
+        let b1 = self.cfg.num_block1_layers();
+        let pos = Positions::Range { start, len: t };
+        let mut x = x.to_dtype(DType::F32)?.unsqueeze(0)?;
+        for (i, layer) in self.layers[..b1].iter().enumerate() {
+            let kv = cache.layer_mut(i).ok_or_else(|| LmError::Invalid(format!("cache has no K/V slot for layer {i}")))?;
+            let hn = layer.input_norm.forward(&x)?;
+            layer.attn.write_kv(&hn, &pos, &self.rope, kv)?;
+            let a = layer.attn.attend(&hn, &pos, &self.rope, kv)?;
+            x = (x + a)?;
+            x = (&x + layer.mlp.forward(&layer.post_norm.forward(&x)?)?)?;
+        }
+        let select = |x: &Tensor| -> Result<Tensor> {
+            if rows.len() == t {
+                return Ok(x.clone());
+            }
+            let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+            Ok(x.index_select(&idx, 1)?)
+        };
+        // Block 2 only needs the rows whose logits are asked for.
+        let (mut x, pos2) = if self.prefill_shortcut {
+            let p = Positions::List(rows.iter().map(|&r| (start + r) as u32).collect());
+            (select(&x)?, p)
+        } else {
+            (x, pos)
+        };
+        if b1 < self.layers.len() {
+            let shared = cache
+                .layer(b1 - 1)
+                .ok_or_else(|| LmError::Invalid("cache has no K/V for the last block-1 layer".into()))?;
+            for layer in &self.layers[b1..] {
+                let hn = layer.input_norm.forward(&x)?;
+                let a = layer.attn.attend(&hn, &pos2, &self.rope, shared)?;
+                x = (x + a)?;
+                x = (&x + layer.mlp.forward(&layer.post_norm.forward(&x)?)?)?;
+            }
+        }
+        if !self.prefill_shortcut {
+            x = select(&x)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward(&x)?.squeeze(0)?;
+        cache.advance(t);
+        Ok(logits)
+    }
+}
+
+impl LanguageModel for DeviceModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= self.info.vocab_size) {
+            return Err(LmError::BadTokenId {
+                id,
+                vocab: self.info.vocab_size,
+            });
+        }
+        let ids = Tensor::new(ids, &Device::Cpu)?;
+        Ok(self.embed.embedding(&ids)?.to_dtype(DType::F32)?)
+    }
+
+    fn new_cache(&self) -> Cache {
+        Cache::new(&self.has_kv(), self.info.context_length)
+    }
+
+    fn forward_embeds(&self, embeds: &Tensor, cache: &mut Cache, logits: &LogitsFor) -> Result<Tensor> {
+        let start = cache.seq_len();
+        let out = self.run(embeds, cache, logits);
+        if out.is_err() {
+            cache.truncate(start);
+        }
+        out
+    }
+}

@@ -1,0 +1,62 @@
+//! Error type of the language-model crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading or running a language model.
+///
+/// Every variant names the file, tensor or field at fault, so a user can act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum LmError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid {format} file: {reason}")]
+    BadFile {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
+    #[error("config field `{field}`: {reason}")]
+    Config { field: String, reason: String },
+    #[error("tensor `{name}` is missing from the checkpoint")]
+    MissingTensor { name: String },
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("tensor `{name}`: {reason}")]
+    BadTensor { name: String, reason: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("prompt is {tokens} tokens but the model's context is {context} tokens (including {reserved} reserved for generation); shorten the prompt or lower max_new_tokens")]
+    PromptTooLong {
+        tokens: usize,
+        context: usize,
+        reserved: usize,
+    },
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    BadTokenId { id: u32, vocab: usize },
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, LmError>;
+
+impl LmError {
+    pub(crate) fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        LmError::Config {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}

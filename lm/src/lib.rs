@@ -1,0 +1,35 @@
+//! # afm-lm
+//!
+//! The language-model side of afm: the [`LanguageModel`] trait shared by every model, the
+//! AFM on-device decoder [`DeviceModel`] with KV-cache sharing, loading from safetensors and
+//! GGUF, tokenizers and chat templates, and generation with the usual samplers.
+//!
+//! See `lm/README.md` for the checkpoint layout.
+
+pub mod attention;
+pub mod cache;
+pub mod config;
+pub mod device_model;
+pub mod error;
+pub mod load;
+pub mod mlp;
+pub mod chat;
+pub mod generate;
+pub mod sampling;
+pub mod tokenizer;
+pub mod model;
+pub mod rms_norm;
+pub mod random;
+pub mod rope;
+pub mod weights;
+
+pub use cache::Cache;
+pub use config::LmConfig;
+pub use device_model::DeviceModel;
+pub use load::{Checkpoint, LoadOptions};
+pub use error::{LmError, Result};
+pub use model::{LanguageModel, LogitsFor, ModelInfo};
+pub use chat::Message;
+pub use generate::{generate, generate_from_embeds, GenerateOptions, Generation, StopReason};
+pub use sampling::SamplingParams;
+pub use tokenizer::Tokenizer;

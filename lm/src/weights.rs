@@ -1,0 +1,266 @@
+//! Weight sources: safetensors (HF names) and GGUF (llama.cpp names), behind one lookup by the
+//! HF tensor name. Every lookup checks the shape and names the tensor on failure.
+
+use crate::error::{LmError, Result};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Where the tensors of a checkpoint come from.
+pub enum WeightSource {
+    /// All tensors of one or more safetensors files, keyed by their (HF) names.
+    Safetensors {
+        tensors: HashMap<String, Tensor>,
+        paths: Vec<PathBuf>,
+    },
+    /// A GGUF file: tensors are read on demand and stay quantized.
+    Gguf {
+        content: gguf_file::Content,
+        file: Mutex<File>,
+        path: PathBuf,
+        /// Expand quantized matrices to f32 (slower; for reference comparisons).
+        dequantize: bool,
+    },
+}
+
+impl WeightSource {
+    /// Reads safetensors files (all shards) into memory. Malformed headers, offsets past the
+    /// end of the file and unsupported dtypes are errors naming the file.
+    pub fn from_safetensors(paths: &[PathBuf]) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for path in paths {
+            let bytes = std::fs::read(path).map_err(|source| LmError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let loaded = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(
+                |e| LmError::BadFile {
+                    path: path.clone(),
+                    format: "safetensors",
+                    reason: e.to_string(),
+                },
+            )?;
+            tensors.extend(loaded);
+        }
+        Ok(WeightSource::Safetensors {
+            tensors,
+            paths: paths.to_vec(),
+        })
+    }
+
+    /// Opens a GGUF file and reads its header (metadata and tensor directory).
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|source| LmError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| LmError::BadFile {
+            path: path.to_path_buf(),
+            format: "GGUF",
+            reason: e.to_string(),
+        })?;
+        Ok(WeightSource::Gguf {
+            content,
+            file: Mutex::new(file),
+            path: path.to_path_buf(),
+            dequantize: false,
+        })
+    }
+
+    /// Makes a GGUF source expand every quantized matrix to f32 on load.
+    pub fn with_dequantize(mut self, on: bool) -> Self {
+        if let WeightSource::Gguf { dequantize, .. } = &mut self {
+            *dequantize = on;
+        }
+        self
+    }
+
+    /// The checkpoint's file name(s), for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            WeightSource::Safetensors { paths, .. } => paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            WeightSource::Gguf { path, .. } => path.display().to_string(),
+        }
+    }
+
+    /// The name a tensor has in this source, given its HF name.
+    pub fn stored_name(&self, hf_name: &str) -> String {
+        match self {
+            WeightSource::Safetensors { .. } => hf_name.to_string(),
+            WeightSource::Gguf { .. } => gguf_name(hf_name),
+        }
+    }
+
+    pub fn contains(&self, hf_name: &str) -> bool {
+        match self {
+            WeightSource::Safetensors { tensors, .. } => tensors.contains_key(hf_name),
+            WeightSource::Gguf { content, .. } => {
+                content.tensor_infos.contains_key(&gguf_name(hf_name))
+            }
+        }
+    }
+
+    fn check_shape(name: &str, got: &[usize], expected: &[usize]) -> Result<()> {
+        if got != expected {
+            return Err(LmError::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                got: got.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn gguf_qtensor(&self, hf_name: &str, shape: &[usize]) -> Result<QTensor> {
+        let WeightSource::Gguf {
+            content,
+            file,
+            path,
+            ..
+        } = self
+        else {
+            unreachable!("gguf_qtensor on a safetensors source")
+        };
+        let name = gguf_name(hf_name);
+        let info = content
+            .tensor_infos
+            .get(&name)
+            .ok_or_else(|| LmError::MissingTensor { name: name.clone() })?;
+        Self::check_shape(&name, info.shape.dims(), shape)?;
+        let mut f = file.lock().map_err(|_| LmError::BadFile {
+            path: path.clone(),
+            format: "GGUF",
+            reason: "file handle poisoned by an earlier panic".into(),
+        })?;
+        info.read(&mut *f, content.tensor_data_offset, &Device::Cpu)
+            .map_err(|e| LmError::BadTensor {
+                name,
+                reason: format!("{e} (file {} truncated or corrupt?)", path.display()),
+            })
+    }
+
+    /// A dense f32 tensor (norm weights, scales, small matrices).
+    ///
+    /// # Shapes
+    /// `shape` as in PyTorch (for matrices: `(out, in)`).
+    pub fn tensor(&self, hf_name: &str, shape: &[usize]) -> Result<Tensor> {
+        match self {
+            WeightSource::Safetensors { tensors, .. } => {
+                let t = tensors
+                    .get(hf_name)
+                    .ok_or_else(|| LmError::MissingTensor {
+                        name: hf_name.to_string(),
+                    })?;
+                Self::check_shape(hf_name, t.dims(), shape)?;
+                let t = t.to_dtype(DType::F32)?;
+                check_finite(hf_name, &t)?;
+                Ok(t)
+            }
+            WeightSource::Gguf { .. } => {
+                let q = self.gguf_qtensor(hf_name, shape)?;
+                let t = q.dequantize(&Device::Cpu)?;
+                check_finite(&gguf_name(hf_name), &t)?;
+                Ok(t)
+            }
+        }
+    }
+
+    /// A weight matrix for `x @ W^T`: quantized when the GGUF stores it quantized, f32
+    /// otherwise.
+    ///
+    /// # Shapes
+    /// `(out, in)`.
+    pub fn matrix(&self, hf_name: &str, out_dim: usize, in_dim: usize) -> Result<QMatMul> {
+        match self {
+            WeightSource::Safetensors { .. } => {
+                Ok(QMatMul::Tensor(self.tensor(hf_name, &[out_dim, in_dim])?))
+            }
+            WeightSource::Gguf { dequantize, .. } => {
+                let q = self.gguf_qtensor(hf_name, &[out_dim, in_dim])?;
+                if *dequantize || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                    let t = q.dequantize(&Device::Cpu)?;
+                    check_finite(&gguf_name(hf_name), &t)?;
+                    return Ok(QMatMul::Tensor(t));
+                }
+                Ok(QMatMul::from_arc(Arc::new(q))?)
+            }
+        }
+    }
+
+    /// GGUF metadata (empty for safetensors).
+    pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
+        match self {
+            WeightSource::Gguf { content, .. } => Some(&content.metadata),
+            _ => None,
+        }
+    }
+}
+
+/// NaN or infinite weights are a corrupt file, not a model: refuse them by name.
+fn check_finite(name: &str, t: &Tensor) -> Result<()> {
+    let s = t.flatten_all()?.abs()?.max(0)?.to_scalar::<f32>()?;
+    if !s.is_finite() {
+        return Err(LmError::BadTensor {
+            name: name.to_string(),
+            reason: "contains NaN or infinite values".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Maps an HF llama tensor name onto llama.cpp's GGUF name.
+///
+/// `model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`.
+pub fn gguf_name(hf: &str) -> String {
+    const TOP: &[(&str, &str)] = &[
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    const LAYER: &[(&str, &str)] = &[
+        ("input_layernorm.weight", "attn_norm.weight"),
+        ("self_attn.q_proj.weight", "attn_q.weight"),
+        ("self_attn.k_proj.weight", "attn_k.weight"),
+        ("self_attn.v_proj.weight", "attn_v.weight"),
+        ("self_attn.o_proj.weight", "attn_output.weight"),
+        ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+        ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+        ("self_attn.k_scale", "attn_k_scale"),
+        ("self_attn.v_scale", "attn_v_scale"),
+        ("post_attention_layernorm.weight", "ffn_norm.weight"),
+        ("mlp.gate_proj.weight", "ffn_gate.weight"),
+        ("mlp.up_proj.weight", "ffn_up.weight"),
+        ("mlp.down_proj.weight", "ffn_down.weight"),
+    ];
+    if let Some((_, g)) = TOP.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        if let Some((idx, tail)) = rest.split_once('.') {
+            if let Some((_, g)) = LAYER.iter().find(|(h, _)| *h == tail) {
+                return format!("blk.{idx}.{g}");
+            }
+        }
+    }
+    hf.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf_name;
+
+    #[test]
+    fn hf_names_map_to_llama_cpp_names() {
+        assert_eq!(gguf_name("model.layers.12.self_attn.o_proj.weight"), "blk.12.attn_output.weight");
+        assert_eq!(gguf_name("model.embed_tokens.weight"), "token_embd.weight");
+        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight"), "blk.0.ffn_down.weight");
+        assert_eq!(gguf_name("something.else"), "something.else");
+    }
+}

@@ -1,0 +1,1 @@
+pub use afm_lm as lm;

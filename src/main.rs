@@ -1,0 +1,137 @@
+//! The `afm` command-line tool.
+
+use afm::lm::generate::{generate, GenerateOptions};
+use afm::lm::{Checkpoint, Message, SamplingParams};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "afm", version, about = "On-device vision-language models after Apple's AFM 2025 report")]
+struct Cli {
+    /// Worker threads for the heavy ops (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt; the answer streams to stdout, figures go to stderr.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A .gguf file, or a directory with config.json, *.safetensors and tokenizer.json.
+    #[arg(long)]
+    model: PathBuf,
+    /// System message for the chat template.
+    #[arg(long)]
+    system: Option<String>,
+    /// Feed the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The user's message.
+    prompt: String,
+}
+
+fn set_threads(n: Option<usize>) -> Result<()> {
+    if let Some(n) = n {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up the thread pool")?;
+    }
+    Ok(())
+}
+
+fn options(s: &SamplingArgs) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: s.max_tokens,
+        sampling: SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repetition_penalty: s.repeat_penalty,
+            repeat_last_n: 64,
+            seed: s.seed,
+        },
+        stop_strings: s.stop.clone(),
+        ..Default::default()
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let ck = Checkpoint::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let load_secs = t0.elapsed().as_secs_f64();
+    let text = if a.raw {
+        a.prompt.clone()
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message::system(s.clone()));
+        }
+        msgs.push(Message::user(a.prompt.clone()));
+        afm::lm::chat::render_chat(&ck.tokenizer, &msgs)?
+    };
+    let ids = ck.tokenizer.encode(&text)?;
+    let mut out = std::io::stdout().lock();
+    let g = generate(&ck.model, &ck.tokenizer, &ids, &options(&a.sampling), &mut |piece| {
+        out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok()
+    })?;
+    writeln!(out)?;
+    let s = &g.stats;
+    eprintln!(
+        "load {:.2} s | prompt {} tok, prefill {:.1} tok/s | generated {} tok, decode {:.1} tok/s | stop: {:?}",
+        load_secs,
+        s.prompt_tokens,
+        s.prefill_tok_s(),
+        s.generated_tokens,
+        s.decode_tok_s(),
+        s.stop
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    set_threads(cli.threads)?;
+    match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+    }
+}

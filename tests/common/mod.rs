@@ -1,0 +1,36 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// Workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched by `scripts/fetch_smollm2.sh` into
+/// `models/` (or named by `AFM_SMOLLM2_GGUF`). `None`, with a message saying how to get it,
+/// when absent: the test is then skipped, never passed silently in CI (.ci/run fetches it
+/// and sets `AFM_REQUIRE_REAL_WEIGHTS=1`, which turns the skip into a failure).
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let p = std::env::var_os("AFM_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if p.exists() {
+        return Some(p);
+    }
+    let msg = format!(
+        "SKIPPED: real SmolLM2 weights not found at {}; run `bash scripts/fetch_smollm2.sh` to fetch them",
+        p.display()
+    );
+    if std::env::var("AFM_REQUIRE_REAL_WEIGHTS").is_ok_and(|v| v == "1") {
+        panic!("{msg} (AFM_REQUIRE_REAL_WEIGHTS=1)");
+    }
+    eprintln!("{msg}");
+    None
+}
+
+pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
