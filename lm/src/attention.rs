@@ -73,7 +73,12 @@ impl Attention {
             let k = if s.reuses_kv {
                 None
             } else {
-                Some(RmsNorm::load(src, &format!("{prefix}.k_norm.weight"), hd, s.eps)?)
+                Some(RmsNorm::load(
+                    src,
+                    &format!("{prefix}.k_norm.weight"),
+                    hd,
+                    s.eps,
+                )?)
             };
             (Some(q), k)
         } else {
@@ -114,7 +119,9 @@ impl Attention {
 
     fn heads(&self, x: &Tensor, n: usize) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        Ok(x.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        Ok(x.reshape((b, t, n, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
     }
 
     /// Projects, ropes, norms and quantises this layer's K/V for the new positions and
@@ -122,7 +129,13 @@ impl Attention {
     ///
     /// # Shapes
     /// `x: (1, t, hidden)`.
-    pub fn write_kv(&self, x: &Tensor, pos: &Positions, rope: &Rope, kv: &mut LayerKv) -> Result<()> {
+    pub fn write_kv(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        rope: &Rope,
+        kv: &mut LayerKv,
+    ) -> Result<()> {
         let (k_proj, v_proj) = self
             .kv_proj
             .as_ref()
@@ -158,8 +171,12 @@ impl Attention {
         let rep = self.n_heads / self.n_kv_heads;
         // GQA without copying K/V: query head `j*rep + r` uses K/V head `j`, so fold the
         // `rep` query heads of each K/V head into the row dimension.
-        let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?
-            .reshape((1, self.n_kv_heads, rep * t, self.head_dim))?;
+        let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?.reshape((
+            1,
+            self.n_kv_heads,
+            rep * t,
+            self.head_dim,
+        ))?;
         let scores = q.matmul(&k.t()?)?; // (1, kvh, rep*t, T)
         let scores = match causal_mask(pos, n_keys)? {
             Some(mask) => scores
@@ -198,4 +215,3 @@ fn causal_mask(pos: &Positions, n_keys: usize) -> Result<Option<Tensor>> {
     }
     Ok(Some(Tensor::from_vec(m, (ps.len(), n_keys), &Device::Cpu)?))
 }
-

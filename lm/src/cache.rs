@@ -70,7 +70,9 @@ impl LayerKv {
     pub fn kv(&self) -> Result<(Tensor, Tensor)> {
         match (&self.k, &self.v) {
             (Some(k), Some(v)) => Ok((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)),
-            _ => Err(LmError::Invalid("K/V cache read before anything was written".into())),
+            _ => Err(LmError::Invalid(
+                "K/V cache read before anything was written".into(),
+            )),
         }
     }
 
@@ -162,7 +164,11 @@ impl Cache {
 
     /// Bytes allocated over all layers.
     pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().flatten().map(|l| l.allocated_bytes()).sum()
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| l.allocated_bytes())
+            .sum()
     }
 
     /// Number of layers that store K/V.
@@ -184,7 +190,15 @@ mod tests {
         }
         let (k, _) = l.kv().unwrap();
         assert_eq!(k.dims(), &[1, 2, 70, 4]);
-        let col: Vec<f32> = k.narrow(1, 1, 1).unwrap().narrow(3, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let col: Vec<f32> = k
+            .narrow(1, 1, 1)
+            .unwrap()
+            .narrow(3, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(col, (0..70).map(|i| i as f32).collect::<Vec<_>>());
         let big = Tensor::zeros((1, 2, 31, 4), DType::F32, &Device::Cpu).unwrap();
         assert!(l.append(&big, &big).is_err());

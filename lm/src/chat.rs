@@ -35,9 +35,15 @@ pub fn render(template: &str, messages: &[Message], bos: &str, eos: &str) -> Res
     let mut env = minijinja::Environment::new();
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.render_str(
         template,
         minijinja::context! {
@@ -53,20 +59,33 @@ pub fn render(template: &str, messages: &[Message], bos: &str, eos: &str) -> Res
 /// Renders a chat with the tokenizer's template.
 pub fn render_chat(tok: &Tokenizer, messages: &[Message]) -> Result<String> {
     let t = tok.chat_template().ok_or_else(|| {
-        LmError::Template("the checkpoint defines no chat template; pass a raw prompt instead".into())
+        LmError::Template(
+            "the checkpoint defines no chat template; pass a raw prompt instead".into(),
+        )
     })?;
     let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
-    render(t, messages, &name(tok.bos_id()), &name(tok.eos_ids().first().copied()))
+    render(
+        t,
+        messages,
+        &name(tok.bos_id()),
+        &name(tok.eos_ids().first().copied()),
+    )
 }
 
 /// Token ids that end an assistant turn under a template: the template's end-of-turn marker
 /// (`<|im_end|>`, `<turn_end>`, `<|eot_id|>`, `<end_of_turn>`) when the vocabulary has it.
 pub fn end_of_turn_ids(tok: &Tokenizer) -> Vec<u32> {
-    ["<|im_end|>", "<turn_end>", "<|eot_id|>", "<end_of_turn>", "<|end|>"]
-        .iter()
-        .filter(|m| tok.chat_template().is_some_and(|t| t.contains(**m)))
-        .filter_map(|m| tok.token_to_id(m))
-        .collect()
+    [
+        "<|im_end|>",
+        "<turn_end>",
+        "<|eot_id|>",
+        "<end_of_turn>",
+        "<|end|>",
+    ]
+    .iter()
+    .filter(|m| tok.chat_template().is_some_and(|t| t.contains(**m)))
+    .filter_map(|m| tok.token_to_id(m))
+    .collect()
 }
 
 #[cfg(test)]

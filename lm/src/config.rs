@@ -113,7 +113,10 @@ impl LmConfig {
     /// nearest layer. `(1, 0)` turns sharing off.
     pub fn with_block_ratio(mut self, b1: usize, b2: usize) -> Result<Self> {
         if b1 == 0 {
-            return Err(LmError::config("block ratio", "block 1 must have at least one layer"));
+            return Err(LmError::config(
+                "block ratio",
+                "block 1 must have at least one layer",
+            ));
         }
         let n = self.num_hidden_layers;
         self.num_kv_reuse_layers = (n * b2 + (b1 + b2) / 2) / (b1 + b2);
@@ -149,7 +152,10 @@ impl LmConfig {
         }
         let hd = self.head_dim();
         if hd == 0 || hd % 2 != 0 {
-            return Err(LmError::config("head_dim", format!("{hd} must be even and > 0 for RoPE")));
+            return Err(LmError::config(
+                "head_dim",
+                format!("{hd} must be even and > 0 for RoPE"),
+            ));
         }
         if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
             return Err(LmError::config(
@@ -175,7 +181,10 @@ impl LmConfig {
         if self.max_position_embeddings > 1 << 20 {
             return Err(LmError::config(
                 "max_position_embeddings",
-                format!("{} exceeds the supported 1M tokens", self.max_position_embeddings),
+                format!(
+                    "{} exceeds the supported 1M tokens",
+                    self.max_position_embeddings
+                ),
             ));
         }
         Ok(())
@@ -209,7 +218,12 @@ mod tests {
         let c = base().with_block_ratio(5, 3).unwrap();
         assert_eq!(c.num_kv_reuse_layers, 3);
         assert_eq!(c.num_block1_layers(), 5);
-        let c56 = LmConfig { num_hidden_layers: 56, ..base() }.with_block_ratio(5, 3).unwrap();
+        let c56 = LmConfig {
+            num_hidden_layers: 56,
+            ..base()
+        }
+        .with_block_ratio(5, 3)
+        .unwrap();
         assert_eq!(c56.num_kv_reuse_layers, 21);
     }
 
@@ -221,6 +235,10 @@ mod tests {
         assert!(e.contains("num_key_value_heads"), "{e}");
         let mut c = base();
         c.num_kv_reuse_layers = 8;
-        assert!(c.validate().unwrap_err().to_string().contains("num_kv_reuse_layers"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("num_kv_reuse_layers"));
     }
 }

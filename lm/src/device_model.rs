@@ -42,9 +42,19 @@ impl DecoderLayer {
             kv_quant: cfg.kv_quant,
         };
         Ok(Self {
-            input_norm: RmsNorm::load(src, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
+            input_norm: RmsNorm::load(
+                src,
+                &format!("{p}.input_layernorm.weight"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
             attn: Attention::load(src, &format!("{p}.self_attn"), &spec)?,
-            post_norm: RmsNorm::load(src, &format!("{p}.post_attention_layernorm.weight"), h, cfg.rms_norm_eps)?,
+            post_norm: RmsNorm::load(
+                src,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
             mlp: Mlp::load(src, &format!("{p}.mlp"), h, cfg.intermediate_size)?,
         })
     }
@@ -88,7 +98,12 @@ impl DeviceModel {
         } else {
             src.matrix("lm_head.weight", v, h)?
         };
-        let rope = Rope::new(cfg.head_dim(), cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_interleaved)?;
+        let rope = Rope::new(
+            cfg.head_dim(),
+            cfg.rope_theta,
+            cfg.max_position_embeddings,
+            cfg.rope_interleaved,
+        )?;
         let info = ModelInfo {
             vocab_size: v,
             context_length: cfg.max_position_embeddings,
@@ -151,7 +166,9 @@ impl DeviceModel {
         let pos = Positions::Range { start, len: t };
         let mut x = x.to_dtype(DType::F32)?.unsqueeze(0)?;
         for (i, layer) in self.layers[..b1].iter().enumerate() {
-            let kv = cache.layer_mut(i).ok_or_else(|| LmError::Invalid(format!("cache has no K/V slot for layer {i}")))?;
+            let kv = cache
+                .layer_mut(i)
+                .ok_or_else(|| LmError::Invalid(format!("cache has no K/V slot for layer {i}")))?;
             let hn = layer.input_norm.forward(&x)?;
             layer.attn.write_kv(&hn, &pos, &self.rope, kv)?;
             let a = layer.attn.attend(&hn, &pos, &self.rope, kv)?;
@@ -162,7 +179,10 @@ impl DeviceModel {
             if rows.len() == t {
                 return Ok(x.clone());
             }
-            let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+            let idx = Tensor::new(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                &Device::Cpu,
+            )?;
             Ok(x.index_select(&idx, 1)?)
         };
         // Block 2 only needs the rows whose logits are asked for.
@@ -173,9 +193,9 @@ impl DeviceModel {
             (x, pos)
         };
         if b1 < self.layers.len() {
-            let shared = cache
-                .layer(b1 - 1)
-                .ok_or_else(|| LmError::Invalid("cache has no K/V for the last block-1 layer".into()))?;
+            let shared = cache.layer(b1 - 1).ok_or_else(|| {
+                LmError::Invalid("cache has no K/V for the last block-1 layer".into())
+            })?;
             for layer in &self.layers[b1..] {
                 let hn = layer.input_norm.forward(&x)?;
                 let a = layer.attn.attend(&hn, &pos2, &self.rope, shared)?;
@@ -213,7 +233,12 @@ impl LanguageModel for DeviceModel {
         Cache::new(&self.has_kv(), self.info.context_length)
     }
 
-    fn forward_embeds(&self, embeds: &Tensor, cache: &mut Cache, logits: &LogitsFor) -> Result<Tensor> {
+    fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        cache: &mut Cache,
+        logits: &LogitsFor,
+    ) -> Result<Tensor> {
         let start = cache.seq_len();
         let out = self.run(embeds, cache, logits);
         if out.is_err() {

@@ -176,7 +176,12 @@ pub fn generate_with_cache<M: LanguageModel + ?Sized>(
         });
     }
     let mut sampler = Sampler::new(opts.sampling.clone())?;
-    let stops: Vec<u32> = tok.eos_ids().iter().chain(&opts.stop_tokens).copied().collect();
+    let stops: Vec<u32> = tok
+        .eos_ids()
+        .iter()
+        .chain(&opts.stop_tokens)
+        .copied()
+        .collect();
     let mut filter = StopFilter {
         stops: &opts.stop_strings,
         pending: String::new(),
@@ -185,7 +190,11 @@ pub fn generate_with_cache<M: LanguageModel + ?Sized>(
     let mut text = String::new();
     let mut ids = Vec::new();
     let mut hist = history.to_vec();
-    let cancelled = || opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
+    let cancelled = || {
+        opts.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    };
 
     let t0 = Instant::now();
     let logits = model.forward_embeds(embeds, cache, &LogitsFor::Last)?;
@@ -262,11 +271,17 @@ mod tests {
     #[test]
     fn stop_filter_holds_back_prefixes_and_cuts_at_the_stop() {
         let stops = vec!["END".to_string()];
-        let mut f = StopFilter { stops: &stops, pending: String::new() };
+        let mut f = StopFilter {
+            stops: &stops,
+            pending: String::new(),
+        };
         assert_eq!(f.push("hello E"), ("hello ".to_string(), false));
         assert_eq!(f.push("N"), (String::new(), false));
         assert_eq!(f.push("Dx"), (String::new(), true));
-        let mut f = StopFilter { stops: &stops, pending: String::new() };
+        let mut f = StopFilter {
+            stops: &stops,
+            pending: String::new(),
+        };
         assert_eq!(f.push("hello E"), ("hello ".to_string(), false));
         assert_eq!(f.push("xit"), ("Exit".to_string(), false));
     }

@@ -8,28 +8,28 @@
 
 pub mod attention;
 pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod device_model;
 pub mod error;
+pub mod generate;
 pub mod load;
 pub mod mlp;
-pub mod chat;
-pub mod generate;
+pub mod model;
+pub mod random;
+pub mod rms_norm;
+pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
-pub mod model;
-pub mod rms_norm;
-pub mod random;
-pub mod rope;
 pub mod weights;
 
 pub use cache::Cache;
+pub use chat::Message;
 pub use config::LmConfig;
 pub use device_model::DeviceModel;
-pub use load::{Checkpoint, LoadOptions};
 pub use error::{LmError, Result};
-pub use model::{LanguageModel, LogitsFor, ModelInfo};
-pub use chat::Message;
 pub use generate::{generate, generate_from_embeds, GenerateOptions, Generation, StopReason};
+pub use load::{Checkpoint, LoadOptions};
+pub use model::{LanguageModel, LogitsFor, ModelInfo};
 pub use sampling::SamplingParams;
 pub use tokenizer::Tokenizer;

@@ -54,7 +54,8 @@ impl CheckpointFiles {
                         Err(LmError::BadFile {
                             path: path.to_path_buf(),
                             format: "model",
-                            reason: "expected a .gguf or .safetensors file, or a model directory".into(),
+                            reason: "expected a .gguf or .safetensors file, or a model directory"
+                                .into(),
                         })
                     }
                 }
@@ -152,7 +153,9 @@ pub fn config_from_gguf(src: &WeightSource) -> Result<LmConfig> {
     };
     let embd_rows = |name: &str| -> Option<usize> {
         match src {
-            WeightSource::Gguf { content, .. } => content.tensor_infos.get(name).map(|i| i.shape.dims()[0]),
+            WeightSource::Gguf { content, .. } => {
+                content.tensor_infos.get(name).map(|i| i.shape.dims()[0])
+            }
             _ => None,
         }
     };
@@ -170,9 +173,12 @@ pub fn config_from_gguf(src: &WeightSource) -> Result<LmConfig> {
         intermediate_size: req("feed_forward_length")?,
         num_hidden_layers: req("block_count")?,
         num_attention_heads: n_heads,
-        num_key_value_heads: Some(meta_usize(md, &format!("{arch}.attention.head_count_kv"))?.unwrap_or(n_heads)),
+        num_key_value_heads: Some(
+            meta_usize(md, &format!("{arch}.attention.head_count_kv"))?.unwrap_or(n_heads),
+        ),
         head_dim: meta_usize(md, &format!("{arch}.attention.key_length"))?,
-        rms_norm_eps: meta_f64(md, &format!("{arch}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        rms_norm_eps: meta_f64(md, &format!("{arch}.attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5),
         rope_theta: meta_f64(md, &format!("{arch}.rope.freq_base"))?.unwrap_or(10000.0),
         max_position_embeddings: req("context_length")?,
         tie_word_embeddings: !src.contains("lm_head.weight"),
@@ -225,7 +231,9 @@ fn load_model(files: &CheckpointFiles, opts: &LoadOptions) -> Result<DeviceModel
             let cfg = opts.apply(config_from_gguf(&src)?)?;
             DeviceModel::from_source(&src, cfg)
         }
-        CheckpointFiles::Safetensors { config, weights, .. } => {
+        CheckpointFiles::Safetensors {
+            config, weights, ..
+        } => {
             let cfg = opts.apply(LmConfig::from_file(config)?)?;
             let src = WeightSource::from_safetensors(weights)?;
             DeviceModel::from_source(&src, cfg)

@@ -33,7 +33,8 @@ impl LogitsFor {
             LogitsFor::All => (0..t).collect(),
             LogitsFor::Rows(r) => r.clone(),
         };
-        if rows.is_empty() || rows.iter().any(|&r| r >= t) || rows.windows(2).any(|w| w[0] >= w[1]) {
+        if rows.is_empty() || rows.iter().any(|&r| r >= t) || rows.windows(2).any(|w| w[0] >= w[1])
+        {
             return Err(LmError::Invalid(format!(
                 "logit rows {rows:?} must be ascending and below the {t} positions of the pass"
             )));
@@ -64,7 +65,12 @@ pub trait LanguageModel: Send + Sync {
     ///
     /// # Shapes
     /// `embeds: (t, hidden)` -> `(rows, vocab)`.
-    fn forward_embeds(&self, embeds: &Tensor, cache: &mut Cache, logits: &LogitsFor) -> Result<Tensor>;
+    fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        cache: &mut Cache,
+        logits: &LogitsFor,
+    ) -> Result<Tensor>;
 
     /// `forward_embeds(embed_tokens(ids))`.
     ///

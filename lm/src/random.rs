@@ -25,7 +25,9 @@ fn randn(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Tensor> {
 }
 
 fn around_one(rng: &mut ChaCha8Rng, n: usize) -> Result<Tensor> {
-    let v: Vec<f32> = (0..n).map(|_| 1.0 + (rng.random::<f32>() - 0.5) * 0.2).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|_| 1.0 + (rng.random::<f32>() - 0.5) * 0.2)
+        .collect();
     Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
 }
 
@@ -38,35 +40,80 @@ pub fn random_tensors(cfg: &LmConfig, seed: u64) -> Result<HashMap<String, Tenso
     let (hd, nh, nkv) = (cfg.head_dim(), cfg.num_attention_heads, cfg.num_kv_heads());
     let mut m = HashMap::new();
     let std = |fan_in: usize| 0.02 * (768.0 / fan_in as f32).sqrt().max(1.0);
-    m.insert("model.embed_tokens.weight".to_string(), randn(&mut rng, &[v, h], 1.0)?);
+    m.insert(
+        "model.embed_tokens.weight".to_string(),
+        randn(&mut rng, &[v, h], 1.0)?,
+    );
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         let reuse = l >= cfg.num_block1_layers();
-        m.insert(format!("{p}.input_layernorm.weight"), around_one(&mut rng, h)?);
-        m.insert(format!("{p}.post_attention_layernorm.weight"), around_one(&mut rng, h)?);
-        m.insert(format!("{p}.self_attn.q_proj.weight"), randn(&mut rng, &[nh * hd, h], std(h))?);
-        m.insert(format!("{p}.self_attn.o_proj.weight"), randn(&mut rng, &[h, nh * hd], std(nh * hd))?);
+        m.insert(
+            format!("{p}.input_layernorm.weight"),
+            around_one(&mut rng, h)?,
+        );
+        m.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            around_one(&mut rng, h)?,
+        );
+        m.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            randn(&mut rng, &[nh * hd, h], std(h))?,
+        );
+        m.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            randn(&mut rng, &[h, nh * hd], std(nh * hd))?,
+        );
         if !reuse {
-            m.insert(format!("{p}.self_attn.k_proj.weight"), randn(&mut rng, &[nkv * hd, h], std(h))?);
-            m.insert(format!("{p}.self_attn.v_proj.weight"), randn(&mut rng, &[nkv * hd, h], std(h))?);
+            m.insert(
+                format!("{p}.self_attn.k_proj.weight"),
+                randn(&mut rng, &[nkv * hd, h], std(h))?,
+            );
+            m.insert(
+                format!("{p}.self_attn.v_proj.weight"),
+                randn(&mut rng, &[nkv * hd, h], std(h))?,
+            );
         }
         if cfg.qk_norm {
-            m.insert(format!("{p}.self_attn.q_norm.weight"), around_one(&mut rng, hd)?);
+            m.insert(
+                format!("{p}.self_attn.q_norm.weight"),
+                around_one(&mut rng, hd)?,
+            );
             if !reuse {
-                m.insert(format!("{p}.self_attn.k_norm.weight"), around_one(&mut rng, hd)?);
+                m.insert(
+                    format!("{p}.self_attn.k_norm.weight"),
+                    around_one(&mut rng, hd)?,
+                );
             }
         }
         if cfg.kv_quant && !reuse {
-            m.insert(format!("{p}.self_attn.k_scale"), Tensor::new(&[0.05f32], &Device::Cpu)?);
-            m.insert(format!("{p}.self_attn.v_scale"), Tensor::new(&[0.05f32], &Device::Cpu)?);
+            m.insert(
+                format!("{p}.self_attn.k_scale"),
+                Tensor::new(&[0.05f32], &Device::Cpu)?,
+            );
+            m.insert(
+                format!("{p}.self_attn.v_scale"),
+                Tensor::new(&[0.05f32], &Device::Cpu)?,
+            );
         }
-        m.insert(format!("{p}.mlp.gate_proj.weight"), randn(&mut rng, &[i, h], std(h))?);
-        m.insert(format!("{p}.mlp.up_proj.weight"), randn(&mut rng, &[i, h], std(h))?);
-        m.insert(format!("{p}.mlp.down_proj.weight"), randn(&mut rng, &[h, i], std(i))?);
+        m.insert(
+            format!("{p}.mlp.gate_proj.weight"),
+            randn(&mut rng, &[i, h], std(h))?,
+        );
+        m.insert(
+            format!("{p}.mlp.up_proj.weight"),
+            randn(&mut rng, &[i, h], std(h))?,
+        );
+        m.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            randn(&mut rng, &[h, i], std(i))?,
+        );
     }
     m.insert("model.norm.weight".to_string(), around_one(&mut rng, h)?);
     if !cfg.tie_word_embeddings {
-        m.insert("lm_head.weight".to_string(), randn(&mut rng, &[v, h], std(h))?);
+        m.insert(
+            "lm_head.weight".to_string(),
+            randn(&mut rng, &[v, h], std(h))?,
+        );
     }
     Ok(m)
 }
@@ -82,7 +129,11 @@ impl WeightSource {
 }
 
 /// Writes `config.json` and `model.safetensors` into `dir`.
-pub fn write_safetensors(dir: &Path, cfg: &LmConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+pub fn write_safetensors(
+    dir: &Path,
+    cfg: &LmConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
     let io = |source| LmError::Io {
         path: dir.to_path_buf(),
         source,
@@ -98,7 +149,12 @@ pub fn write_safetensors(dir: &Path, cfg: &LmConfig, tensors: &HashMap<String, T
 /// quantized to `dtype` and vectors in f32. Q/K weights are written as llama.cpp's converter
 /// does for HF checkpoints only when `cfg.rope_interleaved` is false (then they are permuted
 /// so the GGUF, which always rotates adjacent pairs, computes the same function).
-pub fn write_gguf(path: &Path, cfg: &LmConfig, tensors: &HashMap<String, Tensor>, dtype: GgmlDType) -> Result<()> {
+pub fn write_gguf(
+    path: &Path,
+    cfg: &LmConfig,
+    tensors: &HashMap<String, Tensor>,
+    dtype: GgmlDType,
+) -> Result<()> {
     let afm = cfg.num_kv_reuse_layers > 0 || cfg.qk_norm || cfg.kv_quant;
     let arch = if afm { "afm" } else { "llama" };
     let mut names: Vec<&String> = tensors.keys().collect();
@@ -107,7 +163,11 @@ pub fn write_gguf(path: &Path, cfg: &LmConfig, tensors: &HashMap<String, Tensor>
     for n in names {
         let mut t = tensors[n].clone();
         if !cfg.rope_interleaved && (n.ends_with("q_proj.weight") || n.ends_with("k_proj.weight")) {
-            let heads = if n.ends_with("q_proj.weight") { cfg.num_attention_heads } else { cfg.num_kv_heads() };
+            let heads = if n.ends_with("q_proj.weight") {
+                cfg.num_attention_heads
+            } else {
+                cfg.num_kv_heads()
+            };
             t = permute_for_interleaved(&t, heads)?;
         }
         let q = if t.rank() == 2 && t.dim(1)? % dtype.block_size() == 0 {
@@ -123,17 +183,38 @@ pub fn write_gguf(path: &Path, cfg: &LmConfig, tensors: &HashMap<String, Tensor>
         ("general.architecture".into(), V::String(arch.into())),
         (format!("{arch}.vocab_size"), u(cfg.vocab_size)),
         (format!("{arch}.embedding_length"), u(cfg.hidden_size)),
-        (format!("{arch}.feed_forward_length"), u(cfg.intermediate_size)),
+        (
+            format!("{arch}.feed_forward_length"),
+            u(cfg.intermediate_size),
+        ),
         (format!("{arch}.block_count"), u(cfg.num_hidden_layers)),
-        (format!("{arch}.attention.head_count"), u(cfg.num_attention_heads)),
-        (format!("{arch}.attention.head_count_kv"), u(cfg.num_kv_heads())),
+        (
+            format!("{arch}.attention.head_count"),
+            u(cfg.num_attention_heads),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u(cfg.num_kv_heads()),
+        ),
         (format!("{arch}.attention.key_length"), u(cfg.head_dim())),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), V::F32(cfg.rms_norm_eps as f32)),
-        (format!("{arch}.rope.freq_base"), V::F32(cfg.rope_theta as f32)),
-        (format!("{arch}.context_length"), u(cfg.max_position_embeddings)),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            V::F32(cfg.rms_norm_eps as f32),
+        ),
+        (
+            format!("{arch}.rope.freq_base"),
+            V::F32(cfg.rope_theta as f32),
+        ),
+        (
+            format!("{arch}.context_length"),
+            u(cfg.max_position_embeddings),
+        ),
     ];
     if afm {
-        md.push((format!("{arch}.afm.kv_reuse_layers"), u(cfg.num_kv_reuse_layers)));
+        md.push((
+            format!("{arch}.afm.kv_reuse_layers"),
+            u(cfg.num_kv_reuse_layers),
+        ));
         md.push((format!("{arch}.afm.qk_norm"), V::Bool(cfg.qk_norm)));
         md.push((format!("{arch}.afm.kv_quant"), V::Bool(cfg.kv_quant)));
     }

@@ -14,7 +14,12 @@ pub struct Rope {
 
 impl Rope {
     /// `theta_i = base^(-2i/head_dim)`, angle = position * theta_i.
-    pub fn new(head_dim: usize, base: f64, max_positions: usize, interleaved: bool) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        base: f64,
+        max_positions: usize,
+        interleaved: bool,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| (1.0 / base.powf(2.0 * i as f64 / head_dim as f64)) as f32)
@@ -115,7 +120,10 @@ mod tests {
         let pos = Positions::Range { start: 1, len: 1 };
         let a0 = 1.0f32;
         let a1 = (1.0 / base.powf(0.5)) as f32;
-        let ri = Rope::new(4, base, 4, true).unwrap().apply(&x, &pos).unwrap();
+        let ri = Rope::new(4, base, 4, true)
+            .unwrap()
+            .apply(&x, &pos)
+            .unwrap();
         let ri: Vec<f32> = ri.flatten_all().unwrap().to_vec1().unwrap();
         let want_i = [
             1. * a0.cos() - 2. * a0.sin(),
@@ -123,7 +131,10 @@ mod tests {
             3. * a1.cos() - 4. * a1.sin(),
             3. * a1.sin() + 4. * a1.cos(),
         ];
-        let rh = Rope::new(4, base, 4, false).unwrap().apply(&x, &pos).unwrap();
+        let rh = Rope::new(4, base, 4, false)
+            .unwrap()
+            .apply(&x, &pos)
+            .unwrap();
         let rh: Vec<f32> = rh.flatten_all().unwrap().to_vec1().unwrap();
         let want_h = [
             1. * a0.cos() - 3. * a0.sin(),
@@ -132,8 +143,14 @@ mod tests {
             4. * a1.cos() + 2. * a1.sin(),
         ];
         for i in 0..4 {
-            assert!((ri[i] - want_i[i]).abs() < 1e-5, "interleaved {ri:?} vs {want_i:?}");
-            assert!((rh[i] - want_h[i]).abs() < 1e-5, "halves {rh:?} vs {want_h:?}");
+            assert!(
+                (ri[i] - want_i[i]).abs() < 1e-5,
+                "interleaved {ri:?} vs {want_i:?}"
+            );
+            assert!(
+                (rh[i] - want_h[i]).abs() < 1e-5,
+                "halves {rh:?} vs {want_h:?}"
+            );
         }
     }
 

@@ -53,7 +53,10 @@ impl SamplingParams {
             return bad(format!("min_p {} must be in [0, 1]", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!("repetition_penalty {} must be > 0", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty {} must be > 0",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -90,7 +93,11 @@ impl Sampler {
             let mut seen = std::collections::HashSet::new();
             for &id in &history[from..] {
                 if let (true, Some(l)) = (seen.insert(id), logits.get_mut(id as usize)) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -102,9 +109,15 @@ impl Sampler {
         }
         // Candidates sorted by logit, descending.
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let k = if p.top_k == 0 { logits.len() } else { p.top_k.min(logits.len()) };
+        let k = if p.top_k == 0 {
+            logits.len()
+        } else {
+            p.top_k.min(logits.len())
+        };
         if k < idx.len() {
-            idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+            idx.select_nth_unstable_by(k - 1, |&a, &b| {
+                logits[b as usize].total_cmp(&logits[a as usize])
+            });
             idx.truncate(k);
         }
         idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
@@ -158,7 +171,10 @@ mod tests {
     use super::*;
 
     fn params(t: f32) -> SamplingParams {
-        SamplingParams { temperature: t, ..SamplingParams::greedy() }
+        SamplingParams {
+            temperature: t,
+            ..SamplingParams::greedy()
+        }
     }
 
     #[test]
@@ -171,8 +187,14 @@ mod tests {
     fn same_seed_same_tokens_other_seed_differs() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..params(1.0) }).unwrap();
-            (0..50).map(|_| s.sample(&logits, &[]).unwrap()).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                ..params(1.0)
+            })
+            .unwrap();
+            (0..50)
+                .map(|_| s.sample(&logits, &[]).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -182,9 +204,18 @@ mod tests {
     fn top_k_1_and_tiny_top_p_and_min_p_1_are_greedy() {
         let logits = [0.5f32, 2.0, 1.9, -3.0];
         for p in [
-            SamplingParams { top_k: 1, ..params(5.0) },
-            SamplingParams { top_p: 1e-6, ..params(5.0) },
-            SamplingParams { min_p: 1.0, ..params(5.0) },
+            SamplingParams {
+                top_k: 1,
+                ..params(5.0)
+            },
+            SamplingParams {
+                top_p: 1e-6,
+                ..params(5.0)
+            },
+            SamplingParams {
+                min_p: 1.0,
+                ..params(5.0)
+            },
         ] {
             let mut s = Sampler::new(p).unwrap();
             for _ in 0..20 {
@@ -196,21 +227,34 @@ mod tests {
     #[test]
     fn top_k_2_only_ever_picks_the_two_best() {
         let logits = [0.0f32, 1.0, 1.1, 0.9];
-        let mut s = Sampler::new(SamplingParams { top_k: 2, ..params(10.0) }).unwrap();
-        let picks: std::collections::HashSet<u32> = (0..200).map(|_| s.sample(&logits, &[]).unwrap()).collect();
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 2,
+            ..params(10.0)
+        })
+        .unwrap();
+        let picks: std::collections::HashSet<u32> =
+            (0..200).map(|_| s.sample(&logits, &[]).unwrap()).collect();
         assert_eq!(picks, [1u32, 2].into_iter().collect());
     }
 
     #[test]
     fn repetition_penalty_moves_greedy_off_a_repeated_token() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..params(0.0) }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..params(0.0)
+        })
+        .unwrap();
         assert_eq!(s.sample(&[1.0, 1.5], &[]).unwrap(), 1);
         assert_eq!(s.sample(&[1.0, 1.5], &[1]).unwrap(), 0);
     }
 
     #[test]
     fn bad_params_and_nan_logits_are_errors() {
-        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..params(1.0) }).is_err());
+        assert!(Sampler::new(SamplingParams {
+            top_p: 0.0,
+            ..params(1.0)
+        })
+        .is_err());
         assert!(Sampler::new(params(-1.0)).is_err());
         let mut s = Sampler::new(params(0.0)).unwrap();
         assert!(s.sample(&[f32::NAN, 1.0], &[]).is_err());

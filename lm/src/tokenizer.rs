@@ -40,12 +40,11 @@ impl Tokenizer {
     /// template, bos/eos tokens, `add_bos_token`).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&tj)
-            .map_err(|e| LmError::BadFile {
-                path: tj.clone(),
-                format: "tokenizer.json",
-                reason: e.to_string(),
-            })?;
+        let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| LmError::BadFile {
+            path: tj.clone(),
+            format: "tokenizer.json",
+            reason: e.to_string(),
+        })?;
         let mut t = Self {
             inner,
             bos: None,
@@ -59,11 +58,12 @@ impl Tokenizer {
                 path: tc.clone(),
                 source,
             })?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LmError::BadFile {
-                path: tc.clone(),
-                format: "tokenizer_config.json",
-                reason: e.to_string(),
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LmError::BadFile {
+                    path: tc.clone(),
+                    format: "tokenizer_config.json",
+                    reason: e.to_string(),
+                })?;
             let tok = |key: &str| -> Option<u32> {
                 let s = match v.get(key)? {
                     serde_json::Value::String(s) => s.clone(),
@@ -74,7 +74,10 @@ impl Tokenizer {
             };
             t.bos = tok("bos_token");
             t.eos = tok("eos_token").into_iter().collect();
-            t.add_bos = v.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false);
+            t.add_bos = v
+                .get("add_bos_token")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false);
             t.chat_template = match v.get("chat_template") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 Some(serde_json::Value::Array(list)) => list
@@ -93,7 +96,11 @@ impl Tokenizer {
     pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
         let get_str = |k: &str| -> Result<Option<String>> {
             md.get(k)
-                .map(|v| v.to_string().cloned().map_err(|e| LmError::config(k, e.to_string())))
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|e| LmError::config(k, e.to_string()))
+                })
                 .transpose()
         };
         let model = get_str("tokenizer.ggml.model")?.unwrap_or_default();
@@ -118,10 +125,17 @@ impl Tokenizer {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                let s = v.to_string().map_err(|e| LmError::config("tokenizer.ggml.merges", e.to_string()))?;
+                let s = v
+                    .to_string()
+                    .map_err(|e| LmError::config("tokenizer.ggml.merges", e.to_string()))?;
                 s.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| LmError::config("tokenizer.ggml.merges", format!("entry {i} `{s}` is not `a b`")))
+                    .ok_or_else(|| {
+                        LmError::config(
+                            "tokenizer.ggml.merges",
+                            format!("entry {i} `{s}` is not `a b`"),
+                        )
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
@@ -133,7 +147,11 @@ impl Tokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -165,20 +183,29 @@ impl Tokenizer {
         let n = tokens.len() as u32;
         let check = |k: &str, v: Option<u32>| -> Result<Option<u32>> {
             match v {
-                Some(x) if x >= n => Err(LmError::config(k, format!("id {x} is outside the {n}-token vocabulary"))),
+                Some(x) if x >= n => Err(LmError::config(
+                    k,
+                    format!("id {x} is outside the {n}-token vocabulary"),
+                )),
                 v => Ok(v),
             }
         };
         Ok(Self {
             inner,
-            bos: check("tokenizer.ggml.bos_token_id", id("tokenizer.ggml.bos_token_id")?)?,
+            bos: check(
+                "tokenizer.ggml.bos_token_id",
+                id("tokenizer.ggml.bos_token_id")?,
+            )?,
             add_bos: md
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(|v| v.to_bool().ok())
                 .unwrap_or(false),
-            eos: check("tokenizer.ggml.eos_token_id", id("tokenizer.ggml.eos_token_id")?)?
-                .into_iter()
-                .collect(),
+            eos: check(
+                "tokenizer.ggml.eos_token_id",
+                id("tokenizer.ggml.eos_token_id")?,
+            )?
+            .into_iter()
+            .collect(),
             chat_template: get_str("tokenizer.chat_template")?,
         })
     }

@@ -36,13 +36,14 @@ impl WeightSource {
                 path: path.clone(),
                 source,
             })?;
-            let loaded = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(
-                |e| LmError::BadFile {
-                    path: path.clone(),
-                    format: "safetensors",
-                    reason: e.to_string(),
-                },
-            )?;
+            let loaded =
+                candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+                    LmError::BadFile {
+                        path: path.clone(),
+                        format: "safetensors",
+                        reason: e.to_string(),
+                    }
+                })?;
             tensors.extend(loaded);
         }
         Ok(WeightSource::Safetensors {
@@ -153,11 +154,9 @@ impl WeightSource {
     pub fn tensor(&self, hf_name: &str, shape: &[usize]) -> Result<Tensor> {
         match self {
             WeightSource::Safetensors { tensors, .. } => {
-                let t = tensors
-                    .get(hf_name)
-                    .ok_or_else(|| LmError::MissingTensor {
-                        name: hf_name.to_string(),
-                    })?;
+                let t = tensors.get(hf_name).ok_or_else(|| LmError::MissingTensor {
+                    name: hf_name.to_string(),
+                })?;
                 Self::check_shape(hf_name, t.dims(), shape)?;
                 let t = t.to_dtype(DType::F32)?;
                 check_finite(hf_name, &t)?;
@@ -184,7 +183,9 @@ impl WeightSource {
             }
             WeightSource::Gguf { dequantize, .. } => {
                 let q = self.gguf_qtensor(hf_name, &[out_dim, in_dim])?;
-                if *dequantize || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                if *dequantize
+                    || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+                {
                     let t = q.dequantize(&Device::Cpu)?;
                     check_finite(&gguf_name(hf_name), &t)?;
                     return Ok(QMatMul::Tensor(t));
@@ -258,9 +259,15 @@ mod tests {
 
     #[test]
     fn hf_names_map_to_llama_cpp_names() {
-        assert_eq!(gguf_name("model.layers.12.self_attn.o_proj.weight"), "blk.12.attn_output.weight");
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.o_proj.weight"),
+            "blk.12.attn_output.weight"
+        );
         assert_eq!(gguf_name("model.embed_tokens.weight"), "token_embd.weight");
-        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight"), "blk.0.ffn_down.weight");
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.down_proj.weight"),
+            "blk.0.ffn_down.weight"
+        );
         assert_eq!(gguf_name("something.else"), "something.else");
     }
 }

@@ -14,16 +14,34 @@ fn fixture() -> PathBuf {
 
 fn reference() -> (Vec<u32>, Tensor) {
     let input: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("input.json")).unwrap()).unwrap();
-    let ids: Vec<u32> = input["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("input.json")).unwrap())
+            .unwrap();
+    let ids: Vec<u32> = input["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     let b = std::fs::read(fixture().join("logits.f32")).unwrap();
-    let v: Vec<f32> = b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let v: Vec<f32> = b
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let n = ids.len();
     (ids, Tensor::from_vec(v, (n, 256), &Device::Cpu).unwrap())
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 #[test]
@@ -31,9 +49,14 @@ fn safetensors_llama_matches_transformers_all_positions() {
     let m = DeviceModel::load(&fixture()).unwrap();
     assert!(!m.config().rope_interleaved);
     let (ids, want) = reference();
-    let got = m.forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::All).unwrap();
+    let got = m
+        .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::All)
+        .unwrap();
     let d = max_diff(&got, &want);
-    println!("tiny llama vs transformers {}: max |diff| over 12 x 256 logits = {d:e}", ids.len());
+    println!(
+        "tiny llama vs transformers {}: max |diff| over 12 x 256 logits = {d:e}",
+        ids.len()
+    );
     assert!(d < 1e-4, "{d}");
 }
 
@@ -59,8 +82,13 @@ fn gguf_conversion_matches_transformers_f32_and_quantized_within_their_error() {
         let p = dir.join(format!("tiny-{dtype:?}.gguf"));
         write_gguf(&p, &cfg, &tensors, dtype).unwrap();
         let m = DeviceModel::load(&p).unwrap();
-        assert!(m.config().rope_interleaved, "GGUF llama rotates adjacent pairs");
-        let got = m.forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::All).unwrap();
+        assert!(
+            m.config().rope_interleaved,
+            "GGUF llama rotates adjacent pairs"
+        );
+        let got = m
+            .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::All)
+            .unwrap();
         let d = max_diff(&got, &want);
         println!("GGUF {dtype:?}: max |diff| vs transformers = {d:.2e} (tol {tol})");
         assert!(d < tol, "{dtype:?}: {d}");

@@ -28,7 +28,11 @@ fn cfg(afm_features: bool) -> LmConfig {
 }
 
 fn model(c: &LmConfig, seed: u64) -> DeviceModel {
-    DeviceModel::from_source(&WeightSource::from_tensors(random_tensors(c, seed).unwrap()), c.clone()).unwrap()
+    DeviceModel::from_source(
+        &WeightSource::from_tensors(random_tensors(c, seed).unwrap()),
+        c.clone(),
+    )
+    .unwrap()
 }
 
 fn prompt(n: usize) -> Vec<u32> {
@@ -36,7 +40,16 @@ fn prompt(n: usize) -> Vec<u32> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 #[test]
@@ -45,8 +58,11 @@ fn kv_cache_bytes_drop_by_37_5_percent_at_5_3() {
     let shared = model(&cfg(true).with_block_ratio(5, 3).unwrap(), 1);
     let ids = prompt(100);
     let (mut cf, mut cs) = (full.new_cache(), shared.new_cache());
-    full.forward_tokens(&ids, &mut cf, &LogitsFor::Last).unwrap();
-    shared.forward_tokens(&ids, &mut cs, &LogitsFor::Last).unwrap();
+    full.forward_tokens(&ids, &mut cf, &LogitsFor::Last)
+        .unwrap();
+    shared
+        .forward_tokens(&ids, &mut cs, &LogitsFor::Last)
+        .unwrap();
     let (bf, bs) = (cf.used_bytes(), cs.used_bytes());
     let drop = 1.0 - bs as f64 / bf as f64;
     println!(
@@ -59,7 +75,12 @@ fn kv_cache_bytes_drop_by_37_5_percent_at_5_3() {
     assert_eq!(bs * 8, bf * 5, "exactly 3/8 of the K/V bytes must go");
     assert!((drop - 0.375).abs() < 1e-12);
     // the paper's full-size model: 21 of 56 layers reuse K/V
-    let big = LmConfig { num_hidden_layers: 56, ..cfg(true) }.with_block_ratio(5, 3).unwrap();
+    let big = LmConfig {
+        num_hidden_layers: 56,
+        ..cfg(true)
+    }
+    .with_block_ratio(5, 3)
+    .unwrap();
     assert_eq!(big.num_kv_reuse_layers, 21);
 }
 
@@ -87,7 +108,12 @@ fn prefill_shortcut_logits_equal_block2_on_every_position() {
 
 #[test]
 fn incremental_decoding_equals_one_full_forward() {
-    for (afm, ratio) in [(true, (5, 3)), (false, (5, 3)), (false, (1, 0)), (true, (1, 0))] {
+    for (afm, ratio) in [
+        (true, (5, 3)),
+        (false, (5, 3)),
+        (false, (1, 0)),
+        (true, (1, 0)),
+    ] {
         let c = cfg(afm).with_block_ratio(ratio.0, ratio.1).unwrap();
         let m = model(&c, 3);
         let ids = prompt(24);
@@ -97,12 +123,18 @@ fn incremental_decoding_equals_one_full_forward() {
         let mut cache = m.new_cache();
         let mut worst = 0f32;
         // a prefill of 7, a chunk of 5, then one token at a time
-        let first = m.forward_tokens(&ids[..7], &mut cache, &LogitsFor::Last).unwrap();
+        let first = m
+            .forward_tokens(&ids[..7], &mut cache, &LogitsFor::Last)
+            .unwrap();
         worst = worst.max(max_diff(&first, &full.narrow(0, 6, 1).unwrap()));
-        let chunk = m.forward_tokens(&ids[7..12], &mut cache, &LogitsFor::All).unwrap();
+        let chunk = m
+            .forward_tokens(&ids[7..12], &mut cache, &LogitsFor::All)
+            .unwrap();
         worst = worst.max(max_diff(&chunk, &full.narrow(0, 7, 5).unwrap()));
         for (i, &id) in ids.iter().enumerate().skip(12) {
-            let l = m.forward_tokens(&[id], &mut cache, &LogitsFor::Last).unwrap();
+            let l = m
+                .forward_tokens(&[id], &mut cache, &LogitsFor::Last)
+                .unwrap();
             worst = worst.max(max_diff(&l, &full.narrow(0, i, 1).unwrap()));
         }
         println!("afm features {afm}, blocks {ratio:?}: incremental vs full forward, max |diff| = {worst:e}");
@@ -116,23 +148,36 @@ fn selected_rows_equal_the_same_rows_of_all() {
     let c = cfg(true).with_block_ratio(5, 3).unwrap();
     let m = model(&c, 4);
     let ids = prompt(16);
-    let all = m.forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::All).unwrap();
-    let some = m.forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::Rows(vec![2, 9, 15])).unwrap();
+    let all = m
+        .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::All)
+        .unwrap();
+    let some = m
+        .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::Rows(vec![2, 9, 15]))
+        .unwrap();
     let idx = Tensor::new(&[2u32, 9, 15], &candle_core::Device::Cpu).unwrap();
     assert!(max_diff(&some, &all.index_select(&idx, 0).unwrap()) < 1e-4);
-    assert!(m.forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::Rows(vec![3, 1])).is_err());
-    assert!(m.forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::Rows(vec![16])).is_err());
+    assert!(m
+        .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::Rows(vec![3, 1]))
+        .is_err());
+    assert!(m
+        .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::Rows(vec![16]))
+        .is_err());
 }
 
 #[test]
 fn one_model_serves_many_threads_with_their_own_caches() {
     let m = std::sync::Arc::new(model(&cfg(true).with_block_ratio(5, 3).unwrap(), 5));
     let ids = prompt(20);
-    let want = m.forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::Last).unwrap();
+    let want = m
+        .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::Last)
+        .unwrap();
     let handles: Vec<_> = (0..4)
         .map(|_| {
             let (m, ids) = (m.clone(), ids.clone());
-            std::thread::spawn(move || m.forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::Last).unwrap())
+            std::thread::spawn(move || {
+                m.forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::Last)
+                    .unwrap()
+            })
         })
         .collect();
     for h in handles {
@@ -144,10 +189,18 @@ fn one_model_serves_many_threads_with_their_own_caches() {
 fn context_overflow_is_an_error_and_leaves_the_cache_usable() {
     let m = model(&cfg(false), 6);
     let mut cache = m.new_cache();
-    m.forward_tokens(&prompt(200), &mut cache, &LogitsFor::Last).unwrap();
-    let e = m.forward_tokens(&prompt(100), &mut cache, &LogitsFor::Last).unwrap_err();
+    m.forward_tokens(&prompt(200), &mut cache, &LogitsFor::Last)
+        .unwrap();
+    let e = m
+        .forward_tokens(&prompt(100), &mut cache, &LogitsFor::Last)
+        .unwrap_err();
     assert!(e.to_string().contains("context"), "{e}");
     assert_eq!(cache.seq_len(), 200);
-    m.forward_tokens(&[1], &mut cache, &LogitsFor::Last).unwrap();
-    assert!(m.embed_tokens(&[256]).unwrap_err().to_string().contains("outside the vocabulary"));
+    m.forward_tokens(&[1], &mut cache, &LogitsFor::Last)
+        .unwrap();
+    assert!(m
+        .embed_tokens(&[256])
+        .unwrap_err()
+        .to_string()
+        .contains("outside the vocabulary"));
 }
