@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod bench;
 mod default_model;
 
 #[derive(Parser)]
@@ -28,6 +29,19 @@ struct Cli {
 enum Cmd {
     /// Generate text from a prompt; the answer streams to stdout, figures go to stderr.
     Generate(GenerateArgs),
+    /// Speed benchmarks, measured next to the reference in the same run (not tests).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Internal: one benchmark process (reads token ids on stdin).
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        new_tokens: usize,
+        #[arg(long)]
+        runs: usize,
+    },
 }
 
 #[derive(Args)]
@@ -152,5 +166,14 @@ fn main() -> Result<()> {
     set_threads(cli.threads)?;
     match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Bench(bench::BenchCmd::Lm(a)) => {
+            let model = match &a.model {
+                Some(p) => p.clone(),
+                None => default_model::locate_or_fetch()?,
+            };
+            bench::bench_lm(&a, cli.threads.unwrap_or(2), model)
+        }
+        Cmd::Bench(bench::BenchCmd::KvSharing(a)) => bench::bench_kv(&a),
+        Cmd::BenchWorker { model, new_tokens, runs } => bench::worker(&model, new_tokens, runs),
     }
 }

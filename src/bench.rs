@@ -1,0 +1,289 @@
+//! `afm bench`: speed figures measured next to the reference in the same run.
+//!
+//! * `afm bench lm`: prefill and decode tokens/s and peak RSS on a GGUF (default: the real
+//!   SmolLM2-135M-Instruct Q4_1), ours and llama.cpp (llama-cpp-python, through
+//!   `scripts/bench_llamacpp.py`) alternating, each engine in its own process so peak RSS is
+//!   its own; prints medians and the ratios.
+//! * `afm bench kv-sharing`: prefill time of a random-weight AFM model with KV sharing (5:3)
+//!   with the block-2 prefill shortcut on and off, and the KV-cache bytes with and without
+//!   sharing.
+
+use afm::lm::random::random_tensors;
+use afm::lm::sampling::argmax;
+use afm::lm::weights::WeightSource;
+use afm::lm::{Checkpoint, DeviceModel, LanguageModel, LmConfig, LogitsFor, Message};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Prefill/decode tok/s and peak memory, ours vs llama.cpp, on a GGUF.
+    Lm(LmBench),
+    /// Prefill time with the KV-sharing shortcut on vs off, and KV-cache bytes.
+    KvSharing(KvBench),
+}
+
+#[derive(Args, Clone)]
+pub struct LmBench {
+    /// GGUF model (default: SmolLM2-135M-Instruct Q4_1).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Processes per engine (each runs `--runs` times; the median over all is reported).
+    #[arg(long, default_value_t = 3)]
+    pub processes: usize,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Python with llama-cpp-python installed (`pip install llama-cpp-python==0.3.36`).
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Skip the llama.cpp reference.
+    #[arg(long)]
+    pub no_reference: bool,
+}
+
+#[derive(Args, Clone)]
+pub struct KvBench {
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+/// What one engine process reports.
+#[derive(serde::Deserialize, serde::Serialize, Default)]
+pub struct RunReport {
+    pub prefill_s: Vec<f64>,
+    pub decode_s: Vec<f64>,
+    pub peak_rss_kb: u64,
+}
+
+pub fn peak_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Child process: reads token ids on stdin, measures, prints a `RunReport` line.
+pub fn worker(model: &PathBuf, new_tokens: usize, runs: usize) -> Result<()> {
+    let mut input = String::new();
+    std::io::stdin().lock().read_to_string(&mut input)?;
+    let ids: Vec<u32> = serde_json::from_str(&input).context("reading token ids")?;
+    let m = DeviceModel::load(model)?;
+    let mut rep = RunReport::default();
+    for _ in 0..runs {
+        let mut cache = m.new_cache();
+        let t0 = Instant::now();
+        let l = m.forward_tokens(&ids, &mut cache, &LogitsFor::Last)?;
+        let mut tok = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
+        let t1 = Instant::now();
+        for _ in 0..new_tokens.saturating_sub(1) {
+            let l = m.forward_tokens(&[tok], &mut cache, &LogitsFor::Last)?;
+            tok = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
+        }
+        rep.prefill_s.push((t1 - t0).as_secs_f64());
+        rep.decode_s.push(t1.elapsed().as_secs_f64());
+    }
+    rep.peak_rss_kb = peak_rss_kb();
+    println!("{}", serde_json::to_string(&rep)?);
+    Ok(())
+}
+
+fn run_child(mut cmd: Command, ids_json: &str) -> Result<RunReport> {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+    child.stdin.take().expect("piped").write_all(ids_json.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("benchmark process failed ({})", out.status);
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let line = line.lines().last().unwrap_or("");
+    serde_json::from_str(line).with_context(|| format!("parsing benchmark output `{line}`"))
+}
+
+/// A chat prompt cut to exactly `n` tokens.
+fn prompt_ids(ck: &Checkpoint, n: usize) -> Result<Vec<u32>> {
+    let text = "Explain, step by step and with examples, how a small language model running on a phone \
+        can answer questions about a screenshot: what the vision encoder does, how image tokens reach \
+        the language model, why the key-value cache matters for speed, and what limits memory. "
+        .repeat(1 + n / 40);
+    let chat = afm::lm::chat::render_chat(&ck.tokenizer, &[Message::user(text)])?;
+    let ids = ck.tokenizer.encode(&chat)?;
+    if ids.len() < n {
+        bail!("could not build a {n}-token prompt");
+    }
+    Ok(ids[..n].to_vec())
+}
+
+pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
+    let ck = Checkpoint::load(&model)?;
+    let ids = prompt_ids(&ck, a.prompt_tokens)?;
+    drop(ck);
+    let ids_json = serde_json::to_string(&ids)?;
+    let exe = std::env::current_exe()?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_llamacpp.py");
+    let mut reference = !a.no_reference;
+    if reference {
+        let ok = Command::new(&a.python)
+            .args(["-c", "import llama_cpp"])
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!(
+                "note: `{} -c 'import llama_cpp'` failed: install the reference with \
+                 `pip install llama-cpp-python==0.3.36` (CMAKE_ARGS=-DGGML_NATIVE=ON) or pass --python; \
+                 reporting afm alone",
+                a.python
+            );
+            reference = false;
+        }
+    }
+    eprintln!(
+        "bench: {} | {} prompt tokens, {} new tokens, {threads} threads, {} processes x {} runs per engine",
+        model.display(),
+        ids.len(),
+        a.new_tokens,
+        a.processes,
+        a.runs
+    );
+    let (mut ours, mut theirs) = (RunReport::default(), RunReport::default());
+    for p in 0..a.processes {
+        let mut c = Command::new(&exe);
+        c.args(["--threads", &threads.to_string(), "bench-worker", "--model"])
+            .arg(&model)
+            .args(["--new-tokens", &a.new_tokens.to_string(), "--runs", &a.runs.to_string()]);
+        let r = run_child(c, &ids_json)?;
+        eprintln!("  afm process {p}: prefill {:?} s, decode {:?} s", r.prefill_s, r.decode_s);
+        ours.prefill_s.extend(r.prefill_s);
+        ours.decode_s.extend(r.decode_s);
+        ours.peak_rss_kb = ours.peak_rss_kb.max(r.peak_rss_kb);
+        if reference {
+            let mut c = Command::new(&a.python);
+            c.arg(&script)
+                .arg(&model)
+                .args([threads.to_string(), a.new_tokens.to_string(), a.runs.to_string()]);
+            let r = run_child(c, &ids_json)?;
+            eprintln!("  llama.cpp process {p}: prefill {:?} s, decode {:?} s", r.prefill_s, r.decode_s);
+            theirs.prefill_s.extend(r.prefill_s);
+            theirs.decode_s.extend(r.decode_s);
+            theirs.peak_rss_kb = theirs.peak_rss_kb.max(r.peak_rss_kb);
+        }
+    }
+    let n = ids.len() as f64;
+    let d = (a.new_tokens - 1) as f64;
+    let row = |name: &str, r: &mut RunReport| -> (f64, f64) {
+        let pf = n / median(&mut r.prefill_s);
+        let dc = d / median(&mut r.decode_s);
+        println!("| {name} | {pf:.1} | {dc:.1} | {:.0} MB |", r.peak_rss_kb as f64 / 1024.0);
+        (pf, dc)
+    };
+    println!("| engine | prefill tok/s | decode tok/s | peak RSS |");
+    println!("|---|---:|---:|---:|");
+    let (p1, d1) = row("afm", &mut ours);
+    if reference {
+        let (p2, d2) = row("llama.cpp (llama-cpp-python)", &mut theirs);
+        println!(
+            "\nafm / llama.cpp: prefill {:.2}x (target >= 0.8x), decode {:.2}x (target >= 1.0x)",
+            p1 / p2,
+            d1 / d2
+        );
+    }
+    Ok(())
+}
+
+pub fn bench_kv(a: &KvBench) -> Result<()> {
+    let heads = (a.hidden / 128).max(1);
+    let cfg = LmConfig {
+        vocab_size: 8192,
+        hidden_size: a.hidden,
+        intermediate_size: a.hidden * 13 / 4,
+        num_hidden_layers: a.layers,
+        num_attention_heads: heads,
+        num_key_value_heads: Some((heads / 8).max(1)),
+        head_dim: Some(a.hidden / heads),
+        rms_norm_eps: 1e-5,
+        rope_theta: 500000.0,
+        max_position_embeddings: a.prompt_tokens.max(1) + 16,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_id: None,
+        num_kv_reuse_layers: 0,
+        qk_norm: true,
+        rope_interleaved: true,
+        kv_quant: true,
+    }
+    .with_block_ratio(5, 3)?;
+    eprintln!(
+        "bench kv-sharing: random AFM model, {} layers ({} block 2), hidden {}, {} heads / {} KV heads, {} prompt tokens",
+        cfg.num_hidden_layers,
+        cfg.num_kv_reuse_layers,
+        cfg.hidden_size,
+        heads,
+        cfg.num_kv_heads(),
+        a.prompt_tokens
+    );
+    let mut m = DeviceModel::from_source(&WeightSource::from_tensors(random_tensors(&cfg, 0)?), cfg.clone())?;
+    let ids: Vec<u32> = (0..a.prompt_tokens as u32).map(|i| (i * 7919) % 8192).collect();
+    let time = |m: &DeviceModel| -> Result<(f64, usize)> {
+        let mut ts = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..a.runs {
+            let mut c = m.new_cache();
+            let t0 = Instant::now();
+            m.forward_tokens(&ids, &mut c, &LogitsFor::Last)?;
+            ts.push(t0.elapsed().as_secs_f64());
+            bytes = c.used_bytes();
+        }
+        Ok((median(&mut ts), bytes))
+    };
+    m.set_prefill_shortcut(true);
+    let (on, bytes_shared) = time(&m)?;
+    m.set_prefill_shortcut(false);
+    let (off, _) = time(&m)?;
+    let full_cfg = LmConfig {
+        num_kv_reuse_layers: 0,
+        ..cfg.clone()
+    };
+    let full = DeviceModel::from_source(&WeightSource::from_tensors(random_tensors(&full_cfg, 0)?), full_cfg)?;
+    let (plain, bytes_full) = time(&full)?;
+    println!("| prefill of {} tokens | time to first token |", a.prompt_tokens);
+    println!("|---|---:|");
+    println!("| 5:3 sharing, block 2 on the last position only | {:.1} ms |", on * 1e3);
+    println!("| 5:3 sharing, block 2 on every position | {:.1} ms |", off * 1e3);
+    println!("| no sharing (all layers with K/V) | {:.1} ms |", plain * 1e3);
+    println!(
+        "\nprefill shortcut: {:.1}% less time than block 2 on every position; \
+         KV cache {} vs {} bytes without sharing (-{:.1}%)",
+        100.0 * (1.0 - on / off),
+        bytes_shared,
+        bytes_full,
+        100.0 * (1.0 - bytes_shared as f64 / bytes_full as f64)
+    );
+    Ok(())
+}
