@@ -114,8 +114,16 @@ pub fn worker(model: &PathBuf, new_tokens: usize, runs: usize) -> Result<()> {
 }
 
 fn run_child(mut cmd: Command, ids_json: &str) -> Result<RunReport> {
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
-    child.stdin.take().expect("piped").write_all(ids_json.as_bytes())?;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(ids_json.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!("benchmark process failed ({})", out.status);
@@ -177,19 +185,32 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
         let mut c = Command::new(&exe);
         c.args(["--threads", &threads.to_string(), "bench-worker", "--model"])
             .arg(&model)
-            .args(["--new-tokens", &a.new_tokens.to_string(), "--runs", &a.runs.to_string()]);
+            .args([
+                "--new-tokens",
+                &a.new_tokens.to_string(),
+                "--runs",
+                &a.runs.to_string(),
+            ]);
         let r = run_child(c, &ids_json)?;
-        eprintln!("  afm process {p}: prefill {:?} s, decode {:?} s", r.prefill_s, r.decode_s);
+        eprintln!(
+            "  afm process {p}: prefill {:?} s, decode {:?} s",
+            r.prefill_s, r.decode_s
+        );
         ours.prefill_s.extend(r.prefill_s);
         ours.decode_s.extend(r.decode_s);
         ours.peak_rss_kb = ours.peak_rss_kb.max(r.peak_rss_kb);
         if reference {
             let mut c = Command::new(&a.python);
-            c.arg(&script)
-                .arg(&model)
-                .args([threads.to_string(), a.new_tokens.to_string(), a.runs.to_string()]);
+            c.arg(&script).arg(&model).args([
+                threads.to_string(),
+                a.new_tokens.to_string(),
+                a.runs.to_string(),
+            ]);
             let r = run_child(c, &ids_json)?;
-            eprintln!("  llama.cpp process {p}: prefill {:?} s, decode {:?} s", r.prefill_s, r.decode_s);
+            eprintln!(
+                "  llama.cpp process {p}: prefill {:?} s, decode {:?} s",
+                r.prefill_s, r.decode_s
+            );
             theirs.prefill_s.extend(r.prefill_s);
             theirs.decode_s.extend(r.decode_s);
             theirs.peak_rss_kb = theirs.peak_rss_kb.max(r.peak_rss_kb);
@@ -200,7 +221,10 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
     let row = |name: &str, r: &mut RunReport| -> (f64, f64) {
         let pf = n / median(&mut r.prefill_s);
         let dc = d / median(&mut r.decode_s);
-        println!("| {name} | {pf:.1} | {dc:.1} | {:.0} MB |", r.peak_rss_kb as f64 / 1024.0);
+        println!(
+            "| {name} | {pf:.1} | {dc:.1} | {:.0} MB |",
+            r.peak_rss_kb as f64 / 1024.0
+        );
         (pf, dc)
     };
     println!("| engine | prefill tok/s | decode tok/s | peak RSS |");
@@ -248,8 +272,13 @@ pub fn bench_kv(a: &KvBench) -> Result<()> {
         cfg.num_kv_heads(),
         a.prompt_tokens
     );
-    let mut m = DeviceModel::from_source(&WeightSource::from_tensors(random_tensors(&cfg, 0)?), cfg.clone())?;
-    let ids: Vec<u32> = (0..a.prompt_tokens as u32).map(|i| (i * 7919) % 8192).collect();
+    let mut m = DeviceModel::from_source(
+        &WeightSource::from_tensors(random_tensors(&cfg, 0)?),
+        cfg.clone(),
+    )?;
+    let ids: Vec<u32> = (0..a.prompt_tokens as u32)
+        .map(|i| (i * 7919) % 8192)
+        .collect();
     let time = |m: &DeviceModel| -> Result<(f64, usize)> {
         let mut ts = Vec::new();
         let mut bytes = 0;
@@ -270,13 +299,28 @@ pub fn bench_kv(a: &KvBench) -> Result<()> {
         num_kv_reuse_layers: 0,
         ..cfg.clone()
     };
-    let full = DeviceModel::from_source(&WeightSource::from_tensors(random_tensors(&full_cfg, 0)?), full_cfg)?;
+    let full = DeviceModel::from_source(
+        &WeightSource::from_tensors(random_tensors(&full_cfg, 0)?),
+        full_cfg,
+    )?;
     let (plain, bytes_full) = time(&full)?;
-    println!("| prefill of {} tokens | time to first token |", a.prompt_tokens);
+    println!(
+        "| prefill of {} tokens | time to first token |",
+        a.prompt_tokens
+    );
     println!("|---|---:|");
-    println!("| 5:3 sharing, block 2 on the last position only | {:.1} ms |", on * 1e3);
-    println!("| 5:3 sharing, block 2 on every position | {:.1} ms |", off * 1e3);
-    println!("| no sharing (all layers with K/V) | {:.1} ms |", plain * 1e3);
+    println!(
+        "| 5:3 sharing, block 2 on the last position only | {:.1} ms |",
+        on * 1e3
+    );
+    println!(
+        "| 5:3 sharing, block 2 on every position | {:.1} ms |",
+        off * 1e3
+    );
+    println!(
+        "| no sharing (all layers with K/V) | {:.1} ms |",
+        plain * 1e3
+    );
     println!(
         "\nprefill shortcut: {:.1}% less time than block 2 on every position; \
          KV cache {} vs {} bytes without sharing (-{:.1}%)",

@@ -174,6 +174,10 @@ fn main() -> Result<()> {
             bench::bench_lm(&a, cli.threads.unwrap_or(2), model)
         }
         Cmd::Bench(bench::BenchCmd::KvSharing(a)) => bench::bench_kv(&a),
-        Cmd::BenchWorker { model, new_tokens, runs } => bench::worker(&model, new_tokens, runs),
+        Cmd::BenchWorker {
+            model,
+            new_tokens,
+            runs,
+        } => bench::worker(&model, new_tokens, runs),
     }
 }
