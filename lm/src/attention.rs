@@ -10,15 +10,15 @@ use crate::error::{LmError, Result};
 use crate::rms_norm::RmsNorm;
 use crate::rope::{Positions, Rope};
 use crate::weights::WeightSource;
-use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use crate::linear::{Fused, Linear};
+use candle_core::{Device, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: QMatMul,
-    /// `None` in KV-reuse (block-2) layers.
-    kv_proj: Option<(QMatMul, QMatMul)>,
-    o_proj: QMatMul,
+    /// `[q]` in KV-reuse (block-2) layers, `[q, k, v]` (one fused matmul) otherwise.
+    proj: Fused,
+    reuses_kv: bool,
+    o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     /// Learned (key, value) scales of the 8-bit KV fake quantisation.
@@ -48,9 +48,10 @@ impl Attention {
     pub fn load(src: &WeightSource, prefix: &str, s: &AttentionSpec) -> Result<Self> {
         let (h, hd, kvh) = (s.hidden, s.head_dim, s.n_kv_heads);
         let q_proj = src.matrix(&format!("{prefix}.q_proj.weight"), s.n_heads * hd, h)?;
+        let q_out = s.n_heads * hd;
         let o_proj = src.matrix(&format!("{prefix}.o_proj.weight"), h, s.n_heads * hd)?;
         let k_name = format!("{prefix}.k_proj.weight");
-        let kv_proj = if s.reuses_kv {
+        let proj = if s.reuses_kv {
             if src.contains(&k_name) {
                 return Err(LmError::config(
                     "num_kv_reuse_layers",
@@ -61,12 +62,13 @@ impl Attention {
                     ),
                 ));
             }
-            None
+            Fused::new(vec![(q_proj, q_out)])?
         } else {
-            Some((
-                src.matrix(&k_name, kvh * hd, h)?,
-                src.matrix(&format!("{prefix}.v_proj.weight"), kvh * hd, h)?,
-            ))
+            Fused::new(vec![
+                (q_proj, q_out),
+                (src.matrix(&k_name, kvh * hd, h)?, kvh * hd),
+                (src.matrix(&format!("{prefix}.v_proj.weight"), kvh * hd, h)?, kvh * hd),
+            ])?
         };
         let (q_norm, k_norm) = if s.qk_norm {
             let q = RmsNorm::load(src, &format!("{prefix}.q_norm.weight"), hd, s.eps)?;
@@ -101,8 +103,8 @@ impl Attention {
             None
         };
         Ok(Self {
-            q_proj,
-            kv_proj,
+            proj,
+            reuses_kv: s.reuses_kv,
             o_proj,
             q_norm,
             k_norm,
@@ -114,7 +116,7 @@ impl Attention {
     }
 
     pub fn reuses_kv(&self) -> bool {
-        self.kv_proj.is_none()
+        self.reuses_kv
     }
 
     fn heads(&self, x: &Tensor, n: usize) -> Result<Tensor> {
@@ -124,44 +126,56 @@ impl Attention {
             .contiguous()?)
     }
 
-    /// Projects, ropes, norms and quantises this layer's K/V for the new positions and
-    /// appends them to `kv`.
+    /// A block-1 layer: projects q, k, v (one fused matmul), ropes, norms and quantises K/V,
+    /// appends them to `kv`, then attends over everything in `kv`.
     ///
     /// # Shapes
-    /// `x: (1, t, hidden)`.
-    pub fn write_kv(
-        &self,
-        x: &Tensor,
-        pos: &Positions,
-        rope: &Rope,
-        kv: &mut LayerKv,
-    ) -> Result<()> {
-        let (k_proj, v_proj) = self
-            .kv_proj
-            .as_ref()
-            .ok_or_else(|| LmError::Invalid("write_kv on a KV-reuse layer".into()))?;
-        let k = self.heads(&k_proj.forward(x)?, self.n_kv_heads)?;
-        let v = self.heads(&v_proj.forward(x)?, self.n_kv_heads)?;
+    /// `x: (1, t, hidden) -> (1, t, hidden)`.
+    pub fn forward_own(&self, x: &Tensor, pos: &Positions, rope: &Rope, kv: &mut LayerKv) -> Result<Tensor> {
+        if self.reuses_kv {
+            return Err(LmError::Invalid("forward_own on a KV-reuse layer".into()));
+        }
+        let mut p = self.proj.forward(x)?.into_iter();
+        let (q, k, v) = match (p.next(), p.next(), p.next()) {
+            (Some(q), Some(k), Some(v)) => (q, k, v),
+            _ => return Err(LmError::Invalid("fused q/k/v projection returned too few parts".into())),
+        };
+        let k = self.heads(&k, self.n_kv_heads)?;
+        let mut v = self.heads(&v, self.n_kv_heads)?;
         let mut k = rope.apply(&k, pos)?;
         if let Some(n) = &self.k_norm {
             k = n.forward(&k)?;
         }
-        let mut v = v;
         if let Some((ks, vs)) = self.kv_scales {
             k = fake_quant_i8(&k, ks)?;
             v = fake_quant_i8(&v, vs)?;
         }
-        kv.append(&k, &v)
+        kv.append(&k, &v)?;
+        self.attend(&q, pos, rope, kv)
     }
 
-    /// Attends from the query rows of `x` (at absolute positions `pos`) to the keys in `kv`
-    /// with a causal mask, then applies the output projection.
+    /// A block-2 (KV-reuse) layer: projects q only and attends to another layer's cache.
     ///
     /// # Shapes
     /// `x: (1, t, hidden) -> (1, t, hidden)`; `kv` holds `(1, kv_heads, T, head_dim)`.
-    pub fn attend(&self, x: &Tensor, pos: &Positions, rope: &Rope, kv: &LayerKv) -> Result<Tensor> {
-        let (_, t, _) = x.dims3()?;
-        let q = self.heads(&self.q_proj.forward(x)?, self.n_heads)?;
+    pub fn forward_shared(&self, x: &Tensor, pos: &Positions, rope: &Rope, kv: &LayerKv) -> Result<Tensor> {
+        let q = self
+            .proj
+            .forward(x)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| LmError::Invalid("empty q projection".into()))?;
+        self.attend(&q, pos, rope, kv)
+    }
+
+    /// Attends from projected queries `q` (rows at absolute positions `pos`) to the keys in
+    /// `kv` with a causal mask, then applies the output projection.
+    ///
+    /// # Shapes
+    /// `q: (1, t, heads * head_dim) -> (1, t, hidden)`.
+    fn attend(&self, q: &Tensor, pos: &Positions, rope: &Rope, kv: &LayerKv) -> Result<Tensor> {
+        let (_, t, _) = q.dims3()?;
+        let q = self.heads(q, self.n_heads)?;
         let mut q = rope.apply(&q, pos)?;
         if let Some(n) = &self.q_norm {
             q = n.forward(&q)?;
@@ -171,12 +185,8 @@ impl Attention {
         let rep = self.n_heads / self.n_kv_heads;
         // GQA without copying K/V: query head `j*rep + r` uses K/V head `j`, so fold the
         // `rep` query heads of each K/V head into the row dimension.
-        let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?.reshape((
-            1,
-            self.n_kv_heads,
-            rep * t,
-            self.head_dim,
-        ))?;
+        let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?
+            .reshape((1, self.n_kv_heads, rep * t, self.head_dim))?;
         let scores = q.matmul(&k.t()?)?; // (1, kvh, rep*t, T)
         let scores = match causal_mask(pos, n_keys)? {
             Some(mask) => scores
@@ -191,7 +201,7 @@ impl Attention {
             .reshape((1, self.n_heads, t, self.head_dim))?
             .transpose(1, 2)?
             .reshape((1, t, self.n_heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 }
 

@@ -16,8 +16,8 @@ use crate::model::{LanguageModel, LogitsFor, ModelInfo};
 use crate::rms_norm::RmsNorm;
 use crate::rope::{Positions, Rope};
 use crate::weights::WeightSource;
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use crate::linear::Linear;
+use candle_core::{DType, Device, Tensor};
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
@@ -65,10 +65,10 @@ impl DecoderLayer {
 pub struct DeviceModel {
     cfg: LmConfig,
     info: ModelInfo,
-    embed: QMatMul,
+    embed: Linear,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: QMatMul,
+    lm_head: Linear,
     rope: Rope,
     prefill_shortcut: bool,
 }
@@ -170,8 +170,7 @@ impl DeviceModel {
                 .layer_mut(i)
                 .ok_or_else(|| LmError::Invalid(format!("cache has no K/V slot for layer {i}")))?;
             let hn = layer.input_norm.forward(&x)?;
-            layer.attn.write_kv(&hn, &pos, &self.rope, kv)?;
-            let a = layer.attn.attend(&hn, &pos, &self.rope, kv)?;
+            let a = layer.attn.forward_own(&hn, &pos, &self.rope, kv)?;
             x = (x + a)?;
             x = (&x + layer.mlp.forward(&layer.post_norm.forward(&x)?)?)?;
         }
@@ -198,7 +197,7 @@ impl DeviceModel {
             })?;
             for layer in &self.layers[b1..] {
                 let hn = layer.input_norm.forward(&x)?;
-                let a = layer.attn.attend(&hn, &pos2, &self.rope, shared)?;
+                let a = layer.attn.forward_shared(&hn, &pos2, &self.rope, shared)?;
                 x = (x + a)?;
                 x = (&x + layer.mlp.forward(&layer.post_norm.forward(&x)?)?)?;
             }
@@ -225,8 +224,7 @@ impl LanguageModel for DeviceModel {
                 vocab: self.info.vocab_size,
             });
         }
-        let ids = Tensor::new(ids, &Device::Cpu)?;
-        Ok(self.embed.embedding(&ids)?.to_dtype(DType::F32)?)
+        self.embed.embedding(ids)
     }
 
     fn new_cache(&self) -> Cache {

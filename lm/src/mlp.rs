@@ -2,22 +2,24 @@
 
 use crate::error::Result;
 use crate::weights::WeightSource;
-use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
+use crate::linear::{Fused, Linear};
+use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    /// gate and up, one fused matmul when their formats match.
+    gate_up: Fused,
+    down: Linear,
 }
 
 impl Mlp {
     /// Loads `{prefix}.gate_proj.weight`, `{prefix}.up_proj.weight`, `{prefix}.down_proj.weight`.
     pub fn load(src: &WeightSource, prefix: &str, hidden: usize, inner: usize) -> Result<Self> {
         Ok(Self {
-            gate: src.matrix(&format!("{prefix}.gate_proj.weight"), inner, hidden)?,
-            up: src.matrix(&format!("{prefix}.up_proj.weight"), inner, hidden)?,
+            gate_up: Fused::new(vec![
+                (src.matrix(&format!("{prefix}.gate_proj.weight"), inner, hidden)?, inner),
+                (src.matrix(&format!("{prefix}.up_proj.weight"), inner, hidden)?, inner),
+            ])?,
             down: src.matrix(&format!("{prefix}.down_proj.weight"), hidden, inner)?,
         })
     }
@@ -25,8 +27,8 @@ impl Mlp {
     /// # Shapes
     /// `(1, t, hidden) -> (1, t, hidden)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        let u = self.up.forward(x)?;
-        Ok(self.down.forward(&(g * u)?)?)
+        let gu = self.gate_up.forward(x)?;
+        let g = candle_nn::ops::silu(&gu[0])?;
+        self.down.forward(&(g * &gu[1])?)
     }
 }

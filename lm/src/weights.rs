@@ -2,6 +2,8 @@
 //! HF tensor name. Every lookup checks the shape and names the tensor on failure.
 
 use crate::error::{LmError, Result};
+use crate::linear::Linear;
+use crate::quant::{QKind, QMatrix};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -176,11 +178,11 @@ impl WeightSource {
     ///
     /// # Shapes
     /// `(out, in)`.
-    pub fn matrix(&self, hf_name: &str, out_dim: usize, in_dim: usize) -> Result<QMatMul> {
+    pub fn matrix(&self, hf_name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
         match self {
-            WeightSource::Safetensors { .. } => {
-                Ok(QMatMul::Tensor(self.tensor(hf_name, &[out_dim, in_dim])?))
-            }
+            WeightSource::Safetensors { .. } => Ok(Linear::Candle(QMatMul::Tensor(
+                self.tensor(hf_name, &[out_dim, in_dim])?,
+            ))),
             WeightSource::Gguf { dequantize, .. } => {
                 let q = self.gguf_qtensor(hf_name, &[out_dim, in_dim])?;
                 if *dequantize
@@ -188,9 +190,19 @@ impl WeightSource {
                 {
                     let t = q.dequantize(&Device::Cpu)?;
                     check_finite(&gguf_name(hf_name), &t)?;
-                    return Ok(QMatMul::Tensor(t));
+                    return Ok(Linear::Candle(QMatMul::Tensor(t)));
                 }
-                Ok(QMatMul::from_arc(Arc::new(q))?)
+                let kind = match q.dtype() {
+                    GgmlDType::Q4_1 => Some(QKind::Q4_1),
+                    GgmlDType::Q8_0 => Some(QKind::Q8_0),
+                    _ => None,
+                };
+                if let Some(kind) = kind {
+                    let m = QMatrix::new(kind, out_dim, in_dim, q.data()?.into_owned())
+                        .map_err(|e| LmError::BadTensor { name: gguf_name(hf_name), reason: e.to_string() })?;
+                    return Ok(Linear::Blocks(Arc::new(m)));
+                }
+                Ok(Linear::Candle(QMatMul::from_arc(Arc::new(q))?))
             }
         }
     }
