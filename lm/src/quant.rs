@@ -28,22 +28,19 @@ impl QKind {
             QKind::Q8_0 => 34,
         }
     }
-    /// Bytes of one quantized activation block (Q8_1: d, s, 32 x i8; Q8_0: d, 32 x i8).
-    fn act_bytes(self) -> usize {
-        match self {
-            QKind::Q4_1 => 36,
-            QKind::Q8_0 => 34,
-        }
-    }
 }
 
-/// A `(rows, cols)` matrix of ggml blocks, row-major; used as `x @ W^T`.
+/// A `(rows, cols)` matrix of ggml blocks, used as `x @ W^T`, repacked for the kernels:
+/// the quants of each row contiguous (16 bytes per Q4_1 block, 32 per Q8_0 block) and the
+/// block scales (`d`, and `m` for Q4_1) widened once to f32 in arrays of their own.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     kind: QKind,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    qs: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
 }
 
 #[inline]
@@ -51,8 +48,56 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
+impl QKind {
+    fn qs_bytes(self) -> usize {
+        match self {
+            QKind::Q4_1 => 16,
+            QKind::Q8_0 => 32,
+        }
+    }
+}
+
+/// Quantized activations: rows of Q8 blocks (Q8_1 `s` kept for Q4_1).
+struct Act {
+    qs: Vec<u8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    nb: usize,
+}
+
+impl Act {
+    fn new(x: &[f32], m: usize, k: usize) -> Self {
+        let nb = k / QK;
+        let mut a = Act { qs: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb], nb };
+        a.qs.par_chunks_mut(k)
+            .zip(a.d.par_chunks_mut(nb))
+            .zip(a.s.par_chunks_mut(nb))
+            .zip(x.par_chunks(k))
+            .for_each(|(((q, d), s), xr)| quantize_row_q8(xr, q, d, s));
+        a
+    }
+}
+
+/// ggml's x86 `quantize_row_q8_1` / `q8_0`: per block `d = amax / 127` (stored as f16),
+/// `q = round_half_even(x * 127 / amax)`, and `s = d * sum(q)` (stored as f16).
+fn quantize_row_q8(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32]) {
+    for (b, xb) in x.chunks_exact(QK).enumerate() {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let db = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (j, v) in xb.iter().enumerate() {
+            let q = (v * id).round_ties_even() as i32;
+            sum += q;
+            qs[b * QK + j] = q as i8 as u8;
+        }
+        d[b] = f16::from_f32(db).to_f32();
+        s[b] = f16::from_f32(db * sum as f32).to_f32();
+    }
+}
+
 impl QMatrix {
-    /// Wraps raw ggml block data, checking its size.
+    /// Repacks raw ggml block data (as stored in GGUF), checking its size.
     pub fn new(kind: QKind, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
         if cols % QK != 0 {
             return Err(LmError::Invalid(format!("{kind:?} matrix width {cols} is not a multiple of {QK}")));
@@ -64,7 +109,25 @@ impl QMatrix {
                 data.len()
             )));
         }
-        Ok(Self { kind, rows, cols, data })
+        let nblocks = rows * cols / QK;
+        let (qb, bb) = (kind.qs_bytes(), kind.block_bytes());
+        let mut qs = vec![0u8; nblocks * qb];
+        let mut d = vec![0f32; nblocks];
+        let mut m = if kind == QKind::Q4_1 { vec![0f32; nblocks] } else { vec![] };
+        for (i, blk) in data.chunks_exact(bb).enumerate() {
+            d[i] = f16_at(blk, 0);
+            match kind {
+                QKind::Q4_1 => {
+                    m[i] = f16_at(blk, 2);
+                    qs[i * 16..i * 16 + 16].copy_from_slice(&blk[4..20]);
+                }
+                QKind::Q8_0 => qs[i * 32..i * 32 + 32].copy_from_slice(&blk[2..34]),
+            }
+        }
+        if let Some(bad) = d.iter().chain(&m).find(|v| !v.is_finite()) {
+            return Err(LmError::Invalid(format!("{kind:?} block scale {bad} is not finite")));
+        }
+        Ok(Self { kind, rows, cols, qs, d, m })
     }
 
     pub fn kind(&self) -> QKind {
@@ -76,11 +139,7 @@ impl QMatrix {
     }
 
     pub fn storage_bytes(&self) -> usize {
-        self.data.len()
-    }
-
-    fn row_bytes(&self) -> usize {
-        self.cols / QK * self.kind.block_bytes()
+        self.qs.len() + 4 * (self.d.len() + self.m.len())
     }
 
     /// Dequantizes the given rows (embedding lookup).
@@ -88,26 +147,29 @@ impl QMatrix {
     /// # Shapes
     /// `ids.len() = t` -> `(t, cols)`.
     pub fn rows_f32(&self, ids: &[u32]) -> Result<Tensor> {
+        let nb = self.cols / QK;
+        let qb = self.kind.qs_bytes();
         let mut out = vec![0f32; ids.len() * self.cols];
         for (o, &id) in out.chunks_mut(self.cols).zip(ids) {
             let id = id as usize;
             if id >= self.rows {
                 return Err(LmError::BadTokenId { id: id as u32, vocab: self.rows });
             }
-            let row = &self.data[id * self.row_bytes()..(id + 1) * self.row_bytes()];
-            for (b, o) in row.chunks_exact(self.kind.block_bytes()).zip(o.chunks_mut(QK)) {
+            for b in 0..nb {
+                let bi = id * nb + b;
+                let q = &self.qs[bi * qb..(bi + 1) * qb];
+                let o = &mut o[b * QK..(b + 1) * QK];
                 match self.kind {
                     QKind::Q4_1 => {
-                        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                        let (d, m) = (self.d[bi], self.m[bi]);
                         for j in 0..16 {
-                            o[j] = (b[4 + j] & 0xF) as f32 * d + m;
-                            o[j + 16] = (b[4 + j] >> 4) as f32 * d + m;
+                            o[j] = (q[j] & 0xF) as f32 * d + m;
+                            o[j + 16] = (q[j] >> 4) as f32 * d + m;
                         }
                     }
                     QKind::Q8_0 => {
-                        let d = f16_at(b, 0);
                         for j in 0..QK {
-                            o[j] = b[2 + j] as i8 as f32 * d;
+                            o[j] = q[j] as i8 as f32 * self.d[bi];
                         }
                     }
                 }
@@ -136,29 +198,19 @@ impl QMatrix {
 
     /// `(m, cols) @ W^T -> (m, rows)` on slices.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let nb = self.cols / QK;
-        let ab = self.kind.act_bytes();
-        let mut act = vec![0u8; m * nb * ab];
-        act.par_chunks_mut(nb * ab).zip(x.par_chunks(self.cols)).for_each(|(a, xr)| match self.kind {
-            QKind::Q4_1 => quantize_q8_1(xr, a),
-            QKind::Q8_0 => quantize_q8_0(xr, a),
-        });
-        let rb = self.row_bytes();
+        let act = Act::new(x, m, self.cols);
+        let threads = rayon::current_num_threads().max(1);
+        // Few, large tasks for a single row (decode); more for prefill to balance load.
+        let per = if m == 1 { threads * 2 } else { threads * 8 };
+        let chunk_rows = (self.rows.div_ceil(per)).next_multiple_of(4).max(4);
+        let kern = kernels();
         // Output computed transposed, (rows, m), so each task owns contiguous memory.
         let mut out_t = vec![0f32; self.rows * m];
-        let threads = rayon::current_num_threads().max(1);
-        let chunk_rows = (self.rows / (threads * 8)).clamp(1, 64);
-        let dot = dot_fn(self.kind);
-        out_t
-            .par_chunks_mut(chunk_rows * m)
-            .zip(self.data.par_chunks(chunk_rows * rb))
-            .for_each(|(o, w)| {
-                for (r, wr) in w.chunks_exact(rb).enumerate() {
-                    for i in 0..m {
-                        o[r * m + i] = dot(nb, wr, &act[i * nb * ab..(i + 1) * nb * ab]);
-                    }
-                }
-            });
+        out_t.par_chunks_mut(chunk_rows * m).enumerate().for_each(|(ci, o)| {
+            let r0 = ci * chunk_rows;
+            let nr = o.len() / m;
+            self.tile(&kern, &act, r0, nr, m, o);
+        });
         if m == 1 {
             return out_t;
         }
@@ -170,101 +222,165 @@ impl QMatrix {
         }
         out
     }
+
+    /// Rows `r0..r0+nr` against all `m` activation rows into `o` (`(nr, m)`).
+    fn tile(&self, k: &Kernels, act: &Act, r0: usize, nr: usize, m: usize, o: &mut [f32]) {
+        let view = |r: usize| self.row(r);
+        let arow = |i: usize| ARow { qs: &act.qs[i * self.cols..(i + 1) * self.cols], d: &act.d[i * act.nb..(i + 1) * act.nb], s: &act.s[i * act.nb..(i + 1) * act.nb] };
+        let mut r = 0;
+        if m == 1 {
+            let a = [arow(0)];
+            while r + 4 <= nr {
+                let w = [view(r0 + r), view(r0 + r + 1), view(r0 + r + 2), view(r0 + r + 3)];
+                let res = (k.k41)(self.kind, &w, &a);
+                for j in 0..4 {
+                    o[r + j] = res[j][0];
+                }
+                r += 4;
+            }
+            while r < nr {
+                o[r] = (k.k11)(self.kind, &[view(r0 + r)], &a)[0][0];
+                r += 1;
+            }
+            return;
+        }
+        while r < nr {
+            let w = [view(r0 + r)];
+            let mut i = 0;
+            while i + 4 <= m {
+                let a = [arow(i), arow(i + 1), arow(i + 2), arow(i + 3)];
+                let res = (k.k14)(self.kind, &w, &a);
+                o[r * m + i..r * m + i + 4].copy_from_slice(&res[0]);
+                i += 4;
+            }
+            while i < m {
+                o[r * m + i] = (k.k11)(self.kind, &w, &[arow(i)])[0][0];
+                i += 1;
+            }
+            r += 1;
+        }
+    }
+
+    fn row(&self, r: usize) -> WRow<'_> {
+        let nb = self.cols / QK;
+        let qb = self.kind.qs_bytes();
+        WRow {
+            qs: &self.qs[r * nb * qb..(r + 1) * nb * qb],
+            d: &self.d[r * nb..(r + 1) * nb],
+            m: if self.m.is_empty() { &[] } else { &self.m[r * nb..(r + 1) * nb] },
+        }
+    }
 }
 
-type DotFn = fn(usize, &[u8], &[u8]) -> f32;
+/// One weight row: quants, scales, mins (Q4_1).
+#[derive(Clone, Copy)]
+pub struct WRow<'a> {
+    qs: &'a [u8],
+    d: &'a [f32],
+    m: &'a [f32],
+}
 
-fn dot_fn(kind: QKind) -> DotFn {
+/// One activation row: Q8 quants, scales, and Q8_1 sums.
+#[derive(Clone, Copy)]
+pub struct ARow<'a> {
+    qs: &'a [u8],
+    d: &'a [f32],
+    s: &'a [f32],
+}
+
+type K11 = fn(QKind, &[WRow; 1], &[ARow; 1]) -> [[f32; 1]; 1];
+type K41 = fn(QKind, &[WRow; 4], &[ARow; 1]) -> [[f32; 1]; 4];
+type K14 = fn(QKind, &[WRow; 1], &[ARow; 4]) -> [[f32; 4]; 1];
+
+/// The micro-kernels chosen for this CPU: `kRC` multiplies R weight rows by C activation rows.
+struct Kernels {
+    k11: K11,
+    k41: K41,
+    k14: K14,
+}
+
+fn kernels() -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return match kind {
-                QKind::Q4_1 => avx2::dot_q4_1_q8_1_safe,
-                QKind::Q8_0 => avx2::dot_q8_0_q8_0_safe,
-            };
+        if simd::available() {
+            return Kernels { k11: simd::kernel::<1, 1>, k41: simd::kernel::<4, 1>, k14: simd::kernel::<1, 4> };
         }
     }
-    match kind {
-        QKind::Q4_1 => dot_q4_1_q8_1_scalar,
-        QKind::Q8_0 => dot_q8_0_q8_0_scalar,
-    }
+    Kernels { k11: scalar_kernel::<1, 1>, k41: scalar_kernel::<4, 1>, k14: scalar_kernel::<1, 4> }
 }
 
-/// ggml's x86 `quantize_row_q8_1`: per block `d = amax / 127`, `q = round_half_even(x * 127 /
-/// amax)`, `s = d * sum(q)`; d and s stored as f16.
-pub fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
-    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(36)) {
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        let mut sum = 0i32;
-        for (j, v) in xb.iter().enumerate() {
-            let q = (v * id).round_ties_even() as i32;
-            sum += q;
-            ob[4 + j] = q as i8 as u8;
+/// Reference arithmetic, also the fallback on CPUs without AVX2.
+fn scalar_kernel<const R: usize, const C: usize>(kind: QKind, w: &[WRow; R], a: &[ARow; C]) -> [[f32; C]; R] {
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            let nb = w[r].d.len();
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let mut sum = 0i32;
+                match kind {
+                    QKind::Q4_1 => {
+                        let q = &w[r].qs[b * 16..b * 16 + 16];
+                        let y = &a[c].qs[b * 32..b * 32 + 32];
+                        for j in 0..16 {
+                            sum += (q[j] & 0xF) as i32 * y[j] as i8 as i32;
+                            sum += (q[j] >> 4) as i32 * y[j + 16] as i8 as i32;
+                        }
+                        acc += w[r].d[b] * a[c].d[b] * sum as f32 + w[r].m[b] * a[c].s[b];
+                    }
+                    QKind::Q8_0 => {
+                        let q = &w[r].qs[b * 32..b * 32 + 32];
+                        let y = &a[c].qs[b * 32..b * 32 + 32];
+                        for j in 0..32 {
+                            sum += q[j] as i8 as i32 * y[j] as i8 as i32;
+                        }
+                        acc += w[r].d[b] * a[c].d[b] * sum as f32;
+                    }
+                }
+            }
+            out[r][c] = acc;
         }
-        ob[0..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
-        ob[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_bits().to_le_bytes());
     }
-}
-
-/// ggml's x86 `quantize_row_q8_0`.
-pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
-    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(34)) {
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        for (j, v) in xb.iter().enumerate() {
-            ob[2 + j] = (v * id).round_ties_even() as i32 as i8 as u8;
-        }
-        ob[0..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
-    }
-}
-
-fn dot_q4_1_q8_1_scalar(nb: usize, x: &[u8], y: &[u8]) -> f32 {
-    let mut acc = 0f32;
-    for i in 0..nb {
-        let (xb, yb) = (&x[i * 20..i * 20 + 20], &y[i * 36..i * 36 + 36]);
-        let mut s = 0i32;
-        for j in 0..16 {
-            s += (xb[4 + j] & 0xF) as i32 * yb[4 + j] as i8 as i32;
-            s += (xb[4 + j] >> 4) as i32 * yb[20 + j] as i8 as i32;
-        }
-        acc += f16_at(xb, 0) * f16_at(yb, 0) * s as f32 + f16_at(xb, 2) * f16_at(yb, 2);
-    }
-    acc
-}
-
-fn dot_q8_0_q8_0_scalar(nb: usize, x: &[u8], y: &[u8]) -> f32 {
-    let mut acc = 0f32;
-    for i in 0..nb {
-        let (xb, yb) = (&x[i * 34..i * 34 + 34], &y[i * 34..i * 34 + 34]);
-        let s: i32 = (0..QK).map(|j| xb[2 + j] as i8 as i32 * yb[2 + j] as i8 as i32).sum();
-        acc += f16_at(xb, 0) * f16_at(yb, 0) * s as f32;
-    }
-    acc
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::f16_at;
+mod simd {
+    use super::{ARow, QKind, WRow};
     use std::arch::x86_64::*;
 
-    pub fn dot_q4_1_q8_1_safe(nb: usize, x: &[u8], y: &[u8]) -> f32 {
-        assert!(x.len() >= nb * 20 && y.len() >= nb * 36);
-        // SAFETY: the caller (`dot_fn`) selected this only after detecting AVX2 and FMA, and
-        // the assert above keeps every load below inside `x` and `y`.
-        unsafe { dot_q4_1_q8_1(nb, x, y) }
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 
-    pub fn dot_q8_0_q8_0_safe(nb: usize, x: &[u8], y: &[u8]) -> f32 {
-        assert!(x.len() >= nb * 34 && y.len() >= nb * 34);
-        // SAFETY: as above: AVX2/FMA detected at run time, loads bounded by the assert.
-        unsafe { dot_q8_0_q8_0(nb, x, y) }
+    fn vnni() -> bool {
+        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *V.get_or_init(|| is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl"))
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    pub fn kernel<const R: usize, const C: usize>(kind: QKind, w: &[WRow; R], a: &[ARow; C]) -> [[f32; C]; R] {
+        let nb = w[0].d.len();
+        let qb = if kind == QKind::Q4_1 { 16 } else { 32 };
+        for r in w {
+            assert!(r.d.len() == nb && r.qs.len() == nb * qb && (kind == QKind::Q8_0 || r.m.len() == nb));
+        }
+        for c in a {
+            assert!(c.d.len() == nb && c.s.len() == nb && c.qs.len() == nb * 32);
+        }
+        // SAFETY: `available()` (AVX2 + FMA) was checked before these kernels were chosen and
+        // the VNNI variant only runs after its own run-time check; the asserts above keep
+        // every pointer offset below inside the slices.
+        unsafe {
+            match (kind, vnni()) {
+                (QKind::Q4_1, true) => q4_1_vnni::<R, C>(nb, w, a),
+                (QKind::Q4_1, false) => q4_1_avx2::<R, C>(nb, w, a),
+                (QKind::Q8_0, true) => q8_0_vnni::<R, C>(nb, w, a),
+                (QKind::Q8_0, false) => q8_0_avx2::<R, C>(nb, w, a),
+            }
+        }
+    }
+
+    #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -272,48 +388,99 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4_1_q8_1(nb: usize, x: &[u8], y: &[u8]) -> f32 {
+    /// 32 nibbles of a Q4_1 block as 32 unsigned bytes (low nibbles = values 0..16).
+    #[inline(always)]
+    unsafe fn unpack(p: *const u8) -> __m256i {
+        let packed = _mm_loadu_si128(p as *const __m128i);
         let mask = _mm_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        for i in 0..nb {
-            let xb = x.as_ptr().add(i * 20);
-            let yb = y.as_ptr().add(i * 36);
-            let xs = std::slice::from_raw_parts(xb, 4);
-            let ys = std::slice::from_raw_parts(yb, 4);
-            let (dx, mx, dy, sy) = (f16_at(xs, 0), f16_at(xs, 2), f16_at(ys, 0), f16_at(ys, 2));
-            summs += mx * sy;
-            let packed = _mm_loadu_si128(xb.add(4) as *const __m128i);
-            let lo = _mm_and_si128(packed, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-            let qx = _mm256_set_m128i(hi, lo);
-            let qy = _mm256_loadu_si256(yb.add(4) as *const __m256i);
-            let p16 = _mm256_maddubs_epi16(qx, qy);
-            let p32 = _mm256_madd_epi16(p16, ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * dy), _mm256_cvtepi32_ps(p32), acc);
-        }
-        hsum(acc) + summs
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), _mm_and_si128(packed, mask))
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8_0_q8_0(nb: usize, x: &[u8], y: &[u8]) -> f32 {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..nb {
-            let xb = x.as_ptr().add(i * 34);
-            let yb = y.as_ptr().add(i * 34);
-            let d = f16_at(std::slice::from_raw_parts(xb, 2), 0) * f16_at(std::slice::from_raw_parts(yb, 2), 0);
-            let qx = _mm256_loadu_si256(xb.add(2) as *const __m256i);
-            let qy = _mm256_loadu_si256(yb.add(2) as *const __m256i);
-            // |x| * sign(y, x): maddubs needs an unsigned left operand
-            let ax = _mm256_sign_epi8(qx, qx);
-            let sy = _mm256_sign_epi8(qy, qx);
-            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p32), acc);
+    /// sum of mins * sums for Q4_1: `sum_b m[b] * s[b]`.
+    #[inline(always)]
+    unsafe fn min_term(m: &[f32], s: &[f32]) -> f32 {
+        let mut acc = 0f32;
+        for (x, y) in m.iter().zip(s) {
+            acc += x * y;
         }
-        hsum(acc)
+        acc
+    }
+
+    macro_rules! q_kernel {
+        ($name:ident, $feat:literal, $q4:expr, $dot:ident) => {
+            #[target_feature(enable = $feat)]
+            unsafe fn $name<const R: usize, const C: usize>(nb: usize, w: &[WRow; R], a: &[ARow; C]) -> [[f32; C]; R] {
+                let mut acc = [[_mm256_setzero_ps(); C]; R];
+                let qb = if $q4 { 16 } else { 32 };
+                for b in 0..nb {
+                    let mut qx = [_mm256_setzero_si256(); R];
+                    for r in 0..R {
+                        let p = w[r].qs.as_ptr().add(b * qb);
+                        qx[r] = if $q4 { unpack(p) } else { _mm256_loadu_si256(p as *const __m256i) };
+                    }
+                    for c in 0..C {
+                        let qy = _mm256_loadu_si256(a[c].qs.as_ptr().add(b * 32) as *const __m256i);
+                        let dy = *a[c].d.get_unchecked(b);
+                        for r in 0..R {
+                            let p = $dot(qx[r], qy);
+                            let sc = _mm256_set1_ps(*w[r].d.get_unchecked(b) * dy);
+                            acc[r][c] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[r][c]);
+                        }
+                    }
+                }
+                let mut out = [[0f32; C]; R];
+                for r in 0..R {
+                    for c in 0..C {
+                        out[r][c] = hsum(acc[r][c]) + if $q4 { min_term(w[r].m, a[c].s) } else { 0.0 };
+                    }
+                }
+                out
+            }
+        };
+    }
+
+    /// unsigned x signed bytes, 4-way sums into i32 lanes.
+    #[inline(always)]
+    unsafe fn dot_u8i8_avx2(x: __m256i, y: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+    }
+    #[inline(always)]
+    unsafe fn dot_u8i8_vnni(x: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y)
+    }
+    /// signed x signed bytes: |x| * sign(y, x).
+    #[inline(always)]
+    unsafe fn dot_i8i8_avx2(x: __m256i, y: __m256i) -> __m256i {
+        dot_u8i8_avx2(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+    }
+    #[inline(always)]
+    unsafe fn dot_i8i8_vnni(x: __m256i, y: __m256i) -> __m256i {
+        dot_u8i8_vnni(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+    }
+
+    q_kernel!(q4_1_avx2, "avx2,fma", true, dot_u8i8_avx2);
+    q_kernel!(q4_1_vnni, "avx2,fma,avx512vnni,avx512vl", true, dot_u8i8_vnni);
+    q_kernel!(q8_0_avx2, "avx2,fma", false, dot_i8i8_avx2);
+    q_kernel!(q8_0_vnni, "avx2,fma,avx512vnni,avx512vl", false, dot_i8i8_vnni);
+}
+
+impl QMatrix {
+    /// Stacks matrices of the same format and width along the rows; `None` if they differ.
+    pub fn concat_rows(ms: &[&QMatrix]) -> Option<QMatrix> {
+        let first = ms.first()?;
+        if ms.iter().any(|m| m.kind != first.kind || m.cols != first.cols) {
+            return None;
+        }
+        let cat = |f: fn(&QMatrix) -> &[u8]| ms.iter().flat_map(|m| f(m).iter().copied()).collect::<Vec<_>>();
+        let catf = |f: fn(&QMatrix) -> &[f32]| ms.iter().flat_map(|m| f(m).iter().copied()).collect::<Vec<_>>();
+        Some(QMatrix {
+            kind: first.kind,
+            rows: ms.iter().map(|m| m.rows).sum(),
+            cols: first.cols,
+            qs: cat(|m| &m.qs),
+            d: catf(|m| &m.d),
+            m: catf(|m| &m.m),
+        })
     }
 }
 
@@ -326,40 +493,59 @@ mod tests {
         (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0 - 0.5) * 2.0).collect()
     }
 
-    /// Our kernels against candle's own (scalar / AVX) implementation of the same formats.
+    /// Our kernels (every tile shape, SIMD and scalar) against candle's own implementation of
+    /// the same formats, for row counts and batch sizes that exercise the tails.
     #[test]
     fn matmul_matches_candle_on_the_same_blocks() {
-        let (rows, cols, m) = (70, 96, 5);
-        let w = Tensor::from_vec(data(rows * cols, 1), (rows, cols), &Device::Cpu).unwrap();
-        let x = Tensor::from_vec(data(m * cols, 7), (m, cols), &Device::Cpu).unwrap();
-        for (dt, kind) in [(GgmlDType::Q4_1, QKind::Q4_1), (GgmlDType::Q8_0, QKind::Q8_0)] {
-            let q = QTensor::quantize(&w, dt).unwrap();
-            let ours = QMatrix::new(kind, rows, cols, q.data().unwrap().to_vec()).unwrap();
-            let want = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
-            let want = candle_core::Module::forward(&want, &x).unwrap();
-            let got = ours.forward(&x).unwrap();
-            let d: f32 = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-            assert!(d < 2e-3, "{kind:?}: {d}");
-            // the scalar path agrees too
-            let nb = cols / QK;
-            let mut act = vec![0u8; nb * kind.act_bytes()];
-            let xs: Vec<f32> = x.get(0).unwrap().to_vec1().unwrap();
-            match kind {
-                QKind::Q4_1 => quantize_q8_1(&xs, &mut act),
-                QKind::Q8_0 => quantize_q8_0(&xs, &mut act),
+        let cols = 96;
+        for (rows, m) in [(70, 1), (70, 5), (9, 4), (1, 3), (130, 9)] {
+            let w = Tensor::from_vec(data(rows * cols, 1), (rows, cols), &Device::Cpu).unwrap();
+            let x = Tensor::from_vec(data(m * cols, 7), (m, cols), &Device::Cpu).unwrap();
+            for (dt, kind) in [(GgmlDType::Q4_1, QKind::Q4_1), (GgmlDType::Q8_0, QKind::Q8_0)] {
+                let q = QTensor::quantize(&w, dt).unwrap();
+                let ours = QMatrix::new(kind, rows, cols, q.data().unwrap().to_vec()).unwrap();
+                let want = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
+                let want = candle_core::Module::forward(&want, &x).unwrap();
+                let got = ours.forward(&x).unwrap();
+                let d: f32 = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+                assert!(d < 2e-3, "{kind:?} rows {rows} m {m}: {d}");
+                // scalar reference kernel agrees with the SIMD one on every row
+                let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let act = Act::new(&xs, m, cols);
+                let k = kernels();
+                for r in 0..rows {
+                    for i in 0..m {
+                        let a = [ARow { qs: &act.qs[i * cols..(i + 1) * cols], d: &act.d[i * 3..i * 3 + 3], s: &act.s[i * 3..i * 3 + 3] }];
+                        let simd = (k.k11)(kind, &[ours.row(r)], &a)[0][0];
+                        let sc = scalar_kernel::<1, 1>(kind, &[ours.row(r)], &a)[0][0];
+                        assert!((simd - sc).abs() < 1e-4 * (1.0 + sc.abs()), "{kind:?}: scalar {sc} simd {simd}");
+                    }
+                }
+                // embedding rows equal candle's dequantization
+                let deq = QTensor::quantize(&w, dt).unwrap().dequantize(&Device::Cpu).unwrap();
+                let pick = [0u32, rows as u32 - 1];
+                let r = ours.rows_f32(&pick).unwrap();
+                let want_rows = deq.index_select(&Tensor::new(&pick, &Device::Cpu).unwrap(), 0).unwrap();
+                let d: f32 = (&r - &want_rows).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+                assert!(d < 1e-6, "{kind:?} rows: {d}");
             }
-            let row = &ours.data[..ours.row_bytes()];
-            let (a, b) = match kind {
-                QKind::Q4_1 => (dot_q4_1_q8_1_scalar(nb, row, &act), dot_fn(kind)(nb, row, &act)),
-                QKind::Q8_0 => (dot_q8_0_q8_0_scalar(nb, row, &act), dot_fn(kind)(nb, row, &act)),
-            };
-            assert!((a - b).abs() < 1e-4, "{kind:?}: scalar {a} simd {b}");
-            // embedding rows equal candle's dequantization
-            let deq = QTensor::quantize(&w, dt).unwrap().dequantize(&Device::Cpu).unwrap();
-            let r = ours.rows_f32(&[3, 69]).unwrap();
-            let want_rows = deq.index_select(&Tensor::new(&[3u32, 69], &Device::Cpu).unwrap(), 0).unwrap();
-            let d: f32 = (&r - &want_rows).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-            assert!(d < 1e-6, "{kind:?} rows: {d}");
+        }
+    }
+
+    #[test]
+    fn concat_rows_equals_separate_matmuls() {
+        let cols = 64;
+        let mk = |rows, seed| {
+            let w = Tensor::from_vec(data(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+            QMatrix::new(QKind::Q4_1, rows, cols, QTensor::quantize(&w, GgmlDType::Q4_1).unwrap().data().unwrap().to_vec()).unwrap()
+        };
+        let (a, b) = (mk(8, 1), mk(5, 2));
+        let x = data(3 * cols, 9);
+        let ab = QMatrix::concat_rows(&[&a, &b]).unwrap().matmul(&x, 3);
+        let (ya, yb) = (a.matmul(&x, 3), b.matmul(&x, 3));
+        for i in 0..3 {
+            assert_eq!(&ab[i * 13..i * 13 + 8], &ya[i * 8..i * 8 + 8]);
+            assert_eq!(&ab[i * 13 + 8..i * 13 + 13], &yb[i * 5..i * 5 + 5]);
         }
     }
 
@@ -370,25 +556,8 @@ mod tests {
         let m = QMatrix::new(QKind::Q8_0, 2, 32, vec![0; 68]).unwrap();
         assert!(m.rows_f32(&[2]).is_err());
         assert!(m.forward(&Tensor::zeros((1, 31), candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
-    }
-}
-
-impl QMatrix {
-    /// Stacks matrices of the same format and width along the rows; `None` if they differ.
-    pub fn concat_rows(ms: &[&QMatrix]) -> Option<QMatrix> {
-        let first = ms.first()?;
-        if ms.iter().any(|m| m.kind != first.kind || m.cols != first.cols) {
-            return None;
-        }
-        let mut data = Vec::with_capacity(ms.iter().map(|m| m.data.len()).sum());
-        for m in ms {
-            data.extend_from_slice(&m.data);
-        }
-        Some(QMatrix {
-            kind: first.kind,
-            rows: ms.iter().map(|m| m.rows).sum(),
-            cols: first.cols,
-            data,
-        })
+        let mut nan = vec![0u8; 34];
+        nan[0..2].copy_from_slice(&half::f16::NAN.to_bits().to_le_bytes());
+        assert!(QMatrix::new(QKind::Q8_0, 1, 32, nan).is_err());
     }
 }
