@@ -2,13 +2,13 @@
 //! (Q4_1 weights, Q8_0 embeddings/output), following ggml's arithmetic: activations are
 //! quantized per 32-value block (Q8_1 against Q4_1, Q8_0 against Q8_0) and dot products are
 //! integer within a block, scaled in f32. candle 0.11 runs Q4_1 with a scalar loop; these
-//! kernels use AVX2 (detected at run time, scalar fallback elsewhere) and split output rows
-//! over rayon's pool.
+//! kernels use AVX2 or AVX-512 VNNI (detected at run time, scalar fallback elsewhere) and
+//! split output rows over candle's CPU pool.
 
 use crate::error::{LmError, Result};
 use candle_core::{Device, Tensor};
 use half::f16;
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 const QK: usize = 32;
 
@@ -69,14 +69,43 @@ impl Act {
     fn new(x: &[f32], m: usize, k: usize) -> Self {
         let nb = k / QK;
         let mut a = Act { qs: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb], nb };
-        a.qs.par_chunks_mut(k)
-            .zip(a.d.par_chunks_mut(nb))
-            .zip(a.s.par_chunks_mut(nb))
-            .zip(x.par_chunks(k))
-            .for_each(|(((q, d), s), xr)| quantize_row_q8(xr, q, d, s));
+        if m < 8 {
+            for (((q, d), s), xr) in a.qs.chunks_mut(k).zip(a.d.chunks_mut(nb)).zip(a.s.chunks_mut(nb)).zip(x.chunks(k)) {
+                quantize_row_q8(xr, q, d, s);
+            }
+            return a;
+        }
+        let rows: Vec<Mutex<(&mut [u8], &mut [f32], &mut [f32])>> = a
+            .qs
+            .chunks_mut(k)
+            .zip(a.d.chunks_mut(nb))
+            .zip(a.s.chunks_mut(nb))
+            .map(|((q, d), s)| Mutex::new((q, d, s)))
+            .collect();
+        par_ranges(m, |range| {
+            for i in range {
+                // each row is locked by exactly one task: never contended
+                let mut g = rows[i].lock().unwrap_or_else(|e| e.into_inner());
+                let (q, d, s) = &mut *g;
+                quantize_row_q8(&x[i * k..(i + 1) * k], q, d, s);
+            }
+        });
+        drop(rows);
         a
     }
 }
+
+/// Runs `f` over chunks of `0..n` on candle's CPU thread pool (the calling thread takes part),
+/// the same pool candle's own ops use, so the two never compete for the cores.
+fn par_ranges(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, f);
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+struct SharedOut(*mut f32);
+// SAFETY: only used in `QMatrix::matmul`, where every task writes a disjoint set of indices
+// (its own weight rows) of a buffer that outlives the parallel region.
+unsafe impl Sync for SharedOut {}
 
 /// ggml's x86 `quantize_row_q8_1` / `q8_0`: per block `d = amax / 127` (stored as f16),
 /// `q = round_half_even(x * 127 / amax)`, and `s = d * sum(q)` (stored as f16).
@@ -199,27 +228,25 @@ impl QMatrix {
     /// `(m, cols) @ W^T -> (m, rows)` on slices.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let act = Act::new(x, m, self.cols);
-        let threads = rayon::current_num_threads().max(1);
-        // Few, large tasks for a single row (decode); more for prefill to balance load.
-        let per = if m == 1 { threads * 2 } else { threads * 8 };
-        let chunk_rows = (self.rows.div_ceil(per)).next_multiple_of(4).max(4);
         let kern = kernels();
-        // Output computed transposed, (rows, m), so each task owns contiguous memory.
-        let mut out_t = vec![0f32; self.rows * m];
-        out_t.par_chunks_mut(chunk_rows * m).enumerate().for_each(|(ci, o)| {
-            let r0 = ci * chunk_rows;
-            let nr = o.len() / m;
-            self.tile(&kern, &act, r0, nr, m, o);
-        });
-        if m == 1 {
-            return out_t;
-        }
         let mut out = vec![0f32; m * self.rows];
-        for r in 0..self.rows {
+        // Work items are groups of 4 weight rows; the pool hands out runs of them.
+        let groups = self.rows.div_ceil(4);
+        let ptr = SharedOut(out.as_mut_ptr());
+        let ptr = &ptr;
+        par_ranges(groups, |range| {
+            let r0 = range.start * 4;
+            let r1 = (range.end * 4).min(self.rows);
+            let mut tile = vec![0f32; (r1 - r0) * m];
+            self.tile(&kern, &act, r0, r1 - r0, m, &mut tile);
             for i in 0..m {
-                out[i * self.rows + r] = out_t[r * m + i];
+                for r in r0..r1 {
+                    // SAFETY: rows r0..r1 belong to this task alone, and i * rows + r is
+                    // inside `out` (length m * rows), which outlives the parallel region.
+                    unsafe { *ptr.0.add(i * self.rows + r) = tile[(r - r0) * m + i] };
+                }
             }
-        }
+        });
         out
     }
 
