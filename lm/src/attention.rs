@@ -8,10 +8,9 @@
 use crate::cache::LayerKv;
 use crate::error::{LmError, Result};
 use crate::rms_norm::RmsNorm;
-use crate::rope::{Positions, Rope};
+use crate::rope::Rope;
 use crate::weights::WeightSource;
 use crate::linear::{Fused, Linear};
-use candle_core::{Device, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -119,109 +118,102 @@ impl Attention {
         self.reuses_kv
     }
 
-    fn heads(&self, x: &Tensor, n: usize) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        Ok(x.reshape((b, t, n, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-
     /// A block-1 layer: projects q, k, v (one fused matmul), ropes, norms and quantises K/V,
     /// appends them to `kv`, then attends over everything in `kv`.
     ///
     /// # Shapes
-    /// `x: (1, t, hidden) -> (1, t, hidden)`.
-    pub fn forward_own(&self, x: &Tensor, pos: &Positions, rope: &Rope, kv: &mut LayerKv) -> Result<Tensor> {
+    /// `x: (t, hidden)` (already normed), `pos.len() == t` -> `(t, hidden)`.
+    pub fn forward_own(&self, x: &[f32], pos: &[usize], rope: &Rope, kv: &mut LayerKv) -> Result<Vec<f32>> {
         if self.reuses_kv {
             return Err(LmError::Invalid("forward_own on a KV-reuse layer".into()));
         }
-        let mut p = self.proj.forward(x)?.into_iter();
-        let (q, k, v) = match (p.next(), p.next(), p.next()) {
-            (Some(q), Some(k), Some(v)) => (q, k, v),
-            _ => return Err(LmError::Invalid("fused q/k/v projection returned too few parts".into())),
-        };
-        let k = self.heads(&k, self.n_kv_heads)?;
-        let mut v = self.heads(&v, self.n_kv_heads)?;
-        let mut k = rope.apply(&k, pos)?;
+        let t = pos.len();
+        let qkv = self.proj.forward(x, t)?;
+        let (qd, kvd) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        let w = qd + 2 * kvd;
+        let mut q = Vec::with_capacity(t * qd);
+        let mut k = Vec::with_capacity(t * kvd);
+        let mut v = Vec::with_capacity(t * kvd);
+        for row in qkv.chunks_exact(w) {
+            q.extend_from_slice(&row[..qd]);
+            k.extend_from_slice(&row[qd..qd + kvd]);
+            v.extend_from_slice(&row[qd + kvd..]);
+        }
+        rope.apply(&mut k, self.n_kv_heads, pos)?;
         if let Some(n) = &self.k_norm {
-            k = n.forward(&k)?;
+            n.forward_inplace(&mut k)?;
         }
         if let Some((ks, vs)) = self.kv_scales {
-            k = fake_quant_i8(&k, ks)?;
-            v = fake_quant_i8(&v, vs)?;
+            fake_quant_i8(&mut k, ks);
+            fake_quant_i8(&mut v, vs);
         }
         kv.append(&k, &v)?;
-        self.attend(&q, pos, rope, kv)
+        self.attend(q, pos, rope, kv)
     }
 
     /// A block-2 (KV-reuse) layer: projects q only and attends to another layer's cache.
     ///
     /// # Shapes
-    /// `x: (1, t, hidden) -> (1, t, hidden)`; `kv` holds `(1, kv_heads, T, head_dim)`.
-    pub fn forward_shared(&self, x: &Tensor, pos: &Positions, rope: &Rope, kv: &LayerKv) -> Result<Tensor> {
-        let q = self
-            .proj
-            .forward(x)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| LmError::Invalid("empty q projection".into()))?;
-        self.attend(&q, pos, rope, kv)
+    /// `x: (t, hidden)` (already normed) -> `(t, hidden)`.
+    pub fn forward_shared(&self, x: &[f32], pos: &[usize], rope: &Rope, kv: &LayerKv) -> Result<Vec<f32>> {
+        let q = self.proj.forward(x, pos.len())?;
+        self.attend(q, pos, rope, kv)
     }
 
-    /// Attends from projected queries `q` (rows at absolute positions `pos`) to the keys in
-    /// `kv` with a causal mask, then applies the output projection.
+    /// Causal attention of the query rows (row `i` at absolute position `pos[i]` sees keys
+    /// `0..=pos[i]`), then the output projection.
     ///
     /// # Shapes
-    /// `q: (1, t, heads * head_dim) -> (1, t, hidden)`.
-    fn attend(&self, q: &Tensor, pos: &Positions, rope: &Rope, kv: &LayerKv) -> Result<Tensor> {
-        let (_, t, _) = q.dims3()?;
-        let q = self.heads(q, self.n_heads)?;
-        let mut q = rope.apply(&q, pos)?;
+    /// `q: (t, heads * head_dim) -> (t, hidden)`.
+    fn attend(&self, mut q: Vec<f32>, pos: &[usize], rope: &Rope, kv: &LayerKv) -> Result<Vec<f32>> {
+        let t = pos.len();
+        let (h, hd, kvh) = (self.n_heads, self.head_dim, self.n_kv_heads);
+        rope.apply(&mut q, h, pos)?;
         if let Some(n) = &self.q_norm {
-            q = n.forward(&q)?;
+            n.forward_inplace(&mut q)?;
         }
-        let (k, v) = kv.kv()?;
-        let n_keys = k.dim(2)?;
-        let rep = self.n_heads / self.n_kv_heads;
-        // GQA without copying K/V: query head `j*rep + r` uses K/V head `j`, so fold the
-        // `rep` query heads of each K/V head into the row dimension.
-        let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?
-            .reshape((1, self.n_kv_heads, rep * t, self.head_dim))?;
-        let scores = q.matmul(&k.t()?)?; // (1, kvh, rep*t, T)
-        let scores = match causal_mask(pos, n_keys)? {
-            Some(mask) => scores
-                .reshape((1, self.n_kv_heads, rep, t, n_keys))?
-                .broadcast_add(&mask)?
-                .reshape((1, self.n_kv_heads, rep * t, n_keys))?,
-            None => scores,
+        let (ks, vs) = kv.slices();
+        let n_keys = kv.len();
+        if let Some(&p) = pos.iter().find(|&&p| p >= n_keys) {
+            return Err(LmError::Invalid(format!("query at position {p} but only {n_keys} keys are cached")));
+        }
+        let rep = h / kvh;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let kw = kvh * hd;
+        let mut out = vec![0f32; t * h * hd];
+        // one piece per (row, head); query head `j*rep + r` uses K/V head `j` (GQA)
+        let work = |idx: usize, o: &mut [f32]| {
+            let (i, head) = (idx / h, idx % h);
+            let g = head / rep;
+            let qv = &q[(i * h + head) * hd..(i * h + head + 1) * hd];
+            let n = pos[i] + 1;
+            let mut sc: Vec<f32> = (0..n).map(|j| crate::par::dot(qv, &ks[j * kw + g * hd..j * kw + (g + 1) * hd]) * scale).collect();
+            let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for s in sc.iter_mut() {
+                *s = (*s - mx).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for (j, s) in sc.iter().enumerate() {
+                crate::par::axpy(s * inv, &vs[j * kw + g * hd..j * kw + (g + 1) * hd], o);
+            }
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
-        let out = probs.matmul(&v.contiguous()?)?; // (1, kvh, rep*t, hd)
-        let out = out
-            .reshape((1, self.n_heads, t, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((1, t, self.n_heads * self.head_dim))?;
-        self.o_proj.forward(&out)
-    }
-}
-
-/// `x <- clip(round(x / s), -128, 127) * s`, in f32.
-pub fn fake_quant_i8(x: &Tensor, s: f32) -> Result<Tensor> {
-    Ok(((x / s as f64)?.round()?.clamp(-128f32, 127f32)? * s as f64)?)
-}
-
-/// Additive mask `(t, T)`: row i (absolute position p_i) sees keys `0..=p_i`. `None` when no
-/// key needs masking (a single query at the last position).
-fn causal_mask(pos: &Positions, n_keys: usize) -> Result<Option<Tensor>> {
-    let ps = pos.to_vec();
-    if ps.iter().all(|&p| p as usize + 1 >= n_keys) {
-        return Ok(None);
-    }
-    let mut m = vec![0f32; ps.len() * n_keys];
-    for (i, &p) in ps.iter().enumerate() {
-        for j in (p as usize + 1)..n_keys {
-            m[i * n_keys + j] = f32::NEG_INFINITY;
+        let flops = t * h * n_keys * hd;
+        if flops > 1 << 18 {
+            crate::par::par_chunks_mut(&mut out, hd, work);
+        } else {
+            for (idx, o) in out.chunks_exact_mut(hd).enumerate() {
+                work(idx, o);
+            }
         }
+        self.o_proj.forward(&out, t)
     }
-    Ok(Some(Tensor::from_vec(m, (ps.len(), n_keys), &Device::Cpu)?))
+}
+
+/// `x <- clip(round(x / s), -128, 127) * s`, in f32 (round half to even, as torch).
+pub fn fake_quant_i8(x: &mut [f32], s: f32) {
+    for v in x.iter_mut() {
+        *v = (*v / s).round_ties_even().clamp(-128.0, 127.0) * s;
+    }
 }

@@ -2,28 +2,25 @@
 //! loaded model can serve many threads.
 
 use crate::error::{LmError, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
-/// Keys and values of one attention layer, in a buffer that grows by doubling.
+/// Keys and values of one attention layer.
 ///
 /// # Shapes
-/// buffers `(1, kv_heads, capacity, head_dim)`; the first `len` positions are valid.
+/// `k`, `v`: `(len, kv_heads, head_dim)` row-major, one row appended per position.
 #[derive(Debug, Clone)]
 pub struct LayerKv {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    width: usize,
     len: usize,
     max_len: usize,
 }
 
 impl LayerKv {
-    pub fn new(max_len: usize) -> Self {
-        Self {
-            k: None,
-            v: None,
-            len: 0,
-            max_len,
-        }
+    /// `width = kv_heads * head_dim`.
+    pub fn new(width: usize, max_len: usize) -> Self {
+        Self { k: Vec::new(), v: Vec::new(), width, len: 0, max_len }
     }
 
     pub fn len(&self) -> usize {
@@ -34,65 +31,63 @@ impl LayerKv {
         self.len == 0
     }
 
-    /// Appends `k`, `v` of shape `(1, kv_heads, t, head_dim)`.
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
-        let (_, h, t, d) = k.dims4()?;
-        let need = self.len + t;
-        if need > self.max_len {
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Appends `t` positions; `k`, `v` are `(t, kv_heads * head_dim)`.
+    pub fn append(&mut self, k: &[f32], v: &[f32]) -> Result<()> {
+        if k.len() != v.len() || k.len() % self.width != 0 {
             return Err(LmError::Invalid(format!(
-                "K/V cache full: {need} positions exceed the context of {}",
+                "K/V append of {} / {} values, rows are {} wide",
+                k.len(),
+                v.len(),
+                self.width
+            )));
+        }
+        let t = k.len() / self.width;
+        if self.len + t > self.max_len {
+            return Err(LmError::Invalid(format!(
+                "K/V cache full: {} positions exceed the context of {}",
+                self.len + t,
                 self.max_len
             )));
         }
-        let cap = self.k.as_ref().map(|k| k.dim(2)).transpose()?.unwrap_or(0);
-        if need > cap {
-            let new_cap = (cap * 2).max(need).max(64).min(self.max_len);
-            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
-                let buf = Tensor::zeros((1, h, new_cap, d), DType::F32, &Device::Cpu)?;
-                if let Some(old) = old {
-                    if self.len > 0 {
-                        buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    }
-                }
-                Ok(buf)
-            };
-            self.k = Some(grow(&self.k)?);
-            self.v = Some(grow(&self.v)?);
-        }
-        let (kb, vb) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
-        kb.slice_set(&k.contiguous()?, 2, self.len)?;
-        vb.slice_set(&v.contiguous()?, 2, self.len)?;
-        self.len = need;
+        self.k.extend_from_slice(k);
+        self.v.extend_from_slice(v);
+        self.len += t;
         Ok(())
     }
 
-    /// The valid keys and values, `(1, kv_heads, len, head_dim)` each.
+    /// The valid keys and values, each `(len, kv_heads * head_dim)`.
+    pub fn slices(&self) -> (&[f32], &[f32]) {
+        (&self.k[..self.len * self.width], &self.v[..self.len * self.width])
+    }
+
+    /// Copies of the keys and values as tensors `(len, kv_heads * head_dim)` (inspection).
     pub fn kv(&self) -> Result<(Tensor, Tensor)> {
-        match (&self.k, &self.v) {
-            (Some(k), Some(v)) => Ok((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)),
-            _ => Err(LmError::Invalid(
-                "K/V cache read before anything was written".into(),
-            )),
-        }
+        let (k, v) = self.slices();
+        Ok((
+            Tensor::from_slice(k, (self.len, self.width), &Device::Cpu)?,
+            Tensor::from_slice(v, (self.len, self.width), &Device::Cpu)?,
+        ))
     }
 
     /// Forgets positions `len..`.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        self.k.truncate(self.len * self.width);
+        self.v.truncate(self.len * self.width);
     }
 
     /// Bytes of the valid entries (f32 keys and values).
     pub fn used_bytes(&self) -> usize {
-        match &self.k {
-            Some(k) => 2 * self.len * k.dim(1).unwrap_or(0) * k.dim(3).unwrap_or(0) * 4,
-            None => 0,
-        }
+        2 * self.len * self.width * 4
     }
 
     /// Bytes allocated, including spare capacity.
     pub fn allocated_bytes(&self) -> usize {
-        let one = |t: &Option<Tensor>| t.as_ref().map(|t| t.elem_count() * 4).unwrap_or(0);
-        one(&self.k) + one(&self.v)
+        (self.k.capacity() + self.v.capacity()) * 4
     }
 }
 
@@ -106,13 +101,10 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// `has_kv[i]` tells whether layer `i` stores K/V.
-    pub fn new(has_kv: &[bool], max_len: usize) -> Self {
+    /// `kv_width[i]` is `kv_heads * head_dim` of layer `i`, `None` for a layer without K/V.
+    pub fn new(kv_width: &[Option<usize>], max_len: usize) -> Self {
         Self {
-            layers: has_kv
-                .iter()
-                .map(|&b| b.then(|| LayerKv::new(max_len)))
-                .collect(),
+            layers: kv_width.iter().map(|w| w.map(|w| LayerKv::new(w, max_len))).collect(),
             seq_len: 0,
             max_len,
         }
@@ -164,11 +156,7 @@ impl Cache {
 
     /// Bytes allocated over all layers.
     pub fn allocated_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|l| l.allocated_bytes())
-            .sum()
+        self.layers.iter().flatten().map(|l| l.allocated_bytes()).sum()
     }
 
     /// Number of layers that store K/V.
@@ -182,26 +170,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grows_keeps_contents_and_refuses_overflow() {
-        let mut l = LayerKv::new(100);
+    fn appends_truncates_and_refuses_overflow() {
+        let mut l = LayerKv::new(8, 100);
         for i in 0..70 {
-            let k = Tensor::full(i as f32, (1, 2, 1, 4), &Device::Cpu).unwrap();
-            l.append(&k, &k).unwrap();
+            l.append(&[i as f32; 8], &[-(i as f32); 8]).unwrap();
         }
-        let (k, _) = l.kv().unwrap();
-        assert_eq!(k.dims(), &[1, 2, 70, 4]);
-        let col: Vec<f32> = k
-            .narrow(1, 1, 1)
-            .unwrap()
-            .narrow(3, 0, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(col, (0..70).map(|i| i as f32).collect::<Vec<_>>());
-        let big = Tensor::zeros((1, 2, 31, 4), DType::F32, &Device::Cpu).unwrap();
-        assert!(l.append(&big, &big).is_err());
-        assert_eq!(l.used_bytes(), 2 * 70 * 2 * 4 * 4);
+        let (k, v) = l.slices();
+        assert_eq!(k.len(), 70 * 8);
+        assert_eq!(k[69 * 8], 69.0);
+        assert_eq!(v[3 * 8 + 7], -3.0);
+        assert!(l.append(&[0.0; 31 * 8], &[0.0; 31 * 8]).is_err());
+        assert!(l.append(&[0.0; 7], &[0.0; 7]).is_err());
+        assert_eq!(l.used_bytes(), 2 * 70 * 8 * 4);
+        l.truncate(10);
+        assert_eq!((l.len(), l.slices().0.len()), (10, 80));
     }
 }

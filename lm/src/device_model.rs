@@ -14,7 +14,7 @@ use crate::error::{LmError, Result};
 use crate::mlp::Mlp;
 use crate::model::{LanguageModel, LogitsFor, ModelInfo};
 use crate::rms_norm::RmsNorm;
-use crate::rope::{Positions, Rope};
+use crate::rope::Rope;
 use crate::weights::WeightSource;
 use crate::linear::Linear;
 use candle_core::{DType, Device, Tensor};
@@ -135,8 +135,9 @@ impl DeviceModel {
         self.prefill_shortcut
     }
 
-    fn has_kv(&self) -> Vec<bool> {
-        self.layers.iter().map(|l| !l.attn.reuses_kv()).collect()
+    fn kv_widths(&self) -> Vec<Option<usize>> {
+        let w = self.cfg.num_kv_heads() * self.cfg.head_dim();
+        self.layers.iter().map(|l| (!l.attn.reuses_kv()).then_some(w)).collect()
     }
 
     fn run(&self, x: &Tensor, cache: &mut Cache, logits: &LogitsFor) -> Result<Tensor> {
@@ -163,52 +164,52 @@ impl DeviceModel {
         }
         let rows = logits.rows(t)?;
         let b1 = self.cfg.num_block1_layers();
-        let pos = Positions::Range { start, len: t };
-        let mut x = x.to_dtype(DType::F32)?.unsqueeze(0)?;
+        let pos: Vec<usize> = (start..start + t).collect();
+        let mut x: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut hn = vec![0f32; x.len()];
+        let add = |x: &mut [f32], y: &[f32]| x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
         for (i, layer) in self.layers[..b1].iter().enumerate() {
             let kv = cache
                 .layer_mut(i)
                 .ok_or_else(|| LmError::Invalid(format!("cache has no K/V slot for layer {i}")))?;
-            let hn = layer.input_norm.forward(&x)?;
-            let a = layer.attn.forward_own(&hn, &pos, &self.rope, kv)?;
-            x = (x + a)?;
-            x = (&x + layer.mlp.forward(&layer.post_norm.forward(&x)?)?)?;
+            layer.input_norm.forward_into(&x, &mut hn)?;
+            add(&mut x, &layer.attn.forward_own(&hn, &pos, &self.rope, kv)?);
+            layer.post_norm.forward_into(&x, &mut hn)?;
+            add(&mut x, &layer.mlp.forward(&hn, t)?);
         }
-        let select = |x: &Tensor| -> Result<Tensor> {
+        let select = |x: &[f32]| -> Vec<f32> {
             if rows.len() == t {
-                return Ok(x.clone());
+                return x.to_vec();
             }
-            let idx = Tensor::new(
-                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                &Device::Cpu,
-            )?;
-            Ok(x.index_select(&idx, 1)?)
+            rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect()
         };
         // Block 2 only needs the rows whose logits are asked for.
         let (mut x, pos2) = if self.prefill_shortcut {
-            let p = Positions::List(rows.iter().map(|&r| (start + r) as u32).collect());
-            (select(&x)?, p)
+            (select(&x), rows.iter().map(|&r| start + r).collect())
         } else {
             (x, pos)
         };
         if b1 < self.layers.len() {
-            let shared = cache.layer(b1 - 1).ok_or_else(|| {
-                LmError::Invalid("cache has no K/V for the last block-1 layer".into())
-            })?;
+            let shared = cache
+                .layer(b1 - 1)
+                .ok_or_else(|| LmError::Invalid("cache has no K/V for the last block-1 layer".into()))?;
+            let n = pos2.len();
+            let mut hn = vec![0f32; x.len()];
             for layer in &self.layers[b1..] {
-                let hn = layer.input_norm.forward(&x)?;
-                let a = layer.attn.forward_shared(&hn, &pos2, &self.rope, shared)?;
-                x = (x + a)?;
-                x = (&x + layer.mlp.forward(&layer.post_norm.forward(&x)?)?)?;
+                layer.input_norm.forward_into(&x, &mut hn)?;
+                add(&mut x, &layer.attn.forward_shared(&hn, &pos2, &self.rope, shared)?);
+                layer.post_norm.forward_into(&x, &mut hn)?;
+                add(&mut x, &layer.mlp.forward(&hn, n)?);
             }
         }
         if !self.prefill_shortcut {
-            x = select(&x)?;
+            x = select(&x);
         }
-        let x = self.norm.forward(&x)?;
-        let logits = self.lm_head.forward(&x)?.squeeze(0)?;
+        self.norm.forward_inplace(&mut x)?;
+        let n = rows.len();
+        let logits = self.lm_head.forward(&x, n)?;
         cache.advance(t);
-        Ok(logits)
+        Ok(Tensor::from_vec(logits, (n, self.info.vocab_size), &Device::Cpu)?)
     }
 }
 
@@ -228,7 +229,7 @@ impl LanguageModel for DeviceModel {
     }
 
     fn new_cache(&self) -> Cache {
-        Cache::new(&self.has_kv(), self.info.context_length)
+        Cache::new(&self.kv_widths(), self.info.context_length)
     }
 
     fn forward_embeds(

@@ -17,6 +17,7 @@ pub mod linear;
 pub mod load;
 pub mod mlp;
 pub mod model;
+pub mod par;
 pub mod quant;
 pub mod random;
 pub mod rms_norm;

@@ -1,7 +1,7 @@
 //! A weight matrix used as `x @ W^T`: our SIMD kernels for Q4_1/Q8_0 blocks, candle's
 //! quantized or dense matmul for everything else.
 
-use crate::error::Result;
+use crate::error::{LmError, Result};
 use crate::quant::QMatrix;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
@@ -16,12 +16,29 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// `m` rows of input.
+    ///
     /// # Shapes
-    /// `(..., in) -> (..., out)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x: (m, in) -> (m, out)`, row-major.
+    pub fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         match self {
-            Linear::Candle(m) => Ok(m.forward(x)?),
-            Linear::Blocks(m) => m.forward(x),
+            Linear::Blocks(q) => {
+                if x.len() != m * q.dims().1 {
+                    return Err(LmError::Invalid(format!(
+                        "matmul: {} inputs for {m} rows of width {}",
+                        x.len(),
+                        q.dims().1
+                    )));
+                }
+                Ok(q.matmul(x, m))
+            }
+            Linear::Candle(w) => {
+                if m == 0 || x.len() % m != 0 {
+                    return Err(LmError::Invalid(format!("matmul: {} inputs for {m} rows", x.len())));
+                }
+                let t = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
+                Ok(w.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
+            }
         }
     }
 
@@ -54,8 +71,7 @@ impl Fused {
     pub fn new(parts: Vec<(Linear, usize)>) -> Result<Self> {
         let outs: Vec<usize> = parts.iter().map(|(_, o)| *o).collect();
         let mats: Vec<Linear> = parts.into_iter().map(|(l, _)| l).collect();
-        let one = Self::concat(&mats)?;
-        Ok(match one {
+        Ok(match Self::concat(&mats)? {
             Some(one) => Self { one: Some(one), parts: vec![], outs },
             None => Self { one: None, parts: mats, outs },
         })
@@ -88,23 +104,29 @@ impl Fused {
         Ok(None)
     }
 
-    /// One output per part.
+    /// Output width of each part.
+    pub fn outs(&self) -> &[usize] {
+        &self.outs
+    }
+
+    /// All parts side by side.
     ///
     /// # Shapes
-    /// `(..., in) -> [(..., out_i)]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        match &self.one {
-            Some(one) => {
-                let y = one.forward(x)?;
-                let mut at = 0;
-                let mut v = Vec::with_capacity(self.outs.len());
-                for &o in &self.outs {
-                    v.push(y.narrow(candle_core::D::Minus1, at, o)?.contiguous()?);
-                    at += o;
-                }
-                Ok(v)
-            }
-            None => self.parts.iter().map(|p| p.forward(x)).collect(),
+    /// `x: (m, in) -> (m, sum(outs))`.
+    pub fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        if let Some(one) = &self.one {
+            return one.forward(x, m);
         }
+        let total: usize = self.outs.iter().sum();
+        let mut out = vec![0f32; m * total];
+        let mut at = 0;
+        for (p, &o) in self.parts.iter().zip(&self.outs) {
+            let y = p.forward(x, m)?;
+            for i in 0..m {
+                out[i * total + at..i * total + at + o].copy_from_slice(&y[i * o..(i + 1) * o]);
+            }
+            at += o;
+        }
+        Ok(out)
     }
 }

@@ -3,7 +3,6 @@
 use crate::error::Result;
 use crate::weights::WeightSource;
 use crate::linear::{Fused, Linear};
-use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -25,10 +24,15 @@ impl Mlp {
     }
 
     /// # Shapes
-    /// `(1, t, hidden) -> (1, t, hidden)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = self.gate_up.forward(x)?;
-        let g = candle_nn::ops::silu(&gu[0])?;
-        self.down.forward(&(g * &gu[1])?)
+    /// `x: (t, hidden) -> (t, hidden)`.
+    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        let gu = self.gate_up.forward(x, t)?;
+        let inner = self.gate_up.outs()[0];
+        let mut h = Vec::with_capacity(t * inner);
+        for row in gu.chunks_exact(2 * inner) {
+            let (g, u) = row.split_at(inner);
+            h.extend(g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+        }
+        self.down.forward(&h, t)
     }
 }

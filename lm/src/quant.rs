@@ -95,11 +95,7 @@ impl Act {
     }
 }
 
-/// Runs `f` over chunks of `0..n` on candle's CPU thread pool (the calling thread takes part),
-/// the same pool candle's own ops use, so the two never compete for the cores.
-fn par_ranges(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, f);
-}
+use crate::par::par_ranges;
 
 /// A raw output pointer shared by tasks that write disjoint elements.
 struct SharedOut(*mut f32);

@@ -1,17 +1,16 @@
 //! RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`.
 
-use crate::error::Result;
+use crate::error::{LmError, Result};
 use crate::weights::WeightSource;
-use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    weight: Tensor,
+    weight: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
-    pub fn new(weight: Tensor, eps: f64) -> Self {
+    pub fn new(weight: Vec<f32>, eps: f64) -> Self {
         Self {
             weight,
             eps: eps as f32,
@@ -19,17 +18,53 @@ impl RmsNorm {
     }
 
     pub fn load(src: &WeightSource, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self::new(src.tensor(name, &[dim])?, eps))
+        Ok(Self::new(src.tensor(name, &[dim])?.to_vec1::<f32>()?, eps))
+    }
+
+    pub fn dim(&self) -> usize {
+        self.weight.len()
+    }
+
+    /// Normalises every `dim`-long row of `x` into `out`.
+    ///
+    /// # Shapes
+    /// `x: (rows, dim) -> out: (rows, dim)`, row-major.
+    pub fn forward_into(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let d = self.weight.len();
+        if x.len() % d != 0 || out.len() != x.len() {
+            return Err(LmError::Invalid(format!("rms-norm over {d} values got {} inputs", x.len())));
+        }
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let ss: f32 = xr.iter().map(|v| v * v).sum();
+            let scale = 1.0 / (ss / d as f32 + self.eps).sqrt();
+            for ((o, v), w) in or.iter_mut().zip(xr).zip(&self.weight) {
+                *o = v * scale * w;
+            }
+        }
+        Ok(())
     }
 
     /// # Shapes
-    /// `(..., dim) -> (..., dim)`; normalises over the last dimension.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if x.is_contiguous() {
-            x.clone()
-        } else {
-            x.contiguous()?
-        };
-        Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?)
+    /// `(rows, dim) -> (rows, dim)`.
+    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; x.len()];
+        self.forward_into(x, &mut out)?;
+        Ok(out)
+    }
+
+    /// In place.
+    pub fn forward_inplace(&self, x: &mut [f32]) -> Result<()> {
+        let d = self.weight.len();
+        if x.len() % d != 0 {
+            return Err(LmError::Invalid(format!("rms-norm over {d} values got {} inputs", x.len())));
+        }
+        for xr in x.chunks_exact_mut(d) {
+            let ss: f32 = xr.iter().map(|v| v * v).sum();
+            let scale = 1.0 / (ss / d as f32 + self.eps).sqrt();
+            for (v, w) in xr.iter_mut().zip(&self.weight) {
+                *v = *v * scale * w;
+            }
+        }
+        Ok(())
     }
 }

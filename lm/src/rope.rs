@@ -1,110 +1,76 @@
 //! Rotary position embeddings, precomputed for the whole context.
 
 use crate::error::{LmError, Result};
-use candle_core::{DType, Device, Tensor};
 
 /// cos/sin tables for positions `0..max_positions`.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    /// `(max_positions, head_dim / 2)`
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
     interleaved: bool,
     max_positions: usize,
 }
 
 impl Rope {
     /// `theta_i = base^(-2i/head_dim)`, angle = position * theta_i.
-    pub fn new(
-        head_dim: usize,
-        base: f64,
-        max_positions: usize,
-        interleaved: bool,
-    ) -> Result<Self> {
+    pub fn new(head_dim: usize, base: f64, max_positions: usize, interleaved: bool) -> Result<Self> {
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| (1.0 / base.powf(2.0 * i as f64 / head_dim as f64)) as f32)
             .collect();
-        let inv = Tensor::from_vec(inv, (1, half), &Device::Cpu)?;
-        let t = Tensor::arange(0u32, max_positions as u32, &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .reshape((max_positions, 1))?;
-        let freqs = t.broadcast_mul(&inv)?;
-        Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
-            interleaved,
-            max_positions,
-        })
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok(Self { cos, sin, half, interleaved, max_positions })
     }
 
-    /// Rotates `x` whose rows sit at the absolute positions `positions`.
+    /// Rotates, in place, `rows` of `heads` vectors of `head_dim`; row `i` is at absolute
+    /// position `positions[i]`.
     ///
     /// # Shapes
-    /// `x: (1, heads, seq, head_dim)`, `positions.len() == seq`.
-    pub fn apply(&self, x: &Tensor, positions: &Positions) -> Result<Tensor> {
-        let (cos, sin) = match positions {
-            Positions::Range { start, len } => {
-                if start + len > self.max_positions {
-                    return Err(LmError::Invalid(format!(
-                        "position {} is past the context of {} tokens",
-                        start + len - 1,
-                        self.max_positions
-                    )));
-                }
-                (
-                    self.cos.narrow(0, *start, *len)?,
-                    self.sin.narrow(0, *start, *len)?,
-                )
-            }
-            Positions::List(ids) => {
-                if let Some(&p) = ids.iter().find(|&&p| p as usize >= self.max_positions) {
-                    return Err(LmError::Invalid(format!(
-                        "position {p} is past the context of {} tokens",
-                        self.max_positions
-                    )));
-                }
-                let idx = Tensor::new(ids.as_slice(), &Device::Cpu)?;
-                (
-                    self.cos.index_select(&idx, 0)?,
-                    self.sin.index_select(&idx, 0)?,
-                )
-            }
-        };
-        let x = x.contiguous()?;
-        Ok(if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
-        })
-    }
-}
-
-/// Absolute positions of the query rows in a forward pass.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Positions {
-    /// `start, start+1, ..., start+len-1`.
-    Range { start: usize, len: usize },
-    /// Arbitrary ascending positions (block 2 run on selected rows only).
-    List(Vec<u32>),
-}
-
-impl Positions {
-    pub fn len(&self) -> usize {
-        match self {
-            Positions::Range { len, .. } => *len,
-            Positions::List(v) => v.len(),
+    /// `x: (rows, heads, head_dim)`, `positions.len() == rows`.
+    pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[usize]) -> Result<()> {
+        let d = 2 * self.half;
+        if x.len() != positions.len() * heads * d {
+            return Err(LmError::Invalid(format!(
+                "rope: {} values for {} rows x {heads} heads x {d}",
+                x.len(),
+                positions.len()
+            )));
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn to_vec(&self) -> Vec<u32> {
-        match self {
-            Positions::Range { start, len } => (*start as u32..(*start + *len) as u32).collect(),
-            Positions::List(v) => v.clone(),
+        for (row, &p) in x.chunks_exact_mut(heads * d).zip(positions) {
+            if p >= self.max_positions {
+                return Err(LmError::Invalid(format!(
+                    "position {p} is past the context of {} tokens",
+                    self.max_positions
+                )));
+            }
+            let (c, s) = (&self.cos[p * self.half..(p + 1) * self.half], &self.sin[p * self.half..(p + 1) * self.half]);
+            for hv in row.chunks_exact_mut(d) {
+                if self.interleaved {
+                    for i in 0..self.half {
+                        let (a, b) = (hv[2 * i], hv[2 * i + 1]);
+                        hv[2 * i] = a * c[i] - b * s[i];
+                        hv[2 * i + 1] = a * s[i] + b * c[i];
+                    }
+                } else {
+                    for i in 0..self.half {
+                        let (a, b) = (hv[i], hv[i + self.half]);
+                        hv[i] = a * c[i] - b * s[i];
+                        hv[i + self.half] = a * s[i] + b * c[i];
+                    }
+                }
+            }
         }
+        Ok(())
     }
 }
 
@@ -116,26 +82,18 @@ mod tests {
     fn interleaved_rotates_adjacent_pairs_and_halves_rotates_halves() {
         // head_dim 4, position 1: angles (1, 1/sqrt(base)) for pair 0 and pair 1.
         let base = 100.0f64;
-        let x = Tensor::new(&[[[[1f32, 2., 3., 4.]]]], &Device::Cpu).unwrap();
-        let pos = Positions::Range { start: 1, len: 1 };
         let a0 = 1.0f32;
         let a1 = (1.0 / base.powf(0.5)) as f32;
-        let ri = Rope::new(4, base, 4, true)
-            .unwrap()
-            .apply(&x, &pos)
-            .unwrap();
-        let ri: Vec<f32> = ri.flatten_all().unwrap().to_vec1().unwrap();
+        let mut ri = vec![1f32, 2., 3., 4.];
+        Rope::new(4, base, 4, true).unwrap().apply(&mut ri, 1, &[1]).unwrap();
         let want_i = [
             1. * a0.cos() - 2. * a0.sin(),
             1. * a0.sin() + 2. * a0.cos(),
             3. * a1.cos() - 4. * a1.sin(),
             3. * a1.sin() + 4. * a1.cos(),
         ];
-        let rh = Rope::new(4, base, 4, false)
-            .unwrap()
-            .apply(&x, &pos)
-            .unwrap();
-        let rh: Vec<f32> = rh.flatten_all().unwrap().to_vec1().unwrap();
+        let mut rh = vec![1f32, 2., 3., 4.];
+        Rope::new(4, base, 4, false).unwrap().apply(&mut rh, 1, &[1]).unwrap();
         let want_h = [
             1. * a0.cos() - 3. * a0.sin(),
             2. * a1.cos() - 4. * a1.sin(),
@@ -143,21 +101,15 @@ mod tests {
             4. * a1.cos() + 2. * a1.sin(),
         ];
         for i in 0..4 {
-            assert!(
-                (ri[i] - want_i[i]).abs() < 1e-5,
-                "interleaved {ri:?} vs {want_i:?}"
-            );
-            assert!(
-                (rh[i] - want_h[i]).abs() < 1e-5,
-                "halves {rh:?} vs {want_h:?}"
-            );
+            assert!((ri[i] - want_i[i]).abs() < 1e-5, "interleaved {ri:?} vs {want_i:?}");
+            assert!((rh[i] - want_h[i]).abs() < 1e-5, "halves {rh:?} vs {want_h:?}");
         }
     }
 
     #[test]
     fn position_past_context_is_an_error() {
         let r = Rope::new(4, 100.0, 4, true).unwrap();
-        let x = Tensor::zeros((1, 1, 2, 4), DType::F32, &Device::Cpu).unwrap();
-        assert!(r.apply(&x, &Positions::Range { start: 3, len: 2 }).is_err());
+        assert!(r.apply(&mut [0f32; 8], 1, &[3, 4]).is_err());
+        assert!(r.apply(&mut [0f32; 7], 1, &[1, 2]).is_err());
     }
 }
