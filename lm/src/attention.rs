@@ -7,10 +7,10 @@
 
 use crate::cache::LayerKv;
 use crate::error::{LmError, Result};
+use crate::linear::{Fused, Linear};
 use crate::rms_norm::RmsNorm;
 use crate::rope::Rope;
 use crate::weights::WeightSource;
-use crate::linear::{Fused, Linear};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -66,7 +66,10 @@ impl Attention {
             Fused::new(vec![
                 (q_proj, q_out),
                 (src.matrix(&k_name, kvh * hd, h)?, kvh * hd),
-                (src.matrix(&format!("{prefix}.v_proj.weight"), kvh * hd, h)?, kvh * hd),
+                (
+                    src.matrix(&format!("{prefix}.v_proj.weight"), kvh * hd, h)?,
+                    kvh * hd,
+                ),
             ])?
         };
         let (q_norm, k_norm) = if s.qk_norm {
@@ -123,13 +126,22 @@ impl Attention {
     ///
     /// # Shapes
     /// `x: (t, hidden)` (already normed), `pos.len() == t` -> `(t, hidden)`.
-    pub fn forward_own(&self, x: &[f32], pos: &[usize], rope: &Rope, kv: &mut LayerKv) -> Result<Vec<f32>> {
+    pub fn forward_own(
+        &self,
+        x: &[f32],
+        pos: &[usize],
+        rope: &Rope,
+        kv: &mut LayerKv,
+    ) -> Result<Vec<f32>> {
         if self.reuses_kv {
             return Err(LmError::Invalid("forward_own on a KV-reuse layer".into()));
         }
         let t = pos.len();
         let qkv = self.proj.forward(x, t)?;
-        let (qd, kvd) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        let (qd, kvd) = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        );
         let w = qd + 2 * kvd;
         let mut q = Vec::with_capacity(t * qd);
         let mut k = Vec::with_capacity(t * kvd);
@@ -155,7 +167,13 @@ impl Attention {
     ///
     /// # Shapes
     /// `x: (t, hidden)` (already normed) -> `(t, hidden)`.
-    pub fn forward_shared(&self, x: &[f32], pos: &[usize], rope: &Rope, kv: &LayerKv) -> Result<Vec<f32>> {
+    pub fn forward_shared(
+        &self,
+        x: &[f32],
+        pos: &[usize],
+        rope: &Rope,
+        kv: &LayerKv,
+    ) -> Result<Vec<f32>> {
         let q = self.proj.forward(x, pos.len())?;
         self.attend(q, pos, rope, kv)
     }
@@ -165,7 +183,13 @@ impl Attention {
     ///
     /// # Shapes
     /// `q: (t, heads * head_dim) -> (t, hidden)`.
-    fn attend(&self, mut q: Vec<f32>, pos: &[usize], rope: &Rope, kv: &LayerKv) -> Result<Vec<f32>> {
+    fn attend(
+        &self,
+        mut q: Vec<f32>,
+        pos: &[usize],
+        rope: &Rope,
+        kv: &LayerKv,
+    ) -> Result<Vec<f32>> {
         let t = pos.len();
         let (h, hd, kvh) = (self.n_heads, self.head_dim, self.n_kv_heads);
         rope.apply(&mut q, h, pos)?;
@@ -175,7 +199,9 @@ impl Attention {
         let (ks, vs) = kv.slices();
         let n_keys = kv.len();
         if let Some(&p) = pos.iter().find(|&&p| p >= n_keys) {
-            return Err(LmError::Invalid(format!("query at position {p} but only {n_keys} keys are cached")));
+            return Err(LmError::Invalid(format!(
+                "query at position {p} but only {n_keys} keys are cached"
+            )));
         }
         let rep = h / kvh;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -187,7 +213,9 @@ impl Attention {
             let g = head / rep;
             let qv = &q[(i * h + head) * hd..(i * h + head + 1) * hd];
             let n = pos[i] + 1;
-            let mut sc: Vec<f32> = (0..n).map(|j| crate::par::dot(qv, &ks[j * kw + g * hd..j * kw + (g + 1) * hd]) * scale).collect();
+            let mut sc: Vec<f32> = (0..n)
+                .map(|j| crate::par::dot(qv, &ks[j * kw + g * hd..j * kw + (g + 1) * hd]) * scale)
+                .collect();
             let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut sum = 0f32;
             for s in sc.iter_mut() {

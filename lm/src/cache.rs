@@ -20,7 +20,13 @@ pub struct LayerKv {
 impl LayerKv {
     /// `width = kv_heads * head_dim`.
     pub fn new(width: usize, max_len: usize) -> Self {
-        Self { k: Vec::new(), v: Vec::new(), width, len: 0, max_len }
+        Self {
+            k: Vec::new(),
+            v: Vec::new(),
+            width,
+            len: 0,
+            max_len,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -61,7 +67,10 @@ impl LayerKv {
 
     /// The valid keys and values, each `(len, kv_heads * head_dim)`.
     pub fn slices(&self) -> (&[f32], &[f32]) {
-        (&self.k[..self.len * self.width], &self.v[..self.len * self.width])
+        (
+            &self.k[..self.len * self.width],
+            &self.v[..self.len * self.width],
+        )
     }
 
     /// Copies of the keys and values as tensors `(len, kv_heads * head_dim)` (inspection).
@@ -104,7 +113,10 @@ impl Cache {
     /// `kv_width[i]` is `kv_heads * head_dim` of layer `i`, `None` for a layer without K/V.
     pub fn new(kv_width: &[Option<usize>], max_len: usize) -> Self {
         Self {
-            layers: kv_width.iter().map(|w| w.map(|w| LayerKv::new(w, max_len))).collect(),
+            layers: kv_width
+                .iter()
+                .map(|w| w.map(|w| LayerKv::new(w, max_len)))
+                .collect(),
             seq_len: 0,
             max_len,
         }
@@ -156,7 +168,11 @@ impl Cache {
 
     /// Bytes allocated over all layers.
     pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().flatten().map(|l| l.allocated_bytes()).sum()
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| l.allocated_bytes())
+            .sum()
     }
 
     /// Number of layers that store K/V.

@@ -11,12 +11,12 @@ use crate::attention::{Attention, AttentionSpec};
 use crate::cache::Cache;
 use crate::config::LmConfig;
 use crate::error::{LmError, Result};
+use crate::linear::Linear;
 use crate::mlp::Mlp;
 use crate::model::{LanguageModel, LogitsFor, ModelInfo};
 use crate::rms_norm::RmsNorm;
 use crate::rope::Rope;
 use crate::weights::WeightSource;
-use crate::linear::Linear;
 use candle_core::{DType, Device, Tensor};
 
 #[derive(Debug, Clone)]
@@ -137,7 +137,10 @@ impl DeviceModel {
 
     fn kv_widths(&self) -> Vec<Option<usize>> {
         let w = self.cfg.num_kv_heads() * self.cfg.head_dim();
-        self.layers.iter().map(|l| (!l.attn.reuses_kv()).then_some(w)).collect()
+        self.layers
+            .iter()
+            .map(|l| (!l.attn.reuses_kv()).then_some(w))
+            .collect()
     }
 
     fn run(&self, x: &Tensor, cache: &mut Cache, logits: &LogitsFor) -> Result<Tensor> {
@@ -181,7 +184,9 @@ impl DeviceModel {
             if rows.len() == t {
                 return x.to_vec();
             }
-            rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect()
+            rows.iter()
+                .flat_map(|&r| x[r * h..(r + 1) * h].iter().copied())
+                .collect()
         };
         // Block 2 only needs the rows whose logits are asked for.
         let (mut x, pos2) = if self.prefill_shortcut {
@@ -190,14 +195,17 @@ impl DeviceModel {
             (x, pos)
         };
         if b1 < self.layers.len() {
-            let shared = cache
-                .layer(b1 - 1)
-                .ok_or_else(|| LmError::Invalid("cache has no K/V for the last block-1 layer".into()))?;
+            let shared = cache.layer(b1 - 1).ok_or_else(|| {
+                LmError::Invalid("cache has no K/V for the last block-1 layer".into())
+            })?;
             let n = pos2.len();
             let mut hn = vec![0f32; x.len()];
             for layer in &self.layers[b1..] {
                 layer.input_norm.forward_into(&x, &mut hn)?;
-                add(&mut x, &layer.attn.forward_shared(&hn, &pos2, &self.rope, shared)?);
+                add(
+                    &mut x,
+                    &layer.attn.forward_shared(&hn, &pos2, &self.rope, shared)?,
+                );
                 layer.post_norm.forward_into(&x, &mut hn)?;
                 add(&mut x, &layer.mlp.forward(&hn, n)?);
             }
@@ -209,7 +217,11 @@ impl DeviceModel {
         let n = rows.len();
         let logits = self.lm_head.forward(&x, n)?;
         cache.advance(t);
-        Ok(Tensor::from_vec(logits, (n, self.info.vocab_size), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            logits,
+            (n, self.info.vocab_size),
+            &Device::Cpu,
+        )?)
     }
 }
 

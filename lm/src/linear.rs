@@ -34,7 +34,10 @@ impl Linear {
             }
             Linear::Candle(w) => {
                 if m == 0 || x.len() % m != 0 {
-                    return Err(LmError::Invalid(format!("matmul: {} inputs for {m} rows", x.len())));
+                    return Err(LmError::Invalid(format!(
+                        "matmul: {} inputs for {m} rows",
+                        x.len()
+                    )));
                 }
                 let t = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
                 Ok(w.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
@@ -72,8 +75,16 @@ impl Fused {
         let outs: Vec<usize> = parts.iter().map(|(_, o)| *o).collect();
         let mats: Vec<Linear> = parts.into_iter().map(|(l, _)| l).collect();
         Ok(match Self::concat(&mats)? {
-            Some(one) => Self { one: Some(one), parts: vec![], outs },
-            None => Self { one: None, parts: mats, outs },
+            Some(one) => Self {
+                one: Some(one),
+                parts: vec![],
+                outs,
+            },
+            None => Self {
+                one: None,
+                parts: mats,
+                outs,
+            },
         })
     }
 

@@ -1,8 +1,8 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`, no biases.
 
 use crate::error::Result;
-use crate::weights::WeightSource;
 use crate::linear::{Fused, Linear};
+use crate::weights::WeightSource;
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -16,8 +16,14 @@ impl Mlp {
     pub fn load(src: &WeightSource, prefix: &str, hidden: usize, inner: usize) -> Result<Self> {
         Ok(Self {
             gate_up: Fused::new(vec![
-                (src.matrix(&format!("{prefix}.gate_proj.weight"), inner, hidden)?, inner),
-                (src.matrix(&format!("{prefix}.up_proj.weight"), inner, hidden)?, inner),
+                (
+                    src.matrix(&format!("{prefix}.gate_proj.weight"), inner, hidden)?,
+                    inner,
+                ),
+                (
+                    src.matrix(&format!("{prefix}.up_proj.weight"), inner, hidden)?,
+                    inner,
+                ),
             ])?,
             down: src.matrix(&format!("{prefix}.down_proj.weight"), hidden, inner)?,
         })

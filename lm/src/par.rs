@@ -67,7 +67,9 @@ mod tests {
     #[test]
     fn chunks_cover_everything_once() {
         let mut v = vec![0u32; 1003];
-        par_chunks_mut(&mut v, 10, |i, p| p.iter_mut().for_each(|x| *x += i as u32 + 1));
+        par_chunks_mut(&mut v, 10, |i, p| {
+            p.iter_mut().for_each(|x| *x += i as u32 + 1)
+        });
         for (j, x) in v.iter().enumerate() {
             assert_eq!(*x, (j / 10) as u32 + 1);
         }

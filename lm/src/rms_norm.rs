@@ -32,7 +32,10 @@ impl RmsNorm {
     pub fn forward_into(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
         let d = self.weight.len();
         if x.len() % d != 0 || out.len() != x.len() {
-            return Err(LmError::Invalid(format!("rms-norm over {d} values got {} inputs", x.len())));
+            return Err(LmError::Invalid(format!(
+                "rms-norm over {d} values got {} inputs",
+                x.len()
+            )));
         }
         for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
             let ss: f32 = xr.iter().map(|v| v * v).sum();
@@ -56,7 +59,10 @@ impl RmsNorm {
     pub fn forward_inplace(&self, x: &mut [f32]) -> Result<()> {
         let d = self.weight.len();
         if x.len() % d != 0 {
-            return Err(LmError::Invalid(format!("rms-norm over {d} values got {} inputs", x.len())));
+            return Err(LmError::Invalid(format!(
+                "rms-norm over {d} values got {} inputs",
+                x.len()
+            )));
         }
         for xr in x.chunks_exact_mut(d) {
             let ss: f32 = xr.iter().map(|v| v * v).sum();

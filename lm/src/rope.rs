@@ -15,7 +15,12 @@ pub struct Rope {
 
 impl Rope {
     /// `theta_i = base^(-2i/head_dim)`, angle = position * theta_i.
-    pub fn new(head_dim: usize, base: f64, max_positions: usize, interleaved: bool) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        base: f64,
+        max_positions: usize,
+        interleaved: bool,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| (1.0 / base.powf(2.0 * i as f64 / head_dim as f64)) as f32)
@@ -29,7 +34,13 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        Ok(Self { cos, sin, half, interleaved, max_positions })
+        Ok(Self {
+            cos,
+            sin,
+            half,
+            interleaved,
+            max_positions,
+        })
     }
 
     /// Rotates, in place, `rows` of `heads` vectors of `head_dim`; row `i` is at absolute
@@ -53,7 +64,10 @@ impl Rope {
                     self.max_positions
                 )));
             }
-            let (c, s) = (&self.cos[p * self.half..(p + 1) * self.half], &self.sin[p * self.half..(p + 1) * self.half]);
+            let (c, s) = (
+                &self.cos[p * self.half..(p + 1) * self.half],
+                &self.sin[p * self.half..(p + 1) * self.half],
+            );
             for hv in row.chunks_exact_mut(d) {
                 if self.interleaved {
                     for i in 0..self.half {
@@ -85,7 +99,10 @@ mod tests {
         let a0 = 1.0f32;
         let a1 = (1.0 / base.powf(0.5)) as f32;
         let mut ri = vec![1f32, 2., 3., 4.];
-        Rope::new(4, base, 4, true).unwrap().apply(&mut ri, 1, &[1]).unwrap();
+        Rope::new(4, base, 4, true)
+            .unwrap()
+            .apply(&mut ri, 1, &[1])
+            .unwrap();
         let want_i = [
             1. * a0.cos() - 2. * a0.sin(),
             1. * a0.sin() + 2. * a0.cos(),
@@ -93,7 +110,10 @@ mod tests {
             3. * a1.sin() + 4. * a1.cos(),
         ];
         let mut rh = vec![1f32, 2., 3., 4.];
-        Rope::new(4, base, 4, false).unwrap().apply(&mut rh, 1, &[1]).unwrap();
+        Rope::new(4, base, 4, false)
+            .unwrap()
+            .apply(&mut rh, 1, &[1])
+            .unwrap();
         let want_h = [
             1. * a0.cos() - 3. * a0.sin(),
             2. * a1.cos() - 4. * a1.sin(),
@@ -101,8 +121,14 @@ mod tests {
             4. * a1.cos() + 2. * a1.sin(),
         ];
         for i in 0..4 {
-            assert!((ri[i] - want_i[i]).abs() < 1e-5, "interleaved {ri:?} vs {want_i:?}");
-            assert!((rh[i] - want_h[i]).abs() < 1e-5, "halves {rh:?} vs {want_h:?}");
+            assert!(
+                (ri[i] - want_i[i]).abs() < 1e-5,
+                "interleaved {ri:?} vs {want_i:?}"
+            );
+            assert!(
+                (rh[i] - want_h[i]).abs() < 1e-5,
+                "halves {rh:?} vs {want_h:?}"
+            );
         }
     }
 

@@ -198,8 +198,12 @@ impl WeightSource {
                     _ => None,
                 };
                 if let Some(kind) = kind {
-                    let m = QMatrix::new(kind, out_dim, in_dim, q.data()?.into_owned())
-                        .map_err(|e| LmError::BadTensor { name: gguf_name(hf_name), reason: e.to_string() })?;
+                    let m = QMatrix::new(kind, out_dim, in_dim, q.data()?.into_owned()).map_err(
+                        |e| LmError::BadTensor {
+                            name: gguf_name(hf_name),
+                            reason: e.to_string(),
+                        },
+                    )?;
                     return Ok(Linear::Blocks(Arc::new(m)));
                 }
                 Ok(Linear::Candle(QMatMul::from_arc(Arc::new(q))?))
