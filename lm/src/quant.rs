@@ -507,6 +507,10 @@ mod simd {
         }
     }
 
+    /// How far ahead of the current block the weight quants are prefetched (bytes); a
+    /// prefetch past the end of a row only touches the next row (or nothing: no fault).
+    const PREFETCH: usize = 1024;
+
     /// Two f32 (unaligned) broadcast as `[a x g, b x g, ...]` by `idx`.
     #[inline(always)]
     unsafe fn pair(p: *const f32, idx: __m512i) -> __m512 {
@@ -535,6 +539,7 @@ mod simd {
             let mut qx = [_mm512_setzero_si512(); R];
             let mut dx = [_mm512_setzero_ps(); R];
             for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(w[r].qs.as_ptr().wrapping_add(b * 16 + PREFETCH) as *const i8);
                 let v = _mm256_loadu_si256(w[r].qs.as_ptr().add(b * 16) as *const __m256i);
                 let lo = _mm256_and_si256(v, mask);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
@@ -576,6 +581,7 @@ mod simd {
             let mut neg = [0u64; R];
             let mut dx = [_mm512_setzero_ps(); R];
             for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(w[r].qs.as_ptr().wrapping_add(b * 32 + PREFETCH) as *const i8);
                 let v = _mm512_loadu_si512(w[r].qs.as_ptr().add(b * 32) as *const _);
                 ax[r] = _mm512_abs_epi8(v);
                 neg[r] = _mm512_movepi8_mask(v);
