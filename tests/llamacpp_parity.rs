@@ -219,3 +219,42 @@ fn greedy_64_tokens_and_first_logits_match_llama_cpp() {
         }
     }
 }
+
+/// The tokenizer.json path: the GGUF's tokenizer saved as tokenizer.json with a
+/// tokenizer_config.json holding the chat template, loaded from a directory, encodes like
+/// llama.cpp and renders the same chat prompts.
+#[test]
+fn tokenizer_json_directory_matches_llama_cpp() {
+    let Some(path) = common::smollm2_gguf() else {
+        return;
+    };
+    let ck = Checkpoint::load(&path).unwrap();
+    let dir = std::env::temp_dir().join(format!("afm-tokjson-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    ck.tokenizer
+        .inner()
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let cfg = serde_json::json!({
+        "chat_template": ck.tokenizer.chat_template().unwrap(),
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "add_bos_token": false,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let tok = afm::lm::Tokenizer::from_dir(&dir).unwrap();
+    let r = reference();
+    for p in &r.probes {
+        assert_eq!(tok.encode(&p.text).unwrap(), p.ids, "probe {:?}", p.text);
+    }
+    for p in &r.prompts {
+        let msgs: Vec<Message> = p
+            .messages
+            .iter()
+            .map(|m| Message::new(&m.role, &m.content))
+            .collect();
+        assert_eq!(render_chat(&tok, &msgs).unwrap(), p.text);
+    }
+    assert_eq!(tok.eos_ids(), &[tok.token_to_id("<|im_end|>").unwrap()]);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -539,7 +539,9 @@ mod simd {
             let mut qx = [_mm512_setzero_si512(); R];
             let mut dx = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                _mm_prefetch::<_MM_HINT_T0>(w[r].qs.as_ptr().wrapping_add(b * 16 + PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(
+                    w[r].qs.as_ptr().wrapping_add(b * 16 + PREFETCH) as *const i8
+                );
                 let v = _mm256_loadu_si256(w[r].qs.as_ptr().add(b * 16) as *const __m256i);
                 let lo = _mm256_and_si256(v, mask);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
@@ -581,7 +583,9 @@ mod simd {
             let mut neg = [0u64; R];
             let mut dx = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                _mm_prefetch::<_MM_HINT_T0>(w[r].qs.as_ptr().wrapping_add(b * 32 + PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(
+                    w[r].qs.as_ptr().wrapping_add(b * 32 + PREFETCH) as *const i8
+                );
                 let v = _mm512_loadu_si512(w[r].qs.as_ptr().add(b * 32) as *const _);
                 ax[r] = _mm512_abs_epi8(v);
                 neg[r] = _mm512_movepi8_mask(v);

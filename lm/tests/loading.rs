@@ -232,3 +232,59 @@ fn safetensors_dir_round_trips_and_bad_files_are_named() {
     )));
     assert!(e.contains("/nonexistent/model.gguf"), "{e}");
 }
+
+#[test]
+fn f16_and_bf16_safetensors_load_as_f32() {
+    let c = cfg();
+    let t = random_tensors(&c, 5).unwrap();
+    let ids = [3u32, 1, 4, 1, 5];
+    let m0 = DeviceModel::from_source(&WeightSource::from_tensors(t.clone()), c.clone()).unwrap();
+    let want = m0
+        .forward_tokens(&ids, &mut m0.new_cache(), &LogitsFor::All)
+        .unwrap();
+    for dt in [candle_core::DType::F16, candle_core::DType::BF16] {
+        let dir = tmp(&format!("{dt:?}"));
+        let half: std::collections::HashMap<_, _> = t
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(dt).unwrap()))
+            .collect();
+        write_safetensors(&dir, &c, &half).unwrap();
+        let m = DeviceModel::load(&dir).unwrap();
+        let got = m
+            .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::All)
+            .unwrap();
+        let scale: f32 = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let d: f32 = (&got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        println!(
+            "{dt:?} safetensors: max |diff| vs f32 = {d:.4} ({:.3}% of max |logit|)",
+            100.0 * d / scale
+        );
+        assert!(
+            d / scale
+                < if dt == candle_core::DType::F16 {
+                    5e-4
+                } else {
+                    3e-3
+                },
+            "{dt:?}: {d}"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
