@@ -1,1 +1,22 @@
-//! Placeholder crate: see the issue tracker.
+//! # afm-vision
+//!
+//! The vision side of afm: a ViT encoder that loads SigLIP/CLIP-style checkpoints (global
+//! attention) and runs the paper's Register-Window attention (see `attention.rs` for the
+//! exact rule), with learned position embeddings resized bicubically to any grid.
+
+pub mod attention;
+pub mod config;
+pub mod embeddings;
+pub mod error;
+pub mod image_io;
+pub mod preprocess;
+pub mod tiling;
+pub mod vit;
+pub mod weights;
+
+pub use config::{AttentionPattern, VisionConfig};
+pub use error::{Result, VisionError};
+pub use image_io::{decode_image, load_image, ImageLimits};
+pub use preprocess::{Filter, Preprocess};
+pub use tiling::{make_tiles, plan, TilePlan, TilingConfig};
+pub use vit::VisionEncoder;

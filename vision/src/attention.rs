@@ -1,0 +1,162 @@
+//! Self-attention of the vision encoder: global (SigLIP/CLIP) and the paper's
+//! Register-Window pattern.
+//!
+//! # The Register-Window rule implemented here
+//!
+//! The report's one sentence is that a global register token "interacts with the distinct
+//! local windows before global context aggregation". We implement (our decision):
+//!
+//! 1. The token sequence is `[registers; patches]`; patches sit on a `gh x gw` grid.
+//! 2. In a window block the grid is cut into `w x w` windows, row-major, starting at the top
+//!    left. When `w` does not divide the grid, the grid is padded at the bottom/right to a
+//!    multiple of `w`; padded slots are masked out as keys and their outputs are dropped, so
+//!    a partial window attends only over its real patches.
+//! 3. Every window attends over `[registers; its patches]`: the registers are appended to
+//!    every window, so each window's patches see the registers and the registers see each
+//!    window.
+//! 4. The new register state is the mean, over windows, of the registers' per-window
+//!    attention outputs (all windows weigh the same). Residual and MLP then apply to all
+//!    tokens as usual.
+//! 5. Global blocks attend over the whole `[registers; patches]` sequence.
+//!
+//! With one window covering the whole grid, rule 2-4 is exactly global attention over
+//! `[registers; patches]` (tested). Windows are batched: `b * n_windows` short sequences go
+//! through one batched matmul.
+
+use crate::error::Result;
+use crate::weights::VisionWeights;
+use candle_core::{Device, Tensor};
+use candle_nn::{Linear, Module};
+
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+fn linear(w: &VisionWeights, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        w.get(&format!("{name}.weight"), &[out, inp])?,
+        Some(w.get(&format!("{name}.bias"), &[out])?),
+    ))
+}
+
+impl Attention {
+    /// Loads `{p}.q_proj`, `{p}.k_proj`, `{p}.v_proj`, `{p}.out_proj` (weight and bias).
+    pub fn load(w: &VisionWeights, p: &str, hidden: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            q: linear(w, &format!("{p}.q_proj"), hidden, hidden)?,
+            k: linear(w, &format!("{p}.k_proj"), hidden, hidden)?,
+            v: linear(w, &format!("{p}.v_proj"), hidden, hidden)?,
+            o: linear(w, &format!("{p}.out_proj"), hidden, hidden)?,
+            heads,
+            head_dim: hidden / heads,
+        })
+    }
+
+    /// Softmax attention over each sequence of `x`, with an optional additive key mask.
+    ///
+    /// # Shapes
+    /// `x: (n, t, hidden)`, `mask: (n, 1, 1, t)` -> `(n, t, hidden)` (before `out_proj`).
+    fn attend(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (n, t, hdim) = x.dims3()?;
+        let split = |y: Tensor| -> Result<Tensor> {
+            Ok(y.reshape((n, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split((self.q.forward(x)? * (1.0 / (self.head_dim as f64).sqrt()))?)?;
+        let k = split(self.k.forward(x)?)?;
+        let v = split(self.v.forward(x)?)?;
+        let mut s = q.matmul(&k.t()?)?;
+        if let Some(m) = mask {
+            s = s.broadcast_add(m)?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((n, t, hdim))?)
+    }
+
+    /// Global attention.
+    ///
+    /// # Shapes
+    /// `x: (b, t, hidden) -> (b, t, hidden)`.
+    pub fn forward_global(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.o.forward(&self.attend(x, None)?)?)
+    }
+
+    /// Register-Window attention (module docs), `r` registers first, then a `gh x gw` grid.
+    ///
+    /// # Shapes
+    /// `x: (b, r + gh*gw, hidden) -> (b, r + gh*gw, hidden)`.
+    pub fn forward_windowed(
+        &self,
+        x: &Tensor,
+        r: usize,
+        gh: usize,
+        gw: usize,
+        win: usize,
+    ) -> Result<Tensor> {
+        let (b, _, d) = x.dims3()?;
+        let (nh, nw) = (gh.div_ceil(win), gw.div_ceil(win));
+        let (ph, pw) = (nh * win, nw * win);
+        let nwin = nh * nw;
+        let regs = x.narrow(1, 0, r)?;
+        let mut grid = x.narrow(1, r, gh * gw)?.reshape((b, gh, gw, d))?;
+        if ph > gh {
+            grid = grid.pad_with_zeros(1, 0, ph - gh)?;
+        }
+        if pw > gw {
+            grid = grid.pad_with_zeros(2, 0, pw - gw)?;
+        }
+        // (b, nh, win, nw, win, d) -> (b, nh, nw, win, win, d) -> (b*nwin, win*win, d)
+        let wins = grid
+            .reshape((b, nh, win, nw, win, d))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .contiguous()?
+            .reshape((b * nwin, win * win, d))?;
+        let regs_rep = regs
+            .unsqueeze(1)?
+            .repeat((1, nwin, 1, 1))?
+            .reshape((b * nwin, r, d))?;
+        let seq = Tensor::cat(&[&regs_rep, &wins], 1)?;
+        let mask = if ph > gh || pw > gw {
+            let mut m = vec![0f32; nwin * (r + win * win)];
+            for wy in 0..nh {
+                for wx in 0..nw {
+                    let wi = wy * nw + wx;
+                    for y in 0..win {
+                        for xx in 0..win {
+                            if wy * win + y >= gh || wx * win + xx >= gw {
+                                m[wi * (r + win * win) + r + y * win + xx] = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                }
+            }
+            let m = Tensor::from_vec(m, (1, nwin, 1, 1, r + win * win), &Device::Cpu)?;
+            Some(
+                m.repeat((b, 1, 1, 1, 1))?
+                    .reshape((b * nwin, 1, 1, r + win * win))?,
+            )
+        } else {
+            None
+        };
+        let out = self.attend(&seq, mask.as_ref())?; // (b*nwin, r + win^2, d)
+        let reg_out = out.narrow(1, 0, r)?.reshape((b, nwin, r, d))?.mean(1)?;
+        let patch_out = out
+            .narrow(1, r, win * win)?
+            .reshape((b, nh, nw, win, win, d))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .contiguous()?
+            .reshape((b, ph, pw, d))?
+            .narrow(1, 0, gh)?
+            .narrow(2, 0, gw)?
+            .contiguous()?
+            .reshape((b, gh * gw, d))?;
+        let merged = Tensor::cat(&[&reg_out, &patch_out], 1)?;
+        Ok(self.o.forward(&merged)?)
+    }
+}

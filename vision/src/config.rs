@@ -1,0 +1,169 @@
+//! Vision-tower configuration: a serde struct mirroring HF `SiglipVisionConfig` (the
+//! `vision_config` of Idefics3/SmolVLM checkpoints) plus the attention pattern.
+
+use crate::error::{Result, VisionError};
+use serde::{Deserialize, Serialize};
+
+/// Which attention the encoder blocks use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AttentionPattern {
+    /// Every block attends over all tokens (SigLIP, CLIP).
+    Global,
+    /// The paper's Register-Window attention (see `attention.rs` for the exact rule):
+    /// windows of `window x window` patches, each with the register token(s) appended, in all
+    /// blocks but `global_layers`, which attend over everything.
+    RegisterWindow {
+        window: usize,
+        global_layers: Vec<usize>,
+        #[serde(default = "one")]
+        num_registers: usize,
+    },
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for AttentionPattern {
+    fn default() -> Self {
+        AttentionPattern::Global
+    }
+}
+
+/// Vision encoder configuration. Field names are those of HF `SiglipVisionConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "three")]
+    pub num_channels: usize,
+    /// Side of the square image the position table was trained for.
+    pub image_size: usize,
+    pub patch_size: usize,
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    /// `gelu_pytorch_tanh` (SigLIP) or `gelu` (exact, erf).
+    #[serde(default = "act")]
+    pub hidden_act: String,
+    /// AFM extension; absent in HF configs (= global attention).
+    #[serde(default)]
+    pub attention: AttentionPattern,
+}
+
+fn three() -> usize {
+    3
+}
+fn eps() -> f64 {
+    1e-6
+}
+fn act() -> String {
+    "gelu_pytorch_tanh".into()
+}
+
+impl VisionConfig {
+    /// Side of the position grid the table holds.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn num_registers(&self) -> usize {
+        match &self.attention {
+            AttentionPattern::Global => 0,
+            AttentionPattern::RegisterWindow { num_registers, .. } => *num_registers,
+        }
+    }
+
+    /// Checks what the encoder relies on; each failure names its field.
+    pub fn validate(&self) -> Result<()> {
+        let pos = |v: usize, f: &str| {
+            if v == 0 {
+                Err(VisionError::config(f, "must be > 0"))
+            } else {
+                Ok(())
+            }
+        };
+        pos(self.hidden_size, "hidden_size")?;
+        pos(self.intermediate_size, "intermediate_size")?;
+        pos(self.num_hidden_layers, "num_hidden_layers")?;
+        pos(self.num_attention_heads, "num_attention_heads")?;
+        pos(self.num_channels, "num_channels")?;
+        pos(self.patch_size, "patch_size")?;
+        pos(self.image_size, "image_size")?;
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(VisionError::config(
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
+            ));
+        }
+        if self.image_size % self.patch_size != 0 {
+            return Err(VisionError::config(
+                "patch_size",
+                format!(
+                    "{} does not divide image_size {}",
+                    self.patch_size, self.image_size
+                ),
+            ));
+        }
+        if !matches!(
+            self.hidden_act.as_str(),
+            "gelu_pytorch_tanh" | "gelu" | "quick_gelu"
+        ) {
+            return Err(VisionError::config(
+                "hidden_act",
+                format!("`{}` is not supported", self.hidden_act),
+            ));
+        }
+        if let AttentionPattern::RegisterWindow {
+            window,
+            global_layers,
+            num_registers,
+        } = &self.attention
+        {
+            pos(*window, "attention.window")?;
+            pos(*num_registers, "attention.num_registers")?;
+            if let Some(l) = global_layers.iter().find(|&&l| l >= self.num_hidden_layers) {
+                return Err(VisionError::config(
+                    "attention.global_layers",
+                    format!(
+                        "layer {l} does not exist ({} layers)",
+                        self.num_hidden_layers
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a `config.json`: a bare vision config, or one nested under `vision_config`
+    /// (SiglipConfig, Idefics3/SmolVLM).
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| VisionError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| VisionError::BadFile {
+                path: path.to_path_buf(),
+                format: "config.json",
+                reason: e.to_string(),
+            })?;
+        let v = v.get("vision_config").cloned().unwrap_or(v);
+        let cfg: VisionConfig = serde_json::from_value(v).map_err(|e| VisionError::BadFile {
+            path: path.to_path_buf(),
+            format: "config.json",
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,161 @@
+//! The ViT encoder: embeddings, pre-norm blocks (LayerNorm, attention, LayerNorm, GELU MLP),
+//! post-LayerNorm. One config switches between SigLIP's global attention and the paper's
+//! Register-Window attention.
+
+use crate::attention::Attention;
+use crate::config::{AttentionPattern, VisionConfig};
+use crate::embeddings::Embeddings;
+use crate::error::{Result, VisionError};
+use crate::weights::VisionWeights;
+use candle_core::Tensor;
+use candle_nn::{LayerNorm, Linear, Module};
+use std::path::Path;
+
+fn layer_norm(w: &VisionWeights, name: &str, d: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        w.get(&format!("{name}.weight"), &[d])?,
+        w.get(&format!("{name}.bias"), &[d])?,
+        eps,
+    ))
+}
+
+fn linear(w: &VisionWeights, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        w.get(&format!("{name}.weight"), &[out, inp])?,
+        Some(w.get(&format!("{name}.bias"), &[out])?),
+    ))
+}
+
+struct Block {
+    ln1: LayerNorm,
+    attn: Attention,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    /// Window side, or `None` for a global block.
+    window: Option<usize>,
+}
+
+/// The vision encoder.
+pub struct VisionEncoder {
+    cfg: VisionConfig,
+    emb: Embeddings,
+    /// `(num_registers, hidden)` for Register-Window checkpoints.
+    registers: Option<Tensor>,
+    blocks: Vec<Block>,
+    post_ln: LayerNorm,
+}
+
+impl VisionEncoder {
+    /// Tensor names (after the checkpoint's prefix, e.g. `vision_model.`):
+    /// `embeddings.{patch_embedding,position_embedding}.*`, `embeddings.register_tokens`
+    /// `(num_registers, hidden)` (Register-Window only),
+    /// `encoder.layers.{i}.{layer_norm1,layer_norm2}.{weight,bias}`,
+    /// `encoder.layers.{i}.self_attn.{q_proj,k_proj,v_proj,out_proj}.{weight,bias}`,
+    /// `encoder.layers.{i}.mlp.{fc1,fc2}.{weight,bias}`, `post_layernorm.{weight,bias}`.
+    pub fn new(w: &VisionWeights, cfg: VisionConfig) -> Result<Self> {
+        cfg.validate()?;
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let registers = match cfg.num_registers() {
+            0 => None,
+            r => Some(w.get("embeddings.register_tokens", &[r, d])?),
+        };
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("encoder.layers.{i}");
+                let window = match &cfg.attention {
+                    AttentionPattern::Global => None,
+                    AttentionPattern::RegisterWindow {
+                        window,
+                        global_layers,
+                        ..
+                    } => (!global_layers.contains(&i)).then_some(*window),
+                };
+                Ok(Block {
+                    ln1: layer_norm(w, &format!("{p}.layer_norm1"), d, eps)?,
+                    attn: Attention::load(
+                        w,
+                        &format!("{p}.self_attn"),
+                        d,
+                        cfg.num_attention_heads,
+                    )?,
+                    ln2: layer_norm(w, &format!("{p}.layer_norm2"), d, eps)?,
+                    fc1: linear(w, &format!("{p}.mlp.fc1"), cfg.intermediate_size, d)?,
+                    fc2: linear(w, &format!("{p}.mlp.fc2"), d, cfg.intermediate_size)?,
+                    window,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            emb: Embeddings::load(w, &cfg)?,
+            registers,
+            blocks,
+            post_ln: layer_norm(w, "post_layernorm", d, eps)?,
+            cfg,
+        })
+    }
+
+    /// Loads `config.json` and `*.safetensors` from a directory (a SiglipVisionModel, a
+    /// SmolVLM/Idefics3 checkpoint whose vision tower is nested, or our own layout).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg = VisionConfig::from_file(&dir.join("config.json"))?;
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|source| VisionError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(VisionError::BadFile {
+                path: dir.to_path_buf(),
+                format: "model directory",
+                reason: "no .safetensors file".into(),
+            });
+        }
+        let refs: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+        Self::new(&VisionWeights::from_files(&refs)?, cfg)
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+
+    fn act(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.hidden_act.as_str() {
+            "gelu" => x.gelu_erf()?,
+            "quick_gelu" => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            _ => x.gelu()?,
+        })
+    }
+
+    /// Encodes a batch of tiles (all the same size).
+    ///
+    /// # Shapes
+    /// `pixels: (b, c, h, w)` -> `(b, registers + (h/p)*(w/p), hidden)`, registers first.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = pixels.dims4()?;
+        let p = self.cfg.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let mut x = self.emb.forward(pixels)?;
+        let r = self.cfg.num_registers();
+        if let Some(regs) = &self.registers {
+            let regs = regs.unsqueeze(0)?.repeat((b, 1, 1))?;
+            x = Tensor::cat(&[&regs, &x], 1)?;
+        }
+        for blk in &self.blocks {
+            let hn = blk.ln1.forward(&x)?;
+            let a = match blk.window {
+                None => blk.attn.forward_global(&hn)?,
+                Some(win) => blk.attn.forward_windowed(&hn, r, gh, gw, win)?,
+            };
+            x = (x + a)?;
+            let hn = blk.ln2.forward(&x)?;
+            let m = blk.fc2.forward(&self.act(&blk.fc1.forward(&hn)?)?)?;
+            x = (x + m)?;
+        }
+        Ok(self.post_ln.forward(&x)?)
+    }
+}
