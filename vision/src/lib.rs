@@ -10,6 +10,7 @@ pub mod embeddings;
 pub mod error;
 pub mod image_io;
 pub mod preprocess;
+pub mod random;
 pub mod tiling;
 pub mod vit;
 pub mod weights;
