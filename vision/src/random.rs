@@ -31,34 +31,82 @@ fn uniform(rng: &mut SplitMix, shape: &[usize], scale: f32, offset: f32) -> Resu
 pub fn random_tensors(cfg: &VisionConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     cfg.validate()?;
     let mut rng = SplitMix(seed);
-    let (d, i, c, p, g) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_channels, cfg.patch_size, cfg.grid());
+    let (d, i, c, p, g) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_channels,
+        cfg.patch_size,
+        cfg.grid(),
+    );
     let mut m = HashMap::new();
     let mut put = |name: String, t: Tensor| {
         m.insert(format!("vision_model.{name}"), t);
     };
     let w = 0.08f32;
-    put("embeddings.patch_embedding.weight".into(), uniform(&mut rng, &[d, c, p, p], w, 0.0)?);
-    put("embeddings.patch_embedding.bias".into(), uniform(&mut rng, &[d], w, 0.0)?);
-    put("embeddings.position_embedding.weight".into(), uniform(&mut rng, &[g * g, d], 0.5, 0.0)?);
+    put(
+        "embeddings.patch_embedding.weight".into(),
+        uniform(&mut rng, &[d, c, p, p], w, 0.0)?,
+    );
+    put(
+        "embeddings.patch_embedding.bias".into(),
+        uniform(&mut rng, &[d], w, 0.0)?,
+    );
+    put(
+        "embeddings.position_embedding.weight".into(),
+        uniform(&mut rng, &[g * g, d], 0.5, 0.0)?,
+    );
     if cfg.num_registers() > 0 {
-        put("embeddings.register_tokens".into(), uniform(&mut rng, &[cfg.num_registers(), d], 0.5, 0.0)?);
+        put(
+            "embeddings.register_tokens".into(),
+            uniform(&mut rng, &[cfg.num_registers(), d], 0.5, 0.0)?,
+        );
     }
     for l in 0..cfg.num_hidden_layers {
         let pre = format!("encoder.layers.{l}");
         for ln in ["layer_norm1", "layer_norm2"] {
-            put(format!("{pre}.{ln}.weight"), uniform(&mut rng, &[d], 0.1, 1.0)?);
-            put(format!("{pre}.{ln}.bias"), uniform(&mut rng, &[d], 0.1, 0.0)?);
+            put(
+                format!("{pre}.{ln}.weight"),
+                uniform(&mut rng, &[d], 0.1, 1.0)?,
+            );
+            put(
+                format!("{pre}.{ln}.bias"),
+                uniform(&mut rng, &[d], 0.1, 0.0)?,
+            );
         }
         for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            put(format!("{pre}.self_attn.{proj}.weight"), uniform(&mut rng, &[d, d], w, 0.0)?);
-            put(format!("{pre}.self_attn.{proj}.bias"), uniform(&mut rng, &[d], w, 0.0)?);
+            put(
+                format!("{pre}.self_attn.{proj}.weight"),
+                uniform(&mut rng, &[d, d], w, 0.0)?,
+            );
+            put(
+                format!("{pre}.self_attn.{proj}.bias"),
+                uniform(&mut rng, &[d], w, 0.0)?,
+            );
         }
-        put(format!("{pre}.mlp.fc1.weight"), uniform(&mut rng, &[i, d], w, 0.0)?);
-        put(format!("{pre}.mlp.fc1.bias"), uniform(&mut rng, &[i], w, 0.0)?);
-        put(format!("{pre}.mlp.fc2.weight"), uniform(&mut rng, &[d, i], w, 0.0)?);
-        put(format!("{pre}.mlp.fc2.bias"), uniform(&mut rng, &[d], w, 0.0)?);
+        put(
+            format!("{pre}.mlp.fc1.weight"),
+            uniform(&mut rng, &[i, d], w, 0.0)?,
+        );
+        put(
+            format!("{pre}.mlp.fc1.bias"),
+            uniform(&mut rng, &[i], w, 0.0)?,
+        );
+        put(
+            format!("{pre}.mlp.fc2.weight"),
+            uniform(&mut rng, &[d, i], w, 0.0)?,
+        );
+        put(
+            format!("{pre}.mlp.fc2.bias"),
+            uniform(&mut rng, &[d], w, 0.0)?,
+        );
     }
-    put("post_layernorm.weight".into(), uniform(&mut rng, &[d], 0.1, 1.0)?);
-    put("post_layernorm.bias".into(), uniform(&mut rng, &[d], 0.1, 0.0)?);
+    put(
+        "post_layernorm.weight".into(),
+        uniform(&mut rng, &[d], 0.1, 1.0)?,
+    );
+    put(
+        "post_layernorm.bias".into(),
+        uniform(&mut rng, &[d], 0.1, 0.0)?,
+    );
     Ok(m)
 }
