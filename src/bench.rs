@@ -25,6 +25,81 @@ pub enum BenchCmd {
     Lm(LmBench),
     /// Prefill time with the KV-sharing shortcut on vs off, and KV-cache bytes.
     KvSharing(KvBench),
+    /// Encode time per 512x512 tile for SigLIP-B/16-512, ours vs PyTorch.
+    Vision(VisionBench),
+}
+
+#[derive(Args, Clone)]
+pub struct VisionBench {
+    /// Tiles per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub tiles: usize,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Python with torch and transformers installed.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    #[arg(long)]
+    pub no_reference: bool,
+}
+
+pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {
+    use afm::vision::random::random_tensors;
+    use afm::vision::weights::VisionWeights;
+    use afm::vision::{VisionConfig, VisionEncoder};
+    let cfg = VisionConfig {
+        hidden_size: 768,
+        intermediate_size: 3072,
+        num_hidden_layers: 12,
+        num_attention_heads: 12,
+        num_channels: 3,
+        image_size: 512,
+        patch_size: 16,
+        layer_norm_eps: 1e-6,
+        hidden_act: "gelu_pytorch_tanh".into(),
+        attention: Default::default(),
+    };
+    eprintln!("bench vision: SigLIP-B/16-512 (random weights), {} tile(s) of 512x512 per pass, {threads} threads", a.tiles);
+    let enc = VisionEncoder::new(&VisionWeights::from_tensors(random_tensors(&cfg, 0)?)?, cfg)?;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (a.tiles, 3, 512, 512), &candle_core::Device::Cpu)?;
+    enc.forward(&x)?; // warm-up
+    let mut ours = Vec::new();
+    for _ in 0..a.runs {
+        let t0 = Instant::now();
+        enc.forward(&x)?;
+        ours.push(t0.elapsed().as_secs_f64());
+    }
+    let ours_s = median(&mut ours) / a.tiles as f64;
+    println!("| engine | seconds per 512x512 tile |");
+    println!("|---|---:|");
+    println!("| afm | {ours_s:.3} |");
+    if !a.no_reference {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch_siglip.py");
+        let out = Command::new(&a.python)
+            .arg(&script)
+            .args([threads.to_string(), a.tiles.to_string(), a.runs.to_string()])
+            .stderr(Stdio::inherit())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                #[derive(serde::Deserialize)]
+                struct T {
+                    secs: Vec<f64>,
+                    torch: String,
+                }
+                let line = String::from_utf8_lossy(&o.stdout);
+                let mut t: T = serde_json::from_str(line.lines().last().unwrap_or(""))?;
+                let theirs = median(&mut t.secs) / a.tiles as f64;
+                println!("| PyTorch {} (CPU) | {theirs:.3} |", t.torch);
+                println!("\nafm / PyTorch speed: {:.2}x (target >= 1.0x)", theirs / ours_s);
+            }
+            _ => eprintln!(
+                "note: the PyTorch reference did not run: install torch and transformers into `{}` or pass --python",
+                a.python
+            ),
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args, Clone)]

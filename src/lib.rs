@@ -1,1 +1,2 @@
 pub use afm_lm as lm;
+pub use afm_vision as vision;

@@ -174,6 +174,7 @@ fn main() -> Result<()> {
             bench::bench_lm(&a, cli.threads.unwrap_or(2), model)
         }
         Cmd::Bench(bench::BenchCmd::KvSharing(a)) => bench::bench_kv(&a),
+        Cmd::Bench(bench::BenchCmd::Vision(a)) => bench::bench_vision(&a, cli.threads.unwrap_or(2)),
         Cmd::BenchWorker {
             model,
             new_tokens,

@@ -68,13 +68,28 @@ impl Default for Preprocess {
 }
 
 /// Resizes an RGB8 image to `w x h` with `filter` (no resize when the size already matches).
+///
+/// Like PIL, the width is resized first and the result rounded and clamped to 8 bits, then the
+/// height: near sharp edges the cubic kernel overshoots, and which pass clamps first decides
+/// the pixel (up to ~20 levels apart in one order or the other), so the order is PIL's.
 pub fn resize(img: &RgbImage, w: u32, h: u32, filter: Filter) -> Result<RgbImage> {
-    if img.dimensions() == (w, h) {
-        return Ok(img.clone());
-    }
     if w == 0 || h == 0 {
         return Err(VisionError::Invalid(format!("resize to {w}x{h}")));
     }
+    let (sw, sh) = img.dimensions();
+    let mut cur = if sw != w {
+        resize_once(img, w, sh, filter)?
+    } else {
+        img.clone()
+    };
+    if sh != h {
+        cur = resize_once(&cur, w, h, filter)?;
+    }
+    Ok(cur)
+}
+
+/// One fast_image_resize pass (called with only one side changing).
+fn resize_once(img: &RgbImage, w: u32, h: u32, filter: Filter) -> Result<RgbImage> {
     let src = Image::from_vec_u8(
         img.width(),
         img.height(),
@@ -95,6 +110,82 @@ pub fn resize(img: &RgbImage, w: u32, h: u32, filter: Filter) -> Result<RgbImage
 }
 
 impl Preprocess {
+    /// Reads a HF `preprocessor_config.json` (SigLIP, Idefics3/SmolVLM): `resample` (PIL code),
+    /// `do_rescale` / `rescale_factor`, `do_normalize` / `image_mean` / `image_std`. Absent
+    /// fields take SigLIP's defaults; a field of the wrong type is an error naming it.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| VisionError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| VisionError::BadFile {
+                path: path.to_path_buf(),
+                format: "preprocessor_config.json",
+                reason: e.to_string(),
+            })?;
+        Self::from_json(&v)
+    }
+
+    /// As [`Preprocess::from_file`], from parsed JSON.
+    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let mut p = Preprocess::default();
+        let flag = |k: &str| -> Result<bool> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(true),
+                Some(x) => x
+                    .as_bool()
+                    .ok_or_else(|| VisionError::config(k, "must be true or false")),
+            }
+        };
+        if let Some(r) = v.get("resample") {
+            let code = r
+                .as_u64()
+                .ok_or_else(|| VisionError::config("resample", "must be a PIL filter code"))?;
+            p.filter = Filter::from_pil(code)?;
+        }
+        if !flag("do_rescale")? {
+            p.rescale_factor = 1.0;
+        } else if let Some(r) = v.get("rescale_factor") {
+            let f = r
+                .as_f64()
+                .filter(|f| f.is_finite() && *f > 0.0)
+                .ok_or_else(|| VisionError::config("rescale_factor", "must be a positive number"))?;
+            p.rescale_factor = f as f32;
+        }
+        let triple = |k: &str| -> Result<Option<[f32; 3]>> {
+            let Some(x) = v.get(k) else { return Ok(None) };
+            let err = || VisionError::config(k, "must be a number or a list of 3 numbers");
+            let vals: Vec<f64> = match x {
+                serde_json::Value::Number(n) => vec![n.as_f64().ok_or_else(err)?; 3],
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .map(|e| e.as_f64().ok_or_else(err))
+                    .collect::<Result<_>>()?,
+                _ => return Err(err()),
+            };
+            if vals.len() != 3 {
+                return Err(err());
+            }
+            Ok(Some([vals[0] as f32, vals[1] as f32, vals[2] as f32]))
+        };
+        if !flag("do_normalize")? {
+            p.image_mean = [0.0; 3];
+            p.image_std = [1.0; 3];
+        } else {
+            if let Some(m) = triple("image_mean")? {
+                p.image_mean = m;
+            }
+            if let Some(s) = triple("image_std")? {
+                if s.iter().any(|x| !(*x > 0.0)) {
+                    return Err(VisionError::config("image_std", "values must be > 0"));
+                }
+                p.image_std = s;
+            }
+        }
+        Ok(p)
+    }
+
     /// Rescales and normalises an RGB8 image into channels-first floats.
     ///
     /// # Shapes
