@@ -24,56 +24,126 @@
 //! through one batched matmul.
 
 use crate::error::Result;
+use crate::kernels::FusedAttention;
 use crate::weights::VisionWeights;
-use candle_core::{Device, Tensor};
-use candle_nn::{Linear, Module};
+use candle_core::{DType, Device, Tensor};
 
-pub struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    heads: usize,
-    head_dim: usize,
+/// `y = x W^T + b` with `W^T` stored contiguous `(in, out)`, so the matmul runs on a
+/// row-major 2-D operand pair (measured 1.7x faster in candle than multiplying by a
+/// transposed view).
+pub struct Dense {
+    /// `(in, out)`
+    wt: Tensor,
+    /// `(out)`
+    b: Tensor,
 }
 
-fn linear(w: &VisionWeights, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        w.get(&format!("{name}.weight"), &[out, inp])?,
-        Some(w.get(&format!("{name}.bias"), &[out])?),
-    ))
+impl Dense {
+    /// Loads `{name}.weight (out, in)` and `{name}.bias (out)`.
+    pub fn load(w: &VisionWeights, name: &str, out: usize, inp: usize) -> Result<Self> {
+        Self::from_parts(
+            &[&w.get(&format!("{name}.weight"), &[out, inp])?],
+            &[&w.get(&format!("{name}.bias"), &[out])?],
+        )
+    }
+
+    /// Stacks several projections of the same input into one (output rows concatenated).
+    pub fn from_parts(ws: &[&Tensor], bs: &[&Tensor]) -> Result<Self> {
+        Ok(Self {
+            wt: Tensor::cat(ws, 0)?.t()?.contiguous()?,
+            b: Tensor::cat(bs, 0)?,
+        })
+    }
+
+    /// # Shapes
+    /// `x: (..., in) -> (..., out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = dims[dims.len() - 1];
+        let rows = x.elem_count() / inp.max(1);
+        let y = x
+            .reshape((rows, inp))?
+            .matmul(&self.wt)?
+            .broadcast_add(&self.b)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.wt.dim(1)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+pub struct Attention {
+    /// q, k, v projections fused: `hidden -> 3 * hidden`.
+    qkv: Dense,
+    o: Dense,
+    heads: usize,
+    head_dim: usize,
 }
 
 impl Attention {
     /// Loads `{p}.q_proj`, `{p}.k_proj`, `{p}.v_proj`, `{p}.out_proj` (weight and bias).
     pub fn load(w: &VisionWeights, p: &str, hidden: usize, heads: usize) -> Result<Self> {
+        let get = |n: &str, shape: &[usize]| w.get(&format!("{p}.{n}"), shape);
+        let (d, hh) = (hidden, &[hidden, hidden][..]);
         Ok(Self {
-            q: linear(w, &format!("{p}.q_proj"), hidden, hidden)?,
-            k: linear(w, &format!("{p}.k_proj"), hidden, hidden)?,
-            v: linear(w, &format!("{p}.v_proj"), hidden, hidden)?,
-            o: linear(w, &format!("{p}.out_proj"), hidden, hidden)?,
+            qkv: Dense::from_parts(
+                &[
+                    &get("q_proj.weight", hh)?,
+                    &get("k_proj.weight", hh)?,
+                    &get("v_proj.weight", hh)?,
+                ],
+                &[
+                    &get("q_proj.bias", &[d])?,
+                    &get("k_proj.bias", &[d])?,
+                    &get("v_proj.bias", &[d])?,
+                ],
+            )?,
+            o: Dense::load(w, &format!("{p}.out_proj"), d, d)?,
             heads,
             head_dim: hidden / heads,
         })
     }
 
-    /// Softmax attention over each sequence of `x`, with an optional additive key mask.
+    /// Softmax attention over each sequence of `x`, with an optional additive key mask whose
+    /// row `i % m` applies to sequence `i`. `fast` picks the fused kernel (inference) or
+    /// candle ops (differentiable).
     ///
     /// # Shapes
-    /// `x: (n, t, hidden)`, `mask: (n, 1, 1, t)` -> `(n, t, hidden)` (before `out_proj`).
-    fn attend(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// `x: (n, t, hidden)`, `mask: (m, t)` -> `(n, t, hidden)` (before `out_proj`).
+    fn attend(&self, x: &Tensor, mask: Option<&Tensor>, fast: bool) -> Result<Tensor> {
         let (n, t, hdim) = x.dims3()?;
-        let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((n, t, self.heads, self.head_dim))?
+        let qkv = self.qkv.forward(x)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if fast && qkv.dtype() == DType::F32 {
+            let none;
+            let m = match mask {
+                Some(m) => m,
+                None => {
+                    none = Tensor::zeros((1, 0), DType::F32, x.device())?;
+                    &none
+                }
+            };
+            return Ok(qkv.contiguous()?.apply_op2_no_bwd(
+                &m.contiguous()?,
+                &FusedAttention {
+                    heads: self.heads,
+                    head_dim: self.head_dim,
+                    scale: scale as f32,
+                },
+            )?);
+        }
+        let split = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, i * hdim, hdim)?
+                .reshape((n, t, self.heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = split((self.q.forward(x)? * (1.0 / (self.head_dim as f64).sqrt()))?)?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
+        let (q, k, v) = ((split(0)? * scale)?, split(1)?, split(2)?);
         let mut s = q.matmul(&k.t()?)?;
         if let Some(m) = mask {
-            s = s.broadcast_add(m)?;
+            let rows = m.dim(0)?;
+            let m = m.unsqueeze(0)?.repeat((n / rows, 1, 1))?;
+            s = s.broadcast_add(&m.reshape((n, 1, 1, t))?)?;
         }
         let p = candle_nn::ops::softmax_last_dim(&s)?;
         Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((n, t, hdim))?)
@@ -83,8 +153,8 @@ impl Attention {
     ///
     /// # Shapes
     /// `x: (b, t, hidden) -> (b, t, hidden)`.
-    pub fn forward_global(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.o.forward(&self.attend(x, None)?)?)
+    pub fn forward_global(&self, x: &Tensor, fast: bool) -> Result<Tensor> {
+        self.o.forward(&self.attend(x, None, fast)?)
     }
 
     /// Register-Window attention (module docs), `r` registers first, then a `gh x gw` grid.
@@ -98,6 +168,7 @@ impl Attention {
         gh: usize,
         gw: usize,
         win: usize,
+        fast: bool,
     ) -> Result<Tensor> {
         let (b, _, d) = x.dims3()?;
         let (nh, nw) = (gh.div_ceil(win), gw.div_ceil(win));
@@ -136,15 +207,11 @@ impl Attention {
                     }
                 }
             }
-            let m = Tensor::from_vec(m, (1, nwin, 1, 1, r + win * win), &Device::Cpu)?;
-            Some(
-                m.repeat((b, 1, 1, 1, 1))?
-                    .reshape((b * nwin, 1, 1, r + win * win))?,
-            )
+            Some(Tensor::from_vec(m, (nwin, r + win * win), &Device::Cpu)?)
         } else {
             None
         };
-        let out = self.attend(&seq, mask.as_ref())?; // (b*nwin, r + win^2, d)
+        let out = self.attend(&seq, mask.as_ref(), fast)?; // (b*nwin, r + win^2, d)
         let reg_out = out.narrow(1, 0, r)?.reshape((b, nwin, r, d))?.mean(1)?;
         let patch_out = out
             .narrow(1, r, win * win)?
@@ -157,6 +224,6 @@ impl Attention {
             .contiguous()?
             .reshape((b, gh * gw, d))?;
         let merged = Tensor::cat(&[&reg_out, &patch_out], 1)?;
-        Ok(self.o.forward(&merged)?)
+        self.o.forward(&merged)
     }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod embeddings;
 pub mod error;
 pub mod image_io;
+pub mod kernels;
 pub mod preprocess;
 pub mod random;
 pub mod tiling;

@@ -2,13 +2,14 @@
 //! post-LayerNorm. One config switches between SigLIP's global attention and the paper's
 //! Register-Window attention.
 
-use crate::attention::Attention;
+use crate::attention::{Attention, Dense};
 use crate::config::{AttentionPattern, VisionConfig};
 use crate::embeddings::Embeddings;
 use crate::error::{Result, VisionError};
 use crate::weights::VisionWeights;
-use candle_core::Tensor;
-use candle_nn::{LayerNorm, Linear, Module};
+use crate::kernels::Act;
+use candle_core::{DType, Tensor};
+use candle_nn::{LayerNorm, Module};
 use std::path::Path;
 
 fn layer_norm(w: &VisionWeights, name: &str, d: usize, eps: f64) -> Result<LayerNorm> {
@@ -19,19 +20,12 @@ fn layer_norm(w: &VisionWeights, name: &str, d: usize, eps: f64) -> Result<Layer
     ))
 }
 
-fn linear(w: &VisionWeights, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        w.get(&format!("{name}.weight"), &[out, inp])?,
-        Some(w.get(&format!("{name}.bias"), &[out])?),
-    ))
-}
-
 struct Block {
     ln1: LayerNorm,
     attn: Attention,
     ln2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     /// Window side, or `None` for a global block.
     window: Option<usize>,
 }
@@ -44,6 +38,8 @@ pub struct VisionEncoder {
     registers: Option<Tensor>,
     blocks: Vec<Block>,
     post_ln: LayerNorm,
+    /// Fused kernels (inference) instead of differentiable candle ops.
+    fast: bool,
 }
 
 impl VisionEncoder {
@@ -80,8 +76,8 @@ impl VisionEncoder {
                         cfg.num_attention_heads,
                     )?,
                     ln2: layer_norm(w, &format!("{p}.layer_norm2"), d, eps)?,
-                    fc1: linear(w, &format!("{p}.mlp.fc1"), cfg.intermediate_size, d)?,
-                    fc2: linear(w, &format!("{p}.mlp.fc2"), d, cfg.intermediate_size)?,
+                    fc1: Dense::load(w, &format!("{p}.mlp.fc1"), cfg.intermediate_size, d)?,
+                    fc2: Dense::load(w, &format!("{p}.mlp.fc2"), d, cfg.intermediate_size)?,
                     window,
                 })
             })
@@ -91,6 +87,7 @@ impl VisionEncoder {
             registers,
             blocks,
             post_ln: layer_norm(w, "post_layernorm", d, eps)?,
+            fast: true,
             cfg,
         })
     }
@@ -123,10 +120,19 @@ impl VisionEncoder {
         &self.cfg
     }
 
+    /// Fused inference kernels (default) or plain candle ops, which are differentiable
+    /// (training) and serve as the reference the fused kernels are tested against.
+    pub fn set_fast_kernels(&mut self, on: bool) {
+        self.fast = on;
+    }
+
     fn act(&self, x: &Tensor) -> Result<Tensor> {
+        let fast = self.fast && x.dtype() == DType::F32;
         Ok(match self.cfg.hidden_act.as_str() {
             "gelu" => x.gelu_erf()?,
+            "quick_gelu" if fast => x.contiguous()?.apply_op1_no_bwd(&Act::QuickGelu)?,
             "quick_gelu" => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            _ if fast => x.contiguous()?.apply_op1_no_bwd(&Act::GeluTanh)?,
             _ => x.gelu()?,
         })
     }
@@ -148,8 +154,8 @@ impl VisionEncoder {
         for blk in &self.blocks {
             let hn = blk.ln1.forward(&x)?;
             let a = match blk.window {
-                None => blk.attn.forward_global(&hn)?,
-                Some(win) => blk.attn.forward_windowed(&hn, r, gh, gw, win)?,
+                None => blk.attn.forward_global(&hn, self.fast)?,
+                Some(win) => blk.attn.forward_windowed(&hn, r, gh, gw, win, self.fast)?,
             };
             x = (x + a)?;
             let hn = blk.ln2.forward(&x)?;

@@ -123,7 +123,7 @@ fn uneven_grid_padding_is_masked_exactly() {
             let sub = hn
                 .index_select(&Tensor::new(idx.as_slice(), &Device::Cpu).unwrap(), 1)
                 .unwrap();
-            let o = attn.forward_global(&sub).unwrap();
+            let o = attn.forward_global(&sub, false).unwrap();
             reg_sum = (reg_sum + o.narrow(1, 0, 1).unwrap()).unwrap();
             for (k, &i) in idx.iter().enumerate().skip(1) {
                 patch_out[i as usize - 1] = Some(o.narrow(1, k, 1).unwrap());
@@ -181,6 +181,38 @@ fn batching_tiles_equals_one_at_a_time_and_windows_differ_from_global() {
         max_diff(&glob, &all) > 1e-3,
         "window blocks must change the result"
     );
+}
+
+#[test]
+fn fused_kernels_equal_candle_ops_for_global_and_windowed_blocks() {
+    // the fused attention / activation kernels (inference) against the differentiable candle
+    // ops path, on an uneven grid (masked partial windows), 2 registers, batch 2, and both
+    // GELU variants
+    for (attention, act) in [
+        (AttentionPattern::Global, "gelu_pytorch_tanh"),
+        (
+            AttentionPattern::RegisterWindow {
+                window: 3,
+                global_layers: vec![1],
+                num_registers: 2,
+            },
+            "gelu_pytorch_tanh",
+        ),
+        (rw(4, vec![2]), "quick_gelu"),
+    ] {
+        let c = VisionConfig {
+            hidden_act: act.into(),
+            ..cfg(attention)
+        };
+        let mut enc = encoder(&c);
+        let x = pixels(2, 40, 56, 5);
+        let fast = enc.forward(&x).unwrap();
+        enc.set_fast_kernels(false);
+        let slow = enc.forward(&x).unwrap();
+        let d = max_diff(&fast, &slow);
+        println!("fused kernels vs candle ops ({:?}, {act}): max |diff| = {d:e}", c.attention);
+        assert!(d < 1e-5, "{d}");
+    }
 }
 
 #[test]
