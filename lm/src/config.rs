@@ -86,11 +86,51 @@ impl LmConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let cfg: LmConfig = serde_json::from_str(&text).map_err(|e| LmError::BadFile {
+        let bad = |reason: String| LmError::BadFile {
             path: path.to_path_buf(),
             format: "config.json",
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        Self::from_json(v).map_err(|e| match e {
+            LmError::Json(reason) => bad(reason),
+            e => e,
+        })
+    }
+
+    /// Parses and validates a config from JSON (a whole `config.json`, or the `text_config`
+    /// of a vision-language checkpoint).
+    ///
+    /// RoPE settings come from `rope_theta` (transformers 4) or from
+    /// `rope_parameters.rope_theta` (transformers 5); RoPE scaling of any type other than
+    /// `default` is refused rather than silently ignored.
+    pub fn from_json(mut v: serde_json::Value) -> Result<Self> {
+        let obj = v
+            .as_object_mut()
+            .ok_or_else(|| LmError::Json("the config is not a JSON object".into()))?;
+        for key in ["rope_parameters", "rope_scaling"] {
+            let Some(p) = obj.get(key).filter(|p| !p.is_null()).cloned() else {
+                continue;
+            };
+            let kind = p
+                .get("rope_type")
+                .or_else(|| p.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(LmError::config(
+                    key,
+                    format!("RoPE type `{kind}` is not supported (only `default`)"),
+                ));
+            }
+            if let Some(theta) = p.get("rope_theta") {
+                if obj.get("rope_theta").is_none_or(|t| t.is_null()) {
+                    obj.insert("rope_theta".into(), theta.clone());
+                }
+            }
+        }
+        let cfg: LmConfig =
+            serde_json::from_value(v).map_err(|e| LmError::Json(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -225,6 +265,21 @@ mod tests {
         .with_block_ratio(5, 3)
         .unwrap();
         assert_eq!(c56.num_kv_reuse_layers, 21);
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read_and_scaling_is_refused() {
+        let v = serde_json::json!({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4,
+            "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}});
+        assert_eq!(LmConfig::from_json(v.clone()).unwrap().rope_theta, 100000.0);
+        let mut w = v.clone();
+        w["rope_parameters"]["rope_type"] = "llama3".into();
+        let e = LmConfig::from_json(w).unwrap_err().to_string();
+        assert!(e.contains("rope_parameters") && e.contains("llama3"), "{e}");
+        let mut w = v;
+        w["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
+        assert!(LmConfig::from_json(w).unwrap_err().to_string().contains("rope_scaling"));
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum LmError {
     },
     #[error("config field `{field}`: {reason}")]
     Config { field: String, reason: String },
+    #[error("config: {0}")]
+    Json(String),
     #[error("tensor `{name}` is missing from the checkpoint")]
     MissingTensor { name: String },
     #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]

@@ -1,0 +1,101 @@
+//! Adapters from vision-encoder outputs to language-model input embeddings, behind one trait.
+//! This file holds the trait and the Idefics3 / SmolVLM connector (token-space pixel shuffle,
+//! then a linear projection).
+
+use crate::error::{FusionError, Result};
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+
+/// Turns encoded tiles into image embeddings for the language model.
+pub trait Adapter: Send + Sync {
+    /// Image tokens one tile becomes, for an encoder grid of `grid = (rows, cols)` patches.
+    fn tokens_per_tile(&self, grid: (usize, usize)) -> Result<usize>;
+
+    /// # Shapes
+    /// `x: (tiles, registers + rows*cols, vision_hidden)` -> `(tiles, tokens, lm_hidden)`.
+    fn forward(&self, x: &Tensor, grid: (usize, usize), registers: usize) -> Result<Tensor>;
+}
+
+/// Idefics3's connector: pixel shuffle by `scale` in token space (each `scale x scale` block
+/// of patch features becomes one feature `scale^2` times as wide, in transformers' order),
+/// then `modality_projection.proj` (no bias).
+pub struct PixelShuffleConnector {
+    scale: usize,
+    /// `(vision_hidden * scale^2, lm_hidden)`, transposed from the stored `(out, in)`.
+    proj_t: Tensor,
+}
+
+impl PixelShuffleConnector {
+    /// Loads `{prefix}modality_projection.proj.weight (lm_hidden, vision_hidden * scale^2)`,
+    /// with `prefix` = `model.connector.` in Idefics3 checkpoints.
+    pub fn load(
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        scale: usize,
+        vision_hidden: usize,
+        lm_hidden: usize,
+    ) -> Result<Self> {
+        let name = format!("{prefix}modality_projection.proj.weight");
+        let w = tensors
+            .get(&name)
+            .ok_or_else(|| FusionError::MissingTensor { name: name.clone() })?;
+        let want = [lm_hidden, vision_hidden * scale * scale];
+        if w.dims() != want {
+            return Err(FusionError::ShapeMismatch {
+                name,
+                expected: want.to_vec(),
+                got: w.dims().to_vec(),
+            });
+        }
+        Ok(Self {
+            scale,
+            proj_t: w.to_dtype(DType::F32)?.t()?.contiguous()?,
+        })
+    }
+
+    /// The pixel shuffle alone.
+    ///
+    /// # Shapes
+    /// `x: (b, h*w, d)` -> `(b, h*w / s^2, d * s^2)`.
+    pub fn pixel_shuffle(&self, x: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
+        let (b, seq, d) = x.dims3()?;
+        let (h, w) = grid;
+        let s = self.scale;
+        if h * w != seq || h % s != 0 || w % s != 0 {
+            return Err(FusionError::Invalid(format!(
+                "pixel shuffle by {s} needs a grid divisible by {s}; got {h}x{w} for {seq} tokens"
+            )));
+        }
+        // transformers: view(b, h, w/s, d*s) -> permute(0,2,1,3) -> reshape(b, w/s, h/s, d*s*s)
+        // -> permute(0,2,1,3) -> reshape(b, seq/s^2, d*s^2)
+        Ok(x.reshape((b, h, w / s, d * s))?
+            .permute((0, 2, 1, 3))?
+            .contiguous()?
+            .reshape((b, w / s, h / s, d * s * s))?
+            .permute((0, 2, 1, 3))?
+            .contiguous()?
+            .reshape((b, seq / (s * s), d * s * s))?)
+    }
+}
+
+impl Adapter for PixelShuffleConnector {
+    fn tokens_per_tile(&self, grid: (usize, usize)) -> Result<usize> {
+        let s = self.scale;
+        if grid.0 % s != 0 || grid.1 % s != 0 {
+            return Err(FusionError::Invalid(format!(
+                "a {}x{} patch grid does not divide by the pixel-shuffle factor {s}",
+                grid.0, grid.1
+            )));
+        }
+        Ok(grid.0 / s * (grid.1 / s))
+    }
+
+    fn forward(&self, x: &Tensor, grid: (usize, usize), registers: usize) -> Result<Tensor> {
+        let x = x.narrow(1, registers, x.dim(1)? - registers)?;
+        let y = self.pixel_shuffle(&x, grid)?;
+        let (b, t, k) = y.dims3()?;
+        Ok(y.reshape((b * t, k))?
+            .matmul(&self.proj_t)?
+            .reshape((b, t, ()))?)
+    }
+}

@@ -1,0 +1,584 @@
+//! `Vlm`: a vision encoder, an adapter and any [`LanguageModel`] behind caption / ask /
+//! describe-screen / chat calls. The model is `Send + Sync` and holds no per-request state
+//! except a small cache of encoded images (so a second question about the same image does
+//! not run the encoder again); every request gets its own LM cache.
+
+use crate::config::Idefics3Config;
+use crate::connector::{Adapter, PixelShuffleConnector};
+use crate::error::{FusionError, Result};
+use crate::processor::{ImagePlan, Idefics3Processor};
+use afm_lm::weights::WeightSource;
+use afm_lm::{DeviceModel, GenerateOptions, Generation, LanguageModel, Tokenizer};
+use afm_vision::weights::VisionWeights;
+use afm_vision::VisionEncoder;
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// The placeholder a chat template writes where an image goes.
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
+
+/// Encoded images kept for re-use.
+const IMAGE_CACHE_ENTRIES: usize = 8;
+
+/// One image, encoded and projected into the LM's embedding space.
+#[derive(Debug)]
+pub struct EncodedImage {
+    pub plan: ImagePlan,
+    /// `(image_tokens, lm_hidden)`, in prompt order (tiles row-major, global image last).
+    pub embeds: Tensor,
+    /// Time the encoder and adapter took (0 when served from the cache).
+    pub encode_secs: f64,
+    pub from_cache: bool,
+}
+
+/// A piece of a chat message.
+#[derive(Debug, Clone)]
+pub enum Part {
+    Text(String),
+    Image(Arc<EncodedImage>),
+}
+
+/// One chat turn with text and images.
+#[derive(Debug, Clone)]
+pub struct ChatMessage {
+    pub role: String,
+    pub parts: Vec<Part>,
+}
+
+impl ChatMessage {
+    pub fn user(parts: Vec<Part>) -> Self {
+        Self {
+            role: "user".into(),
+            parts,
+        }
+    }
+    pub fn assistant(text: impl Into<String>) -> Self {
+        Self {
+            role: "assistant".into(),
+            parts: vec![Part::Text(text.into())],
+        }
+    }
+}
+
+/// Options of one request.
+#[derive(Debug, Clone, Default)]
+pub struct AskOptions {
+    pub generate: GenerateOptions,
+    /// Budget of image tokens per image (`None`: the checkpoint's full resolution).
+    pub max_image_tokens: Option<usize>,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub generation: Generation,
+    pub plan: ImagePlan,
+    pub encode_secs: f64,
+    pub image_from_cache: bool,
+    /// Prompt tokens, image tokens included.
+    pub prompt_tokens: usize,
+}
+
+/// The request text behind [`Vlm::caption`].
+pub const CAPTION_PROMPT: &str = "Describe this image.";
+/// The request text behind [`Vlm::describe_screen`].
+pub const SCREEN_PROMPT: &str =
+    "Describe this screenshot: the window title, the controls and what they say.";
+
+#[derive(Serialize)]
+struct TemplatePart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct TemplateMessage<'a> {
+    role: &'a str,
+    content: Vec<TemplatePart<'a>>,
+}
+
+/// A vision-language model over any language model.
+pub struct Vlm<M: LanguageModel> {
+    lm: M,
+    encoder: VisionEncoder,
+    adapter: Box<dyn Adapter>,
+    tokenizer: Tokenizer,
+    processor: Idefics3Processor,
+    chat_template: String,
+    image_token_id: u32,
+    images: Mutex<VecDeque<(u64, Arc<EncodedImage>)>>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FusionError + '_ {
+    move |source| FusionError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The chat template of a checkpoint directory: `chat_template.jinja`, `chat_template.json`
+/// (`{"chat_template": ...}`), then `tokenizer_config.json`'s.
+fn chat_template(dir: &Path, tok: &Tokenizer) -> Result<String> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.exists() {
+        return std::fs::read_to_string(&jinja).map_err(io(&jinja));
+    }
+    let json = dir.join("chat_template.json");
+    if json.exists() {
+        let text = std::fs::read_to_string(&json).map_err(io(&json))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| FusionError::BadFile {
+                path: json.clone(),
+                format: "chat_template.json",
+                reason: e.to_string(),
+            })?;
+        return v
+            .get("chat_template")
+            .and_then(|t| t.as_str())
+            .map(String::from)
+            .ok_or_else(|| FusionError::BadFile {
+                path: json,
+                format: "chat_template.json",
+                reason: "no `chat_template` string".into(),
+            });
+    }
+    tok.chat_template().map(String::from).ok_or_else(|| {
+        FusionError::BadFile {
+            path: dir.to_path_buf(),
+            format: "checkpoint directory",
+            reason: "no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)".into(),
+        }
+    })
+}
+
+impl Vlm<DeviceModel> {
+    /// Loads an Idefics3 / SmolVLM checkpoint directory in its HF layout: `config.json`,
+    /// `*.safetensors` (`model.vision_model.*`, `model.connector.*`, `model.text_model.*`,
+    /// `lm_head.weight`), `tokenizer.json`, `tokenizer_config.json`, the chat template and
+    /// `preprocessor_config.json` / `processor_config.json`. Reads local files only.
+    pub fn load_idefics3(dir: &Path) -> Result<Self> {
+        let cfg = Idefics3Config::from_file(&dir.join("config.json"))?;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(FusionError::BadFile {
+                path: dir.to_path_buf(),
+                format: "checkpoint directory",
+                reason: "no .safetensors file".into(),
+            });
+        }
+        let mut all = HashMap::new();
+        for f in &files {
+            let bytes = std::fs::read(f).map_err(io(f))?;
+            let t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+                FusionError::BadFile {
+                    path: f.clone(),
+                    format: "safetensors",
+                    reason: e.to_string(),
+                }
+            })?;
+            all.extend(t);
+        }
+        let mut vision = HashMap::new();
+        let mut text = HashMap::new();
+        let mut rest = HashMap::new();
+        for (k, v) in all {
+            if k.contains("vision_model.") {
+                vision.insert(k, v);
+            } else if let Some(r) = k.strip_prefix("model.text_model.") {
+                text.insert(format!("model.{r}"), v);
+            } else if k == "lm_head.weight" {
+                text.insert(k, v);
+            } else {
+                rest.insert(k, v);
+            }
+        }
+        let encoder = VisionEncoder::new(&VisionWeights::from_tensors(vision)?, cfg.vision.clone())?;
+        let adapter = PixelShuffleConnector::load(
+            &rest,
+            "model.connector.",
+            cfg.scale_factor,
+            cfg.vision.hidden_size,
+            cfg.text.hidden_size,
+        )?;
+        let mut tcfg = cfg.text.clone();
+        tcfg.tie_word_embeddings = !text.contains_key("lm_head.weight");
+        let lm = DeviceModel::from_source(
+            &WeightSource::Safetensors {
+                tensors: text,
+                paths: files,
+            },
+            tcfg,
+        )?;
+        let mut tokenizer = Tokenizer::from_dir(dir)?;
+        let template = chat_template(dir, &tokenizer)?;
+        for stop in ["<end_of_utterance>", "<|im_end|>"] {
+            if let Some(id) = tokenizer.token_to_id(stop) {
+                tokenizer.add_eos_id(id);
+            }
+        }
+        let processor = Idefics3Processor::from_dir(dir, cfg.tokens_per_tile())?;
+        if processor.image_seq_len != cfg.tokens_per_tile() {
+            return Err(FusionError::config(
+                "image_seq_len",
+                format!(
+                    "the processor puts {} <image> tokens per tile but the connector makes {}",
+                    processor.image_seq_len,
+                    cfg.tokens_per_tile()
+                ),
+            ));
+        }
+        if processor.tile as usize != cfg.vision.image_size {
+            return Err(FusionError::config(
+                "max_image_size",
+                format!(
+                    "tiles of {} px do not match the encoder's {} px",
+                    processor.tile, cfg.vision.image_size
+                ),
+            ));
+        }
+        Self::new(lm, encoder, Box::new(adapter), tokenizer, processor, template, cfg.image_token_id)
+    }
+}
+
+impl<M: LanguageModel> Vlm<M> {
+    /// Assembles a pipeline from parts (any language model behind the common trait).
+    pub fn new(
+        lm: M,
+        encoder: VisionEncoder,
+        adapter: Box<dyn Adapter>,
+        tokenizer: Tokenizer,
+        processor: Idefics3Processor,
+        chat_template: String,
+        image_token_id: u32,
+    ) -> Result<Self> {
+        for t in [IMAGE_PLACEHOLDER, "<fake_token_around_image>", "<global-img>"] {
+            if tokenizer.token_to_id(t).is_none() {
+                return Err(FusionError::config(
+                    "tokenizer",
+                    format!("the vocabulary has no `{t}` token"),
+                ));
+            }
+        }
+        if tokenizer.token_to_id(IMAGE_PLACEHOLDER) != Some(image_token_id) {
+            return Err(FusionError::config(
+                "image_token_id",
+                format!(
+                    "{image_token_id} is not the tokenizer's `<image>` ({:?})",
+                    tokenizer.token_to_id(IMAGE_PLACEHOLDER)
+                ),
+            ));
+        }
+        Ok(Self {
+            lm,
+            encoder,
+            adapter,
+            tokenizer,
+            processor,
+            chat_template,
+            image_token_id,
+            images: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    pub fn lm(&self) -> &M {
+        &self.lm
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    pub fn processor(&self) -> &Idefics3Processor {
+        &self.processor
+    }
+    /// Changes the image processing (e.g. image splitting); clears the encoded-image cache.
+    pub fn processor_mut(&mut self) -> &mut Idefics3Processor {
+        self.images
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        &mut self.processor
+    }
+    pub fn encoder(&self) -> &VisionEncoder {
+        &self.encoder
+    }
+
+    /// What an image of `w x h` will cost under a budget, without running anything.
+    pub fn plan(&self, w: u32, h: u32, max_image_tokens: Option<usize>) -> Result<ImagePlan> {
+        self.processor.plan(w, h, max_image_tokens)
+    }
+
+    /// Image embeddings from encoder pixel values (no cache).
+    ///
+    /// # Shapes
+    /// `pixels: (tiles, 3, tile, tile)` -> `(tiles * tokens_per_tile, lm_hidden)`.
+    pub fn embed_pixels(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = pixels.dims4()?;
+        let p = self.encoder.config().patch_size;
+        let x = self.encoder.forward(pixels)?;
+        let y = self.adapter.forward(
+            &x,
+            (h / p, w / p),
+            self.encoder.config().num_registers(),
+        )?;
+        let (tiles, t, d) = y.dims3()?;
+        Ok(y.reshape((tiles * t, d))?)
+    }
+
+    /// Encodes an image (or returns the cached encoding of the same pixels and budget).
+    pub fn encode_image(
+        &self,
+        img: &RgbImage,
+        max_image_tokens: Option<usize>,
+    ) -> Result<Arc<EncodedImage>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        img.dimensions().hash(&mut h);
+        img.as_raw().hash(&mut h);
+        max_image_tokens.hash(&mut h);
+        let key = h.finish();
+        {
+            let cache = self.images.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, e)) = cache.iter().find(|(k, _)| *k == key) {
+                return Ok(Arc::new(EncodedImage {
+                    plan: e.plan.clone(),
+                    embeds: e.embeds.clone(),
+                    encode_secs: 0.0,
+                    from_cache: true,
+                }));
+            }
+        }
+        let t0 = Instant::now();
+        let plan = self.processor.plan(img.width(), img.height(), max_image_tokens)?;
+        let pixels = self.processor.pixel_values(img, &plan)?;
+        let embeds = self.embed_pixels(&pixels)?.to_dtype(DType::F32)?;
+        let enc = Arc::new(EncodedImage {
+            plan,
+            embeds,
+            encode_secs: t0.elapsed().as_secs_f64(),
+            from_cache: false,
+        });
+        let mut cache = self.images.lock().unwrap_or_else(|e| e.into_inner());
+        cache.push_back((key, enc.clone()));
+        while cache.len() > IMAGE_CACHE_ENTRIES {
+            cache.pop_front();
+        }
+        Ok(enc)
+    }
+
+    /// Renders a chat with the checkpoint's template and expands every image placeholder.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        let mut images = Vec::new();
+        let tm: Vec<TemplateMessage> = messages
+            .iter()
+            .map(|m| {
+                let content = m
+                    .parts
+                    .iter()
+                    .map(|p| match p {
+                        Part::Text(t) => {
+                            if t.contains(IMAGE_PLACEHOLDER) {
+                                return Err(FusionError::Invalid(format!(
+                                    "message text may not contain the image placeholder `{IMAGE_PLACEHOLDER}`"
+                                )));
+                            }
+                            Ok(TemplatePart {
+                                kind: "text",
+                                text: Some(t),
+                            })
+                        }
+                        Part::Image(e) => {
+                            images.push(e.clone());
+                            Ok(TemplatePart {
+                                kind: "image",
+                                text: None,
+                            })
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(TemplateMessage {
+                    role: &m.role,
+                    content,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let name = |id: Option<u32>| {
+            id.and_then(|i| self.tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let text = afm_lm::chat::render(
+            &self.chat_template,
+            &tm,
+            &name(self.tokenizer.bos_id()),
+            &name(self.tokenizer.eos_ids().first().copied()),
+        )?;
+        let pieces: Vec<&str> = text.split(IMAGE_PLACEHOLDER).collect();
+        if pieces.len() - 1 != images.len() {
+            return Err(FusionError::PlaceholderMismatch {
+                placeholders: pieces.len() - 1,
+                embeddings: images.len(),
+            });
+        }
+        let mut out = String::from(pieces[0]);
+        for (img, piece) in images.iter().zip(&pieces[1..]) {
+            out.push_str(&self.processor.image_prompt(&img.plan));
+            out.push_str(piece);
+        }
+        Ok(out)
+    }
+
+    /// Token ids and input embeddings of a chat, image embeddings spliced in at the
+    /// `<image>` positions. The number of placeholders must equal the number of image
+    /// embeddings.
+    ///
+    /// # Shapes
+    /// `-> (ids: t, embeds: (t, lm_hidden))`.
+    pub fn prepare(&self, messages: &[ChatMessage]) -> Result<(Vec<u32>, Tensor)> {
+        let text = self.render(messages)?;
+        let ids = self.tokenizer.encode(&text)?;
+        let images: Vec<&Tensor> = messages
+            .iter()
+            .flat_map(|m| m.parts.iter())
+            .filter_map(|p| match p {
+                Part::Image(e) => Some(&e.embeds),
+                _ => None,
+            })
+            .collect();
+        let image = if images.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&images, 0)?)
+        };
+        let embeds = splice(&self.lm, &ids, self.image_token_id, image.as_ref())?;
+        Ok((ids, embeds))
+    }
+
+    /// Generates the assistant's next turn of a chat.
+    pub fn chat(
+        &self,
+        messages: &[ChatMessage],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let (ids, embeds) = self.prepare(messages)?;
+        Ok(afm_lm::generate_from_embeds(
+            &self.lm,
+            &self.tokenizer,
+            &embeds,
+            &ids,
+            opts,
+            on_text,
+        )?)
+    }
+
+    /// Answers a question about an image, streaming the answer to `on_text`.
+    pub fn ask(
+        &self,
+        img: &RgbImage,
+        question: &str,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        let enc = self.encode_image(img, opts.max_image_tokens)?;
+        let msgs = [ChatMessage::user(vec![
+            Part::Image(enc.clone()),
+            Part::Text(question.to_string()),
+        ])];
+        let (ids, embeds) = self.prepare(&msgs)?;
+        let generation = afm_lm::generate_from_embeds(
+            &self.lm,
+            &self.tokenizer,
+            &embeds,
+            &ids,
+            &opts.generate,
+            on_text,
+        )?;
+        Ok(Answer {
+            generation,
+            plan: enc.plan.clone(),
+            encode_secs: enc.encode_secs,
+            image_from_cache: enc.from_cache,
+            prompt_tokens: ids.len(),
+        })
+    }
+
+    /// A caption of an image.
+    pub fn caption(
+        &self,
+        img: &RgbImage,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        self.ask(img, CAPTION_PROMPT, opts, on_text)
+    }
+
+    /// A description of a screenshot, at the checkpoint's full resolution unless the caller
+    /// sets a budget.
+    pub fn describe_screen(
+        &self,
+        img: &RgbImage,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        self.ask(img, SCREEN_PROMPT, opts, on_text)
+    }
+}
+
+/// Text embeddings of `ids` with the rows of `image` put at the positions of `image_token`.
+///
+/// # Shapes
+/// `ids: t`, `image: (n, hidden)` with `n` = count of `image_token` in `ids` -> `(t, hidden)`.
+pub fn splice<M: LanguageModel + ?Sized>(
+    lm: &M,
+    ids: &[u32],
+    image_token: u32,
+    image: Option<&Tensor>,
+) -> Result<Tensor> {
+    let n_place = ids.iter().filter(|&&i| i == image_token).count();
+    let n_img = match image {
+        Some(t) => t.dim(0)?,
+        None => 0,
+    };
+    if n_place != n_img {
+        return Err(FusionError::PlaceholderMismatch {
+            placeholders: n_place,
+            embeddings: n_img,
+        });
+    }
+    let text = lm.embed_tokens(ids)?;
+    let Some(image) = image else { return Ok(text) };
+    let hidden = lm.info().hidden_size;
+    if image.dim(1)? != hidden {
+        return Err(FusionError::Invalid(format!(
+            "image embeddings are {} wide, the language model {hidden}",
+            image.dim(1)?
+        )));
+    }
+    let image = image.to_dtype(text.dtype())?;
+    let mut pieces = Vec::new();
+    let (mut i, mut used) = (0, 0);
+    while i < ids.len() {
+        let is_img = ids[i] == image_token;
+        let start = i;
+        while i < ids.len() && (ids[i] == image_token) == is_img {
+            i += 1;
+        }
+        if is_img {
+            pieces.push(image.narrow(0, used, i - start)?);
+            used += i - start;
+        } else {
+            pieces.push(text.narrow(0, start, i - start)?);
+        }
+    }
+    Ok(Tensor::cat(&pieces, 0)?)
+}
