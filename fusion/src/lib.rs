@@ -2,15 +2,17 @@
 //!
 //! Joins the vision encoder (`afm-vision`) and any language model behind
 //! [`afm_lm::LanguageModel`]: adapters that turn encoded tiles into image embeddings
-//! (the Idefics3 / SmolVLM pixel-shuffle connector), the Idefics3 image processor and prompt
+//! (the paper's adapter and the Idefics3 / SmolVLM pixel-shuffle connector), the Idefics3 image processor and prompt
 //! expansion, and [`Vlm`] with caption / ask / describe-screen / chat calls.
 
+pub mod afm_adapter;
 pub mod config;
 pub mod connector;
 pub mod error;
 pub mod processor;
 pub mod vlm;
 
+pub use afm_adapter::{AfmAdapter, AfmAdapterConfig};
 pub use config::Idefics3Config;
 pub use connector::{Adapter, PixelShuffleConnector};
 pub use error::{FusionError, Result};

@@ -20,7 +20,9 @@ fn layer_norm(w: &VisionWeights, name: &str, d: usize, eps: f64) -> Result<Layer
     ))
 }
 
-struct Block {
+/// One pre-norm encoder block: LayerNorm, attention (global or Register-Window), residual,
+/// LayerNorm, GELU MLP, residual. Public so adapters can reuse it as their transformer layer.
+pub struct Block {
     ln1: LayerNorm,
     attn: Attention,
     ln2: LayerNorm,
@@ -28,6 +30,64 @@ struct Block {
     fc2: Dense,
     /// Window side, or `None` for a global block.
     window: Option<usize>,
+    act: String,
+}
+
+impl Block {
+    /// Loads `{p}.layer_norm1`, `{p}.self_attn.{q,k,v,out}_proj`, `{p}.layer_norm2`,
+    /// `{p}.mlp.fc1`, `{p}.mlp.fc2` (weight and bias each) at the widths of `cfg`.
+    pub fn load(
+        w: &VisionWeights,
+        p: &str,
+        cfg: &VisionConfig,
+        window: Option<usize>,
+    ) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Ok(Block {
+            ln1: layer_norm(w, &format!("{p}.layer_norm1"), d, eps)?,
+            attn: Attention::load(w, &format!("{p}.self_attn"), d, cfg.num_attention_heads)?,
+            ln2: layer_norm(w, &format!("{p}.layer_norm2"), d, eps)?,
+            fc1: Dense::load(w, &format!("{p}.mlp.fc1"), cfg.intermediate_size, d)?,
+            fc2: Dense::load(w, &format!("{p}.mlp.fc2"), d, cfg.intermediate_size)?,
+            window,
+            act: cfg.hidden_act.clone(),
+        })
+    }
+
+    fn act(&self, x: &Tensor, fast: bool) -> Result<Tensor> {
+        let fast = fast && x.dtype() == DType::F32;
+        Ok(match self.act.as_str() {
+            "gelu" => x.gelu_erf()?,
+            "quick_gelu" if fast => x.contiguous()?.apply_op1_no_bwd(&Act::QuickGelu)?,
+            "quick_gelu" => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            _ if fast => x.contiguous()?.apply_op1_no_bwd(&Act::GeluTanh)?,
+            _ => x.gelu()?,
+        })
+    }
+
+    /// `fast` picks the fused inference kernels; `false` runs differentiable candle ops.
+    ///
+    /// # Shapes
+    /// `x: (b, registers + gh*gw, hidden) -> (b, registers + gh*gw, hidden)`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        registers: usize,
+        grid: (usize, usize),
+        fast: bool,
+    ) -> Result<Tensor> {
+        let hn = self.ln1.forward(x)?;
+        let a = match self.window {
+            None => self.attn.forward_global(&hn, fast)?,
+            Some(win) => self
+                .attn
+                .forward_windowed(&hn, registers, grid.0, grid.1, win, fast)?,
+        };
+        let x = (x + a)?;
+        let hn = self.ln2.forward(&x)?;
+        let m = self.fc2.forward(&self.act(&self.fc1.forward(&hn)?, fast)?)?;
+        Ok((x + m)?)
+    }
 }
 
 /// The vision encoder.
@@ -58,7 +118,6 @@ impl VisionEncoder {
         };
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let p = format!("encoder.layers.{i}");
                 let window = match &cfg.attention {
                     AttentionPattern::Global => None,
                     AttentionPattern::RegisterWindow {
@@ -67,19 +126,7 @@ impl VisionEncoder {
                         ..
                     } => (!global_layers.contains(&i)).then_some(*window),
                 };
-                Ok(Block {
-                    ln1: layer_norm(w, &format!("{p}.layer_norm1"), d, eps)?,
-                    attn: Attention::load(
-                        w,
-                        &format!("{p}.self_attn"),
-                        d,
-                        cfg.num_attention_heads,
-                    )?,
-                    ln2: layer_norm(w, &format!("{p}.layer_norm2"), d, eps)?,
-                    fc1: Dense::load(w, &format!("{p}.mlp.fc1"), cfg.intermediate_size, d)?,
-                    fc2: Dense::load(w, &format!("{p}.mlp.fc2"), d, cfg.intermediate_size)?,
-                    window,
-                })
+                Block::load(w, &format!("encoder.layers.{i}"), &cfg, window)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -126,17 +173,6 @@ impl VisionEncoder {
         self.fast = on;
     }
 
-    fn act(&self, x: &Tensor) -> Result<Tensor> {
-        let fast = self.fast && x.dtype() == DType::F32;
-        Ok(match self.cfg.hidden_act.as_str() {
-            "gelu" => x.gelu_erf()?,
-            "quick_gelu" if fast => x.contiguous()?.apply_op1_no_bwd(&Act::QuickGelu)?,
-            "quick_gelu" => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
-            _ if fast => x.contiguous()?.apply_op1_no_bwd(&Act::GeluTanh)?,
-            _ => x.gelu()?,
-        })
-    }
-
     /// Encodes a batch of tiles (all the same size).
     ///
     /// # Shapes
@@ -152,15 +188,7 @@ impl VisionEncoder {
             x = Tensor::cat(&[&regs, &x], 1)?;
         }
         for blk in &self.blocks {
-            let hn = blk.ln1.forward(&x)?;
-            let a = match blk.window {
-                None => blk.attn.forward_global(&hn, self.fast)?,
-                Some(win) => blk.attn.forward_windowed(&hn, r, gh, gw, win, self.fast)?,
-            };
-            x = (x + a)?;
-            let hn = blk.ln2.forward(&x)?;
-            let m = blk.fc2.forward(&self.act(&blk.fc1.forward(&hn)?)?)?;
-            x = (x + m)?;
+            x = blk.forward(&x, r, (gh, gw), self.fast)?;
         }
         Ok(self.post_ln.forward(&x)?)
     }

@@ -45,6 +45,14 @@ impl VisionWeights {
         Ok(Self { tensors, prefix })
     }
 
+    /// Tensors under an explicit prefix (adapters, or towers saved without embeddings).
+    pub fn with_prefix(tensors: HashMap<String, Tensor>, prefix: impl Into<String>) -> Self {
+        Self {
+            tensors,
+            prefix: prefix.into(),
+        }
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
