@@ -1,121 +1,152 @@
 #!/usr/bin/env python3
-"""HF transformers references for SmolVLM / Idefics3 (Idefics3ForConditionalGeneration).
+r"""HF transformers references for SmolVLM / Idefics3 (Idefics3ForConditionalGeneration).
 
 Usage:
-    HF_HUB_OFFLINE=1 python scripts/ref_hf_idefics3.py [--full DIR]
-(needs torch, transformers >= 5, tokenizers, safetensors, pillow, numpy; --full also needs `gguf`
-and models/SmolLM2-135M-Instruct.Q4_1.gguf, which it fetches with scripts/fetch_smollm2.sh.)
-Nothing is downloaded from the HF hub; every model is built from a config with seeded random
-weights. The run is deterministic: two runs write byte-identical files.
+    HF_HUB_OFFLINE=1 python scripts/ref_hf_idefics3.py [--full DIR [--skip-tiny]]
+(needs torch, transformers >= 5, tokenizers, safetensors, pillow, numpy; --full also needs the
+`gguf` package and models/SmolLM2-135M-Instruct.Q4_1.gguf, fetched with scripts/fetch_smollm2.sh
+when absent.) Nothing comes from the HF hub: every model is built from a config with seeded random
+weights, run on CPU with 1 thread (REF_THREADS to change). Deterministic: two runs of the tiny
+part write byte-identical files. Versions used: ref.json["torch"], ["transformers"].
 
-TINY fixture: tests/fixtures/hf_tiny_idefics3/ (committed, ~1.2 MB)
-======================================================================
-A complete HF checkpoint directory as Idefics3ForConditionalGeneration.save_pretrained and
-Idefics3Processor.save_pretrained write it:
-  config.json, generation_config.json, model.safetensors (all f32)  -- the model
-  tokenizer.json, tokenizer_config.json, chat_template.jinja         -- the tokenizer
-  preprocessor_config.json, processor_config.json                    -- the processor
-(plus whatever other file transformers writes; the listing is in ref.json["files"]).
+TINY fixture: tests/fixtures/hf_tiny_idefics3/ (committed, 1.2 MB)
+==================================================================
+A complete HF checkpoint directory, exactly what Idefics3ForConditionalGeneration.save_pretrained
++ Idefics3Processor.save_pretrained (transformers 5) write, reloaded by the script before use:
+  config.json, generation_config.json, model.safetensors (f32, "model.vision_model.*",
+    "model.connector.modality_projection.proj.weight", "model.text_model.*", "lm_head.weight")
+  tokenizer.json, tokenizer_config.json, chat_template.jinja
+  processor_config.json -- transformers 5 writes NO preprocessor_config.json and no
+    special_tokens_map.json: the image-processor settings are the "image_processor" object inside
+    processor_config.json (with "image_processor_type": "Idefics3ImageProcessor" although the PIL
+    backend wrote it), next to "image_seq_len" and "processor_class". (Hub checkpoints saved by
+    transformers 4 have preprocessor_config.json with the same keys and chat_template.json.)
+plus the inputs sample.png, wide.png and the references ref.json and *.f32 (below).
 
-Model (config.json): model_type "idefics3", scale_factor 2, image_token_id = id of "<image>",
-tie_word_embeddings false (lm_head.weight is stored).
-  vision_config (SigLIP-style, model_type idefics3_vision): hidden 32, intermediate 64, 2 layers,
-    4 heads, patch 8, image_size 64 (8x8 = 64 patches per tile), layer_norm_eps 1e-6,
-    gelu_pytorch_tanh.
-  connector: pixel shuffle by 2 (64 patches x 32 -> 16 tokens x 128) then a bias-free linear
-    128 -> 64 (model.connector.modality_projection.proj.weight): 16 image tokens per tile.
+Model (config.json): model_type "idefics3", scale_factor 2, image_token_id 438 ("<image>"),
+tie_word_embeddings false (lm_head.weight is stored), attention "sdpa".
+  vision_config (model_type idefics3_vision = SigLIP): hidden 32, intermediate 64, 2 layers,
+    4 heads, patch 8, image_size 64 (8x8 = 64 patches per tile, positions 0..63 for a full
+    tile), layer_norm_eps 1e-6, gelu_pytorch_tanh.
+  connector: pixel shuffle by s=2 then a bias-free linear 128 -> 64: 16 image tokens per tile.
+    Pixel shuffle (Idefics3Connector.pixel_shuffle), patches x[r][c][ch] on the 8x8 grid ->
+    token (R, C) of the 4x4 grid (row-major) has feature ((dy*s + dx)*32 + ch) = x[R*s+dy][C*s+dx][ch].
   text_config (llama): hidden 64, intermediate 128, 2 layers, 4 heads, 2 kv heads, head_dim 16,
-    vocab 448, rms_norm_eps 1e-5, rope_theta 100000 (default rope), tie_word_embeddings false.
+    vocab 448, rms_norm_eps 1e-5, rope_parameters {rope_type default, rope_theta 100000},
+    max_position_embeddings 2048, bos 1, eos 447, pad 2, tie_word_embeddings false.
   Weights: torch.manual_seed(4), then in named_parameters() order: norm weights 1 + 0.1 N(0,1),
     norm biases 0.1 N(0,1), vision position_embedding 0.5 N(0,1), text embed_tokens 0.5 N(0,1)
     (so text embeddings are not drowned by the image features), lm_head 0.2 N(0,1) (logits with
     std ~1.6), the LM's q_proj/k_proj 0.25 N(0,1) (peaked attention, so that the image and the
     tile order visibly change the logits: swapping two tiles moves them by ~0.8), everything
-    else (incl. biases) 0.05 N(0,1). The seed is the first that gave no top-2 gap below 1e-3.
+    else (incl. biases) 0.05 N(0,1). Seed 4 is the first that gave no top-2 gap below 1e-3.
 
-Tokenizer (tokenizer.json, a tokenizers byte-level BPE trained on the inline TRAIN_TEXT):
-  pre-tokenizer Sequence[Digits(individual), ByteLevel(add_prefix_space=false, use_regex)],
-  ByteLevel decoder, no normalizer, no post-processor (nothing is added when encoding; the chat
-  template writes <|im_start|> itself). Ids, laid out like SmolVLM's (global-img, row/col, fake,
-  image right after the base vocabulary, <end_of_utterance> the last id):
+Tokenizer (tokenizer.json; a byte-level BPE trained with `tokenizers` on the inline TRAIN_TEXT):
+  pre-tokenizer Sequence[Digits(individual_digits), ByteLevel(add_prefix_space=false, use_regex)]
+  (SmolLM2's), ByteLevel decoder, no normalizer, a post-processor that adds nothing (the chat
+  template writes <|im_start|> itself). Ids, laid out like SmolVLM's (added tokens right after
+  the base vocabulary, <end_of_utterance> the last id):
     0 <|endoftext|> (unk)   1 <|im_start|> (bos)   2 <|im_end|> (pad)   3..399 bytes + merges
     400 <global-img>   401 + 6*(i-1) + (j-1) <row_i_col_j> (i, j in 1..6; 401..436)
     437 <fake_token_around_image>   438 <image>   439..446 <|reserved_special_token_0..7|>
     447 <end_of_utterance> (eos)     -> 448 tokens == text vocab_size.
-  All added tokens are special, normalized=false (matched verbatim before pre-tokenization).
-  The real SmolVLM-256M ids are in the --full section below.
+  All added tokens are special, normalized=false: matched verbatim before pre-tokenization.
+  "\n\n" is two tokens (201 201) here; in SmolLM2's real vocabulary it is one (1116), so build
+  input ids by tokenizing the expanded prompt, not by hand.
 
-Chat template (chat_template.jinja), SmolVLM-256M-Instruct's (HuggingFaceM4/SmolVLM-256M-Instruct,
-  chat_template.json; written here from that file, which is the Idefics2/3 template with a leading
-  <|im_start|>, not downloaded):
-    <|im_start|> once, then per message: Role capitalised, ":" if the first content item is an
-    image else ": ", the items in order (text verbatim, image as "<image>"), "<end_of_utterance>\\n";
-    with add_generation_prompt "Assistant:" (no trailing space or newline).
+Chat template (chat_template.jinja): SmolVLM-256M-Instruct's, written from memory of that
+  checkpoint's chat_template.json (HuggingFaceM4/SmolVLM-256M-Instruct; the Idefics2/3 template
+  with a leading <|im_start|>), not downloaded:
+    "<|im_start|>" once, then per message: role capitalised, ":" if its first content item is an
+    image else ": ", the items in order (text verbatim, image as "<image>"),
+    "<end_of_utterance>\n"; with add_generation_prompt "Assistant:" (no space/newline after).
 
-Processor (Idefics3Processor, image_seq_len 16) with Idefics3ImageProcessorPil -- transformers 5
-offers a "pil" (numpy + PIL) and a "torchvision" backend; the references use the PIL backend,
-which is also what AutoImageProcessor picks without torchvision. Settings:
-  do_convert_rgb true, do_resize true, size {"longest_edge": 128}, resample 1 (PIL LANCZOS),
-  do_image_splitting true (case B passes false at call time), max_image_size {"longest_edge": 64},
-  do_rescale true, rescale_factor 1/255, do_normalize true, image_mean = image_std = [0.5]*3,
-  do_pad true.
+Processor: Idefics3Processor(image_seq_len 16) + Idefics3ImageProcessorPil. transformers 5 has a
+"pil" (numpy + PIL) and a "torchvision" backend for this processor; these references use the PIL
+one (also what AutoProcessor picks when torchvision is not installed, as here). Settings:
+  do_convert_rgb true, do_resize true, size {"longest_edge": 128}, resample 1 (PIL LANCZOS, as
+  SmolVLM), do_image_splitting true (case B passes do_image_splitting=False at call time),
+  max_image_size {"longest_edge": 64}, do_rescale true, rescale_factor 1/255, do_normalize true,
+  image_mean = image_std = [0.5, 0.5, 0.5], do_pad true.
+Rules (transformers 5.24 image_processing_pil_idefics3.py and processing_idefics3.py), with
+L = size.longest_edge, T = max_image_size.longest_edge; every resize is PIL LANCZOS on the uint8
+image (the result is uint8 again), pixels are only converted to float at the end:
+  1. resize (get_resize_output_image_size / _resize_output_size_rescale_to_max_len): the long
+     side becomes L (up- or downscaling), the short side int(L / aspect) (aspect = w/h as f64;
+     for a portrait image int(L * aspect)), plus 1 if odd; then capped at 4096 (no effect here).
+  2a. splitting (resize_for_vision_encoder): with aspect of the step-1 image, if w >= h:
+     w' = ceil(w/T)*T, h' = ceil(int(w'/aspect)/T)*T (portrait: h' first, then w'
+     = ceil(int(h'*aspect)/T)*T); resize to (h', w'). If h' > T or w' > T (split_images):
+     rows = h'/T, cols = w'/T, tiles = crops [r*T, (r+1)*T) x [c*T, (c+1)*T) in row-major order
+     (no resampling), then the global image = the (h', w') image resized to T x T (aspect NOT
+     kept), appended last. Otherwise rows = cols = 0 and the one tile is the (h', w') image.
+  2b. no splitting: the step-1 image resized to T x T (aspect not kept); rows = cols = 0.
+  3. value = (f32(u8 * (1/255) computed in f64) - 0.5f) / 0.5f in f32, CHW.
+  4. pad: tiles are padded with zeros to the largest h, w in the batch and to the same number
+     of tiles per sample; pixel_attention_mask marks real pixels. With one image all tiles are
+     T x T and the mask is all ones (the model drops all-zero padding tiles).
+  5. prompt (Idefics3Processor.replace_image_token): each "<image>" of the chat prompt becomes,
+     when split: for r in 1..rows { for c in 1..cols { "<fake_token_around_image><row_r_col_c>"
+     + "<image>" * 16 } + "\n" } + "\n<fake_token_around_image><global-img>" + "<image>" * 16
+     + "<fake_token_around_image>"; unsplit: "<fake_token_around_image><global-img>"
+     + "<image>" * 16 + "<fake_token_around_image>". So "\n\n" precedes the global image and no
+     newline follows it; a tile is opened by a fake token but not closed by one.
 
-Cases, images and reference outputs: ref.json
-  {"torch", "transformers", "tokenizers", "attn_implementation", "files": [...],
-   "special_tokens": {token: id}, "image_token_id", "image_seq_len", "vocab_size",
+Reference outputs, ref.json:
+  {"torch", "transformers", "tokenizers", "attn_implementation",
+   "files": the directory listing, "special_tokens": {token: id}, "image_token_id",
+   "image_seq_len", "vocab_size", "tokenizer_len",
    "cases": [ per case:
-     "name": "A" | "B" | "C",
-     "image": "sample.png" (150x100 RGB, drawn with PIL) | "wide.png" (190x80 RGB),
+     "name": "A" | "B" | "C", "image": "sample.png" | "wide.png", "image_size_wh": [w, h],
      "do_image_splitting": bool,
-     "messages": the chat messages ([{"role": "user", "content": [{"type": "image"},
-                 {"type": "text", "text": ...}]}]),
+     "messages": [{"role": "user", "content": [{"type": "image"} | {"type": "text", "text": s}]}],
      "chat_prompt": apply_chat_template(messages, add_generation_prompt=True) (one "<image>"),
-     "prompt": the same after the processor expanded "<image>" (what was tokenized),
-     "input_ids": [int], the tokenized prompt (no special tokens added),
-     "rows", "cols": the split grid the image processor chose (0, 0 when not split),
+     "prompt": the chat prompt after the processor expanded "<image>" (what it tokenized),
+     "input_ids": the tokenized prompt (no special tokens added),
+     "rows", "cols": the grid the image processor chose (0, 0 when not split),
      "num_tiles": rows*cols + 1 when split, else 1,
-     "resized_hw": [h, w] of the image after the longest_edge resize and (when splitting) after
-                   resize_for_vision_encoder (informative),
-     "pixel_values": {"file": "{name}_pixel_values.f32", "shape": [1, num_tiles, 3, 64, 64]}
-                   the processor output; tiles in row-major order, the global image last,
-     "pixel_attention_mask_all_ones": true for every case (tiles are never padded here; the
-                   mask is not written),
-     "image_hidden_states": {"file": "{name}_image_hidden_states.f32", "shape": [num_tiles, 16, 64]}
-                   the connector output (vision tower -> post_layernorm -> pixel shuffle ->
-                   projection), i.e. what replaces the <image> tokens in order,
-     "logits": {"file": "{name}_logits.f32", "shape": [vocab]} the logits at the last prompt
-                   position (raw, before any logits processor),
-     "generated_ids": 32 greedy new tokens (generate(do_sample=False, max_new_tokens=32,
-                   min_new_tokens=32)); the script asserts that each one is the plain argmax of
-                   the raw logits (so EOS suppression never changed a token) -- a Rust greedy
-                   loop that does not stop at EOS must reproduce them exactly,
+     "resized_hw": [[h, w] after step 1] (+ [[h', w'] after step 2a] when splitting),
+     "pixel_values": {"file": "{name}_pixel_values.f32", "shape": [1, num_tiles, 3, 64, 64]}:
+         the processor output, tiles row-major, global image last,
+     "pixel_attention_mask_all_ones": true in every case (so the mask is not written),
+     "image_hidden_states": {"file": "{name}_image_hidden_states.f32",
+         "shape": [num_tiles, 16, 64]}: the connector output (vision tower incl. post_layernorm
+         -> pixel shuffle -> projection), which replaces the <image> tokens in order,
+     "logits": {"file": "{name}_logits.f32", "shape": [448]}: raw logits at the last prompt
+         position,
+     "generated_ids": 32 new tokens of generate(do_sample=False, max_new_tokens=32,
+         min_new_tokens=32); the script asserts each is the plain argmax of the raw logits (EOS
+         suppression never changed one), so a greedy loop that ignores EOS reproduces them,
      "generated_text": tokenizer.decode(generated_ids) (informative),
-     "top2_gaps": per generated step, raw logit(top1) - logit(top2) (tolerate near-ties),
-   ]}
-  Case A: sample.png, splitting on, user [image, "Describe this image."]  -> 2x2 tiles + global.
+     "top2_gaps": per generated step, raw top-1 minus top-2 logit (to tolerate near-ties)]}
+  Case A: sample.png (150x100, sizes w x h), split, user [image, "Describe this image."]
+          -> 128x86 -> 128x128, 2 rows x 2 cols + global = 5 tiles, 113 prompt tokens.
   Case B: sample.png, do_image_splitting=False, user [image, "What colour is the circle?"]
-          -> the whole image squashed to 64x64, one tile.
-  Case C (extra): wide.png, splitting on, user ["Which side is brighter?", image] (text first, so
-          "User: " with a space) -> 1 row x 2 cols + global: catches a rows/cols mix-up.
-All *.f32 files are little-endian float32, row-major (C order), shapes as given.
+          -> 128x86 -> squashed to 64x64, 1 tile, 36 prompt tokens.
+  Case C: wide.png (190x80), split, user ["Which side is brighter?", image] (text first: "User: "
+          with a space) -> 128x54 -> 128x64, 1 row x 2 cols + global = 3 tiles.
+All *.f32 files are little-endian float32, row-major (C order), with the shapes above.
 
-FULL (--full DIR, not committed, ~1 GB)
-=======================================
-The SmolVLM-256M-Instruct configuration with seeded random weights (seed 2025, std 0.02 for
-weights, embed_tokens 1.0, norms as above): vision SigLIP-B/16 at 512 px (hidden 768, 12 layers,
-12 heads, intermediate 3072, patch 16), scale_factor 4 (1024 patches x 768 -> 64 tokens x 12288
--> linear -> 576), text SmolLM2-135M shape (hidden 576, 30 layers, 9 heads, 3 kv heads, head_dim
-64, intermediate 1536, rope_theta 100000, rms eps 1e-5, max_position_embeddings 8192, vocab
-49280), tie_word_embeddings false. Processor: size longest_edge 2048, max_image_size
-longest_edge 512, image_seq_len 64, resample LANCZOS, everything else as above. Tokenizer: the
-real SmolLM2 tokenizer read from the GGUF (AutoTokenizer gguf_file=...) plus SmolVLM's added
-tokens at SmolVLM's ids: <global-img> 49152, <row_i_col_j> 49153 + 6*(i-1) + (j-1),
+FULL (--full DIR, not committed, 1.07 GB)
+=========================================
+The SmolVLM-256M-Instruct configuration with seeded random weights (torch.manual_seed(2025);
+weights incl. the LM's q/k 0.02 N(0,1), embed_tokens 1.0 N(0,1), lm_head 0.1 N(0,1), norms,
+position embeddings and biases as in the tiny model): vision SigLIP-B/16 at 512 px (hidden 768,
+12 layers, 12 heads, intermediate 3072, patch 16), scale_factor 4 (1024 patches x 768 ->
+64 tokens x 12288 -> linear -> 576), text SmolLM2-135M shape (hidden 576, 30 layers, 9 heads,
+3 kv heads, head_dim 64, intermediate 1536, rope_theta 100000, rms eps 1e-5,
+max_position_embeddings 8192, vocab 49280), tie_word_embeddings false. Processor: size
+longest_edge 2048, max_image_size longest_edge 512, image_seq_len 64, the rest as above.
+Tokenizer: SmolLM2's, read from the GGUF (AutoTokenizer gguf_file=...; its pre-tokenizer is set
+back to SmolLM2's Digits + ByteLevel, which transformers' GGUF converter drops) plus SmolVLM's
+added tokens at SmolVLM's ids: <global-img> 49152, <row_i_col_j> 49153 + 6*(i-1) + (j-1),
 <fake_token_around_image> 49189, <image> 49190, <|reserved_special_token_k|> 49191 + k (k < 88),
-<end_of_utterance> 49279. Same ref.json layout, one case "A" (splitting on, "Describe this
-image.", a 700x500 image "sample.png" -> 3 rows x 4 cols + global = 13 tiles of 512 px).
+<end_of_utterance> 49279 (eos); <|endoftext|> 0, <|im_start|> 1 (bos), <|im_end|> 2 (pad).
+Same files and ref.json layout, one case "A" (split, [image, "Describe this image."], a 700x500
+sample.png -> 2048x1462 -> 2048x1536 (w x h), 3 rows x 4 cols + global = 13 tiles of 512 px,
+pixel_values (1, 13, 3, 512, 512), image_hidden_states (13, 64, 576), 874 prompt tokens).
 """
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -143,7 +174,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures", "hf_tiny_idefics3")
 GGUF = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
-# SmolVLM-256M-Instruct's chat template (chat_template.json of HuggingFaceM4/SmolVLM-256M-Instruct).
+# SmolVLM-256M-Instruct's chat template (its chat_template.json, HuggingFaceM4/SmolVLM-256M-Instruct;
+# written from memory of that file, which matches the published Idefics3/SmolDocling template).
 CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
@@ -264,13 +296,18 @@ def special_ids(tok):
     return ids
 
 
-def build_tiny_tokenizer(vocab_size):
-    """Byte-level BPE (SmolLM2-style pre-tokenizer) trained on TRAIN_TEXT, plus SmolVLM tokens."""
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+def smollm2_pre_tokenizer():
+    """SmolLM2's tokenizer.json pre-tokenizer (llama.cpp calls it `smollm`)."""
+    return pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
     ])
+
+
+def build_tiny_tokenizer(vocab_size):
+    """Byte-level BPE (SmolLM2-style pre-tokenizer) trained on TRAIN_TEXT, plus SmolVLM tokens."""
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = smollm2_pre_tokenizer()
     tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
     trainer = trainers.BpeTrainer(
         vocab_size=400, min_frequency=2, show_progress=False,
@@ -296,6 +333,11 @@ def build_full_tokenizer(vocab_size):
     tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(GGUF),
                                                      gguf_file=os.path.basename(GGUF))
     assert len(tok) == 49152, len(tok)
+    # transformers' GGUF converter writes a plain ByteLevel pre-tokenizer; SmolLM2's (and
+    # SmolVLM's) tokenizer.json splits digits individually first.
+    tok.backend_tokenizer.pre_tokenizer = smollm2_pre_tokenizer()
+    assert tok("in 2024", add_special_tokens=False)["input_ids"][-4:] == \
+        [tok.convert_tokens_to_ids(d) for d in "2024"]
     n_reserved = vocab_size - len(tok) - len(smolvlm_added_tokens(0))
     tok.add_tokens([added(t) for t in smolvlm_added_tokens(n_reserved)], special_tokens=True)
     tok.bos_token, tok.eos_token = "<|im_start|>", "<end_of_utterance>"
