@@ -27,7 +27,131 @@ pub enum BenchCmd {
     KvSharing(KvBench),
     /// Encode time per 512x512 tile for SigLIP-B/16-512, ours vs PyTorch.
     Vision(VisionBench),
+    /// Time to first token and decode tok/s for one 512x512 image + a short question on a
+    /// SmolVLM checkpoint, ours vs HF transformers.
+    Vlm(VlmBench),
 }
+
+#[derive(Args, Clone)]
+pub struct VlmBench {
+    /// A SmolVLM / Idefics3 checkpoint directory (e.g. the random full-size SmolVLM-256M from
+    /// `python scripts/ref_hf_idefics3.py --full DIR`).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Tokens decoded after the first.
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Encode the image as one tile (no splitting) on both sides.
+    #[arg(long)]
+    pub no_split: bool,
+    /// Python with torch and transformers installed.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    #[arg(long)]
+    pub no_reference: bool,
+}
+
+/// The benchmark image: 512x512, the same pattern as `scripts/bench_hf_smolvlm.py`.
+fn bench_image() -> afm::vision::image::RgbImage {
+    afm::vision::image::RgbImage::from_fn(512, 512, |x, y| {
+        afm::vision::image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    })
+}
+
+pub fn bench_vlm(a: &VlmBench, threads: usize) -> Result<()> {
+    use afm::fusion::{ChatMessage, Part, Vlm};
+    let mut vlm = Vlm::load_idefics3(&a.model)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    if a.no_split {
+        vlm.processor_mut().do_image_splitting = false;
+    }
+    let img = bench_image();
+    let plan = vlm.plan(512, 512, None)?;
+    eprintln!(
+        "bench vlm: {} ({}), {threads} threads, {} new tokens, {} runs",
+        a.model.display(),
+        plan.describe(),
+        a.new_tokens,
+        a.runs
+    );
+    let mut ttft = Vec::new();
+    let mut dec = Vec::new();
+    let mut prompt_tokens = 0;
+    for i in 0..=a.runs {
+        vlm.processor_mut(); // clears the encoded-image cache: every run encodes
+        let lm = vlm.lm();
+        let t0 = Instant::now();
+        let enc = vlm.encode_image(&img, None)?;
+        let msgs = [ChatMessage::user(vec![
+            Part::Image(enc),
+            Part::Text("What is in this image?".into()),
+        ])];
+        let (ids, embeds) = vlm.prepare(&msgs)?;
+        let mut cache = lm.new_cache();
+        let logits = lm.forward_embeds(&embeds, &mut cache, &LogitsFor::Last)?;
+        let mut next = argmax(&logits.flatten_all()?.to_vec1::<f32>()?) as u32;
+        let t1 = Instant::now();
+        for _ in 0..a.new_tokens {
+            let l = lm.forward_tokens(&[next], &mut cache, &LogitsFor::Last)?;
+            next = argmax(&l.flatten_all()?.to_vec1::<f32>()?) as u32;
+        }
+        let t2 = Instant::now();
+        prompt_tokens = ids.len();
+        if i > 0 {
+            ttft.push((t1 - t0).as_secs_f64());
+            dec.push(a.new_tokens as f64 / (t2 - t1).as_secs_f64());
+        }
+    }
+    let (ours_ttft, ours_dec) = (median(&mut ttft), median(&mut dec));
+    println!("| engine | time to first token | decode tok/s | prompt tokens |");
+    println!("|---|---:|---:|---:|");
+    println!("| afm | {:.3} s | {ours_dec:.1} | {prompt_tokens} |", ours_ttft);
+    if !a.no_reference {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_hf_smolvlm.py");
+        let out = Command::new(&a.python)
+            .arg(&script)
+            .arg(&a.model)
+            .args([
+                threads.to_string(),
+                a.new_tokens.to_string(),
+                a.runs.to_string(),
+                if a.no_split { "0" } else { "1" }.to_string(),
+            ])
+            .stderr(Stdio::inherit())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                #[derive(serde::Deserialize)]
+                struct T {
+                    ttft: Vec<f64>,
+                    decode_tok_s: Vec<f64>,
+                    prompt_tokens: usize,
+                    torch: String,
+                }
+                let line = String::from_utf8_lossy(&o.stdout);
+                let mut t: T = serde_json::from_str(line.lines().last().unwrap_or(""))?;
+                let (tt, td) = (median(&mut t.ttft), median(&mut t.decode_tok_s));
+                println!(
+                    "| transformers (PyTorch {} CPU) | {tt:.3} s | {td:.1} | {} |",
+                    t.torch, t.prompt_tokens
+                );
+                println!(
+                    "\nafm / transformers: time to first token {:.2}x faster (target >= 2x), decode {:.2}x",
+                    tt / ours_ttft,
+                    ours_dec / td
+                );
+            }
+            _ => eprintln!(
+                "note: the transformers reference did not run: install torch and transformers into `{}` or pass --python",
+                a.python
+            ),
+        }
+    }
+    Ok(())
+}
+
 
 #[derive(Args, Clone)]
 pub struct VisionBench {

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 mod bench;
 mod default_model;
+mod vlm_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +30,12 @@ struct Cli {
 enum Cmd {
     /// Generate text from a prompt; the answer streams to stdout, figures go to stderr.
     Generate(GenerateArgs),
+    /// Caption images (files or a directory) with a SmolVLM / Idefics3 checkpoint.
+    Caption(vlm_cmd::CaptionArgs),
+    /// Answer a question about an image; the answer streams to stdout, figures go to stderr.
+    Ask(vlm_cmd::AskArgs),
+    /// Describe a screenshot (window title, controls, their text); streams like `ask`.
+    Screen(vlm_cmd::ScreenArgs),
     /// Speed benchmarks, measured next to the reference in the same run (not tests).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -45,7 +52,7 @@ enum Cmd {
 }
 
 #[derive(Args)]
-struct SamplingArgs {
+pub(crate) struct SamplingArgs {
     /// Maximum number of new tokens.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -99,7 +106,7 @@ fn set_threads(n: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-fn options(s: &SamplingArgs) -> GenerateOptions {
+pub(crate) fn options(s: &SamplingArgs) -> GenerateOptions {
     GenerateOptions {
         max_new_tokens: s.max_tokens,
         sampling: SamplingParams {
@@ -161,11 +168,41 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn main() {
     let cli = Cli::parse();
+    // errors print on one line (`context: cause: cause`), not as anyhow's multi-line report
+    if let Err(e) = run(cli) {
+        let _ = std::io::stdout().flush();
+        eprintln!("error: {}", error_line(&e));
+        std::process::exit(1);
+    }
+}
+
+/// An error and its causes on one line (`context: cause: cause`), leaving out a cause whose
+/// text the line already holds (the library errors print their source in their own message
+/// and also return it from `source()`).
+pub(crate) fn error_line(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if s.contains(&c) {
+            continue;
+        }
+        if !s.is_empty() {
+            s.push_str(": ");
+        }
+        s.push_str(&c);
+    }
+    s
+}
+
+fn run(cli: Cli) -> Result<()> {
     set_threads(cli.threads)?;
     match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Caption(a) => vlm_cmd::cmd_caption(a),
+        Cmd::Ask(a) => vlm_cmd::cmd_ask(a),
+        Cmd::Screen(a) => vlm_cmd::cmd_screen(a),
         Cmd::Bench(bench::BenchCmd::Lm(a)) => {
             let model = match &a.model {
                 Some(p) => p.clone(),
@@ -175,6 +212,7 @@ fn main() -> Result<()> {
         }
         Cmd::Bench(bench::BenchCmd::KvSharing(a)) => bench::bench_kv(&a),
         Cmd::Bench(bench::BenchCmd::Vision(a)) => bench::bench_vision(&a, cli.threads.unwrap_or(2)),
+        Cmd::Bench(bench::BenchCmd::Vlm(a)) => bench::bench_vlm(&a, cli.threads.unwrap_or(2)),
         Cmd::BenchWorker {
             model,
             new_tokens,

@@ -1,0 +1,399 @@
+//! `afm caption`, `afm ask` and `afm screen` on the tiny random-weight SmolVLM checkpoint
+//! (`tests/fixtures/hf_tiny_idefics3`: its text is gibberish, its plans and figures are real):
+//! batch output in every format, per-image errors that do not stop the batch, streaming,
+//! the image-token budget, dry runs, and one-line errors instead of panics.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_tiny_idefics3")
+}
+
+fn afm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_afm"));
+    c.args(["--threads", "1"]);
+    c
+}
+
+/// `afm SUBCOMMAND --model FIXTURE --max-tokens 4 ARGS...`
+fn run(sub: &str, args: &[&str]) -> Output {
+    afm()
+        .arg(sub)
+        .arg("--model")
+        .arg(fixture())
+        .args(["--max-tokens", "4"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A fresh directory with copies of the fixture's images and `extra` (name, bytes) files.
+fn image_dir(name: &str, extra: &[(&str, &[u8])]) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("afm-cli-vlm-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["sample.png", "wide.png"] {
+        std::fs::copy(fixture().join(f), d.join(f)).unwrap();
+    }
+    for (n, b) in extra {
+        std::fs::write(d.join(n), b).unwrap();
+    }
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn assert_clean_failure(out: &Output, needles: &[&str]) {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one-line error expected: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
+}
+
+const FIELDS: &[&str] = &[
+    "path",
+    "caption",
+    "generated_tokens",
+    "prompt_tokens",
+    "image_tokens",
+    "tiles",
+    "plan",
+    "encode_ms",
+    "prefill_ms",
+    "decode_tok_s",
+    "error",
+];
+
+#[test]
+fn caption_two_images_jsonl() {
+    let f = fixture();
+    let (a, b) = (f.join("sample.png"), f.join("wide.png"));
+    let out = run("caption", &["--jsonl", s(&a), s(&b)]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for (v, p) in lines.iter().zip([&a, &b]) {
+        for k in FIELDS {
+            assert!(v.get(k).is_some(), "no field {k}: {v}");
+        }
+        assert_eq!(v["path"], s(p));
+        assert!(v["error"].is_null(), "{v}");
+        assert!(v["caption"].is_string());
+        let n = v["generated_tokens"].as_u64().unwrap();
+        assert!((1..=4).contains(&n), "{v}");
+        assert!(v["prompt_tokens"].as_u64().unwrap() > v["image_tokens"].as_u64().unwrap());
+        assert!(v["encode_ms"].as_f64().unwrap() > 0.0);
+        assert!(v["prefill_ms"].as_f64().unwrap() > 0.0);
+        assert!(v["decode_tok_s"].as_f64().is_some());
+        assert!(v["plan"].as_str().unwrap().contains("image tokens"));
+    }
+    // 150x100 -> 128x86 -> 2x2 tiles of 64 + global, 16 tokens each; 190x80 -> 2x1 + global
+    assert_eq!(
+        (
+            lines[0]["tiles"].as_u64(),
+            lines[0]["image_tokens"].as_u64()
+        ),
+        (Some(5), Some(80))
+    );
+    assert_eq!(
+        (
+            lines[1]["tiles"].as_u64(),
+            lines[1]["image_tokens"].as_u64()
+        ),
+        (Some(3), Some(48))
+    );
+    assert!(stderr.contains("2 of 2 image(s) captioned"), "{stderr}");
+}
+
+#[test]
+fn caption_directory_with_a_corrupt_image_goes_on_and_fails_at_the_end() {
+    let png = std::fs::read(fixture().join("sample.png")).unwrap();
+    let d = image_dir(
+        "corrupt",
+        &[
+            ("broken.png", &png[..png.len() / 3]),
+            ("garbage.jpg", b"not an image at all"),
+            ("notes.txt", b"not picked up"),
+        ],
+    );
+    // JSON lines: sorted, the text file skipped, errors in the `error` field
+    let out = run("caption", &["--jsonl", s(&d)]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let v: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = v
+        .iter()
+        .map(|x| {
+            Path::new(x["path"].as_str().unwrap())
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["broken.png", "garbage.jpg", "sample.png", "wide.png"]
+    );
+    for x in &v[..2] {
+        assert!(x["error"].as_str().is_some_and(|e| !e.is_empty()), "{x}");
+        assert!(x["caption"].is_null());
+    }
+    for x in &v[2..] {
+        assert!(x["error"].is_null(), "{x}");
+        assert!(x["caption"].is_string());
+    }
+    assert!(
+        stderr.contains("broken.png") && stderr.contains("garbage.jpg"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 of 4 image(s) failed"), "{stderr}");
+
+    // plain lines: `path: caption` for the good ones, the bad ones on stderr
+    let out = run("caption", &[s(&d)]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with(&format!("{}: ", s(&d.join("sample.png")))),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{}: ", s(&d.join("wide.png")))),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("error: {}", s(&d.join("broken.png")))),
+        "{stderr}"
+    );
+
+    // one JSON array at the end
+    let out = run("caption", &["--json", s(&d)]);
+    assert!(!out.status.success());
+    let arr: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let arr = arr.as_array().unwrap();
+    assert_eq!(arr.len(), 4);
+    assert_eq!(arr.iter().filter(|x| x["error"].is_null()).count(), 2);
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn ask_streams_the_answer_and_reports_figures() {
+    let img = fixture().join("sample.png");
+    let out = run("ask", &[s(&img), "What is in the picture?"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stdout.trim().is_empty(), "empty answer");
+    for k in [
+        "load",
+        "5 tile(s)",
+        "80 image tokens",
+        "encode",
+        "prefill",
+        "tok/s",
+        "decode",
+        "generated 4 tok",
+    ] {
+        assert!(stderr.contains(k), "stderr lacks {k}: {stderr}");
+    }
+}
+
+#[test]
+fn screen_describes_a_screenshot() {
+    let img = fixture().join("wide.png");
+    let out = run("screen", &[s(&img)]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stdout.trim().is_empty());
+    assert!(
+        stderr.contains("3 tile(s)") && stderr.contains("decode"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_model_says_what_to_pass() {
+    let img = fixture().join("sample.png");
+    for args in [
+        vec!["caption", s(&img)],
+        vec!["ask", s(&img), "what?"],
+        vec!["screen", s(&img)],
+        vec!["caption", "--dry-run", s(&img)],
+    ] {
+        let out = afm().args(&args).output().unwrap();
+        assert_clean_failure(
+            &out,
+            &[
+                "--model DIR is required until the embedded default model exists; point it at a \
+               SmolVLM/Idefics3 checkpoint directory (config.json, model.safetensors, \
+               tokenizer.json, processor config)",
+            ],
+        );
+    }
+}
+
+#[test]
+fn image_token_budget_reports_the_downscale() {
+    let img = fixture().join("sample.png");
+    let out = run("caption", &["--image-max-tokens", "16", "--jsonl", s(&img)]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("downscaled to longest edge 64 (50%)"),
+        "{stderr}"
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (v["tiles"].as_u64(), v["image_tokens"].as_u64()),
+        (Some(1), Some(16))
+    );
+    assert_eq!(v["downscale"].as_f64(), Some(0.5));
+
+    let out = run("ask", &["--image-max-tokens", "16", s(&img), "what?"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("downscaled"), "{stderr}");
+
+    // below one tile: one clear error before anything runs
+    let out = run("caption", &["--image-max-tokens", "8", s(&img)]);
+    assert_clean_failure(&out, &["--image-max-tokens 8", "16 tokens"]);
+}
+
+#[test]
+fn dry_run_prints_plans_without_running_the_model() {
+    let f = fixture();
+    let out = run(
+        "caption",
+        &[
+            "--dry-run",
+            s(&f.join("sample.png")),
+            s(&f.join("wide.png")),
+        ],
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].contains("sample.png: 150x100 image -> 5 tile(s)")
+            && lines[0].contains("80 image tokens"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].contains("wide.png: 190x80 image -> 3 tile(s)"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("decode"), "the model ran: {stderr}");
+
+    let out = run(
+        "caption",
+        &[
+            "--dry-run",
+            "--jsonl",
+            "--image-max-tokens",
+            "16",
+            s(&f.join("sample.png")),
+        ],
+    );
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["tiles"].as_u64(), v["downscale"].as_f64()),
+        (Some(1), Some(0.5))
+    );
+    assert!(v["caption"].is_null());
+
+    for sub in [
+        vec!["ask", "--dry-run", s(&f.join("wide.png")), "q"],
+        vec!["screen", "--dry-run", s(&f.join("wide.png"))],
+    ] {
+        let out = run(sub[0], &sub[1..]);
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            stdout.contains("3 tile(s)") && stdout.contains("48 image tokens"),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_a_one_line_error_naming_the_path() {
+    let f = fixture();
+    let img = f.join("sample.png");
+    let missing = f.join("no-such-image.png");
+    let d = image_dir("bad", &[("garbage.png", b"\x89PNG but not really")]);
+    let empty = d.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("readme.txt"), "no images here").unwrap();
+    let not_model = d.join("not-a-model");
+    std::fs::create_dir_all(&not_model).unwrap();
+
+    // missing file, before the model loads
+    assert_clean_failure(&run("caption", &[s(&img), s(&missing)]), &[s(&missing)]);
+    assert_clean_failure(&run("ask", &[s(&missing), "q"]), &[s(&missing)]);
+    assert_clean_failure(&run("screen", &[s(&missing)]), &[s(&missing)]);
+    // a directory without images
+    assert_clean_failure(&run("caption", &[s(&empty)]), &[s(&empty), "no images"]);
+    // a corrupt image on its own
+    let garbage = d.join("garbage.png");
+    assert_clean_failure(&run("ask", &[s(&garbage), "q"]), &[s(&garbage)]);
+    assert_clean_failure(&run("screen", &[s(&garbage)]), &[s(&garbage)]);
+    // bad model directories
+    for (model, needle) in [
+        (not_model.clone(), not_model.join("config.json")),
+        (d.join("nope"), d.join("nope")),
+        (img.clone(), img.clone()),
+    ] {
+        let out = afm()
+            .args([
+                "ask",
+                "--max-tokens",
+                "4",
+                "--model",
+                s(&model),
+                s(&img),
+                "q",
+            ])
+            .output()
+            .unwrap();
+        assert_clean_failure(&out, &[s(&needle)]);
+    }
+    // a truncated checkpoint
+    let broken = d.join("broken-model");
+    std::fs::create_dir_all(&broken).unwrap();
+    for e in std::fs::read_dir(&f).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, broken.join(p.file_name().unwrap())).unwrap();
+    }
+    let w = broken.join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let out = afm()
+        .args(["caption", "--model", s(&broken), s(&img)])
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, &[s(&w)]);
+    std::fs::remove_dir_all(&d).ok();
+}
