@@ -8,6 +8,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod default_model;
 mod vlm_cmd;

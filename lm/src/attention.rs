@@ -46,9 +46,9 @@ impl Attention {
     /// KV-reuse layers must not carry K/V tensors; finding them is reported as a config error.
     pub fn load(src: &WeightSource, prefix: &str, s: &AttentionSpec) -> Result<Self> {
         let (h, hd, kvh) = (s.hidden, s.head_dim, s.n_kv_heads);
-        let q_proj = src.matrix(&format!("{prefix}.q_proj.weight"), s.n_heads * hd, h)?;
+        let q_proj = src.projection(&format!("{prefix}.q_proj.weight"), s.n_heads * hd, h)?;
         let q_out = s.n_heads * hd;
-        let o_proj = src.matrix(&format!("{prefix}.o_proj.weight"), h, s.n_heads * hd)?;
+        let o_proj = src.projection(&format!("{prefix}.o_proj.weight"), h, s.n_heads * hd)?;
         let k_name = format!("{prefix}.k_proj.weight");
         let proj = if s.reuses_kv {
             if src.contains(&k_name) {
@@ -65,9 +65,9 @@ impl Attention {
         } else {
             Fused::new(vec![
                 (q_proj, q_out),
-                (src.matrix(&k_name, kvh * hd, h)?, kvh * hd),
+                (src.projection(&k_name, kvh * hd, h)?, kvh * hd),
                 (
-                    src.matrix(&format!("{prefix}.v_proj.weight"), kvh * hd, h)?,
+                    src.projection(&format!("{prefix}.v_proj.weight"), kvh * hd, h)?,
                     kvh * hd,
                 ),
             ])?

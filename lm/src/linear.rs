@@ -11,6 +11,10 @@ use std::sync::Arc;
 pub enum Linear {
     /// Dense f32 (safetensors, F16/F32 GGUF) or a quantized type candle handles.
     Candle(QMatMul),
+    /// Dense f32 stored transposed, `(in, out)` contiguous: candle's matmul on a row-major
+    /// right-hand side runs prefill 1.2-3.4x faster than on a transposed view (measured at
+    /// 81 rows, SmolLM2 widths) and decode the same.
+    Dense(Tensor),
     /// Q4_1 / Q8_0 blocks with our kernels.
     Blocks(Arc<QMatrix>),
 }
@@ -31,6 +35,17 @@ impl Linear {
                     )));
                 }
                 Ok(q.matmul(x, m))
+            }
+            Linear::Dense(wt) => {
+                let (inp, _) = wt.dims2()?;
+                if x.len() != m * inp {
+                    return Err(LmError::Invalid(format!(
+                        "matmul: {} inputs for {m} rows of width {inp}",
+                        x.len()
+                    )));
+                }
+                let t = Tensor::from_slice(x, (m, inp), &Device::Cpu)?;
+                Ok(t.matmul(wt)?.flatten_all()?.to_vec1::<f32>()?)
             }
             Linear::Candle(w) => {
                 if m == 0 || x.len() % m != 0 {
@@ -56,6 +71,10 @@ impl Linear {
                 Ok(m.embedding(&ids)?.to_dtype(DType::F32)?)
             }
             Linear::Blocks(m) => m.rows_f32(ids),
+            Linear::Dense(wt) => {
+                let ids = Tensor::new(ids, &Device::Cpu)?;
+                Ok(wt.t()?.contiguous()?.index_select(&ids, 0)?)
+            }
         }
     }
 }
@@ -101,6 +120,16 @@ impl Fused {
             .collect();
         if let Some(bs) = blocks {
             return Ok(QMatrix::concat_rows(&bs).map(|m| Linear::Blocks(Arc::new(m))));
+        }
+        let dense_t: Option<Vec<&Tensor>> = mats
+            .iter()
+            .map(|m| match m {
+                Linear::Dense(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        if let Some(ts) = dense_t {
+            return Ok(Some(Linear::Dense(Tensor::cat(&ts, 1)?)));
         }
         let dense: Option<Vec<&Tensor>> = mats
             .iter()

@@ -17,15 +17,15 @@ impl Mlp {
         Ok(Self {
             gate_up: Fused::new(vec![
                 (
-                    src.matrix(&format!("{prefix}.gate_proj.weight"), inner, hidden)?,
+                    src.projection(&format!("{prefix}.gate_proj.weight"), inner, hidden)?,
                     inner,
                 ),
                 (
-                    src.matrix(&format!("{prefix}.up_proj.weight"), inner, hidden)?,
+                    src.projection(&format!("{prefix}.up_proj.weight"), inner, hidden)?,
                     inner,
                 ),
             ])?,
-            down: src.matrix(&format!("{prefix}.down_proj.weight"), hidden, inner)?,
+            down: src.projection(&format!("{prefix}.down_proj.weight"), hidden, inner)?,
         })
     }
 

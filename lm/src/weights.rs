@@ -211,6 +211,19 @@ impl WeightSource {
         }
     }
 
+    /// A projection matrix of a layer (q/k/v/o, gate/up/down) for `x @ W^T`: as
+    /// [`WeightSource::matrix`], but a dense result is stored transposed
+    /// ([`Linear::Dense`]), the layout candle's matmul runs fastest.
+    ///
+    /// # Shapes
+    /// `(out, in)` in the file.
+    pub fn projection(&self, hf_name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
+        Ok(match self.matrix(hf_name, out_dim, in_dim)? {
+            Linear::Candle(QMatMul::Tensor(t)) => Linear::Dense(t.t()?.contiguous()?),
+            other => other,
+        })
+    }
+
     /// GGUF metadata (empty for safetensors).
     pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
         match self {
