@@ -10,7 +10,7 @@
 //!   image's plan (tiles, image tokens, downscale).
 
 use crate::{options, SamplingArgs};
-use afm::fusion::{AskOptions, Idefics3Config, Idefics3Processor, ImagePlan, Vlm};
+use afm::fusion::{AskOptions, Idefics3Processor, ImagePlan, Vlm};
 use afm::lm::DeviceModel;
 use afm::vision::{load_image, ImageLimits};
 use anyhow::{anyhow, bail, Context, Result};
@@ -124,8 +124,7 @@ impl VlmArgs {
     fn processor(&self) -> Result<Idefics3Processor> {
         let dir = self.model_dir()?;
         let ctx = || format!("reading the SmolVLM/Idefics3 checkpoint {}", dir.display());
-        let cfg = Idefics3Config::from_file(&dir.join("config.json")).with_context(ctx)?;
-        Idefics3Processor::from_dir(dir, cfg.tokens_per_tile()).with_context(ctx)
+        Ok(Idefics3Processor::for_checkpoint(dir).with_context(ctx)?.1)
     }
 }
 

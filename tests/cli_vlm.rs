@@ -207,7 +207,7 @@ fn ask_streams_the_answer_and_reports_figures() {
     assert!(!stdout.trim().is_empty(), "empty answer");
     for k in [
         "load",
-        "5 tile(s)",
+        "5 tiles",
         "80 image tokens",
         "encode",
         "prefill",
@@ -227,7 +227,7 @@ fn screen_describes_a_screenshot() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stdout.trim().is_empty());
     assert!(
-        stderr.contains("3 tile(s)") && stderr.contains("decode"),
+        stderr.contains("3 tiles") && stderr.contains("decode"),
         "{stderr}"
     );
 }
@@ -296,12 +296,12 @@ fn dry_run_prints_plans_without_running_the_model() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     assert!(
-        lines[0].contains("sample.png: 150x100 image -> 5 tile(s)")
+        lines[0].contains("sample.png: 150x100 image -> 5 tiles")
             && lines[0].contains("80 image tokens"),
         "{stdout}"
     );
     assert!(
-        lines[1].contains("wide.png: 190x80 image -> 3 tile(s)"),
+        lines[1].contains("wide.png: 190x80 image -> 3 tiles"),
         "{stdout}"
     );
     assert!(!stderr.contains("decode"), "the model ran: {stderr}");
@@ -332,7 +332,7 @@ fn dry_run_prints_plans_without_running_the_model() {
         let stdout = text(&out.stdout);
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert!(
-            stdout.contains("3 tile(s)") && stdout.contains("48 image tokens"),
+            stdout.contains("3 tiles") && stdout.contains("48 image tokens"),
             "{stdout}"
         );
     }

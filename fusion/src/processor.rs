@@ -69,10 +69,17 @@ pub struct ImagePlan {
 
 impl ImagePlan {
     pub fn describe(&self) -> String {
-        let mut s = format!(
-            "{}x{} image -> {} tile(s) ({}x{} grid + global) = {} image tokens",
-            self.image.0, self.image.1, self.tiles, self.cols, self.rows, self.image_tokens
-        );
+        let mut s = if self.rows == 0 {
+            format!(
+                "{}x{} image -> 1 tile (unsplit, global image only) = {} image tokens",
+                self.image.0, self.image.1, self.image_tokens
+            )
+        } else {
+            format!(
+                "{}x{} image -> {} tiles ({}x{} grid + global image) = {} image tokens",
+                self.image.0, self.image.1, self.tiles, self.cols, self.rows, self.image_tokens
+            )
+        };
         if let Some(f) = self.downscale {
             s.push_str(&format!(
                 "; downscaled to longest edge {} ({:.0}%) by the image-token budget",
@@ -160,6 +167,39 @@ impl Idefics3Processor {
             },
             e => e,
         })
+    }
+
+    /// The processor of an Idefics3 / SmolVLM checkpoint directory, checked against its
+    /// `config.json` (tokens per tile and tile size must match the connector and the
+    /// encoder), without reading any weights.
+    pub fn for_checkpoint(dir: &Path) -> Result<(crate::config::Idefics3Config, Self)> {
+        let cfg = crate::config::Idefics3Config::from_file(&dir.join("config.json"))?;
+        let p = Self::from_dir(dir, cfg.tokens_per_tile())?;
+        if p.image_seq_len != cfg.tokens_per_tile() {
+            return Err(FusionError::config(
+                "image_seq_len",
+                format!(
+                    "the processor puts {} <image> tokens per tile but the connector makes {}",
+                    p.image_seq_len,
+                    cfg.tokens_per_tile()
+                ),
+            ));
+        }
+        if p.tile as usize != cfg.vision.image_size {
+            return Err(FusionError::config(
+                "max_image_size",
+                format!(
+                    "tiles of {} px do not match the encoder's {} px",
+                    p.tile, cfg.vision.image_size
+                ),
+            ));
+        }
+        Ok((cfg, p))
+    }
+
+    /// The fewest image tokens any image costs (one tile).
+    pub fn min_image_tokens(&self) -> usize {
+        self.image_seq_len
     }
 
     pub fn from_json(v: &Value, image_seq_len: usize) -> Result<Self> {

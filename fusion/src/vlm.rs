@@ -229,26 +229,7 @@ impl Vlm<DeviceModel> {
                 tokenizer.add_eos_id(id);
             }
         }
-        let processor = Idefics3Processor::from_dir(dir, cfg.tokens_per_tile())?;
-        if processor.image_seq_len != cfg.tokens_per_tile() {
-            return Err(FusionError::config(
-                "image_seq_len",
-                format!(
-                    "the processor puts {} <image> tokens per tile but the connector makes {}",
-                    processor.image_seq_len,
-                    cfg.tokens_per_tile()
-                ),
-            ));
-        }
-        if processor.tile as usize != cfg.vision.image_size {
-            return Err(FusionError::config(
-                "max_image_size",
-                format!(
-                    "tiles of {} px do not match the encoder's {} px",
-                    processor.tile, cfg.vision.image_size
-                ),
-            ));
-        }
+        let (_, processor) = Idefics3Processor::for_checkpoint(dir)?;
         Self::new(lm, encoder, Box::new(adapter), tokenizer, processor, template, cfg.image_token_id)
     }
 }

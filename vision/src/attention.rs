@@ -24,7 +24,9 @@
 //! through one batched matmul.
 
 use crate::error::Result;
-use crate::kernels::FusedAttention;
+use crate::kernels::{Act, FusedAttention};
+use candle_core::CpuStorage;
+use rayon::prelude::*;
 use crate::weights::VisionWeights;
 use candle_core::{DType, Device, Tensor};
 
@@ -53,6 +55,74 @@ impl Dense {
             wt: Tensor::cat(ws, 0)?.t()?.contiguous()?,
             b: Tensor::cat(bs, 0)?,
         })
+    }
+
+    /// Inference path: one gemm call writing into an output pre-filled with the bias, then
+    /// the activation (if any) in place; no intermediate tensors. f32 only.
+    ///
+    /// # Shapes
+    /// `x: (..., in) -> (..., out)`.
+    pub fn forward_fast(&self, x: &Tensor, act: Option<Act>) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (inp, out) = self.wt.dims2()?;
+        if x.dtype() != DType::F32 || dims.last() != Some(&inp) {
+            let y = self.forward(x)?;
+            return Ok(match act {
+                Some(a) => y.contiguous()?.apply_op1_no_bwd(&a)?,
+                None => y,
+            });
+        }
+        let rows = x.elem_count() / inp;
+        let x = x.contiguous()?;
+        let mut y = vec![0f32; rows * out];
+        {
+            let (xs, _) = x.storage_and_layout();
+            let (ws, _) = self.wt.storage_and_layout();
+            let (bs, _) = self.b.storage_and_layout();
+            let (
+                candle_core::Storage::Cpu(CpuStorage::F32(xv)),
+                candle_core::Storage::Cpu(CpuStorage::F32(wv)),
+                candle_core::Storage::Cpu(CpuStorage::F32(bv)),
+            ) = (&*xs, &*ws, &*bs)
+            else {
+                return self.forward(x.as_ref());
+            };
+            let xo = x.layout().start_offset();
+            let (xv, wv, bv) = (&xv[xo..xo + rows * inp], &wv[..inp * out], &bv[..out]);
+            y.par_chunks_mut(out).for_each(|r| r.copy_from_slice(bv));
+            // SAFETY: y is rows x out (row stride out), x is rows x inp (row stride inp) and
+            // wt is inp x out (row stride out), all checked above; gemm reads lhs/rhs and
+            // reads and writes dst only inside those bounds.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    out,
+                    inp,
+                    y.as_mut_ptr(),
+                    1,
+                    out as isize,
+                    true,
+                    xv.as_ptr(),
+                    1,
+                    inp as isize,
+                    wv.as_ptr(),
+                    1,
+                    out as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                );
+            }
+        }
+        if let Some(a) = act {
+            y.par_chunks_mut(1 << 14).for_each(|c| a.apply_slice(c));
+        }
+        let mut shape = dims;
+        *shape.last_mut().unwrap() = out;
+        Ok(Tensor::from_vec(y, shape, x.device())?)
     }
 
     /// # Shapes
@@ -111,7 +181,11 @@ impl Attention {
     /// `x: (n, t, hidden)`, `mask: (m, t)` -> `(n, t, hidden)` (before `out_proj`).
     fn attend(&self, x: &Tensor, mask: Option<&Tensor>, fast: bool) -> Result<Tensor> {
         let (n, t, hdim) = x.dims3()?;
-        let qkv = self.qkv.forward(x)?;
+        let qkv = if fast {
+            self.qkv.forward_fast(x, None)?
+        } else {
+            self.qkv.forward(x)?
+        };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         if fast && qkv.dtype() == DType::F32 {
             let none;
@@ -154,7 +228,15 @@ impl Attention {
     /// # Shapes
     /// `x: (b, t, hidden) -> (b, t, hidden)`.
     pub fn forward_global(&self, x: &Tensor, fast: bool) -> Result<Tensor> {
-        self.o.forward(&self.attend(x, None, fast)?)
+        self.out(&self.attend(x, None, fast)?, fast)
+    }
+
+    fn out(&self, x: &Tensor, fast: bool) -> Result<Tensor> {
+        if fast {
+            self.o.forward_fast(x, None)
+        } else {
+            self.o.forward(x)
+        }
     }
 
     /// Register-Window attention (module docs), `r` registers first, then a `gh x gw` grid.
@@ -224,6 +306,6 @@ impl Attention {
             .contiguous()?
             .reshape((b, gh * gw, d))?;
         let merged = Tensor::cat(&[&reg_out, &patch_out], 1)?;
-        self.o.forward(&merged)
+        self.out(&merged, fast)
     }
 }

@@ -50,6 +50,14 @@ pub enum Act {
 }
 
 impl Act {
+    /// In place over a slice.
+    pub fn apply_slice(self, xs: &mut [f32]) {
+        match self {
+            Act::GeluTanh => xs.iter_mut().for_each(|x| *x = Act::GeluTanh.apply(*x)),
+            Act::QuickGelu => xs.iter_mut().for_each(|x| *x = Act::QuickGelu.apply(*x)),
+        }
+    }
+
     #[inline(always)]
     fn apply(self, x: f32) -> f32 {
         let z = match self {

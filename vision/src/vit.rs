@@ -85,10 +85,23 @@ impl Block {
         };
         let x = (x + a)?;
         let hn = self.ln2.forward(&x)?;
-        let m = self.fc2.forward(&self.act(&self.fc1.forward(&hn)?, fast)?)?;
+        let fast_act = match self.act.as_str() {
+            "gelu_pytorch_tanh" => Some(Act::GeluTanh),
+            "quick_gelu" => Some(Act::QuickGelu),
+            _ => None,
+        };
+        let m = match fast_act {
+            Some(a) if fast => self
+                .fc2
+                .forward_fast(&self.fc1.forward_fast(&hn, Some(a))?, None)?,
+            _ => self.fc2.forward(&self.act(&self.fc1.forward(&hn)?, fast)?)?,
+        };
         Ok((x + m)?)
     }
 }
+
+/// Tiles per forward pass inside [`VisionEncoder::forward`].
+const TILE_CHUNK: usize = 4;
 
 /// The vision encoder.
 pub struct VisionEncoder {
@@ -178,6 +191,21 @@ impl VisionEncoder {
     /// # Shapes
     /// `pixels: (b, c, h, w)` -> `(b, registers + (h/p)*(w/p), hidden)`, registers first.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let b = pixels.dim(0)?;
+        if b > TILE_CHUNK {
+            // Many tiles at once make activations of hundreds of MB that stream through
+            // memory on every op (measured 0.72 s per tile at 17 tiles vs 0.65 at 1-4):
+            // run them a few at a time.
+            let parts = (0..b)
+                .step_by(TILE_CHUNK)
+                .map(|i| self.forward_chunk(&pixels.narrow(0, i, TILE_CHUNK.min(b - i))?))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&parts, 0)?);
+        }
+        self.forward_chunk(pixels)
+    }
+
+    fn forward_chunk(&self, pixels: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = pixels.dims4()?;
         let p = self.cfg.patch_size;
         let (gh, gw) = (h / p, w / p);
