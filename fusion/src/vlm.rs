@@ -503,6 +503,27 @@ impl<M: LanguageModel> Vlm<M> {
         self.ask(img, CAPTION_PROMPT, opts, on_text)
     }
 
+    /// Captions many images with this one loaded model, in order. Each image's failure is
+    /// its own entry; `on_done(i, result)` is called as each finishes (progress bars).
+    /// One request at a time already keeps every core busy, so this runs them in sequence;
+    /// the model is `Send + Sync`, so callers may also share it across threads.
+    pub fn caption_many(
+        &self,
+        images: &[RgbImage],
+        opts: &AskOptions,
+        on_done: &mut dyn FnMut(usize, &Result<Answer>),
+    ) -> Vec<Result<Answer>> {
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| {
+                let r = self.caption(img, opts, &mut |_| true);
+                on_done(i, &r);
+                r
+            })
+            .collect()
+    }
+
     /// A description of a screenshot, at the checkpoint's full resolution unless the caller
     /// sets a budget.
     pub fn describe_screen(
