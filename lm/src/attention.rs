@@ -203,38 +203,8 @@ impl Attention {
                 "query at position {p} but only {n_keys} keys are cached"
             )));
         }
-        let rep = h / kvh;
         let scale = 1.0 / (hd as f32).sqrt();
-        let kw = kvh * hd;
-        let mut out = vec![0f32; t * h * hd];
-        // one piece per (row, head); query head `j*rep + r` uses K/V head `j` (GQA)
-        let work = |idx: usize, o: &mut [f32]| {
-            let (i, head) = (idx / h, idx % h);
-            let g = head / rep;
-            let qv = &q[(i * h + head) * hd..(i * h + head + 1) * hd];
-            let n = pos[i] + 1;
-            let mut sc: Vec<f32> = (0..n)
-                .map(|j| crate::par::dot(qv, &ks[j * kw + g * hd..j * kw + (g + 1) * hd]) * scale)
-                .collect();
-            let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for s in sc.iter_mut() {
-                *s = (*s - mx).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            for (j, s) in sc.iter().enumerate() {
-                crate::par::axpy(s * inv, &vs[j * kw + g * hd..j * kw + (g + 1) * hd], o);
-            }
-        };
-        let flops = t * h * n_keys * hd;
-        if flops > 1 << 18 {
-            crate::par::par_chunks_mut(&mut out, hd, work);
-        } else {
-            for (idx, o) in out.chunks_exact_mut(hd).enumerate() {
-                work(idx, o);
-            }
-        }
+        let out = crate::kernels::causal_attention(&q, pos, ks, vs, h, kvh, hd, scale);
         self.o_proj.forward(&out, t)
     }
 }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod device_model;
 pub mod error;
 pub mod generate;
+pub mod kernels;
 pub mod linear;
 pub mod load;
 pub mod mlp;

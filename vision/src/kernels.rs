@@ -11,34 +11,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Lay
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// `exp(x)` for f32 in plain arithmetic that LLVM vectorises: Cephes' `expf` (range reduction
-/// by `ln 2` in two parts, a degree-6 polynomial, the exponent put in by bits). Relative error
-/// below 2e-7 over the whole range; `exp(x) = 0` below -87.3 (so `-inf` gives exactly 0) and
-/// saturates at `exp(88.72)`.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const LO: f32 = -87.336_55;
-    let xc = x.clamp(LO, 88.722_83);
-    let n = (xc * LOG2E + 0.5).floor();
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = (((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 0.166_666_65)
-        * r
-        + 0.5)
-        * r
-        * r
-        + r
-        + 1.0;
-    let v = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < LO {
-        0.0
-    } else {
-        v
-    }
-}
+pub use afm_lm::kernels::{exp, softmax_in_place};
 
 /// The activations the encoder's MLP can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,53 +214,9 @@ impl CustomOp2 for FusedAttention {
     }
 }
 
-/// Softmax of one row in place. A row whose every entry is `-inf` becomes all zeros.
-#[inline]
-pub fn softmax_in_place(row: &mut [f32]) {
-    let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    if mx == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return;
-    }
-    let mut acc = [0f32; 16];
-    let mut chunks = row.chunks_exact_mut(16);
-    for c in &mut chunks {
-        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
-            *x = exp(*x - mx);
-            *a += *x;
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp(*x - mx);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_is_accurate_over_the_range() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let want = (x as f64).exp();
-            let rel = ((exp(x) as f64 - want) / want).abs();
-            worst = worst.max(rel);
-            x += 0.0137;
-        }
-        assert!(worst < 3e-7, "worst relative error {worst:e}");
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp(-100.0), 0.0);
-        assert!(exp(f32::NAN).is_nan());
-        assert_eq!(exp(0.0), 1.0);
-    }
 
     #[test]
     fn activations_match_their_definitions() {
@@ -300,14 +229,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn softmax_rows_sum_to_one_and_masked_entries_are_zero() {
-        let mut r = vec![1.0, 2.0, f32::NEG_INFINITY, 0.5, -3.0];
-        softmax_in_place(&mut r);
-        assert_eq!(r[2], 0.0);
-        assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        let mut all = vec![f32::NEG_INFINITY; 3];
-        softmax_in_place(&mut all);
-        assert_eq!(all, vec![0.0; 3]);
-    }
 }
