@@ -12,10 +12,7 @@ fn dir() -> PathBuf {
 }
 
 fn read_f32(name: &str) -> Vec<f32> {
-    let b = std::fs::read(dir().join(name)).unwrap();
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    afm_lm::testing::read_f32_file(&dir().join(name)).unwrap()
 }
 
 fn load() -> (AfmAdapter, serde_json::Value) {
@@ -29,17 +26,7 @@ fn load() -> (AfmAdapter, serde_json::Value) {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    afm_lm::testing::max_abs_diff(a, b).unwrap()
 }
 
 #[test]

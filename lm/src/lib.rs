@@ -24,6 +24,7 @@ pub mod random;
 pub mod rms_norm;
 pub mod rope;
 pub mod sampling;
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

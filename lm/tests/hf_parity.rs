@@ -32,16 +32,7 @@ fn reference() -> (Vec<u32>, Tensor) {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    afm_lm::testing::max_abs_diff(a, b).unwrap()
 }
 
 #[test]

@@ -40,16 +40,7 @@ fn prompt(n: usize) -> Vec<u32> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    afm_lm::testing::max_abs_diff(a, b).unwrap()
 }
 
 #[test]

@@ -41,17 +41,7 @@ fn reference(vocab: usize) -> (Vec<u32>, Tensor) {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    afm_lm::testing::max_abs_diff(a, b).unwrap()
 }
 
 fn model() -> DeviceModel {

@@ -31,8 +31,5 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
 }
 
 pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
-    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    afm::lm::testing::read_f32_file(path).unwrap()
 }

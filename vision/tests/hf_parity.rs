@@ -13,10 +13,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn read_f32(path: &Path) -> Vec<f32> {
-    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    afm_lm::testing::read_f32_file(path).unwrap()
 }
 
 fn shape(v: &serde_json::Value) -> Vec<usize> {
@@ -32,17 +29,7 @@ fn tensor(dir: &Path, file: &str, shape: &[usize]) -> Tensor {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    afm_lm::testing::max_abs_diff(a, b).unwrap()
 }
 
 fn reference(dir: &Path) -> serde_json::Value {

@@ -1,0 +1,37 @@
+//! Helpers for parity checks against reference outputs (used by the tests of every afm
+//! crate, and useful to anyone comparing afm with another implementation).
+
+use crate::error::{LmError, Result};
+use candle_core::Tensor;
+use std::path::Path;
+
+/// The largest absolute elementwise difference of two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    if a.dims() != b.dims() {
+        return Err(LmError::Invalid(format!(
+            "shapes differ: {:?} vs {:?}",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    let d = (a.to_dtype(candle_core::DType::F32)? - b.to_dtype(candle_core::DType::F32)?)?;
+    Ok(d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// A file of little-endian f32 values (the fixtures the reference scripts write).
+pub fn read_f32_file(path: &Path) -> Result<Vec<f32>> {
+    let b = std::fs::read(path).map_err(|source| LmError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if b.len() % 4 != 0 {
+        return Err(LmError::BadFile {
+            path: path.to_path_buf(),
+            format: "f32 array",
+            reason: format!("{} bytes is not a whole number of f32 values", b.len()),
+        });
+    }
+    Ok(b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
