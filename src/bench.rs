@@ -62,8 +62,8 @@ fn bench_image() -> afm::vision::image::RgbImage {
 
 pub fn bench_vlm(a: &VlmBench, threads: usize) -> Result<()> {
     use afm::fusion::{ChatMessage, Part, Vlm};
-    let mut vlm = Vlm::load_idefics3(&a.model)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let mut vlm =
+        Vlm::load_idefics3(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     if a.no_split {
         vlm.processor_mut().do_image_splitting = false;
     }
@@ -123,7 +123,10 @@ pub fn bench_vlm(a: &VlmBench, threads: usize) -> Result<()> {
     );
     println!("| engine | time to first token | decode tok/s | prompt tokens |");
     println!("|---|---:|---:|---:|");
-    println!("| afm | {:.3} s | {ours_dec:.1} | {prompt_tokens} |", ours_ttft);
+    println!(
+        "| afm | {:.3} s | {ours_dec:.1} | {prompt_tokens} |",
+        ours_ttft
+    );
     if !a.no_reference {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_hf_smolvlm.py");
         let out = Command::new(&a.python)
@@ -168,7 +171,6 @@ pub fn bench_vlm(a: &VlmBench, threads: usize) -> Result<()> {
     Ok(())
 }
 
-
 #[derive(Args, Clone)]
 pub struct VisionBench {
     /// Tiles per forward pass.
@@ -201,7 +203,8 @@ pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {
     };
     eprintln!("bench vision: SigLIP-B/16-512 (random weights), {} tile(s) of 512x512 per pass, {threads} threads", a.tiles);
     let enc = VisionEncoder::new(&VisionWeights::from_tensors(random_tensors(&cfg, 0)?)?, cfg)?;
-    let x = candle_core::Tensor::randn(0f32, 1.0, (a.tiles, 3, 512, 512), &candle_core::Device::Cpu)?;
+    let x =
+        candle_core::Tensor::randn(0f32, 1.0, (a.tiles, 3, 512, 512), &candle_core::Device::Cpu)?;
     enc.forward(&x)?; // warm-up
     let mut ours = Vec::new();
     for _ in 0..a.runs {
@@ -214,7 +217,8 @@ pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {
     println!("|---|---:|");
     println!("| afm | {ours_s:.3} |");
     if !a.no_reference {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch_siglip.py");
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch_siglip.py");
         let out = Command::new(&a.python)
             .arg(&script)
             .args([threads.to_string(), a.tiles.to_string(), a.runs.to_string()])

@@ -223,7 +223,9 @@ impl Idefics3Processor {
     /// Plans an image of `w x h` under an optional budget of `<image>` tokens.
     pub fn plan(&self, w: u32, h: u32, max_tokens: Option<usize>) -> Result<ImagePlan> {
         if w == 0 || h == 0 {
-            return Err(FusionError::Invalid(format!("cannot process a {w}x{h} image")));
+            return Err(FusionError::Invalid(format!(
+                "cannot process a {w}x{h} image"
+            )));
         }
         let mut edge = self.longest_edge;
         loop {

@@ -6,7 +6,7 @@
 use crate::config::Idefics3Config;
 use crate::connector::{Adapter, PixelShuffleConnector};
 use crate::error::{FusionError, Result};
-use crate::processor::{ImagePlan, Idefics3Processor};
+use crate::processor::{Idefics3Processor, ImagePlan};
 use afm_lm::weights::WeightSource;
 use afm_lm::{DeviceModel, GenerateOptions, Generation, LanguageModel, Tokenizer};
 use afm_vision::weights::VisionWeights;
@@ -205,7 +205,8 @@ impl Vlm<DeviceModel> {
                 rest.insert(k, v);
             }
         }
-        let encoder = VisionEncoder::new(&VisionWeights::from_tensors(vision)?, cfg.vision.clone())?;
+        let encoder =
+            VisionEncoder::new(&VisionWeights::from_tensors(vision)?, cfg.vision.clone())?;
         let adapter = PixelShuffleConnector::load(
             &rest,
             "model.connector.",
@@ -230,7 +231,15 @@ impl Vlm<DeviceModel> {
             }
         }
         let (_, processor) = Idefics3Processor::for_checkpoint(dir)?;
-        Self::new(lm, encoder, Box::new(adapter), tokenizer, processor, template, cfg.image_token_id)
+        Self::new(
+            lm,
+            encoder,
+            Box::new(adapter),
+            tokenizer,
+            processor,
+            template,
+            cfg.image_token_id,
+        )
     }
 }
 
@@ -245,7 +254,11 @@ impl<M: LanguageModel> Vlm<M> {
         chat_template: String,
         image_token_id: u32,
     ) -> Result<Self> {
-        for t in [IMAGE_PLACEHOLDER, "<fake_token_around_image>", "<global-img>"] {
+        for t in [
+            IMAGE_PLACEHOLDER,
+            "<fake_token_around_image>",
+            "<global-img>",
+        ] {
             if tokenizer.token_to_id(t).is_none() {
                 return Err(FusionError::config(
                     "tokenizer",
@@ -308,11 +321,9 @@ impl<M: LanguageModel> Vlm<M> {
         let (_, _, h, w) = pixels.dims4()?;
         let p = self.encoder.config().patch_size;
         let x = self.encoder.forward(pixels)?;
-        let y = self.adapter.forward(
-            &x,
-            (h / p, w / p),
-            self.encoder.config().num_registers(),
-        )?;
+        let y = self
+            .adapter
+            .forward(&x, (h / p, w / p), self.encoder.config().num_registers())?;
         let (tiles, t, d) = y.dims3()?;
         Ok(y.reshape((tiles * t, d))?)
     }
@@ -340,7 +351,9 @@ impl<M: LanguageModel> Vlm<M> {
             }
         }
         let t0 = Instant::now();
-        let plan = self.processor.plan(img.width(), img.height(), max_image_tokens)?;
+        let plan = self
+            .processor
+            .plan(img.width(), img.height(), max_image_tokens)?;
         let pixels = self.processor.pixel_values(img, &plan)?;
         let embeds = self.embed_pixels(&pixels)?.to_dtype(DType::F32)?;
         let enc = Arc::new(EncodedImage {

@@ -17,11 +17,10 @@ fn read_f32(name: &str) -> Vec<f32> {
 
 fn load() -> (AfmAdapter, serde_json::Value) {
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("config.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir().join("config.json")).unwrap()).unwrap();
     let cfg: AfmAdapterConfig = serde_json::from_value(meta["adapter"].clone()).unwrap();
-    let t = candle_core::safetensors::load(dir().join("weights.safetensors"), &Device::Cpu)
-        .unwrap();
+    let t =
+        candle_core::safetensors::load(dir().join("weights.safetensors"), &Device::Cpu).unwrap();
     (AfmAdapter::load(t, cfg).unwrap(), meta)
 }
 
@@ -64,8 +63,8 @@ fn wrong_inputs_are_errors() {
     let x = Tensor::zeros((1, 50, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(a.forward(&x, (6, 8), 1).is_err());
     assert!(a.tokens_per_tile((2, 2)).is_err());
-    let mut t = candle_core::safetensors::load(dir().join("weights.safetensors"), &Device::Cpu)
-        .unwrap();
+    let mut t =
+        candle_core::safetensors::load(dir().join("weights.safetensors"), &Device::Cpu).unwrap();
     t.remove("adapter.conv.bias");
     let cfg = a.config().clone();
     let e = AfmAdapter::load(t, cfg).err().unwrap().to_string();

@@ -64,7 +64,10 @@ fn greedy(vlm: &Vlm<DeviceModel>, embeds: &Tensor, n: usize, eos: u32) -> Vec<u3
         let next = v
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |a, (i, &x)| if x > a.1 { (i, x) } else { a })
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |a, (i, &x)| if x > a.1 { (i, x) } else { a },
+            )
             .0 as u32;
         out.push(next);
         logits = lm
@@ -167,8 +170,7 @@ fn check(d: &Path, emb_tol: f32, logit_tol: f32) {
 
         // 4. first-token logits, with the reference's pixels and with ours
         let want_logits = tensor(&d, &case["logits"]);
-        let ref_embeds =
-            afm_fusion::splice(
+        let ref_embeds = afm_fusion::splice(
             vlm.lm(),
             &got_ids,
             r["image_token_id"].as_u64().unwrap() as u32,
@@ -206,7 +208,10 @@ fn check(d: &Path, emb_tol: f32, logit_tol: f32) {
             .collect();
         let got = greedy(&vlm, &ref_embeds, want.len(), eos);
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        println!("case {name}: greedy tokens identical for {same} of {}", want.len());
+        println!(
+            "case {name}: greedy tokens identical for {same} of {}",
+            want.len()
+        );
         if same < want.len() {
             assert!(
                 gaps[same] < 1e-3,
@@ -243,7 +248,10 @@ fn placeholder_count_must_match_image_embeddings() {
     let e = afm_fusion::splice(vlm.lm(), &ids, 438, Some(&one))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("2 image placeholder") && e.contains("1 image embeddings"), "{e}");
+    assert!(
+        e.contains("2 image placeholder") && e.contains("1 image embeddings"),
+        "{e}"
+    );
     assert!(afm_fusion::splice(vlm.lm(), &ids, 438, None).is_err());
     // text may not smuggle in placeholders
     let msgs = [ChatMessage::user(vec![Part::Text("look: <image>".into())])];
@@ -274,7 +282,8 @@ fn broken_checkpoints_are_errors_naming_the_problem() {
     }
     // config pointing the image token outside the vocabulary
     let cfg_path = tmp.join("config.json");
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     let good = cfg.clone();
     cfg["image_token_id"] = 100000.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();

@@ -38,7 +38,10 @@ fn one_model_serves_threads_and_batches_with_the_same_answers() {
         .iter()
         .map(|r| r.as_ref().unwrap().generation.ids.clone())
         .collect();
-    assert_ne!(want[0], want[1], "different images must give different answers");
+    assert_ne!(
+        want[0], want[1],
+        "different images must give different answers"
+    );
     let handles: Vec<_> = (0..2)
         .map(|i| {
             let (vlm, img) = (vlm.clone(), imgs[i].clone());
@@ -70,10 +73,15 @@ fn multi_turn_chat_reuses_the_encoded_image() {
     ])];
     let first = vlm.chat(&msgs, &g, &mut |_| true).unwrap();
     msgs.push(ChatMessage::assistant(first.text.clone()));
-    msgs.push(ChatMessage::user(vec![Part::Text("And the colours?".into())]));
+    msgs.push(ChatMessage::user(vec![Part::Text(
+        "And the colours?".into(),
+    )]));
     let text = vlm.render(&msgs).unwrap();
     assert_eq!(text.matches("<global-img>").count(), 1);
-    assert!(text.ends_with("And the colours?<end_of_utterance>\nAssistant:"), "{text}");
+    assert!(
+        text.ends_with("And the colours?<end_of_utterance>\nAssistant:"),
+        "{text}"
+    );
     let again = vlm.encode_image(&img, None).unwrap();
     assert!(again.from_cache);
     vlm.chat(&msgs, &g, &mut |_| true).unwrap();
@@ -89,10 +97,9 @@ fn transformers_4_layout_loads_the_same() {
         let p = f.unwrap().path();
         std::fs::copy(&p, tmp.join(p.file_name().unwrap())).unwrap();
     }
-    let pc: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.join("processor_config.json")).unwrap(),
-    )
-    .unwrap();
+    let pc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.join("processor_config.json")).unwrap())
+            .unwrap();
     std::fs::write(
         tmp.join("preprocessor_config.json"),
         pc["image_processor"].to_string(),

@@ -31,7 +31,12 @@ impl Message {
 }
 
 /// Renders `messages` with `template` and `add_generation_prompt = true`.
-pub fn render<T: Serialize>(template: &str, messages: &[T], bos: &str, eos: &str) -> Result<String> {
+pub fn render<T: Serialize>(
+    template: &str,
+    messages: &[T],
+    bos: &str,
+    eos: &str,
+) -> Result<String> {
     let mut env = minijinja::Environment::new();
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);

@@ -129,8 +129,7 @@ impl LmConfig {
                 }
             }
         }
-        let cfg: LmConfig =
-            serde_json::from_value(v).map_err(|e| LmError::Json(e.to_string()))?;
+        let cfg: LmConfig = serde_json::from_value(v).map_err(|e| LmError::Json(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -279,7 +278,10 @@ mod tests {
         assert!(e.contains("rope_parameters") && e.contains("llama3"), "{e}");
         let mut w = v;
         w["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
-        assert!(LmConfig::from_json(w).unwrap_err().to_string().contains("rope_scaling"));
+        assert!(LmConfig::from_json(w)
+            .unwrap_err()
+            .to_string()
+            .contains("rope_scaling"));
     }
 
     #[test]

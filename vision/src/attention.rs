@@ -25,10 +25,10 @@
 
 use crate::error::Result;
 use crate::kernels::{Act, FusedAttention};
-use candle_core::CpuStorage;
-use rayon::prelude::*;
 use crate::weights::VisionWeights;
+use candle_core::CpuStorage;
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 /// `y = x W^T + b` with `W^T` stored contiguous `(in, out)`, so the matmul runs on a
 /// row-major 2-D operand pair (measured 1.7x faster in candle than multiplying by a

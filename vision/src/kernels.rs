@@ -7,7 +7,9 @@
 //! These ops have no backward pass: training uses the candle-op path of the encoder
 //! (`VisionEncoder::set_fast_kernels(false)`), which the tests compare against this one.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
+};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -228,5 +230,4 @@ mod tests {
             assert!((Act::QuickGelu.apply(x) - q).abs() < 1e-6, "{x}");
         }
     }
-
 }

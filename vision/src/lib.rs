@@ -17,9 +17,9 @@ pub mod vit;
 pub mod weights;
 
 pub use config::{AttentionPattern, VisionConfig};
+pub use error::{Result, VisionError};
 /// The `image` crate this crate decodes with (its `RgbImage` is the type images travel as).
 pub use image;
-pub use error::{Result, VisionError};
 pub use image_io::{decode_image, load_image, ImageLimits};
 pub use preprocess::{Filter, Preprocess};
 pub use tiling::{make_tiles, plan, TilePlan, TilingConfig};

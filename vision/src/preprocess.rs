@@ -150,7 +150,9 @@ impl Preprocess {
             let f = r
                 .as_f64()
                 .filter(|f| f.is_finite() && *f > 0.0)
-                .ok_or_else(|| VisionError::config("rescale_factor", "must be a positive number"))?;
+                .ok_or_else(|| {
+                    VisionError::config("rescale_factor", "must be a positive number")
+                })?;
             p.rescale_factor = f as f32;
         }
         let triple = |k: &str| -> Result<Option<[f32; 3]>> {

@@ -6,8 +6,8 @@ use crate::attention::{Attention, Dense};
 use crate::config::{AttentionPattern, VisionConfig};
 use crate::embeddings::Embeddings;
 use crate::error::{Result, VisionError};
-use crate::weights::VisionWeights;
 use crate::kernels::Act;
+use crate::weights::VisionWeights;
 use candle_core::{DType, Tensor};
 use candle_nn::{LayerNorm, Module};
 use std::path::Path;
@@ -94,7 +94,9 @@ impl Block {
             Some(a) if fast => self
                 .fc2
                 .forward_fast(&self.fc1.forward_fast(&hn, Some(a))?, None)?,
-            _ => self.fc2.forward(&self.act(&self.fc1.forward(&hn)?, fast)?)?,
+            _ => self
+                .fc2
+                .forward(&self.act(&self.fc1.forward(&hn)?, fast)?)?,
         };
         Ok((x + m)?)
     }

@@ -107,17 +107,29 @@ fn resize_and_normalise_match_siglip_image_processor() {
         );
         let want = tensor(&dir, o["file"].as_str().unwrap(), &shape(&o["shape"]));
         let got = pre.run(&img, w, h).unwrap();
-        let diff = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap();
+        let diff = (&got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         let v: Vec<f32> = diff.to_vec1().unwrap();
-        let (imax, max) = v
-            .iter()
-            .cloned()
-            .enumerate()
-            .fold((0, 0f32), |a, (i, x)| if x > a.1 { (i, x) } else { a });
-        let at = (imax / (w * h) as usize, imax / w as usize % h as usize, imax % w as usize);
+        let (imax, max) =
+            v.iter()
+                .cloned()
+                .enumerate()
+                .fold((0, 0f32), |a, (i, x)| if x > a.1 { (i, x) } else { a });
+        let at = (
+            imax / (w * h) as usize,
+            imax / w as usize % h as usize,
+            imax % w as usize,
+        );
         let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
         let r: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-        println!("  worst at (c, y, x) = {at:?}: ours {} reference {}", g[imax], r[imax]);
+        println!(
+            "  worst at (c, y, x) = {at:?}: ours {} reference {}",
+            g[imax], r[imax]
+        );
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         // One 8-bit level is 2/255 = 0.0078 after normalising with std 0.5. PIL and
         // fast_image_resize both resize in 8 bits with the same cubic filter (width first,
@@ -146,8 +158,8 @@ fn preprocessor_config_errors_name_the_field() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("image_mean"), "{e}");
-    let p = Preprocess::from_json(&serde_json::json!({"do_normalize": false, "resample": 2}))
-        .unwrap();
+    let p =
+        Preprocess::from_json(&serde_json::json!({"do_normalize": false, "resample": 2})).unwrap();
     assert_eq!((p.image_mean, p.image_std), ([0.0; 3], [1.0; 3]));
 }
 
@@ -163,6 +175,8 @@ fn full_size_siglip_b16_512_matches_transformers() {
     let px = tensor(&dir, "pixels.f32", &shape(&r["pixels"]));
     let want = tensor(&dir, "hidden.f32", &shape(&r["hidden"]));
     let d = max_diff(&enc.forward(&px).unwrap(), &want);
-    println!("SigLIP-B/16-512 (768 wide, 12 layers, 1024 patches) vs transformers: max |diff| = {d:e}");
+    println!(
+        "SigLIP-B/16-512 (768 wide, 12 layers, 1024 patches) vs transformers: max |diff| = {d:e}"
+    );
     assert!(d < 1e-3, "{d}");
 }

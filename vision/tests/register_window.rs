@@ -201,7 +201,10 @@ fn fused_kernels_equal_candle_ops_for_global_and_windowed_blocks() {
         enc.set_fast_kernels(false);
         let slow = enc.forward(&x).unwrap();
         let d = max_diff(&fast, &slow);
-        println!("fused kernels vs candle ops ({:?}, {act}): max |diff| = {d:e}", c.attention);
+        println!(
+            "fused kernels vs candle ops ({:?}, {act}): max |diff| = {d:e}",
+            c.attention
+        );
         assert!(d < 1e-5, "{d}");
     }
 }
