@@ -81,7 +81,7 @@ pub fn bench_vlm(a: &VlmBench, threads: usize) -> Result<()> {
     let mut prompt_tokens = 0;
     let mut parts: Vec<[f64; 3]> = Vec::new();
     for i in 0..=a.runs {
-        vlm.processor_mut(); // clears the encoded-image cache: every run encodes
+        vlm.clear_image_cache(); // every run encodes
         let lm = vlm.lm();
         let t0 = Instant::now();
         let plan = vlm.plan(img.width(), img.height(), None)?;

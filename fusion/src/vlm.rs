@@ -298,11 +298,16 @@ impl<M: LanguageModel> Vlm<M> {
     }
     /// Changes the image processing (e.g. image splitting); clears the encoded-image cache.
     pub fn processor_mut(&mut self) -> &mut Idefics3Processor {
+        self.clear_image_cache();
+        &mut self.processor
+    }
+
+    /// Forgets every encoded image (the next request runs the encoder again).
+    pub fn clear_image_cache(&self) {
         self.images
-            .get_mut()
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        &mut self.processor
     }
     pub fn encoder(&self) -> &VisionEncoder {
         &self.encoder

@@ -212,13 +212,20 @@ mod tests {
 
     #[test]
     fn causal_attention_equals_a_naive_loop() {
-        let (t, heads, kvh, hd) = (70, 4, 2, 8);
-        let n_keys = 75; // 5 cached keys before the 70 new rows
+        // 70 prefill rows after 5 cached keys, then one decode row
+        for (t, start) in [(70usize, 5usize), (1, 74)] {
+            check_against_naive(t, start);
+        }
+    }
+
+    fn check_against_naive(t: usize, start: usize) {
+        let (heads, kvh, hd) = (4, 2, 8);
+        let n_keys = start + t;
         let f = |i: usize, s: f32| ((i as f32 * s).sin() * 0.7) as f32;
         let q: Vec<f32> = (0..t * heads * hd).map(|i| f(i, 0.37)).collect();
         let k: Vec<f32> = (0..n_keys * kvh * hd).map(|i| f(i, 0.71)).collect();
         let v: Vec<f32> = (0..n_keys * kvh * hd).map(|i| f(i, 1.13)).collect();
-        let pos: Vec<usize> = (5..5 + t).collect();
+        let pos: Vec<usize> = (start..start + t).collect();
         let got = causal_attention(&q, &pos, &k, &v, heads, kvh, hd, 0.3);
         let mut worst = 0f32;
         for i in 0..t {
@@ -244,6 +251,6 @@ mod tests {
                 }
             }
         }
-        assert!(worst < 1e-5, "{worst}");
+        assert!(worst < 1e-5, "t = {t}: {worst}");
     }
 }
