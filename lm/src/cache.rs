@@ -15,6 +15,9 @@ pub struct LayerKv {
     width: usize,
     len: usize,
     max_len: usize,
+    /// Absolute position of the first stored row (> 0 once `drop_before` trimmed a
+    /// sliding-window layer; always 0 for the dense model).
+    first: usize,
 }
 
 impl LayerKv {
@@ -26,7 +29,32 @@ impl LayerKv {
             width,
             len: 0,
             max_len,
+            first: 0,
         }
+    }
+
+    /// Absolute position of the first stored row.
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    /// Absolute position one past the last stored row (`first + len`).
+    pub fn end(&self) -> usize {
+        self.first + self.len
+    }
+
+    /// Forgets the rows at absolute positions below `pos` (a sliding-window layer keeps only
+    /// the positions a later query can still see). Rolling back with `truncate` below the new
+    /// `first` is then impossible: such a layer is emptied.
+    pub fn drop_before(&mut self, pos: usize) {
+        let n = pos.saturating_sub(self.first).min(self.len);
+        if n == 0 {
+            return;
+        }
+        self.k.drain(..n * self.width);
+        self.v.drain(..n * self.width);
+        self.len -= n;
+        self.first += n;
     }
 
     pub fn len(&self) -> usize {
@@ -52,10 +80,10 @@ impl LayerKv {
             )));
         }
         let t = k.len() / self.width;
-        if self.len + t > self.max_len {
+        if self.first + self.len + t > self.max_len {
             return Err(LmError::Invalid(format!(
                 "K/V cache full: {} positions exceed the context of {}",
-                self.len + t,
+                self.first + self.len + t,
                 self.max_len
             )));
         }
@@ -82,9 +110,14 @@ impl LayerKv {
         ))
     }
 
-    /// Forgets positions `len..`.
+    /// Forgets absolute positions `len..` (a trimmed window layer truncated below `first`
+    /// is emptied and restarts at `len`).
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+        if len < self.first {
+            self.first = len;
+            self.len = 0;
+        }
+        self.len = self.len.min(len - self.first);
         self.k.truncate(self.len * self.width);
         self.v.truncate(self.len * self.width);
     }
@@ -137,6 +170,12 @@ impl Cache {
 
     pub fn layer_mut(&mut self, i: usize) -> Option<&mut LayerKv> {
         self.layers.get_mut(i).and_then(|l| l.as_mut())
+    }
+
+    /// Every layer slot, for models that hand disjoint groups of layers to different
+    /// threads (the server model's tracks).
+    pub(crate) fn layers_mut(&mut self) -> &mut [Option<LayerKv>] {
+        &mut self.layers
     }
 
     pub fn num_layers(&self) -> usize {
@@ -200,5 +239,22 @@ mod tests {
         assert_eq!(l.used_bytes(), 2 * 70 * 8 * 4);
         l.truncate(10);
         assert_eq!((l.len(), l.slices().0.len()), (10, 80));
+    }
+
+    #[test]
+    fn drop_before_keeps_absolute_positions() {
+        let mut l = LayerKv::new(2, 20);
+        for i in 0..10 {
+            l.append(&[i as f32; 2], &[i as f32; 2]).unwrap();
+        }
+        l.drop_before(6);
+        assert_eq!((l.first(), l.len(), l.end()), (6, 4, 10));
+        assert_eq!(l.slices().0[0], 6.0);
+        l.truncate(8);
+        assert_eq!((l.first(), l.end()), (6, 8));
+        // the context bound counts absolute positions
+        assert!(l.append(&[0.0; 26], &[0.0; 26]).is_err());
+        l.truncate(3);
+        assert_eq!((l.first(), l.len()), (3, 0));
     }
 }

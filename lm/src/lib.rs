@@ -24,6 +24,7 @@ pub mod random;
 pub mod rms_norm;
 pub mod rope;
 pub mod sampling;
+pub mod server_model;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
@@ -37,4 +38,5 @@ pub use generate::{generate, generate_from_embeds, GenerateOptions, Generation, 
 pub use load::{Checkpoint, LoadOptions};
 pub use model::{LanguageModel, LogitsFor, ModelInfo};
 pub use sampling::SamplingParams;
+pub use server_model::{ServerConfig, ServerModel};
 pub use tokenizer::Tokenizer;

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
 
-fn randn(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Tensor> {
+pub(crate) fn randn(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     // Box-Muller
     let v: Vec<f32> = (0..n)
@@ -24,7 +24,7 @@ fn randn(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
-fn around_one(rng: &mut ChaCha8Rng, n: usize) -> Result<Tensor> {
+pub(crate) fn around_one(rng: &mut ChaCha8Rng, n: usize) -> Result<Tensor> {
     let v: Vec<f32> = (0..n)
         .map(|_| 1.0 + (rng.random::<f32>() - 0.5) * 0.2)
         .collect();
