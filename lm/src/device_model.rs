@@ -17,7 +17,7 @@ use crate::model::{LanguageModel, LogitsFor, ModelInfo};
 use crate::rms_norm::RmsNorm;
 use crate::rope::Rope;
 use crate::weights::WeightSource;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
@@ -213,15 +213,15 @@ impl DeviceModel {
         if !self.prefill_shortcut {
             x = select(&x);
         }
-        self.norm.forward_inplace(&mut x)?;
-        let n = rows.len();
-        let logits = self.lm_head.forward(&x, n)?;
+        let logits = crate::model::output_logits(
+            &self.norm,
+            &self.lm_head,
+            x,
+            rows.len(),
+            self.info.vocab_size,
+        )?;
         cache.advance(t);
-        Ok(Tensor::from_vec(
-            logits,
-            (n, self.info.vocab_size),
-            &Device::Cpu,
-        )?)
+        Ok(logits)
     }
 }
 
@@ -231,13 +231,7 @@ impl LanguageModel for DeviceModel {
     }
 
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
-        if let Some(&id) = ids.iter().find(|&&i| i as usize >= self.info.vocab_size) {
-            return Err(LmError::BadTokenId {
-                id,
-                vocab: self.info.vocab_size,
-            });
-        }
-        self.embed.embedding(ids)
+        crate::model::embed_checked(&self.embed, self.info.vocab_size, ids)
     }
 
     fn new_cache(&self) -> Cache {

@@ -3,7 +3,9 @@
 
 use crate::cache::Cache;
 use crate::error::{LmError, Result};
-use candle_core::Tensor;
+use crate::linear::Linear;
+use crate::rms_norm::RmsNorm;
+use candle_core::{Device, Tensor};
 
 /// Static facts about a loaded model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,4 +82,28 @@ pub trait LanguageModel: Send + Sync {
         let e = self.embed_tokens(ids)?;
         self.forward_embeds(&e, cache, logits)
     }
+}
+
+/// Token embeddings, refusing ids outside the vocabulary (shared by the models).
+pub(crate) fn embed_checked(embed: &Linear, vocab: usize, ids: &[u32]) -> Result<Tensor> {
+    if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(LmError::BadTokenId { id, vocab });
+    }
+    embed.embedding(ids)
+}
+
+/// Final RMSNorm and output projection of `n` hidden rows (shared by the models).
+///
+/// # Shapes
+/// `x: (n, hidden)` -> `(n, vocab)`.
+pub(crate) fn output_logits(
+    norm: &RmsNorm,
+    lm_head: &Linear,
+    mut x: Vec<f32>,
+    n: usize,
+    vocab: usize,
+) -> Result<Tensor> {
+    norm.forward_inplace(&mut x)?;
+    let logits = lm_head.forward(&x, n)?;
+    Ok(Tensor::from_vec(logits, (n, vocab), &Device::Cpu)?)
 }

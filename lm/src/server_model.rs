@@ -64,7 +64,7 @@ use crate::random::{around_one, randn};
 use crate::rms_norm::RmsNorm;
 use crate::rope::Rope;
 use crate::weights::WeightSource;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -752,22 +752,22 @@ impl ServerModel {
                 }
             }
         }
-        let mut x: Vec<f32> = if rows.len() == t {
+        let x: Vec<f32> = if rows.len() == t {
             x
         } else {
             rows.iter()
                 .flat_map(|&r| x[r * h..(r + 1) * h].iter().copied())
                 .collect()
         };
-        self.norm.forward_inplace(&mut x)?;
-        let n = rows.len();
-        let logits = self.lm_head.forward(&x, n)?;
+        let logits = crate::model::output_logits(
+            &self.norm,
+            &self.lm_head,
+            x,
+            rows.len(),
+            self.info.vocab_size,
+        )?;
         cache.advance(t);
-        Ok(Tensor::from_vec(
-            logits,
-            (n, self.info.vocab_size),
-            &Device::Cpu,
-        )?)
+        Ok(logits)
     }
 }
 
@@ -777,13 +777,7 @@ impl LanguageModel for ServerModel {
     }
 
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
-        if let Some(&id) = ids.iter().find(|&&i| i as usize >= self.info.vocab_size) {
-            return Err(LmError::BadTokenId {
-                id,
-                vocab: self.info.vocab_size,
-            });
-        }
-        self.embed.embedding(ids)
+        crate::model::embed_checked(&self.embed, self.info.vocab_size, ids)
     }
 
     /// One K/V slot per (track, layer), index `track * num_layers_per_track + layer`.
