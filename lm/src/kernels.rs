@@ -74,11 +74,103 @@ struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
 unsafe impl Send for OutPtr {}
 
+/// Pointers and sizes of one block of single-head attention for [`attend_block`].
+pub struct AttendBlock {
+    /// `rows x head_dim` queries, row stride `q_stride`.
+    pub q: *const f32,
+    pub q_stride: usize,
+    /// `keys x head_dim` keys and values, row stride `kv_stride`.
+    pub k: *const f32,
+    pub v: *const f32,
+    pub kv_stride: usize,
+    /// `rows x head_dim` output, row stride `out_stride`.
+    pub out: *mut f32,
+    pub out_stride: usize,
+    pub rows: usize,
+    pub keys: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// One block of single-head attention: scores `scale * q k^T` by a single-threaded gemm into
+/// a per-thread buffer, `mask(row, scores)` to adjust each row (add a key mask, cut the
+/// causal future to `-inf`), a row softmax, then `out = p v` by a second gemm. The blocked
+/// attention of both the language models and the vision encoder is made of these.
+///
+/// # Safety
+/// Every pointer of `b` must be valid for the rows, columns and strides it describes, and no
+/// other thread may write the output block meanwhile.
+pub unsafe fn attend_block(b: AttendBlock, mask: impl Fn(usize, &mut [f32])) {
+    let (rows, n, hd) = (b.rows, b.keys, b.head_dim);
+    if rows == 0 {
+        return;
+    }
+    SCORES.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < rows * n {
+            buf.resize(rows * n, 0.0);
+        }
+        let s = &mut buf[..rows * n];
+        // SAFETY: the caller vouches for q and k; s holds rows*n floats.
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                hd,
+                s.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                b.q,
+                1,
+                b.q_stride as isize,
+                b.k,
+                b.kv_stride as isize,
+                1,
+                0.0,
+                b.scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (i, row) in s.chunks_exact_mut(n.max(1)).enumerate() {
+            mask(i, row);
+            softmax_in_place(row);
+        }
+        // SAFETY: the caller vouches for v and the output block; s is rows x n.
+        unsafe {
+            gemm::gemm(
+                rows,
+                hd,
+                n,
+                b.out,
+                1,
+                b.out_stride as isize,
+                false,
+                s.as_ptr(),
+                1,
+                n as isize,
+                b.v,
+                1,
+                b.kv_stride as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+}
+
 /// Causal multi-head attention with grouped K/V heads: query row `i` (at absolute position
 /// `pos[i]`, ascending) attends to keys `0..=pos[i]`; query head `j * (heads / kv_heads) + r`
 /// uses K/V head `j`. Work is split into `(head, block of 64 rows)` tasks on candle's pool;
-/// each runs two single-threaded gemm calls (scores, then the weighted sum of values) through
-/// a per-thread score buffer, with the causal mask and softmax in between.
+/// each is one [`attend_block`] (scores, causal cut, softmax, weighted sum of values) through
+/// a per-thread score buffer.
 ///
 /// # Shapes
 /// `q: (t, heads * hd)` (roped), `k, v: (n_keys, kv_heads * hd)` -> `(t, heads * hd)`.
@@ -110,69 +202,28 @@ pub fn causal_attention(
             let rows = QBLOCK.min(t - r0);
             // keys any row of the block sees (positions ascend)
             let n = pos[r0..r0 + rows].iter().max().map_or(0, |&p| p + 1);
-            SCORES.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                if buf.len() < rows * n {
-                    buf.resize(rows * n, 0.0);
-                }
-                let s = &mut buf[..rows * n];
-                // SAFETY: q rows r0..r0+rows, columns head*hd.. (+hd), row stride qw, lie in
-                // q (t*qw); k rows 0..n, columns g*hd.. (+hd), row stride kw, lie in k
-                // (n_keys*kw, n <= n_keys); s holds rows*n floats.
-                unsafe {
-                    gemm::gemm(
+            // SAFETY: q rows r0..r0+rows at column head*hd (row stride qw) lie in q; k and
+            // v rows 0..n at column g*hd (row stride kw) lie in k and v (n <= n_keys); the
+            // output block (rows r0.., columns head*hd.., row stride qw) belongs to this
+            // (head, blk) task alone and `out` outlives the loop.
+            unsafe {
+                attend_block(
+                    AttendBlock {
+                        q: q.as_ptr().add(r0 * qw + head * hd),
+                        q_stride: qw,
+                        k: k.as_ptr().add(g * hd),
+                        v: v.as_ptr().add(g * hd),
+                        kv_stride: kw,
+                        out: optr.0.add(r0 * qw + head * hd),
+                        out_stride: qw,
                         rows,
-                        n,
-                        hd,
-                        s.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        q.as_ptr().add(r0 * qw + head * hd),
-                        1,
-                        qw as isize,
-                        k.as_ptr().add(g * hd),
-                        kw as isize,
-                        1,
-                        0.0,
+                        keys: n,
+                        head_dim: hd,
                         scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                for (i, row) in s.chunks_exact_mut(n).enumerate() {
-                    row[pos[r0 + i] + 1..].fill(f32::NEG_INFINITY);
-                    softmax_in_place(row);
-                }
-                // SAFETY: the destination block (rows r0.., columns head*hd.., row stride qw)
-                // belongs to this (head, blk) task alone; v is read as (n x hd) with row
-                // stride kw at column g*hd, inside v.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        hd,
-                        n,
-                        optr.0.add(r0 * qw + head * hd),
-                        1,
-                        qw as isize,
-                        false,
-                        s.as_ptr(),
-                        1,
-                        n as isize,
-                        v.as_ptr().add(g * hd),
-                        1,
-                        kw as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            });
+                    },
+                    |i, row| row[pos[r0 + i] + 1..].fill(f32::NEG_INFINITY),
+                );
+            }
         }
     });
     out

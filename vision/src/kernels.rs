@@ -7,13 +7,12 @@
 //! These ops have no backward pass: training uses the candle-op path of the encoder
 //! (`VisionEncoder::set_fast_kernels(false)`), which the tests compare against this one.
 
+use afm_lm::kernels::{attend_block, AttendBlock};
+pub use afm_lm::kernels::{exp, softmax_in_place};
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 };
 use rayon::prelude::*;
-use std::cell::RefCell;
-
-pub use afm_lm::kernels::{exp, softmax_in_place};
 
 /// The activations the encoder's MLP can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +80,8 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [
 /// `(n, t, heads * head_dim)`, heads side by side as `out_proj` expects.
 ///
 /// Work is split into `(sequence, head, block of `QBLOCK` = 256 query rows)` tasks on rayon's pool (the
-/// pool gemm uses); each task runs two single-threaded gemm calls through a per-thread score
-/// buffer of `256 x t` floats (1 MB at t = 1024, an L2; measured fastest of 32..512).
+/// pool gemm uses); each task is one `afm_lm::kernels::attend_block` (two single-threaded gemm calls through a per-thread score
+/// buffer of `256 x t` floats: 1 MB at t = 1024, an L2; measured fastest of 32..512).
 pub struct FusedAttention {
     pub heads: usize,
     pub head_dim: usize,
@@ -90,10 +89,6 @@ pub struct FusedAttention {
 }
 
 const QBLOCK: usize = 256;
-
-thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
 
 /// The output buffer shared by the tasks, each of which writes its own disjoint block.
 struct OutPtr(*mut f32);
@@ -141,76 +136,35 @@ impl CustomOp2 for FusedAttention {
             let k = &qkv[base + d + h * hd..];
             let v = &qkv[base + 2 * d + h * hd..];
             let mrow = masked.then(|| &mask[(seq % m) * t..(seq % m + 1) * t]);
-            SCORES.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                if buf.len() < rows * t {
-                    buf.resize(rows * t, 0.0);
-                }
-                let s = &mut buf[..rows * t];
-                // SAFETY: all pointers address f32 slices checked above: q rows r0..r0+rows
-                // and k, v rows 0..t of sequence `seq`, columns h*hd..(h+1)*hd of their part,
-                // with row stride 3d inside `qkv` (length n*t*3d); `s` holds rows*t floats.
-                // gemm reads lhs/rhs and writes dst only within (m x n) at the given strides.
-                unsafe {
-                    gemm::gemm(
+            // SAFETY: q rows r0..r0+rows and k, v rows 0..t of sequence `seq`, columns
+            // h*hd..(h+1)*hd of their part, row stride 3d, lie in `qkv` (n*t*3d floats,
+            // checked above); the output block (rows r0.., columns h*hd.., row stride d of
+            // sequence `seq`) belongs to this (seq, h, blk) task alone, and `out` outlives
+            // the loop.
+            unsafe {
+                attend_block(
+                    AttendBlock {
+                        q: q.as_ptr(),
+                        q_stride: 3 * d,
+                        k: k.as_ptr(),
+                        v: v.as_ptr(),
+                        kv_stride: 3 * d,
+                        out: optr.0.add(seq * t * d + r0 * d + h * hd),
+                        out_stride: d,
                         rows,
-                        t,
-                        hd,
-                        s.as_mut_ptr(),
-                        1,
-                        t as isize,
-                        false,
-                        q.as_ptr(),
-                        1,
-                        (3 * d) as isize,
-                        k.as_ptr(),
-                        (3 * d) as isize,
-                        1,
-                        0.0,
-                        self.scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                for row in s.chunks_exact_mut(t) {
-                    if let Some(mr) = mrow {
-                        for (x, mv) in row.iter_mut().zip(mr) {
-                            *x += mv;
+                        keys: t,
+                        head_dim: hd,
+                        scale: self.scale,
+                    },
+                    |_, row| {
+                        if let Some(mr) = mrow {
+                            for (x, mv) in row.iter_mut().zip(mr) {
+                                *x += mv;
+                            }
                         }
-                    }
-                    softmax_in_place(row);
-                }
-                // SAFETY: the destination block is rows r0..r0+rows, columns h*hd..(h+1)*hd
-                // of sequence `seq` in `out` (n*t*d floats, row stride d); no other task has
-                // the same (seq, h, blk), so blocks never overlap, and `out` lives until the
-                // loop has ended. v is read as a (t x hd) matrix with row stride 3d.
-                unsafe {
-                    let dst = optr.0.add(seq * t * d + r0 * d + h * hd);
-                    gemm::gemm(
-                        rows,
-                        hd,
-                        t,
-                        dst,
-                        1,
-                        d as isize,
-                        false,
-                        s.as_ptr(),
-                        1,
-                        t as isize,
-                        v.as_ptr(),
-                        1,
-                        (3 * d) as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            });
+                    },
+                );
+            }
         });
         Ok((CpuStorage::F32(out), Shape::from((n, t, d))))
     }
