@@ -25,6 +25,10 @@ pub enum BenchCmd {
     Lm(LmBench),
     /// Prefill time with the KV-sharing shortcut on vs off, and KV-cache bytes.
     KvSharing(KvBench),
+    /// The server model (PT-MoE): parameters total vs active, K/V bytes with the local/global
+    /// pattern vs all-global, synchronisation points, prefill/decode tok/s with the tracks
+    /// run in parallel vs one after another.
+    Server(crate::server_cmd::ServerBench),
     /// Encode time per 512x512 tile for SigLIP-B/16-512, ours vs PyTorch.
     Vision(VisionBench),
     /// Time to first token and decode tok/s for one 512x512 image + a short question on a

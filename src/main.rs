@@ -1,7 +1,7 @@
 //! The `afm` command-line tool.
 
 use afm::lm::generate::{generate, GenerateOptions};
-use afm::lm::{Checkpoint, Message, SamplingParams};
+use afm::lm::{Checkpoint, LanguageModel, Message, SamplingParams, ServerCheckpoint, Tokenizer};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -13,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
 mod default_model;
+mod server_cmd;
 mod vlm_cmd;
 
 #[derive(Parser)]
@@ -39,6 +40,8 @@ enum Cmd {
     Ask(vlm_cmd::AskArgs),
     /// Describe a screenshot (window title, controls, their text); streams like `ask`.
     Screen(vlm_cmd::ScreenArgs),
+    /// Write a random-weight server (PT-MoE) checkpoint of any size, from a preset.
+    ServerGen(server_cmd::ServerGenArgs),
     /// Speed benchmarks, measured next to the reference in the same run (not tests).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -132,8 +135,22 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         None => default_model::locate_or_fetch()?,
     };
     let t0 = Instant::now();
-    let ck = Checkpoint::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let load_secs = t0.elapsed().as_secs_f64();
+    let loading = || format!("loading {}", path.display());
+    if afm::lm::server_checkpoint::is_server_checkpoint(&path).with_context(loading)? {
+        let ck = ServerCheckpoint::load(&path).with_context(loading)?;
+        return generate_with(&a, &ck.model, &ck.tokenizer, t0.elapsed().as_secs_f64());
+    }
+    let ck = Checkpoint::load(&path).with_context(loading)?;
+    generate_with(&a, &ck.model, &ck.tokenizer, t0.elapsed().as_secs_f64())
+}
+
+/// Runs `afm generate` on a loaded model (dense or server).
+fn generate_with<M: LanguageModel>(
+    a: &GenerateArgs,
+    model: &M,
+    tokenizer: &Tokenizer,
+    load_secs: f64,
+) -> Result<()> {
     let text = if a.raw {
         a.prompt.clone()
     } else {
@@ -142,13 +159,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             msgs.push(Message::system(s.clone()));
         }
         msgs.push(Message::user(a.prompt.clone()));
-        afm::lm::chat::render_chat(&ck.tokenizer, &msgs)?
+        afm::lm::chat::render_chat(tokenizer, &msgs)?
     };
-    let ids = ck.tokenizer.encode(&text)?;
+    let ids = tokenizer.encode(&text)?;
     let mut out = std::io::stdout().lock();
     let g = generate(
-        &ck.model,
-        &ck.tokenizer,
+        model,
+        tokenizer,
         &ids,
         &options(&a.sampling),
         &mut |piece| {
@@ -214,6 +231,10 @@ fn run(cli: Cli) -> Result<()> {
             bench::bench_lm(&a, cli.threads.unwrap_or(2), model)
         }
         Cmd::Bench(bench::BenchCmd::KvSharing(a)) => bench::bench_kv(&a),
+        Cmd::Bench(bench::BenchCmd::Server(a)) => {
+            server_cmd::bench_server(&a, cli.threads.unwrap_or(2))
+        }
+        Cmd::ServerGen(a) => server_cmd::cmd_server_gen(&a),
         Cmd::Bench(bench::BenchCmd::Vision(a)) => bench::bench_vision(&a, cli.threads.unwrap_or(2)),
         Cmd::Bench(bench::BenchCmd::Vlm(a)) => bench::bench_vlm(&a, cli.threads.unwrap_or(2)),
         Cmd::BenchWorker {

@@ -65,3 +65,136 @@ fn bad_model_path_and_bad_flags_fail_cleanly() {
         "{stderr}"
     );
 }
+
+#[test]
+fn server_gen_writes_a_checkpoint_that_generates_and_benches() {
+    let dir = std::env::temp_dir().join(format!("afm-cli-server-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let st = dir.join("tiny-st");
+    let out = afm()
+        .args([
+            "server-gen",
+            "--preset",
+            "tiny",
+            "--set",
+            "num_tracks=3",
+            "--out",
+        ])
+        .arg(&st)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("3 tracks"), "{stderr}");
+    let cfg = afm::lm::ServerConfig::from_file(&st.join("config.json")).unwrap();
+    assert_eq!(cfg.num_tracks, 3);
+
+    // bad overrides name the field
+    let out = afm()
+        .args([
+            "server-gen",
+            "--preset",
+            "tiny",
+            "--set",
+            "num_trackz=3",
+            "--out",
+        ])
+        .arg(dir.join("x"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("num_trackz"),
+        "{stderr}"
+    );
+    let out = afm()
+        .args([
+            "server-gen",
+            "--preset",
+            "tiny",
+            "--set",
+            "experts_per_token=9",
+            "--out",
+        ])
+        .arg(dir.join("x"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("experts_per_token")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    // the benchmark runs on it (a smoke run; the figures are not checked)
+    let out = afm()
+        .args([
+            "--threads",
+            "2",
+            "bench",
+            "server",
+            "--prompt-tokens",
+            "12",
+            "--new-tokens",
+            "3",
+            "--runs",
+            "1",
+            "--model",
+        ])
+        .arg(&st)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    for k in [
+        "active per token",
+        "all-global",
+        "synchronisation points",
+        "tracks parallel",
+    ] {
+        assert!(stdout.contains(k), "bench output lacks {k}: {stdout}");
+    }
+
+    // with SmolLM2's tokenizer in a Q8_0 GGUF, `afm generate` runs the server model
+    if let Some(smol) = common::smollm2_gguf() {
+        let g = dir.join("tiny-smol.gguf");
+        let out = afm()
+            .args([
+                "server-gen",
+                "--preset",
+                "tiny",
+                "--set",
+                "vocab_size=49152",
+                "--quant",
+                "q8_0",
+                "--tokenizer",
+            ])
+            .arg(&smol)
+            .arg("--out")
+            .arg(&g)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = afm()
+            .args(["generate", "--max-tokens", "8", "--model"])
+            .arg(&g)
+            .arg("Hello")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("decode") && stderr.contains("generated"),
+            "{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -241,14 +241,19 @@ fn load_model(files: &CheckpointFiles, opts: &LoadOptions) -> Result<DeviceModel
     }
 }
 
+/// The checkpoint's tokenizer, with the chat template's end-of-turn token among the stop ids.
 fn load_tokenizer(files: &CheckpointFiles) -> Result<crate::tokenizer::Tokenizer> {
-    match files {
+    let mut tokenizer = match files {
         CheckpointFiles::Gguf(p) => {
             let src = WeightSource::from_gguf(p)?;
-            crate::tokenizer::Tokenizer::from_gguf(src.gguf_metadata().expect("gguf source"))
+            crate::tokenizer::Tokenizer::from_gguf(src.gguf_metadata().expect("gguf source"))?
         }
-        CheckpointFiles::Safetensors { dir, .. } => crate::tokenizer::Tokenizer::from_dir(dir),
+        CheckpointFiles::Safetensors { dir, .. } => crate::tokenizer::Tokenizer::from_dir(dir)?,
+    };
+    for id in crate::chat::end_of_turn_ids(&tokenizer) {
+        tokenizer.add_eos_id(id);
     }
+    Ok(tokenizer)
 }
 
 /// A model and its tokenizer, as one checkpoint path provides them.
@@ -270,14 +275,33 @@ impl Checkpoint {
         let files = CheckpointFiles::resolve(path)?;
         let mut tokenizer = load_tokenizer(&files)?;
         let model = load_model(&files, opts)?;
-        for id in crate::chat::end_of_turn_ids(&tokenizer) {
-            tokenizer.add_eos_id(id);
-        }
         if let Some(eos) = &model.config().eos_token_id {
             for id in eos.to_vec() {
                 tokenizer.add_eos_id(id);
             }
         }
+        Ok(Self { model, tokenizer })
+    }
+}
+
+/// A server (PT-MoE) model and its tokenizer, as one checkpoint path provides them (see
+/// `server_checkpoint` for the layout).
+#[derive(Debug, Clone)]
+pub struct ServerCheckpoint {
+    pub model: crate::server_model::ServerModel,
+    pub tokenizer: crate::tokenizer::Tokenizer,
+}
+
+impl ServerCheckpoint {
+    /// As [`Checkpoint::load`], for a server model.
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, &LoadOptions::default())
+    }
+
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let files = CheckpointFiles::resolve(path)?;
+        let tokenizer = load_tokenizer(&files)?;
+        let model = crate::server_checkpoint::load_server(&files, opts)?;
         Ok(Self { model, tokenizer })
     }
 }

@@ -170,12 +170,7 @@ pub fn write_gguf(
             };
             t = permute_for_interleaved(&t, heads)?;
         }
-        let q = if t.rank() == 2 && t.dim(1)? % dtype.block_size() == 0 {
-            QTensor::quantize(&t, dtype)?
-        } else {
-            QTensor::quantize(&t, GgmlDType::F32)?
-        };
-        qs.push((gguf_name(n), q));
+        qs.push((gguf_name(n), quantize_matrix(&t, dtype)?));
     }
     use gguf_file::Value as V;
     let u = |x: usize| V::U32(x as u32);
@@ -218,12 +213,31 @@ pub fn write_gguf(
         md.push((format!("{arch}.afm.qk_norm"), V::Bool(cfg.qk_norm)));
         md.push((format!("{arch}.afm.kv_quant"), V::Bool(cfg.kv_quant)));
     }
+    write_gguf_file(path, &md, &qs)
+}
+
+/// A matrix whose rows split into whole blocks of `dtype` is stored as `dtype`; vectors
+/// (norm weights, scales) and odd-width matrices stay f32.
+pub(crate) fn quantize_matrix(t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+    Ok(if t.rank() == 2 && t.dim(1)? % dtype.block_size() == 0 {
+        QTensor::quantize(t, dtype)?
+    } else {
+        QTensor::quantize(t, GgmlDType::F32)?
+    })
+}
+
+/// Writes metadata and tensors (already under their GGUF names) to `path`.
+pub(crate) fn write_gguf_file(
+    path: &Path,
+    md: &[(String, gguf_file::Value)],
+    tensors: &[(String, QTensor)],
+) -> Result<()> {
     let mut f = std::fs::File::create(path).map_err(|source| LmError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut f, &md_refs, &t_refs)?;
     Ok(())
 }

@@ -272,10 +272,38 @@ pub fn gguf_name(hf: &str) -> String {
     if let Some((_, g)) = TOP.iter().find(|(h, _)| *h == hf) {
         return g.to_string();
     }
+    let layer_tail = |tail: &str| -> Option<String> {
+        if let Some((_, g)) = LAYER.iter().find(|(h, _)| *h == tail) {
+            return Some(g.to_string());
+        }
+        // server model (PT-MoE) MoE layers: router and per-expert SwiGLU
+        if tail == "mlp.router.weight" {
+            return Some("ffn_gate_inp.weight".into());
+        }
+        let (e, proj) = tail.strip_prefix("mlp.experts.")?.split_once('.')?;
+        let g = match proj {
+            "gate_proj.weight" => "ffn_gate_exp",
+            "up_proj.weight" => "ffn_up_exp",
+            "down_proj.weight" => "ffn_down_exp",
+            _ => return None,
+        };
+        Some(format!("{g}.{e}.weight"))
+    };
     if let Some(rest) = hf.strip_prefix("model.layers.") {
         if let Some((idx, tail)) = rest.split_once('.') {
-            if let Some((_, g)) = LAYER.iter().find(|(h, _)| *h == tail) {
+            if let Some(g) = layer_tail(tail) {
                 return format!("blk.{idx}.{g}");
+            }
+        }
+    }
+    // server model (PT-MoE): `model.tracks.{t}.layers.{i}.X` -> `trk.{t}.blk.{i}.X'`
+    if let Some(rest) = hf.strip_prefix("model.tracks.") {
+        if let Some((track, rest)) = rest.split_once('.') {
+            if let Some((idx, tail)) = rest.strip_prefix("layers.").and_then(|r| r.split_once('.'))
+            {
+                if let Some(g) = layer_tail(tail) {
+                    return format!("trk.{track}.blk.{idx}.{g}");
+                }
             }
         }
     }
@@ -298,5 +326,21 @@ mod tests {
             "blk.0.ffn_down.weight"
         );
         assert_eq!(gguf_name("something.else"), "something.else");
+        assert_eq!(
+            gguf_name("model.tracks.3.layers.7.self_attn.k_norm.weight"),
+            "trk.3.blk.7.attn_k_norm.weight"
+        );
+        assert_eq!(
+            gguf_name("model.tracks.0.layers.1.mlp.router.weight"),
+            "trk.0.blk.1.ffn_gate_inp.weight"
+        );
+        assert_eq!(
+            gguf_name("model.tracks.1.layers.11.mlp.experts.39.down_proj.weight"),
+            "trk.1.blk.11.ffn_down_exp.39.weight"
+        );
+        assert_eq!(
+            gguf_name("model.tracks.1.layers.2.mlp.gate_proj.weight"),
+            "trk.1.blk.2.ffn_gate.weight"
+        );
     }
 }
