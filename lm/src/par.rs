@@ -3,8 +3,35 @@
 
 use std::ops::Range;
 
-/// Runs `f` over chunks of `0..n`.
+thread_local! {
+    /// Set while this thread runs one of several coarse tasks that already share the cores
+    /// (the server model's parallel tracks): our kernels then run on this thread alone
+    /// instead of queueing for the whole pool.
+    static INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with [`par_ranges`] inline on the current thread (restored afterwards, also on
+/// error): for work that is itself one of several tasks run in parallel.
+pub fn inline<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            INLINE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(INLINE.with(|c| c.replace(true)));
+    f()
+}
+
+/// Runs `f` over chunks of `0..n`, on candle's pool (or on this thread alone inside
+/// [`inline`]).
 pub fn par_ranges(n: usize, f: impl Fn(Range<usize>) + Sync) {
+    if INLINE.with(|c| c.get()) {
+        if n > 0 {
+            f(0..n);
+        }
+        return;
+    }
     candle_core::utils::barrier_pool().execute_chunked(n, f);
 }
 

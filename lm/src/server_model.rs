@@ -10,7 +10,8 @@
 //! final RMSNorm (`model.norm`) -> `lm_head`.
 //!
 //! **Track parallelism rule.** The T tracks of one segment run concurrently on rayon
-//! (`par_iter` over the tracks, each track running its D layers sequentially); the only join is
+//! (`par_iter` over the tracks, each track running its D layers sequentially, with afm's
+//! kernels inside a track on that track's thread alone, `par::inline`); the only join is
 //! at the segment boundary, where the merge adds the track outputs *in track order* 0, 1, ..,
 //! T-1 (then divides by T for `mean`). The merge order is fixed, so a parallel run is bitwise
 //! equal to a sequential one (`set_parallel_tracks(false)`). Synchronisation points per pass:
@@ -719,10 +720,11 @@ impl ServerModel {
             };
             let slots = cache.layers_mut().chunks_mut(l);
             let outs: Vec<Vec<f32>> = if self.parallel_tracks && n_tracks > 1 {
+                // each track is one task: its kernels run on its own thread
                 self.tracks
                     .par_iter()
                     .zip(slots.collect::<Vec<_>>())
-                    .map(run_track)
+                    .map(|job| crate::par::inline(|| run_track(job)))
                     .collect::<Result<_>>()?
             } else {
                 self.tracks
