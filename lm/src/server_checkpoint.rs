@@ -71,6 +71,7 @@ impl ServerConfig {
             num_experts: 4,
             experts_per_token: 2,
             moe_intermediate_size: 64,
+            shared_expert_intermediate_size: 0,
             moe_every: 2,
             attention_pattern: vec![Local, Local, Local, Global],
             sliding_window: 8,
@@ -141,14 +142,15 @@ impl ServerConfig {
         let attn = h * nh * hd * 2 + h * kvh * hd * 2 + if self.qk_norm { 2 * hd } else { 0 };
         let norms = 2 * h;
         let expert = 3 * h * self.moe_intermediate_size;
+        let shared = 3 * h * self.shared_expert_intermediate_size;
         let (mut total, mut active) = (embed + h, embed + h);
         for i in 0..self.num_layers_per_track {
             let common = attn + norms;
             let (t, a) = if self.is_moe(i) {
-                let router = self.num_experts * h;
+                let fixed = common + self.num_experts * h + shared;
                 (
-                    common + router + self.num_experts * expert,
-                    common + router + self.experts_per_token * expert,
+                    fixed + self.num_experts * expert,
+                    fixed + self.experts_per_token * expert,
                 )
             } else {
                 let dense = 3 * h * self.intermediate_size;

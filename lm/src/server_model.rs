@@ -31,7 +31,9 @@
 //! MoE (dropless): router logits `l = router(x)` on the post-attention-normed input, soft-capped
 //! `c = cap * tanh(l / cap)` (`router_softcap`), the top `experts_per_token` (k) experts by `c`
 //! (ties broken by the lower expert index), weights = softmax over the k selected `c`, output
-//! `sum_j w_j * SwiGLU_{e_j}(x)`. Experts are private to their track.
+//! `sum_j w_j * SwiGLU_{e_j}(x)`, plus `SwiGLU_shared(x)` when the config has a shared
+//! expert (`shared_expert_intermediate_size > 0`; off in the paper). Experts are private to
+//! their track.
 //!
 //! # K/V cache
 //! One `LayerKv` per (track, layer), cache index `track * num_layers_per_track + layer`. A local
@@ -53,7 +55,9 @@
 //!   `{p}.mlp.down_proj.weight (hidden, intermediate)`;
 //! - MoE layers: `{p}.mlp.router.weight (num_experts, hidden)`,
 //!   `{p}.mlp.experts.{e}.{gate,up}_proj.weight (moe_intermediate, hidden)`,
-//!   `{p}.mlp.experts.{e}.down_proj.weight (hidden, moe_intermediate)`.
+//!   `{p}.mlp.experts.{e}.down_proj.weight (hidden, moe_intermediate)`; with a shared
+//!   expert, `{p}.mlp.shared_expert.{gate,up,down}_proj.weight` (inner width
+//!   `shared_expert_intermediate_size`).
 
 use crate::cache::{Cache, LayerKv};
 use crate::error::{LmError, Result};
@@ -121,6 +125,10 @@ pub struct ServerConfig {
     /// Inner width of each expert's SwiGLU.
     #[serde(default)]
     pub moe_intermediate_size: usize,
+    /// Inner width of an optional shared expert: a SwiGLU every token of an MoE layer goes
+    /// through, added to the routed experts' weighted sum; 0 = none (the paper's server).
+    #[serde(default)]
+    pub shared_expert_intermediate_size: usize,
     /// Every `moe_every`-th layer is an MoE layer (layer `i` with `i % moe_every ==
     /// moe_every - 1`); 2 = pattern (dense, sparse); 0 = no MoE.
     #[serde(default = "default_moe_every")]
@@ -306,6 +314,8 @@ impl ServerConfig {
 pub struct MoeLayer {
     router: Linear,
     experts: Vec<Mlp>,
+    /// Applied to every token, weight 1, on top of the routed experts.
+    shared: Option<Mlp>,
     top_k: usize,
     softcap: f32,
 }
@@ -335,9 +345,28 @@ impl MoeLayer {
         Ok(Self {
             router,
             experts,
+            shared: None,
             top_k,
             softcap,
         })
+    }
+
+    /// Adds the shared expert `{prefix}.shared_expert.{gate,up,down}_proj.weight` (inner
+    /// width `inner`), which every token goes through with weight 1.
+    pub fn with_shared_expert(
+        mut self,
+        src: &WeightSource,
+        prefix: &str,
+        hidden: usize,
+        inner: usize,
+    ) -> Result<Self> {
+        self.shared = Some(Mlp::load(
+            src,
+            &format!("{prefix}.shared_expert"),
+            hidden,
+            inner,
+        )?);
+        Ok(self)
     }
 
     /// The experts chosen for each row and their weights: `(expert, weight)` by descending
@@ -389,6 +418,10 @@ impl MoeLayer {
             for (j, &(r, w)) in rows.iter().enumerate() {
                 axpy(w, &y[j * h..(j + 1) * h], &mut out[r * h..(r + 1) * h]);
             }
+        }
+        if let Some(s) = &self.shared {
+            let y = s.forward(x, t)?;
+            out.iter_mut().zip(&y).for_each(|(o, y)| *o += y);
         }
         Ok(out)
     }
@@ -554,7 +587,7 @@ impl ServerLayer {
         let p = format!("model.tracks.{track}.layers.{i}");
         let h = cfg.hidden_size;
         let ffn = if cfg.is_moe(i) {
-            Ffn::Moe(MoeLayer::load(
+            let moe = MoeLayer::load(
                 src,
                 &format!("{p}.mlp"),
                 h,
@@ -562,7 +595,11 @@ impl ServerLayer {
                 cfg.num_experts,
                 cfg.experts_per_token,
                 cfg.router_softcap,
-            )?)
+            )?;
+            Ffn::Moe(match cfg.shared_expert_intermediate_size {
+                0 => moe,
+                n => moe.with_shared_expert(src, &format!("{p}.mlp"), h, n)?,
+            })
         } else {
             Ffn::Dense(Mlp::load(
                 src,
@@ -876,6 +913,14 @@ pub fn random_server_tensors(cfg: &ServerConfig, seed: u64) -> Result<HashMap<St
                         &mut rng,
                         format!("{p}.mlp.experts.{e}"),
                         cfg.moe_intermediate_size,
+                    )?;
+                }
+                if cfg.shared_expert_intermediate_size > 0 {
+                    mlp(
+                        &mut m,
+                        &mut rng,
+                        format!("{p}.mlp.shared_expert"),
+                        cfg.shared_expert_intermediate_size,
                     )?;
                 }
             } else {

@@ -280,6 +280,15 @@ pub fn gguf_name(hf: &str) -> String {
         if tail == "mlp.router.weight" {
             return Some("ffn_gate_inp.weight".into());
         }
+        if let Some(proj) = tail.strip_prefix("mlp.shared_expert.") {
+            let g = match proj {
+                "gate_proj.weight" => "ffn_gate_shexp",
+                "up_proj.weight" => "ffn_up_shexp",
+                "down_proj.weight" => "ffn_down_shexp",
+                _ => return None,
+            };
+            return Some(format!("{g}.weight"));
+        }
         let (e, proj) = tail.strip_prefix("mlp.experts.")?.split_once('.')?;
         let g = match proj {
             "gate_proj.weight" => "ffn_gate_exp",
@@ -337,6 +346,10 @@ mod tests {
         assert_eq!(
             gguf_name("model.tracks.1.layers.11.mlp.experts.39.down_proj.weight"),
             "trk.1.blk.11.ffn_down_exp.39.weight"
+        );
+        assert_eq!(
+            gguf_name("model.tracks.0.layers.1.mlp.shared_expert.up_proj.weight"),
+            "trk.0.blk.1.ffn_up_shexp.weight"
         );
         assert_eq!(
             gguf_name("model.tracks.1.layers.2.mlp.gate_proj.weight"),

@@ -27,6 +27,7 @@ fn base() -> ServerConfig {
         num_experts: 4,
         experts_per_token: 2,
         moe_intermediate_size: 48,
+        shared_expert_intermediate_size: 0,
         moe_every: 2,
         attention_pattern: vec![Local, Local, Local, Global],
         sliding_window: 5,
@@ -223,6 +224,46 @@ fn moe_layer_equals_a_naive_weighted_sum_of_the_chosen_experts() {
         used.iter().filter(|&&u| u > 0).count() > 2,
         "routing should vary: {used:?}"
     );
+
+    // a shared expert adds its SwiGLU, with weight 1, to every token's routed sum
+    let cs = ServerConfig {
+        shared_expert_intermediate_size: 24,
+        ..c.clone()
+    };
+    let with_shared = random_server_tensors(&cs, 3).unwrap();
+    let shared = WeightSource::from_tensors(with_shared.clone());
+    let moe_s = MoeLayer::load(&shared, p, h, c.moe_intermediate_size, e, k, 50.0)
+        .unwrap()
+        .with_shared_expert(&shared, p, h, 24)
+        .unwrap();
+    let plain = MoeLayer::load(&shared, p, h, c.moe_intermediate_size, e, k, 50.0).unwrap();
+    let (ys, yp) = (moe_s.forward(&x, t).unwrap(), plain.forward(&x, t).unwrap());
+    let sw = ["gate", "up", "down"]
+        .map(|n| mat(&with_shared[&format!("{p}.shared_expert.{n}_proj.weight")]));
+    let mut worst_s = 0f64;
+    for r in 0..t {
+        let xr = &x[r * h..(r + 1) * h];
+        let (g, u) = (mv(&sw[0], xr), mv(&sw[1], xr));
+        let hid: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(g, u)| (silu(*g) * u) as f32)
+            .collect();
+        for (j, y) in mv(&sw[2], &hid).iter().enumerate() {
+            let d = (ys[r * h + j] - yp[r * h + j]) as f64;
+            worst_s = worst_s.max((d - y).abs());
+        }
+    }
+    println!("shared expert vs naive SwiGLU: max|diff| {worst_s:.2e}");
+    assert!(worst_s < 1e-5, "{worst_s}");
+    let params = |c: &ServerConfig| {
+        random_server_tensors(c, 0)
+            .unwrap()
+            .values()
+            .map(|t| t.elem_count())
+            .sum::<usize>()
+    };
+    assert_eq!(cs.param_counts().total, params(&cs));
 
     // ties: a zero router gives equal logits everywhere -> experts 0..k, weights 1/k
     let mut tied = all.clone();
@@ -542,54 +583,5 @@ fn parallel_tracks_equal_sequential_tracks_and_a_naive_per_track_merge() {
         let d1 = max_abs_diff(&full(&m_same, &ids), &full(&one, &ids)).unwrap();
         println!("3 identical tracks (mean, D = {depth}) vs one track: max|diff| {d1:.2e}");
         assert!(d1 < 1e-4, "{d1}");
-    }
-}
-
-/// Not a timed test: decode tokens/s with tracks in parallel vs one after another.
-/// `cargo test --release --workspace --test server_model -- --ignored --nocapture`
-#[test]
-#[ignore]
-fn bench_parallel_vs_sequential_tracks() {
-    let c = ServerConfig {
-        vocab_size: 4096,
-        hidden_size: 512,
-        intermediate_size: 1408,
-        num_tracks: 4,
-        track_block_depth: 4,
-        num_layers_per_track: 8,
-        num_attention_heads: 4,
-        num_key_value_heads: 4,
-        head_dim: 128,
-        num_experts: 8,
-        experts_per_token: 2,
-        moe_intermediate_size: 704,
-        sliding_window: 64,
-        max_position_embeddings: 512,
-        ..base()
-    };
-    let mut m = model(&c, 1);
-    let ids = prompt(128);
-    for par in [true, false] {
-        m.set_parallel_tracks(par);
-        let mut cache = m.new_cache();
-        m.forward_tokens(&ids[..64], &mut cache, &LogitsFor::Last)
-            .unwrap();
-        let n = 64;
-        let t0 = std::time::Instant::now();
-        for i in 64..64 + n {
-            m.forward_tokens(&ids[i..i + 1], &mut cache, &LogitsFor::Last)
-                .unwrap();
-        }
-        let dt = t0.elapsed().as_secs_f64();
-        println!(
-            "tracks {}: {:.1} tok/s decode (T={}, D={}, {} layers/track; syncs/token {} vs {} tensor-parallel)",
-            if par { "parallel  " } else { "sequential" },
-            n as f64 / dt,
-            c.num_tracks,
-            c.track_block_depth,
-            c.num_layers_per_track,
-            m.syncs_per_pass(),
-            2 * c.num_layers_per_track
-        );
     }
 }

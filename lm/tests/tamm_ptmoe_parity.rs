@@ -39,6 +39,10 @@ fn model() -> ServerModel {
         (2, 8, 4)
     );
     assert_eq!((c.num_experts, c.experts_per_token, c.moe_every), (4, 2, 2));
+    assert_eq!(
+        c.shared_expert_intermediate_size, 0,
+        "tamm has no shared expert"
+    );
     assert!(c.qk_norm && c.rope_interleaved && c.tie_word_embeddings && !c.global_rope);
     assert_eq!(c.track_merge, TrackMerge::Mean);
     m
