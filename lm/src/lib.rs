@@ -11,6 +11,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod device_model;
+pub mod diff_model;
 pub mod error;
 pub mod generate;
 pub mod kernels;

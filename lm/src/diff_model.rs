@@ -1,0 +1,264 @@
+//! `DiffLm`: the dense decoder written in plain candle tensor ops, so gradients flow through
+//! it. Training an adapter with the language model frozen needs d(loss)/d(input embeddings)
+//! through the whole LM; `DeviceModel`'s inference kernels work on slices and keep no graph.
+//!
+//! Same function as [`crate::DeviceModel`] (RMSNorm, GQA with RoPE on adjacent pairs or on
+//! halves, optional QK-norm after RoPE, SwiGLU, tied or untied output) over a whole sequence
+//! with a causal mask, no cache. Checkpoints with KV-cache sharing or KV quantisation are
+//! refused (their block-2 layers and rounding are inference paths). Weights are plain f32
+//! tensors (GGUF matrices are dequantized): frozen unless the caller builds them from `Var`s.
+
+use crate::config::LmConfig;
+use crate::error::{LmError, Result};
+use crate::weights::WeightSource;
+use candle_core::{DType, Device, Tensor, D};
+
+struct DiffLayer {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A differentiable dense decoder (see the module docs).
+pub struct DiffLm {
+    cfg: LmConfig,
+    embed: Tensor,
+    layers: Vec<DiffLayer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    /// `(max_len, head_dim / 2)` each.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// `x * rsqrt(mean(x^2) + eps) * w` over the last dim.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
+}
+
+impl DiffLm {
+    /// Reads every weight as f32 (HF names; GGUF names are mapped by the source).
+    pub fn from_source(src: &WeightSource, cfg: LmConfig) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.num_kv_reuse_layers > 0 || cfg.kv_quant {
+            return Err(LmError::config(
+                if cfg.kv_quant {
+                    "kv_quant"
+                } else {
+                    "num_kv_reuse_layers"
+                },
+                "the differentiable model covers plain dense checkpoints only",
+            ));
+        }
+        let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
+        let (nh, kvh) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let embed = src.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                let t = |n: &str, s: &[usize]| src.tensor(&format!("{p}.{n}"), s);
+                Ok(DiffLayer {
+                    input_norm: t("input_layernorm.weight", &[h])?,
+                    q: t("self_attn.q_proj.weight", &[nh * hd, h])?,
+                    k: t("self_attn.k_proj.weight", &[kvh * hd, h])?,
+                    v: t("self_attn.v_proj.weight", &[kvh * hd, h])?,
+                    o: t("self_attn.o_proj.weight", &[h, nh * hd])?,
+                    q_norm: cfg
+                        .qk_norm
+                        .then(|| t("self_attn.q_norm.weight", &[hd]))
+                        .transpose()?,
+                    k_norm: cfg
+                        .qk_norm
+                        .then(|| t("self_attn.k_norm.weight", &[hd]))
+                        .transpose()?,
+                    post_norm: t("post_attention_layernorm.weight", &[h])?,
+                    gate: t("mlp.gate_proj.weight", &[inter, h])?,
+                    up: t("mlp.up_proj.weight", &[inter, h])?,
+                    down: t("mlp.down_proj.weight", &[h, inter])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = src.tensor("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            src.tensor("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let half = hd / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
+            .collect();
+        let n = cfg.max_position_embeddings;
+        let ang: Vec<f32> = (0..n)
+            .flat_map(|p| inv.iter().map(move |f| p as f32 * f))
+            .collect();
+        let ang = Tensor::from_vec(ang, (n, half), &Device::Cpu)?;
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos: ang.cos()?,
+            sin: ang.sin()?,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &LmConfig {
+        &self.cfg
+    }
+
+    /// Token embeddings.
+    ///
+    /// # Shapes
+    /// `ids: (b, t)` u32 -> `(b, t, hidden)`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            return Err(LmError::BadTokenId {
+                id: max,
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?)
+    }
+
+    /// RoPE at positions `0..t`.
+    ///
+    /// # Shapes
+    /// `x: (b, heads, t, head_dim)` -> same.
+    fn rope(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, nh, t, hd) = x.dims4()?;
+        let half = hd / 2;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let (x0, x1) = if self.cfg.rope_interleaved {
+            let x = x.reshape((b, nh, t, half, 2))?;
+            (
+                x.narrow(4, 0, 1)?.squeeze(4)?,
+                x.narrow(4, 1, 1)?.squeeze(4)?,
+            )
+        } else {
+            (x.narrow(3, 0, half)?, x.narrow(3, half, half)?)
+        };
+        let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        Ok(if self.cfg.rope_interleaved {
+            Tensor::stack(&[r0, r1], 4)?.reshape((b, nh, t, hd))?
+        } else {
+            Tensor::cat(&[r0, r1], 3)?
+        })
+    }
+
+    /// Final hidden states (after the last layer, before the final norm) of a batch of
+    /// sequences that all start at position 0.
+    ///
+    /// # Shapes
+    /// `x: (b, t, hidden) -> (b, t, hidden)`.
+    pub fn hidden_states(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        if h != self.cfg.hidden_size {
+            return Err(LmError::Invalid(format!(
+                "input embeddings have width {h}, the model's hidden size is {}",
+                self.cfg.hidden_size
+            )));
+        }
+        if t == 0 || t > self.cfg.max_position_embeddings {
+            return Err(LmError::PromptTooLong {
+                tokens: t,
+                context: self.cfg.max_position_embeddings,
+                reserved: 0,
+            });
+        }
+        let (nh, kvh, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_kv_heads(),
+            self.cfg.head_dim(),
+        );
+        let eps = self.cfg.rms_norm_eps;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), x.device())?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = x.to_dtype(DType::F32)?;
+        for l in &self.layers {
+            let hn = rms_norm(&x, &l.input_norm, eps)?.reshape((b * t, h))?;
+            let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(hn
+                    .matmul(&w.t()?)?
+                    .reshape((b, t, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let mut q = self.rope(&heads(&l.q, nh)?)?;
+            let mut k = self.rope(&heads(&l.k, kvh)?)?;
+            let v = heads(&l.v, kvh)?;
+            if let Some(w) = &l.q_norm {
+                q = rms_norm(&q, w, eps)?;
+            }
+            if let Some(w) = &l.k_norm {
+                k = rms_norm(&k, w, eps)?;
+            }
+            // GQA: query head g*rep + r reads K/V head g
+            let rep = nh / kvh;
+            let (k, v) = if rep > 1 {
+                let expand = |z: &Tensor| -> Result<Tensor> {
+                    Ok(z.unsqueeze(2)?
+                        .broadcast_as((b, kvh, rep, t, hd))?
+                        .reshape((b, nh, t, hd))?)
+                };
+                (expand(&k)?, expand(&v)?)
+            } else {
+                (k, v)
+            };
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let a = p
+                .matmul(&v.contiguous()?)?
+                .transpose(1, 2)?
+                .reshape((b * t, nh * hd))?;
+            let a = a.matmul(&l.o.t()?)?.reshape((b, t, h))?;
+            x = (x + a)?;
+            let hn = rms_norm(&x, &l.post_norm, eps)?.reshape((b * t, h))?;
+            let g = hn.matmul(&l.gate.t()?)?;
+            let u = hn.matmul(&l.up.t()?)?;
+            let m = (candle_nn::ops::silu(&g)? * u)?.matmul(&l.down.t()?)?;
+            x = (x + m.reshape((b, t, h))?)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits of the rows of `hidden` (e.g. only the positions a loss needs).
+    ///
+    /// # Shapes
+    /// `hidden: (n, hidden) -> (n, vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let hn = rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(hn.matmul(&self.lm_head.t()?)?)
+    }
+
+    /// Logits of every position.
+    ///
+    /// # Shapes
+    /// `x: (b, t, hidden) -> (b, t, vocab)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let hs = self.hidden_states(x)?.reshape((b * t, h))?;
+        Ok(self.logits(&hs)?.reshape((b, t, self.cfg.vocab_size))?)
+    }
+}
