@@ -54,6 +54,8 @@
 
 pub mod easy_vqa;
 pub mod font;
+pub mod optim;
+pub mod pretrain;
 pub mod raster;
 pub mod scenes;
 pub mod screens;

@@ -219,7 +219,12 @@ impl Attention {
             let m = m.unsqueeze(0)?.repeat((n / rows, 1, 1))?;
             s = s.broadcast_add(&m.reshape((n, 1, 1, t))?)?;
         }
-        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        // candle-nn's fused softmax has no backward: the differentiable path composes it
+        let p = if fast {
+            candle_nn::ops::softmax_last_dim(&s)?
+        } else {
+            candle_nn::ops::softmax(&s, candle_core::D::Minus1)?
+        };
         Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((n, t, hdim))?)
     }
 

@@ -20,6 +20,24 @@ fn layer_norm(w: &VisionWeights, name: &str, d: usize, eps: f64) -> Result<Layer
     ))
 }
 
+/// LayerNorm over the last dim: candle-nn's fused kernel for inference (`fast`), otherwise
+/// composed of differentiable ops (the fused kernel has no backward, so a training graph
+/// would silently stop at it).
+pub fn apply_layer_norm(ln: &LayerNorm, x: &Tensor, fast: bool) -> Result<Tensor> {
+    if fast {
+        return Ok(ln.forward(x)?);
+    }
+    let mean = x.mean_keepdim(candle_core::D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    let y = xc.broadcast_div(&(var + ln.eps())?.sqrt()?)?;
+    let y = y.broadcast_mul(ln.weight())?;
+    Ok(match ln.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
 /// One pre-norm encoder block: LayerNorm, attention (global or Register-Window), residual,
 /// LayerNorm, GELU MLP, residual. Public so adapters can reuse it as their transformer layer.
 pub struct Block {
@@ -76,7 +94,7 @@ impl Block {
         grid: (usize, usize),
         fast: bool,
     ) -> Result<Tensor> {
-        let hn = self.ln1.forward(x)?;
+        let hn = apply_layer_norm(&self.ln1, x, fast)?;
         let a = match self.window {
             None => self.attn.forward_global(&hn, fast)?,
             Some(win) => self
@@ -84,7 +102,7 @@ impl Block {
                 .forward_windowed(&hn, registers, grid.0, grid.1, win, fast)?,
         };
         let x = (x + a)?;
-        let hn = self.ln2.forward(&x)?;
+        let hn = apply_layer_norm(&self.ln2, &x, fast)?;
         let fast_act = match self.act.as_str() {
             "gelu_pytorch_tanh" => Some(Act::GeluTanh),
             "quick_gelu" => Some(Act::QuickGelu),
@@ -220,6 +238,6 @@ impl VisionEncoder {
         for blk in &self.blocks {
             x = blk.forward(&x, r, (gh, gw), self.fast)?;
         }
-        Ok(self.post_ln.forward(&x)?)
+        apply_layer_norm(&self.post_ln, &x, self.fast)
     }
 }
