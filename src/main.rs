@@ -14,6 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod default_model;
 mod server_cmd;
+mod train_cmd;
 mod vlm_cmd;
 
 #[derive(Parser)]
@@ -40,6 +41,9 @@ enum Cmd {
     Ask(vlm_cmd::AskArgs),
     /// Describe a screenshot (window title, controls, their text); streams like `ask`.
     Screen(vlm_cmd::ScreenArgs),
+    /// Train the embedded default model's parts (progress bar, resumable, held-out eval).
+    #[command(subcommand)]
+    Train(train_cmd::TrainCmd),
     /// Write a random-weight server (PT-MoE) checkpoint of any size, from a preset.
     ServerGen(server_cmd::ServerGenArgs),
     /// Speed benchmarks, measured next to the reference in the same run (not tests).
@@ -235,6 +239,7 @@ fn run(cli: Cli) -> Result<()> {
             server_cmd::bench_server(&a, cli.threads.unwrap_or(2))
         }
         Cmd::ServerGen(a) => server_cmd::cmd_server_gen(&a),
+        Cmd::Train(t) => train_cmd::cmd_train(t),
         Cmd::Bench(bench::BenchCmd::Vision(a)) => bench::bench_vision(&a, cli.threads.unwrap_or(2)),
         Cmd::Bench(bench::BenchCmd::Vlm(a)) => bench::bench_vlm(&a, cli.threads.unwrap_or(2)),
         Cmd::BenchWorker {

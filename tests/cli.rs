@@ -198,3 +198,68 @@ fn server_gen_writes_a_checkpoint_that_generates_and_benches() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn train_vit_runs_stops_resumes_and_exports() {
+    let Some(lm) = common::smollm2_gguf() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("afm-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let train = |extra: &[&str]| {
+        let out = afm()
+            .args([
+                "--threads",
+                "2",
+                "train",
+                "vit",
+                "--config",
+                "test-tiny",
+                "--no-easy-vqa",
+                "--lm",
+            ])
+            .arg(&lm)
+            .arg("--out")
+            .arg(&dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let first = train(&["--max-steps", "4"]);
+    assert!(first.contains("stopped at step 4 of 6"), "{first}");
+    assert!(first.contains("epoch 1: train loss"), "{first}");
+    let second = train(&[]);
+    assert!(second.contains("resumed at step 4"), "{second}");
+    assert!(
+        second.contains("epoch 2: train loss") && second.contains("held-out"),
+        "{second}"
+    );
+    assert!(second.contains("encoder written to"), "{second}");
+    afm::vision::VisionEncoder::load(&dir.join("vision")).unwrap();
+    // a different setting on the same run directory is refused, naming the file
+    let out = afm()
+        .args([
+            "train",
+            "vit",
+            "--config",
+            "test-tiny",
+            "--batch-size",
+            "4",
+            "--no-easy-vqa",
+            "--lm",
+        ])
+        .arg(&lm)
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("pretrain.json"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
