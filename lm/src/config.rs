@@ -79,23 +79,33 @@ fn default_ctx() -> usize {
     2048
 }
 
+/// Reads a JSON config file and parses it with `parse`; I/O, JSON and schema errors name the
+/// file (`format` says which kind of file it should be), validation errors name the field.
+pub(crate) fn read_config_file<T>(
+    path: &Path,
+    format: &'static str,
+    parse: impl FnOnce(serde_json::Value) -> Result<T>,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| LmError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |reason: String| LmError::BadFile {
+        path: path.to_path_buf(),
+        format,
+        reason,
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    parse(v).map_err(|e| match e {
+        LmError::Json(reason) => bad(reason),
+        e => e,
+    })
+}
+
 impl LmConfig {
     /// Reads and validates a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| LmError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let bad = |reason: String| LmError::BadFile {
-            path: path.to_path_buf(),
-            format: "config.json",
-            reason,
-        };
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        Self::from_json(v).map_err(|e| match e {
-            LmError::Json(reason) => bad(reason),
-            e => e,
-        })
+        read_config_file(path, "config.json", Self::from_json)
     }
 
     /// Parses and validates a config from JSON (a whole `config.json`, or the `text_config`

@@ -139,8 +139,21 @@ pub fn write_safetensors(
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let json = serde_json::to_string_pretty(cfg).map_err(|e| LmError::Invalid(e.to_string()))?;
-    std::fs::write(dir.join("config.json"), json).map_err(io)?;
+    let v = serde_json::to_value(cfg).map_err(|e| LmError::Invalid(e.to_string()))?;
+    write_config_and_weights(dir, &v, tensors)
+}
+
+/// Writes `dir/config.json` (pretty JSON) and `dir/model.safetensors`; `dir` must exist.
+pub(crate) fn write_config_and_weights(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    let json = serde_json::to_string_pretty(config).map_err(|e| LmError::Invalid(e.to_string()))?;
+    std::fs::write(dir.join("config.json"), json).map_err(|source| LmError::Io {
+        path: dir.join("config.json"),
+        source,
+    })?;
     candle_core::safetensors::save(tensors, dir.join("model.safetensors"))?;
     Ok(())
 }

@@ -117,20 +117,7 @@ impl ServerConfig {
 
     /// Reads and validates a `config.json`; errors name the file and the field.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| LmError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let bad = |reason: String| LmError::BadFile {
-            path: path.to_path_buf(),
-            format: "server config.json",
-            reason,
-        };
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        Self::from_json(v).map_err(|e| match e {
-            LmError::Json(reason) => bad(reason),
-            e => e,
-        })
+        crate::config::read_config_file(path, "server config.json", Self::from_json)
     }
 
     /// Parameters in total and per token (see [`ParamCounts`]); equal to the element count
@@ -295,10 +282,7 @@ pub fn write_server_safetensors(
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut v = serde_json::to_value(cfg).map_err(|e| LmError::Invalid(e.to_string()))?;
     v["model_type"] = GGUF_ARCH.into();
-    let json = serde_json::to_string_pretty(&v).map_err(|e| LmError::Invalid(e.to_string()))?;
-    std::fs::write(dir.join("config.json"), json).map_err(io)?;
-    candle_core::safetensors::save(tensors, dir.join("model.safetensors"))?;
-    Ok(())
+    crate::random::write_config_and_weights(dir, &v, tensors)
 }
 
 /// Writes a server GGUF: matrices whose rows split into whole blocks are stored as `dtype`

@@ -56,11 +56,7 @@ fn reference(vocab: usize) -> (Vec<u32>, Tensor) {
         .iter()
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
-    let b = std::fs::read(fixture().join("logits.f32")).unwrap();
-    let v: Vec<f32> = b
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let v = afm_lm::testing::read_f32_file(&fixture().join("logits.f32")).unwrap();
     assert_eq!(
         v.len(),
         ids.len() * vocab,
