@@ -35,3 +35,40 @@ pub fn read_f32_file(path: &Path) -> Result<Vec<f32>> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect())
 }
+
+/// A reference script's fixture: the token ids under `"ids"` in `dir/input.json` and the
+/// reference logits `(ids, vocab)` in `dir/logits.f32`.
+pub fn reference_logits(dir: &Path, vocab: usize) -> Result<(Vec<u32>, Tensor)> {
+    let p = dir.join("input.json");
+    let text = std::fs::read_to_string(&p).map_err(|source| LmError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let bad = |reason: String| LmError::BadFile {
+        path: p.clone(),
+        format: "input.json",
+        reason,
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let ids = v["ids"]
+        .as_array()
+        .ok_or_else(|| bad("no `ids` list".into()))?
+        .iter()
+        .map(|x| x.as_u64().map(|x| x as u32))
+        .collect::<Option<Vec<u32>>>()
+        .ok_or_else(|| bad("`ids` holds a non-integer".into()))?;
+    let logits = read_f32_file(&dir.join("logits.f32"))?;
+    if logits.len() != ids.len() * vocab {
+        return Err(LmError::Invalid(format!(
+            "{}: {} values, expected {} ids x {vocab}",
+            dir.join("logits.f32").display(),
+            logits.len(),
+            ids.len()
+        )));
+    }
+    let n = ids.len();
+    Ok((
+        ids,
+        Tensor::from_vec(logits, (n, vocab), &candle_core::Device::Cpu)?,
+    ))
+}

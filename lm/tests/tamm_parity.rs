@@ -20,20 +20,7 @@ fn input() -> serde_json::Value {
 
 /// Token ids and tamm's logits `(t, vocab)`.
 fn reference(vocab: usize) -> (Vec<u32>, Tensor) {
-    let ids: Vec<u32> = input()["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let v = afm_lm::testing::read_f32_file(&fixture().join("logits.f32")).unwrap();
-    assert_eq!(
-        v.len(),
-        ids.len() * vocab,
-        "logits.f32 does not match ids x vocab"
-    );
-    let n = ids.len();
-    (ids, Tensor::from_vec(v, (n, vocab), &Device::Cpu).unwrap())
+    afm_lm::testing::reference_logits(&fixture(), vocab).unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -9,7 +9,7 @@
 use afm_lm::server_model::{AttentionKind, ServerConfig, ServerModel, TrackMerge};
 use afm_lm::weights::WeightSource;
 use afm_lm::{LanguageModel, LogitsFor};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::path::PathBuf;
 
 const TOL: f32 = 1e-4;
@@ -50,20 +50,7 @@ fn model() -> ServerModel {
 
 /// Token ids and tamm's logits `(t, vocab)`.
 fn reference(vocab: usize) -> (Vec<u32>, Tensor) {
-    let ids: Vec<u32> = json("input.json")["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let v = afm_lm::testing::read_f32_file(&fixture().join("logits.f32")).unwrap();
-    assert_eq!(
-        v.len(),
-        ids.len() * vocab,
-        "logits.f32 does not match ids x vocab"
-    );
-    let n = ids.len();
-    (ids, Tensor::from_vec(v, (n, vocab), &Device::Cpu).unwrap())
+    afm_lm::testing::reference_logits(&fixture(), vocab).unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
