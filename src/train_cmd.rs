@@ -2,6 +2,7 @@
 //! evaluation after every epoch. Stage 1 (`afm train vit`) pretrains the Register-Window ViT;
 //! the adapter stage builds on its output.
 
+use afm_train::adapter_train::{AdapterTrainConfig, Event as AdapterEvent, FrozenLm, Trainable};
 use afm_train::easy_vqa::{data_dir, EasyVqa};
 use afm_train::pretrain::{run, Event, PretrainConfig, TextTower};
 use afm_train::Split;
@@ -15,6 +16,50 @@ pub enum TrainCmd {
     /// Stage 1: pretrain the Register-Window ViT (CLIP-style, against the frozen language
     /// model's embeddings of the captions) on generated scenes and screenshots (+ easy-VQA).
     Vit(VitArgs),
+    /// Stage 2: train the vision-language adapter (and fine-tune the ViT unless
+    /// `--freeze-vit`) with the language model frozen, on captions and question/answer pairs
+    /// of the generated data (+ easy-VQA). Writes `afm-tiny/` at the end.
+    Adapter(AdapterArgs),
+}
+
+#[derive(Args)]
+pub struct AdapterArgs {
+    /// Run directory: checkpoints, `adapter.json` (settings, history) and, at the end,
+    /// `afm-tiny/` (ViT, adapter, config.json). An existing run there is resumed.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Settings: `afm-tiny` or `test-tiny`; or an `adapter.json` / config JSON file.
+    #[arg(long, default_value = "afm-tiny")]
+    pub config: String,
+    /// Stage-1 export (`<run>/vision`) to start the ViT from (default: fresh weights).
+    #[arg(long)]
+    pub vision: Option<PathBuf>,
+    /// Train the adapter only, the ViT frozen.
+    #[arg(long)]
+    pub freeze_vit: bool,
+    /// The frozen language model (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    pub lm: Option<PathBuf>,
+    /// Image placeholder token (default: the preset's, `<empty_output>` for SmolLM2).
+    #[arg(long)]
+    pub placeholder: Option<String>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub steps_per_epoch: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Held-out questions answered (greedily) after every epoch.
+    #[arg(long)]
+    pub eval_questions: Option<usize>,
+    /// Stop after this many steps in all (resume later with the same command).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Leave easy-VQA out even when `models/easy-vqa` holds it.
+    #[arg(long)]
+    pub no_easy_vqa: bool,
 }
 
 #[derive(Args)]
@@ -82,7 +127,20 @@ fn config(a: &VitArgs) -> Result<PretrainConfig> {
 pub fn cmd_train(cmd: TrainCmd) -> Result<()> {
     match cmd {
         TrainCmd::Vit(a) => train_vit(&a),
+        TrainCmd::Adapter(a) => train_adapter(&a),
     }
+}
+
+/// The training progress bar: steps, the caller's message (loss, speed), time left.
+fn progress_bar(total_steps: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total_steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps | {msg} | {elapsed_precise} elapsed, {eta_precise} left",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 /// Keeps freed memory in the process: a training step frees and reallocates the same large
@@ -96,18 +154,12 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
-fn train_vit(a: &VitArgs) -> Result<()> {
-    keep_freed_memory();
-    let cfg = config(a)?;
-    let lm = match &a.lm {
-        Some(p) => p.clone(),
-        None => crate::default_model::locate_or_fetch()?,
-    };
-    let text = TextTower::from_gguf(&lm).with_context(|| format!("loading {}", lm.display()))?;
+/// The easy-VQA train / test sets when `models/easy-vqa` holds them (a note otherwise).
+fn open_easy_vqa(skip: bool) -> Result<(Option<EasyVqa>, Option<EasyVqa>)> {
     let root = std::env::current_dir()?;
     let easy_root = data_dir(&root);
-    let (easy, easy_eval) = if a.no_easy_vqa || !easy_root.exists() {
-        if !a.no_easy_vqa {
+    Ok(if skip || !easy_root.exists() {
+        if !skip {
             eprintln!(
                 "note: {} not found, training without easy-VQA (run `bash scripts/fetch_easy_vqa.sh` to add it)",
                 easy_root.display()
@@ -119,7 +171,18 @@ fn train_vit(a: &VitArgs) -> Result<()> {
             Some(EasyVqa::open(&easy_root, Split::Train)?),
             Some(EasyVqa::open(&easy_root, Split::HeldOut)?),
         )
+    })
+}
+
+fn train_vit(a: &VitArgs) -> Result<()> {
+    keep_freed_memory();
+    let cfg = config(a)?;
+    let lm = match &a.lm {
+        Some(p) => p.clone(),
+        None => crate::default_model::locate_or_fetch()?,
     };
+    let text = TextTower::from_gguf(&lm).with_context(|| format!("loading {}", lm.display()))?;
+    let (easy, easy_eval) = open_easy_vqa(a.no_easy_vqa)?;
     let params = afm_train::pretrain::init_params(&cfg, text.width())?;
     eprintln!(
         "stage 1, ViT pretraining: {:.2} M parameters; {} epochs x {} steps of {} examples ({} sources), eval on {} held-out batches per epoch",
@@ -132,13 +195,7 @@ fn train_vit(a: &VitArgs) -> Result<()> {
     );
     drop(params);
     let total_steps = cfg.total_steps();
-    let bar = ProgressBar::new(total_steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps | {msg} | {elapsed_precise} elapsed, {eta_precise} left",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar(total_steps);
     let mut ema: Option<f32> = None;
     // without a terminal the bar is hidden: say the same things as plain lines
     let hidden = bar.is_hidden();
@@ -192,8 +249,8 @@ fn train_vit(a: &VitArgs) -> Result<()> {
                 r.seconds
             )),
             Event::Saved { .. } => {}
-            Event::Done { vision_dir } => {
-                say(format!("encoder written to {}", vision_dir.display()))
+            Event::Done { dir } => {
+                say(format!("encoder written to {}", dir.display()))
             }
         }
         },
@@ -204,6 +261,166 @@ fn train_vit(a: &VitArgs) -> Result<()> {
             "stopped at step {} of {}; run the same command to resume",
             st.step,
             cfg.total_steps()
+        );
+    } else if st.history.is_empty() {
+        bail!("the run finished without an evaluation");
+    }
+    Ok(())
+}
+
+fn adapter_config(a: &AdapterArgs) -> Result<AdapterTrainConfig> {
+    let mut c = match a.config.as_str() {
+        "afm-tiny" => AdapterTrainConfig::afm_tiny(),
+        "test-tiny" => AdapterTrainConfig::test_tiny(),
+        path => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("--config {path}: not a preset (afm-tiny, test-tiny) nor a readable file")
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{path}: not JSON"))?;
+            // a run's adapter.json holds the settings under `config.train`
+            let v = v
+                .get("config")
+                .and_then(|c| c.get("train"))
+                .cloned()
+                .unwrap_or(v);
+            serde_json::from_value(v)
+                .with_context(|| format!("{path}: not an adapter-training config"))?
+        }
+    };
+    if let Some(dir) = &a.vision {
+        // the ViT's shape is the stage-1 export's
+        let cj = dir.join("config.json");
+        c.vision = afm::vision::VisionConfig::from_file(&cj)
+            .with_context(|| format!("--vision {}: not a stage-1 export", dir.display()))?;
+    }
+    if a.freeze_vit {
+        c.train_vit = false;
+    }
+    if let Some(x) = &a.placeholder {
+        c.image_placeholder = x.clone();
+    }
+    if let Some(x) = a.epochs {
+        c.epochs = x;
+    }
+    if let Some(x) = a.steps_per_epoch {
+        c.steps_per_epoch = x;
+    }
+    if let Some(x) = a.batch_size {
+        c.batch_size = x;
+    }
+    if let Some(x) = a.lr {
+        c.adamw.lr = x;
+    }
+    if let Some(x) = a.eval_questions {
+        c.eval_questions = x;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn train_adapter(a: &AdapterArgs) -> Result<()> {
+    keep_freed_memory();
+    let cfg = adapter_config(a)?;
+    let lm_path = match &a.lm {
+        Some(p) => p.clone(),
+        None => crate::default_model::locate_or_fetch()?,
+    };
+    let lm =
+        FrozenLm::from_gguf(&lm_path).with_context(|| format!("loading {}", lm_path.display()))?;
+    let (easy, easy_eval) = open_easy_vqa(a.no_easy_vqa)?;
+    let tr = Trainable::init(&cfg, lm.hidden_size(), a.vision.as_deref())?;
+    eprintln!(
+        "stage 2, adapter training against the frozen {} ({}): {:.2} M trainable parameters ({}); {} image tokens; {} epochs x {} steps of {} examples ({} sources), {} held-out questions per epoch",
+        lm.info.file,
+        &lm.info.sha256[..lm.info.sha256.len().min(12)],
+        tr.params.num_params() as f64 / 1e6,
+        if cfg.train_vit { "ViT + adapter" } else { "adapter only, ViT frozen" },
+        cfg.tokens_per_image(),
+        cfg.epochs,
+        cfg.steps_per_epoch,
+        cfg.batch_size,
+        if easy.is_some() { "scenes, screens, easy-VQA" } else { "scenes, screens" },
+        cfg.eval_questions
+    );
+    drop(tr);
+    let total_steps = cfg.total_steps();
+    let stop = a.max_steps.unwrap_or(total_steps).min(total_steps);
+    let bar = progress_bar(total_steps);
+    let mut ema: Option<f32> = None;
+    let hidden = bar.is_hidden();
+    let say = |m: String| {
+        if hidden {
+            eprintln!("{m}")
+        } else {
+            bar.println(m)
+        }
+    };
+    let every = (total_steps / 20).max(1);
+    let st = afm_train::adapter_train::run(
+        &cfg,
+        &lm,
+        a.vision.as_deref(),
+        &a.out,
+        easy.as_ref(),
+        easy_eval.as_ref(),
+        a.max_steps,
+        &mut |e| match e {
+            AdapterEvent::Resumed { step } => {
+                bar.set_position(*step as u64);
+                bar.reset_eta();
+                say(format!("resumed at step {step}"));
+            }
+            AdapterEvent::Step {
+                step,
+                loss,
+                lr,
+                examples_per_s,
+                data_s,
+                ..
+            } => {
+                let l = ema.map_or(*loss, |m| 0.9 * m + 0.1 * loss);
+                ema = Some(l);
+                bar.set_position(*step as u64);
+                let msg = format!(
+                    "loss {l:.3} | {examples_per_s:.2} ex/s (data {data_s:.2} s/step) | lr {lr:.1e}"
+                );
+                if hidden && (step % every == 0 || *step == stop || *step <= 2) {
+                    say(format!("step {step}/{total_steps}: {msg}"));
+                }
+                bar.set_message(msg);
+            }
+            AdapterEvent::Epoch(r) => {
+                let cats: Vec<String> = r
+                    .per_category
+                    .iter()
+                    .map(|(k, (ok, n))| format!("{k} {ok}/{n}"))
+                    .collect();
+                say(format!(
+                    "epoch {}: train loss {:.3}, held-out loss {:.3}, held-out exact match {:.1}% ({}) ({:.0} s so far)",
+                    r.epoch,
+                    r.train_loss,
+                    r.eval_loss,
+                    100.0 * r.eval_accuracy,
+                    cats.join(", "),
+                    r.seconds
+                ));
+                for s in &r.samples {
+                    say(format!(
+                        "  Q: {} | expected: {} | got: {}",
+                        s.question, s.expected, s.got
+                    ));
+                }
+            }
+            AdapterEvent::Saved { .. } => {}
+            AdapterEvent::Done { dir } => say(format!("afm-tiny written to {}", dir.display())),
+        },
+    )?;
+    bar.finish_and_clear();
+    if st.step < total_steps {
+        eprintln!(
+            "stopped at step {} of {}; run the same command to resume",
+            st.step, total_steps
         );
     } else if st.history.is_empty() {
         bail!("the run finished without an evaluation");

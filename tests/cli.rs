@@ -263,3 +263,73 @@ fn train_vit_runs_stops_resumes_and_exports() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn train_adapter_runs_stops_resumes_and_exports() {
+    let Some(lm) = common::smollm2_gguf() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("afm-cli-train-adapter-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let train = |extra: &[&str]| {
+        let out = afm()
+            .args([
+                "--threads",
+                "2",
+                "train",
+                "adapter",
+                "--config",
+                "test-tiny",
+                "--placeholder",
+                "<empty_output>",
+                "--batch-size",
+                "2",
+                "--eval-questions",
+                "2",
+                "--no-easy-vqa",
+                "--lm",
+            ])
+            .arg(&lm)
+            .arg("--out")
+            .arg(&dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let first = train(&["--max-steps", "3"]);
+    assert!(first.contains("stopped at step 3 of 4"), "{first}");
+    assert!(first.contains("epoch 1: train loss"), "{first}");
+    assert!(first.contains("held-out exact match"), "{first}");
+    let second = train(&[]);
+    assert!(second.contains("resumed at step 3"), "{second}");
+    assert!(second.contains("epoch 2: train loss"), "{second}");
+    assert!(second.contains("afm-tiny written to"), "{second}");
+    let (c, _vit, _adapter) = afm_train::adapter_train::load_export(&dir.join("afm-tiny")).unwrap();
+    assert_eq!(c.image_placeholder, "<empty_output>");
+    assert_eq!(c.lm.file, "SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_eq!(c.lm.hidden_size, 576);
+    // a placeholder outside SmolLM2's vocabulary is refused by name
+    let out = afm()
+        .args([
+            "train",
+            "adapter",
+            "--config",
+            "test-tiny",
+            "--no-easy-vqa",
+            "--lm",
+        ])
+        .arg(&lm)
+        .arg("--out")
+        .arg(dir.join("other"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("`<image>` is not a token"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

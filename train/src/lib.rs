@@ -52,11 +52,14 @@
 //! Bitstream Vera licence (`assets/fonts/LICENSE-DejaVu.txt`); easy-VQA: MIT. See
 //! `assets/data/README.md`.
 
+pub mod adapter_train;
 pub mod easy_vqa;
 pub mod font;
 pub mod optim;
 pub mod pretrain;
+pub mod prompt;
 pub mod raster;
+pub mod runloop;
 pub mod scenes;
 pub mod screens;
 pub mod vocab;

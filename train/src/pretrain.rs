@@ -24,7 +24,8 @@
 //! `afm_vision::VisionEncoder::load` reads.
 
 use crate::easy_vqa::EasyVqa;
-use crate::optim::{load_checkpoint, save_checkpoint, AdamW, AdamWConfig, OptimError, Params};
+use crate::optim::{AdamWConfig, OptimError, Params};
+use crate::runloop::{io, run_loop, LoopSpec, StepLoss};
 use crate::{generate, Sample, Split, SynthKind};
 use afm_lm::Tokenizer;
 use afm_vision::weights::VisionWeights;
@@ -184,15 +185,10 @@ impl PretrainConfig {
         self.steps_per_epoch * self.epochs
     }
 
-    /// Learning rate at `step` (0-based): linear warm-up, then cosine to 10%.
+    /// Learning rate at `step` (0-based): linear warm-up, then cosine to 10%
+    /// ([`crate::runloop::lr_at`]).
     pub fn lr_at(&self, step: usize) -> f64 {
-        let lr = self.adamw.lr;
-        if step < self.warmup_steps {
-            return lr * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        let rest = (self.total_steps() - self.warmup_steps).max(1) as f64;
-        let t = ((step - self.warmup_steps) as f64 / rest).min(1.0);
-        lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+        crate::runloop::lr_at(self.adamw.lr, self.warmup_steps, self.total_steps(), step)
     }
 }
 
@@ -277,24 +273,27 @@ pub fn pixels(sample: &Sample, size: usize) -> Result<Tensor> {
     Ok(pre.run(&sample.image, size as u32, size as u32)?)
 }
 
+/// `N(0, std^2)` samples clamped to +-2 std (Box-Muller over `rng`).
+pub(crate) fn normal(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random::<f32>().max(1e-7);
+            let u2: f32 = rng.random::<f32>();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()).clamp(-2.0, 2.0)
+                * std
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
 /// Initial parameters: the ViT under `vision.` (weights N(0, 0.02), LayerNorm 1 / 0, biases
 /// 0), `head.image_proj.weight (embed, vision_hidden)`, `head.text_proj.weight (embed,
 /// lm_hidden)`, `head.logit_scale (1)` = ln(10).
 pub fn init_params(cfg: &PretrainConfig, lm_hidden: usize) -> Result<Params> {
     cfg.validate()?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut normal = |shape: &[usize], std: f32| -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                let u1: f32 = rng.random::<f32>().max(1e-7);
-                let u2: f32 = rng.random::<f32>();
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()).clamp(-2.0, 2.0)
-                    * std
-            })
-            .collect();
-        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
-    };
+    let mut normal = |shape: &[usize], std: f32| normal(&mut rng, shape, std);
     let v = &cfg.vision;
     let (d, i, c, p, g) = (
         v.hidden_size,
@@ -439,58 +438,11 @@ pub struct EpochReport {
 }
 
 /// `pretrain.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunState {
-    pub config: PretrainConfig,
-    /// Steps completed (the checkpoint holds the parameters after them).
-    pub step: usize,
-    pub history: Vec<EpochReport>,
-    /// Wall-clock seconds of training so far (over resumptions).
-    pub seconds: f64,
-    /// Sum and count of the training losses of the epoch in progress (so a resumed epoch
-    /// reports the same mean as an uninterrupted one).
-    #[serde(default)]
-    pub epoch_loss: (f32, usize),
-}
+pub type RunState = crate::runloop::RunState<PretrainConfig, EpochReport>;
 
-/// What a run reports as it goes (the CLI draws its progress bar from these).
-#[derive(Debug, Clone)]
-pub enum Event {
-    Resumed {
-        step: usize,
-    },
-    Step {
-        step: usize,
-        total: usize,
-        loss: f32,
-        lr: f64,
-        examples_per_s: f64,
-        /// Seconds of the step spent making the batch (generation, decoding, resizing).
-        data_s: f64,
-    },
-    Epoch(EpochReport),
-    Saved {
-        step: usize,
-    },
-    Done {
-        vision_dir: PathBuf,
-    },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn write_state(dir: &Path, st: &RunState) -> Result<()> {
-    let p = dir.join("pretrain.json");
-    let tmp = dir.join("pretrain.json.tmp");
-    let json = serde_json::to_string_pretty(st).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    std::fs::write(&tmp, json).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &p).map_err(io(&p))
-}
+/// What a run reports as it goes (the CLI draws its progress bar from these); `Done` names
+/// the `vision/` export.
+pub type Event = crate::runloop::Event<EpochReport>;
 
 /// Held-out loss and top-1 over `cfg.eval_batches` batches (no gradients kept).
 pub fn evaluate(
@@ -531,104 +483,53 @@ pub fn run(
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<RunState> {
     cfg.validate()?;
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let state_path = dir.join("pretrain.json");
-    let ck = dir.join("checkpoint.safetensors");
     let params = init_params(cfg, text.width())?;
-    let (mut st, mut opt) = if state_path.exists() && ck.exists() {
-        let text_json = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
-        let st: RunState = serde_json::from_str(&text_json)
-            .map_err(|e| TrainError::Invalid(format!("{}: {e}", state_path.display())))?;
-        if st.config != *cfg {
-            return Err(TrainError::Invalid(format!(
-                "{} was started with another configuration; use a new directory (or the same settings) to resume",
-                state_path.display()
-            )));
-        }
-        let opt = load_checkpoint(&ck, &params, cfg.adamw)?;
-        if opt.step as usize != st.step {
-            return Err(TrainError::Invalid(format!(
-                "{} is at step {} but {} at step {}",
-                ck.display(),
-                opt.step,
-                state_path.display(),
-                st.step
-            )));
-        }
-        on_event(&Event::Resumed { step: st.step });
-        (st, opt)
-    } else {
-        (
-            RunState {
-                config: cfg.clone(),
-                step: 0,
-                history: vec![],
-                seconds: 0.0,
-                epoch_loss: (0.0, 0),
-            },
-            AdamW::new(&params, cfg.adamw)?,
-        )
+    let spec = LoopSpec {
+        dir,
+        state_file: "pretrain.json",
+        steps_per_epoch: cfg.steps_per_epoch,
+        epochs: cfg.epochs,
+        warmup_steps: cfg.warmup_steps,
+        checkpoint_every: cfg.checkpoint_every,
+        adamw: cfg.adamw,
+        until,
     };
-    let total = cfg.total_steps();
-    let stop = until.unwrap_or(total).min(total);
-    while st.step < stop {
-        let t0 = Instant::now();
-        let (px, tx) = batch(
-            cfg,
-            text,
-            Split::Train,
-            (st.step * cfg.batch_size) as u64,
-            easy,
-        )?;
-        let data_s = t0.elapsed().as_secs_f64();
-        let (loss, _) = contrastive_loss(cfg, &params, &px, &tx)?;
-        let l = loss.to_scalar::<f32>()?;
-        if !l.is_finite() {
-            return Err(TrainError::Invalid(format!(
-                "the loss became {l} at step {}; lower adamw.lr",
-                st.step
-            )));
-        }
-        let grads = loss.backward()?;
-        let lr = cfg.lr_at(st.step);
-        opt.step(&params, &grads, lr)?;
-        st.step += 1;
-        let secs = t0.elapsed().as_secs_f64();
-        st.seconds += secs;
-        st.epoch_loss = (st.epoch_loss.0 + l, st.epoch_loss.1 + 1);
-        on_event(&Event::Step {
-            step: st.step,
-            total,
-            loss: l,
-            lr,
-            examples_per_s: cfg.batch_size as f64 / secs,
-            data_s,
-        });
-        let epoch_end = st.step.is_multiple_of(cfg.steps_per_epoch);
-        if epoch_end {
-            let t1 = Instant::now();
+    let st = run_loop(
+        cfg,
+        &params,
+        &spec,
+        &mut |step| {
+            let t0 = Instant::now();
+            let (px, tx) = batch(
+                cfg,
+                text,
+                Split::Train,
+                (step * cfg.batch_size) as u64,
+                easy,
+            )?;
+            let data_s = t0.elapsed().as_secs_f64();
+            let (loss, _) = contrastive_loss(cfg, &params, &px, &tx)?;
+            Ok(StepLoss {
+                loss,
+                examples: cfg.batch_size,
+                data_s,
+            })
+        },
+        &mut |end| {
             let (eval_loss, eval_top1) = evaluate(cfg, &params, text, easy_eval)?;
-            let rep = EpochReport {
-                epoch: st.step / cfg.steps_per_epoch,
-                train_loss: st.epoch_loss.0 / st.epoch_loss.1.max(1) as f32,
+            Ok(EpochReport {
+                epoch: end.epoch,
+                train_loss: end.train_loss,
                 eval_loss,
                 eval_top1,
-                seconds: st.seconds,
-            };
-            st.seconds += t1.elapsed().as_secs_f64();
-            st.epoch_loss = (0.0, 0);
-            on_event(&Event::Epoch(rep.clone()));
-            st.history.push(rep);
-        }
-        if epoch_end || st.step.is_multiple_of(cfg.checkpoint_every) || st.step == stop {
-            save_checkpoint(&ck, &params, &opt)?;
-            write_state(dir, &st)?;
-            on_event(&Event::Saved { step: st.step });
-        }
-    }
-    if st.step == total {
-        let vision_dir = export_vision(cfg, &params, dir)?;
-        on_event(&Event::Done { vision_dir });
+                seconds: end.seconds,
+            })
+        },
+        on_event,
+    )?;
+    if st.step == cfg.total_steps() {
+        let dir = export_vision(cfg, &params, dir)?;
+        on_event(&Event::Done { dir });
     }
     Ok(st)
 }

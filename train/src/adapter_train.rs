@@ -1,0 +1,966 @@
+//! Stage 2 of the paper's recipe in miniature: training the vision-language adapter (and,
+//! unless frozen, fine-tuning the ViT) with the language model FROZEN, so that its answers
+//! stay fluent.
+//!
+//! # Model
+//! Image: one tile, the whole image resized to `vision.image_size` squared (bicubic, mean 0.5,
+//! std 0.5: [`crate::pretrain::pixels`]); no tiling yet (the high-resolution 2x2 + thumbnail
+//! mode of the paper is left for later). The Register-Window ViT (parameters `vision.*`,
+//! initialised from a stage-1 export `vision/` when given, else freshly as in
+//! [`crate::pretrain::init_params`]) encodes it; the paper's adapter
+//! ([`afm_fusion::AfmAdapter`], parameters `adapter.*`, fresh init, see [`init_adapter`])
+//! turns the register + patch outputs into `pool[0] * pool[1]` image embeddings of the LM's
+//! width (36 for the 6x6 pool of `afm-tiny` over a 14x14 patch grid). These replace the
+//! placeholder tokens of the prompt ([`crate::prompt`]) in the input embeddings of
+//! [`afm_lm::diff_model::DiffLm`], whose weights are plain tensors: gradients flow through it
+//! to the image embeddings, never into it. With `train_vit = false` the ViT is frozen too (run
+//! with its fast inference kernels, no graph) and only the adapter trains.
+//!
+//! # Objective
+//! Every example is one sequence (prompt format in [`crate::prompt`]): example `j` of the run
+//! (`j = step * batch_size + i`) is sample [`crate::pretrain::example`]`(j)` (scenes, screens,
+//! easy-VQA when given, in turn) and, of its caption (question [`CAPTION_PROMPT`]) and its
+//! question/answer pairs, the one numbered `mix(j) % (pairs + 1)` (`mix`: SplitMix64; the
+//! caption is left out when empty). Sequences are right-padded to the longest of the batch
+//! (the causal mask keeps padding out of the real positions). The loss is the mean
+//! cross-entropy over all answer and end-of-turn tokens of the batch.
+//!
+//! # Held-out evaluation (after every epoch)
+//! `eval_questions` held-out questions: example `j` of the held-out split, question
+//! `mix(j) % pairs` (no captions). Reported: their teacher-forced loss, and the exact-match
+//! accuracy (trimmed text equality) of GREEDY answers of at most `eval_max_new_tokens` tokens,
+//! overall and per [`crate::QaCategory`]. Decoding re-runs the whole sequence for every new
+//! token (no cache: fine for short answers), batched over `batch_size` questions.
+//!
+//! # Files (in the run directory)
+//! `adapter.json` (the configuration, the LM it trains against, the step reached, the
+//! per-epoch history), `checkpoint.safetensors` (trainable parameters and AdamW moments), as
+//! in [`crate::runloop`]; on completion the export `afm-tiny/`:
+//!
+//! * `afm-tiny/config.json` ([`AfmTinyConfig`]): `model_type` = `"afm-tiny"`, `vision` (the
+//!   ViT's [`VisionConfig`]), `adapter` ([`AfmAdapterConfig`]), `lm` ([`LmInfo`]: file name,
+//!   sha256, hidden size and vocabulary size of the GGUF it was trained against),
+//!   `image_placeholder` (token text) and `image_placeholder_id`, `tokens_per_image`,
+//!   `image_size`, `image_mean` / `image_std` (0.5 / 0.5, bicubic resize), `caption_prompt`;
+//! * `afm-tiny/vision/config.json` + `model.safetensors` (tensors `vision_model.*`), what
+//!   [`VisionEncoder::load`] reads (and what `--vision` of a next run accepts);
+//! * `afm-tiny/adapter.safetensors`: tensors `adapter.*` as [`afm_fusion::AfmAdapter::load`]
+//!   reads them.
+//!
+//! [`load_export`] reads the three back.
+
+use crate::easy_vqa::EasyVqa;
+use crate::optim::AdamWConfig;
+use crate::optim::Params;
+use crate::pretrain::{example, init_params, pixels, PretrainConfig, Result, TrainError};
+use crate::prompt::{Example, PromptFormat, CAPTION_PROMPT, IMAGE_PLACEHOLDER};
+use crate::runloop::{io, run_loop, write_json_atomic, EpochEnd, LoopSpec, StepLoss};
+use crate::{QaCategory, Sample, Split};
+use afm_fusion::{Adapter, AfmAdapter, AfmAdapterConfig};
+use afm_lm::diff_model::DiffLm;
+use afm_lm::Tokenizer;
+use afm_vision::weights::VisionWeights;
+use afm_vision::{VisionConfig, VisionEncoder};
+use candle_core::{DType, Device, Tensor, D};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A stage-2 run's settings (`adapter.json` keeps them; a resumed run must match).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterTrainConfig {
+    /// The ViT (must equal the stage-1 export's config when one is given).
+    pub vision: VisionConfig,
+    /// Output grid of the adapter: `pool[0] * pool[1]` image tokens per image.
+    pub pool: [usize; 2],
+    /// Fine-tune the ViT (`false`: frozen, only the adapter trains).
+    pub train_vit: bool,
+    /// The image placeholder token (module docs of [`crate::prompt`]).
+    pub image_placeholder: String,
+    pub batch_size: usize,
+    pub steps_per_epoch: usize,
+    pub epochs: usize,
+    /// Linear warm-up steps, then cosine decay to 10% of `adamw.lr`.
+    pub warmup_steps: usize,
+    pub adamw: AdamWConfig,
+    /// Held-out questions evaluated after every epoch.
+    pub eval_questions: usize,
+    /// Greedy answers stop after this many tokens.
+    pub eval_max_new_tokens: usize,
+    /// Save the checkpoint every this many steps (and at every epoch end).
+    pub checkpoint_every: usize,
+    /// Seed of the parameter initialisation.
+    pub seed: u64,
+}
+
+impl AdapterTrainConfig {
+    /// `afm-tiny`: the stage-1 encoder (224 px, 14x14 patches), a 6x6 pool = 36 image tokens,
+    /// SmolLM2's `<empty_output>` as placeholder, ViT fine-tuned.
+    pub fn afm_tiny() -> Self {
+        Self {
+            vision: PretrainConfig::afm_tiny().vision,
+            pool: [6, 6],
+            train_vit: true,
+            image_placeholder: IMAGE_PLACEHOLDER.into(),
+            batch_size: 8,
+            steps_per_epoch: 300,
+            epochs: 3,
+            warmup_steps: 50,
+            adamw: AdamWConfig {
+                lr: 3e-4,
+                weight_decay: 0.01,
+                ..Default::default()
+            },
+            eval_questions: 96,
+            eval_max_new_tokens: 12,
+            checkpoint_every: 50,
+            seed: 0,
+        }
+    }
+
+    /// Test sizes: the 32 px test ViT (4x4 grid), a 2x2 pool, the tiny fixture tokenizer's
+    /// `<image>` token as placeholder.
+    pub fn test_tiny() -> Self {
+        Self {
+            vision: PretrainConfig::test_tiny().vision,
+            pool: [2, 2],
+            train_vit: true,
+            image_placeholder: "<image>".into(),
+            batch_size: 3,
+            steps_per_epoch: 2,
+            epochs: 2,
+            warmup_steps: 1,
+            adamw: AdamWConfig {
+                lr: 3e-3,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+            eval_questions: 4,
+            eval_max_new_tokens: 3,
+            checkpoint_every: 1,
+            seed: 0,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.vision.validate()?;
+        for (k, v) in [
+            ("batch_size", self.batch_size),
+            ("steps_per_epoch", self.steps_per_epoch),
+            ("epochs", self.epochs),
+            ("checkpoint_every", self.checkpoint_every),
+            ("eval_max_new_tokens", self.eval_max_new_tokens),
+            ("pool[0]", self.pool[0]),
+            ("pool[1]", self.pool[1]),
+        ] {
+            if v == 0 {
+                return Err(TrainError::Invalid(format!("`{k}` must be at least 1")));
+            }
+        }
+        let g = self.vision.grid();
+        if self.pool[0] > g || self.pool[1] > g {
+            return Err(TrainError::Invalid(format!(
+                "the adapter pool {:?} is larger than the ViT's {g}x{g} patch grid",
+                self.pool
+            )));
+        }
+        if !(self.adamw.lr > 0.0 && self.adamw.lr.is_finite()) {
+            return Err(TrainError::Invalid("`adamw.lr` must be positive".into()));
+        }
+        Ok(())
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.steps_per_epoch * self.epochs
+    }
+
+    pub fn tokens_per_image(&self) -> usize {
+        self.pool[0] * self.pool[1]
+    }
+
+    pub fn lr_at(&self, step: usize) -> f64 {
+        crate::runloop::lr_at(self.adamw.lr, self.warmup_steps, self.total_steps(), step)
+    }
+
+    /// The adapter over this ViT into an LM of width `lm_hidden`: its transformer layer has
+    /// the ViT's width, heads and MLP size.
+    pub fn adapter_config(&self, lm_hidden: usize) -> AfmAdapterConfig {
+        let v = &self.vision;
+        AfmAdapterConfig {
+            vision_hidden_size: v.hidden_size,
+            text_hidden_size: lm_hidden,
+            num_attention_heads: v.num_attention_heads,
+            intermediate_size: v.intermediate_size,
+            layer_norm_eps: v.layer_norm_eps,
+            hidden_act: v.hidden_act.clone(),
+            pool: self.pool,
+        }
+    }
+}
+
+/// The language model an adapter is trained against (recorded in the run state and the
+/// export).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LmInfo {
+    /// File name (no directory), e.g. `SmolLM2-135M-Instruct.Q4_1.gguf`.
+    pub file: String,
+    /// sha256 of the file, hex.
+    pub sha256: String,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+}
+
+/// The frozen language model: the differentiable decoder and its tokenizer.
+pub struct FrozenLm {
+    pub model: DiffLm,
+    pub tokenizer: Tokenizer,
+    pub info: LmInfo,
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl FrozenLm {
+    pub fn new(model: DiffLm, tokenizer: Tokenizer, file: &str, sha256: &str) -> Self {
+        let c = model.config();
+        let info = LmInfo {
+            file: file.to_string(),
+            sha256: sha256.to_string(),
+            hidden_size: c.hidden_size,
+            vocab_size: c.vocab_size,
+        };
+        Self {
+            model,
+            tokenizer,
+            info,
+        }
+    }
+
+    /// A GGUF language model (e.g. SmolLM2-135M-Instruct), dequantized to f32.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let src = afm_lm::weights::WeightSource::from_gguf(path)?.with_dequantize(true);
+        let md = src
+            .gguf_metadata()
+            .ok_or_else(|| TrainError::Invalid(format!("{}: not a GGUF", path.display())))?;
+        let tokenizer = Tokenizer::from_gguf(md)?;
+        let cfg = afm_lm::load::config_from_gguf(&src)?;
+        let model = DiffLm::from_source(&src, cfg)?;
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Self::new(model, tokenizer, &file, &sha256_file(path)?))
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.info.hidden_size
+    }
+}
+
+fn normal(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Tensor> {
+    crate::pretrain::normal(rng, shape, std)
+}
+
+/// Fresh adapter parameters (names in [`afm_fusion::afm_adapter`]'s docs, under `adapter.`):
+/// matrices of the transformer layer and the projection N(0, 0.02), LayerNorms 1 / 0, biases
+/// 0; the 3x3 convolution starts as the identity (centre tap) plus N(0, 0.002) noise.
+pub fn init_adapter(cfg: &AfmAdapterConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xada9_7e55);
+    let (d, i, dl) = (
+        cfg.vision_hidden_size,
+        cfg.intermediate_size,
+        cfg.text_hidden_size,
+    );
+    let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu);
+    let zeros = |n: usize| Tensor::zeros(n, DType::F32, &Device::Cpu);
+    let mut m: HashMap<String, Tensor> = HashMap::new();
+    for ln in ["layer_norm1", "layer_norm2"] {
+        m.insert(format!("adapter.layer.{ln}.weight"), ones(d)?);
+        m.insert(format!("adapter.layer.{ln}.bias"), zeros(d)?);
+    }
+    for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+        m.insert(
+            format!("adapter.layer.self_attn.{p}.weight"),
+            normal(&mut rng, &[d, d], 0.02)?,
+        );
+        m.insert(format!("adapter.layer.self_attn.{p}.bias"), zeros(d)?);
+    }
+    m.insert(
+        "adapter.layer.mlp.fc1.weight".into(),
+        normal(&mut rng, &[i, d], 0.02)?,
+    );
+    m.insert("adapter.layer.mlp.fc1.bias".into(), zeros(i)?);
+    m.insert(
+        "adapter.layer.mlp.fc2.weight".into(),
+        normal(&mut rng, &[d, i], 0.02)?,
+    );
+    m.insert("adapter.layer.mlp.fc2.bias".into(), zeros(d)?);
+    m.insert(
+        "adapter.proj.weight".into(),
+        normal(&mut rng, &[dl, d], 0.02)?,
+    );
+    m.insert("adapter.proj.bias".into(), zeros(dl)?);
+    let mut centre = vec![0f32; dl * dl * 9];
+    for c in 0..dl {
+        centre[(c * dl + c) * 9 + 4] = 1.0;
+    }
+    let centre = Tensor::from_vec(centre, (dl, dl, 3, 3), &Device::Cpu)?;
+    m.insert(
+        "adapter.conv.weight".into(),
+        (centre + normal(&mut rng, &[dl, dl, 3, 3], 0.002)?)?,
+    );
+    m.insert("adapter.conv.bias".into(), zeros(dl)?);
+    Ok(m)
+}
+
+/// The ViT tensors of a stage-1 export directory (`config.json` + `model.safetensors` with
+/// `vision_model.*` tensors), without prefix; its config must equal `expected`.
+pub fn read_vision_export(dir: &Path, expected: &VisionConfig) -> Result<HashMap<String, Tensor>> {
+    let cj = dir.join("config.json");
+    let got = VisionConfig::from_file(&cj)?;
+    if got != *expected {
+        return Err(TrainError::Invalid(format!(
+            "{}: the encoder's configuration differs from the run's `vision` settings",
+            cj.display()
+        )));
+    }
+    let mf = dir.join("model.safetensors");
+    let bytes = std::fs::read(&mf).map_err(io(&mf))?;
+    let t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| TrainError::Invalid(format!("{}: {e}", mf.display())))?;
+    let out: HashMap<String, Tensor> = t
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let k = k.strip_prefix("vision_model.")?.to_string();
+            Some(v.to_dtype(DType::F32).map(|v| (k, v)))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    if out.is_empty() {
+        return Err(TrainError::Invalid(format!(
+            "{}: no `vision_model.*` tensors",
+            mf.display()
+        )));
+    }
+    // fails here, naming the tensor, when one is missing or mis-shaped
+    VisionEncoder::new(&VisionWeights::from_tensors(out.clone())?, expected.clone())?;
+    Ok(out)
+}
+
+/// The trainable side: parameters (`adapter.*`, and `vision.*` when the ViT trains) and the
+/// frozen ViT's tensors otherwise.
+pub struct Trainable {
+    pub params: Params,
+    /// ViT tensors (no prefix) when `train_vit` is false.
+    pub frozen_vit: Option<HashMap<String, Tensor>>,
+}
+
+impl Trainable {
+    /// Initial state (module docs): the ViT from `vision_init` (a stage-1 `vision/` export)
+    /// or fresh, a fresh adapter.
+    pub fn init(
+        cfg: &AdapterTrainConfig,
+        lm_hidden: usize,
+        vision_init: Option<&Path>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let vit: HashMap<String, Tensor> = match vision_init {
+            Some(dir) => read_vision_export(dir, &cfg.vision)?,
+            None => {
+                let pc = PretrainConfig {
+                    vision: cfg.vision.clone(),
+                    seed: cfg.seed,
+                    ..PretrainConfig::test_tiny()
+                };
+                init_params(&pc, 1)?.with_prefix("vision.")
+            }
+        };
+        let mut tensors = init_adapter(&cfg.adapter_config(lm_hidden), cfg.seed)?;
+        let frozen_vit = if cfg.train_vit {
+            tensors.extend(vit.into_iter().map(|(k, v)| (format!("vision.{k}"), v)));
+            None
+        } else {
+            Some(vit)
+        };
+        Ok(Self {
+            params: Params::from_tensors(tensors)?,
+            frozen_vit,
+        })
+    }
+
+    /// The ViT's current tensors (no prefix).
+    pub fn vit_tensors(&self) -> HashMap<String, Tensor> {
+        match &self.frozen_vit {
+            Some(t) => t.clone(),
+            None => self.params.with_prefix("vision."),
+        }
+    }
+
+    /// ViT and adapter built from the current values: the differentiable path for what
+    /// trains, the fast kernels (no graph) for a frozen ViT.
+    pub fn build(&self, cfg: &AdapterTrainConfig, lm_hidden: usize) -> Result<ImageSide> {
+        let mut vit = VisionEncoder::new(
+            &VisionWeights::from_tensors(self.vit_tensors())?,
+            cfg.vision.clone(),
+        )?;
+        vit.set_fast_kernels(!cfg.train_vit);
+        let adapter_t: HashMap<String, Tensor> = self
+            .params
+            .tensors()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("adapter."))
+            .collect();
+        let mut adapter = AfmAdapter::load(adapter_t, cfg.adapter_config(lm_hidden))
+            .map_err(|e| TrainError::Invalid(format!("adapter: {e}")))?;
+        adapter.set_fast_kernels(false);
+        Ok(ImageSide {
+            vit,
+            adapter,
+            frozen_vit: !cfg.train_vit,
+        })
+    }
+}
+
+/// The ViT and the adapter of one step.
+pub struct ImageSide {
+    pub vit: VisionEncoder,
+    pub adapter: AfmAdapter,
+    frozen_vit: bool,
+}
+
+impl ImageSide {
+    /// Image embeddings.
+    ///
+    /// # Shapes
+    /// `pixels: (b, 3, s, s)` -> `(b, pool_h * pool_w, lm_hidden)`.
+    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        let mut x = self.vit.forward(pixels)?;
+        if self.frozen_vit {
+            x = x.detach();
+        }
+        let c = self.vit.config();
+        let g = c.grid();
+        self.adapter
+            .forward(&x, (g, g), c.num_registers())
+            .map_err(|e| TrainError::Invalid(format!("adapter: {e}")))
+    }
+}
+
+/// SplitMix64: picks which of a sample's sequences example `j` trains on.
+pub fn mix(j: u64) -> u64 {
+    let mut z = j.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The question, answer and category (`None` for the caption) example `j` uses.
+pub fn pick(
+    sample: &Sample,
+    j: u64,
+    with_caption: bool,
+) -> Result<(String, String, Option<QaCategory>)> {
+    let cap = with_caption && !sample.caption.trim().is_empty();
+    let n = sample.qa.len() + cap as usize;
+    if n == 0 {
+        return Err(TrainError::Invalid(format!(
+            "sample {} of {:?} has no caption and no question",
+            sample.index, sample.kind
+        )));
+    }
+    let k = (mix(j) % n as u64) as usize;
+    Ok(if cap && k == sample.qa.len() {
+        (CAPTION_PROMPT.to_string(), sample.caption.clone(), None)
+    } else {
+        let q = &sample.qa[k];
+        (q.question.clone(), q.answer.clone(), Some(q.category))
+    })
+}
+
+/// A batch: pixels, sequences, and what each asks.
+pub struct Batch {
+    /// `(b, 3, s, s)`
+    pub pixels: Tensor,
+    pub examples: Vec<Example>,
+    pub questions: Vec<String>,
+    pub answers: Vec<String>,
+    pub categories: Vec<Option<QaCategory>>,
+}
+
+/// Examples `start .. start + n` of `split` (training: captions included; held-out: not).
+pub fn batch(
+    cfg: &AdapterTrainConfig,
+    fmt: &PromptFormat,
+    split: Split,
+    start: u64,
+    n: usize,
+    easy: Option<&EasyVqa>,
+) -> Result<Batch> {
+    let mut b = Batch {
+        pixels: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+        examples: vec![],
+        questions: vec![],
+        answers: vec![],
+        categories: vec![],
+    };
+    let mut px = vec![];
+    for j in start..start + n as u64 {
+        let s = example(j, split, easy)?;
+        let (q, a, c) = pick(&s, j, split == Split::Train)?;
+        b.examples
+            .push(fmt.example(&q, &a, cfg.tokens_per_image())?);
+        px.push(pixels(&s, cfg.vision.image_size)?);
+        b.questions.push(q);
+        b.answers.push(a);
+        b.categories.push(c);
+    }
+    b.pixels = Tensor::stack(&px, 0)?;
+    Ok(b)
+}
+
+/// Input embeddings of right-padded sequences with the image embeddings over the
+/// placeholders (row `i`'s placeholders take `image[i]`'s rows in order).
+///
+/// # Shapes
+/// `seqs.len() = b`, `image: (b, n, hidden)` -> `(b, max_len, hidden)`.
+pub fn input_embeddings(
+    lm: &DiffLm,
+    seqs: &[&[u32]],
+    placeholder: u32,
+    image: &Tensor,
+) -> Result<Tensor> {
+    let (b, n, _) = image.dims3()?;
+    if seqs.len() != b {
+        return Err(TrainError::Invalid(format!(
+            "{} sequences for {b} images",
+            seqs.len()
+        )));
+    }
+    let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut flat = Vec::with_capacity(b * t);
+    for s in seqs {
+        flat.extend_from_slice(s);
+        // padding: any valid id (the causal mask keeps it out of the real positions)
+        flat.extend(std::iter::repeat_n(
+            s.first().copied().unwrap_or(0),
+            t - s.len(),
+        ));
+    }
+    let text = lm.embed(&Tensor::from_vec(flat.clone(), (b, t), &Device::Cpu)?)?;
+    let mut rows = Vec::with_capacity(b);
+    for (i, s) in seqs.iter().enumerate() {
+        let count = s.iter().filter(|&&x| x == placeholder).count();
+        if count != n {
+            return Err(TrainError::Invalid(format!(
+                "sequence {i} holds {count} image placeholders for {n} image embeddings"
+            )));
+        }
+        let row_ids = &flat[i * t..(i + 1) * t];
+        let text_i = text.get(i)?;
+        let img_i = image.get(i)?;
+        let mut pieces = vec![];
+        let (mut p, mut used) = (0, 0);
+        while p < t {
+            let is_img = row_ids[p] == placeholder && p < s.len();
+            let start = p;
+            while p < t && (row_ids[p] == placeholder && p < s.len()) == is_img {
+                p += 1;
+            }
+            pieces.push(if is_img {
+                let r = img_i.narrow(0, used, p - start)?;
+                used += p - start;
+                r
+            } else {
+                text_i.narrow(0, start, p - start)?
+            });
+        }
+        rows.push(Tensor::cat(&pieces, 0)?);
+    }
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// Mean cross-entropy over the target tokens (answer + end of turn) of `examples`, given
+/// their image embeddings.
+///
+/// # Shapes
+/// `image: (b, n, hidden)`.
+pub fn sequence_loss(
+    lm: &DiffLm,
+    examples: &[Example],
+    placeholder: u32,
+    image: &Tensor,
+) -> Result<Tensor> {
+    let seqs: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
+    let x = input_embeddings(lm, &seqs, placeholder, image)?;
+    let (b, t, h) = x.dims3()?;
+    let hs = lm.hidden_states(&x)?.reshape((b * t, h))?;
+    let (mut rows, mut targets) = (vec![], vec![]);
+    for (i, e) in examples.iter().enumerate() {
+        for k in e.prompt_len.max(1)..e.ids.len() {
+            rows.push((i * t + k - 1) as u32);
+            targets.push(e.ids[k]);
+        }
+    }
+    if rows.is_empty() {
+        return Err(TrainError::Invalid("the batch has no target tokens".into()));
+    }
+    let n = rows.len();
+    let sel = hs.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?;
+    let logits = lm.logits(&sel)?;
+    let targets = Tensor::from_vec(targets, n, &Device::Cpu)?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
+/// Greedy answers: up to `max_new` tokens after each prompt, stopping at `stop`; returns the
+/// generated ids (the stop token excluded). No cache: every step re-runs the sequences.
+///
+/// # Shapes
+/// `image: (b, n, hidden)` (detached by the caller for speed).
+pub fn greedy(
+    lm: &DiffLm,
+    prompts: &[Vec<u32>],
+    placeholder: u32,
+    image: &Tensor,
+    max_new: usize,
+    stop: u32,
+) -> Result<Vec<Vec<u32>>> {
+    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
+    let mut out: Vec<Vec<u32>> = vec![vec![]; prompts.len()];
+    let mut done = vec![false; prompts.len()];
+    for _ in 0..max_new {
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+        let x = input_embeddings(lm, &refs, placeholder, image)?;
+        let (b, t, h) = x.dims3()?;
+        let hs = lm.hidden_states(&x)?.reshape((b * t, h))?;
+        let last: Vec<u32> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i * t + s.len() - 1) as u32)
+            .collect();
+        let sel = hs.index_select(&Tensor::from_vec(last, b, &Device::Cpu)?, 0)?;
+        let next: Vec<u32> = lm.logits(&sel)?.argmax(D::Minus1)?.to_vec1()?;
+        for i in 0..b {
+            if done[i] {
+                continue;
+            }
+            if next[i] == stop {
+                done[i] = true;
+            } else {
+                out[i].push(next[i]);
+                seqs[i].push(next[i]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One held-out answer, for the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSample {
+    pub question: String,
+    pub expected: String,
+    pub got: String,
+}
+
+/// One epoch's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochReport {
+    pub epoch: usize,
+    pub train_loss: f32,
+    pub eval_loss: f32,
+    /// Exact-match accuracy of greedy answers over all evaluated questions.
+    pub eval_accuracy: f32,
+    /// `(correct, asked)` per question category (snake_case names).
+    pub per_category: BTreeMap<String, (usize, usize)>,
+    /// The first few answers, to read.
+    pub samples: Vec<EvalSample>,
+    pub seconds: f64,
+}
+
+/// Held-out figures of the current parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalResult {
+    pub loss: f32,
+    pub accuracy: f32,
+    pub per_category: BTreeMap<String, (usize, usize)>,
+    pub samples: Vec<EvalSample>,
+}
+
+fn category_name(c: Option<QaCategory>) -> String {
+    match c {
+        None => "caption".into(),
+        Some(c) => serde_json::to_value(c)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| format!("{c:?}")),
+    }
+}
+
+/// Held-out loss and greedy exact-match accuracy (module docs), in batches of `batch_size`.
+pub fn evaluate(
+    cfg: &AdapterTrainConfig,
+    trainable: &Trainable,
+    lm: &FrozenLm,
+    fmt: &PromptFormat,
+    easy_eval: Option<&EasyVqa>,
+) -> Result<EvalResult> {
+    let side = trainable.build(cfg, lm.hidden_size())?;
+    let mut res = EvalResult {
+        loss: 0.0,
+        accuracy: 0.0,
+        per_category: BTreeMap::new(),
+        samples: vec![],
+    };
+    let total = cfg.eval_questions;
+    let (mut done, mut correct, mut loss_sum, mut batches) = (0usize, 0usize, 0f32, 0usize);
+    while done < total {
+        let n = cfg.batch_size.min(total - done);
+        let b = batch(cfg, fmt, Split::HeldOut, done as u64, n, easy_eval)?;
+        let img = side.embed(&b.pixels)?.detach();
+        let l = sequence_loss(&lm.model, &b.examples, fmt.placeholder_id(), &img)?;
+        loss_sum += l.to_scalar::<f32>()?;
+        batches += 1;
+        let prompts: Vec<Vec<u32>> = b
+            .examples
+            .iter()
+            .map(|e| e.ids[..e.prompt_len].to_vec())
+            .collect();
+        let gen = greedy(
+            &lm.model,
+            &prompts,
+            fmt.placeholder_id(),
+            &img,
+            cfg.eval_max_new_tokens,
+            fmt.end_of_turn_id(),
+        )?;
+        for (i, g) in gen.iter().enumerate() {
+            let got = lm.tokenizer.decode(g, true)?;
+            let ok = got.trim() == b.answers[i].trim();
+            correct += ok as usize;
+            let e = res
+                .per_category
+                .entry(category_name(b.categories[i]))
+                .or_insert((0, 0));
+            e.0 += ok as usize;
+            e.1 += 1;
+            if res.samples.len() < 4 {
+                res.samples.push(EvalSample {
+                    question: b.questions[i].clone(),
+                    expected: b.answers[i].clone(),
+                    got,
+                });
+            }
+        }
+        done += n;
+    }
+    res.loss = loss_sum / batches.max(1) as f32;
+    res.accuracy = correct as f32 / total.max(1) as f32;
+    Ok(res)
+}
+
+/// The settings a run directory records (`adapter.json`'s `config`): a resumed run must match
+/// all of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterRunConfig {
+    pub train: AdapterTrainConfig,
+    pub lm: LmInfo,
+    /// sha256 of the stage-1 `vision/model.safetensors` the ViT started from (`None`: fresh).
+    pub vision_init_sha256: Option<String>,
+}
+
+/// `adapter.json`.
+pub type RunState = crate::runloop::RunState<AdapterRunConfig, EpochReport>;
+
+/// What a run reports as it goes; `Done` names the `afm-tiny/` export.
+pub type Event = crate::runloop::Event<EpochReport>;
+
+/// Runs (or resumes, when `dir` holds `adapter.json` and its checkpoint) a stage-2 run.
+/// `vision_init`: a stage-1 `vision/` export to start the ViT from. `easy` / `easy_eval` as in
+/// [`crate::pretrain::run`] (consistent across resumptions). `until`: stop after that many
+/// steps in all; the export is written only when the run is complete.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    cfg: &AdapterTrainConfig,
+    lm: &FrozenLm,
+    vision_init: Option<&Path>,
+    dir: &Path,
+    easy: Option<&EasyVqa>,
+    easy_eval: Option<&EasyVqa>,
+    until: Option<usize>,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<RunState> {
+    cfg.validate()?;
+    let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder)?;
+    let trainable = Trainable::init(cfg, lm.hidden_size(), vision_init)?;
+    let run_cfg = AdapterRunConfig {
+        train: cfg.clone(),
+        lm: lm.info.clone(),
+        vision_init_sha256: vision_init
+            .map(|d| sha256_file(&d.join("model.safetensors")))
+            .transpose()?,
+    };
+    let spec = LoopSpec {
+        dir,
+        state_file: "adapter.json",
+        steps_per_epoch: cfg.steps_per_epoch,
+        epochs: cfg.epochs,
+        warmup_steps: cfg.warmup_steps,
+        checkpoint_every: cfg.checkpoint_every,
+        adamw: cfg.adamw,
+        until,
+    };
+    let st = run_loop(
+        &run_cfg,
+        &trainable.params,
+        &spec,
+        &mut |step| {
+            let t0 = Instant::now();
+            let b = batch(
+                cfg,
+                &fmt,
+                Split::Train,
+                (step * cfg.batch_size) as u64,
+                cfg.batch_size,
+                easy,
+            )?;
+            let data_s = t0.elapsed().as_secs_f64();
+            let loss = step_loss(cfg, &trainable, lm, &fmt, &b)?;
+            Ok(StepLoss {
+                loss,
+                examples: cfg.batch_size,
+                data_s,
+            })
+        },
+        &mut |end: EpochEnd| {
+            let r = evaluate(cfg, &trainable, lm, &fmt, easy_eval)?;
+            Ok(EpochReport {
+                epoch: end.epoch,
+                train_loss: end.train_loss,
+                eval_loss: r.loss,
+                eval_accuracy: r.accuracy,
+                per_category: r.per_category,
+                samples: r.samples,
+                seconds: end.seconds,
+            })
+        },
+        on_event,
+    )?;
+    if st.step == cfg.total_steps() {
+        let out = export(cfg, &trainable, lm, &fmt, dir)?;
+        on_event(&Event::Done { dir: out });
+    }
+    Ok(st)
+}
+
+/// The training loss of one batch on the differentiable path.
+pub fn step_loss(
+    cfg: &AdapterTrainConfig,
+    trainable: &Trainable,
+    lm: &FrozenLm,
+    fmt: &PromptFormat,
+    b: &Batch,
+) -> Result<Tensor> {
+    let side = trainable.build(cfg, lm.hidden_size())?;
+    let img = side.embed(&b.pixels)?;
+    sequence_loss(&lm.model, &b.examples, fmt.placeholder_id(), &img)
+}
+
+/// `afm-tiny/config.json` (module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AfmTinyConfig {
+    pub model_type: String,
+    pub vision: VisionConfig,
+    pub adapter: AfmAdapterConfig,
+    pub lm: LmInfo,
+    pub image_placeholder: String,
+    pub image_placeholder_id: u32,
+    pub tokens_per_image: usize,
+    pub image_size: usize,
+    pub image_mean: f32,
+    pub image_std: f32,
+    pub caption_prompt: String,
+}
+
+/// Writes `dir/afm-tiny/` (module docs) and returns its path.
+pub fn export(
+    cfg: &AdapterTrainConfig,
+    trainable: &Trainable,
+    lm: &FrozenLm,
+    fmt: &PromptFormat,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let out = dir.join("afm-tiny");
+    let vdir = out.join("vision");
+    std::fs::create_dir_all(&vdir).map_err(io(&vdir))?;
+    write_json_atomic(&vdir.join("config.json"), &cfg.vision)?;
+    let vt: HashMap<String, Tensor> = trainable
+        .vit_tensors()
+        .into_iter()
+        .map(|(k, v)| (format!("vision_model.{k}"), v))
+        .collect();
+    candle_core::safetensors::save(&vt, vdir.join("model.safetensors"))?;
+    let at: HashMap<String, Tensor> = trainable
+        .params
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("adapter."))
+        .collect();
+    candle_core::safetensors::save(&at, out.join("adapter.safetensors"))?;
+    let c = AfmTinyConfig {
+        model_type: "afm-tiny".into(),
+        vision: cfg.vision.clone(),
+        adapter: cfg.adapter_config(lm.hidden_size()),
+        lm: lm.info.clone(),
+        image_placeholder: cfg.image_placeholder.clone(),
+        image_placeholder_id: fmt.placeholder_id(),
+        tokens_per_image: cfg.tokens_per_image(),
+        image_size: cfg.vision.image_size,
+        image_mean: 0.5,
+        image_std: 0.5,
+        caption_prompt: CAPTION_PROMPT.into(),
+    };
+    write_json_atomic(&out.join("config.json"), &c)?;
+    Ok(out)
+}
+
+/// Reads an `afm-tiny/` export: its config, the ViT and the adapter (fast kernels on).
+pub fn load_export(dir: &Path) -> Result<(AfmTinyConfig, VisionEncoder, AfmAdapter)> {
+    let cj = dir.join("config.json");
+    let text = std::fs::read_to_string(&cj).map_err(io(&cj))?;
+    let c: AfmTinyConfig = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Invalid(format!("{}: {e}", cj.display())))?;
+    if c.model_type != "afm-tiny" {
+        return Err(TrainError::Invalid(format!(
+            "{}: model_type is `{}`, not `afm-tiny`",
+            cj.display(),
+            c.model_type
+        )));
+    }
+    let vit = VisionEncoder::load(&dir.join("vision"))?;
+    let af = dir.join("adapter.safetensors");
+    let bytes = std::fs::read(&af).map_err(io(&af))?;
+    let t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| TrainError::Invalid(format!("{}: {e}", af.display())))?;
+    let adapter = AfmAdapter::load(t, c.adapter.clone())
+        .map_err(|e| TrainError::Invalid(format!("{}: {e}", af.display())))?;
+    Ok((c, vit, adapter))
+}

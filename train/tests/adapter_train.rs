@@ -1,0 +1,349 @@
+//! Stage-2 training (adapter with the LM frozen) on a tiny random LM and the tiny fixture
+//! tokenizer: the prompt format, one step lowering the loss, frozen weights staying frozen,
+//! resume equal to an uninterrupted run, and the export loading back.
+
+use afm_fusion::Adapter;
+use afm_lm::diff_model::DiffLm;
+use afm_lm::weights::WeightSource;
+use afm_lm::{LmConfig, Tokenizer};
+use afm_train::adapter_train::{
+    batch, load_export, run, step_loss, AdapterTrainConfig, Event, FrozenLm, Trainable,
+};
+use afm_train::optim::AdamW;
+use afm_train::prompt::{PromptFormat, CAPTION_PROMPT};
+use afm_train::Split;
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("afm-adapter-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// The tiny fixture tokenizer (448 ids) with SmolLM2's ChatML template.
+fn tokenizer() -> Tokenizer {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_tiny_idefics3");
+    let mut tok = Tokenizer::from_dir(&dir).unwrap();
+    tok.set_chat_template(Some(CHATML.into()));
+    tok
+}
+
+fn lm_config() -> LmConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "tie_word_embeddings": true
+    }))
+    .unwrap()
+}
+
+/// Random weights, the (tied) embedding table scaled to std 0.1 so that the logits are
+/// moderate, as in a trained LM (with std 1 the random LM is so sure of its text that the
+/// loss sits near 38 whatever the image).
+fn lm_tensors() -> HashMap<String, Tensor> {
+    let mut t = afm_lm::random::random_tensors(&lm_config(), 7).unwrap();
+    let e = t.remove("model.embed_tokens.weight").unwrap();
+    t.insert("model.embed_tokens.weight".into(), (e * 0.1).unwrap());
+    t
+}
+
+fn frozen_lm() -> FrozenLm {
+    let model =
+        DiffLm::from_source(&WeightSource::from_tensors(lm_tensors()), lm_config()).unwrap();
+    FrozenLm::new(model, tokenizer(), "tiny-random", "0")
+}
+
+#[test]
+fn prompt_has_one_placeholder_per_image_token_and_masks_the_answer() {
+    let tok = tokenizer();
+    let fmt = PromptFormat::new(&tok, "<image>").unwrap();
+    let ph = tok.token_to_id("<image>").unwrap();
+    let eot = tok.token_to_id("<|im_end|>").unwrap();
+    let ex = fmt.example("What colour is the circle?", "red", 4).unwrap();
+    assert_eq!(ex.ids.iter().filter(|&&i| i == ph).count(), 4);
+    // the placeholders are a run at the start of the user turn
+    let text = fmt.prompt_text("What colour is the circle?", 4).unwrap();
+    assert!(
+        text.contains("<|im_start|>user\n<image><image><image><image>\nWhat colour is the circle?<|im_end|>\n<|im_start|>assistant\n"),
+        "{text}"
+    );
+    // the loss mask covers exactly the answer tokens and the end-of-turn token
+    let answer = tok.inner().encode("red", false).unwrap().get_ids().to_vec();
+    let mask = ex.loss_mask();
+    assert_eq!(mask.iter().filter(|&&m| m).count(), answer.len() + 1);
+    assert!(mask[..ex.prompt_len].iter().all(|&m| !m));
+    let mut want = answer.clone();
+    want.push(eot);
+    assert_eq!(ex.targets(), want.as_slice());
+    assert_eq!(
+        &ex.ids[..ex.prompt_len],
+        fmt.prompt_ids("What colour is the circle?", 4)
+            .unwrap()
+            .as_slice()
+    );
+    // a caption is asked with the caption prompt
+    assert!(fmt
+        .prompt_text(CAPTION_PROMPT, 1)
+        .unwrap()
+        .contains("<image>\nDescribe the image."));
+    // a question containing the placeholder is a mismatch, reported by name
+    let e = fmt
+        .example("what is <image>?", "x", 4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("5 image placeholders") && e.contains("4 embeddings"),
+        "{e}"
+    );
+    // placeholder not in the vocabulary: a clear error
+    let e = PromptFormat::new(&tok, "<no_such_token>")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("<no_such_token>") && e.contains("vocabulary"),
+        "{e}"
+    );
+    // no chat template: a clear error
+    let mut bare = tokenizer();
+    bare.set_chat_template(None);
+    let e = PromptFormat::new(&bare, "<image>")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("chat template"), "{e}");
+    // sequence with a wrong number of placeholders vs image embeddings
+    let lm = frozen_lm();
+    let img = Tensor::zeros((1, 3, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let e = afm_train::adapter_train::sequence_loss(&lm.model, &[ex], ph, &img)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("4 image placeholders for 3 image embeddings"),
+        "{e}"
+    );
+}
+
+fn lm_weights_snapshot(lm: &FrozenLm) -> Vec<f32> {
+    // the embedding table is the LM's first input: reading it back through `embed` sees any
+    // change to the frozen weights
+    let ids = Tensor::arange(0u32, 512, &Device::Cpu)
+        .unwrap()
+        .reshape((1, 512))
+        .unwrap();
+    let e = lm.model.embed(&ids).unwrap().flatten_all().unwrap();
+    let x = lm.model.embed(&ids.narrow(1, 0, 8).unwrap()).unwrap();
+    let f = lm.model.forward(&x).unwrap().flatten_all().unwrap();
+    [e.to_vec1::<f32>().unwrap(), f.to_vec1::<f32>().unwrap()].concat()
+}
+
+#[test]
+fn training_steps_lower_the_loss_and_leave_the_lm_alone() {
+    let cfg = AdapterTrainConfig::test_tiny();
+    let lm = frozen_lm();
+    let before = lm_weights_snapshot(&lm);
+    let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
+    let tr = Trainable::init(&cfg, 32, None).unwrap();
+    let b = batch(&cfg, &fmt, Split::Train, 0, cfg.batch_size, None).unwrap();
+    let mut opt = AdamW::new(&tr.params, cfg.adamw).unwrap();
+    let mut losses = vec![];
+    for k in 0..8 {
+        let loss = step_loss(&cfg, &tr, &lm, &fmt, &b).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        let g = loss.backward().unwrap();
+        if k == 0 {
+            // every trainable parameter (ViT and adapter) gets a gradient
+            let missing: Vec<&String> = tr
+                .params
+                .names()
+                .filter(|n| g.get(tr.params.get(n).unwrap()).is_none())
+                .collect();
+            assert!(missing.is_empty(), "no gradient for {missing:?}");
+            assert!(tr.params.names().any(|n| n.starts_with("vision.")));
+        }
+        opt.step(&tr.params, &g, cfg.lr_at(k.min(1))).unwrap();
+    }
+    let loss = step_loss(&cfg, &tr, &lm, &fmt, &b).unwrap();
+    losses.push(loss.to_scalar::<f32>().unwrap());
+    println!("adapter loss over 8 steps on one batch of 3: {losses:?}");
+    assert!(losses[1] < losses[0], "{losses:?}");
+    assert!(*losses.last().unwrap() < 0.93 * losses[0], "{losses:?}");
+    assert_eq!(lm_weights_snapshot(&lm), before, "the frozen LM changed");
+}
+
+#[test]
+fn frozen_vit_flag_trains_the_adapter_only() {
+    let cfg = AdapterTrainConfig {
+        train_vit: false,
+        ..AdapterTrainConfig::test_tiny()
+    };
+    let lm = frozen_lm();
+    let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
+    let tr = Trainable::init(&cfg, 32, None).unwrap();
+    assert!(tr.params.names().all(|n| n.starts_with("adapter.")));
+    let vit_before = tr.vit_tensors();
+    let b = batch(&cfg, &fmt, Split::Train, 0, cfg.batch_size, None).unwrap();
+    let mut opt = AdamW::new(&tr.params, cfg.adamw).unwrap();
+    let adapter_before: Vec<f32> = tr
+        .params
+        .get("adapter.proj.weight")
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for k in 0..2 {
+        let loss = step_loss(&cfg, &tr, &lm, &fmt, &b).unwrap();
+        let g = loss.backward().unwrap();
+        opt.step(&tr.params, &g, cfg.lr_at(k)).unwrap();
+    }
+    for (k, v) in tr.vit_tensors() {
+        assert_eq!(
+            afm_lm::testing::max_abs_diff(&v, &vit_before[&k]).unwrap(),
+            0.0,
+            "{k} changed"
+        );
+    }
+    let adapter_after: Vec<f32> = tr
+        .params
+        .get("adapter.proj.weight")
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_ne!(adapter_before, adapter_after);
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_and_export_loads() {
+    let cfg = AdapterTrainConfig::test_tiny();
+    let lm = frozen_lm();
+    let (a, b) = (tmp("a"), tmp("b"));
+    let mut events = vec![];
+    let sa = run(&cfg, &lm, None, &a, None, None, None, &mut |e| {
+        events.push(format!("{e:?}"))
+    })
+    .unwrap();
+    assert_eq!(sa.step, 4);
+    assert_eq!(sa.history.len(), 2);
+    let h = &sa.history[1];
+    assert_eq!(
+        h.per_category.values().map(|c| c.1).sum::<usize>(),
+        cfg.eval_questions
+    );
+    assert!(h.eval_loss.is_finite() && (0.0..=1.0).contains(&h.eval_accuracy));
+    assert!(events.iter().any(|e| e.starts_with("Done")));
+    let sb = run(&cfg, &lm, None, &b, None, None, Some(3), &mut |_| {}).unwrap();
+    assert_eq!(sb.step, 3);
+    assert!(
+        !b.join("afm-tiny").exists(),
+        "export before the run is complete"
+    );
+    let mut resumed = None;
+    let sb = run(&cfg, &lm, None, &b, None, None, None, &mut |e| {
+        if let Event::Resumed { step } = e {
+            resumed = Some(*step)
+        }
+    })
+    .unwrap();
+    assert_eq!(resumed, Some(3));
+    let strip = |h: &[afm_train::adapter_train::EpochReport]| {
+        h.iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.seconds = 0.0;
+                r
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&sa.history), strip(&sb.history));
+    for f in [
+        "afm-tiny/adapter.safetensors",
+        "afm-tiny/vision/model.safetensors",
+    ] {
+        let ta = candle_core::safetensors::load(a.join(f), &Device::Cpu).unwrap();
+        let tb = candle_core::safetensors::load(b.join(f), &Device::Cpu).unwrap();
+        assert_eq!(ta.len(), tb.len());
+        for (k, x) in &ta {
+            assert_eq!(
+                afm_lm::testing::max_abs_diff(x, &tb[k]).unwrap(),
+                0.0,
+                "{f}: {k} differs between the resumed and the uninterrupted run"
+            );
+        }
+    }
+    // the export loads back and computes the training path's image embeddings
+    let (c, vit, adapter) = load_export(&a.join("afm-tiny")).unwrap();
+    assert_eq!(c.tokens_per_image, 4);
+    assert_eq!(c.image_placeholder, "<image>");
+    assert_eq!(c.lm.file, "tiny-random");
+    let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
+    assert_eq!(c.image_placeholder_id, fmt.placeholder_id());
+    let bt = batch(&cfg, &fmt, Split::HeldOut, 0, 2, None).unwrap();
+    let g = c.vision.grid();
+    let got = adapter
+        .forward(
+            &vit.forward(&bt.pixels).unwrap(),
+            (g, g),
+            c.vision.num_registers(),
+        )
+        .unwrap();
+    assert_eq!(got.dims(), &[2, 4, 32]);
+    // the run's own parameters, rebuilt from the checkpoint, give the same embeddings
+    let tr = Trainable::init(&cfg, 32, None).unwrap();
+    afm_train::optim::load_checkpoint(&a.join("checkpoint.safetensors"), &tr.params, cfg.adamw)
+        .unwrap();
+    let want = tr.build(&cfg, 32).unwrap().embed(&bt.pixels).unwrap();
+    let d = afm_lm::testing::max_abs_diff(&got, &want).unwrap();
+    assert!(d < 1e-4, "export vs training path: {d}");
+    // another setting on the same directory is refused, naming the state file
+    let other = AdapterTrainConfig {
+        batch_size: 2,
+        ..cfg.clone()
+    };
+    let e = run(&other, &lm, None, &a, None, None, None, &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("adapter.json"), "{e}");
+}
+
+#[test]
+fn vision_init_from_a_stage1_export_and_bad_settings_are_refused() {
+    // a stage-1 export of the test ViT
+    let pc = afm_train::pretrain::PretrainConfig::test_tiny();
+    let params = afm_train::pretrain::init_params(&pc, 8).unwrap();
+    let d = tmp("stage1");
+    let vdir = afm_train::pretrain::export_vision(&pc, &params, &d).unwrap();
+    let cfg = AdapterTrainConfig::test_tiny();
+    let tr = Trainable::init(&cfg, 32, Some(&vdir)).unwrap();
+    let w = tr
+        .params
+        .get("vision.embeddings.patch_embedding.weight")
+        .unwrap();
+    let want = params
+        .get("vision.embeddings.patch_embedding.weight")
+        .unwrap();
+    assert_eq!(afm_lm::testing::max_abs_diff(w, want).unwrap(), 0.0);
+    // a ViT of another shape is refused, naming the file
+    let mut other = cfg.clone();
+    other.vision.hidden_size = 64;
+    other.vision.intermediate_size = 128;
+    let e = Trainable::init(&other, 32, Some(&vdir))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("config.json"), "{e}");
+    // a pool larger than the patch grid
+    let bad = AdapterTrainConfig {
+        pool: [5, 5],
+        ..cfg.clone()
+    };
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("pool"), "{e}");
+}
