@@ -6,7 +6,9 @@
 //! halves, optional QK-norm after RoPE, SwiGLU, tied or untied output) over a whole sequence
 //! with a causal mask, no cache. Checkpoints with KV-cache sharing or KV quantisation are
 //! refused (their block-2 layers and rounding are inference paths). Weights are plain f32
-//! tensors (GGUF matrices are dequantized): frozen unless the caller builds them from `Var`s.
+//! tensors (GGUF matrices are dequantized) and always frozen: the matrix products pass
+//! gradients back to their input only ([`FrozenLinear`]), so training the LM itself would need
+//! another path.
 
 use crate::config::LmConfig;
 use crate::error::{LmError, Result};
@@ -15,16 +17,16 @@ use candle_core::{DType, Device, Tensor, D};
 
 struct DiffLayer {
     input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
+    q: FrozenLinear,
+    k: FrozenLinear,
+    v: FrozenLinear,
+    o: FrozenLinear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: FrozenLinear,
+    up: FrozenLinear,
+    down: FrozenLinear,
 }
 
 /// A differentiable dense decoder (see the module docs).
@@ -33,10 +35,68 @@ pub struct DiffLm {
     embed: Tensor,
     layers: Vec<DiffLayer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: FrozenLinear,
     /// `(max_len, head_dim / 2)` each.
     cos: Tensor,
     sin: Tensor,
+}
+
+/// `x @ W^T` for a frozen `W`: candle's matmul backward computes the gradient of both
+/// operands, which for frozen weights is pure waste (a third of the LM's backward, and a
+/// 49152 x 576 gradient for the output layer every step). This op passes back `dL/dx` only.
+#[derive(Clone)]
+struct FrozenLinear {
+    /// `(in, out)`, contiguous: the layout candle's matmul runs fastest (transposed once, at
+    /// load).
+    wt: Tensor,
+}
+
+impl FrozenLinear {
+    /// From a PyTorch-layout `(out, in)` matrix.
+    fn new(w: Tensor) -> Result<Self> {
+        Ok(Self {
+            wt: w.t()?.contiguous()?,
+        })
+    }
+
+    /// `x @ W^T`, no weight gradient.
+    ///
+    /// # Shapes
+    /// `x: (rows, in)` -> `(rows, out)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.contiguous()?.apply_op1(self.clone())?)
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = s else {
+            candle_core::bail!("frozen-linear: f32 input expected")
+        };
+        let (rows, inp) = l.shape().dims2()?;
+        let x = match l.contiguous_offsets() {
+            Some((a, b)) => Tensor::from_slice(&v[a..b], (rows, inp), &Device::Cpu)?,
+            None => candle_core::bail!("frozen-linear: contiguous input expected"),
+        };
+        let y = x.matmul(&self.wt)?;
+        let out = y.dim(1)?;
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+            (rows, out).into(),
+        ))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.wt.t()?)?))
+    }
 }
 
 /// `x * rsqrt(mean(x^2) + eps) * w` over the last dim.
@@ -66,12 +126,13 @@ impl DiffLm {
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 let t = |n: &str, s: &[usize]| src.tensor(&format!("{p}.{n}"), s);
+                let m = |n: &str, s: &[usize]| FrozenLinear::new(t(n, s)?);
                 Ok(DiffLayer {
                     input_norm: t("input_layernorm.weight", &[h])?,
-                    q: t("self_attn.q_proj.weight", &[nh * hd, h])?,
-                    k: t("self_attn.k_proj.weight", &[kvh * hd, h])?,
-                    v: t("self_attn.v_proj.weight", &[kvh * hd, h])?,
-                    o: t("self_attn.o_proj.weight", &[h, nh * hd])?,
+                    q: m("self_attn.q_proj.weight", &[nh * hd, h])?,
+                    k: m("self_attn.k_proj.weight", &[kvh * hd, h])?,
+                    v: m("self_attn.v_proj.weight", &[kvh * hd, h])?,
+                    o: m("self_attn.o_proj.weight", &[h, nh * hd])?,
                     q_norm: cfg
                         .qk_norm
                         .then(|| t("self_attn.q_norm.weight", &[hd]))
@@ -81,18 +142,18 @@ impl DiffLm {
                         .then(|| t("self_attn.k_norm.weight", &[hd]))
                         .transpose()?,
                     post_norm: t("post_attention_layernorm.weight", &[h])?,
-                    gate: t("mlp.gate_proj.weight", &[inter, h])?,
-                    up: t("mlp.up_proj.weight", &[inter, h])?,
-                    down: t("mlp.down_proj.weight", &[h, inter])?,
+                    gate: m("mlp.gate_proj.weight", &[inter, h])?,
+                    up: m("mlp.up_proj.weight", &[inter, h])?,
+                    down: m("mlp.down_proj.weight", &[h, inter])?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = src.tensor("model.norm.weight", &[h])?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = FrozenLinear::new(if cfg.tie_word_embeddings {
             embed.clone()
         } else {
             src.tensor("lm_head.weight", &[cfg.vocab_size, h])?
-        };
+        })?;
         let half = hd / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32)
@@ -198,9 +259,8 @@ impl DiffLm {
         let mut x = x.to_dtype(DType::F32)?;
         for l in &self.layers {
             let hn = rms_norm(&x, &l.input_norm, eps)?.reshape((b * t, h))?;
-            let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
-                Ok(hn
-                    .matmul(&w.t()?)?
+            let heads = |w: &FrozenLinear, n: usize| -> Result<Tensor> {
+                Ok(w.forward(&hn)?
                     .reshape((b, t, n, hd))?
                     .transpose(1, 2)?
                     .contiguous()?)
@@ -232,12 +292,12 @@ impl DiffLm {
                 .matmul(&v.contiguous()?)?
                 .transpose(1, 2)?
                 .reshape((b * t, nh * hd))?;
-            let a = a.matmul(&l.o.t()?)?.reshape((b, t, h))?;
+            let a = l.o.forward(&a)?.reshape((b, t, h))?;
             x = (x + a)?;
             let hn = rms_norm(&x, &l.post_norm, eps)?.reshape((b * t, h))?;
-            let g = hn.matmul(&l.gate.t()?)?;
-            let u = hn.matmul(&l.up.t()?)?;
-            let m = (candle_nn::ops::silu(&g)? * u)?.matmul(&l.down.t()?)?;
+            let g = l.gate.forward(&hn)?;
+            let u = l.up.forward(&hn)?;
+            let m = l.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
             x = (x + m.reshape((b, t, h))?)?;
         }
         Ok(x)
@@ -249,7 +309,7 @@ impl DiffLm {
     /// `hidden: (n, hidden) -> (n, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let hn = rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
-        Ok(hn.matmul(&self.lm_head.t()?)?)
+        self.lm_head.forward(&hn)
     }
 
     /// Logits of every position.
