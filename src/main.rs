@@ -35,7 +35,8 @@ struct Cli {
 enum Cmd {
     /// Generate text from a prompt; the answer streams to stdout, figures go to stderr.
     Generate(GenerateArgs),
-    /// Caption images (files or a directory) with a SmolVLM / Idefics3 checkpoint.
+    /// Caption images (files or a directory) with a SmolVLM / Idefics3 checkpoint or an
+    /// afm-tiny export.
     Caption(vlm_cmd::CaptionArgs),
     /// Answer a question about an image; the answer streams to stdout, figures go to stderr.
     Ask(vlm_cmd::AskArgs),

@@ -1,5 +1,14 @@
 //! `afm caption`, `afm ask` and `afm screen`: a SmolVLM / Idefics3 checkpoint directory
-//! (HF layout) over one or many images.
+//! (HF layout) or an afm-tiny export (`<run>/afm-tiny`, written by `afm train adapter`) over
+//! one or many images. The pipeline is picked from the directory's `config.json`
+//! (`model_type` `"afm-tiny"`, else Idefics3).
+//!
+//! * afm-tiny: the language model is the GGUF named in its `config.json` (`lm.file`), looked
+//!   for beside the export (the export directory, then the run directory), then, when it is
+//!   the default SmolLM2 (same sha256), where `afm generate` keeps its default model; `--lm
+//!   FILE` names it instead. Its sha256 must be the one recorded. Every image is one tile
+//!   (no tiling yet), so `--image-max-tokens` only checks that the budget covers that tile
+//!   and says so.
 //!
 //! * `caption IMAGE... | DIR`: one model for the whole batch; `path: caption` lines, or one
 //!   JSON object per image (`--jsonl`), or one JSON array (`--json`). An image that cannot be
@@ -10,8 +19,8 @@
 //!   image's plan (tiles, image tokens, downscale).
 
 use crate::{options, SamplingArgs};
-use afm::fusion::{AskOptions, Idefics3Processor, ImagePlan, Vlm};
-use afm::lm::DeviceModel;
+use afm::fusion::afm_tiny::{self, AfmTinyConfig};
+use afm::fusion::{AfmTiny, AskOptions, Idefics3Processor, ImagePlan, VisionLanguage, Vlm};
 use afm::vision::{load_image, ImageLimits};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -27,17 +36,24 @@ pub(crate) const IMAGE_EXTENSIONS: &[&str] =
 
 const MODEL_REQUIRED: &str = "--model DIR is required until the embedded default model exists; \
      point it at a SmolVLM/Idefics3 checkpoint directory (config.json, model.safetensors, \
-     tokenizer.json, processor config)";
+     tokenizer.json, processor config) or an afm-tiny export (<run>/afm-tiny from `afm train adapter`)";
 
 /// Flags shared by `caption`, `ask` and `screen`.
 #[derive(Args)]
 pub(crate) struct VlmArgs {
     /// A SmolVLM / Idefics3 checkpoint directory in its HF layout (config.json,
-    /// *.safetensors, tokenizer.json, processor config). Required for now.
+    /// *.safetensors, tokenizer.json, processor config), or an afm-tiny export directory
+    /// (`<run>/afm-tiny`). Required for now.
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
+    /// afm-tiny only: the language model GGUF (default: the file named in the export's
+    /// config.json, beside the export, then the default-model location). Its sha256 must be
+    /// the one the export records.
+    #[arg(long, value_name = "FILE")]
+    lm: Option<PathBuf>,
     /// Budget of image tokens per image; a larger image is downscaled in steps of one tile
-    /// (and stderr says so). Default: the checkpoint's full resolution.
+    /// (and stderr says so). Default: the checkpoint's full resolution. afm-tiny spends a
+    /// fixed number per image (one tile): the budget is only checked against it.
     #[arg(long, value_name = "N")]
     image_max_tokens: Option<usize>,
     /// Print each image's plan (tiles, image tokens, downscale) without running the model.
@@ -110,34 +126,122 @@ impl VlmArgs {
         })
     }
 
-    fn load(&self) -> Result<(Vlm<DeviceModel>, f64)> {
+    /// The checkpoint's kind, from its `config.json` (an unreadable or absent config is
+    /// left to the Idefics3 loader, whose errors name the missing files).
+    fn planner(&self) -> Result<Planner> {
         let dir = self.model_dir()?;
-        let t0 = Instant::now();
-        let vlm = Vlm::load_idefics3(dir).with_context(|| {
-            format!("loading the SmolVLM/Idefics3 checkpoint {}", dir.display())
-        })?;
-        Ok((vlm, t0.elapsed().as_secs_f64()))
+        let afm_tiny = afm_tiny::is_afm_tiny(dir).unwrap_or(false);
+        if afm_tiny {
+            let cj = dir.join("config.json");
+            let cfg = AfmTinyConfig::from_file(&cj)
+                .with_context(|| format!("reading the afm-tiny export {}", dir.display()))?;
+            return Ok(Planner::AfmTiny(Box::new(cfg)));
+        }
+        if self.lm.is_some() {
+            bail!(
+                "--lm applies to afm-tiny exports only; {} is a SmolVLM/Idefics3 checkpoint, \
+                 which carries its own language model",
+                dir.display()
+            );
+        }
+        let ctx = || format!("reading the SmolVLM/Idefics3 checkpoint {}", dir.display());
+        Ok(Planner::Idefics3(
+            Idefics3Processor::for_checkpoint(dir).with_context(ctx)?.1,
+        ))
     }
 
-    /// The image processor alone (for `--dry-run`): reads `config.json` and the processor
-    /// config, not the weights.
-    fn processor(&self) -> Result<Idefics3Processor> {
+    /// The language model of an afm-tiny export (module docs).
+    fn afm_tiny_lm(&self, dir: &Path, cfg: &AfmTinyConfig) -> Result<PathBuf> {
+        if let Some(p) = &self.lm {
+            return Ok(p.clone());
+        }
+        let cands = afm_tiny::lm_candidates(dir, cfg);
+        if let Some(p) = cands.iter().find(|p| p.is_file()) {
+            return Ok(p.clone());
+        }
+        if cfg
+            .lm
+            .sha256
+            .eq_ignore_ascii_case(crate::default_model::GGUF_SHA256)
+        {
+            return crate::default_model::locate_or_fetch();
+        }
+        bail!(
+            "the afm-tiny export {} needs the language model `{}` (sha256 {}); not found at {}; \
+             pass --lm FILE",
+            dir.display(),
+            cfg.lm.file,
+            cfg.lm.sha256,
+            cands
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )
+    }
+
+    fn load(&self, planner: &Planner) -> Result<(Box<dyn VisionLanguage>, f64)> {
         let dir = self.model_dir()?;
-        let ctx = || format!("reading the SmolVLM/Idefics3 checkpoint {}", dir.display());
-        Ok(Idefics3Processor::for_checkpoint(dir).with_context(ctx)?.1)
+        let t0 = Instant::now();
+        let vlm: Box<dyn VisionLanguage> = match planner {
+            Planner::AfmTiny(cfg) => {
+                let lm = self.afm_tiny_lm(dir, cfg)?;
+                Box::new(AfmTiny::load(dir, &lm).with_context(|| {
+                    format!(
+                        "loading the afm-tiny export {} with the language model {}",
+                        dir.display(),
+                        lm.display()
+                    )
+                })?)
+            }
+            Planner::Idefics3(_) => Box::new(Vlm::load_idefics3(dir).with_context(|| {
+                format!("loading the SmolVLM/Idefics3 checkpoint {}", dir.display())
+            })?),
+        };
+        Ok((vlm, t0.elapsed().as_secs_f64()))
     }
 }
 
-/// A budget below one tile's tokens fits no image at all: say so once, not per image.
-fn check_budget(budget: Option<usize>, pre: &Idefics3Processor) -> Result<()> {
-    match budget {
-        Some(b) if b < pre.image_seq_len => bail!(
+/// What an image costs, from the configs alone (no weights): `--dry-run` and the budget check.
+enum Planner {
+    Idefics3(Idefics3Processor),
+    AfmTiny(Box<AfmTinyConfig>),
+}
+
+impl Planner {
+    fn plan(&self, w: u32, h: u32, budget: Option<usize>) -> Result<ImagePlan> {
+        Ok(match self {
+            Planner::Idefics3(pre) => pre.plan(w, h, budget)?,
+            Planner::AfmTiny(cfg) => afm_tiny::plan(cfg, w, h, budget)?,
+        })
+    }
+}
+
+/// A budget below one tile's tokens fits no image at all: say so once, not per image. For
+/// afm-tiny, a budget that covers its one tile does not change anything: say that too.
+fn check_budget(budget: Option<usize>, planner: &Planner) -> Result<()> {
+    match (budget, planner) {
+        (Some(b), Planner::Idefics3(pre)) if b < pre.image_seq_len => bail!(
             "--image-max-tokens {b} is below what one image costs at the smallest size \
              ({} tokens: one {}x{} tile)",
             pre.image_seq_len,
             pre.tile,
             pre.tile
         ),
+        (Some(b), Planner::AfmTiny(cfg)) => {
+            let (n, s) = (cfg.tokens_per_image, cfg.image_size);
+            if b < n {
+                bail!(
+                    "--image-max-tokens {b} is below what afm-tiny spends on every image \
+                     ({n} tokens: one {s}x{s} tile)"
+                );
+            }
+            eprintln!(
+                "note: --image-max-tokens does not apply to afm-tiny: every image is one \
+                 {s}x{s} tile of {n} image tokens (tiling is not implemented yet)"
+            );
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -188,9 +292,9 @@ pub(crate) fn collect_images(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 /// The plan of one image file from its header, for `--dry-run`.
-fn plan_file(pre: &Idefics3Processor, path: &Path, budget: Option<usize>) -> Result<ImagePlan> {
+fn plan_file(pre: &Planner, path: &Path, budget: Option<usize>) -> Result<ImagePlan> {
     let (w, h) = afm::vision::image_io::image_size(path)?;
-    Ok(pre.plan(w, h, budget)?)
+    pre.plan(w, h, budget)
 }
 
 /// One image's line of `--jsonl` / element of `--json` (fields in this order; `null` when
@@ -284,7 +388,7 @@ pub(crate) fn cmd_caption(a: CaptionArgs) -> Result<()> {
         Format::Lines
     };
     // everything that can be checked without the model, first
-    c.model_dir()?;
+    let planner = c.planner()?;
     let opts = c.ask_options()?;
     let images = collect_images(&a.images)?;
     let n = images.len();
@@ -293,10 +397,9 @@ pub(crate) fn cmd_caption(a: CaptionArgs) -> Result<()> {
     let mut failed = 0usize;
 
     if c.dry_run {
-        let pre = c.processor()?;
-        check_budget(c.image_max_tokens, &pre)?;
+        check_budget(c.image_max_tokens, &planner)?;
         for p in &images {
-            match plan_file(&pre, p, c.image_max_tokens) {
+            match plan_file(&planner, p, c.image_max_tokens) {
                 Ok(plan) => {
                     let line = format!("{}: {}", p.display(), plan.describe());
                     emit(
@@ -317,8 +420,8 @@ pub(crate) fn cmd_caption(a: CaptionArgs) -> Result<()> {
         return finish(fmt, &mut out, &all, failed, n);
     }
 
-    let (vlm, load_secs) = c.load()?;
-    check_budget(c.image_max_tokens, vlm.processor())?;
+    check_budget(c.image_max_tokens, &planner)?;
+    let (vlm, load_secs) = c.load(&planner)?;
     let bar = if n > 1 {
         let b = ProgressBar::new(n as u64);
         b.set_style(
@@ -407,21 +510,20 @@ fn finish(
 
 /// `ask` and `screen`: one image, the answer streamed to stdout.
 fn answer(c: &VlmArgs, image: &Path, question: Option<&str>) -> Result<()> {
-    c.model_dir()?;
+    let planner = c.planner()?;
     let opts = c.ask_options()?;
     let mut out = std::io::stdout().lock();
     if c.dry_run {
-        let pre = c.processor()?;
-        check_budget(c.image_max_tokens, &pre)?;
-        let plan = plan_file(&pre, image, c.image_max_tokens)
+        check_budget(c.image_max_tokens, &planner)?;
+        let plan = plan_file(&planner, image, c.image_max_tokens)
             .map_err(|e| anyhow!(with_path(image, &e)))?;
         writeln!(out, "{}: {}", image.display(), plan.describe())?;
         return Ok(());
     }
     // a bad image fails before the (slow) model load
     let img = load_image(image, &ImageLimits::default())?;
-    let (vlm, load_secs) = c.load()?;
-    check_budget(c.image_max_tokens, vlm.processor())?;
+    check_budget(c.image_max_tokens, &planner)?;
+    let (vlm, load_secs) = c.load(&planner)?;
     let plan = vlm
         .plan(img.width(), img.height(), opts.max_image_tokens)
         .map_err(|e| anyhow!(with_path(image, &anyhow::Error::from(e))))?;

@@ -397,3 +397,151 @@ fn bad_input_is_a_one_line_error_naming_the_path() {
     assert_clean_failure(&out, &[s(&w)]);
     std::fs::remove_dir_all(&d).ok();
 }
+
+mod common;
+
+/// An afm-tiny export (random test-tiny ViT and adapter, `<empty_output>` placeholder) written
+/// by the trainer's `export` against the real SmolLM2 (`None`: the GGUF is absent, skipped).
+fn afm_tiny_export(name: &str) -> Option<(PathBuf, PathBuf)> {
+    use afm_train::adapter_train::{export, AdapterTrainConfig, FrozenLm, Trainable};
+    let gguf = common::smollm2_gguf()?;
+    let lm = FrozenLm::from_gguf(&gguf).unwrap();
+    let cfg = AdapterTrainConfig {
+        image_placeholder: "<empty_output>".into(),
+        ..AdapterTrainConfig::test_tiny()
+    };
+    let tr = Trainable::init(&cfg, lm.hidden_size(), None).unwrap();
+    let fmt = afm_train::prompt::PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
+    let d = std::env::temp_dir().join(format!("afm-cli-tiny-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let out = export(&cfg, &tr, &lm, &fmt, &d).unwrap();
+    Some((out, gguf))
+}
+
+/// `afm SUB --model EXPORT --max-tokens 4 ARGS...`, the default model named by
+/// `AFM_SMOLLM2_GGUF` (the export records SmolLM2's sha256, so the CLI looks there).
+fn run_tiny(export: &Path, gguf: &Path, sub: &str, args: &[&str]) -> Output {
+    afm()
+        .env("AFM_SMOLLM2_GGUF", gguf)
+        .env("AFM_HOME", export.join("no-cache"))
+        .arg(sub)
+        .arg("--model")
+        .arg(export)
+        .args(["--max-tokens", "4"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn afm_tiny_export_captions_asks_and_describes() {
+    let Some((export, gguf)) = afm_tiny_export("run") else {
+        return;
+    };
+    let img = fixture().join("sample.png");
+    // caption: one `path: caption` line
+    let out = run_tiny(&export, &gguf, "caption", &[s(&img)]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(
+        lines[0].starts_with(&format!("{}: ", img.display())),
+        "{stdout}"
+    );
+    assert!(
+        lines[0].len() > img.display().to_string().len() + 2,
+        "{stdout}"
+    );
+    assert!(err.contains("1 of 1 image(s) captioned"), "{err}");
+    // --json: one tile of 4 image tokens, a caption
+    let out = run_tiny(&export, &gguf, "caption", &["--json", s(&img)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v.as_array().unwrap()[0];
+    assert_eq!(r["image_tokens"], 4);
+    assert_eq!(r["tiles"], 1);
+    assert!(r["caption"].is_string(), "{r}");
+    assert!(r["generated_tokens"].as_u64().unwrap() >= 1, "{r}");
+    assert!(r["prompt_tokens"].as_u64().unwrap() > 4, "{r}");
+    // ask streams an answer, figures on stderr
+    let out = run_tiny(
+        &export,
+        &gguf,
+        "ask",
+        &[s(&img), "What colour is the circle?"],
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!text(&out.stdout).trim().is_empty());
+    assert!(
+        err.contains("= 4 image tokens") && err.contains("decode"),
+        "{err}"
+    );
+    // screen
+    let out = run_tiny(&export, &gguf, "screen", &[s(&img)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // the image-token budget: below the fixed tile is an error, above it a note
+    let out = run_tiny(
+        &export,
+        &gguf,
+        "caption",
+        &["--image-max-tokens", "2", s(&img)],
+    );
+    assert_clean_failure(&out, &["--image-max-tokens 2", "afm-tiny", "4 tokens"]);
+    let out = run_tiny(
+        &export,
+        &gguf,
+        "caption",
+        &["--image-max-tokens", "64", s(&img)],
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("does not apply to afm-tiny"), "{err}");
+    // dry run: the plan from the config alone
+    let out = run_tiny(&export, &gguf, "caption", &["--dry-run", s(&img)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("1 tile"),
+        "{}",
+        text(&out.stdout)
+    );
+    // --lm names the model explicitly
+    let out = run_tiny(&export, &gguf, "caption", &["--lm", s(&gguf), s(&img)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(export.parent().unwrap()).unwrap();
+}
+
+#[test]
+fn afm_tiny_wrong_or_missing_parts_are_one_line_errors() {
+    let Some((export, gguf)) = afm_tiny_export("errors") else {
+        return;
+    };
+    let img = fixture().join("sample.png");
+    let cj = export.join("config.json");
+    let good = std::fs::read_to_string(&cj).unwrap();
+    let mut v: Value = serde_json::from_str(&good).unwrap();
+    // another sha256 than the file's: the named model is refused
+    v["lm"]["sha256"] = "00".repeat(32).into();
+    std::fs::write(&cj, v.to_string()).unwrap();
+    let out = run_tiny(&export, &gguf, "caption", &["--lm", s(&gguf), s(&img)]);
+    assert_clean_failure(
+        &out,
+        &["sha256", "trained against", "SmolLM2-135M-Instruct"],
+    );
+    // a language model that is nowhere: says where it looked and what to pass
+    v["lm"]["file"] = "missing-lm.gguf".into();
+    std::fs::write(&cj, v.to_string()).unwrap();
+    let out = run_tiny(&export, &gguf, "ask", &[s(&img), "what?"]);
+    assert_clean_failure(&out, &["missing-lm.gguf", "not found", "--lm"]);
+    // a missing adapter file
+    std::fs::write(&cj, &good).unwrap();
+    std::fs::remove_file(export.join("adapter.safetensors")).unwrap();
+    let out = run_tiny(&export, &gguf, "caption", &[s(&img)]);
+    assert_clean_failure(&out, &["adapter.safetensors"]);
+    // --lm does not apply to a SmolVLM checkpoint
+    let out = run("caption", &["--lm", s(&gguf), s(&img)]);
+    assert_clean_failure(&out, &["--lm applies to afm-tiny"]);
+    std::fs::remove_dir_all(export.parent().unwrap()).unwrap();
+}

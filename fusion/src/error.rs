@@ -39,6 +39,8 @@ pub enum FusionError {
         placeholders: usize,
         embeddings: usize,
     },
+    #[error("{path}: not the language model this afm-tiny export was trained against: {reason}")]
+    LmMismatch { path: PathBuf, reason: String },
     #[error("invalid argument: {0}")]
     Invalid(String),
 }

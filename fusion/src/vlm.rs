@@ -554,6 +554,71 @@ impl<M: LanguageModel> Vlm<M> {
     }
 }
 
+/// The calls the CLI makes, over either pipeline: [`Vlm`] (SmolVLM / Idefics3 checkpoints)
+/// and [`crate::afm_tiny::AfmTiny`] (the afm-tiny export).
+pub trait VisionLanguage {
+    /// `"idefics3"` or `"afm-tiny"`.
+    fn model_type(&self) -> &str;
+    /// What an image of `w x h` will cost under a budget, without running anything.
+    fn plan(&self, w: u32, h: u32, max_image_tokens: Option<usize>) -> Result<ImagePlan>;
+    /// Answers a question about an image, streaming the answer to `on_text`.
+    fn ask(
+        &self,
+        img: &RgbImage,
+        question: &str,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer>;
+    /// A caption of an image.
+    fn caption(
+        &self,
+        img: &RgbImage,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer>;
+    /// A description of a screenshot.
+    fn describe_screen(
+        &self,
+        img: &RgbImage,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer>;
+}
+
+impl<M: LanguageModel> VisionLanguage for Vlm<M> {
+    fn model_type(&self) -> &str {
+        "idefics3"
+    }
+    fn plan(&self, w: u32, h: u32, max_image_tokens: Option<usize>) -> Result<ImagePlan> {
+        Vlm::plan(self, w, h, max_image_tokens)
+    }
+    fn ask(
+        &self,
+        img: &RgbImage,
+        question: &str,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        Vlm::ask(self, img, question, opts, on_text)
+    }
+    fn caption(
+        &self,
+        img: &RgbImage,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        Vlm::caption(self, img, opts, on_text)
+    }
+    fn describe_screen(
+        &self,
+        img: &RgbImage,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        Vlm::describe_screen(self, img, opts, on_text)
+    }
+}
+
 /// Text embeddings of `ids` with the rows of `image` put at the positions of `image_token`.
 ///
 /// # Shapes

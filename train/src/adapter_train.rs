@@ -37,7 +37,8 @@
 //! per-epoch history), `checkpoint.safetensors` (trainable parameters and AdamW moments), as
 //! in [`crate::runloop`]; on completion the export `afm-tiny/`:
 //!
-//! * `afm-tiny/config.json` ([`AfmTinyConfig`]): `model_type` = `"afm-tiny"`, `vision` (the
+//! * `afm-tiny/config.json` ([`AfmTinyConfig`], defined in [`afm_fusion::afm_tiny`], whose
+//!   docs describe the export and its inference): `model_type` = `"afm-tiny"`, `vision` (the
 //!   ViT's [`VisionConfig`]), `adapter` ([`AfmAdapterConfig`]), `lm` ([`LmInfo`]: file name,
 //!   sha256, hidden size and vocabulary size of the GGUF it was trained against),
 //!   `image_placeholder` (token text) and `image_placeholder_id`, `tokens_per_image`,
@@ -47,7 +48,8 @@
 //! * `afm-tiny/adapter.safetensors`: tensors `adapter.*` as [`afm_fusion::AfmAdapter::load`]
 //!   reads them.
 //!
-//! [`load_export`] reads the three back.
+//! [`load_export`] reads the three back; `afm_fusion::AfmTiny` runs them (`afm caption
+//! --model <run>/afm-tiny`).
 
 use crate::easy_vqa::EasyVqa;
 use crate::optim::AdamWConfig;
@@ -56,6 +58,9 @@ use crate::pretrain::{example, init_params, pixels, PretrainConfig, Result, Trai
 use crate::prompt::{Example, PromptFormat, CAPTION_PROMPT, IMAGE_PLACEHOLDER};
 use crate::runloop::{io, run_loop, write_json_atomic, EpochEnd, LoopSpec, StepLoss};
 use crate::{QaCategory, Sample, Split};
+/// The export's config, its reader and the LM record live in afm-fusion (inference reads what
+/// training writes: one definition).
+pub use afm_fusion::afm_tiny::{load_export, sha256_file, AfmTinyConfig, LmInfo};
 use afm_fusion::{Adapter, AfmAdapter, AfmAdapterConfig};
 use afm_lm::diff_model::DiffLm;
 use afm_lm::Tokenizer;
@@ -201,40 +206,11 @@ impl AdapterTrainConfig {
     }
 }
 
-/// The language model an adapter is trained against (recorded in the run state and the
-/// export).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LmInfo {
-    /// File name (no directory), e.g. `SmolLM2-135M-Instruct.Q4_1.gguf`.
-    pub file: String,
-    /// sha256 of the file, hex.
-    pub sha256: String,
-    pub hidden_size: usize,
-    pub vocab_size: usize,
-}
-
 /// The frozen language model: the differentiable decoder and its tokenizer.
 pub struct FrozenLm {
     pub model: DiffLm,
     pub tokenizer: Tokenizer,
     pub info: LmInfo,
-}
-
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl FrozenLm {
@@ -884,22 +860,6 @@ pub fn step_loss(
     sequence_loss(&lm.model, &b.examples, fmt.placeholder_id(), &img)
 }
 
-/// `afm-tiny/config.json` (module docs).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AfmTinyConfig {
-    pub model_type: String,
-    pub vision: VisionConfig,
-    pub adapter: AfmAdapterConfig,
-    pub lm: LmInfo,
-    pub image_placeholder: String,
-    pub image_placeholder_id: u32,
-    pub tokens_per_image: usize,
-    pub image_size: usize,
-    pub image_mean: f32,
-    pub image_std: f32,
-    pub caption_prompt: String,
-}
-
 /// Writes `dir/afm-tiny/` (module docs) and returns its path.
 pub fn export(
     cfg: &AdapterTrainConfig,
@@ -940,27 +900,4 @@ pub fn export(
     };
     write_json_atomic(&out.join("config.json"), &c)?;
     Ok(out)
-}
-
-/// Reads an `afm-tiny/` export: its config, the ViT and the adapter (fast kernels on).
-pub fn load_export(dir: &Path) -> Result<(AfmTinyConfig, VisionEncoder, AfmAdapter)> {
-    let cj = dir.join("config.json");
-    let text = std::fs::read_to_string(&cj).map_err(io(&cj))?;
-    let c: AfmTinyConfig = serde_json::from_str(&text)
-        .map_err(|e| TrainError::Invalid(format!("{}: {e}", cj.display())))?;
-    if c.model_type != "afm-tiny" {
-        return Err(TrainError::Invalid(format!(
-            "{}: model_type is `{}`, not `afm-tiny`",
-            cj.display(),
-            c.model_type
-        )));
-    }
-    let vit = VisionEncoder::load(&dir.join("vision"))?;
-    let af = dir.join("adapter.safetensors");
-    let bytes = std::fs::read(&af).map_err(io(&af))?;
-    let t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| TrainError::Invalid(format!("{}: {e}", af.display())))?;
-    let adapter = AfmAdapter::load(t, c.adapter.clone())
-        .map_err(|e| TrainError::Invalid(format!("{}: {e}", af.display())))?;
-    Ok((c, vit, adapter))
 }

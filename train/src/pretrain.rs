@@ -59,6 +59,8 @@ pub enum TrainError {
     Data(#[from] crate::DataError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Fusion(#[from] afm_fusion::FusionError),
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;

@@ -1,0 +1,184 @@
+//! The `afm-tiny` prompt format: how an image and a question become the token sequence the
+//! frozen language model reads, in training (`afm_train::adapter_train`) and at inference ([`crate::afm_tiny`]).
+//! It lives here, in afm-fusion, so that inference does not depend on the training crate;
+//! `afm_train::prompt` re-exports it.
+//!
+//! # Format
+//! The language model's own chat template (SmolLM2's ChatML, rendered by
+//! [`afm_lm::chat::render_chat`] with the tokenizer from the GGUF) over one user message,
+//! with the generation prompt:
+//!
+//! ```text
+//! <|im_start|>system
+//! You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+//! <|im_start|>user
+//! {P}{P}...{P}
+//! {question}<|im_end|>
+//! <|im_start|>assistant
+//! ```
+//!
+//! (the system turn is the one SmolLM2's template inserts by itself when the chat has none).
+//! The user message is `N` copies of the image placeholder `{P}` followed by `\n` and the
+//! question; `N` is the number of image embeddings (tokens per image, e.g. 36 for a 6x6
+//! pool). The placeholder is [`IMAGE_PLACEHOLDER`] = `<empty_output>`, a special token of
+//! SmolLM2's vocabulary (id 16, a marker of its code pre-training data) that the chat never
+//! produces; its embedding is replaced by the image embeddings, in order, so its own value
+//! never matters. It is configurable (tests use the tiny fixture tokenizer's `<image>`); it
+//! must be one token of the vocabulary, else [`PromptFormat::new`] fails naming it. After
+//! tokenizing, the number of placeholder tokens must equal `N` (a question containing the
+//! placeholder text is an error, not a silent shift of the image).
+//!
+//! A caption is asked for with the question [`CAPTION_PROMPT`] (`Describe the image.`).
+//!
+//! # Training sequences
+//! `ids = encode(prompt) ++ encode(answer) ++ [<|im_end|>]`: the answer is tokenized on its
+//! own (no BOS), exactly the tokens a greedy decoder emits after the prompt, followed by the
+//! template's end-of-turn token. The loss is the cross-entropy of predicting each answer
+//! token and the end-of-turn token (position `k - 1` predicts token `k`); the prompt,
+//! placeholders included, carries no loss.
+//!
+//! # Inference
+//! Encode the prompt, splice the image embeddings over the placeholders
+//! ([`crate::vlm::splice`]), decode until the end-of-turn token ([`crate::afm_tiny::AfmTiny`]).
+//! One image is one tile: the whole image resized to the encoder's size, as in training
+//! (no high-resolution tiling yet).
+
+use crate::error::{FusionError, Result};
+use afm_lm::chat::{render_chat, Message};
+use afm_lm::Tokenizer;
+
+/// The image placeholder of `afm-tiny` (a special token of SmolLM2's vocabulary).
+pub const IMAGE_PLACEHOLDER: &str = "<empty_output>";
+
+/// The question that asks for a caption.
+pub const CAPTION_PROMPT: &str = "Describe the image.";
+
+/// One training (or evaluation) sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    /// Prompt, answer and end-of-turn token ids.
+    pub ids: Vec<u32>,
+    /// Length of the prompt: `ids[prompt_len..]` are the target tokens (answer + end of turn).
+    pub prompt_len: usize,
+}
+
+impl Example {
+    /// `true` for the tokens that carry loss (answer and end of turn).
+    pub fn loss_mask(&self) -> Vec<bool> {
+        (0..self.ids.len()).map(|i| i >= self.prompt_len).collect()
+    }
+
+    /// The target tokens.
+    pub fn targets(&self) -> &[u32] {
+        &self.ids[self.prompt_len..]
+    }
+}
+
+/// The prompt format over one tokenizer (module docs).
+pub struct PromptFormat<'a> {
+    tok: &'a Tokenizer,
+    placeholder: String,
+    placeholder_id: u32,
+    end_of_turn: u32,
+}
+
+impl<'a> PromptFormat<'a> {
+    /// Checks that `placeholder` is one token of the vocabulary, that the tokenizer has a
+    /// chat template and that the template has an end-of-turn token.
+    pub fn new(tok: &'a Tokenizer, placeholder: &str) -> Result<Self> {
+        let placeholder_id = tok.token_to_id(placeholder).ok_or_else(|| {
+            FusionError::Invalid(format!(
+                "the image placeholder `{placeholder}` is not a token of the language model's vocabulary; pick one of its special tokens"
+            ))
+        })?;
+        let enc = tok
+            .inner()
+            .encode(placeholder, false)
+            .map_err(|e| FusionError::Invalid(format!("tokenizing `{placeholder}`: {e}")))?;
+        if enc.get_ids() != [placeholder_id] {
+            return Err(FusionError::Invalid(format!(
+                "the image placeholder `{placeholder}` does not tokenize to the single token {placeholder_id} (got {:?}); pick a special token",
+                enc.get_ids()
+            )));
+        }
+        if tok.chat_template().is_none() {
+            return Err(FusionError::Invalid(
+                "the language model's tokenizer has no chat template".into(),
+            ));
+        }
+        let end_of_turn = *afm_lm::chat::end_of_turn_ids(tok).first().ok_or_else(|| {
+            FusionError::Invalid(
+                "the chat template has no end-of-turn token (<|im_end|> or similar)".into(),
+            )
+        })?;
+        Ok(Self {
+            tok,
+            placeholder: placeholder.to_string(),
+            placeholder_id,
+            end_of_turn,
+        })
+    }
+
+    pub fn placeholder_id(&self) -> u32 {
+        self.placeholder_id
+    }
+
+    pub fn end_of_turn_id(&self) -> u32 {
+        self.end_of_turn
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        self.tok
+    }
+
+    /// The rendered prompt text for `question` over an image of `image_tokens` embeddings.
+    pub fn prompt_text(&self, question: &str, image_tokens: usize) -> Result<String> {
+        let user = format!("{}\n{question}", self.placeholder.repeat(image_tokens));
+        Ok(render_chat(self.tok, &[Message::user(user)])?)
+    }
+
+    /// The prompt's token ids; exactly `image_tokens` of them are the placeholder.
+    pub fn prompt_ids(&self, question: &str, image_tokens: usize) -> Result<Vec<u32>> {
+        if image_tokens == 0 {
+            return Err(FusionError::Invalid(
+                "an image must have at least one embedding".into(),
+            ));
+        }
+        let ids = self
+            .tok
+            .encode(&self.prompt_text(question, image_tokens)?)?;
+        self.check_placeholders(&ids, image_tokens)?;
+        Ok(ids)
+    }
+
+    /// Errors unless `ids` hold exactly `image_tokens` placeholders.
+    pub fn check_placeholders(&self, ids: &[u32], image_tokens: usize) -> Result<()> {
+        let n = ids.iter().filter(|&&i| i == self.placeholder_id).count();
+        if n != image_tokens {
+            return Err(FusionError::Invalid(format!(
+                "the sequence holds {n} image placeholders `{}` but the image has {image_tokens} embeddings (does the text contain the placeholder?)",
+                self.placeholder
+            )));
+        }
+        Ok(())
+    }
+
+    /// A training sequence: prompt, answer, end of turn (module docs).
+    pub fn example(&self, question: &str, answer: &str, image_tokens: usize) -> Result<Example> {
+        let mut ids = self.prompt_ids(question, image_tokens)?;
+        let prompt_len = ids.len();
+        let ans =
+            self.tok.inner().encode(answer, false).map_err(|e| {
+                FusionError::Invalid(format!("tokenizing the answer `{answer}`: {e}"))
+            })?;
+        if ans.get_ids().is_empty() {
+            return Err(FusionError::Invalid(format!(
+                "the answer to `{question}` is empty"
+            )));
+        }
+        ids.extend_from_slice(ans.get_ids());
+        ids.push(self.end_of_turn);
+        self.check_placeholders(&ids, image_tokens)?;
+        Ok(Example { ids, prompt_len })
+    }
+}

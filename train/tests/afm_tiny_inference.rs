@@ -1,0 +1,289 @@
+//! The afm-tiny inference pipeline (`afm_fusion::AfmTiny`) over an export written by the
+//! stage-2 trainer (tiny random LM, the tiny fixture tokenizer): its first-token logits equal
+//! the training path's (DiffLm over the spliced embeddings) and its greedy answers equal the
+//! training evaluation's greedy answers; bad exports and wrong language models are refused
+//! with errors naming the problem.
+
+use afm_fusion::afm_tiny::{load_export, verify_lm, AfmTinyConfig};
+use afm_fusion::{AfmTiny, AskOptions};
+use afm_lm::diff_model::DiffLm;
+use afm_lm::weights::WeightSource;
+use afm_lm::{DeviceModel, GenerateOptions, LmConfig, Tokenizer};
+use afm_train::adapter_train::{
+    greedy, input_embeddings, pick, run, AdapterTrainConfig, FrozenLm, Trainable,
+};
+use afm_train::pretrain::{example, pixels};
+use afm_train::prompt::PromptFormat;
+use afm_train::Split;
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("afm-tiny-inf-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn tokenizer() -> Tokenizer {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_tiny_idefics3");
+    let mut tok = Tokenizer::from_dir(&dir).unwrap();
+    tok.set_chat_template(Some(CHATML.into()));
+    tok
+}
+
+fn lm_config() -> LmConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "tie_word_embeddings": true
+    }))
+    .unwrap()
+}
+
+fn lm_tensors() -> HashMap<String, Tensor> {
+    let mut t = afm_lm::random::random_tensors(&lm_config(), 7).unwrap();
+    let e = t.remove("model.embed_tokens.weight").unwrap();
+    t.insert("model.embed_tokens.weight".into(), (e * 0.1).unwrap());
+    t
+}
+
+fn frozen_lm() -> FrozenLm {
+    let model =
+        DiffLm::from_source(&WeightSource::from_tensors(lm_tensors()), lm_config()).unwrap();
+    FrozenLm::new(model, tokenizer(), "tiny-random.gguf", "0")
+}
+
+/// The inference model: the same weights behind the fast on-device implementation.
+fn device_lm() -> DeviceModel {
+    DeviceModel::from_source(&WeightSource::from_tensors(lm_tensors()), lm_config()).unwrap()
+}
+
+/// A complete test-tiny run (4 steps) and its export.
+fn trained(name: &str) -> (AdapterTrainConfig, FrozenLm, PathBuf) {
+    let cfg = AdapterTrainConfig::test_tiny();
+    let lm = frozen_lm();
+    let dir = tmp(name);
+    let st = run(&cfg, &lm, None, &dir, None, None, None, &mut |_| {}).unwrap();
+    assert_eq!(st.step, cfg.total_steps());
+    (cfg, lm, dir)
+}
+
+fn pipeline(export: &Path) -> AfmTiny<DeviceModel> {
+    let (c, vit, adapter) = load_export(export).unwrap();
+    AfmTiny::new(c, vit, adapter, device_lm(), tokenizer()).unwrap()
+}
+
+#[test]
+fn inference_matches_the_training_path() {
+    let (cfg, lm, dir) = trained("parity");
+    let export = dir.join("afm-tiny");
+    let tiny = pipeline(&export);
+    // the training side, rebuilt from the run's checkpoint (differentiable ops)
+    let tr = Trainable::init(&cfg, 32, None).unwrap();
+    afm_train::optim::load_checkpoint(&dir.join("checkpoint.safetensors"), &tr.params, cfg.adamw)
+        .unwrap();
+    let side = tr.build(&cfg, 32).unwrap();
+    let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
+    let max_new = 8;
+    let mut worst = 0f32;
+    let mut generated = 0;
+    for j in 0..4u64 {
+        let s = example(j, Split::HeldOut, None).unwrap();
+        let (q, _, _) = pick(&s, j, false).unwrap();
+        let prompt = fmt.prompt_ids(&q, cfg.tokens_per_image()).unwrap();
+        let img = side
+            .embed(
+                &pixels(&s, cfg.vision.image_size)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap()
+            .detach();
+        // training path: DiffLm over the spliced embeddings, last position
+        let x = input_embeddings(&lm.model, &[&prompt], fmt.placeholder_id(), &img).unwrap();
+        let t = prompt.len();
+        let hs = lm.model.hidden_states(&x).unwrap().get(0).unwrap();
+        let want: Vec<f32> = lm
+            .model
+            .logits(&hs.narrow(0, t - 1, 1).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want_ids = greedy(
+            &lm.model,
+            std::slice::from_ref(&prompt),
+            fmt.placeholder_id(),
+            &img,
+            max_new,
+            fmt.end_of_turn_id(),
+        )
+        .unwrap()
+        .remove(0);
+        // inference path: the export through AfmTiny, greedy
+        let opts = AskOptions {
+            generate: GenerateOptions {
+                max_new_tokens: max_new,
+                ..Default::default()
+            },
+            max_image_tokens: None,
+        };
+        let mut streamed = String::new();
+        let ans = tiny
+            .ask(&s.image, &q, &opts, &mut |p| {
+                streamed.push_str(p);
+                true
+            })
+            .unwrap();
+        assert_eq!(ans.prompt_tokens, t);
+        assert_eq!(ans.plan.image_tokens, 4);
+        let got = &ans.generation.first_logits;
+        assert_eq!(got.len(), want.len());
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        worst = worst.max(d);
+        generated += want_ids.len();
+        assert!(d < 1e-3, "question {j}: first-token logits differ by {d}");
+        assert_eq!(
+            ans.generation.ids, want_ids,
+            "question {j} `{q}`: greedy answers differ"
+        );
+        assert_eq!(
+            ans.generation.text,
+            lm.tokenizer.decode(&want_ids, true).unwrap()
+        );
+        assert_eq!(streamed, ans.generation.text);
+    }
+    assert!(
+        generated > 0,
+        "every greedy answer was empty: nothing compared"
+    );
+    println!("afm-tiny inference vs training path: max |first-token logit diff| = {worst:e}");
+    // caption and describe_screen use the export's caption prompt
+    let s = example(0, Split::HeldOut, None).unwrap();
+    let opts = AskOptions {
+        generate: GenerateOptions {
+            max_new_tokens: 3,
+            ..Default::default()
+        },
+        max_image_tokens: None,
+    };
+    let c = tiny.caption(&s.image, &opts, &mut |_| true).unwrap();
+    let a = tiny
+        .ask(&s.image, &tiny.config().caption_prompt, &opts, &mut |_| {
+            true
+        })
+        .unwrap();
+    assert_eq!(c.generation.ids, a.generation.ids);
+    let sc = tiny
+        .describe_screen(&s.image, &opts, &mut |_| true)
+        .unwrap();
+    assert_eq!(sc.generation.ids, a.generation.ids);
+    // a budget below the fixed 4 image tokens is refused; one at or above is met
+    let e = tiny
+        .ask(
+            &s.image,
+            "x",
+            &AskOptions {
+                max_image_tokens: Some(3),
+                ..opts.clone()
+            },
+            &mut |_| true,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("budget of 3") && e.contains("4 tokens"), "{e}");
+    assert!(tiny.plan(640, 480, Some(4)).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_exports_and_wrong_language_models_are_refused_by_name() {
+    let (_cfg, _lm, dir) = trained("errors");
+    let export = dir.join("afm-tiny");
+    let cj = export.join("config.json");
+    let good: AfmTinyConfig = serde_json::from_str(&std::fs::read_to_string(&cj).unwrap()).unwrap();
+    assert!(afm_fusion::afm_tiny::is_afm_tiny(&export).unwrap());
+
+    // a language model file whose sha256 is not the recorded one
+    let lm_file = dir.join("tiny-random.gguf");
+    std::fs::write(&lm_file, b"not the model").unwrap();
+    let e = verify_lm(&lm_file, &good.lm).unwrap_err().to_string();
+    assert!(
+        e.contains("tiny-random.gguf") && e.contains("sha256") && e.contains("trained against"),
+        "{e}"
+    );
+    let e = AfmTiny::load(&export, &lm_file).err().unwrap().to_string();
+    assert!(e.contains("sha256"), "{e}");
+    // a missing language model
+    let e = AfmTiny::load(&export, &dir.join("nope.gguf"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("nope.gguf") && e.contains("tiny-random.gguf"),
+        "{e}"
+    );
+    // it is looked for beside the export and in the run directory
+    let cands = afm_fusion::afm_tiny::lm_candidates(&export, &good);
+    assert_eq!(
+        cands,
+        vec![export.join("tiny-random.gguf"), lm_file.clone()]
+    );
+
+    // the wrong language model behind the pipeline (width / vocabulary)
+    let (c, vit, adapter) = load_export(&export).unwrap();
+    let mut other = good.clone();
+    other.lm.vocab_size = 1000;
+    let e = AfmTiny::new(other, vit, adapter, device_lm(), tokenizer())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("1000 tokens"), "{e}");
+    // a placeholder id that is not the tokenizer's
+    let (_, vit, adapter) = load_export(&export).unwrap();
+    let mut other = c.clone();
+    other.image_placeholder_id += 1;
+    let e = AfmTiny::new(other, vit, adapter, device_lm(), tokenizer())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("image_placeholder_id"), "{e}");
+    // an inconsistent config: tokens_per_image vs the adapter's pool
+    let mut bad = good.clone();
+    bad.tokens_per_image = 5;
+    std::fs::write(&cj, serde_json::to_string(&bad).unwrap()).unwrap();
+    let e = load_export(&export).err().unwrap().to_string();
+    assert!(
+        e.contains("tokens_per_image 5") && e.contains("config.json"),
+        "{e}"
+    );
+    std::fs::write(&cj, serde_json::to_string(&good).unwrap()).unwrap();
+    // a missing adapter file
+    std::fs::rename(
+        export.join("adapter.safetensors"),
+        dir.join("adapter.safetensors"),
+    )
+    .unwrap();
+    let e = load_export(&export).err().unwrap().to_string();
+    assert!(e.contains("adapter.safetensors"), "{e}");
+    std::fs::rename(
+        dir.join("adapter.safetensors"),
+        export.join("adapter.safetensors"),
+    )
+    .unwrap();
+    // a missing vision directory
+    std::fs::rename(export.join("vision"), dir.join("vision")).unwrap();
+    let e = load_export(&export).err().unwrap().to_string();
+    assert!(e.contains("vision"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
