@@ -22,104 +22,132 @@ pub enum TrainCmd {
     Adapter(AdapterArgs),
 }
 
+/// The flags every training stage has.
 #[derive(Args)]
-pub struct AdapterArgs {
-    /// Run directory: checkpoints, `adapter.json` (settings, history) and, at the end,
-    /// `afm-tiny/` (ViT, adapter, config.json). An existing run there is resumed.
+pub struct RunArgs {
+    /// Run directory: checkpoints, the run's JSON file (settings, history) and, at the end,
+    /// the export. An existing run there is resumed.
     #[arg(long)]
     pub out: PathBuf,
-    /// Settings: `afm-tiny` or `test-tiny`; or an `adapter.json` / config JSON file.
+    /// Settings: a preset (`afm-tiny`, `test-tiny`) or a config JSON file (a run's own JSON
+    /// file works too).
     #[arg(long, default_value = "afm-tiny")]
     pub config: String,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub steps_per_epoch: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Stop after this many steps in all (resume later with the same command).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// The frozen language model (its tokenizer and embeddings for stage 1, the whole model
+    /// for stage 2; default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    pub lm: Option<PathBuf>,
+    /// Leave easy-VQA out even when `models/easy-vqa` holds it.
+    #[arg(long)]
+    pub no_easy_vqa: bool,
+}
+
+impl RunArgs {
+    /// The preset named by `--config`, or the config read from that file (at `inner`, a JSON
+    /// pointer, when the file is a run's own JSON), with the common overrides applied.
+    fn settings<T: serde::de::DeserializeOwned>(
+        &self,
+        presets: &[(&str, fn() -> T)],
+        inner: &str,
+        what: &str,
+        schedule: impl FnOnce(&mut T) -> (&mut usize, &mut usize, &mut usize, &mut f64),
+    ) -> Result<T> {
+        let mut c = match presets.iter().find(|(n, _)| *n == self.config) {
+            Some((_, make)) => make(),
+            None => {
+                let path = &self.config;
+                let names: Vec<&str> = presets.iter().map(|(n, _)| *n).collect();
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!(
+                        "--config {path}: not a preset ({}) nor a readable file",
+                        names.join(", ")
+                    )
+                })?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("{path}: not JSON"))?;
+                let v = v.pointer(inner).cloned().unwrap_or(v);
+                serde_json::from_value(v).with_context(|| format!("{path}: not {what}"))?
+            }
+        };
+        let (epochs, steps, batch, lr) = schedule(&mut c);
+        for (flag, field) in [
+            (self.epochs, epochs),
+            (self.steps_per_epoch, steps),
+            (self.batch_size, batch),
+        ] {
+            if let Some(x) = flag {
+                *field = x;
+            }
+        }
+        if let Some(x) = self.lr {
+            *lr = x;
+        }
+        Ok(c)
+    }
+
+    fn lm_path(&self) -> Result<PathBuf> {
+        match &self.lm {
+            Some(p) => Ok(p.clone()),
+            None => crate::default_model::locate_or_fetch(),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct AdapterArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Stage-1 export (`<run>/vision`) to start the ViT from (default: fresh weights).
     #[arg(long)]
     pub vision: Option<PathBuf>,
     /// Train the adapter only, the ViT frozen.
     #[arg(long)]
     pub freeze_vit: bool,
-    /// The frozen language model (default: SmolLM2-135M-Instruct, fetched on first use).
-    #[arg(long)]
-    pub lm: Option<PathBuf>,
     /// Image placeholder token (default: the preset's, `<empty_output>` for SmolLM2).
     #[arg(long)]
     pub placeholder: Option<String>,
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    #[arg(long)]
-    pub steps_per_epoch: Option<usize>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    #[arg(long)]
-    pub lr: Option<f64>,
     /// Held-out questions answered (greedily) after every epoch.
     #[arg(long)]
     pub eval_questions: Option<usize>,
-    /// Stop after this many steps in all (resume later with the same command).
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    /// Leave easy-VQA out even when `models/easy-vqa` holds it.
-    #[arg(long)]
-    pub no_easy_vqa: bool,
 }
 
 #[derive(Args)]
 pub struct VitArgs {
-    /// Run directory: checkpoints, `pretrain.json` (settings, history) and, at the end,
-    /// `vision/` (the encoder). An existing run there is resumed.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Settings: `afm-tiny` (the embedded default's encoder) or `test-tiny`; or a
-    /// `pretrain.json` / config JSON file.
-    #[arg(long, default_value = "afm-tiny")]
-    pub config: String,
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    #[arg(long)]
-    pub steps_per_epoch: Option<usize>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Stop after this many steps in all (resume later with the same command).
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    /// The language model whose tokenizer and input embeddings make the text side
-    /// (default: SmolLM2-135M-Instruct, fetched on first use).
-    #[arg(long)]
-    pub lm: Option<PathBuf>,
-    /// Leave easy-VQA out even when `models/easy-vqa` holds it.
-    #[arg(long)]
-    pub no_easy_vqa: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 fn config(a: &VitArgs) -> Result<PretrainConfig> {
-    let mut c = match a.config.as_str() {
-        "afm-tiny" => PretrainConfig::afm_tiny(),
-        "test-tiny" => PretrainConfig::test_tiny(),
-        path => {
-            let text = std::fs::read_to_string(path).with_context(|| {
-                format!("--config {path}: not a preset (afm-tiny, test-tiny) nor a readable file")
-            })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{path}: not JSON"))?;
-            // a run's pretrain.json holds the settings under `config`
-            let v = v.get("config").cloned().unwrap_or(v);
-            serde_json::from_value(v)
-                .with_context(|| format!("{path}: not a pretraining config"))?
-        }
-    };
-    if let Some(x) = a.epochs {
-        c.epochs = x;
-    }
-    if let Some(x) = a.steps_per_epoch {
-        c.steps_per_epoch = x;
-    }
-    if let Some(x) = a.batch_size {
-        c.batch_size = x;
-    }
-    if let Some(x) = a.lr {
-        c.adamw.lr = x;
-    }
+    let c = a.run.settings(
+        &[
+            (
+                "afm-tiny",
+                PretrainConfig::afm_tiny as fn() -> PretrainConfig,
+            ),
+            ("test-tiny", PretrainConfig::test_tiny),
+        ],
+        "/config",
+        "a pretraining config",
+        |c| {
+            (
+                &mut c.epochs,
+                &mut c.steps_per_epoch,
+                &mut c.batch_size,
+                &mut c.adamw.lr,
+            )
+        },
+    )?;
     c.validate()?;
     Ok(c)
 }
@@ -177,12 +205,9 @@ fn open_easy_vqa(skip: bool) -> Result<(Option<EasyVqa>, Option<EasyVqa>)> {
 fn train_vit(a: &VitArgs) -> Result<()> {
     keep_freed_memory();
     let cfg = config(a)?;
-    let lm = match &a.lm {
-        Some(p) => p.clone(),
-        None => crate::default_model::locate_or_fetch()?,
-    };
+    let lm = a.run.lm_path()?;
     let text = TextTower::from_gguf(&lm).with_context(|| format!("loading {}", lm.display()))?;
-    let (easy, easy_eval) = open_easy_vqa(a.no_easy_vqa)?;
+    let (easy, easy_eval) = open_easy_vqa(a.run.no_easy_vqa)?;
     let params = afm_train::pretrain::init_params(&cfg, text.width())?;
     eprintln!(
         "stage 1, ViT pretraining: {:.2} M parameters; {} epochs x {} steps of {} examples ({} sources), eval on {} held-out batches per epoch",
@@ -210,10 +235,10 @@ fn train_vit(a: &VitArgs) -> Result<()> {
     let st = run(
         &cfg,
         &text,
-        &a.out,
+        &a.run.out,
         easy.as_ref(),
         easy_eval.as_ref(),
-        a.max_steps,
+        a.run.max_steps,
         &mut |e| {
             match e {
             Event::Resumed { step } => {
@@ -269,25 +294,25 @@ fn train_vit(a: &VitArgs) -> Result<()> {
 }
 
 fn adapter_config(a: &AdapterArgs) -> Result<AdapterTrainConfig> {
-    let mut c = match a.config.as_str() {
-        "afm-tiny" => AdapterTrainConfig::afm_tiny(),
-        "test-tiny" => AdapterTrainConfig::test_tiny(),
-        path => {
-            let text = std::fs::read_to_string(path).with_context(|| {
-                format!("--config {path}: not a preset (afm-tiny, test-tiny) nor a readable file")
-            })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{path}: not JSON"))?;
-            // a run's adapter.json holds the settings under `config.train`
-            let v = v
-                .get("config")
-                .and_then(|c| c.get("train"))
-                .cloned()
-                .unwrap_or(v);
-            serde_json::from_value(v)
-                .with_context(|| format!("{path}: not an adapter-training config"))?
-        }
-    };
+    let mut c = a.run.settings(
+        &[
+            (
+                "afm-tiny",
+                AdapterTrainConfig::afm_tiny as fn() -> AdapterTrainConfig,
+            ),
+            ("test-tiny", AdapterTrainConfig::test_tiny),
+        ],
+        "/config/train",
+        "an adapter-training config",
+        |c| {
+            (
+                &mut c.epochs,
+                &mut c.steps_per_epoch,
+                &mut c.batch_size,
+                &mut c.adamw.lr,
+            )
+        },
+    )?;
     if let Some(dir) = &a.vision {
         // the ViT's shape is the stage-1 export's
         let cj = dir.join("config.json");
@@ -300,18 +325,6 @@ fn adapter_config(a: &AdapterArgs) -> Result<AdapterTrainConfig> {
     if let Some(x) = &a.placeholder {
         c.image_placeholder = x.clone();
     }
-    if let Some(x) = a.epochs {
-        c.epochs = x;
-    }
-    if let Some(x) = a.steps_per_epoch {
-        c.steps_per_epoch = x;
-    }
-    if let Some(x) = a.batch_size {
-        c.batch_size = x;
-    }
-    if let Some(x) = a.lr {
-        c.adamw.lr = x;
-    }
     if let Some(x) = a.eval_questions {
         c.eval_questions = x;
     }
@@ -322,13 +335,10 @@ fn adapter_config(a: &AdapterArgs) -> Result<AdapterTrainConfig> {
 fn train_adapter(a: &AdapterArgs) -> Result<()> {
     keep_freed_memory();
     let cfg = adapter_config(a)?;
-    let lm_path = match &a.lm {
-        Some(p) => p.clone(),
-        None => crate::default_model::locate_or_fetch()?,
-    };
+    let lm_path = a.run.lm_path()?;
     let lm =
         FrozenLm::from_gguf(&lm_path).with_context(|| format!("loading {}", lm_path.display()))?;
-    let (easy, easy_eval) = open_easy_vqa(a.no_easy_vqa)?;
+    let (easy, easy_eval) = open_easy_vqa(a.run.no_easy_vqa)?;
     let tr = Trainable::init(&cfg, lm.hidden_size(), a.vision.as_deref())?;
     eprintln!(
         "stage 2, adapter training against the frozen {} ({}): {:.2} M trainable parameters ({}); {} image tokens; {} epochs x {} steps of {} examples ({} sources), {} held-out questions per epoch",
@@ -345,7 +355,7 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
     );
     drop(tr);
     let total_steps = cfg.total_steps();
-    let stop = a.max_steps.unwrap_or(total_steps).min(total_steps);
+    let stop = a.run.max_steps.unwrap_or(total_steps).min(total_steps);
     let bar = progress_bar(total_steps);
     let mut ema: Option<f32> = None;
     let hidden = bar.is_hidden();
@@ -361,10 +371,10 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
         &cfg,
         &lm,
         a.vision.as_deref(),
-        &a.out,
+        &a.run.out,
         easy.as_ref(),
         easy_eval.as_ref(),
-        a.max_steps,
+        a.run.max_steps,
         &mut |e| match e {
             AdapterEvent::Resumed { step } => {
                 bar.set_position(*step as u64);
