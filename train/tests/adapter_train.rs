@@ -2,10 +2,9 @@
 //! tokenizer: the prompt format, one step lowering the loss, frozen weights staying frozen,
 //! resume equal to an uninterrupted run, and the export loading back.
 
+mod common;
+
 use afm_fusion::Adapter;
-use afm_lm::diff_model::DiffLm;
-use afm_lm::weights::WeightSource;
-use afm_lm::{LmConfig, Tokenizer};
 use afm_train::adapter_train::{
     batch, load_export, run, step_loss, AdapterTrainConfig, Event, FrozenLm, Trainable,
 };
@@ -13,10 +12,7 @@ use afm_train::optim::AdamW;
 use afm_train::prompt::{PromptFormat, CAPTION_PROMPT};
 use afm_train::Split;
 use candle_core::{Device, Tensor};
-use std::collections::HashMap;
 use std::path::PathBuf;
-
-const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("afm-adapter-{}-{name}", std::process::id()));
@@ -24,42 +20,9 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// The tiny fixture tokenizer (448 ids) with SmolLM2's ChatML template.
-fn tokenizer() -> Tokenizer {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_tiny_idefics3");
-    let mut tok = Tokenizer::from_dir(&dir).unwrap();
-    tok.set_chat_template(Some(CHATML.into()));
-    tok
-}
-
-fn lm_config() -> LmConfig {
-    serde_json::from_value(serde_json::json!({
-        "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 512, "tie_word_embeddings": true
-    }))
-    .unwrap()
-}
-
-/// Random weights, the (tied) embedding table scaled to std 0.1 so that the logits are
-/// moderate, as in a trained LM (with std 1 the random LM is so sure of its text that the
-/// loss sits near 38 whatever the image).
-fn lm_tensors() -> HashMap<String, Tensor> {
-    let mut t = afm_lm::random::random_tensors(&lm_config(), 7).unwrap();
-    let e = t.remove("model.embed_tokens.weight").unwrap();
-    t.insert("model.embed_tokens.weight".into(), (e * 0.1).unwrap());
-    t
-}
-
-fn frozen_lm() -> FrozenLm {
-    let model =
-        DiffLm::from_source(&WeightSource::from_tensors(lm_tensors()), lm_config()).unwrap();
-    FrozenLm::new(model, tokenizer(), "tiny-random", "0")
-}
-
 #[test]
 fn prompt_has_one_placeholder_per_image_token_and_masks_the_answer() {
-    let tok = tokenizer();
+    let tok = common::tokenizer();
     let fmt = PromptFormat::new(&tok, "<image>").unwrap();
     let ph = tok.token_to_id("<image>").unwrap();
     let eot = tok.token_to_id("<|im_end|>").unwrap();
@@ -109,7 +72,7 @@ fn prompt_has_one_placeholder_per_image_token_and_masks_the_answer() {
         "{e}"
     );
     // no chat template: a clear error
-    let mut bare = tokenizer();
+    let mut bare = common::tokenizer();
     bare.set_chat_template(None);
     let e = PromptFormat::new(&bare, "<image>")
         .err()
@@ -117,7 +80,7 @@ fn prompt_has_one_placeholder_per_image_token_and_masks_the_answer() {
         .to_string();
     assert!(e.contains("chat template"), "{e}");
     // sequence with a wrong number of placeholders vs image embeddings
-    let lm = frozen_lm();
+    let lm = common::frozen_lm("tiny-random");
     let img = Tensor::zeros((1, 3, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     let e = afm_train::adapter_train::sequence_loss(&lm.model, &[ex], ph, &img)
         .unwrap_err()
@@ -144,7 +107,7 @@ fn lm_weights_snapshot(lm: &FrozenLm) -> Vec<f32> {
 #[test]
 fn training_steps_lower_the_loss_and_leave_the_lm_alone() {
     let cfg = AdapterTrainConfig::test_tiny();
-    let lm = frozen_lm();
+    let lm = common::frozen_lm("tiny-random");
     let before = lm_weights_snapshot(&lm);
     let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
     let tr = Trainable::init(&cfg, 32, None).unwrap();
@@ -181,7 +144,7 @@ fn frozen_vit_flag_trains_the_adapter_only() {
         train_vit: false,
         ..AdapterTrainConfig::test_tiny()
     };
-    let lm = frozen_lm();
+    let lm = common::frozen_lm("tiny-random");
     let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
     let tr = Trainable::init(&cfg, 32, None).unwrap();
     assert!(tr.params.names().all(|n| n.starts_with("adapter.")));
@@ -222,7 +185,7 @@ fn frozen_vit_flag_trains_the_adapter_only() {
 #[test]
 fn resumed_run_equals_uninterrupted_and_export_loads() {
     let cfg = AdapterTrainConfig::test_tiny();
-    let lm = frozen_lm();
+    let lm = common::frozen_lm("tiny-random");
     let (a, b) = (tmp("a"), tmp("b"));
     let mut events = vec![];
     let sa = run(&cfg, &lm, None, &a, None, None, None, &mut |e| {

@@ -4,22 +4,19 @@
 //! training evaluation's greedy answers; bad exports and wrong language models are refused
 //! with errors naming the problem.
 
+mod common;
+
 use afm_fusion::afm_tiny::{load_export, verify_lm, AfmTinyConfig};
 use afm_fusion::{AfmTiny, AskOptions};
-use afm_lm::diff_model::DiffLm;
 use afm_lm::weights::WeightSource;
-use afm_lm::{DeviceModel, GenerateOptions, LmConfig, Tokenizer};
+use afm_lm::{DeviceModel, GenerateOptions};
 use afm_train::adapter_train::{
     greedy, input_embeddings, pick, run, AdapterTrainConfig, FrozenLm, Trainable,
 };
 use afm_train::pretrain::{example, pixels};
 use afm_train::prompt::PromptFormat;
 use afm_train::Split;
-use candle_core::Tensor;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("afm-tiny-inf-{}-{name}", std::process::id()));
@@ -27,44 +24,19 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-fn tokenizer() -> Tokenizer {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_tiny_idefics3");
-    let mut tok = Tokenizer::from_dir(&dir).unwrap();
-    tok.set_chat_template(Some(CHATML.into()));
-    tok
-}
-
-fn lm_config() -> LmConfig {
-    serde_json::from_value(serde_json::json!({
-        "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 512, "tie_word_embeddings": true
-    }))
-    .unwrap()
-}
-
-fn lm_tensors() -> HashMap<String, Tensor> {
-    let mut t = afm_lm::random::random_tensors(&lm_config(), 7).unwrap();
-    let e = t.remove("model.embed_tokens.weight").unwrap();
-    t.insert("model.embed_tokens.weight".into(), (e * 0.1).unwrap());
-    t
-}
-
-fn frozen_lm() -> FrozenLm {
-    let model =
-        DiffLm::from_source(&WeightSource::from_tensors(lm_tensors()), lm_config()).unwrap();
-    FrozenLm::new(model, tokenizer(), "tiny-random.gguf", "0")
-}
-
 /// The inference model: the same weights behind the fast on-device implementation.
 fn device_lm() -> DeviceModel {
-    DeviceModel::from_source(&WeightSource::from_tensors(lm_tensors()), lm_config()).unwrap()
+    DeviceModel::from_source(
+        &WeightSource::from_tensors(common::lm_tensors()),
+        common::lm_config(),
+    )
+    .unwrap()
 }
 
 /// A complete test-tiny run (4 steps) and its export.
 fn trained(name: &str) -> (AdapterTrainConfig, FrozenLm, PathBuf) {
     let cfg = AdapterTrainConfig::test_tiny();
-    let lm = frozen_lm();
+    let lm = common::frozen_lm("tiny-random.gguf");
     let dir = tmp(name);
     let st = run(&cfg, &lm, None, &dir, None, None, None, &mut |_| {}).unwrap();
     assert_eq!(st.step, cfg.total_steps());
@@ -73,7 +45,7 @@ fn trained(name: &str) -> (AdapterTrainConfig, FrozenLm, PathBuf) {
 
 fn pipeline(export: &Path) -> AfmTiny<DeviceModel> {
     let (c, vit, adapter) = load_export(export).unwrap();
-    AfmTiny::new(c, vit, adapter, device_lm(), tokenizer()).unwrap()
+    AfmTiny::new(c, vit, adapter, device_lm(), common::tokenizer()).unwrap()
 }
 
 #[test]
@@ -244,7 +216,7 @@ fn bad_exports_and_wrong_language_models_are_refused_by_name() {
     let (c, vit, adapter) = load_export(&export).unwrap();
     let mut other = good.clone();
     other.lm.vocab_size = 1000;
-    let e = AfmTiny::new(other, vit, adapter, device_lm(), tokenizer())
+    let e = AfmTiny::new(other, vit, adapter, device_lm(), common::tokenizer())
         .err()
         .unwrap()
         .to_string();
@@ -253,7 +225,7 @@ fn bad_exports_and_wrong_language_models_are_refused_by_name() {
     let (_, vit, adapter) = load_export(&export).unwrap();
     let mut other = c.clone();
     other.image_placeholder_id += 1;
-    let e = AfmTiny::new(other, vit, adapter, device_lm(), tokenizer())
+    let e = AfmTiny::new(other, vit, adapter, device_lm(), common::tokenizer())
         .err()
         .unwrap()
         .to_string();

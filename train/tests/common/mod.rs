@@ -95,3 +95,45 @@ pub fn colour_core_mask(img: &RgbImage, c: [u8; 3], tol: f32) -> Vec<bool> {
     }
     out
 }
+
+/// SmolLM2's ChatML chat template (with its default system turn), for tests that pair the
+/// tiny fixture tokenizer with the afm-tiny prompt format.
+pub const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The tiny fixture tokenizer (448 ids) with SmolLM2's ChatML template.
+pub fn tokenizer() -> afm_lm::Tokenizer {
+    let dir = root().join("tests/fixtures/hf_tiny_idefics3");
+    let mut tok = afm_lm::Tokenizer::from_dir(&dir).unwrap();
+    tok.set_chat_template(Some(CHATML.into()));
+    tok
+}
+
+/// A tiny dense LM config whose vocabulary covers the fixture tokenizer.
+pub fn lm_config() -> afm_lm::LmConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "tie_word_embeddings": true
+    }))
+    .unwrap()
+}
+
+/// Random weights, the (tied) embedding table scaled to std 0.1 so that the logits are
+/// moderate, as in a trained LM (with std 1 the random LM is so sure of its text that the
+/// loss sits near 38 whatever the image).
+pub fn lm_tensors() -> std::collections::HashMap<String, candle_core::Tensor> {
+    let mut t = afm_lm::random::random_tensors(&lm_config(), 7).unwrap();
+    let e = t.remove("model.embed_tokens.weight").unwrap();
+    t.insert("model.embed_tokens.weight".into(), (e * 0.1).unwrap());
+    t
+}
+
+/// The tiny random LM, frozen for stage-2 training, recorded under the file name `name`.
+pub fn frozen_lm(name: &str) -> afm_train::adapter_train::FrozenLm {
+    let model = afm_lm::diff_model::DiffLm::from_source(
+        &afm_lm::weights::WeightSource::from_tensors(lm_tensors()),
+        lm_config(),
+    )
+    .unwrap();
+    afm_train::adapter_train::FrozenLm::new(model, tokenizer(), name, "0")
+}
