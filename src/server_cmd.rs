@@ -208,27 +208,30 @@ fn time_model(m: &ServerModel, ids: &[u32], new_tokens: usize, runs: usize) -> R
 }
 
 pub fn bench_server(a: &ServerBench, threads: usize) -> Result<()> {
-    let tmp;
+    // without --model: the preset, written to a temporary GGUF that is removed once loaded
+    // (or once anything fails)
+    let tmp = std::env::temp_dir().join(format!("afm-bench-server-{}", std::process::id()));
     let (path, what) = match &a.model {
         Some(p) => (p.clone(), p.display().to_string()),
-        None => {
-            let cfg = config_from(&a.preset, &a.set)?;
-            tmp = std::env::temp_dir().join(format!("afm-bench-server-{}", std::process::id()));
-            std::fs::create_dir_all(&tmp)?;
-            let p = tmp.join(format!("{}-{}.gguf", a.preset, a.quant));
-            write_checkpoint(&cfg, &p, &a.quant, None, 0)?;
-            (
-                p,
-                format!("preset `{}` (random weights, {})", a.preset, a.quant),
-            )
-        }
+        None => (
+            tmp.join(format!("{}-{}.gguf", a.preset, a.quant)),
+            format!("preset `{}` (random weights, {})", a.preset, a.quant),
+        ),
     };
-    let t0 = Instant::now();
-    let mut m = ServerModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let load_s = t0.elapsed().as_secs_f64();
+    let loaded = (|| -> Result<(ServerModel, f64)> {
+        if a.model.is_none() {
+            let cfg = config_from(&a.preset, &a.set)?;
+            std::fs::create_dir_all(&tmp)?;
+            write_checkpoint(&cfg, &path, &a.quant, None, 0)?;
+        }
+        let t0 = Instant::now();
+        let m = ServerModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        Ok((m, t0.elapsed().as_secs_f64()))
+    })();
     if a.model.is_none() {
-        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir_all(&tmp);
     }
+    let (mut m, load_s) = loaded?;
     let cfg = m.config().clone();
     eprintln!(
         "bench server: {what}, loaded in {load_s:.1} s; {}; {threads} threads, {} prompt tokens, {} decoded tokens, median of {}",
