@@ -2,9 +2,10 @@
 //! evaluation after every epoch. Stage 1 (`afm train vit`) pretrains the Register-Window ViT;
 //! the adapter stage builds on its output.
 
-use afm_train::adapter_train::{AdapterTrainConfig, Event as AdapterEvent, FrozenLm, Trainable};
+use afm_train::adapter_train::{AdapterTrainConfig, FrozenLm, Trainable};
 use afm_train::easy_vqa::{data_dir, EasyVqa};
-use afm_train::pretrain::{run, Event, PretrainConfig, TextTower};
+use afm_train::pretrain::{run, PretrainConfig, TextTower};
+use afm_train::runloop::Event;
 use afm_train::Split;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -159,16 +160,97 @@ pub fn cmd_train(cmd: TrainCmd) -> Result<()> {
     }
 }
 
-/// The training progress bar: steps, the caller's message (loss, speed), time left.
-fn progress_bar(total_steps: usize) -> ProgressBar {
-    let bar = ProgressBar::new(total_steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps | {msg} | {elapsed_precise} elapsed, {eta_precise} left",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
+/// The progress display of a training run: a bar (steps, loss, speed, time left) on a
+/// terminal; without one the bar is hidden and the same things go to stderr as plain lines
+/// (every 5% of the run, the first steps and the last).
+struct Progress {
+    bar: ProgressBar,
+    hidden: bool,
+    total: usize,
+    stop: usize,
+    every: usize,
+    ema: Option<f32>,
+    /// What the run writes at the end (`encoder`, `afm-tiny`).
+    export: &'static str,
+}
+
+impl Progress {
+    fn new(total: usize, max_steps: Option<usize>, export: &'static str) -> Self {
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps | {msg} | {elapsed_precise} elapsed, {eta_precise} left",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Self {
+            hidden: bar.is_hidden(),
+            bar,
+            total,
+            stop: max_steps.unwrap_or(total).min(total),
+            every: (total / 20).max(1),
+            ema: None,
+            export,
+        }
+    }
+
+    fn say(&self, m: String) {
+        if self.hidden {
+            eprintln!("{m}")
+        } else {
+            self.bar.println(m)
+        }
+    }
+
+    /// Shows every event but the epoch report, which it hands back for the stage to show.
+    fn event<'a, R>(&mut self, e: &'a Event<R>) -> Option<&'a R> {
+        match e {
+            Event::Resumed { step } => {
+                self.bar.set_position(*step as u64);
+                self.bar.reset_eta();
+                self.say(format!("resumed at step {step}"));
+            }
+            Event::Step {
+                step,
+                loss,
+                lr,
+                examples_per_s,
+                data_s,
+                ..
+            } => {
+                let l = self.ema.map_or(*loss, |m| 0.9 * m + 0.1 * loss);
+                self.ema = Some(l);
+                self.bar.set_position(*step as u64);
+                let msg = format!(
+                    "loss {l:.3} | {examples_per_s:.2} ex/s (data {data_s:.2} s/step) | lr {lr:.1e}"
+                );
+                if self.hidden && (step % self.every == 0 || *step == self.stop || *step <= 2) {
+                    self.say(format!("step {step}/{}: {msg}", self.total));
+                }
+                self.bar.set_message(msg);
+            }
+            Event::Epoch(r) => return Some(r),
+            Event::Saved { .. } => {}
+            Event::Done { dir } => {
+                self.say(format!("{} written to {}", self.export, dir.display()))
+            }
+        }
+        None
+    }
+
+    /// Clears the bar and says where the run stopped.
+    fn finish(self, step: usize, evaluated: bool) -> Result<()> {
+        self.bar.finish_and_clear();
+        if step < self.total {
+            eprintln!(
+                "stopped at step {step} of {}; run the same command to resume",
+                self.total
+            );
+        } else if !evaluated {
+            bail!("the run finished without an evaluation");
+        }
+        Ok(())
+    }
 }
 
 /// Keeps freed memory in the process: a training step frees and reallocates the same large
@@ -219,19 +301,7 @@ fn train_vit(a: &VitArgs) -> Result<()> {
         cfg.eval_batches
     );
     drop(params);
-    let total_steps = cfg.total_steps();
-    let bar = progress_bar(total_steps);
-    let mut ema: Option<f32> = None;
-    // without a terminal the bar is hidden: say the same things as plain lines
-    let hidden = bar.is_hidden();
-    let say = |m: String| {
-        if hidden {
-            eprintln!("{m}")
-        } else {
-            bar.println(m)
-        }
-    };
-    let every = (cfg.total_steps() / 20).max(1);
+    let mut progress = Progress::new(cfg.total_steps(), a.run.max_steps, "encoder");
     let st = run(
         &cfg,
         &text,
@@ -240,57 +310,19 @@ fn train_vit(a: &VitArgs) -> Result<()> {
         easy_eval.as_ref(),
         a.run.max_steps,
         &mut |e| {
-            match e {
-            Event::Resumed { step } => {
-                bar.set_position(*step as u64);
-                bar.reset_eta();
-                say(format!("resumed at step {step}"));
+            if let Some(r) = progress.event(e) {
+                progress.say(format!(
+                    "epoch {}: train loss {:.3}, held-out loss {:.3}, held-out image->caption top-1 {:.1}% ({:.0} s so far)",
+                    r.epoch,
+                    r.train_loss,
+                    r.eval_loss,
+                    100.0 * r.eval_top1,
+                    r.seconds
+                ));
             }
-            Event::Step {
-                step,
-                loss,
-                lr,
-                examples_per_s,
-                data_s,
-                ..
-            } => {
-                let l = ema.map_or(*loss, |m| 0.9 * m + 0.1 * loss);
-                ema = Some(l);
-                bar.set_position(*step as u64);
-                let msg = format!(
-                    "loss {l:.3} | {examples_per_s:.1} ex/s (data {data_s:.2} s/step) | lr {lr:.1e}"
-                );
-                if hidden && (step % every == 0 || *step == total_steps) {
-                    say(format!("step {step}/{total_steps}: {msg}"));
-                }
-                bar.set_message(msg);
-            }
-            Event::Epoch(r) => say(format!(
-                "epoch {}: train loss {:.3}, held-out loss {:.3}, held-out image->caption top-1 {:.1}% ({:.0} s so far)",
-                r.epoch,
-                r.train_loss,
-                r.eval_loss,
-                100.0 * r.eval_top1,
-                r.seconds
-            )),
-            Event::Saved { .. } => {}
-            Event::Done { dir } => {
-                say(format!("encoder written to {}", dir.display()))
-            }
-        }
         },
     )?;
-    bar.finish_and_clear();
-    if st.step < cfg.total_steps() {
-        eprintln!(
-            "stopped at step {} of {}; run the same command to resume",
-            st.step,
-            cfg.total_steps()
-        );
-    } else if st.history.is_empty() {
-        bail!("the run finished without an evaluation");
-    }
-    Ok(())
+    progress.finish(st.step, !st.history.is_empty())
 }
 
 fn adapter_config(a: &AdapterArgs) -> Result<AdapterTrainConfig> {
@@ -354,19 +386,7 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
         cfg.eval_questions
     );
     drop(tr);
-    let total_steps = cfg.total_steps();
-    let stop = a.run.max_steps.unwrap_or(total_steps).min(total_steps);
-    let bar = progress_bar(total_steps);
-    let mut ema: Option<f32> = None;
-    let hidden = bar.is_hidden();
-    let say = |m: String| {
-        if hidden {
-            eprintln!("{m}")
-        } else {
-            bar.println(m)
-        }
-    };
-    let every = (total_steps / 20).max(1);
+    let mut progress = Progress::new(cfg.total_steps(), a.run.max_steps, "afm-tiny");
     let st = afm_train::adapter_train::run(
         &cfg,
         &lm,
@@ -375,38 +395,14 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
         easy.as_ref(),
         easy_eval.as_ref(),
         a.run.max_steps,
-        &mut |e| match e {
-            AdapterEvent::Resumed { step } => {
-                bar.set_position(*step as u64);
-                bar.reset_eta();
-                say(format!("resumed at step {step}"));
-            }
-            AdapterEvent::Step {
-                step,
-                loss,
-                lr,
-                examples_per_s,
-                data_s,
-                ..
-            } => {
-                let l = ema.map_or(*loss, |m| 0.9 * m + 0.1 * loss);
-                ema = Some(l);
-                bar.set_position(*step as u64);
-                let msg = format!(
-                    "loss {l:.3} | {examples_per_s:.2} ex/s (data {data_s:.2} s/step) | lr {lr:.1e}"
-                );
-                if hidden && (step % every == 0 || *step == stop || *step <= 2) {
-                    say(format!("step {step}/{total_steps}: {msg}"));
-                }
-                bar.set_message(msg);
-            }
-            AdapterEvent::Epoch(r) => {
+        &mut |e| {
+            if let Some(r) = progress.event(e) {
                 let cats: Vec<String> = r
                     .per_category
                     .iter()
                     .map(|(k, (ok, n))| format!("{k} {ok}/{n}"))
                     .collect();
-                say(format!(
+                progress.say(format!(
                     "epoch {}: train loss {:.3}, held-out loss {:.3}, held-out exact match {:.1}% ({}) ({:.0} s so far)",
                     r.epoch,
                     r.train_loss,
@@ -416,24 +412,13 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
                     r.seconds
                 ));
                 for s in &r.samples {
-                    say(format!(
+                    progress.say(format!(
                         "  Q: {} | expected: {} | got: {}",
                         s.question, s.expected, s.got
                     ));
                 }
             }
-            AdapterEvent::Saved { .. } => {}
-            AdapterEvent::Done { dir } => say(format!("afm-tiny written to {}", dir.display())),
         },
     )?;
-    bar.finish_and_clear();
-    if st.step < total_steps {
-        eprintln!(
-            "stopped at step {} of {}; run the same command to resume",
-            st.step, total_steps
-        );
-    } else if st.history.is_empty() {
-        bail!("the run finished without an evaluation");
-    }
-    Ok(())
+    progress.finish(st.step, !st.history.is_empty())
 }
