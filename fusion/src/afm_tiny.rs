@@ -44,10 +44,6 @@ use std::time::Instant;
 /// `model_type` of an afm-tiny export.
 pub const MODEL_TYPE: &str = "afm-tiny";
 
-/// The request text behind [`AfmTiny::describe_screen`]: afm-tiny learnt screenshot
-/// descriptions as the captions of its generated screens, so this is its caption prompt.
-pub const SCREEN_PROMPT: &str = crate::afm_prompt::CAPTION_PROMPT;
-
 /// The language model an adapter is trained against (recorded in the run state and the
 /// export).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -461,14 +457,16 @@ impl<M: LanguageModel> AfmTiny<M> {
         self.ask(img, &q, opts, on_text)
     }
 
-    /// A description of a screenshot ([`SCREEN_PROMPT`]; one tile, like every image).
+    /// A description of a screenshot: afm-tiny learnt screenshot descriptions as the captions
+    /// of its generated screens, so this is [`AfmTiny::caption`] (the export's
+    /// `caption_prompt`; one tile, like every image).
     pub fn describe_screen(
         &self,
         img: &RgbImage,
         opts: &AskOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        self.ask(img, SCREEN_PROMPT, opts, on_text)
+        self.caption(img, opts, on_text)
     }
 }
 
