@@ -13,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
 mod default_model;
+mod eval_cmd;
 mod server_cmd;
 mod train_cmd;
 mod vlm_cmd;
@@ -42,6 +43,9 @@ enum Cmd {
     Ask(vlm_cmd::AskArgs),
     /// Describe a screenshot (window title, controls, their text); streams like `ask`.
     Screen(vlm_cmd::ScreenArgs),
+    /// Measure the quality bars on the held-out split (easy-VQA, screenshot titles and
+    /// buttons, scene colours and counts) with the default model or `--model DIR`.
+    Eval(eval_cmd::EvalArgs),
     /// Train the embedded default model's parts (progress bar, resumable, held-out eval).
     #[command(subcommand)]
     Train(train_cmd::TrainCmd),
@@ -241,6 +245,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::ServerGen(a) => server_cmd::cmd_server_gen(&a),
         Cmd::Train(t) => train_cmd::cmd_train(t),
+        Cmd::Eval(a) => eval_cmd::cmd_eval(&a),
         Cmd::Bench(bench::BenchCmd::Vision(a)) => bench::bench_vision(&a, cli.threads.unwrap_or(2)),
         Cmd::Bench(bench::BenchCmd::Vlm(a)) => bench::bench_vlm(&a, cli.threads.unwrap_or(2)),
         Cmd::BenchWorker {

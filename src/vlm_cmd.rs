@@ -1,7 +1,8 @@
 //! `afm caption`, `afm ask` and `afm screen`: a SmolVLM / Idefics3 checkpoint directory
 //! (HF layout) or an afm-tiny export (`<run>/afm-tiny`, written by `afm train adapter`) over
 //! one or many images. The pipeline is picked from the directory's `config.json`
-//! (`model_type` `"afm-tiny"`, else Idefics3).
+//! (`model_type` `"afm-tiny"`, else Idefics3). Without `--model`: the embedded default model,
+//! the afm-tiny export committed in `assets/afm-tiny` ([`DEFAULT_MODEL_DIR`]).
 //!
 //! * afm-tiny: the language model is the GGUF named in its `config.json` (`lm.file`), looked
 //!   for beside the export (the export directory, then the run directory), then, when it is
@@ -34,23 +35,32 @@ use std::time::Instant;
 pub(crate) const IMAGE_EXTENSIONS: &[&str] =
     &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
-const MODEL_REQUIRED: &str = "--model DIR is required until the embedded default model exists; \
-     point it at a SmolVLM/Idefics3 checkpoint directory (config.json, model.safetensors, \
-     tokenizer.json, processor config) or an afm-tiny export (<run>/afm-tiny from `afm train adapter`)";
+/// The embedded default model: the afm-tiny export committed under `assets/afm-tiny` of this
+/// source tree (its vision and adapter weights; the language model it names is fetched on
+/// first use). Found through the path the binary was built from, so `cargo run` and a binary
+/// built from a clone work; a binary copied elsewhere needs `--model`.
+pub(crate) const DEFAULT_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/afm-tiny");
+
+/// Which model: `--model` and `--lm` (shared by `caption`, `ask`, `screen` and `eval`).
+#[derive(Args)]
+pub(crate) struct ModelArgs {
+    /// A SmolVLM / Idefics3 checkpoint directory in its HF layout (config.json,
+    /// *.safetensors, tokenizer.json, processor config), or an afm-tiny export directory
+    /// (`<run>/afm-tiny`). Default: the embedded afm-tiny (`assets/afm-tiny`).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// afm-tiny only: the language model GGUF (default: the file named in the export's
+    /// config.json, beside the export, then the default-model location, fetched on first use
+    /// when it is the default SmolLM2). Its sha256 must be the one the export records.
+    #[arg(long, value_name = "FILE")]
+    lm: Option<PathBuf>,
+}
 
 /// Flags shared by `caption`, `ask` and `screen`.
 #[derive(Args)]
 pub(crate) struct VlmArgs {
-    /// A SmolVLM / Idefics3 checkpoint directory in its HF layout (config.json,
-    /// *.safetensors, tokenizer.json, processor config), or an afm-tiny export directory
-    /// (`<run>/afm-tiny`). Required for now.
-    #[arg(long, value_name = "DIR")]
-    model: Option<PathBuf>,
-    /// afm-tiny only: the language model GGUF (default: the file named in the export's
-    /// config.json, beside the export, then the default-model location). Its sha256 must be
-    /// the one the export records.
-    #[arg(long, value_name = "FILE")]
-    lm: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Budget of image tokens per image; a larger image is downscaled in steps of one tile
     /// (and stderr says so). Default: the checkpoint's full resolution. afm-tiny spends a
     /// fixed number per image (one tile): the budget is only checked against it.
@@ -96,11 +106,41 @@ pub(crate) struct ScreenArgs {
 }
 
 impl VlmArgs {
+    fn ask_options(&self) -> Result<AskOptions> {
+        if self.image_max_tokens == Some(0) {
+            bail!("--image-max-tokens must be at least 1");
+        }
+        let generate = options(&self.sampling);
+        generate.sampling.validate()?;
+        Ok(AskOptions {
+            generate,
+            max_image_tokens: self.image_max_tokens,
+        })
+    }
+
+    fn planner(&self) -> Result<Planner> {
+        self.model.planner()
+    }
+
+    fn load(&self, planner: &Planner) -> Result<(Box<dyn VisionLanguage>, f64)> {
+        self.model.load(planner)
+    }
+}
+
+impl ModelArgs {
     fn model_dir(&self) -> Result<&Path> {
-        let dir = self
-            .model
-            .as_deref()
-            .ok_or_else(|| anyhow!(MODEL_REQUIRED))?;
+        let Some(dir) = self.model.as_deref() else {
+            let dir = Path::new(DEFAULT_MODEL_DIR);
+            if !dir.join("config.json").is_file() {
+                bail!(
+                    "the embedded default model is not at {DEFAULT_MODEL_DIR} (this binary was \
+                     built from a source tree that has since moved or lacks assets/afm-tiny); \
+                     pass --model DIR: a SmolVLM/Idefics3 checkpoint directory or an afm-tiny \
+                     export (<run>/afm-tiny from `afm train adapter`)"
+                );
+            }
+            return Ok(dir);
+        };
         if !dir.is_dir() {
             if dir.exists() {
                 bail!(
@@ -114,21 +154,9 @@ impl VlmArgs {
         Ok(dir)
     }
 
-    fn ask_options(&self) -> Result<AskOptions> {
-        if self.image_max_tokens == Some(0) {
-            bail!("--image-max-tokens must be at least 1");
-        }
-        let generate = options(&self.sampling);
-        generate.sampling.validate()?;
-        Ok(AskOptions {
-            generate,
-            max_image_tokens: self.image_max_tokens,
-        })
-    }
-
     /// The checkpoint's kind, from its `config.json` (an unreadable or absent config is
     /// left to the Idefics3 loader, whose errors name the missing files).
-    fn planner(&self) -> Result<Planner> {
+    pub(crate) fn planner(&self) -> Result<Planner> {
         let dir = self.model_dir()?;
         let afm_tiny = afm_tiny::is_afm_tiny(dir).unwrap_or(false);
         if afm_tiny {
@@ -180,7 +208,7 @@ impl VlmArgs {
         )
     }
 
-    fn load(&self, planner: &Planner) -> Result<(Box<dyn VisionLanguage>, f64)> {
+    pub(crate) fn load(&self, planner: &Planner) -> Result<(Box<dyn VisionLanguage>, f64)> {
         let dir = self.model_dir()?;
         let t0 = Instant::now();
         let vlm: Box<dyn VisionLanguage> = match planner {
@@ -203,7 +231,7 @@ impl VlmArgs {
 }
 
 /// What an image costs, from the configs alone (no weights): `--dry-run` and the budget check.
-enum Planner {
+pub(crate) enum Planner {
     Idefics3(Idefics3Processor),
     AfmTiny(Box<AfmTinyConfig>),
 }

@@ -233,24 +233,18 @@ fn screen_describes_a_screenshot() {
 }
 
 #[test]
-fn missing_model_says_what_to_pass() {
+fn default_model_plans_without_a_model_flag() {
+    // no --model: the embedded afm-tiny (assets/afm-tiny); a dry run reads only its config
     let img = fixture().join("sample.png");
-    for args in [
-        vec!["caption", s(&img)],
-        vec!["ask", s(&img), "what?"],
-        vec!["screen", s(&img)],
-        vec!["caption", "--dry-run", s(&img)],
-    ] {
-        let out = afm().args(&args).output().unwrap();
-        assert_clean_failure(
-            &out,
-            &[
-                "--model DIR is required until the embedded default model exists; point it at a \
-               SmolVLM/Idefics3 checkpoint directory (config.json, model.safetensors, \
-               tokenizer.json, processor config)",
-            ],
-        );
-    }
+    let out = afm()
+        .args(["caption", "--dry-run", "--jsonl", s(&img)])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(v["image_tokens"], 36, "{v}");
+    assert_eq!(v["tiles"], 1, "{v}");
 }
 
 #[test]
@@ -511,6 +505,55 @@ fn afm_tiny_export_captions_asks_and_describes() {
     let out = run_tiny(&export, &gguf, "caption", &["--lm", s(&gguf), s(&img)]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     std::fs::remove_dir_all(export.parent().unwrap()).unwrap();
+}
+
+#[test]
+fn eval_reports_every_bar_of_an_export() {
+    let Some((export, gguf)) = afm_tiny_export("eval") else {
+        return;
+    };
+    let report = export.join("report.json");
+    let out = afm()
+        .env("AFM_SMOLLM2_GGUF", &gguf)
+        .env("AFM_HOME", export.join("no-cache"))
+        .args(["eval", "--model"])
+        .arg(&export)
+        .args([
+            "--per-bar",
+            "3",
+            "--no-easy-vqa",
+            "--max-tokens",
+            "4",
+            "--json",
+        ])
+        .arg(&report)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    // random weights: no bar is met, and the table says so
+    for line in [
+        "screens: titles and button labels read exactly",
+        "scenes: colour and count questions",
+        "other screen and scene questions (no target)",
+    ] {
+        assert!(stdout.contains(line), "{stdout}");
+    }
+    assert!(stdout.contains("target 80%  BELOW"), "{stdout}");
+    assert!(!stdout.contains("easy-VQA"), "{stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(v["answers"].as_array().unwrap().len(), 9, "{v}");
+    assert_eq!(v["bars"][0]["score"]["total"], 3, "{v}");
+
+    // easy-VQA wanted but absent: said before the model loads
+    let out = afm()
+        .env("AFM_EASY_VQA_DIR", export.join("no-such-dir"))
+        .args(["eval", "--model"])
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, &["scripts/fetch_easy_vqa.sh", "--no-easy-vqa"]);
+    let _ = std::fs::remove_dir_all(export.parent().unwrap());
 }
 
 #[test]

@@ -54,6 +54,7 @@
 
 pub mod adapter_train;
 pub mod easy_vqa;
+pub mod eval;
 pub mod font;
 pub mod optim;
 pub mod pretrain;

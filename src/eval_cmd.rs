@@ -1,0 +1,167 @@
+//! `afm eval`: the quality bars of the embedded default model (or any afm-tiny export or
+//! SmolVLM checkpoint) on the held-out split: easy-VQA test accuracy, screenshot titles and
+//! button labels read exactly, scene colour and count questions, and the other screen and
+//! scene questions without a target. Which questions, and how they are graded:
+//! [`afm_train::eval`]. Greedy answers; the table goes to stdout, progress to stderr.
+
+use crate::vlm_cmd::ModelArgs;
+use afm::fusion::AskOptions;
+use afm::lm::generate::GenerateOptions;
+use afm_train::easy_vqa::{data_dir, EasyVqa};
+use afm_train::eval::{evaluate, Bar, EvalSpec, Report};
+use afm_train::Split;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub(crate) struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Questions per bar.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    per_bar: usize,
+    /// Leave the easy-VQA bar out (its data comes from `bash scripts/fetch_easy_vqa.sh`, into
+    /// `models/easy-vqa` or `$AFM_EASY_VQA_DIR`).
+    #[arg(long)]
+    no_easy_vqa: bool,
+    /// Also write the report with every question, expected and given answer as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Longest answer, in tokens.
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+}
+
+pub(crate) fn cmd_eval(a: &EvalArgs) -> Result<()> {
+    if a.per_bar == 0 {
+        bail!("--per-bar must be at least 1");
+    }
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    let mut bars: Vec<Bar> = Bar::ALL.to_vec();
+    let easy = if a.no_easy_vqa {
+        bars.retain(|&b| b != Bar::EasyVqa);
+        None
+    } else {
+        // the current directory's models/easy-vqa (or $AFM_EASY_VQA_DIR), else the source
+        // tree's, where the default model is found too
+        let mut root = data_dir(&std::env::current_dir()?);
+        if !root.exists() {
+            let tree = data_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")));
+            if tree.exists() {
+                root = tree;
+            }
+        }
+        if !root.exists() {
+            bail!(
+                "the easy-VQA test data is not at {}: run `bash scripts/fetch_easy_vqa.sh` \
+                 (PyPI easy-vqa 1.0, sha256-checked), set AFM_EASY_VQA_DIR, or pass --no-easy-vqa",
+                root.display()
+            );
+        }
+        Some(EasyVqa::open(&root, Split::HeldOut).context("reading the easy-VQA test split")?)
+    };
+    // a bad --json path fails now, not after the run
+    let json_file = match &a.json {
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => None,
+    };
+    let planner = a.model.planner()?;
+    let (vlm, load_secs) = a.model.load(&planner)?;
+    eprintln!(
+        "loaded {} in {load_secs:.1} s; {} questions per bar, greedy, exact match",
+        vlm.model_type(),
+        a.per_bar
+    );
+    let opts = AskOptions {
+        generate: GenerateOptions {
+            max_new_tokens: a.max_tokens,
+            ..Default::default()
+        },
+        max_image_tokens: None,
+    };
+    let spec = EvalSpec {
+        per_bar: a.per_bar,
+        bars: bars.clone(),
+    };
+    let bar = ProgressBar::new((spec.per_bar * bars.len()) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} questions, {per_sec}, {eta} left")
+            .expect("static template"),
+    );
+    let t0 = Instant::now();
+    let report = evaluate(
+        &spec,
+        easy.as_ref(),
+        &mut |img, questions| {
+            questions
+                .iter()
+                .map(|q| {
+                    let ans = vlm.ask(img, q, &opts, &mut |_| true)?;
+                    Ok(ans.generation.text)
+                })
+                .collect()
+        },
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )
+    .map_err(|e| anyhow!("evaluation: {e}"))?;
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    print!("{}", table(&report));
+    eprintln!(
+        "{} questions in {secs:.0} s ({:.1} questions/s)",
+        report.answers.len(),
+        report.answers.len() as f64 / secs.max(1e-9)
+    );
+    if let (Some(path), Some(f)) = (&a.json, json_file) {
+        serde_json::to_writer_pretty(std::io::BufWriter::new(f), &report)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// The report as a plain-text table: one line per bar (exact matches, percentage, target,
+/// PASS / BELOW), then its categories.
+pub(crate) fn table(r: &Report) -> String {
+    let mut s = String::from("held-out split, exact match:\n");
+    for b in &r.bars {
+        let verdict = match (b.target, b.passed) {
+            (Some(t), Some(true)) => format!("target {:.0}%  PASS", t * 100.0),
+            (Some(t), _) => format!("target {:.0}%  BELOW", t * 100.0),
+            (None, _) => String::new(),
+        };
+        s.push_str(&format!(
+            "{:<50} {:>4}/{:<4} {:>6.1}%  {verdict}\n",
+            b.label,
+            b.score.correct,
+            b.score.total,
+            b.score.fraction() * 100.0
+        ));
+        if b.score.total < b.requested {
+            s.push_str(&format!(
+                "    (only {} of the {} questions asked for exist)\n",
+                b.score.total, b.requested
+            ));
+        }
+        for (c, sc) in &b.by_category {
+            s.push_str(&format!(
+                "    {:<46} {:>4}/{:<4} {:>6.1}%\n",
+                c,
+                sc.correct,
+                sc.total,
+                sc.fraction() * 100.0
+            ));
+        }
+    }
+    s
+}

@@ -1,0 +1,310 @@
+//! The quality bars of issue 6 point 4, measured on the HELD-OUT split (what `afm eval`
+//! prints).
+//!
+//! Three bars, each over the first `per_bar` questions of its kind met when walking the
+//! held-out samples in index order (for generated samples every matching question of a sample
+//! is taken before the next sample; for easy-VQA, whose images carry about ten correlated
+//! questions each, image number `k` gives only its question number `k mod n`, so the questions
+//! spread over `per_bar` images; nothing is chosen by how the model does):
+//!
+//! | bar | questions | target |
+//! | --- | --- | --- |
+//! | [`Bar::EasyVqa`] | the easy-VQA `test` folder, images by ascending id | 85% |
+//! | [`Bar::TitlesButtons`] | held-out screenshots, [`QaCategory::Title`] and [`QaCategory::Button`] | 80% |
+//! | [`Bar::SceneColourCount`] | held-out scenes, [`QaCategory::Colour`] and [`QaCategory::Count`] | 85% |
+//!
+//! plus, without a target, [`Bar::Other`]: the remaining categories of held-out screenshots and
+//! scenes (fields, list items and counts, checkboxes, dialog messages, shapes, presence,
+//! positions), so that the report shows what else the model reads.
+//!
+//! An answer counts when its trimmed text equals the expected answer exactly (the same rule as
+//! the training run's held-out evaluation). The model is a closure from an image and its
+//! questions to the answers (a model may encode the image once for all of them). A bar that
+//! ran out of questions (easy-VQA has 1,000 test images) reports how many it got
+//! ([`BarReport::requested`]).
+
+use crate::easy_vqa::EasyVqa;
+use crate::{generate, QaCategory, Sample, Split, SynthKind};
+use image::RgbImage;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// One quality bar (module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bar {
+    EasyVqa,
+    TitlesButtons,
+    SceneColourCount,
+    Other,
+}
+
+impl Bar {
+    pub const ALL: [Bar; 4] = [
+        Bar::EasyVqa,
+        Bar::TitlesButtons,
+        Bar::SceneColourCount,
+        Bar::Other,
+    ];
+
+    /// The target exact-match fraction, `None` for [`Bar::Other`].
+    pub fn target(self) -> Option<f64> {
+        match self {
+            Bar::EasyVqa => Some(0.85),
+            Bar::TitlesButtons => Some(0.80),
+            Bar::SceneColourCount => Some(0.85),
+            Bar::Other => None,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Bar::EasyVqa => "easy-VQA test questions",
+            Bar::TitlesButtons => "screens: titles and button labels read exactly",
+            Bar::SceneColourCount => "scenes: colour and count questions",
+            Bar::Other => "other screen and scene questions (no target)",
+        }
+    }
+
+    /// Which bar a question of `sample` belongs to.
+    fn of(sample: &Sample, c: QaCategory) -> Bar {
+        use QaCategory::*;
+        match (sample.kind, c) {
+            (crate::Kind::EasyVqa, _) => Bar::EasyVqa,
+            (crate::Kind::Screen, Title | Button) => Bar::TitlesButtons,
+            (crate::Kind::Scene, Colour | Count) => Bar::SceneColourCount,
+            _ => Bar::Other,
+        }
+    }
+}
+
+/// One answered question.
+#[derive(Clone, Debug, Serialize)]
+pub struct Graded {
+    pub bar: Bar,
+    pub category: QaCategory,
+    /// `screen`, `scene` or `easy_vqa` and the sample's index in its held-out split.
+    pub source: String,
+    pub question: String,
+    pub expected: String,
+    pub answer: String,
+    pub correct: bool,
+}
+
+/// Exact-match counts.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Score {
+    pub correct: usize,
+    pub total: usize,
+}
+
+impl Score {
+    pub fn fraction(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.total as f64
+        }
+    }
+    fn add(&mut self, ok: bool) {
+        self.total += 1;
+        self.correct += ok as usize;
+    }
+}
+
+/// The figures of one bar.
+#[derive(Clone, Debug, Serialize)]
+pub struct BarReport {
+    pub bar: Bar,
+    pub label: &'static str,
+    pub target: Option<f64>,
+    pub score: Score,
+    /// Questions asked for (`score.total` is less when the source ran out).
+    pub requested: usize,
+    /// Whether the target is met (`None` without a target or without questions).
+    pub passed: Option<bool>,
+    pub by_category: BTreeMap<String, Score>,
+}
+
+/// The whole evaluation.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub bars: Vec<BarReport>,
+    pub answers: Vec<Graded>,
+}
+
+impl Report {
+    fn from_graded(answers: Vec<Graded>, bars: &[Bar], requested: usize) -> Report {
+        let bars = bars
+            .iter()
+            .map(|&bar| {
+                let mut score = Score::default();
+                let mut by_category: BTreeMap<String, Score> = BTreeMap::new();
+                for g in answers.iter().filter(|g| g.bar == bar) {
+                    score.add(g.correct);
+                    let name = serde_json::to_value(g.category)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_else(|| format!("{:?}", g.category));
+                    by_category.entry(name).or_default().add(g.correct);
+                }
+                let passed = match (bar.target(), score.total) {
+                    (Some(t), n) if n > 0 => Some(score.fraction() >= t),
+                    _ => None,
+                };
+                BarReport {
+                    bar,
+                    label: bar.label(),
+                    target: bar.target(),
+                    score,
+                    requested,
+                    passed,
+                    by_category,
+                }
+            })
+            .collect();
+        Report { bars, answers }
+    }
+}
+
+/// What to evaluate.
+#[derive(Clone, Debug)]
+pub struct EvalSpec {
+    /// Questions per bar.
+    pub per_bar: usize,
+    /// The bars to measure ([`Bar::EasyVqa`] needs `easy`).
+    pub bars: Vec<Bar>,
+}
+
+/// Error of an evaluation: the model's or the data's.
+pub type EvalError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Walks the held-out samples (module docs) and grades `answer(image, questions)`, which
+/// returns one answer per question. `progress(done, total)` is called after each sample.
+pub fn evaluate(
+    spec: &EvalSpec,
+    easy: Option<&EasyVqa>,
+    answer: &mut dyn FnMut(&RgbImage, &[String]) -> Result<Vec<String>, EvalError>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Report, EvalError> {
+    if spec.per_bar == 0 {
+        return Err("questions per bar must be at least 1".into());
+    }
+    if let Some(e) = easy {
+        if e.split() != Split::HeldOut {
+            return Err("easy-VQA must be its held-out (`test`) split".into());
+        }
+    }
+    let want = |b: Bar| spec.bars.contains(&b);
+    if want(Bar::EasyVqa) && easy.is_none() {
+        return Err("the easy-VQA bar needs the easy-VQA test data".into());
+    }
+    let total = spec.per_bar * spec.bars.len();
+    let mut graded: Vec<Graded> = Vec::with_capacity(total);
+    let mut count: BTreeMap<Bar, usize> = BTreeMap::new();
+    let full =
+        |count: &BTreeMap<Bar, usize>, b: Bar| count.get(&b).copied().unwrap_or(0) >= spec.per_bar;
+
+    // The sources in turn: (which, the bars it feeds).
+    let mut sources: Vec<(&str, Vec<Bar>)> = vec![];
+    if want(Bar::EasyVqa) {
+        sources.push(("easy_vqa", vec![Bar::EasyVqa]));
+    }
+    let screen_bars: Vec<Bar> = [Bar::TitlesButtons, Bar::Other]
+        .into_iter()
+        .filter(|&b| want(b))
+        .collect();
+    if !screen_bars.is_empty() {
+        sources.push(("screen", screen_bars));
+    }
+    let scene_bars: Vec<Bar> = [Bar::SceneColourCount, Bar::Other]
+        .into_iter()
+        .filter(|&b| want(b))
+        .collect();
+    if !scene_bars.is_empty() {
+        sources.push(("scene", scene_bars));
+    }
+    for (source, feeds) in sources {
+        let mut index = 0u64;
+        // `Other` is shared by screens and scenes: half from the screens, the rest from the
+        // scenes.
+        let cap = |b: Bar| {
+            if b == Bar::Other && source == "screen" {
+                spec.per_bar.div_ceil(2)
+            } else {
+                spec.per_bar
+            }
+        };
+        // Every generated sample has questions of every bar it feeds; this bound only guards
+        // against a generator that stopped asking them.
+        let max_samples = 50 * spec.per_bar as u64 + 100;
+        let mut local: BTreeMap<Bar, usize> = BTreeMap::new();
+        loop {
+            if feeds
+                .iter()
+                .all(|&b| local.get(&b).copied().unwrap_or(0) >= cap(b) || full(&count, b))
+            {
+                break;
+            }
+            if index >= max_samples {
+                break;
+            }
+            let sample = match source {
+                "easy_vqa" => {
+                    let e = easy.expect("checked above");
+                    if index as usize >= e.len() {
+                        break;
+                    }
+                    e.get(index as usize)?
+                }
+                "screen" => generate(SynthKind::Screen, Split::HeldOut, index),
+                _ => generate(SynthKind::Scene, Split::HeldOut, index),
+            };
+            let mut picked = vec![];
+            let one = (source == "easy_vqa").then(|| index as usize % sample.qa.len().max(1));
+            for (qi, qa) in sample.qa.iter().enumerate() {
+                if one.is_some_and(|k| k != qi) {
+                    continue;
+                }
+                let bar = Bar::of(&sample, qa.category);
+                if !feeds.contains(&bar) {
+                    continue;
+                }
+                let n = local.entry(bar).or_default();
+                if *n >= cap(bar) || full(&count, bar) {
+                    continue;
+                }
+                *n += 1;
+                *count.entry(bar).or_default() += 1;
+                picked.push((bar, qa));
+            }
+            if !picked.is_empty() {
+                let questions: Vec<String> =
+                    picked.iter().map(|(_, q)| q.question.clone()).collect();
+                let got = answer(&sample.image, &questions)?;
+                if got.len() != questions.len() {
+                    return Err(format!(
+                        "the model gave {} answers to {} questions",
+                        got.len(),
+                        questions.len()
+                    )
+                    .into());
+                }
+                for ((bar, qa), a) in picked.into_iter().zip(got) {
+                    graded.push(Graded {
+                        bar,
+                        category: qa.category,
+                        source: format!("{source} {}", sample.index),
+                        question: qa.question.clone(),
+                        expected: qa.answer.clone(),
+                        correct: a.trim() == qa.answer.trim(),
+                        answer: a,
+                    });
+                }
+                progress(graded.len(), total);
+            }
+            index += 1;
+        }
+    }
+    Ok(Report::from_graded(graded, &spec.bars, spec.per_bar))
+}
