@@ -205,25 +205,16 @@ pub fn evaluate(
     let full =
         |count: &BTreeMap<Bar, usize>, b: Bar| count.get(&b).copied().unwrap_or(0) >= spec.per_bar;
 
-    // The sources in turn: (which, the bars it feeds).
-    let mut sources: Vec<(&str, Vec<Bar>)> = vec![];
-    if want(Bar::EasyVqa) {
-        sources.push(("easy_vqa", vec![Bar::EasyVqa]));
-    }
-    let screen_bars: Vec<Bar> = [Bar::TitlesButtons, Bar::Other]
-        .into_iter()
-        .filter(|&b| want(b))
-        .collect();
-    if !screen_bars.is_empty() {
-        sources.push(("screen", screen_bars));
-    }
-    let scene_bars: Vec<Bar> = [Bar::SceneColourCount, Bar::Other]
-        .into_iter()
-        .filter(|&b| want(b))
-        .collect();
-    if !scene_bars.is_empty() {
-        sources.push(("scene", scene_bars));
-    }
+    // The sources in turn, each with the bars it can feed, kept to the wanted ones.
+    let sources: Vec<(&str, Vec<Bar>)> = [
+        ("easy_vqa", &[Bar::EasyVqa][..]),
+        ("screen", &[Bar::TitlesButtons, Bar::Other]),
+        ("scene", &[Bar::SceneColourCount, Bar::Other]),
+    ]
+    .into_iter()
+    .map(|(source, bars)| (source, bars.iter().copied().filter(|&b| want(b)).collect()))
+    .filter(|(_, feeds): &(&str, Vec<Bar>)| !feeds.is_empty())
+    .collect();
     for (source, feeds) in sources {
         let mut index = 0u64;
         // `Other` is shared by screens and scenes: half from the screens, the rest from the
