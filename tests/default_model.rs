@@ -116,3 +116,23 @@ fn eval_of_the_shipped_model_stays_above_its_floor() {
     frac("titles_buttons");
     frac("other");
 }
+
+#[test]
+fn afm_tiny_output_norm_starts_at_smollm2_embedding_scale() {
+    // the recorded constant is what the real LM measures (image tokens start at the scale of
+    // the words around them)
+    let Some(gguf) = common::smollm2_gguf() else {
+        return;
+    };
+    let lm = afm_train::adapter_train::FrozenLm::from_gguf(&gguf).unwrap();
+    let rms = lm.token_embedding_rms().unwrap();
+    let rec = afm_train::adapter_train::SMOLLM2_EMBEDDING_RMS;
+    assert!(
+        (rms - rec).abs() < 0.01 * rec.max(rms) * 5.0,
+        "measured {rms}, recorded {rec}"
+    );
+    assert_eq!(
+        afm_train::adapter_train::AdapterTrainConfig::afm_tiny().output_norm_gain,
+        Some(rec)
+    );
+}

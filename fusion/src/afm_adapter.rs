@@ -9,14 +9,20 @@
 //! * the convolution keeps the width (`text_hidden_size` in and out), padding 1, with bias;
 //! * pooling is adaptive average pooling as `torch.nn.AdaptiveAvgPool2d`: output cell `i`
 //!   averages input rows `floor(i*H/h) .. ceil((i+1)*H/h)` (and the same for columns), so any
-//!   patch grid pools to the configured grid (42x42 -> 12x12 at 672 px with patch 16).
+//!   patch grid pools to the configured grid (42x42 -> 12x12 at 672 px with patch 16);
+//! * optionally (`output_norm_eps` set), an RMSNorm with a learned gain over each pooled image
+//!   token, as in the LM's own layers: `y = x / sqrt(mean(x^2) + eps) * out_norm.weight`. It
+//!   pins the image tokens' scale near the LM's token embeddings; without it training drifted
+//!   to image tokens ~55x larger than SmolLM2's word embeddings (norm 177 vs 3.2), and the
+//!   frozen LM barely used them.
 //!
 //! Checkpoint layout (`adapter` object in `config.json`, tensors under `adapter.`):
 //! `adapter.layer.{layer_norm1,layer_norm2}.{weight,bias}`,
 //! `adapter.layer.self_attn.{q_proj,k_proj,v_proj,out_proj}.{weight,bias}`,
 //! `adapter.layer.mlp.{fc1,fc2}.{weight,bias}` (SigLIP encoder-layer names),
 //! `adapter.proj.weight (text_hidden, vision_hidden)`, `adapter.proj.bias (text_hidden)`,
-//! `adapter.conv.weight (text_hidden, text_hidden, 3, 3)`, `adapter.conv.bias (text_hidden)`.
+//! `adapter.conv.weight (text_hidden, text_hidden, 3, 3)`, `adapter.conv.bias (text_hidden)`,
+//! and with `output_norm_eps`, `adapter.out_norm.weight (text_hidden)`.
 
 use crate::connector::Adapter;
 use crate::error::{FusionError, Result};
@@ -42,6 +48,9 @@ pub struct AfmAdapterConfig {
     pub hidden_act: String,
     /// Output grid `[rows, cols]` of image tokens per tile (`[12, 12]` in the paper).
     pub pool: [usize; 2],
+    /// RMSNorm epsilon of the optional output norm (module docs); absent: no output norm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_norm_eps: Option<f64>,
 }
 
 fn eps() -> f64 {
@@ -75,6 +84,8 @@ pub struct AfmAdapter {
     proj: Dense,
     conv_w: Tensor,
     conv_b: Tensor,
+    /// `(eps, gain (text_hidden))` of the output RMSNorm.
+    out_norm: Option<(f64, Tensor)>,
     /// Pooling matrices `(pool_h * pool_w, gh * gw)` per input grid.
     pools: Mutex<HashMap<(usize, usize), Tensor>>,
     fast: bool,
@@ -119,6 +130,16 @@ impl AfmAdapter {
             proj: Dense::load(&w, "proj", dl, dv)?,
             conv_w: w.get("conv.weight", &[dl, dl, 3, 3])?,
             conv_b: w.get("conv.bias", &[dl])?.reshape((1, dl, 1, 1))?,
+            out_norm: match cfg.output_norm_eps {
+                Some(eps) if !(eps > 0.0 && eps.is_finite()) => {
+                    return Err(FusionError::config(
+                        "adapter.output_norm_eps",
+                        "must be a positive number",
+                    ))
+                }
+                Some(eps) => Some((eps, w.get("out_norm.weight", &[dl])?)),
+                None => None,
+            },
             pools: Mutex::new(HashMap::new()),
             fast: true,
             cfg,
@@ -185,6 +206,13 @@ impl Adapter for AfmAdapter {
             .broadcast_add(&self.conv_b)?; // (b, dl, gh, gw)
         let h = h.reshape((b, dl, gh * gw))?.transpose(1, 2)?.contiguous()?;
         let p = self.pool_matrix(gh, gw)?;
-        Ok(p.unsqueeze(0)?.repeat((b, 1, 1))?.matmul(&h)?)
+        let y = p.unsqueeze(0)?.repeat((b, 1, 1))?.matmul(&h)?; // (b, oh*ow, dl)
+        Ok(match &self.out_norm {
+            None => y,
+            // plain ops: differentiable, and only oh*ow rows per image
+            Some((eps, g)) => y
+                .broadcast_div(&(y.sqr()?.mean_keepdim(2)? + *eps)?.sqrt()?)?
+                .broadcast_mul(g)?,
+        })
     }
 }

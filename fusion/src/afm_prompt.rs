@@ -37,6 +37,13 @@
 //! token and the end-of-turn token (position `k - 1` predicts token `k`); the prompt,
 //! placeholders included, carries no loss.
 //!
+//! Several questions about one image can share a sequence
+//! ([`PromptFormat::conversation`]): the first turn is exactly the single-question sequence,
+//! then each further question is a user turn of its own (text only, rendered by the
+//! template) followed by its answer and end-of-turn token, which carry loss too. One pass of
+//! the frozen LM then trains several answers, and multi-turn chat about an image is what it
+//! learns.
+//!
 //! # Inference
 //! Encode the prompt, splice the image embeddings over the placeholders
 //! ([`crate::vlm::splice`]), decode until the end-of-turn token ([`crate::afm_tiny::AfmTiny`]).
@@ -53,24 +60,34 @@ pub const IMAGE_PLACEHOLDER: &str = "<empty_output>";
 /// The question that asks for a caption.
 pub const CAPTION_PROMPT: &str = "Describe the image.";
 
-/// One training (or evaluation) sequence.
+/// One training (or evaluation) sequence: one question and its answer
+/// ([`PromptFormat::example`]), or several turns about the same image
+/// ([`PromptFormat::conversation`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
-    /// Prompt, answer and end-of-turn token ids.
+    /// Prompt, answer(s) and end-of-turn token ids.
     pub ids: Vec<u32>,
-    /// Length of the prompt: `ids[prompt_len..]` are the target tokens (answer + end of turn).
+    /// Length of the first turn's prompt (what inference feeds for the first question).
     pub prompt_len: usize,
+    /// `true` for the tokens that carry loss: every answer token and the end-of-turn token
+    /// after it.
+    pub loss: Vec<bool>,
 }
 
 impl Example {
-    /// `true` for the tokens that carry loss (answer and end of turn).
+    /// `true` for the tokens that carry loss (answers and their end-of-turn tokens).
     pub fn loss_mask(&self) -> Vec<bool> {
-        (0..self.ids.len()).map(|i| i >= self.prompt_len).collect()
+        self.loss.clone()
     }
 
-    /// The target tokens.
-    pub fn targets(&self) -> &[u32] {
-        &self.ids[self.prompt_len..]
+    /// The target tokens, in order.
+    pub fn targets(&self) -> Vec<u32> {
+        self.ids
+            .iter()
+            .zip(&self.loss)
+            .filter(|(_, &m)| m)
+            .map(|(&i, _)| i)
+            .collect()
     }
 }
 
@@ -133,8 +150,18 @@ impl<'a> PromptFormat<'a> {
 
     /// The rendered prompt text for `question` over an image of `image_tokens` embeddings.
     pub fn prompt_text(&self, question: &str, image_tokens: usize) -> Result<String> {
-        let user = format!("{}\n{question}", self.placeholder.repeat(image_tokens));
-        Ok(render_chat(self.tok, &[Message::user(user)])?)
+        Ok(render_chat(
+            self.tok,
+            &[self.image_message(question, image_tokens)],
+        )?)
+    }
+
+    /// The first user message: `image_tokens` placeholders, `\n`, the question.
+    fn image_message(&self, question: &str, image_tokens: usize) -> Message {
+        Message::user(format!(
+            "{}\n{question}",
+            self.placeholder.repeat(image_tokens)
+        ))
     }
 
     /// The prompt's token ids; exactly `image_tokens` of them are the placeholder.
@@ -165,8 +192,10 @@ impl<'a> PromptFormat<'a> {
 
     /// A training sequence: prompt, answer, end of turn (module docs).
     pub fn example(&self, question: &str, answer: &str, image_tokens: usize) -> Result<Example> {
-        let mut ids = self.prompt_ids(question, image_tokens)?;
-        let prompt_len = ids.len();
+        self.conversation(&[(question, answer)], image_tokens)
+    }
+
+    fn answer_ids(&self, question: &str, answer: &str) -> Result<Vec<u32>> {
         let ans =
             self.tok.inner().encode(answer, false).map_err(|e| {
                 FusionError::Invalid(format!("tokenizing the answer `{answer}`: {e}"))
@@ -176,9 +205,46 @@ impl<'a> PromptFormat<'a> {
                 "the answer to `{question}` is empty"
             )));
         }
-        ids.extend_from_slice(ans.get_ids());
-        ids.push(self.end_of_turn);
+        Ok(ans.get_ids().to_vec())
+    }
+
+    /// A multi-turn training sequence about one image (module docs, "Training sequences"):
+    /// the first user turn holds the image and `turns[0].0`, later user turns only their
+    /// question; every answer and its end-of-turn token carry loss. The first turn is
+    /// exactly [`Self::example`]`(turns[0])`. Turn `k`'s prompt is the template's rendering
+    /// of the chat up to question `k`, which must extend the tokens so far (it does for
+    /// ChatML, whose turn boundaries are special tokens); otherwise this errors rather than
+    /// train on tokens inference would never see.
+    pub fn conversation(&self, turns: &[(&str, &str)], image_tokens: usize) -> Result<Example> {
+        if turns.is_empty() {
+            return Err(FusionError::Invalid("a conversation needs a turn".into()));
+        }
+        let mut ids = self.prompt_ids(turns[0].0, image_tokens)?;
+        let prompt_len = ids.len();
+        let mut loss = vec![false; ids.len()];
+        let mut msgs = vec![self.image_message(turns[0].0, image_tokens)];
+        for (k, &(q, a)) in turns.iter().enumerate() {
+            if k > 0 {
+                msgs.push(Message::user(q));
+                let p = self.tok.encode(&render_chat(self.tok, &msgs)?)?;
+                if !p.starts_with(&ids) {
+                    return Err(FusionError::Invalid(format!(
+                        "the chat template's rendering of turn {k} does not extend the tokens of the turns before it"
+                    )));
+                }
+                loss.resize(p.len(), false);
+                ids = p;
+            }
+            ids.extend(self.answer_ids(q, a)?);
+            ids.push(self.end_of_turn);
+            loss.resize(ids.len(), true);
+            msgs.push(Message::assistant(a));
+        }
         self.check_placeholders(&ids, image_tokens)?;
-        Ok(Example { ids, prompt_len })
+        Ok(Example {
+            ids,
+            prompt_len,
+            loss,
+        })
     }
 }

@@ -45,6 +45,41 @@ fn afm_adapter_matches_pytorch_layer_linear_conv_and_adaptive_pool() {
 }
 
 #[test]
+fn afm_adapter_output_norm_matches_pytorch_rmsnorm() {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("config.json")).unwrap()).unwrap();
+    let mut cfg: AfmAdapterConfig = serde_json::from_value(meta["adapter"].clone()).unwrap();
+    cfg.output_norm_eps = meta["output_norm_eps"].as_f64();
+    assert!(cfg.output_norm_eps.is_some());
+    let t =
+        candle_core::safetensors::load(dir().join("weights.safetensors"), &Device::Cpu).unwrap();
+    let mut a = AfmAdapter::load(t.clone(), cfg.clone()).unwrap();
+    let x = Tensor::from_vec(read_f32("input.f32"), (2, 50, 32), &Device::Cpu).unwrap();
+    let want = Tensor::from_vec(read_f32("output_out_norm.f32"), (2, 9, 48), &Device::Cpu).unwrap();
+    let d = max_diff(&a.forward(&x, (7, 7), 1).unwrap(), &want);
+    println!("AFM adapter + output RMSNorm vs PyTorch: max |diff| = {d:e}");
+    assert!(d < 1e-4, "{d}");
+    a.set_fast_kernels(false);
+    let d2 = max_diff(&a.forward(&x, (7, 7), 1).unwrap(), &want);
+    assert!(d2 < 1e-4, "candle-op path: {d2}");
+    // without the output norm the result differs (the test above), and a missing gain or a
+    // bad epsilon is an error naming it
+    let mut no_gain = t.clone();
+    no_gain.remove("adapter.out_norm.weight");
+    let e = AfmAdapter::load(no_gain, cfg.clone())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("out_norm.weight"), "{e}");
+    let bad = AfmAdapterConfig {
+        output_norm_eps: Some(-1.0),
+        ..cfg
+    };
+    let e = AfmAdapter::load(t, bad).err().unwrap().to_string();
+    assert!(e.contains("output_norm_eps"), "{e}");
+}
+
+#[test]
 fn adaptive_pool_bins_match_pytorch_rule_and_average() {
     // 42x42 -> 12x12 (the paper's 672 px tile): every row of the matrix sums to 1 and
     // cell 0 averages rows/cols 0..4 (ceil(42/12) = 4)

@@ -19,11 +19,22 @@
 //! # Objective
 //! Every example is one sequence (prompt format in [`crate::prompt`]): example `j` of the run
 //! (`j = step * batch_size + i`) is sample [`crate::pretrain::example`]`(j)` (scenes, screens,
-//! easy-VQA when given, in turn) and, of its caption (question [`CAPTION_PROMPT`]) and its
-//! question/answer pairs, the one numbered `mix(j) % (pairs + 1)` (`mix`: SplitMix64; the
-//! caption is left out when empty). Sequences are right-padded to the longest of the batch
-//! (the causal mask keeps padding out of the real positions). The loss is the mean
-//! cross-entropy over all answer and end-of-turn tokens of the batch.
+//! easy-VQA when given, in turn) and up to `qa_per_sequence` of its caption (question
+//! [`CAPTION_PROMPT`]) and question/answer pairs as a multi-turn chat ([`pick_turns`]: the
+//! first is the one numbered `mix(j) % (pairs + 1)`, `mix` being SplitMix64, the rest in a
+//! shuffled order; the caption is left out when empty). Sequences are right-padded to the
+//! longest of the batch (the causal mask keeps padding out of the real positions). The loss
+//! is the mean cross-entropy over all answer and end-of-turn tokens of the batch.
+//!
+//! Packing several questions per image matters on 2 cores: the frozen LM's forward and
+//! backward dominate a step, and four turns cost about 1.4x one turn's sequence while giving
+//! four answers' worth of gradient.
+//!
+//! The adapter ends in an RMSNorm whose gain starts at the LM's token-embedding RMS
+//! (`output_norm_gain`, [`SMOLLM2_EMBEDDING_RMS`]): a run without it let the image tokens
+//! drift to ~55x the norm of SmolLM2's word embeddings, and the frozen LM then answered
+//! colour and count questions from its prior (`train/examples/diag_image.rs` measures this:
+//! held-out loss with the right image vs another image, per question kind).
 //!
 //! # Held-out evaluation (after every epoch)
 //! `eval_questions` held-out questions: example `j` of the held-out split, question
@@ -67,6 +78,7 @@ use afm_lm::Tokenizer;
 use afm_vision::weights::VisionWeights;
 use afm_vision::{VisionConfig, VisionEncoder};
 use candle_core::{DType, Device, Tensor, D};
+use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -99,7 +111,25 @@ pub struct AdapterTrainConfig {
     pub checkpoint_every: usize,
     /// Seed of the parameter initialisation.
     pub seed: u64,
+    /// Initial gain of the adapter's output RMSNorm ([`afm_fusion::afm_adapter`] docs);
+    /// `None`: no output norm (runs before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_norm_gain: Option<f32>,
+    /// Up to this many of a training image's questions (and caption) share one sequence as a
+    /// multi-turn chat ([`crate::prompt::PromptFormat::conversation`]); held-out questions
+    /// are always asked alone.
+    #[serde(default = "one")]
+    pub qa_per_sequence: usize,
 }
+
+fn one() -> usize {
+    1
+}
+
+/// RMS of SmolLM2-135M-Instruct's token embeddings (median over its vocabulary, 0.131;
+/// [`FrozenLm::token_embedding_rms`]): where `afm-tiny`'s output norm starts, so the image
+/// tokens start at the scale of the words around them.
+pub const SMOLLM2_EMBEDDING_RMS: f32 = 0.131;
 
 impl AdapterTrainConfig {
     /// `afm-tiny`: the stage-1 encoder (224 px, 14x14 patches), a 6x6 pool = 36 image tokens,
@@ -123,6 +153,8 @@ impl AdapterTrainConfig {
             eval_max_new_tokens: 12,
             checkpoint_every: 50,
             seed: 0,
+            output_norm_gain: Some(SMOLLM2_EMBEDDING_RMS),
+            qa_per_sequence: 4,
         }
     }
 
@@ -147,6 +179,8 @@ impl AdapterTrainConfig {
             eval_max_new_tokens: 3,
             checkpoint_every: 1,
             seed: 0,
+            output_norm_gain: Some(1.0),
+            qa_per_sequence: 2,
         }
     }
 
@@ -160,6 +194,7 @@ impl AdapterTrainConfig {
             ("eval_max_new_tokens", self.eval_max_new_tokens),
             ("pool[0]", self.pool[0]),
             ("pool[1]", self.pool[1]),
+            ("qa_per_sequence", self.qa_per_sequence),
         ] {
             if v == 0 {
                 return Err(TrainError::Invalid(format!("`{k}` must be at least 1")));
@@ -174,6 +209,13 @@ impl AdapterTrainConfig {
         }
         if !(self.adamw.lr > 0.0 && self.adamw.lr.is_finite()) {
             return Err(TrainError::Invalid("`adamw.lr` must be positive".into()));
+        }
+        if let Some(g) = self.output_norm_gain {
+            if !(g > 0.0 && g.is_finite()) {
+                return Err(TrainError::Invalid(
+                    "`output_norm_gain` must be positive".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -202,9 +244,13 @@ impl AdapterTrainConfig {
             layer_norm_eps: v.layer_norm_eps,
             hidden_act: v.hidden_act.clone(),
             pool: self.pool,
+            output_norm_eps: self.output_norm_gain.map(|_| ADAPTER_OUTPUT_NORM_EPS),
         }
     }
 }
+
+/// Epsilon of the adapter's output RMSNorm (SmolLM2's own RMSNorm epsilon).
+pub const ADAPTER_OUTPUT_NORM_EPS: f64 = 1e-5;
 
 /// The frozen language model: the differentiable decoder and its tokenizer.
 pub struct FrozenLm {
@@ -248,6 +294,17 @@ impl FrozenLm {
     pub fn hidden_size(&self) -> usize {
         self.info.hidden_size
     }
+
+    /// Median over the vocabulary of the token embeddings' RMS (what
+    /// [`SMOLLM2_EMBEDDING_RMS`] records for SmolLM2-135M).
+    pub fn token_embedding_rms(&self) -> Result<f32> {
+        let v = self.info.vocab_size as u32;
+        let ids = Tensor::arange(0u32, v, &Device::Cpu)?.unsqueeze(0)?;
+        let e = self.model.embed(&ids)?.squeeze(0)?;
+        let mut r: Vec<f32> = e.sqr()?.mean(D::Minus1)?.sqrt()?.to_vec1()?;
+        r.sort_by(f32::total_cmp);
+        Ok(r[r.len() / 2])
+    }
 }
 
 fn normal(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Tensor> {
@@ -256,8 +313,13 @@ fn normal(rng: &mut ChaCha8Rng, shape: &[usize], std: f32) -> Result<Tensor> {
 
 /// Fresh adapter parameters (names in [`afm_fusion::afm_adapter`]'s docs, under `adapter.`):
 /// matrices of the transformer layer and the projection N(0, 0.02), LayerNorms 1 / 0, biases
-/// 0; the 3x3 convolution starts as the identity (centre tap) plus N(0, 0.002) noise.
-pub fn init_adapter(cfg: &AfmAdapterConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+/// 0; the 3x3 convolution starts as the identity (centre tap) plus N(0, 0.002) noise; the
+/// output norm's gain (when `out_gain` is given) is `out_gain` everywhere.
+pub fn init_adapter(
+    cfg: &AfmAdapterConfig,
+    seed: u64,
+    out_gain: Option<f32>,
+) -> Result<HashMap<String, Tensor>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xada9_7e55);
     let (d, i, dl) = (
         cfg.vision_hidden_size,
@@ -303,6 +365,9 @@ pub fn init_adapter(cfg: &AfmAdapterConfig, seed: u64) -> Result<HashMap<String,
         (centre + normal(&mut rng, &[dl, dl, 3, 3], 0.002)?)?,
     );
     m.insert("adapter.conv.bias".into(), zeros(dl)?);
+    if let Some(g) = out_gain {
+        m.insert("adapter.out_norm.weight".into(), (ones(dl)? * g as f64)?);
+    }
     Ok(m)
 }
 
@@ -367,7 +432,11 @@ impl Trainable {
                 init_params(&pc, 1)?.with_prefix("vision.")
             }
         };
-        let mut tensors = init_adapter(&cfg.adapter_config(lm_hidden), cfg.seed)?;
+        let mut tensors = init_adapter(
+            &cfg.adapter_config(lm_hidden),
+            cfg.seed,
+            cfg.output_norm_gain,
+        )?;
         let frozen_vit = if cfg.train_vit {
             tensors.extend(vit.into_iter().map(|(k, v)| (format!("vision.{k}"), v)));
             None
@@ -452,6 +521,19 @@ pub fn pick(
     j: u64,
     with_caption: bool,
 ) -> Result<(String, String, Option<QaCategory>)> {
+    Ok(pick_turns(sample, j, with_caption, 1)?.swap_remove(0))
+}
+
+/// The turns of example `j`: up to `max` of the sample's questions (and its caption, when
+/// `with_caption` and not empty), each at most once. The first is the one numbered
+/// `mix(j) % n` of the `n` candidates ([`pick`]); the rest follow in an order shuffled by
+/// `mix(j)`.
+pub fn pick_turns(
+    sample: &Sample,
+    j: u64,
+    with_caption: bool,
+    max: usize,
+) -> Result<Vec<(String, String, Option<QaCategory>)>> {
     let cap = with_caption && !sample.caption.trim().is_empty();
     let n = sample.qa.len() + cap as usize;
     if n == 0 {
@@ -460,13 +542,22 @@ pub fn pick(
             sample.index, sample.kind
         )));
     }
-    let k = (mix(j) % n as u64) as usize;
-    Ok(if cap && k == sample.qa.len() {
-        (CAPTION_PROMPT.to_string(), sample.caption.clone(), None)
-    } else {
-        let q = &sample.qa[k];
-        (q.question.clone(), q.answer.clone(), Some(q.category))
-    })
+    let first = (mix(j) % n as u64) as usize;
+    let mut rest: Vec<usize> = (0..n).filter(|&k| k != first).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(j ^ 0x5eed_7a11));
+    rest.shuffle(&mut rng);
+    Ok(std::iter::once(first)
+        .chain(rest)
+        .take(max.max(1))
+        .map(|k| {
+            if cap && k == sample.qa.len() {
+                (CAPTION_PROMPT.to_string(), sample.caption.clone(), None)
+            } else {
+                let q = &sample.qa[k];
+                (q.question.clone(), q.answer.clone(), Some(q.category))
+            }
+        })
+        .collect())
 }
 
 /// A batch: pixels, sequences, and what each asks.
@@ -474,12 +565,14 @@ pub struct Batch {
     /// `(b, 3, s, s)`
     pub pixels: Tensor,
     pub examples: Vec<Example>,
+    /// The first turn of each sequence (the only one for held-out batches).
     pub questions: Vec<String>,
     pub answers: Vec<String>,
     pub categories: Vec<Option<QaCategory>>,
 }
 
-/// Examples `start .. start + n` of `split` (training: captions included; held-out: not).
+/// Examples `start .. start + n` of `split` (training: captions included, up to
+/// `qa_per_sequence` turns per sequence; held-out: one question, no captions).
 pub fn batch(
     cfg: &AdapterTrainConfig,
     fmt: &PromptFormat,
@@ -498,10 +591,16 @@ pub fn batch(
     let mut px = vec![];
     for j in start..start + n as u64 {
         let s = example(j, split, easy)?;
-        let (q, a, c) = pick(&s, j, split == Split::Train)?;
+        let train = split == Split::Train;
+        let turns = pick_turns(&s, j, train, if train { cfg.qa_per_sequence } else { 1 })?;
+        let qa: Vec<(&str, &str)> = turns
+            .iter()
+            .map(|(q, a, _)| (q.as_str(), a.as_str()))
+            .collect();
         b.examples
-            .push(fmt.example(&q, &a, cfg.tokens_per_image())?);
+            .push(fmt.conversation(&qa, cfg.tokens_per_image())?);
         px.push(pixels(&s, cfg.vision.image_size)?);
+        let (q, a, c) = turns.into_iter().next().expect("at least one turn");
         b.questions.push(q);
         b.answers.push(a);
         b.categories.push(c);
@@ -571,8 +670,8 @@ pub fn input_embeddings(
     Ok(Tensor::stack(&rows, 0)?)
 }
 
-/// Mean cross-entropy over the target tokens (answer + end of turn) of `examples`, given
-/// their image embeddings.
+/// Mean cross-entropy over the target tokens (answers + their end-of-turn tokens, the
+/// examples' loss masks) of `examples`, given their image embeddings.
 ///
 /// # Shapes
 /// `image: (b, n, hidden)`.
@@ -588,7 +687,7 @@ pub fn sequence_loss(
     let hs = lm.hidden_states(&x)?.reshape((b * t, h))?;
     let (mut rows, mut targets) = (vec![], vec![]);
     for (i, e) in examples.iter().enumerate() {
-        for k in e.prompt_len.max(1)..e.ids.len() {
+        for k in (1..e.ids.len()).filter(|&k| e.loss[k]) {
             rows.push((i * t + k - 1) as u32);
             targets.push(e.ids[k]);
         }

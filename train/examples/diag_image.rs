@@ -1,0 +1,97 @@
+//! Diagnostic: does the image pathway carry information? Held-out loss per category with
+//! the right images vs images rolled by one, and image-embedding vs token-embedding norms.
+//! Usage: cargo run --release -p afm-train --example diag_image -- EXPORT_DIR LM_GGUF [N]
+use afm_fusion::afm_tiny::load_export;
+use afm_fusion::Adapter;
+use afm_train::adapter_train::{batch, sequence_loss, AdapterTrainConfig, FrozenLm};
+use afm_train::easy_vqa::{data_dir, EasyVqa};
+use afm_train::prompt::PromptFormat;
+use afm_train::Split;
+use candle_core::{Device, Tensor, D};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a: Vec<String> = std::env::args().collect();
+    let (cfg_e, vit, adapter) = load_export(Path::new(&a[1]))?;
+    let lm = FrozenLm::from_gguf(Path::new(&a[2]))?;
+    let n: usize = a.get(3).map(|s| s.parse().unwrap()).unwrap_or(64);
+    let easy = EasyVqa::open(&data_dir(Path::new(".")), Split::HeldOut).ok();
+    let mut cfg = AdapterTrainConfig::afm_tiny();
+    cfg.vision = cfg_e.vision.clone();
+    cfg.pool = cfg_e.adapter.pool;
+    let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder)?;
+    // token embedding norms
+    let vocab = lm.model.config().vocab_size;
+    let ids = Tensor::arange(0u32, vocab as u32, &Device::Cpu)?;
+    let emb = lm.model.embed(&ids.unsqueeze(0)?)?.squeeze(0)?;
+    let norms = emb.sqr()?.sum(D::Minus1)?.sqrt()?;
+    let nv: Vec<f32> = norms.to_vec1()?;
+    let mut s = nv.clone();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "token embedding norms: median {:.3} p10 {:.3} p90 {:.3} mean|x| {:.4}",
+        s[vocab / 2],
+        s[vocab / 10],
+        s[vocab * 9 / 10],
+        emb.abs()?.mean_all()?.to_scalar::<f32>()?
+    );
+    let mut per: BTreeMap<String, (f32, f32, usize)> = BTreeMap::new();
+    let bs = 8;
+    let mut done = 0;
+    while done < n {
+        let b = batch(&cfg, &fmt, Split::HeldOut, done as u64, bs, easy.as_ref())?;
+        let x = vit.forward(&b.pixels)?;
+        let g = cfg.vision.grid();
+        let img = adapter.forward(&x, (g, g), cfg.vision.num_registers())?;
+        if done == 0 {
+            let inorm = img.sqr()?.sum(D::Minus1)?.sqrt()?;
+            println!(
+                "image embedding norms: mean {:.3} min {:.3} max {:.3}; mean|x| {:.4}",
+                inorm.mean_all()?.to_scalar::<f32>()?,
+                inorm.flatten_all()?.min(0)?.to_scalar::<f32>()?,
+                inorm.flatten_all()?.max(0)?.to_scalar::<f32>()?,
+                img.abs()?.mean_all()?.to_scalar::<f32>()?
+            );
+            // how different are the images' embeddings from each other?
+            let mean = img.mean(0)?;
+            let dev = img.broadcast_sub(&mean)?.sqr()?.sum(D::Minus1)?.sqrt()?;
+            println!(
+                "image embeddings: per-token distance from the batch mean {:.3}",
+                dev.mean_all()?.to_scalar::<f32>()?
+            );
+        }
+        let rolled = Tensor::cat(&[img.narrow(0, 1, bs - 1)?, img.narrow(0, 0, 1)?], 0)?;
+        for i in 0..bs {
+            let ex = std::slice::from_ref(&b.examples[i]);
+            let l1 = sequence_loss(&lm.model, ex, fmt.placeholder_id(), &img.narrow(0, i, 1)?)?
+                .to_scalar::<f32>()?;
+            let l2 = sequence_loss(
+                &lm.model,
+                ex,
+                fmt.placeholder_id(),
+                &rolled.narrow(0, i, 1)?,
+            )?
+            .to_scalar::<f32>()?;
+            let c = format!("{:?}", b.categories[i]);
+            let e = per.entry(c).or_insert((0.0, 0.0, 0));
+            e.0 += l1;
+            e.1 += l2;
+            e.2 += 1;
+        }
+        done += bs;
+    }
+    println!(
+        "{:<28} {:>6} {:>8} {:>8}",
+        "category", "n", "right", "rolled"
+    );
+    for (c, (l1, l2, k)) in per {
+        println!(
+            "{c:<28} {k:>6} {:>8.3} {:>8.3}",
+            l1 / k as f32,
+            l2 / k as f32
+        );
+    }
+    let _ = cfg_e;
+    Ok(())
+}
