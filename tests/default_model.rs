@@ -118,7 +118,7 @@ fn eval_of_the_shipped_model_stays_above_its_floor() {
 }
 
 #[test]
-fn afm_tiny_output_norm_starts_at_smollm2_embedding_scale() {
+fn recorded_smollm2_embedding_rms_is_what_the_real_lm_measures() {
     // the recorded constant is what the real LM measures (image tokens start at the scale of
     // the words around them)
     let Some(gguf) = common::smollm2_gguf() else {
@@ -131,8 +131,12 @@ fn afm_tiny_output_norm_starts_at_smollm2_embedding_scale() {
         (rms - rec).abs() < 0.01 * rec.max(rms) * 5.0,
         "measured {rms}, recorded {rec}"
     );
-    assert_eq!(
-        afm_train::adapter_train::AdapterTrainConfig::afm_tiny().output_norm_gain,
-        Some(rec)
-    );
+    // the committed variant config starts its output norm there
+    let v: afm_train::adapter_train::AdapterTrainConfig = serde_json::from_str(
+        &std::fs::read_to_string(common::root().join("train/configs/afm-tiny-norm-packed.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(v.output_norm_gain, Some(rec));
+    assert_eq!(v.qa_per_sequence, 4);
 }
