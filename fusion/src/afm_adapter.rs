@@ -12,9 +12,9 @@
 //!   patch grid pools to the configured grid (42x42 -> 12x12 at 672 px with patch 16);
 //! * optionally (`output_norm_eps` set), an RMSNorm with a learned gain over each pooled image
 //!   token, as in the LM's own layers: `y = x / sqrt(mean(x^2) + eps) * out_norm.weight`. It
-//!   pins the image tokens' scale near the LM's token embeddings; without it training drifted
-//!   to image tokens ~55x larger than SmolLM2's word embeddings (norm 177 vs 3.2), and the
-//!   frozen LM barely used them.
+//!   pins the image tokens' scale near the LM's token embeddings (the shipped `afm-tiny`,
+//!   trained without it, has image tokens of norm ~177 against ~3.2 for SmolLM2's word
+//!   embeddings). Off in `afm-tiny`; the trained variant with it is described in the README.
 //!
 //! Checkpoint layout (`adapter` object in `config.json`, tensors under `adapter.`):
 //! `adapter.layer.{layer_norm1,layer_norm2}.{weight,bias}`,
