@@ -128,7 +128,7 @@ fn recorded_smollm2_embedding_rms_is_what_the_real_lm_measures() {
     let rms = lm.token_embedding_rms().unwrap();
     let rec = afm_train::adapter_train::SMOLLM2_EMBEDDING_RMS;
     assert!(
-        (rms - rec).abs() < 0.01 * rec.max(rms) * 5.0,
+        (rms - rec).abs() < 0.05 * rec.max(rms),
         "measured {rms}, recorded {rec}"
     );
     // the committed variant config starts its output norm there

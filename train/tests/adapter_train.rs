@@ -180,7 +180,8 @@ fn lm_weights_snapshot(lm: &FrozenLm) -> Vec<f32> {
 fn training_steps_lower_the_loss_and_leave_the_lm_alone() {
     let lm = common::frozen_lm("tiny-random");
     let cfg = AdapterTrainConfig {
-        // the output norm starts at this LM's embedding scale, as afm-tiny's does at SmolLM2's
+        // the output norm starts at this LM's embedding scale, as the afm-tiny-norm-packed
+        // variant's does at SmolLM2's
         output_norm_gain: Some(lm.token_embedding_rms().unwrap()),
         ..AdapterTrainConfig::test_tiny()
     };
