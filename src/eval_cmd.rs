@@ -99,11 +99,11 @@ pub(crate) fn cmd_eval(a: &EvalArgs) -> Result<()> {
     let report = evaluate(
         &spec,
         easy.as_ref(),
-        &mut |img, questions| {
+        &mut |sample, questions| {
             questions
                 .iter()
                 .map(|q| {
-                    let ans = vlm.ask(img, q, &opts, &mut |_| true)?;
+                    let ans = vlm.ask(&sample.image, q, &opts, &mut |_| true)?;
                     Ok(ans.generation.text)
                 })
                 .collect()

@@ -30,6 +30,7 @@ use crate::afm_adapter::{AfmAdapter, AfmAdapterConfig};
 use crate::afm_prompt::PromptFormat;
 use crate::connector::Adapter;
 use crate::error::{FusionError, Result};
+use crate::image_cache::ImageCache;
 use crate::processor::ImagePlan;
 use crate::vlm::{splice, Answer, AskOptions, VisionLanguage};
 use afm_lm::{Checkpoint, DeviceModel, LanguageModel, Tokenizer};
@@ -39,6 +40,7 @@ use candle_core::{DType, Device};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// `model_type` of an afm-tiny export.
@@ -286,6 +288,8 @@ pub struct AfmTiny<M: LanguageModel> {
     adapter: AfmAdapter,
     tokenizer: Tokenizer,
     preprocess: Preprocess,
+    /// `(tokens_per_image, lm_hidden)` embeddings of recent images.
+    images: ImageCache<candle_core::Tensor>,
 }
 
 impl AfmTiny<DeviceModel> {
@@ -365,6 +369,7 @@ impl<M: LanguageModel> AfmTiny<M> {
             adapter,
             tokenizer,
             preprocess,
+            images: ImageCache::default(),
         })
     }
 
@@ -391,7 +396,19 @@ impl<M: LanguageModel> AfmTiny<M> {
         plan(&self.cfg, w, h, max_image_tokens)
     }
 
-    /// The image's `(tokens_per_image, lm_hidden)` embeddings (f32).
+    /// The image's `(tokens_per_image, lm_hidden)` embeddings (f32), and whether they came
+    /// from the cache of recent images (then the encoder did not run).
+    pub fn embed_image_cached(&self, img: &RgbImage) -> Result<(Arc<candle_core::Tensor>, bool)> {
+        let key = ImageCache::<candle_core::Tensor>::key(img, ());
+        if let Some(e) = self.images.get(key) {
+            return Ok((e, true));
+        }
+        let e = Arc::new(self.embed_image(img)?);
+        self.images.insert(key, e.clone());
+        Ok((e, false))
+    }
+
+    /// The image's `(tokens_per_image, lm_hidden)` embeddings (f32); always runs the encoder.
     pub fn embed_image(&self, img: &RgbImage) -> Result<candle_core::Tensor> {
         let s = self.cfg.image_size as u32;
         let px = self.preprocess.run(img, s, s)?.unsqueeze(0)?;
@@ -426,8 +443,12 @@ impl<M: LanguageModel> AfmTiny<M> {
     ) -> Result<Answer> {
         let plan = self.plan(img.width(), img.height(), opts.max_image_tokens)?;
         let t0 = Instant::now();
-        let image = self.embed_image(img)?;
-        let encode_secs = t0.elapsed().as_secs_f64();
+        let (image, image_from_cache) = self.embed_image_cached(img)?;
+        let encode_secs = if image_from_cache {
+            0.0
+        } else {
+            t0.elapsed().as_secs_f64()
+        };
         let (ids, embeds) = self.prepare(question, &image)?;
         let generation = afm_lm::generate_from_embeds(
             &self.lm,
@@ -441,7 +462,7 @@ impl<M: LanguageModel> AfmTiny<M> {
             generation,
             plan,
             encode_secs,
-            image_from_cache: false,
+            image_from_cache,
             prompt_tokens: ids.len(),
         })
     }

@@ -13,6 +13,7 @@ pub mod afm_tiny;
 pub mod config;
 pub mod connector;
 pub mod error;
+pub mod image_cache;
 pub mod processor;
 pub mod vlm;
 

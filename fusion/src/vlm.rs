@@ -6,6 +6,7 @@
 use crate::config::Idefics3Config;
 use crate::connector::{Adapter, PixelShuffleConnector};
 use crate::error::{FusionError, Result};
+use crate::image_cache::ImageCache;
 use crate::processor::{Idefics3Processor, ImagePlan};
 use afm_lm::weights::WeightSource;
 use afm_lm::{DeviceModel, GenerateOptions, Generation, LanguageModel, Tokenizer};
@@ -14,17 +15,13 @@ use afm_vision::VisionEncoder;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use serde::Serialize;
-use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The placeholder a chat template writes where an image goes.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
-
-/// Encoded images kept for re-use.
-const IMAGE_CACHE_ENTRIES: usize = 8;
 
 /// One image, encoded and projected into the LM's embedding space.
 #[derive(Debug)]
@@ -114,7 +111,7 @@ pub struct Vlm<M: LanguageModel> {
     processor: Idefics3Processor,
     chat_template: String,
     image_token_id: u32,
-    images: Mutex<VecDeque<(u64, Arc<EncodedImage>)>>,
+    images: ImageCache<EncodedImage>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FusionError + '_ {
@@ -283,7 +280,7 @@ impl<M: LanguageModel> Vlm<M> {
             processor,
             chat_template,
             image_token_id,
-            images: Mutex::new(VecDeque::new()),
+            images: ImageCache::default(),
         })
     }
 
@@ -304,10 +301,7 @@ impl<M: LanguageModel> Vlm<M> {
 
     /// Forgets every encoded image (the next request runs the encoder again).
     pub fn clear_image_cache(&self) {
-        self.images
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.images.clear();
     }
     pub fn encoder(&self) -> &VisionEncoder {
         &self.encoder
@@ -339,21 +333,14 @@ impl<M: LanguageModel> Vlm<M> {
         img: &RgbImage,
         max_image_tokens: Option<usize>,
     ) -> Result<Arc<EncodedImage>> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        img.dimensions().hash(&mut h);
-        img.as_raw().hash(&mut h);
-        max_image_tokens.hash(&mut h);
-        let key = h.finish();
-        {
-            let cache = self.images.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((_, e)) = cache.iter().find(|(k, _)| *k == key) {
-                return Ok(Arc::new(EncodedImage {
-                    plan: e.plan.clone(),
-                    embeds: e.embeds.clone(),
-                    encode_secs: 0.0,
-                    from_cache: true,
-                }));
-            }
+        let key = ImageCache::<EncodedImage>::key(img, max_image_tokens);
+        if let Some(e) = self.images.get(key) {
+            return Ok(Arc::new(EncodedImage {
+                plan: e.plan.clone(),
+                embeds: e.embeds.clone(),
+                encode_secs: 0.0,
+                from_cache: true,
+            }));
         }
         let t0 = Instant::now();
         let plan = self
@@ -367,11 +354,7 @@ impl<M: LanguageModel> Vlm<M> {
             encode_secs: t0.elapsed().as_secs_f64(),
             from_cache: false,
         });
-        let mut cache = self.images.lock().unwrap_or_else(|e| e.into_inner());
-        cache.push_back((key, enc.clone()));
-        while cache.len() > IMAGE_CACHE_ENTRIES {
-            cache.pop_front();
-        }
+        self.images.insert(key, enc.clone());
         Ok(enc)
     }
 

@@ -26,11 +26,11 @@ use std::path::Path;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args().collect();
-    let (cfg_e, vit, adapter) = load_export(Path::new(&a[1]))?;
-    let lm = FrozenLm::from_gguf(Path::new(&a[2]))?;
     if a.len() < 3 {
         return Err("usage: diag_image EXPORT_DIR LM_GGUF [N]".into());
     }
+    let (cfg_e, vit, adapter) = load_export(Path::new(&a[1]))?;
+    let lm = FrozenLm::from_gguf(Path::new(&a[2]))?;
     let n: usize = match a.get(3) {
         Some(s) => s
             .parse()

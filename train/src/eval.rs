@@ -18,14 +18,14 @@
 //! positions), so that the report shows what else the model reads.
 //!
 //! An answer counts when its trimmed text equals the expected answer exactly (the same rule as
-//! the training run's held-out evaluation). The model is a closure from an image and its
-//! questions to the answers (a model may encode the image once for all of them). A bar that
+//! the training run's held-out evaluation). The model is a closure from a sample (a model
+//! reads only its image) and its questions to the answers (a model may encode the image once
+//! for all of them). A bar that
 //! ran out of questions (easy-VQA has 1,000 test images) reports how many it got
 //! ([`BarReport::requested`]).
 
 use crate::easy_vqa::EasyVqa;
 use crate::{generate, QaCategory, Sample, Split, SynthKind};
-use image::RgbImage;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -167,6 +167,22 @@ impl Report {
     }
 }
 
+/// Whether `expected` occurs in `answer` as whole words, ignoring case and punctuation: a
+/// lenient grade that forgives the answer's form ("The answer is 4." for "4"), used next to
+/// exact match by the reference baselines (`examples/text_oracle.rs`), never by the bars.
+pub fn contains_answer(answer: &str, expected: &str) -> bool {
+    let words = |s: &str| -> Vec<String> {
+        s.to_lowercase()
+            .split(|c: char| !c.is_alphanumeric() && !matches!(c, '_' | '/' | ':' | '.'))
+            .map(|w| w.trim_matches('.'))
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let (a, e) = (words(answer), words(expected));
+    !e.is_empty() && a.windows(e.len()).any(|w| w == e.as_slice())
+}
+
 /// What to evaluate.
 #[derive(Clone, Debug)]
 pub struct EvalSpec {
@@ -179,12 +195,13 @@ pub struct EvalSpec {
 /// Error of an evaluation: the model's or the data's.
 pub type EvalError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Walks the held-out samples (module docs) and grades `answer(image, questions)`, which
-/// returns one answer per question. `progress(done, total)` is called after each sample.
+/// Walks the held-out samples (module docs) and grades `answer(sample, questions)`, which
+/// returns one answer per question (a model reads `sample.image`; the sample's other fields
+/// are its ground truth, for reference baselines such as `examples/text_oracle.rs`). `progress(done, total)` is called after each sample.
 pub fn evaluate(
     spec: &EvalSpec,
     easy: Option<&EasyVqa>,
-    answer: &mut dyn FnMut(&RgbImage, &[String]) -> Result<Vec<String>, EvalError>,
+    answer: &mut dyn FnMut(&Sample, &[String]) -> Result<Vec<String>, EvalError>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Report, EvalError> {
     if spec.per_bar == 0 {
@@ -272,7 +289,7 @@ pub fn evaluate(
             if !picked.is_empty() {
                 let questions: Vec<String> =
                     picked.iter().map(|(_, q)| q.question.clone()).collect();
-                let got = answer(&sample.image, &questions)?;
+                let got = answer(&sample, &questions)?;
                 if got.len() != questions.len() {
                     return Err(format!(
                         "the model gave {} answers to {} questions",

@@ -159,6 +159,23 @@ fn inference_matches_the_training_path() {
         .describe_screen(&s.image, &opts, &mut |_| true)
         .unwrap();
     assert_eq!(sc.generation.ids, a.generation.ids);
+    // an image is encoded once: its first request runs the encoder, the next ones reuse the
+    // embeddings (example 7 is not among the images asked about above)
+    let s7 = example(7, Split::HeldOut, None).unwrap();
+    let first = tiny.caption(&s7.image, &opts, &mut |_| true).unwrap();
+    assert!(!first.image_from_cache && first.encode_secs > 0.0);
+    let again = tiny.ask(&s7.image, "x", &opts, &mut |_| true).unwrap();
+    assert!(again.image_from_cache && again.encode_secs == 0.0);
+    let screen = tiny
+        .describe_screen(&s7.image, &opts, &mut |_| true)
+        .unwrap();
+    assert!(screen.image_from_cache);
+    assert_eq!(screen.generation.ids, first.generation.ids);
+    let (cached, hit) = tiny.embed_image_cached(&s7.image).unwrap();
+    assert!(hit);
+    let fresh = tiny.embed_image(&s7.image).unwrap();
+    let d = (cached.as_ref() - &fresh).unwrap().abs().unwrap();
+    assert_eq!(d.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     // a budget below the fixed 4 image tokens is refused; one at or above is met
     let e = tiny
         .ask(

@@ -70,9 +70,9 @@ fn bars_take_their_categories_from_the_held_out_split() {
     let report = evaluate(
         &spec,
         Some(&easy),
-        &mut |img, qs| {
+        &mut |s, qs| {
             calls += 1;
-            let h = pixels_hash(img);
+            let h = pixels_hash(&s.image);
             Ok(qs
                 .iter()
                 .map(|q| {
@@ -172,4 +172,21 @@ fn a_constant_answer_fails_the_bars_and_wrong_counts_are_errors() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("easy-VQA"), "{e}");
+}
+
+#[test]
+fn the_lenient_grade_matches_whole_words_only() {
+    use afm_train::eval::contains_answer;
+    assert!(contains_answer("The answer is 4.", "4"));
+    assert!(contains_answer("It says \"Not Now\".", "not now"));
+    assert!(contains_answer("The version is 0.14.14.", "0.14.14"));
+    assert!(contains_answer(
+        "It is /home/hana/Activity",
+        "/home/hana/Activity"
+    ));
+    assert!(contains_answer("The time is 11:00.", "11:00"));
+    assert!(!contains_answer("The answer is 14.", "4"));
+    assert!(!contains_answer("Nothing", "no"));
+    assert!(!contains_answer("anything", ""));
+    assert!(!contains_answer("", "yes"));
 }
