@@ -18,13 +18,14 @@
 //! * Evaluation: `afm eval`'s questions and exact-match rule (`afm_train::eval`, PER_BAR per
 //!   bar, default 200), greedy with the fast inference LM (the same GGUF, KV cache), 16 tokens.
 //!
-//! If this reference stays below a bar, a frozen-LM afm-tiny whose image tokens told the LM
-//! no more than the description could not pass it either; if it passes, the bar is a matter
-//! of the vision side.
+//! The reference tells the frozen LM everything the bars ask about. A bar it gets close to
+//! is lost on afm-tiny's vision side; a bar it stays far below asks more of the frozen LM than
+//! it does with perfect information (evidence, not a proof: image tokens are not limited to
+//! what words can say). Figures: the repository README.
 
+use afm_fusion::splice;
 use afm_lm::generate::{generate_from_embeds, GenerateOptions};
 use afm_lm::load::Checkpoint;
-use afm_lm::LanguageModel;
 use afm_train::adapter_train::{pick, sequence_loss, FrozenLm, SMOLLM2_EMBEDDING_RMS};
 use afm_train::easy_vqa::{data_dir, EasyVqa};
 use afm_train::eval::{evaluate, Bar, EvalSpec};
@@ -141,16 +142,7 @@ fn main() -> Result<(), BoxErr> {
                 .iter()
                 .map(|q| {
                     let ids = fmt.prompt_ids(&format!("{}\n{q}", sample.caption), TOKENS)?;
-                    let p = ids.iter().position(|&x| x == ph).ok_or("no placeholder")?;
-                    let text = ck.model.embed_tokens(&ids)?;
-                    let embeds = Tensor::cat(
-                        &[
-                            text.narrow(0, 0, p)?,
-                            soft.clone(),
-                            text.narrow(0, p + TOKENS, ids.len() - p - TOKENS)?,
-                        ],
-                        0,
-                    )?;
+                    let embeds = splice(&ck.model, &ids, ph, Some(&soft))?;
                     let opts = GenerateOptions {
                         max_new_tokens: 16,
                         stop_tokens: stops.clone(),

@@ -1,10 +1,10 @@
-//! The frozen language model's own ceiling on `afm eval`'s questions: SmolLM2-135M-Instruct
+//! The frozen language model zero-shot on `afm eval`'s questions: SmolLM2-135M-Instruct
 //! (the LM afm-tiny is trained against, never trained here) answers every held-out question
 //! with the image's **ground-truth description as text** where afm-tiny puts its image tokens.
-//! A perfect vision side that told the LM everything in words could do no better than this
-//! LM reading those words, so the figure bounds what a frozen-LM afm-tiny can reach through
-//! text-like image tokens (a trained adapter can still steer the answer's form, which is why
-//! a lenient "contains the answer" score is printed next to exact match).
+//! This is the zero-shot half of the reference: it shows how the untrained LM reads and
+//! answers, not a bound (afm-tiny's trained adapter also steers the answer's form, which is
+//! why a lenient "contains the answer" score is printed next to exact match, and
+//! `prompt_oracle.rs` is the trained half).
 //!
 //! ```text
 //! cargo run --release -p afm-train --example text_oracle -- LM.gguf [PER_BAR] [--json FILE]
