@@ -30,7 +30,7 @@ use crate::afm_adapter::{AfmAdapter, AfmAdapterConfig};
 use crate::afm_prompt::PromptFormat;
 use crate::connector::Adapter;
 use crate::error::{FusionError, Result};
-use crate::image_cache::ImageCache;
+use crate::image_cache::{image_key, ImageCache};
 use crate::processor::ImagePlan;
 use crate::vlm::{splice, Answer, AskOptions, VisionLanguage};
 use afm_lm::{Checkpoint, DeviceModel, LanguageModel, Tokenizer};
@@ -399,7 +399,7 @@ impl<M: LanguageModel> AfmTiny<M> {
     /// The image's `(tokens_per_image, lm_hidden)` embeddings (f32), and whether they came
     /// from the cache of recent images (then the encoder did not run).
     pub fn embed_image_cached(&self, img: &RgbImage) -> Result<(Arc<candle_core::Tensor>, bool)> {
-        let key = ImageCache::<candle_core::Tensor>::key(img, ());
+        let key = image_key(img, ());
         if let Some(e) = self.images.get(key) {
             return Ok((e, true));
         }

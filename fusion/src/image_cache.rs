@@ -14,6 +14,15 @@ use std::sync::{Arc, Mutex};
 /// Encoded images a pipeline keeps for re-use.
 pub const IMAGE_CACHE_ENTRIES: usize = 8;
 
+/// The cache key of `img` encoded with the settings `extra`.
+pub fn image_key(img: &RgbImage, extra: impl Hash) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    img.dimensions().hash(&mut h);
+    img.as_raw().hash(&mut h);
+    extra.hash(&mut h);
+    h.finish()
+}
+
 /// A bounded, thread-safe map from image keys to encodings (module docs).
 #[derive(Debug)]
 pub struct ImageCache<T> {
@@ -36,19 +45,14 @@ impl<T> ImageCache<T> {
         }
     }
 
-    /// The key of `img` encoded with the settings `extra`.
-    pub fn key(img: &RgbImage, extra: impl Hash) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        img.dimensions().hash(&mut h);
-        img.as_raw().hash(&mut h);
-        extra.hash(&mut h);
-        h.finish()
+    /// The entries, locked. A panic while the lock was held cannot leave the deque
+    /// half-updated, so a poisoned lock is used as it is.
+    fn entries(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Arc<T>)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn get(&self, key: u64) -> Option<Arc<T>> {
-        // a panic while the lock was held cannot leave the deque half-updated
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
+        self.entries()
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.clone())
@@ -56,7 +60,7 @@ impl<T> ImageCache<T> {
 
     /// Keeps `value` under `key`, dropping the oldest entries beyond the capacity.
     pub fn insert(&self, key: u64, value: Arc<T>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self.entries();
         entries.retain(|(k, _)| *k != key);
         entries.push_back((key, value));
         while entries.len() > self.capacity {
@@ -66,14 +70,11 @@ impl<T> ImageCache<T> {
 
     /// Forgets every entry.
     pub fn clear(&self) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.entries().clear();
     }
 
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.entries().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -92,11 +93,11 @@ mod tests {
         let mut b = a.clone();
         b.put_pixel(3, 3, Rgb([1, 2, 4]));
         let c = RgbImage::from_pixel(8, 2, Rgb([1, 2, 3]));
-        let k = ImageCache::<()>::key(&a, None::<usize>);
-        assert_eq!(k, ImageCache::<()>::key(&a.clone(), None::<usize>));
-        assert_ne!(k, ImageCache::<()>::key(&b, None::<usize>));
-        assert_ne!(k, ImageCache::<()>::key(&c, None::<usize>));
-        assert_ne!(k, ImageCache::<()>::key(&a, Some(64usize)));
+        let k = image_key(&a, None::<usize>);
+        assert_eq!(k, image_key(&a.clone(), None::<usize>));
+        assert_ne!(k, image_key(&b, None::<usize>));
+        assert_ne!(k, image_key(&c, None::<usize>));
+        assert_ne!(k, image_key(&a, Some(64usize)));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use crate::config::Idefics3Config;
 use crate::connector::{Adapter, PixelShuffleConnector};
 use crate::error::{FusionError, Result};
-use crate::image_cache::ImageCache;
+use crate::image_cache::{image_key, ImageCache};
 use crate::processor::{Idefics3Processor, ImagePlan};
 use afm_lm::weights::WeightSource;
 use afm_lm::{DeviceModel, GenerateOptions, Generation, LanguageModel, Tokenizer};
@@ -333,7 +333,7 @@ impl<M: LanguageModel> Vlm<M> {
         img: &RgbImage,
         max_image_tokens: Option<usize>,
     ) -> Result<Arc<EncodedImage>> {
-        let key = ImageCache::<EncodedImage>::key(img, max_image_tokens);
+        let key = image_key(img, max_image_tokens);
         if let Some(e) = self.images.get(key) {
             return Ok(Arc::new(EncodedImage {
                 plan: e.plan.clone(),
