@@ -112,6 +112,10 @@ pub struct AdapterArgs {
     /// Stage-1 export (`<run>/vision`) to start the ViT from (default: fresh weights).
     #[arg(long)]
     pub vision: Option<PathBuf>,
+    /// An export's `adapter.safetensors` to start the adapter from (default: fresh weights);
+    /// with `--vision <export>/vision` a run continues from a whole earlier export.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
     /// Train the adapter only, the ViT frozen.
     #[arg(long)]
     pub freeze_vit: bool,
@@ -371,7 +375,12 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
     let lm =
         FrozenLm::from_gguf(&lm_path).with_context(|| format!("loading {}", lm_path.display()))?;
     let (easy, easy_eval) = open_easy_vqa(a.run.no_easy_vqa)?;
-    let tr = Trainable::init(&cfg, lm.hidden_size(), a.vision.as_deref())?;
+    let tr = Trainable::init_from(
+        &cfg,
+        lm.hidden_size(),
+        a.vision.as_deref(),
+        a.init_adapter.as_deref(),
+    )?;
     eprintln!(
         "stage 2, adapter training against the frozen {} ({}): {:.2} M trainable parameters ({}); {} image tokens; {} epochs x {} steps of {} examples ({} sources), {} held-out questions per epoch",
         lm.info.file,
@@ -391,6 +400,7 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
         &cfg,
         &lm,
         a.vision.as_deref(),
+        a.init_adapter.as_deref(),
         &a.run.out,
         easy.as_ref(),
         easy_eval.as_ref(),
@@ -402,8 +412,12 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
                     .iter()
                     .map(|(k, (ok, n))| format!("{k} {ok}/{n}"))
                     .collect();
+                let slots = r
+                    .slot_accuracy
+                    .map(|a| format!(", held-out caption-slot accuracy {:.1}%", 100.0 * a))
+                    .unwrap_or_default();
                 progress.say(format!(
-                    "epoch {}: train loss {:.3}, held-out loss {:.3}, held-out exact match {:.1}% ({}) ({:.0} s so far)",
+                    "epoch {}: train loss {:.3}, held-out loss {:.3}, held-out exact match {:.1}% ({}){slots} ({:.0} s so far)",
                     r.epoch,
                     r.train_loss,
                     r.eval_loss,

@@ -11,6 +11,9 @@
 //! answers that kind from its prior, not from the image. easy-VQA questions are included
 //! when `models/easy-vqa` (relative to the working directory) holds the data.
 //!
+//! For the first four images it also prints each image token's nearest word (the LM's output
+//! head without the final norm) next to the image's caption.
+//!
 //! On the first `afm-tiny` (no adapter output norm), 96 questions: image tokens of norm 177
 //! against word embeddings of 3.2, and count questions at loss 0.846 (right) vs 0.849 (other
 //! image).
@@ -81,6 +84,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "image embeddings: per-token distance from the batch mean {:.3}",
                 dev.mean_all()?.to_scalar::<f32>()?
             );
+            // what the image tokens say when read as words: each token's nearest word by
+            // the LM's own output head (dot product with the embedding table), next to the
+            // caption (what `caption_slots` trains them towards)
+            let words = img.broadcast_matmul(&emb.t()?)?.argmax(D::Minus1)?;
+            for i in 0..bs.min(4) {
+                let ids: Vec<u32> = words.get(i)?.to_vec1()?;
+                println!("image {i} caption: {}", b.captions[i]);
+                println!("image {i} tokens:  {}", lm.tokenizer.decode(&ids, false)?);
+            }
         }
         let rolled = Tensor::cat(&[img.narrow(0, 1, bs - 1)?, img.narrow(0, 0, 1)?], 0)?;
         for i in 0..bs {

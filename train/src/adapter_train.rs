@@ -41,6 +41,13 @@
 //! Neither made greedy answers use the image on the 2-core budget (README, "Training and
 //! evaluating"): both runs mostly answer with each question type's most common answer.
 //!
+//! A third option is another objective: `caption_slots` adds the caption-slot loss
+//! ([`crate::caption_slots`]: image token `i` should be the LM's embedding of the caption's
+//! token `i`), and `lm_loss = false` trains on it alone, without the LM's forward
+//! (`train/configs/afm-tiny-slots.json`; then `afm-tiny-slots-answers.json` continues from
+//! that export with both losses, `--vision <export>/vision --init-adapter
+//! <export>/adapter.safetensors`, [`Trainable::init_from`]).
+//!
 //! # Held-out evaluation (after every epoch)
 //! `eval_questions` held-out questions: example `j` of the held-out split, question
 //! `mix(j) % pairs` (no captions). Reported: their teacher-forced loss, and the exact-match
@@ -67,6 +74,7 @@
 //! [`load_export`] reads the three back; `afm_fusion::AfmTiny` runs them (`afm caption
 //! --model <run>/afm-tiny`).
 
+use crate::caption_slots::{self, CaptionSlots, SlotHead};
 use crate::easy_vqa::EasyVqa;
 use crate::optim::AdamWConfig;
 use crate::optim::Params;
@@ -125,10 +133,21 @@ pub struct AdapterTrainConfig {
     /// are always asked alone.
     #[serde(default = "one")]
     pub qa_per_sequence: usize,
+    /// The caption-slot loss ([`crate::caption_slots`]) added to the answer loss; `None`: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_slots: Option<CaptionSlots>,
+    /// Train through the frozen LM's answer loss. `false` (with `caption_slots` set): the
+    /// caption-slot loss alone, no LM forward in training steps.
+    #[serde(default = "yes")]
+    pub lm_loss: bool,
 }
 
 fn one() -> usize {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// RMS of SmolLM2-135M-Instruct's token embeddings (median over its vocabulary, 0.131;
@@ -162,6 +181,8 @@ impl AdapterTrainConfig {
             // the output-norm + four-turn variant (not better on `afm eval`: README)
             output_norm_gain: None,
             qa_per_sequence: 1,
+            caption_slots: None,
+            lm_loss: true,
         }
     }
 
@@ -188,6 +209,8 @@ impl AdapterTrainConfig {
             seed: 0,
             output_norm_gain: Some(1.0),
             qa_per_sequence: 2,
+            caption_slots: None,
+            lm_loss: true,
         }
     }
 
@@ -223,6 +246,13 @@ impl AdapterTrainConfig {
                     "`output_norm_gain` must be positive".into(),
                 ));
             }
+        }
+        if let Some(c) = &self.caption_slots {
+            c.validate()?;
+        } else if !self.lm_loss {
+            return Err(TrainError::Invalid(
+                "`lm_loss` is false and `caption_slots` is not set: nothing to train".into(),
+            ));
         }
         Ok(())
     }
@@ -411,6 +441,38 @@ pub fn read_vision_export(dir: &Path, expected: &VisionConfig) -> Result<HashMap
     Ok(out)
 }
 
+/// Replaces the fresh adapter tensors in `fresh` by those of the file `f`, which must hold
+/// every one of them with the same shape and nothing else.
+fn read_adapter_init(f: &Path, fresh: &mut HashMap<String, Tensor>) -> Result<()> {
+    let bytes = std::fs::read(f).map_err(io(f))?;
+    let got = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| TrainError::Invalid(format!("{}: {e}", f.display())))?;
+    for (k, v) in fresh.iter_mut().filter(|(k, _)| k.starts_with("adapter.")) {
+        let t = got.get(k).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "{}: no tensor `{k}` (is it an adapter of this run's settings?)",
+                f.display()
+            ))
+        })?;
+        if t.dims() != v.dims() {
+            return Err(TrainError::Invalid(format!(
+                "{}: `{k}` has shape {:?}, the run's adapter needs {:?}",
+                f.display(),
+                t.dims(),
+                v.dims()
+            )));
+        }
+        *v = t.to_dtype(DType::F32)?;
+    }
+    if let Some(k) = got.keys().find(|k| !fresh.contains_key(*k)) {
+        return Err(TrainError::Invalid(format!(
+            "{}: tensor `{k}` is not part of the run's adapter",
+            f.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The trainable side: parameters (`adapter.*`, and `vision.*` when the ViT trains) and the
 /// frozen ViT's tensors otherwise.
 pub struct Trainable {
@@ -426,6 +488,17 @@ impl Trainable {
         cfg: &AdapterTrainConfig,
         lm_hidden: usize,
         vision_init: Option<&Path>,
+    ) -> Result<Self> {
+        Self::init_from(cfg, lm_hidden, vision_init, None)
+    }
+
+    /// As [`Trainable::init`], the adapter read from `adapter_init` (an export's
+    /// `adapter.safetensors`, tensors `adapter.*` of exactly the run's shapes) when given.
+    pub fn init_from(
+        cfg: &AdapterTrainConfig,
+        lm_hidden: usize,
+        vision_init: Option<&Path>,
+        adapter_init: Option<&Path>,
     ) -> Result<Self> {
         cfg.validate()?;
         let vit: HashMap<String, Tensor> = match vision_init {
@@ -444,6 +517,9 @@ impl Trainable {
             cfg.seed,
             cfg.output_norm_gain,
         )?;
+        if let Some(f) = adapter_init {
+            read_adapter_init(f, &mut tensors)?;
+        }
         let frozen_vit = if cfg.train_vit {
             tensors.extend(vit.into_iter().map(|(k, v)| (format!("vision.{k}"), v)));
             None
@@ -576,6 +652,8 @@ pub struct Batch {
     pub questions: Vec<String>,
     pub answers: Vec<String>,
     pub categories: Vec<Option<QaCategory>>,
+    /// Each image's caption (the caption-slot targets' source).
+    pub captions: Vec<String>,
 }
 
 /// Examples `start .. start + n` of `split` (training: captions included, up to
@@ -594,6 +672,7 @@ pub fn batch(
         questions: vec![],
         answers: vec![],
         categories: vec![],
+        captions: vec![],
     };
     let mut px = vec![];
     for j in start..start + n as u64 {
@@ -611,6 +690,7 @@ pub fn batch(
         b.questions.push(q);
         b.answers.push(a);
         b.categories.push(c);
+        b.captions.push(s.caption);
     }
     b.pixels = Tensor::stack(&px, 0)?;
     Ok(b)
@@ -776,6 +856,9 @@ pub struct EpochReport {
     /// The first few answers, to read.
     pub samples: Vec<EvalSample>,
     pub seconds: f64,
+    /// Held-out caption-slot accuracy ([`crate::caption_slots`]) when the run has that loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_accuracy: Option<f32>,
 }
 
 /// Held-out figures of the current parameters.
@@ -785,6 +868,8 @@ pub struct EvalResult {
     pub accuracy: f32,
     pub per_category: BTreeMap<String, (usize, usize)>,
     pub samples: Vec<EvalSample>,
+    /// Held-out caption-slot accuracy ([`crate::caption_slots`]) when the run has that loss.
+    pub slot_accuracy: Option<f32>,
 }
 
 fn category_name(c: Option<QaCategory>) -> String {
@@ -798,12 +883,16 @@ fn category_name(c: Option<QaCategory>) -> String {
 }
 
 /// Held-out loss and greedy exact-match accuracy (module docs), in batches of `batch_size`.
+///
+/// With `cfg.caption_slots` set (and `slots` given), the caption-slot accuracy of the same
+/// held-out images too.
 pub fn evaluate(
     cfg: &AdapterTrainConfig,
     trainable: &Trainable,
     lm: &FrozenLm,
     fmt: &PromptFormat,
     easy_eval: Option<&EasyVqa>,
+    slots: Option<&SlotHead>,
 ) -> Result<EvalResult> {
     let side = trainable.build(cfg, lm.hidden_size())?;
     let mut res = EvalResult {
@@ -811,13 +900,21 @@ pub fn evaluate(
         accuracy: 0.0,
         per_category: BTreeMap::new(),
         samples: vec![],
+        slot_accuracy: None,
     };
+    let (mut slot_hits, mut slot_words) = (0f32, 0usize);
     let total = cfg.eval_questions;
     let (mut done, mut correct, mut loss_sum, mut batches) = (0usize, 0usize, 0f32, 0usize);
     while done < total {
         let n = cfg.batch_size.min(total - done);
         let b = batch(cfg, fmt, Split::HeldOut, done as u64, n, easy_eval)?;
         let img = side.embed(&b.pixels)?.detach();
+        if let (Some(c), Some(head)) = (&cfg.caption_slots, slots) {
+            let t = slot_targets(cfg, fmt, &b.captions)?;
+            let r = head.loss(&img, &t, fmt.placeholder_id(), c)?;
+            slot_hits += r.accuracy * r.words as f32;
+            slot_words += r.words;
+        }
         let l = sequence_loss(&lm.model, &b.examples, fmt.placeholder_id(), &img)?;
         loss_sum += l.to_scalar::<f32>()?;
         batches += 1;
@@ -856,6 +953,9 @@ pub fn evaluate(
     }
     res.loss = loss_sum / batches.max(1) as f32;
     res.accuracy = correct as f32 / total.max(1) as f32;
+    if cfg.caption_slots.is_some() && slots.is_some() {
+        res.slot_accuracy = Some(slot_hits / slot_words.max(1) as f32);
+    }
     Ok(res)
 }
 
@@ -867,6 +967,9 @@ pub struct AdapterRunConfig {
     pub lm: LmInfo,
     /// sha256 of the stage-1 `vision/model.safetensors` the ViT started from (`None`: fresh).
     pub vision_init_sha256: Option<String>,
+    /// sha256 of the `adapter.safetensors` the adapter started from (`None`: fresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_init_sha256: Option<String>,
 }
 
 /// `adapter.json`.
@@ -878,12 +981,14 @@ pub type Event = crate::runloop::Event<EpochReport>;
 /// Runs (or resumes, when `dir` holds `adapter.json` and its checkpoint) a stage-2 run.
 /// `vision_init`: a stage-1 `vision/` export to start the ViT from. `easy` / `easy_eval` as in
 /// [`crate::pretrain::run`] (consistent across resumptions). `until`: stop after that many
-/// steps in all; the export is written only when the run is complete.
+/// steps in all; the export is written only when the run is complete. `adapter_init`: an
+/// export's `adapter.safetensors` to start the adapter from ([`Trainable::init_from`]).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     cfg: &AdapterTrainConfig,
     lm: &FrozenLm,
     vision_init: Option<&Path>,
+    adapter_init: Option<&Path>,
     dir: &Path,
     easy: Option<&EasyVqa>,
     easy_eval: Option<&EasyVqa>,
@@ -892,13 +997,18 @@ pub fn run(
 ) -> Result<RunState> {
     cfg.validate()?;
     let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder)?;
-    let trainable = Trainable::init(cfg, lm.hidden_size(), vision_init)?;
+    let trainable = Trainable::init_from(cfg, lm.hidden_size(), vision_init, adapter_init)?;
     let run_cfg = AdapterRunConfig {
         train: cfg.clone(),
         lm: lm.info.clone(),
         vision_init_sha256: vision_init
             .map(|d| sha256_file(&d.join("model.safetensors")))
             .transpose()?,
+        adapter_init_sha256: adapter_init.map(sha256_file).transpose()?,
+    };
+    let slots = match cfg.caption_slots {
+        Some(_) => Some(SlotHead::new(&lm.model)?),
+        None => None,
     };
     let spec = LoopSpec {
         dir,
@@ -925,7 +1035,7 @@ pub fn run(
                 easy,
             )?;
             let data_s = t0.elapsed().as_secs_f64();
-            let loss = step_loss(cfg, &trainable, lm, &fmt, &b)?;
+            let loss = step_loss(cfg, &trainable, lm, &fmt, &b, slots.as_ref())?;
             Ok(StepLoss {
                 loss,
                 examples: cfg.batch_size,
@@ -933,7 +1043,7 @@ pub fn run(
             })
         },
         &mut |end: EpochEnd| {
-            let r = evaluate(cfg, &trainable, lm, &fmt, easy_eval)?;
+            let r = evaluate(cfg, &trainable, lm, &fmt, easy_eval, slots.as_ref())?;
             Ok(EpochReport {
                 epoch: end.epoch,
                 train_loss: end.train_loss,
@@ -942,6 +1052,7 @@ pub fn run(
                 per_category: r.per_category,
                 samples: r.samples,
                 seconds: end.seconds,
+                slot_accuracy: r.slot_accuracy,
             })
         },
         on_event,
@@ -954,16 +1065,60 @@ pub fn run(
 }
 
 /// The training loss of one batch on the differentiable path.
+///
+/// `slots`: the LM's embedding table, needed (and only used) when `cfg.caption_slots` is set.
 pub fn step_loss(
     cfg: &AdapterTrainConfig,
     trainable: &Trainable,
     lm: &FrozenLm,
     fmt: &PromptFormat,
     b: &Batch,
+    slots: Option<&SlotHead>,
 ) -> Result<Tensor> {
     let side = trainable.build(cfg, lm.hidden_size())?;
     let img = side.embed(&b.pixels)?;
-    sequence_loss(&lm.model, &b.examples, fmt.placeholder_id(), &img)
+    let mut loss = if cfg.lm_loss {
+        Some(sequence_loss(
+            &lm.model,
+            &b.examples,
+            fmt.placeholder_id(),
+            &img,
+        )?)
+    } else {
+        None
+    };
+    if let Some(c) = &cfg.caption_slots {
+        let head = slots.ok_or_else(|| {
+            TrainError::Invalid("the caption-slot loss needs the LM's embedding table".into())
+        })?;
+        let t = slot_targets(cfg, fmt, &b.captions)?;
+        let l = (head.loss(&img, &t, fmt.placeholder_id(), c)?.loss * c.weight as f64)?;
+        loss = Some(match loss {
+            Some(a) => (a + l)?,
+            None => l,
+        });
+    }
+    loss.ok_or_else(|| TrainError::Invalid("the run has no loss (config `lm_loss`)".into()))
+}
+
+/// The caption-slot targets of a batch's captions ([`caption_slots::targets`]), padded with
+/// the image placeholder.
+pub fn slot_targets(
+    cfg: &AdapterTrainConfig,
+    fmt: &PromptFormat,
+    captions: &[String],
+) -> Result<Vec<Vec<u32>>> {
+    captions
+        .iter()
+        .map(|c| {
+            caption_slots::targets(
+                fmt.tokenizer(),
+                c,
+                cfg.tokens_per_image(),
+                fmt.placeholder_id(),
+            )
+        })
+        .collect()
 }
 
 /// Writes `dir/afm-tiny/` (module docs) and returns its path.

@@ -53,6 +53,7 @@
 //! `assets/data/README.md`.
 
 pub mod adapter_train;
+pub mod caption_slots;
 pub mod easy_vqa;
 pub mod eval;
 pub mod font;

@@ -192,7 +192,7 @@ fn training_steps_lower_the_loss_and_leave_the_lm_alone() {
     let mut opt = AdamW::new(&tr.params, cfg.adamw).unwrap();
     let mut losses = vec![];
     for k in 0..8 {
-        let loss = step_loss(&cfg, &tr, &lm, &fmt, &b).unwrap();
+        let loss = step_loss(&cfg, &tr, &lm, &fmt, &b, None).unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
         let g = loss.backward().unwrap();
         if k == 0 {
@@ -207,7 +207,7 @@ fn training_steps_lower_the_loss_and_leave_the_lm_alone() {
         }
         opt.step(&tr.params, &g, cfg.lr_at(k.min(1))).unwrap();
     }
-    let loss = step_loss(&cfg, &tr, &lm, &fmt, &b).unwrap();
+    let loss = step_loss(&cfg, &tr, &lm, &fmt, &b, None).unwrap();
     losses.push(loss.to_scalar::<f32>().unwrap());
     println!("adapter loss over 8 steps on one batch of 3: {losses:?}");
     // two turns per sequence: the random LM cannot predict the second turn's answer from the
@@ -239,7 +239,7 @@ fn frozen_vit_flag_trains_the_adapter_only() {
         .to_vec1()
         .unwrap();
     for k in 0..2 {
-        let loss = step_loss(&cfg, &tr, &lm, &fmt, &b).unwrap();
+        let loss = step_loss(&cfg, &tr, &lm, &fmt, &b, None).unwrap();
         let g = loss.backward().unwrap();
         opt.step(&tr.params, &g, cfg.lr_at(k)).unwrap();
     }
@@ -267,7 +267,7 @@ fn resumed_run_equals_uninterrupted_and_export_loads() {
     let lm = common::frozen_lm("tiny-random");
     let (a, b) = (tmp("a"), tmp("b"));
     let mut events = vec![];
-    let sa = run(&cfg, &lm, None, &a, None, None, None, &mut |e| {
+    let sa = run(&cfg, &lm, None, None, &a, None, None, None, &mut |e| {
         events.push(format!("{e:?}"))
     })
     .unwrap();
@@ -280,14 +280,14 @@ fn resumed_run_equals_uninterrupted_and_export_loads() {
     );
     assert!(h.eval_loss.is_finite() && (0.0..=1.0).contains(&h.eval_accuracy));
     assert!(events.iter().any(|e| e.starts_with("Done")));
-    let sb = run(&cfg, &lm, None, &b, None, None, Some(3), &mut |_| {}).unwrap();
+    let sb = run(&cfg, &lm, None, None, &b, None, None, Some(3), &mut |_| {}).unwrap();
     assert_eq!(sb.step, 3);
     assert!(
         !b.join("afm-tiny").exists(),
         "export before the run is complete"
     );
     let mut resumed = None;
-    let sb = run(&cfg, &lm, None, &b, None, None, None, &mut |e| {
+    let sb = run(&cfg, &lm, None, None, &b, None, None, None, &mut |e| {
         if let Event::Resumed { step } = e {
             resumed = Some(*step)
         }
@@ -348,7 +348,7 @@ fn resumed_run_equals_uninterrupted_and_export_loads() {
         batch_size: 2,
         ..cfg.clone()
     };
-    let e = run(&other, &lm, None, &a, None, None, None, &mut |_| {})
+    let e = run(&other, &lm, None, None, &a, None, None, None, &mut |_| {})
         .err()
         .unwrap()
         .to_string();

@@ -38,7 +38,7 @@ fn trained(name: &str) -> (AdapterTrainConfig, FrozenLm, PathBuf) {
     let cfg = AdapterTrainConfig::test_tiny();
     let lm = common::frozen_lm("tiny-random.gguf");
     let dir = tmp(name);
-    let st = run(&cfg, &lm, None, &dir, None, None, None, &mut |_| {}).unwrap();
+    let st = run(&cfg, &lm, None, None, &dir, None, None, None, &mut |_| {}).unwrap();
     assert_eq!(st.step, cfg.total_steps());
     (cfg, lm, dir)
 }
