@@ -283,38 +283,30 @@ fn a_run_starts_from_an_earlier_adapter_and_refuses_a_mismatched_one() {
         assert_eq!(afm_lm::testing::max_abs_diff(got, v).unwrap(), 0.0, "{k}");
     }
     // missing, mis-shaped and foreign tensors are refused, naming the tensor
-    let mut missing = saved.clone();
-    missing.remove("adapter.proj.weight");
-    candle_core::safetensors::save(&missing, &f).unwrap();
-    let e = Trainable::init_from(&cfg, 32, None, Some(&f))
-        .err()
-        .unwrap()
-        .to_string();
+    let refused = |edit: &dyn Fn(&mut HashMap<String, Tensor>)| {
+        let mut t = saved.clone();
+        edit(&mut t);
+        candle_core::safetensors::save(&t, &f).unwrap();
+        Trainable::init_from(&cfg, 32, None, Some(&f))
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let e = refused(&|t| {
+        t.remove("adapter.proj.weight");
+    });
     assert!(e.contains("adapter.proj.weight"), "{e}");
-    let mut shaped = saved.clone();
-    shaped.insert(
-        "adapter.proj.bias".into(),
-        Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu).unwrap(),
-    );
-    candle_core::safetensors::save(&shaped, &f).unwrap();
-    let e = Trainable::init_from(&cfg, 32, None, Some(&f))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = refused(&|t| {
+        t.insert("adapter.proj.bias".into(), zeros(5));
+    });
     assert!(
         e.contains("adapter.proj.bias") && e.contains("shape"),
         "{e}"
     );
-    let mut foreign = saved.clone();
-    foreign.insert(
-        "adapter.extra".into(),
-        Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap(),
-    );
-    candle_core::safetensors::save(&foreign, &f).unwrap();
-    let e = Trainable::init_from(&cfg, 32, None, Some(&f))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = refused(&|t| {
+        t.insert("adapter.extra".into(), zeros(1));
+    });
     assert!(e.contains("adapter.extra"), "{e}");
     std::fs::write(&f, b"not safetensors").unwrap();
     assert!(Trainable::init_from(&cfg, 32, None, Some(&f)).is_err());
