@@ -335,9 +335,7 @@ impl FrozenLm {
     /// Median over the vocabulary of the token embeddings' RMS (what
     /// [`SMOLLM2_EMBEDDING_RMS`] records for SmolLM2-135M).
     pub fn token_embedding_rms(&self) -> Result<f32> {
-        let v = self.info.vocab_size as u32;
-        let ids = Tensor::arange(0u32, v, &Device::Cpu)?.unsqueeze(0)?;
-        let e = self.model.embed(&ids)?.squeeze(0)?;
+        let e = caption_slots::embedding_table(&self.model)?;
         let mut r: Vec<f32> = e.sqr()?.mean(D::Minus1)?.sqrt()?.to_vec1()?;
         r.sort_by(f32::total_cmp);
         Ok(r[r.len() / 2])

@@ -23,7 +23,7 @@
 //! The cross-entropy picks the right word among the vocabulary (its logits are the LM's own
 //! tied output head without the final norm). It skips the padding: SmolLM2's unused special
 //! tokens, `<empty_output>` among them, share one direction with some rare words, so no
-//! token can make `<empty_output>` the arg-max (`E[16] . E[16]` = 10.8 against 17.3 for token
+//! image token can make `<empty_output>` the arg-max (`E[16] . E[16]` = 10.8 against 17.3 for token
 //! 3427). The squared error, in units of the embeddings' mean square `ms(E)`, pulls every
 //! slot, padding included, onto its target's embedding, so the tokens stay at the scale of
 //! real words. The scale `s` lets an exact embedding win the soft-max: at `s = 1` a word's
@@ -94,6 +94,16 @@ pub fn targets(tok: &Tokenizer, caption: &str, n: usize, pad: u32) -> Result<Vec
     Ok(t)
 }
 
+/// The LM's whole token-embedding table, detached.
+///
+/// # Shapes
+/// `-> (vocab, h)`.
+pub fn embedding_table(lm: &DiffLm) -> Result<Tensor> {
+    let v = lm.config().vocab_size as u32;
+    let ids = Tensor::arange(0u32, v, &Device::Cpu)?.unsqueeze(0)?;
+    Ok(lm.embed(&ids)?.squeeze(0)?.detach())
+}
+
 /// The frozen embedding table the objective compares against.
 pub struct SlotHead {
     /// `(vocab, h)`
@@ -118,9 +128,7 @@ pub struct SlotLoss {
 impl SlotHead {
     /// The LM's token-embedding table (a copy; no gradient ever reaches it).
     pub fn new(lm: &DiffLm) -> Result<Self> {
-        let v = lm.config().vocab_size as u32;
-        let ids = Tensor::arange(0u32, v, &Device::Cpu)?.unsqueeze(0)?;
-        let table = lm.embed(&ids)?.squeeze(0)?.detach();
+        let table = embedding_table(lm)?;
         let table_t = table.t()?.contiguous()?;
         let mean_square = table.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
         Ok(Self {
