@@ -23,7 +23,7 @@ use afm_train::adapter_train::{batch, sequence_loss, AdapterTrainConfig, FrozenL
 use afm_train::easy_vqa::{data_dir, EasyVqa};
 use afm_train::prompt::PromptFormat;
 use afm_train::Split;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -47,8 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder)?;
     // token embedding norms
     let vocab = lm.model.config().vocab_size;
-    let ids = Tensor::arange(0u32, vocab as u32, &Device::Cpu)?;
-    let emb = lm.model.embed(&ids.unsqueeze(0)?)?.squeeze(0)?;
+    let emb = afm_train::caption_slots::embedding_table(&lm.model)?;
     let norms = emb.sqr()?.sum(D::Minus1)?.sqrt()?;
     let nv: Vec<f32> = norms.to_vec1()?;
     let mut s = nv.clone();

@@ -418,9 +418,7 @@ pub fn read_vision_export(dir: &Path, expected: &VisionConfig) -> Result<HashMap
         )));
     }
     let mf = dir.join("model.safetensors");
-    let bytes = std::fs::read(&mf).map_err(io(&mf))?;
-    let t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| TrainError::Invalid(format!("{}: {e}", mf.display())))?;
+    let t = read_safetensors(&mf)?;
     let out: HashMap<String, Tensor> = t
         .into_iter()
         .filter_map(|(k, v)| {
@@ -439,12 +437,17 @@ pub fn read_vision_export(dir: &Path, expected: &VisionConfig) -> Result<HashMap
     Ok(out)
 }
 
+/// The tensors of a safetensors file; an unreadable or malformed file is an error naming it.
+fn read_safetensors(f: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(f).map_err(io(f))?;
+    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| TrainError::Invalid(format!("{}: {e}", f.display())))
+}
+
 /// Replaces the fresh adapter tensors in `fresh` by those of the file `f`, which must hold
 /// every one of them with the same shape and nothing else.
 fn read_adapter_init(f: &Path, fresh: &mut HashMap<String, Tensor>) -> Result<()> {
-    let bytes = std::fs::read(f).map_err(io(f))?;
-    let got = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| TrainError::Invalid(format!("{}: {e}", f.display())))?;
+    let got = read_safetensors(f)?;
     for (k, v) in fresh.iter_mut().filter(|(k, _)| k.starts_with("adapter.")) {
         let t = got.get(k).ok_or_else(|| {
             TrainError::Invalid(format!(
@@ -900,7 +903,7 @@ pub fn evaluate(
         samples: vec![],
         slot_accuracy: None,
     };
-    let (mut slot_hits, mut slot_words) = (0f32, 0usize);
+    let (mut slot_hits, mut slot_words) = (0usize, 0usize);
     let total = cfg.eval_questions;
     let (mut done, mut correct, mut loss_sum, mut batches) = (0usize, 0usize, 0f32, 0usize);
     while done < total {
@@ -910,7 +913,7 @@ pub fn evaluate(
         if let (Some(c), Some(head)) = (&cfg.caption_slots, slots) {
             let t = slot_targets(cfg, fmt, &b.captions)?;
             let r = head.loss(&img, &t, fmt.placeholder_id(), c)?;
-            slot_hits += r.accuracy * r.words as f32;
+            slot_hits += r.hits;
             slot_words += r.words;
         }
         let l = sequence_loss(&lm.model, &b.examples, fmt.placeholder_id(), &img)?;
@@ -952,7 +955,7 @@ pub fn evaluate(
     res.loss = loss_sum / batches.max(1) as f32;
     res.accuracy = correct as f32 / total.max(1) as f32;
     if cfg.caption_slots.is_some() && slots.is_some() {
-        res.slot_accuracy = Some(slot_hits / slot_words.max(1) as f32);
+        res.slot_accuracy = Some(slot_hits as f32 / slot_words.max(1) as f32);
     }
     Ok(res)
 }

@@ -118,11 +118,17 @@ pub struct SlotHead {
 pub struct SlotLoss {
     /// Scalar, with its graph to the image tokens.
     pub loss: Tensor,
-    /// Fraction of caption slots whose arg-max word is the target (0 when the batch has
-    /// none).
-    pub accuracy: f32,
-    /// Number of caption slots (the accuracy's denominator).
+    /// Caption slots whose arg-max word is the target.
+    pub hits: usize,
+    /// Number of caption slots.
     pub words: usize,
+}
+
+impl SlotLoss {
+    /// Fraction of caption slots whose arg-max word is the target (0 when there are none).
+    pub fn accuracy(&self) -> f32 {
+        self.hits as f32 / self.words.max(1) as f32
+    }
 }
 
 impl SlotHead {
@@ -166,7 +172,7 @@ impl SlotHead {
         let words: Vec<u32> = (0..flat.len() as u32)
             .filter(|&r| flat[r as usize] != pad)
             .collect();
-        let (mut accuracy, m) = (0.0, words.len());
+        let (mut hits, m) = (0, words.len());
         if m > 0 {
             let rows = Tensor::from_vec(words.clone(), m, &Device::Cpu)?;
             let xw = x.index_select(&rows, 0)?;
@@ -178,12 +184,11 @@ impl SlotHead {
             )?;
             loss = (loss + ce)?;
             let best: Vec<u32> = logits.detach().argmax(D::Minus1)?.to_vec1()?;
-            let hits = best.iter().zip(&tw).filter(|(a, b)| a == b).count();
-            accuracy = hits as f32 / m as f32;
+            hits = best.iter().zip(&tw).filter(|(a, b)| a == b).count();
         }
         Ok(SlotLoss {
             loss,
-            accuracy,
+            hits,
             words: m,
         })
     }

@@ -113,7 +113,8 @@ fn loss_is_scaled_cross_entropy_over_the_words_plus_squared_error_over_every_slo
             "{l} vs {want}"
         );
         assert_eq!(got.words, 4);
-        assert_eq!(got.accuracy, hits as f32 / 4.0);
+        assert_eq!(got.hits, hits);
+        assert_eq!(got.accuracy(), hits as f32 / 4.0);
     }
     let c = CaptionSlots {
         weight: 1.0,
@@ -147,7 +148,7 @@ fn loss_is_scaled_cross_entropy_over_the_words_plus_squared_error_over_every_slo
     let p = head
         .loss(&img, &[vec![pad; 3], vec![pad; 3]], pad, &c)
         .unwrap();
-    assert_eq!((p.words, p.accuracy), (0, 0.0));
+    assert_eq!((p.words, p.hits, p.accuracy()), (0, 0, 0.0));
     assert!(p.loss.to_scalar::<f32>().unwrap() > 0.0);
     // mismatched targets are an error, not a panic
     assert!(head.loss(&img, &t[..1], pad, &c).is_err());
@@ -182,7 +183,7 @@ fn training_on_caption_slots_alone_lowers_that_loss_and_raises_its_accuracy() {
             cfg.caption_slots.as_ref().unwrap(),
         )
         .unwrap()
-        .accuracy
+        .accuracy()
     };
     let acc0 = accuracy(&tr);
     let mut opt = AdamW::new(&tr.params, cfg.adamw).unwrap();
