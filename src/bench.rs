@@ -55,6 +55,10 @@ pub struct VlmBench {
     pub python: String,
     #[arg(long)]
     pub no_reference: bool,
+    /// Run the vision encoder's projections and the language model's dense projections in
+    /// int8 (`Vlm::set_vision_int8`, `Vlm::set_lm_int8`); the reference stays f32.
+    #[arg(long)]
+    pub int8: bool,
 }
 
 /// The benchmark image: 512x512, the same pattern as `scripts/bench_hf_smolvlm.py`.
@@ -71,12 +75,15 @@ pub fn bench_vlm(a: &VlmBench, threads: usize) -> Result<()> {
     if a.no_split {
         vlm.processor_mut().do_image_splitting = false;
     }
+    vlm.set_vision_int8(a.int8)?;
+    vlm.set_lm_int8(a.int8)?;
     let img = bench_image();
     let plan = vlm.plan(512, 512, None)?;
     eprintln!(
-        "bench vlm: {} ({}), {threads} threads, {} new tokens, {} runs",
+        "bench vlm: {} ({}), vision encoder {}, {threads} threads, {} new tokens, {} runs",
         a.model.display(),
         plan.describe(),
+        if a.int8 { "int8" } else { "f32" },
         a.new_tokens,
         a.runs
     );
@@ -128,7 +135,8 @@ pub fn bench_vlm(a: &VlmBench, threads: usize) -> Result<()> {
     println!("| engine | time to first token | decode tok/s | prompt tokens |");
     println!("|---|---:|---:|---:|");
     println!(
-        "| afm | {:.3} s | {ours_dec:.1} | {prompt_tokens} |",
+        "| afm ({}) | {:.3} s | {ours_dec:.1} | {prompt_tokens} |",
+        if a.int8 { "int8 projections" } else { "f32" },
         ours_ttft
     );
     if !a.no_reference {
@@ -187,6 +195,67 @@ pub struct VisionBench {
     pub python: String,
     #[arg(long)]
     pub no_reference: bool,
+    /// Also time the int8 path (`VisionEncoder::set_int8`), and PyTorch with dynamic int8
+    /// linear layers next to it.
+    #[arg(long)]
+    pub int8: bool,
+}
+
+/// Seconds per tile of `enc` on `x`: median of `runs` after one warm-up pass.
+fn time_encoder(
+    enc: &afm::vision::VisionEncoder,
+    x: &candle_core::Tensor,
+    runs: usize,
+) -> Result<f64> {
+    enc.forward(x)?; // warm-up
+    let mut secs = Vec::new();
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        enc.forward(x)?;
+        secs.push(t0.elapsed().as_secs_f64());
+    }
+    eprintln!(
+        "runs: {:?}",
+        secs.iter()
+            .map(|s| (s * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
+    );
+    Ok(median(&mut secs) / x.dim(0)? as f64)
+}
+
+/// `scripts/bench_torch_siglip.py`'s seconds per tile and torch version, or `None` with a
+/// note when it did not run.
+fn torch_vision(a: &VisionBench, threads: usize, int8: bool) -> Result<Option<(f64, String)>> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch_siglip.py");
+    let out = Command::new(&a.python)
+        .arg(&script)
+        .args([
+            threads.to_string(),
+            a.tiles.to_string(),
+            a.runs.to_string(),
+            if int8 { "1" } else { "0" }.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            #[derive(serde::Deserialize)]
+            struct T {
+                secs: Vec<f64>,
+                torch: String,
+            }
+            let line = String::from_utf8_lossy(&o.stdout);
+            let mut t: T = serde_json::from_str(line.lines().last().unwrap_or(""))?;
+            Ok(Some((median(&mut t.secs) / a.tiles as f64, t.torch)))
+        }
+        _ => {
+            eprintln!(
+                "note: the PyTorch reference did not run: install torch and transformers into `{}` or pass --python",
+                a.python
+            );
+            Ok(None)
+        }
+    }
 }
 
 pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {
@@ -206,46 +275,51 @@ pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {
         attention: Default::default(),
     };
     eprintln!("bench vision: SigLIP-B/16-512 (random weights), {} tile(s) of 512x512 per pass, {threads} threads", a.tiles);
-    let enc = VisionEncoder::new(&VisionWeights::from_tensors(random_tensors(&cfg, 0)?)?, cfg)?;
+    let mut enc = VisionEncoder::new(&VisionWeights::from_tensors(random_tensors(&cfg, 0)?)?, cfg)?;
     let x =
         candle_core::Tensor::randn(0f32, 1.0, (a.tiles, 3, 512, 512), &candle_core::Device::Cpu)?;
-    enc.forward(&x)?; // warm-up
-    let mut ours = Vec::new();
-    for _ in 0..a.runs {
-        let t0 = Instant::now();
-        enc.forward(&x)?;
-        ours.push(t0.elapsed().as_secs_f64());
-    }
-    let ours_s = median(&mut ours) / a.tiles as f64;
+    let ours_s = time_encoder(&enc, &x, a.runs)?;
+    let ours_q = if a.int8 {
+        if !afm::vision::int8::int8_kernel_is_fast() {
+            eprintln!("note: this CPU has no AVX-512 VNNI; the int8 path runs a portable loop");
+        }
+        enc.set_int8(true)?;
+        Some(time_encoder(&enc, &x, a.runs)?)
+    } else {
+        None
+    };
     println!("| engine | seconds per 512x512 tile |");
     println!("|---|---:|");
-    println!("| afm | {ours_s:.3} |");
-    if !a.no_reference {
-        let script =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch_siglip.py");
-        let out = Command::new(&a.python)
-            .arg(&script)
-            .args([threads.to_string(), a.tiles.to_string(), a.runs.to_string()])
-            .stderr(Stdio::inherit())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {
-                #[derive(serde::Deserialize)]
-                struct T {
-                    secs: Vec<f64>,
-                    torch: String,
-                }
-                let line = String::from_utf8_lossy(&o.stdout);
-                let mut t: T = serde_json::from_str(line.lines().last().unwrap_or(""))?;
-                let theirs = median(&mut t.secs) / a.tiles as f64;
-                println!("| PyTorch {} (CPU) | {theirs:.3} |", t.torch);
-                println!("\nafm / PyTorch speed: {:.2}x (target >= 1.0x)", theirs / ours_s);
-            }
-            _ => eprintln!(
-                "note: the PyTorch reference did not run: install torch and transformers into `{}` or pass --python",
-                a.python
-            ),
+    println!("| afm (f32) | {ours_s:.3} |");
+    if let Some(q) = ours_q {
+        println!("| afm (int8 projections) | {q:.3} |");
+    }
+    if a.no_reference {
+        return Ok(());
+    }
+    let theirs = torch_vision(a, threads, false)?;
+    let theirs_q = match a.int8 {
+        true => torch_vision(a, threads, true)?,
+        false => None,
+    };
+    if let Some((t, v)) = &theirs {
+        println!("| PyTorch {v} (CPU, f32) | {t:.3} |");
+    }
+    if let Some((t, v)) = &theirs_q {
+        println!("| PyTorch {v} (CPU, dynamic int8 linear layers) | {t:.3} |");
+    }
+    println!();
+    if let Some((t, _)) = &theirs {
+        println!(
+            "afm f32 / PyTorch f32 speed: {:.2}x (target >= 1.0x)",
+            t / ours_s
+        );
+        if let Some(q) = ours_q {
+            println!("afm int8 / PyTorch f32 speed: {:.2}x", t / q);
         }
+    }
+    if let (Some((t, _)), Some(q)) = (&theirs_q, ours_q) {
+        println!("afm int8 / PyTorch dynamic int8 speed: {:.2}x", t / q);
     }
     Ok(())
 }

@@ -157,6 +157,13 @@ fn chat_template(dir: &Path, tok: &Tokenizer) -> Result<String> {
 }
 
 impl Vlm<DeviceModel> {
+    /// Runs the language model's dense projections and output head in int8
+    /// ([`DeviceModel::set_int8`]), or back in f32.
+    pub fn set_lm_int8(&mut self, on: bool) -> Result<()> {
+        self.lm.set_int8(on)?;
+        Ok(())
+    }
+
     /// Loads an Idefics3 / SmolVLM checkpoint directory in its HF layout: `config.json`,
     /// `*.safetensors` (`model.vision_model.*`, `model.connector.*`, `model.text_model.*`,
     /// `lm_head.weight`), `tokenizer.json`, `tokenizer_config.json`, the chat template and
@@ -305,6 +312,14 @@ impl<M: LanguageModel> Vlm<M> {
     }
     pub fn encoder(&self) -> &VisionEncoder {
         &self.encoder
+    }
+
+    /// Runs the vision encoder's projections in int8 or back in f32
+    /// ([`VisionEncoder::set_int8`]); clears the encoded-image cache.
+    pub fn set_vision_int8(&mut self, on: bool) -> Result<()> {
+        self.clear_image_cache();
+        self.encoder.set_int8(on)?;
+        Ok(())
     }
 
     /// What an image of `w x h` will cost under a budget, without running anything.

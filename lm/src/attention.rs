@@ -40,6 +40,12 @@ pub struct AttentionSpec {
 }
 
 impl Attention {
+    /// [`Linear::set_int8`] on the q/k/v and output projections.
+    pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        self.proj.set_int8(on)?;
+        self.o_proj.set_int8(on)
+    }
+
     /// Loads `{prefix}.q_proj.weight`, `{prefix}.k_proj.weight`, `{prefix}.v_proj.weight`,
     /// `{prefix}.o_proj.weight` and, when enabled, `{prefix}.q_norm.weight`,
     /// `{prefix}.k_norm.weight`, `{prefix}.k_scale`, `{prefix}.v_scale`.

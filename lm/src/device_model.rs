@@ -28,6 +28,11 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    fn set_int8(&mut self, on: bool) -> Result<()> {
+        self.attn.set_int8(on)?;
+        self.mlp.set_int8(on)
+    }
+
     fn load(src: &WeightSource, cfg: &LmConfig, i: usize) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let h = cfg.hidden_size;
@@ -127,6 +132,18 @@ impl DeviceModel {
     }
 
     /// With `false`, block 2 runs on every prompt position (for comparison only).
+    /// Runs every dense f32 projection (q/k/v/o, gate/up/down) and the output head in int8
+    /// ([`crate::int8`]: weights per output channel, activations per row), or back in f32.
+    /// Only matrices loaded dense (safetensors, f32/f16 GGUF) change; quantized GGUF
+    /// matrices keep their own kernels, and the embedding lookup stays f32. Opt-in: logits
+    /// move by the rounding of 8 bits (tested), so greedy output can differ from f32.
+    pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        for l in &mut self.layers {
+            l.set_int8(on)?;
+        }
+        self.lm_head.set_int8(on)
+    }
+
     pub fn set_prefill_shortcut(&mut self, on: bool) {
         self.prefill_shortcut = on;
     }

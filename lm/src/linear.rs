@@ -1,7 +1,8 @@
-//! A weight matrix used as `x @ W^T`: our SIMD kernels for Q4_1/Q8_0 blocks, candle's
-//! quantized or dense matmul for everything else.
+//! A weight matrix used as `x @ W^T`: our SIMD kernels for Q4_1/Q8_0 blocks and for dense
+//! matrices switched to int8, candle's quantized or dense matmul for everything else.
 
 use crate::error::{LmError, Result};
+use crate::int8::Int8Matrix;
 use crate::quant::QMatrix;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
@@ -17,9 +18,33 @@ pub enum Linear {
     Dense(Tensor),
     /// Q4_1 / Q8_0 blocks with our kernels.
     Blocks(Arc<QMatrix>),
+    /// A dense matrix run in int8 ([`crate::int8`]: per-channel weights, per-row
+    /// activations); `orig` is the f32 matrix it came from, kept for embedding lookups and
+    /// for going back ([`Linear::set_int8`]).
+    Int8 {
+        q: Arc<Int8Matrix>,
+        orig: Box<Linear>,
+    },
 }
 
 impl Linear {
+    /// Turns a dense f32 matrix ([`Linear::Dense`], or a dense [`Linear::Candle`]) into
+    /// [`Linear::Int8`], or back with `on = false`. Quantized GGUF matrices stay as they are.
+    pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        let next = match (&*self, on) {
+            (Linear::Dense(wt), true) => Some(int8_of(wt, self.clone())?),
+            (Linear::Candle(QMatMul::Tensor(w)), true) => {
+                Some(int8_of(&w.t()?.contiguous()?, self.clone())?)
+            }
+            (Linear::Int8 { orig, .. }, false) => Some((**orig).clone()),
+            _ => None,
+        };
+        if let Some(n) = next {
+            *self = n;
+        }
+        Ok(())
+    }
+
     /// `m` rows of input.
     ///
     /// # Shapes
@@ -35,6 +60,16 @@ impl Linear {
                     )));
                 }
                 Ok(q.matmul(x, m))
+            }
+            Linear::Int8 { q, .. } => {
+                let (inp, _) = q.dims();
+                if x.len() != m * inp {
+                    return Err(LmError::Invalid(format!(
+                        "matmul: {} inputs for {m} rows of width {inp}",
+                        x.len()
+                    )));
+                }
+                Ok(q.forward(x, m, None, |_| {}))
             }
             Linear::Dense(wt) => {
                 let (inp, _) = wt.dims2()?;
@@ -71,12 +106,23 @@ impl Linear {
                 Ok(m.embedding(&ids)?.to_dtype(DType::F32)?)
             }
             Linear::Blocks(m) => m.rows_f32(ids),
+            Linear::Int8 { orig, .. } => orig.embedding(ids),
             Linear::Dense(wt) => {
                 let ids = Tensor::new(ids, &Device::Cpu)?;
                 Ok(wt.t()?.contiguous()?.index_select(&ids, 0)?)
             }
         }
     }
+}
+
+/// [`Linear::Int8`] of `orig`, whose dense matrix is `wt` `(in, out)`.
+fn int8_of(wt: &Tensor, orig: Linear) -> Result<Linear> {
+    let (inp, out) = wt.dims2()?;
+    let v = wt.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Linear::Int8 {
+        q: Arc::new(Int8Matrix::from_transposed(&v, inp, out)),
+        orig: Box::new(orig),
+    })
 }
 
 /// Several matrices that read the same input (q/k/v, gate/up), stored as one when they share
@@ -142,6 +188,14 @@ impl Fused {
             return Ok(Some(Linear::Candle(QMatMul::Tensor(Tensor::cat(&ts, 0)?))));
         }
         Ok(None)
+    }
+
+    /// [`Linear::set_int8`] on every matrix.
+    pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        for l in self.one.iter_mut().chain(self.parts.iter_mut()) {
+            l.set_int8(on)?;
+        }
+        Ok(())
     }
 
     /// Output width of each part.

@@ -12,6 +12,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// [`Linear::set_int8`] on gate, up and down.
+    pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        self.gate_up.set_int8(on)?;
+        self.down.set_int8(on)
+    }
+
     /// Loads `{prefix}.gate_proj.weight`, `{prefix}.up_proj.weight`, `{prefix}.down_proj.weight`.
     pub fn load(src: &WeightSource, prefix: &str, hidden: usize, inner: usize) -> Result<Self> {
         Ok(Self {

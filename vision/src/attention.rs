@@ -26,6 +26,7 @@
 use crate::error::Result;
 use crate::kernels::{Act, FusedAttention};
 use crate::weights::VisionWeights;
+use afm_lm::int8::{Int8Matrix, Pool};
 use candle_core::CpuStorage;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -38,6 +39,8 @@ pub struct Dense {
     wt: Tensor,
     /// `(out)`
     b: Tensor,
+    /// The int8 copy of `wt` the inference path uses when set ([`Dense::set_int8`]).
+    int8: Option<Int8Matrix>,
 }
 
 impl Dense {
@@ -54,7 +57,27 @@ impl Dense {
         Ok(Self {
             wt: Tensor::cat(ws, 0)?.t()?.contiguous()?,
             b: Tensor::cat(bs, 0)?,
+            int8: None,
         })
+    }
+
+    /// Runs the inference path ([`Dense::forward_fast`]) in int8 (`crate::int8`: weights
+    /// per output channel, activations per row) or back in f32. The f32 weights stay, so
+    /// training and `forward` are unaffected.
+    pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        self.int8 = match on {
+            false => None,
+            true => {
+                let (inp, out) = self.wt.dims2()?;
+                let wt = self
+                    .wt
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                Some(Int8Matrix::from_transposed(&wt, inp, out).with_pool(Pool::Rayon))
+            }
+        };
+        Ok(())
     }
 
     /// Inference path: one gemm call writing into an output pre-filled with the bias, then
@@ -74,6 +97,21 @@ impl Dense {
         }
         let rows = x.elem_count() / inp;
         let x = x.contiguous()?;
+        if let Some(q) = &self.int8 {
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let bv = self.b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let mut shape = dims;
+            *shape.last_mut().unwrap() = out;
+            return Ok(Tensor::from_vec(
+                q.forward(&xv, rows, Some(&bv), |c| {
+                    if let Some(a) = act {
+                        a.apply_slice(c)
+                    }
+                }),
+                shape,
+                x.device(),
+            )?);
+        }
         let mut y = vec![0f32; rows * out];
         {
             let (xs, _) = x.storage_and_layout();
@@ -150,6 +188,12 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// See [`Dense::set_int8`]; applies to the fused q/k/v and the output projection.
+    pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        self.qkv.set_int8(on)?;
+        self.o.set_int8(on)
+    }
+
     /// Loads `{p}.q_proj`, `{p}.k_proj`, `{p}.v_proj`, `{p}.out_proj` (weight and bias).
     pub fn load(w: &VisionWeights, p: &str, hidden: usize, heads: usize) -> Result<Self> {
         let get = |n: &str, shape: &[usize]| w.get(&format!("{p}.{n}"), shape);

@@ -16,6 +16,9 @@ pub mod tiling;
 pub mod vit;
 pub mod weights;
 
+/// The int8 matrix kernel of [`VisionEncoder::set_int8`] (it lives in `afm-lm`, which
+/// uses it for safetensors language models too).
+pub use afm_lm::int8;
 pub use config::{AttentionPattern, VisionConfig};
 pub use error::{Result, VisionError};
 /// The `image` crate this crate decodes with (its `RgbImage` is the type images travel as).

@@ -72,6 +72,13 @@ impl Block {
         })
     }
 
+    /// See [`Dense::set_int8`]: the block's four projections and two MLP layers.
+    pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        self.attn.set_int8(on)?;
+        self.fc1.set_int8(on)?;
+        self.fc2.set_int8(on)
+    }
+
     fn act(&self, x: &Tensor, fast: bool) -> Result<Tensor> {
         let fast = fast && x.dtype() == DType::F32;
         Ok(match self.act.as_str() {
@@ -133,6 +140,8 @@ pub struct VisionEncoder {
     post_ln: LayerNorm,
     /// Fused kernels (inference) instead of differentiable candle ops.
     fast: bool,
+    /// Projections in int8 on the fused path.
+    int8: bool,
 }
 
 impl VisionEncoder {
@@ -168,6 +177,7 @@ impl VisionEncoder {
             blocks,
             post_ln: layer_norm(w, "post_layernorm", d, eps)?,
             fast: true,
+            int8: false,
             cfg,
         })
     }
@@ -204,6 +214,25 @@ impl VisionEncoder {
     /// (training) and serve as the reference the fused kernels are tested against.
     pub fn set_fast_kernels(&mut self, on: bool) {
         self.fast = on;
+    }
+
+    /// Runs every block's projections and MLP in int8 (weights quantised per output
+    /// channel, activations per row; `crate::int8`) on the fused inference path, or back in
+    /// f32. Attention, layer norms, embeddings and activations stay f32. On CPUs with
+    /// AVX-512 VNNI ([`crate::int8::int8_kernel_is_fast`]) this is the fastest path; on
+    /// others its portable loop is slower than f32, so leave it off there. The
+    /// differentiable path (`set_fast_kernels(false)`) always runs f32.
+    pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        for b in &mut self.blocks {
+            b.set_int8(on)?;
+        }
+        self.int8 = on;
+        Ok(())
+    }
+
+    /// Whether [`VisionEncoder::set_int8`] is on.
+    pub fn int8(&self) -> bool {
+        self.int8
     }
 
     /// Encodes a batch of tiles (all the same size).
