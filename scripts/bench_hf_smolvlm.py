@@ -7,9 +7,11 @@ Measures, per run, in one `generate` call: time to first token (from the PIL ima
 processing + vision encoder + connector + prefill, up to the first logits) and the decode
 speed over `NEW` further tokens, both from timestamps a logits processor takes at every step
 (EOS suppressed with min_new_tokens so every run decodes the same count). Prints one JSON
-line.
+line. With INT8 = 1 every nn.Linear (vision encoder, connector, language model, output
+head) is replaced by PyTorch's dynamic int8 quantisation (`quantize_dynamic`, fbgemm), the
+like-for-like reference for `afm bench vlm --int8`.
 
-Usage: python bench_hf_smolvlm.py DIR THREADS NEW RUNS SPLIT(0|1)
+Usage: python bench_hf_smolvlm.py DIR THREADS NEW RUNS SPLIT(0|1) [INT8(0|1)]
 """
 import json
 import sys
@@ -40,10 +42,13 @@ def image():
 
 def main():
     d, threads, new, runs, split = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+    int8 = len(sys.argv) > 6 and sys.argv[6] == "1"
     torch.set_num_threads(threads)
     proc = AutoProcessor.from_pretrained(d)
     proc.image_processor.do_image_splitting = split
     model = Idefics3ForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+    if int8:
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}]
     prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
     img = image()

@@ -139,48 +139,94 @@ pub fn bench_vlm(a: &VlmBench, threads: usize) -> Result<()> {
         if a.int8 { "int8 projections" } else { "f32" },
         ours_ttft
     );
-    if !a.no_reference {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_hf_smolvlm.py");
-        let out = Command::new(&a.python)
-            .arg(&script)
-            .arg(&a.model)
-            .args([
-                threads.to_string(),
-                a.new_tokens.to_string(),
-                a.runs.to_string(),
-                if a.no_split { "0" } else { "1" }.to_string(),
-            ])
-            .stderr(Stdio::inherit())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {
-                #[derive(serde::Deserialize)]
-                struct T {
-                    ttft: Vec<f64>,
-                    decode_tok_s: Vec<f64>,
-                    prompt_tokens: usize,
-                    torch: String,
-                }
-                let line = String::from_utf8_lossy(&o.stdout);
-                let mut t: T = serde_json::from_str(line.lines().last().unwrap_or(""))?;
-                let (tt, td) = (median(&mut t.ttft), median(&mut t.decode_tok_s));
-                println!(
-                    "| transformers (PyTorch {} CPU) | {tt:.3} s | {td:.1} | {} |",
-                    t.torch, t.prompt_tokens
-                );
-                println!(
-                    "\nafm / transformers: time to first token {:.2}x faster (target >= 2x), decode {:.2}x",
-                    tt / ours_ttft,
-                    ours_dec / td
-                );
-            }
-            _ => eprintln!(
-                "note: the transformers reference did not run: install torch and transformers into `{}` or pass --python",
-                a.python
-            ),
+    if a.no_reference {
+        return Ok(());
+    }
+    let reference = torch_vlm(a, threads, false)?;
+    let reference_q = match a.int8 {
+        true => torch_vlm(a, threads, true)?,
+        false => None,
+    };
+    for (r, what) in [
+        (&reference, "f32"),
+        (&reference_q, "dynamic int8 linear layers"),
+    ] {
+        if let Some(r) = r {
+            println!(
+                "| transformers (PyTorch {} CPU, {what}) | {:.3} s | {:.1} | {} |",
+                r.torch, r.ttft, r.decode, r.prompt_tokens
+            );
         }
     }
+    println!();
+    let ours = if a.int8 { "afm int8" } else { "afm" };
+    if let Some(r) = &reference {
+        println!(
+            "{ours} / transformers f32: time to first token {:.2}x faster (target >= 2x), decode {:.2}x",
+            r.ttft / ours_ttft,
+            ours_dec / r.decode
+        );
+    }
+    if let Some(r) = &reference_q {
+        println!(
+            "{ours} / transformers dynamic int8: time to first token {:.2}x faster, decode {:.2}x",
+            r.ttft / ours_ttft,
+            ours_dec / r.decode
+        );
+    }
     Ok(())
+}
+
+/// Medians of `scripts/bench_hf_smolvlm.py`.
+struct TorchVlm {
+    ttft: f64,
+    decode: f64,
+    prompt_tokens: usize,
+    torch: String,
+}
+
+/// Runs `scripts/bench_hf_smolvlm.py` (f32, or with dynamic int8 linear layers); `None`
+/// with a note when it did not run.
+fn torch_vlm(a: &VlmBench, threads: usize, int8: bool) -> Result<Option<TorchVlm>> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_hf_smolvlm.py");
+    let out = Command::new(&a.python)
+        .arg(&script)
+        .arg(&a.model)
+        .args([
+            threads.to_string(),
+            a.new_tokens.to_string(),
+            a.runs.to_string(),
+            if a.no_split { "0" } else { "1" }.to_string(),
+            if int8 { "1" } else { "0" }.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            #[derive(serde::Deserialize)]
+            struct T {
+                ttft: Vec<f64>,
+                decode_tok_s: Vec<f64>,
+                prompt_tokens: usize,
+                torch: String,
+            }
+            let line = String::from_utf8_lossy(&o.stdout);
+            let mut t: T = serde_json::from_str(line.lines().last().unwrap_or(""))?;
+            Ok(Some(TorchVlm {
+                ttft: median(&mut t.ttft),
+                decode: median(&mut t.decode_tok_s),
+                prompt_tokens: t.prompt_tokens,
+                torch: t.torch,
+            }))
+        }
+        _ => {
+            eprintln!(
+                "note: the transformers reference did not run: install torch and transformers into `{}` or pass --python",
+                a.python
+            );
+            Ok(None)
+        }
+    }
 }
 
 #[derive(Args, Clone)]

@@ -121,6 +121,23 @@ fn caption_two_images_jsonl() {
     assert!(stderr.contains("2 of 2 image(s) captioned"), "{stderr}");
 }
 
+/// `--int8` runs the same pipeline with int8 projections (accuracy: `fusion/tests/int8.rs`).
+#[test]
+fn int8_flag_captions_with_the_same_plan() {
+    let a = fixture().join("sample.png");
+    let out32 = run("caption", &["--json", s(&a)]);
+    let out8 = run("caption", &["--json", "--int8", s(&a)]);
+    assert!(out8.status.success(), "{}", text(&out8.stderr));
+    assert!(!text(&out8.stderr).contains("panicked"));
+    let v32: Value = serde_json::from_str(&text(&out32.stdout)).unwrap();
+    let v8: Value = serde_json::from_str(&text(&out8.stdout)).unwrap();
+    assert!(v8[0]["error"].is_null(), "{v8}");
+    assert!(v8[0]["caption"].is_string(), "{v8}");
+    for k in ["tiles", "image_tokens", "prompt_tokens"] {
+        assert_eq!(v8[0][k], v32[0][k], "{k}");
+    }
+}
+
 #[test]
 fn caption_directory_with_a_corrupt_image_goes_on_and_fails_at_the_end() {
     let png = std::fs::read(fixture().join("sample.png")).unwrap();

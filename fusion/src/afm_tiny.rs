@@ -386,6 +386,14 @@ impl<M: LanguageModel> AfmTiny<M> {
         &self.encoder
     }
 
+    /// Runs the ViT's projections and MLP in int8 ([`VisionEncoder::set_int8`]) or back in
+    /// f32; forgets the cached images. (The language model is a quantized GGUF already.)
+    pub fn set_vision_int8(&mut self, on: bool) -> Result<()> {
+        self.images.clear();
+        self.encoder.set_int8(on)?;
+        Ok(())
+    }
+
     /// The prompt format of this export over its tokenizer.
     pub fn prompt_format(&self) -> Result<PromptFormat<'_>> {
         PromptFormat::new(&self.tokenizer, &self.cfg.image_placeholder)

@@ -39,8 +39,9 @@ pub struct Dense {
     wt: Tensor,
     /// `(out)`
     b: Tensor,
-    /// The int8 copy of `wt` the inference path uses when set ([`Dense::set_int8`]).
-    int8: Option<Int8Matrix>,
+    /// The int8 copy of `wt` and the bias in f32, which the inference path uses when set
+    /// ([`Dense::set_int8`]).
+    int8: Option<(Int8Matrix, Vec<f32>)>,
 }
 
 impl Dense {
@@ -74,7 +75,9 @@ impl Dense {
                     .to_dtype(DType::F32)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
-                Some(Int8Matrix::from_transposed(&wt, inp, out).with_pool(Pool::Rayon))
+                let b = self.b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let q = Int8Matrix::from_transposed(&wt, inp, out).with_pool(Pool::Rayon);
+                Some((q, b))
             }
         };
         Ok(())
@@ -97,20 +100,25 @@ impl Dense {
         }
         let rows = x.elem_count() / inp;
         let x = x.contiguous()?;
-        if let Some(q) = &self.int8 {
-            let xv = x.flatten_all()?.to_vec1::<f32>()?;
-            let bv = self.b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            let mut shape = dims;
-            *shape.last_mut().unwrap() = out;
-            return Ok(Tensor::from_vec(
-                q.forward(&xv, rows, Some(&bv), |c| {
+        if let Some((q, bv)) = &self.int8 {
+            let y = {
+                // the input in place (no copy), as the f32 path below
+                let (xs, _) = x.storage_and_layout();
+                let candle_core::Storage::Cpu(CpuStorage::F32(xv)) = &*xs else {
+                    return Err(crate::error::VisionError::Invalid(
+                        "the int8 path takes f32 tensors on the CPU".into(),
+                    ));
+                };
+                let xo = x.layout().start_offset();
+                q.forward(&xv[xo..xo + rows * inp], rows, Some(bv), |c| {
                     if let Some(a) = act {
                         a.apply_slice(c)
                     }
-                }),
-                shape,
-                x.device(),
-            )?);
+                })
+            };
+            let mut shape = dims;
+            *shape.last_mut().unwrap() = out;
+            return Ok(Tensor::from_vec(y, shape, x.device())?);
         }
         let mut y = vec![0f32; rows * out];
         {
