@@ -35,6 +35,8 @@ pub enum Pool {
     Candle,
     /// rayon's global pool, as the vision encoder's kernels.
     Rayon,
+    /// This thread alone (inside work that is already split over the cores).
+    Inline,
 }
 
 fn par_chunks_mut<T: Send>(
@@ -47,6 +49,10 @@ fn par_chunks_mut<T: Send>(
         Pool::Candle => crate::par::par_chunks_mut(out, chunk, f),
         Pool::Rayon => out
             .par_chunks_mut(chunk.max(1))
+            .enumerate()
+            .for_each(|(i, c)| f(i, c)),
+        Pool::Inline => out
+            .chunks_mut(chunk.max(1))
             .enumerate()
             .for_each(|(i, c)| f(i, c)),
     }
@@ -127,6 +133,11 @@ impl Int8Matrix {
     /// `wt: inp * out` values.
     pub fn from_transposed(wt: &[f32], inp: usize, out: usize) -> Self {
         assert_eq!(wt.len(), inp * out, "W^T must hold inp * out values");
+        Self::from_fn(inp, out, |k, o| wt[k * out + o])
+    }
+
+    /// Quantises `W` whose element `(o, k)` (output channel `o`, input `k`) is `w(k, o)`.
+    pub fn from_fn(inp: usize, out: usize, w: impl Fn(usize, usize) -> f32) -> Self {
         let kp = inp.div_ceil(4) * 4;
         let panels = out.div_ceil(NR);
         let groups = kp / 4;
@@ -134,7 +145,7 @@ impl Int8Matrix {
         let mut scale = vec![0f32; panels * NR];
         let mut offset = vec![0i32; panels * NR];
         for o in 0..out {
-            let amax = (0..inp).fold(0f32, |m, k| m.max(wt[k * out + o].abs()));
+            let amax = (0..inp).fold(0f32, |m, k| m.max(w(k, o).abs()));
             if amax == 0.0 || !amax.is_finite() {
                 continue;
             }
@@ -143,7 +154,7 @@ impl Int8Matrix {
             let (p, c) = (o / NR, o % NR);
             let mut sum = 0i32;
             for k in 0..inp {
-                let q = (wt[k * out + o] * inv).round().clamp(-127.0, 127.0) as i8;
+                let q = (w(k, o) * inv).round().clamp(-127.0, 127.0) as i8;
                 sum += q as i32;
                 packed[(p * groups + k / 4) * NR * 4 + c * 4 + k % 4] = q;
             }
@@ -164,6 +175,64 @@ impl Int8Matrix {
     pub fn with_pool(mut self, pool: Pool) -> Self {
         self.pool = pool;
         self
+    }
+
+    /// `alpha * x W^T` for the quantized rows `qx` (made with this matrix's input width),
+    /// on this thread, into `y` (row `i` at `y[i * stride..]`, `out` values).
+    pub fn forward_quantized_into(&self, qx: &QuantRows, y: &mut [f32], stride: usize, alpha: f32) {
+        assert_eq!(qx.kp, self.kp, "rows quantized for another input width");
+        let rows = qx.scale.len();
+        assert!(
+            rows == 0 || y.len() >= (rows - 1) * stride + self.out,
+            "output too small"
+        );
+        let vnni = has_vnni();
+        let panels = self.out.div_ceil(NR);
+        let mut r = 0;
+        while r < rows {
+            let m = MR.min(rows - r);
+            let mut tile = [[0i32; NR]; MR];
+            for p in 0..panels {
+                self.panel_tile(qx, r, m, p, &mut tile, vnni);
+                let c0 = p * NR;
+                let cols = NR.min(self.out - c0);
+                for (i, accr) in tile.iter().enumerate().take(m) {
+                    let sx = qx.scale[r + i] * alpha;
+                    let yr = &mut y[(r + i) * stride + c0..(r + i) * stride + c0 + cols];
+                    for (c, yv) in yr.iter_mut().enumerate() {
+                        let o = c0 + c;
+                        *yv = (accr[c] - self.offset[o]) as f32 * (sx * self.scale[o]);
+                    }
+                }
+            }
+            r += m;
+        }
+    }
+
+    /// The integer products of rows `r0..r0 + m` with panel `p`.
+    fn panel_tile(
+        &self,
+        qx: &QuantRows,
+        r0: usize,
+        m: usize,
+        p: usize,
+        acc: &mut [[i32; NR]; MR],
+        vnni: bool,
+    ) {
+        let groups = self.kp / 4;
+        let panel = &self.packed[p * groups * NR * 4..(p + 1) * groups * NR * 4];
+        let a = &qx.q[r0 * self.kp..(r0 + m) * self.kp];
+        if vnni {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `has_vnni` checked the CPU features the kernel is compiled for; `a`
+            // holds m rows of kp bytes and `panel` groups * 128 bytes (slices checked
+            // above), which is all the kernel reads.
+            unsafe {
+                vnni::tile(a, self.kp, m, panel, groups, acc)
+            };
+        } else {
+            tile_scalar(a, self.kp, m, panel, groups, acc);
+        }
     }
 
     /// `(inp, out)`.
@@ -255,23 +324,10 @@ impl Int8Matrix {
         b: &[f32],
         vnni: bool,
     ) {
-        let groups = self.kp / 4;
         let mut acc = [[0i32; NR]; MR];
         let first = panels.start;
         for p in panels {
-            let panel = &self.packed[p * groups * NR * 4..(p + 1) * groups * NR * 4];
-            let a = &qx.q[r0 * self.kp..(r0 + m) * self.kp];
-            if vnni {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `has_vnni` checked the CPU features the kernel is compiled for;
-                // `a` holds m rows of kp bytes and `panel` groups * 128 bytes (slices
-                // checked above), which is all the kernel reads.
-                unsafe {
-                    vnni::tile(a, self.kp, m, panel, groups, &mut acc)
-                };
-            } else {
-                tile_scalar(a, self.kp, m, panel, groups, &mut acc);
-            }
+            self.panel_tile(qx, r0, m, p, &mut acc, vnni);
             let c0 = p * NR;
             let cols = NR.min(self.out - c0);
             let at = (p - first) * NR;

@@ -102,15 +102,8 @@ pub struct AttendBlock {
 /// other thread may write the output block meanwhile.
 pub unsafe fn attend_block(b: AttendBlock, mask: impl Fn(usize, &mut [f32])) {
     let (rows, n, hd) = (b.rows, b.keys, b.head_dim);
-    if rows == 0 {
-        return;
-    }
-    SCORES.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        if buf.len() < rows * n {
-            buf.resize(rows * n, 0.0);
-        }
-        let s = &mut buf[..rows * n];
+    let (q, q_stride, k, kv_stride, scale) = (b.q, b.q_stride, b.k, b.kv_stride, b.scale);
+    let scores = |s: &mut [f32]| {
         // SAFETY: the caller vouches for q and k; s holds rows*n floats.
         unsafe {
             gemm::gemm(
@@ -121,20 +114,47 @@ pub unsafe fn attend_block(b: AttendBlock, mask: impl Fn(usize, &mut [f32])) {
                 1,
                 n as isize,
                 false,
-                b.q,
+                q,
                 1,
-                b.q_stride as isize,
-                b.k,
-                b.kv_stride as isize,
+                q_stride as isize,
+                k,
+                kv_stride as isize,
                 1,
                 0.0,
-                b.scale,
+                scale,
                 false,
                 false,
                 false,
                 gemm::Parallelism::None,
             );
         }
+    };
+    // SAFETY: passed on from the caller.
+    unsafe { attend_block_with(b, scores, mask) }
+}
+
+/// [`attend_block`] with the scores `scale * q k^T` (`rows x keys`, row-major) computed by
+/// `scores` instead of the f32 gemm (the vision encoder's int8 path); `b.q` and `b.k` are
+/// then not read here.
+///
+/// # Safety
+/// As [`attend_block`], for `b.v` and the output block.
+pub unsafe fn attend_block_with(
+    b: AttendBlock,
+    scores: impl FnOnce(&mut [f32]),
+    mask: impl Fn(usize, &mut [f32]),
+) {
+    let (rows, n, hd) = (b.rows, b.keys, b.head_dim);
+    if rows == 0 {
+        return;
+    }
+    SCORES.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < rows * n {
+            buf.resize(rows * n, 0.0);
+        }
+        let s = &mut buf[..rows * n];
+        scores(s);
         for (i, row) in s.chunks_exact_mut(n.max(1)).enumerate() {
             mask(i, row);
             softmax_in_place(row);

@@ -193,11 +193,15 @@ pub struct Attention {
     o: Dense,
     heads: usize,
     head_dim: usize,
+    /// Scores in int8 on the fused path ([`FusedAttention::int8`]).
+    int8: bool,
 }
 
 impl Attention {
-    /// See [`Dense::set_int8`]; applies to the fused q/k/v and the output projection.
+    /// See [`Dense::set_int8`]; applies to the fused q/k/v and the output projection, and
+    /// the fused kernel's scores ([`FusedAttention::int8`]).
     pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        self.int8 = on;
         self.qkv.set_int8(on)?;
         self.o.set_int8(on)
     }
@@ -222,6 +226,7 @@ impl Attention {
             o: Dense::load(w, &format!("{p}.out_proj"), d, d)?,
             heads,
             head_dim: hidden / heads,
+            int8: false,
         })
     }
 
@@ -254,6 +259,7 @@ impl Attention {
                     heads: self.heads,
                     head_dim: self.head_dim,
                     scale: scale as f32,
+                    int8: self.int8,
                 },
             )?);
         }

@@ -7,7 +7,8 @@
 //! These ops have no backward pass: training uses the candle-op path of the encoder
 //! (`VisionEncoder::set_fast_kernels(false)`), which the tests compare against this one.
 
-use afm_lm::kernels::{attend_block, AttendBlock};
+use afm_lm::int8::{quantize_rows, Int8Matrix, Pool};
+use afm_lm::kernels::{attend_block, attend_block_with, AttendBlock};
 pub use afm_lm::kernels::{exp, softmax_in_place};
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
@@ -86,6 +87,11 @@ pub struct FusedAttention {
     pub heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Scores `q k^T` in int8 ([`afm_lm::int8`]): per head, the keys' mean over the
+    /// sequence is subtracted first (each score row moves by a constant, which the softmax
+    /// ignores, and the keys quantise with less error), then keys and queries are quantised
+    /// per row. The weighted sum of the values stays f32.
+    pub int8: bool,
 }
 
 const QBLOCK: usize = 256;
@@ -126,6 +132,28 @@ impl CustomOp2 for FusedAttention {
         let optr = OutPtr(out.as_mut_ptr());
         let optr = &optr;
         let nblk = t.div_ceil(QBLOCK);
+        // int8: every (sequence, head)'s keys, centred and quantised, once
+        let keys: Vec<Int8Matrix> = if self.int8 {
+            (0..n * heads)
+                .into_par_iter()
+                .map(|sh| {
+                    let (seq, h) = (sh / heads, sh % heads);
+                    let k = &qkv[seq * t * 3 * d + d + h * hd..];
+                    let mut mean = vec![0f32; hd];
+                    for j in 0..t {
+                        for (m, v) in mean.iter_mut().zip(&k[j * 3 * d..j * 3 * d + hd]) {
+                            *m += v;
+                        }
+                    }
+                    mean.iter_mut().for_each(|m| *m /= t as f32);
+                    Int8Matrix::from_fn(hd, t, |c, j| k[j * 3 * d + c] - mean[c])
+                        .with_pool(Pool::Inline)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let keys = &keys;
         (0..n * heads * nblk).into_par_iter().for_each(|task| {
             let (seq, rest) = (task / (heads * nblk), task % (heads * nblk));
             let (h, blk) = (rest / nblk, rest % nblk);
@@ -136,6 +164,44 @@ impl CustomOp2 for FusedAttention {
             let k = &qkv[base + d + h * hd..];
             let v = &qkv[base + 2 * d + h * hd..];
             let mrow = masked.then(|| &mask[(seq % m) * t..(seq % m + 1) * t]);
+            let block = AttendBlock {
+                q: q.as_ptr(),
+                q_stride: 3 * d,
+                k: k.as_ptr(),
+                v: v.as_ptr(),
+                kv_stride: 3 * d,
+                out: optr.0.wrapping_add(seq * t * d + r0 * d + h * hd),
+                out_stride: d,
+                rows,
+                keys: t,
+                head_dim: hd,
+                scale: self.scale,
+            };
+            let add_mask = |_: usize, row: &mut [f32]| {
+                if let Some(mr) = mrow {
+                    for (x, mv) in row.iter_mut().zip(mr) {
+                        *x += mv;
+                    }
+                }
+            };
+            if self.int8 {
+                let mut qb = vec![0f32; rows * hd];
+                for (i, r) in qb.chunks_exact_mut(hd).enumerate() {
+                    r.copy_from_slice(&q[i * 3 * d..i * 3 * d + hd]);
+                }
+                let qx = quantize_rows(Pool::Inline, &qb, rows, hd);
+                let km = &keys[seq * heads + h];
+                // SAFETY: v rows 0..t of sequence `seq` (columns h*hd.., row stride 3d) lie
+                // in `qkv`; the output block belongs to this task alone (as below).
+                unsafe {
+                    attend_block_with(
+                        block,
+                        |s| km.forward_quantized_into(&qx, s, t, self.scale),
+                        add_mask,
+                    );
+                }
+                return;
+            }
             // SAFETY: q rows r0..r0+rows and k, v rows 0..t of sequence `seq`, columns
             // h*hd..(h+1)*hd of their part, row stride 3d, lie in `qkv` (n*t*3d floats,
             // checked above); the output block (rows r0.., columns h*hd.., row stride d of
@@ -173,6 +239,52 @@ impl CustomOp2 for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The int8 scores against f32, with keys that share a large offset (which the centring
+    /// removes) and a key mask on one of the sequences.
+    #[test]
+    fn int8_attention_stays_close_to_f32() {
+        use candle_core::{Device, Tensor};
+        let (n, t, heads, hd) = (2, 70, 3, 16);
+        let d = heads * hd;
+        let mut s = 7u64;
+        let mut qkv: Vec<f32> = (0..n * t * 3 * d)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
+            })
+            .collect();
+        for row in qkv.chunks_exact_mut(3 * d) {
+            row[d..2 * d].iter_mut().for_each(|k| *k += 5.0);
+        }
+        let qkv = Tensor::from_vec(qkv, (n, t, 3 * d), &Device::Cpu).unwrap();
+        let mut mask = vec![0f32; 2 * t];
+        mask[t + 3..t + 20].fill(f32::NEG_INFINITY);
+        let mask = Tensor::from_vec(mask, (2, t), &Device::Cpu).unwrap();
+        let run = |int8| {
+            let op = FusedAttention {
+                heads,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+                int8,
+            };
+            qkv.apply_op2_no_bwd(&mask, &op)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (a, b) = (run(true), run(false));
+        let num: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+        let den: f32 = b.iter().map(|y| y * y).sum();
+        let rel = (num / den).sqrt();
+        println!("int8 attention vs f32: relative L2 error {rel:.4}");
+        assert!(rel < 0.02, "relative error {rel}");
+        assert!(rel > 0.0, "the int8 path did not run");
+    }
 
     #[test]
     fn activations_match_their_definitions() {
