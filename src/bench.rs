@@ -136,7 +136,7 @@ pub fn bench_vlm(a: &VlmBench, threads: usize) -> Result<()> {
     println!("|---|---:|---:|---:|");
     println!(
         "| afm ({}) | {:.3} s | {ours_dec:.1} | {prompt_tokens} |",
-        if a.int8 { "int8 projections" } else { "f32" },
+        if a.int8 { "int8" } else { "f32" },
         ours_ttft
     );
     if a.no_reference {
@@ -338,7 +338,7 @@ pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {
     println!("|---|---:|");
     println!("| afm (f32) | {ours_s:.3} |");
     if let Some(q) = ours_q {
-        println!("| afm (int8 projections) | {q:.3} |");
+        println!("| afm (int8) | {q:.3} |");
     }
     if a.no_reference {
         return Ok(());
