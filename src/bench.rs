@@ -188,41 +188,59 @@ struct TorchVlm {
 /// Runs `scripts/bench_hf_smolvlm.py` (f32, or with dynamic int8 linear layers); `None`
 /// with a note when it did not run.
 fn torch_vlm(a: &VlmBench, threads: usize, int8: bool) -> Result<Option<TorchVlm>> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_hf_smolvlm.py");
-    let out = Command::new(&a.python)
-        .arg(&script)
-        .arg(&a.model)
-        .args([
+    #[derive(serde::Deserialize)]
+    struct T {
+        ttft: Vec<f64>,
+        decode_tok_s: Vec<f64>,
+        prompt_tokens: usize,
+        torch: String,
+    }
+    let model = a.model.display().to_string();
+    let t: Option<T> = run_reference(
+        &a.python,
+        "scripts/bench_hf_smolvlm.py",
+        &[
+            model,
             threads.to_string(),
             a.new_tokens.to_string(),
             a.runs.to_string(),
             if a.no_split { "0" } else { "1" }.to_string(),
             if int8 { "1" } else { "0" }.to_string(),
-        ])
+        ],
+        "transformers",
+    )?;
+    Ok(t.map(|mut t| TorchVlm {
+        ttft: median(&mut t.ttft),
+        decode: median(&mut t.decode_tok_s),
+        prompt_tokens: t.prompt_tokens,
+        torch: t.torch,
+    }))
+}
+
+/// Runs a reference script of `scripts/` with `python` and parses the JSON object on the
+/// last line of its stdout; `None`, with a note naming `what`, when it did not run.
+fn run_reference<T: serde::de::DeserializeOwned>(
+    python: &str,
+    script: &str,
+    args: &[String],
+    what: &str,
+) -> Result<Option<T>> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
+    let out = Command::new(python)
+        .arg(&script)
+        .args(args)
         .stderr(Stdio::inherit())
         .output();
     match out {
         Ok(o) if o.status.success() => {
-            #[derive(serde::Deserialize)]
-            struct T {
-                ttft: Vec<f64>,
-                decode_tok_s: Vec<f64>,
-                prompt_tokens: usize,
-                torch: String,
-            }
             let line = String::from_utf8_lossy(&o.stdout);
-            let mut t: T = serde_json::from_str(line.lines().last().unwrap_or(""))?;
-            Ok(Some(TorchVlm {
-                ttft: median(&mut t.ttft),
-                decode: median(&mut t.decode_tok_s),
-                prompt_tokens: t.prompt_tokens,
-                torch: t.torch,
-            }))
+            Ok(Some(serde_json::from_str(
+                line.lines().last().unwrap_or(""),
+            )?))
         }
         _ => {
             eprintln!(
-                "note: the transformers reference did not run: install torch and transformers into `{}` or pass --python",
-                a.python
+                "note: the {what} reference did not run: install torch and transformers into `{python}` or pass --python"
             );
             Ok(None)
         }
@@ -272,36 +290,23 @@ fn time_encoder(
 /// `scripts/bench_torch_siglip.py`'s seconds per tile and torch version, or `None` with a
 /// note when it did not run.
 fn torch_vision(a: &VisionBench, threads: usize, int8: bool) -> Result<Option<(f64, String)>> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch_siglip.py");
-    let out = Command::new(&a.python)
-        .arg(&script)
-        .args([
+    #[derive(serde::Deserialize)]
+    struct T {
+        secs: Vec<f64>,
+        torch: String,
+    }
+    let t: Option<T> = run_reference(
+        &a.python,
+        "scripts/bench_torch_siglip.py",
+        &[
             threads.to_string(),
             a.tiles.to_string(),
             a.runs.to_string(),
             if int8 { "1" } else { "0" }.to_string(),
-        ])
-        .stderr(Stdio::inherit())
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            #[derive(serde::Deserialize)]
-            struct T {
-                secs: Vec<f64>,
-                torch: String,
-            }
-            let line = String::from_utf8_lossy(&o.stdout);
-            let mut t: T = serde_json::from_str(line.lines().last().unwrap_or(""))?;
-            Ok(Some((median(&mut t.secs) / a.tiles as f64, t.torch)))
-        }
-        _ => {
-            eprintln!(
-                "note: the PyTorch reference did not run: install torch and transformers into `{}` or pass --python",
-                a.python
-            );
-            Ok(None)
-        }
-    }
+        ],
+        "PyTorch",
+    )?;
+    Ok(t.map(|mut t| (median(&mut t.secs) / a.tiles as f64, t.torch)))
 }
 
 pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {

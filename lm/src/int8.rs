@@ -1,7 +1,7 @@
-//! The optional int8 path of dense f32 matrices (the vision encoder's projections and MLP,
-//! a safetensors language model's projections): `y = x W^T + b` with the weights quantised per output
-//! channel and the activations per row, both symmetric to `[-127, 127]`, and the products
-//! summed in exact i32 arithmetic over the whole row.
+//! The optional int8 path of dense f32 matrices (the vision encoder's projections, MLP and
+//! attention scores, a safetensors language model's projections): `y = x W^T + b` with the
+//! weights quantised per output channel and the activations per row, both symmetric to
+//! `[-127, 127]`, and the products summed in exact i32 arithmetic over the whole row.
 //!
 //! # Arithmetic
 //! For weight row `o` (output channel) `sw[o] = max|W[o, :]| / 127` and
@@ -10,7 +10,8 @@
 //! `y[r, o] = sx[r] * sw[o] * sum_k qx[r, k] qw[o, k] + b[o]`.
 //! The kernel multiplies unsigned by signed bytes (AVX-512 VNNI `vpdpbusd`), so it stores
 //! `qx + 128` and subtracts `128 * sum_k qw[o, k]` afterwards; the result is the same integer.
-//! No 32-bit overflow is possible below `2^31 / (255 * 127)` = 66,000 inputs per row.
+//! No 32-bit overflow is possible below `2^31 / (255 * 127)` = 66,313 inputs per row
+//! ([`MAX_INPUTS`]; callers refuse wider matrices).
 //!
 //! # Speed
 //! On CPUs with AVX-512 VNNI one `vpdpbusd` does 64 multiply-adds where an f32 FMA does 16.
@@ -60,6 +61,8 @@ fn par_chunks_mut<T: Send>(
 
 /// Output channels per panel.
 pub const NR: usize = 32;
+/// The widest input row the i32 sums hold without overflow (module docs).
+pub const MAX_INPUTS: usize = 66_000;
 /// Activation rows per micro-tile.
 const MR: usize = 8;
 /// Activation rows per parallel task.
@@ -137,7 +140,15 @@ impl Int8Matrix {
     }
 
     /// Quantises `W` whose element `(o, k)` (output channel `o`, input `k`) is `w(k, o)`.
+    /// A channel holding NaN or infinity gives NaN outputs, as in f32.
+    ///
+    /// # Panics
+    /// When `inp > MAX_INPUTS` (callers check first).
     pub fn from_fn(inp: usize, out: usize, w: impl Fn(usize, usize) -> f32) -> Self {
+        assert!(
+            inp <= MAX_INPUTS,
+            "{inp} inputs per row overflow the i32 sums"
+        );
         let kp = inp.div_ceil(4) * 4;
         let panels = out.div_ceil(NR);
         let groups = kp / 4;
@@ -146,7 +157,11 @@ impl Int8Matrix {
         let mut offset = vec![0i32; panels * NR];
         for o in 0..out {
             let amax = (0..inp).fold(0f32, |m, k| m.max(w(k, o).abs()));
-            if amax == 0.0 || !amax.is_finite() {
+            if !amax.is_finite() {
+                scale[o] = f32::NAN;
+                continue;
+            }
+            if amax == 0.0 {
                 continue;
             }
             let inv = 127.0 / amax;

@@ -118,6 +118,12 @@ impl Linear {
 /// [`Linear::Int8`] of `orig`, whose dense matrix is `wt` `(in, out)`.
 fn int8_of(wt: &Tensor, orig: Linear) -> Result<Linear> {
     let (inp, out) = wt.dims2()?;
+    if inp > crate::int8::MAX_INPUTS {
+        return Err(LmError::Invalid(format!(
+            "int8: a matrix with {inp} inputs per row is wider than the kernel's {} (its i32 sums would overflow)",
+            crate::int8::MAX_INPUTS
+        )));
+    }
     let v = wt.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(Linear::Int8 {
         q: Arc::new(Int8Matrix::from_transposed(&v, inp, out)),

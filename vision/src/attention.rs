@@ -31,6 +31,17 @@ use candle_core::CpuStorage;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+/// Refuses rows wider than the int8 kernel sums without overflow.
+fn check_int8_width(inp: usize) -> Result<()> {
+    if inp > afm_lm::int8::MAX_INPUTS {
+        return Err(crate::error::VisionError::Invalid(format!(
+            "int8: rows of {inp} inputs are wider than the kernel's {}",
+            afm_lm::int8::MAX_INPUTS
+        )));
+    }
+    Ok(())
+}
+
 /// `y = x W^T + b` with `W^T` stored contiguous `(in, out)`, so the matmul runs on a
 /// row-major 2-D operand pair (measured 1.7x faster in candle than multiplying by a
 /// transposed view).
@@ -70,6 +81,7 @@ impl Dense {
             false => None,
             true => {
                 let (inp, out) = self.wt.dims2()?;
+                check_int8_width(inp)?;
                 let wt = self
                     .wt
                     .to_dtype(DType::F32)?
@@ -201,6 +213,7 @@ impl Attention {
     /// See [`Dense::set_int8`]; applies to the fused q/k/v and the output projection, and
     /// the fused kernel's scores ([`FusedAttention::int8`]).
     pub fn set_int8(&mut self, on: bool) -> Result<()> {
+        check_int8_width(self.head_dim)?;
         self.int8 = on;
         self.qkv.set_int8(on)?;
         self.o.set_int8(on)

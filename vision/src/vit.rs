@@ -216,9 +216,11 @@ impl VisionEncoder {
         self.fast = on;
     }
 
-    /// Runs every block's projections and MLP in int8 (weights quantised per output
-    /// channel, activations per row; `crate::int8`) on the fused inference path, or back in
-    /// f32. Attention, layer norms, embeddings and activations stay f32. On CPUs with
+    /// Runs every block's projections, MLP and attention scores in int8 (weights and keys
+    /// quantised per output channel, activations and queries per row; `crate::int8`,
+    /// `crate::kernels::FusedAttention::int8`) on the fused inference path, or back in f32.
+    /// Softmax, the weighted sum of values, layer norms, embeddings and activations stay
+    /// f32. On CPUs with
     /// AVX-512 VNNI ([`crate::int8::int8_kernel_is_fast`]) this is the fastest path; on
     /// others its portable loop is slower than f32, so leave it off there. The
     /// differentiable path (`set_fast_kernels(false)`) always runs f32.
