@@ -5,11 +5,15 @@
 //!
 //! # Arithmetic
 //! For weight row `o` (output channel) `sw[o] = max|W[o, :]| / 127` and
-//! `qw[o, k] = round(W[o, k] / sw[o])`; for activation row `r` `sx[r] = max|x[r, :]| / 127` and
-//! `qx[r, k] = round(x[r, k] / sx[r])`. Then
-//! `y[r, o] = sx[r] * sw[o] * sum_k qx[r, k] qw[o, k] + b[o]`.
+//! `qw[o, k] = round(W[o, k] / sw[o])`. Activations get one scale per row, or one per group
+//! of `G` inputs of a row ([`Int8Matrix::with_act_group`]): for group `g` of row `r`,
+//! `sx[r, g] = max|x[r, g]| / 127` and `qx[r, k] = round(x[r, k] / sx[r, g])`. Then
+//! `y[r, o] = sw[o] * sum_g sx[r, g] * sum_{k in g} qx[r, k] qw[o, k] + b[o]`, the inner sums
+//! exact in i32. Groups keep an outlier channel from flattening the rest of its row (language
+//! models have such channels; `lm/tests/int8.rs`).
 //! The kernel multiplies unsigned by signed bytes (AVX-512 VNNI `vpdpbusd`), so it stores
-//! `qx + 128` and subtracts `128 * sum_k qw[o, k]` afterwards; the result is the same integer.
+//! `qx + 128` and subtracts `128 * sum_{k in g} qw[o, k]` per group afterwards; the result is
+//! the same integer.
 //! No 32-bit overflow is possible below `2^31 / (255 * 127)` = 66,313 inputs per row
 //! ([`MAX_INPUTS`]; callers refuse wider matrices).
 //!
@@ -78,28 +82,45 @@ pub struct Int8Matrix {
     packed: Vec<i8>,
     /// Per output channel (padded panels included, 0 there).
     scale: Vec<f32>,
-    /// `128 * sum_k qw[o, k]`.
+    /// `128 * sum_{k in g} qw[o, k]`, at `(panel * ngroups + g) * NR + c`.
     offset: Vec<i32>,
+    /// Inputs per activation scale (a multiple of 4; `kp` for one scale per row).
+    group: usize,
     pool: Pool,
 }
 
-/// Activations quantised per row: `qx + 128` in rows of `kp` bytes (padding holds 128 = 0).
+/// Activations quantised per row or per group of a row: `qx + 128` in rows of `kp` bytes
+/// (padding holds 128 = 0), and `ngroups` scales per row.
 pub struct QuantRows {
     pub kp: usize,
     pub q: Vec<u8>,
+    /// Inputs per scale.
+    pub group: usize,
+    pub ngroups: usize,
+    /// `rows * ngroups`.
     pub scale: Vec<f32>,
 }
 
-/// Quantises `rows` rows of `inp` values (see the module docs).
-pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize) -> QuantRows {
+impl QuantRows {
+    pub fn rows(&self) -> usize {
+        self.scale.len() / self.ngroups.max(1)
+    }
+}
+
+/// Quantises `rows` rows of `inp` values with one scale per `group` inputs (a multiple of 4;
+/// `inp` or more for one per row; see the module docs).
+pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usize) -> QuantRows {
     let kp = inp.div_ceil(4) * 4;
+    let group = group.div_ceil(4).clamp(1, kp.max(4) / 4) * 4;
+    let ng = kp.div_ceil(group);
     let mut q = vec![128u8; rows * kp];
-    let mut scale = vec![0f32; rows];
+    let mut scale = vec![0f32; rows * ng];
     let rows_per_task = (1 << 16) / kp.max(1) + 1;
-    par_chunks_mut(pool, &mut scale, rows_per_task, |task, sc| {
+    par_chunks_mut(pool, &mut scale, rows_per_task * ng, |task, sc| {
         for (i, s) in sc.iter_mut().enumerate() {
-            let r = task * rows_per_task + i;
-            let amax = x[r * inp..(r + 1) * inp]
+            let (r, g) = (task * rows_per_task + i / ng, i % ng);
+            let (k0, k1) = ((g * group).min(inp), ((g + 1) * group).min(inp));
+            let amax = x[r * inp + k0..r * inp + k1]
                 .iter()
                 .fold(0f32, |m, v| m.max(v.abs()));
             // a NaN or infinite input makes the row's output NaN, as in f32
@@ -114,19 +135,28 @@ pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize) -> QuantRow
     par_chunks_mut(pool, &mut q, rows_per_task * kp, |task, qc| {
         for (i, qr) in qc.chunks_mut(kp).enumerate() {
             let r = task * rows_per_task + i;
-            let s = scale_ref[r];
-            if s > 0.0 {
-                let inv = 1.0 / s;
-                for (d, &v) in qr.iter_mut().zip(&x[r * inp..(r + 1) * inp]) {
-                    // round half away from zero, as `f32::round`, in a form that vectorises
-                    // (`round` is a library call on baseline x86-64)
-                    let t = (v * inv).clamp(-127.0, 127.0);
-                    *d = ((t + 0.5f32.copysign(t)) as i32 + 128) as u8;
+            let xr = &x[r * inp..(r + 1) * inp];
+            for (g, (qg, xg)) in qr.chunks_mut(group).zip(xr.chunks(group)).enumerate() {
+                let s = scale_ref[r * ng + g];
+                if s > 0.0 {
+                    let inv = 1.0 / s;
+                    for (d, &v) in qg.iter_mut().zip(xg) {
+                        // round half away from zero, as `f32::round`, in a form that
+                        // vectorises (`round` is a library call on baseline x86-64)
+                        let t = (v * inv).clamp(-127.0, 127.0);
+                        *d = ((t + 0.5f32.copysign(t)) as i32 + 128) as u8;
+                    }
                 }
             }
         }
     });
-    QuantRows { kp, q, scale }
+    QuantRows {
+        kp,
+        q,
+        group,
+        ngroups: ng,
+        scale,
+    }
 }
 
 impl Int8Matrix {
@@ -154,7 +184,6 @@ impl Int8Matrix {
         let groups = kp / 4;
         let mut packed = vec![0i8; panels * groups * NR * 4];
         let mut scale = vec![0f32; panels * NR];
-        let mut offset = vec![0i32; panels * NR];
         for o in 0..out {
             let amax = (0..inp).fold(0f32, |m, k| m.max(w(k, o).abs()));
             if !amax.is_finite() {
@@ -167,23 +196,53 @@ impl Int8Matrix {
             let inv = 127.0 / amax;
             scale[o] = amax / 127.0;
             let (p, c) = (o / NR, o % NR);
-            let mut sum = 0i32;
             for k in 0..inp {
                 let q = (w(k, o) * inv).round().clamp(-127.0, 127.0) as i8;
-                sum += q as i32;
                 packed[(p * groups + k / 4) * NR * 4 + c * 4 + k % 4] = q;
             }
-            offset[o] = 128 * sum;
         }
-        Self {
+        let mut m = Self {
             inp,
             out,
             kp,
             packed,
             scale,
-            offset,
+            offset: Vec::new(),
+            group: kp,
             pool: Pool::default(),
+        };
+        m.offset = m.offsets();
+        m
+    }
+
+    /// One activation scale per `group` inputs of a row (rounded up to a multiple of 4)
+    /// instead of one per row.
+    pub fn with_act_group(mut self, group: usize) -> Self {
+        self.group = group.div_ceil(4).clamp(1, self.kp.max(4) / 4) * 4;
+        self.offset = self.offsets();
+        self
+    }
+
+    /// `128 * sum_{k in g} qw[o, k]` for every panel, group and channel.
+    fn offsets(&self) -> Vec<i32> {
+        let groups = self.kp / 4;
+        let ng = self.kp.div_ceil(self.group);
+        let panels = self.out.div_ceil(NR);
+        let mut off = vec![0i32; panels * ng * NR];
+        for p in 0..panels {
+            for kg in 0..groups {
+                let g = kg * 4 / self.group;
+                let base = (p * groups + kg) * NR * 4;
+                for c in 0..NR {
+                    let s: i32 = self.packed[base + c * 4..base + c * 4 + 4]
+                        .iter()
+                        .map(|&q| q as i32)
+                        .sum();
+                    off[(p * ng + g) * NR + c] += 128 * s;
+                }
+            }
         }
+        off
     }
 
     /// Runs on `pool` (default [`Pool::Candle`]).
@@ -195,8 +254,12 @@ impl Int8Matrix {
     /// `alpha * x W^T` for the quantized rows `qx` (made with this matrix's input width),
     /// on this thread, into `y` (row `i` at `y[i * stride..]`, `out` values).
     pub fn forward_quantized_into(&self, qx: &QuantRows, y: &mut [f32], stride: usize, alpha: f32) {
-        assert_eq!(qx.kp, self.kp, "rows quantized for another input width");
-        let rows = qx.scale.len();
+        assert_eq!(
+            (qx.kp, qx.group),
+            (self.kp, self.group),
+            "rows quantized for another input width or group"
+        );
+        let rows = qx.rows();
         assert!(
             rows == 0 || y.len() >= (rows - 1) * stride + self.out,
             "output too small"
@@ -206,17 +269,15 @@ impl Int8Matrix {
         let mut r = 0;
         while r < rows {
             let m = MR.min(rows - r);
-            let mut tile = [[0i32; NR]; MR];
+            let mut tile = [[0f32; NR]; MR];
             for p in 0..panels {
                 self.panel_tile(qx, r, m, p, &mut tile, vnni);
                 let c0 = p * NR;
                 let cols = NR.min(self.out - c0);
                 for (i, accr) in tile.iter().enumerate().take(m) {
-                    let sx = qx.scale[r + i] * alpha;
                     let yr = &mut y[(r + i) * stride + c0..(r + i) * stride + c0 + cols];
                     for (c, yv) in yr.iter_mut().enumerate() {
-                        let o = c0 + c;
-                        *yv = (accr[c] - self.offset[o]) as f32 * (sx * self.scale[o]);
+                        *yv = accr[c] * (alpha * self.scale[c0 + c]);
                     }
                 }
             }
@@ -224,29 +285,38 @@ impl Int8Matrix {
         }
     }
 
-    /// The integer products of rows `r0..r0 + m` with panel `p`.
+    /// `sum_g sx[r, g] * (sum_{k in g} (qx + 128) qw - offset)` for rows `r0..r0 + m` and
+    /// panel `p` (the weight scale not yet applied).
     fn panel_tile(
         &self,
         qx: &QuantRows,
         r0: usize,
         m: usize,
         p: usize,
-        acc: &mut [[i32; NR]; MR],
+        acc: &mut [[f32; NR]; MR],
         vnni: bool,
     ) {
         let groups = self.kp / 4;
-        let panel = &self.packed[p * groups * NR * 4..(p + 1) * groups * NR * 4];
-        let a = &qx.q[r0 * self.kp..(r0 + m) * self.kp];
+        let ng = qx.ngroups;
+        let t = Tile {
+            a: &qx.q[r0 * self.kp..(r0 + m) * self.kp],
+            kp: self.kp,
+            m,
+            panel: &self.packed[p * groups * NR * 4..(p + 1) * groups * NR * 4],
+            steps: self.group / 4,
+            sx: &qx.scale[r0 * ng..(r0 + m) * ng],
+            ng,
+            off: &self.offset[p * ng * NR..(p + 1) * ng * NR],
+        };
         if vnni {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `has_vnni` checked the CPU features the kernel is compiled for; `a`
-            // holds m rows of kp bytes and `panel` groups * 128 bytes (slices checked
-            // above), which is all the kernel reads.
+            // SAFETY: `has_vnni` checked the CPU features the kernel is compiled for; the
+            // slices of `t` are cut to the sizes `Tile` documents, which is all it reads.
             unsafe {
-                vnni::tile(a, self.kp, m, panel, groups, acc)
+                vnni::tile(&t, acc)
             };
         } else {
-            tile_scalar(a, self.kp, m, panel, groups, acc);
+            tile_scalar(&t, acc);
         }
     }
 
@@ -278,7 +348,7 @@ impl Int8Matrix {
             }
         };
         assert_eq!(bias.len(), self.out, "one bias per output channel");
-        let qx = quantize_rows(self.pool, x, rows, self.inp);
+        let qx = quantize_rows(self.pool, x, rows, self.inp, self.group);
         let mut y = vec![0f32; rows * self.out];
         let vnni = has_vnni();
         let panels = self.out.div_ceil(NR);
@@ -339,7 +409,7 @@ impl Int8Matrix {
         b: &[f32],
         vnni: bool,
     ) {
-        let mut acc = [[0i32; NR]; MR];
+        let mut acc = [[0f32; NR]; MR];
         let first = panels.start;
         for p in panels {
             self.panel_tile(qx, r0, m, p, &mut acc, vnni);
@@ -347,11 +417,10 @@ impl Int8Matrix {
             let cols = NR.min(self.out - c0);
             let at = (p - first) * NR;
             for (i, accr) in acc.iter().enumerate().take(m) {
-                let sx = qx.scale[r0 + i];
                 let yr = &mut y[i * stride + at..i * stride + at + cols];
                 for (c, yv) in yr.iter_mut().enumerate() {
                     let o = c0 + c;
-                    *yv = (accr[c] - self.offset[o]) as f32 * (sx * self.scale[o]) + b[o];
+                    *yv = accr[c] * self.scale[o] + b[o];
                 }
             }
         }
@@ -376,24 +445,39 @@ pub fn int8_kernel_is_fast() -> bool {
     has_vnni()
 }
 
-/// The portable kernel: the same integers as the VNNI one.
-fn tile_scalar(
-    a: &[u8],
+/// One micro-tile's operands: `m` activation rows of `kp` bytes, a panel of `kp / 4` groups
+/// of 128 bytes, activation groups of `steps` 4-byte steps with `ng` scales per row (`sx`,
+/// `m * ng`), and the panel's offsets (`ng * NR`).
+struct Tile<'a> {
+    a: &'a [u8],
     kp: usize,
     m: usize,
-    panel: &[i8],
-    groups: usize,
-    acc: &mut [[i32; NR]; MR],
-) {
-    for (i, accr) in acc.iter_mut().enumerate().take(m) {
-        let ar = &a[i * kp..(i + 1) * kp];
-        accr.fill(0);
-        for g in 0..groups {
-            let bg = &panel[g * NR * 4..(g + 1) * NR * 4];
-            let av = &ar[g * 4..g * 4 + 4];
-            for (c, accv) in accr.iter_mut().enumerate() {
-                let bc = &bg[c * 4..c * 4 + 4];
-                *accv += (0..4).map(|j| av[j] as i32 * bc[j] as i32).sum::<i32>();
+    panel: &'a [i8],
+    steps: usize,
+    sx: &'a [f32],
+    ng: usize,
+    off: &'a [i32],
+}
+
+/// The portable kernel: the same integers as the VNNI one, scaled the same way.
+fn tile_scalar(t: &Tile, acc: &mut [[f32; NR]; MR]) {
+    let groups = t.kp / 4;
+    for (i, accr) in acc.iter_mut().enumerate().take(t.m) {
+        let ar = &t.a[i * t.kp..(i + 1) * t.kp];
+        accr.fill(0.0);
+        for g in 0..t.ng {
+            let mut s = [0i32; NR];
+            for kg in g * t.steps..((g + 1) * t.steps).min(groups) {
+                let bg = &t.panel[kg * NR * 4..(kg + 1) * NR * 4];
+                let av = &ar[kg * 4..kg * 4 + 4];
+                for (c, sv) in s.iter_mut().enumerate() {
+                    let bc = &bg[c * 4..c * 4 + 4];
+                    *sv += (0..4).map(|j| av[j] as i32 * bc[j] as i32).sum::<i32>();
+                }
+            }
+            let sx = t.sx[i * t.ng + g];
+            for (c, a) in accr.iter_mut().enumerate() {
+                *a += (s[c] - t.off[g * NR + c]) as f32 * sx;
             }
         }
     }
@@ -401,61 +485,60 @@ fn tile_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{MR, NR};
+    use super::{Tile, MR, NR};
     use std::arch::x86_64::*;
 
     /// Dispatches on the number of rows so each micro-kernel keeps its accumulators in
     /// registers.
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F/BW/VNNI; `a` must hold `m` rows of `kp >= 4 * groups`
-    /// bytes and `panel` `groups * 128` bytes.
+    /// The CPU must have AVX-512 F/BW/VNNI; the slices of `t` must have the sizes `Tile`
+    /// documents.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn tile(
-        a: &[u8],
-        kp: usize,
-        m: usize,
-        panel: &[i8],
-        groups: usize,
-        acc: &mut [[i32; NR]; MR],
-    ) {
-        match m {
-            8 => rows::<8>(a, kp, panel, groups, acc),
-            7 => rows::<7>(a, kp, panel, groups, acc),
-            6 => rows::<6>(a, kp, panel, groups, acc),
-            5 => rows::<5>(a, kp, panel, groups, acc),
-            4 => rows::<4>(a, kp, panel, groups, acc),
-            3 => rows::<3>(a, kp, panel, groups, acc),
-            2 => rows::<2>(a, kp, panel, groups, acc),
-            _ => rows::<1>(a, kp, panel, groups, acc),
+    pub unsafe fn tile(t: &Tile, acc: &mut [[f32; NR]; MR]) {
+        match t.m {
+            8 => rows::<8>(t, acc),
+            7 => rows::<7>(t, acc),
+            6 => rows::<6>(t, acc),
+            5 => rows::<5>(t, acc),
+            4 => rows::<4>(t, acc),
+            3 => rows::<3>(t, acc),
+            2 => rows::<2>(t, acc),
+            _ => rows::<1>(t, acc),
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn rows<const M: usize>(
-        a: &[u8],
-        kp: usize,
-        panel: &[i8],
-        groups: usize,
-        acc: &mut [[i32; NR]; MR],
-    ) {
-        let a = a.as_ptr();
-        let b = panel.as_ptr();
-        let mut s = [[_mm512_setzero_si512(); 2]; M];
-        for g in 0..groups {
-            let b0 = _mm512_loadu_si512(b.add(g * 128) as *const _);
-            let b1 = _mm512_loadu_si512(b.add(g * 128 + 64) as *const _);
-            for (r, sr) in s.iter_mut().enumerate() {
-                let av = _mm512_set1_epi32(std::ptr::read_unaligned(
-                    a.add(r * kp + g * 4) as *const i32
-                ));
-                sr[0] = _mm512_dpbusd_epi32(sr[0], av, b0);
-                sr[1] = _mm512_dpbusd_epi32(sr[1], av, b1);
+    unsafe fn rows<const M: usize>(t: &Tile, acc: &mut [[f32; NR]; MR]) {
+        let (a, b, kp) = (t.a.as_ptr(), t.panel.as_ptr(), t.kp);
+        let groups = kp / 4;
+        let mut f = [[_mm512_setzero_ps(); 2]; M];
+        for g in 0..t.ng {
+            let mut s = [[_mm512_setzero_si512(); 2]; M];
+            for kg in g * t.steps..((g + 1) * t.steps).min(groups) {
+                let b0 = _mm512_loadu_si512(b.add(kg * 128) as *const _);
+                let b1 = _mm512_loadu_si512(b.add(kg * 128 + 64) as *const _);
+                for (r, sr) in s.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32(std::ptr::read_unaligned(
+                        a.add(r * kp + kg * 4) as *const i32
+                    ));
+                    sr[0] = _mm512_dpbusd_epi32(sr[0], av, b0);
+                    sr[1] = _mm512_dpbusd_epi32(sr[1], av, b1);
+                }
+            }
+            let o0 = _mm512_loadu_si512(t.off.as_ptr().add(g * NR) as *const _);
+            let o1 = _mm512_loadu_si512(t.off.as_ptr().add(g * NR + 16) as *const _);
+            for r in 0..M {
+                let sx = _mm512_set1_ps(*t.sx.get_unchecked(r * t.ng + g));
+                let v0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(s[r][0], o0));
+                let v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(s[r][1], o1));
+                f[r][0] = _mm512_fmadd_ps(v0, sx, f[r][0]);
+                f[r][1] = _mm512_fmadd_ps(v1, sx, f[r][1]);
             }
         }
-        for (r, sr) in s.iter().enumerate() {
-            _mm512_storeu_si512(acc[r].as_mut_ptr() as *mut _, sr[0]);
-            _mm512_storeu_si512(acc[r].as_mut_ptr().add(16) as *mut _, sr[1]);
+        for (r, fr) in f.iter().enumerate() {
+            _mm512_storeu_ps(acc[r].as_mut_ptr(), fr[0]);
+            _mm512_storeu_ps(acc[r].as_mut_ptr().add(16), fr[1]);
         }
     }
 }
@@ -476,28 +559,35 @@ mod tests {
             .collect()
     }
 
-    /// The integers both kernels must produce, computed from the definitions.
+    /// What both kernels must produce, computed from the definitions (module docs), with
+    /// one activation scale per `group` inputs (`group >= inp`: one per row).
     fn reference(
         x: &[f32],
         wt: &[f32],
         b: &[f32],
-        rows: usize,
-        inp: usize,
-        out: usize,
+        (rows, inp, out): (usize, usize, usize),
+        group: usize,
     ) -> Vec<f32> {
         let mut y = vec![0f32; rows * out];
         for o in 0..out {
             let wmax = (0..inp).fold(0f32, |m, k| m.max(wt[k * out + o].abs()));
             for r in 0..rows {
-                let xr = &x[r * inp..(r + 1) * inp];
-                let xmax = xr.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let mut s = 0i64;
-                for k in 0..inp {
-                    let qx = (xr[k] * (127.0 / xmax)).round() as i64;
-                    let qw = (wt[k * out + o] * (127.0 / wmax)).round() as i64;
-                    s += qx * qw;
+                let mut acc = 0f64;
+                for (g, xg) in x[r * inp..(r + 1) * inp].chunks(group).enumerate() {
+                    let xmax = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    if xmax == 0.0 {
+                        continue;
+                    }
+                    let mut s = 0i64;
+                    for (j, xv) in xg.iter().enumerate() {
+                        let k = g * group + j;
+                        let qx = (xv * (127.0 / xmax)).round() as i64;
+                        let qw = (wt[k * out + o] * (127.0 / wmax)).round() as i64;
+                        s += qx * qw;
+                    }
+                    acc += s as f64 * (xmax / 127.0) as f64;
                 }
-                y[r * out + o] = s as f32 * (xmax / 127.0) * (wmax / 127.0) + b[o];
+                y[r * out + o] = (acc * (wmax / 127.0) as f64) as f32 + b[o];
             }
         }
         y
@@ -506,19 +596,25 @@ mod tests {
     #[test]
     fn kernels_match_the_definition_and_stay_close_to_f32() {
         // odd sizes: inputs not a multiple of 4, channels not a multiple of 32, rows past
-        // one task and not a multiple of the micro-tile
-        for &(rows, inp, out) in &[
-            (3, 5, 7),
-            (77, 70, 45),
-            (130, 96, 64),
-            (1, 40, 300),
-            (9, 33, 1000),
+        // one task and not a multiple of the micro-tile; one scale per row and per group
+        for &(rows, inp, out, group) in &[
+            (3, 5, 7, 0),
+            (77, 70, 45, 0),
+            (77, 70, 45, 8),
+            (130, 96, 64, 0),
+            (130, 96, 64, 32),
+            (1, 40, 300, 0),
+            (9, 33, 1000, 12),
         ] {
             let x = lcg(rows * inp, 1 + rows as u64);
             let wt = lcg(inp * out, 2 + inp as u64);
             let b = lcg(out, 3);
-            let m = Int8Matrix::from_transposed(&wt, inp, out);
-            let want = reference(&x, &wt, &b, rows, inp, out);
+            let mut m = Int8Matrix::from_transposed(&wt, inp, out);
+            let g = if group == 0 { inp } else { group };
+            if group > 0 {
+                m = m.with_act_group(group);
+            }
+            let want = reference(&x, &wt, &b, (rows, inp, out), g);
             let got = m.forward(&x, rows, Some(&b), |_| {});
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
@@ -538,25 +634,53 @@ mod tests {
             }
             let rel = (err / norm).sqrt();
             assert!(rel < 0.02, "relative error {rel} at {rows}x{inp}x{out}");
-            // the portable kernel gives the same integers as the one this CPU picked
-            let qx = quantize_rows(Pool::Rayon, &x, rows, inp);
-            let groups = m.kp / 4;
-            for p in 0..out.div_ceil(NR) {
-                let panel = &m.packed[p * groups * NR * 4..(p + 1) * groups * NR * 4];
-                let mut a1 = [[0i32; NR]; MR];
-                let mut a2 = [[0i32; NR]; MR];
-                let mr = MR.min(rows);
-                tile_scalar(&qx.q[..mr * m.kp], m.kp, mr, panel, groups, &mut a1);
-                if has_vnni() {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: features checked; slices sized as `tile` requires.
-                    unsafe {
-                        vnni::tile(&qx.q[..mr * m.kp], m.kp, mr, panel, groups, &mut a2)
-                    };
-                    assert_eq!(a1[..mr], a2[..mr]);
+            // the portable kernel gives the same numbers as the one this CPU picked
+            if has_vnni() {
+                let qx = quantize_rows(Pool::Rayon, &x, rows, inp, m.group);
+                for p in 0..out.div_ceil(NR) {
+                    let mr = MR.min(rows);
+                    let (mut a1, mut a2) = ([[0f32; NR]; MR], [[0f32; NR]; MR]);
+                    m.panel_tile(&qx, 0, mr, p, &mut a1, false);
+                    m.panel_tile(&qx, 0, mr, p, &mut a2, true);
+                    for (r1, r2) in a1[..mr].iter().zip(&a2[..mr]) {
+                        for (v1, v2) in r1.iter().zip(r2) {
+                            // the same integers; fma against mul + add in the float sum over groups
+                            assert!((v1 - v2).abs() <= 1e-4 * v1.abs().max(1.0), "{v1} vs {v2}");
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// An outlier input channel flattens the rest of a row under one scale per row; groups
+    /// keep the rest.
+    #[test]
+    fn groups_keep_small_inputs_next_to_an_outlier() {
+        let (rows, inp, out) = (4, 256, 64);
+        let mut x = lcg(rows * inp, 21);
+        for r in 0..rows {
+            x[r * inp + 7] = 300.0;
+        }
+        let wt = lcg(inp * out, 22);
+        let err = |m: &Int8Matrix| {
+            let got = m.forward(&x, rows, None, |_| {});
+            let (mut e, mut n) = (0f32, 0f32);
+            for r in 0..rows {
+                for o in 0..out {
+                    let f: f32 = (0..inp).map(|k| x[r * inp + k] * wt[k * out + o]).sum();
+                    e += (got[r * out + o] - f).powi(2);
+                    n += f * f;
+                }
+            }
+            (e / n).sqrt()
+        };
+        let per_row = err(&Int8Matrix::from_transposed(&wt, inp, out));
+        let grouped = err(&Int8Matrix::from_transposed(&wt, inp, out).with_act_group(32));
+        assert!(
+            grouped < per_row / 2.0,
+            "grouped {grouped} vs per row {per_row}"
+        );
     }
 
     #[test]

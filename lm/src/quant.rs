@@ -150,28 +150,6 @@ fn quantize_row_q8(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32]) {
 }
 
 impl QMatrix {
-    /// Quantises a dense `(rows, cols)` row-major f32 matrix to Q8_0 as ggml does (per block
-    /// of 32: `d = amax / 127` stored as f16, `q = round(x / d)`). `cols` must be a multiple
-    /// of 32.
-    pub fn quantize_q8_0(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        if cols % QK != 0 || w.len() != rows * cols {
-            return Err(LmError::Invalid(format!(
-                "Q8_0: a ({rows}, {cols}) matrix needs a width that is a multiple of {QK} and {} values, got {}",
-                rows * cols,
-                w.len()
-            )));
-        }
-        let mut data = Vec::with_capacity(rows * cols / QK * QKind::Q8_0.block_bytes());
-        for xb in w.chunks_exact(QK) {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            data.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
-            data.extend(xb.iter().map(|v| (v * id).round() as i8 as u8));
-        }
-        Self::new(QKind::Q8_0, rows, cols, data)
-    }
-
     /// Repacks raw ggml block data (as stored in GGUF), checking its size.
     pub fn new(kind: QKind, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
         if cols % QK != 0 {

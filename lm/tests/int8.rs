@@ -1,7 +1,7 @@
-//! `DeviceModel::set_int8` (dense matrices to Q8_0 blocks) on the real SmolLM2-135M-Instruct
-//! (its Q4_1 GGUF expanded to f32, so every projection is dense): logits within a stated
-//! distance of the f32 model, the same arg-max at nearly every position, and f32 again, bit
-//! for bit, once switched off.
+//! `DeviceModel::set_int8` (dense matrices to int8, activations per group of 32) on the real
+//! SmolLM2-135M-Instruct, its Q4_1 GGUF expanded to f32 so every projection is dense: logits
+//! within a stated distance of the f32 model, the same arg-max at nearly every position, and
+//! f32 again, bit for bit, once switched off.
 
 use afm_lm::{DeviceModel, LanguageModel, LoadOptions, LogitsFor};
 use std::path::PathBuf;
@@ -61,9 +61,9 @@ fn real_smollm2_int8_stays_close_to_f32() {
         "SmolLM2-135M (dequantized Q4_1), 18 tokens: int8 vs f32 logits relative L2 error {rel:.4}, same arg-max at {same} of {} positions",
         toks.len()
     );
-    // measured 0.047; the Q4_1 GGUF's own kernels (8-bit activation blocks) are 0.028 from
-    // the same f32 weights
-    assert!(rel < 0.08, "{rel}");
+    // measured 0.057 (one scale per row: 0.143); the Q4_1 GGUF's own kernels (8-bit
+    // activation blocks, 4-bit weights as stored) are 0.028 from the same f32 weights
+    assert!(rel < 0.09, "{rel}");
     assert!(rel > 0.0, "the int8 path did not run");
     assert!(
         same + 2 >= toks.len(),

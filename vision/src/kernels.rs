@@ -189,7 +189,7 @@ impl CustomOp2 for FusedAttention {
                 for (i, r) in qb.chunks_exact_mut(hd).enumerate() {
                     r.copy_from_slice(&q[i * 3 * d..i * 3 * d + hd]);
                 }
-                let qx = quantize_rows(Pool::Inline, &qb, rows, hd);
+                let qx = quantize_rows(Pool::Inline, &qb, rows, hd, hd);
                 let km = &keys[seq * heads + h];
                 // SAFETY: v rows 0..t of sequence `seq` (columns h*hd.., row stride 3d) lie
                 // in `qkv`; the output block belongs to this task alone (as below).
