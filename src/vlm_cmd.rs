@@ -54,10 +54,11 @@ pub(crate) struct ModelArgs {
     /// when it is the default SmolLM2). Its sha256 must be the one the export records.
     #[arg(long, value_name = "FILE")]
     lm: Option<PathBuf>,
-    /// Run the vision encoder's projections and MLP, and a safetensors language model's
-    /// projections, in int8 (weights per output channel, activations per row). About 1.8x
-    /// faster image encoding on CPUs with AVX-512 VNNI; outputs move by ~0.2-2% (relative),
-    /// so answers can differ from the default f32. Elsewhere it runs a slower portable loop.
+    /// Run the vision encoder's projections, MLP and attention scores, and a safetensors
+    /// language model's projections, in int8 (weights per output channel, activations per
+    /// row or per 32 inputs). About 2x faster image encoding on CPUs with AVX-512 VNNI;
+    /// outputs move by a few percent (relative), so answers can differ from the default f32.
+    /// Elsewhere it runs a slower portable loop.
     #[arg(long)]
     int8: bool,
 }
