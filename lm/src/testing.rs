@@ -72,3 +72,28 @@ pub fn reference_logits(dir: &Path, vocab: usize) -> Result<(Vec<u32>, Tensor)> 
         Tensor::from_vec(logits, (n, vocab), &candle_core::Device::Cpu)?,
     ))
 }
+
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF (`AFM_SMOLLM2_GGUF`, else
+/// `models/SmolLM2-135M-Instruct.Q4_1.gguf` of the repository), or `None` after printing
+/// why the test is skipped. With `AFM_REQUIRE_REAL_WEIGHTS=1` (CI) a missing file panics
+/// instead, so a real-weights test never passes silently.
+pub fn smollm2_gguf_or_skip() -> Option<std::path::PathBuf> {
+    let p = std::env::var_os("AFM_SMOLLM2_GGUF")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    if p.exists() {
+        return Some(p);
+    }
+    let msg = format!(
+        "SKIPPED: {} not found; run `bash scripts/fetch_smollm2.sh`",
+        p.display()
+    );
+    if std::env::var("AFM_REQUIRE_REAL_WEIGHTS").is_ok_and(|v| v == "1") {
+        panic!("{msg} (AFM_REQUIRE_REAL_WEIGHTS=1)");
+    }
+    eprintln!("{msg}");
+    None
+}

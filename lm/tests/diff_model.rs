@@ -7,7 +7,6 @@ use afm_lm::random::random_tensors;
 use afm_lm::weights::WeightSource;
 use afm_lm::{DeviceModel, LanguageModel, LmConfig, LoadOptions, LogitsFor};
 use candle_core::{Device, Tensor, Var};
-use std::path::PathBuf;
 
 fn cfg(qk_norm: bool, interleaved: bool) -> LmConfig {
     LmConfig {
@@ -153,23 +152,9 @@ fn refuses_kv_sharing_checkpoints() {
 
 #[test]
 fn real_smollm2_diff_model_equals_dequantized_inference() {
-    let p = std::env::var_os("AFM_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if !p.exists() {
-        let msg = format!(
-            "SKIPPED: {} not found; run `bash scripts/fetch_smollm2.sh`",
-            p.display()
-        );
-        if std::env::var("AFM_REQUIRE_REAL_WEIGHTS").is_ok_and(|v| v == "1") {
-            panic!("{msg} (AFM_REQUIRE_REAL_WEIGHTS=1)");
-        }
-        eprintln!("{msg}");
+    let Some(p) = afm_lm::testing::smollm2_gguf_or_skip() else {
         return;
-    }
+    };
     let opts = LoadOptions {
         dequantize: true,
         context_length: Some(64),

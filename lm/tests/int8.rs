@@ -4,27 +4,12 @@
 //! f32 again, bit for bit, once switched off.
 
 use afm_lm::{DeviceModel, LanguageModel, LoadOptions, LogitsFor};
-use std::path::PathBuf;
 
 #[test]
 fn real_smollm2_int8_stays_close_to_f32() {
-    let p = std::env::var_os("AFM_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if !p.exists() {
-        let msg = format!(
-            "SKIPPED: {} not found; run `bash scripts/fetch_smollm2.sh`",
-            p.display()
-        );
-        if std::env::var("AFM_REQUIRE_REAL_WEIGHTS").is_ok_and(|v| v == "1") {
-            panic!("{msg} (AFM_REQUIRE_REAL_WEIGHTS=1)");
-        }
-        eprintln!("{msg}");
+    let Some(p) = afm_lm::testing::smollm2_gguf_or_skip() else {
         return;
-    }
+    };
     let opts = LoadOptions {
         dequantize: true,
         context_length: Some(64),
