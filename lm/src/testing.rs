@@ -88,7 +88,7 @@ pub fn smollm2_gguf_or_skip() -> Option<std::path::PathBuf> {
         return Some(p);
     }
     let msg = format!(
-        "SKIPPED: {} not found; run `bash scripts/fetch_smollm2.sh`",
+        "SKIPPED: real SmolLM2 weights not found at {}; run `bash scripts/fetch_smollm2.sh` to fetch them",
         p.display()
     );
     if std::env::var("AFM_REQUIRE_REAL_WEIGHTS").is_ok_and(|v| v == "1") {

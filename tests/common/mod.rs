@@ -13,21 +13,7 @@ pub fn root() -> PathBuf {
 /// when absent: the test is then skipped, never passed silently in CI (.ci/run fetches it
 /// and sets `AFM_REQUIRE_REAL_WEIGHTS=1`, which turns the skip into a failure).
 pub fn smollm2_gguf() -> Option<PathBuf> {
-    let p = std::env::var_os("AFM_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if p.exists() {
-        return Some(p);
-    }
-    let msg = format!(
-        "SKIPPED: real SmolLM2 weights not found at {}; run `bash scripts/fetch_smollm2.sh` to fetch them",
-        p.display()
-    );
-    if std::env::var("AFM_REQUIRE_REAL_WEIGHTS").is_ok_and(|v| v == "1") {
-        panic!("{msg} (AFM_REQUIRE_REAL_WEIGHTS=1)");
-    }
-    eprintln!("{msg}");
-    None
+    afm::lm::testing::smollm2_gguf_or_skip()
 }
 
 pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
