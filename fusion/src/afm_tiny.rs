@@ -386,7 +386,7 @@ impl<M: LanguageModel> AfmTiny<M> {
         &self.encoder
     }
 
-    /// Runs the ViT's projections and MLP in int8 ([`VisionEncoder::set_int8`]) or back in
+    /// Runs the ViT's matrices and attention scores in int8 ([`VisionEncoder::set_int8`]) or back in
     /// f32; forgets the cached images. (The language model is a quantized GGUF already.)
     pub fn set_vision_int8(&mut self, on: bool) -> Result<()> {
         self.images.clear();

@@ -314,7 +314,7 @@ impl<M: LanguageModel> Vlm<M> {
         &self.encoder
     }
 
-    /// Runs the vision encoder's projections in int8 or back in f32
+    /// Runs the vision encoder's matrices and attention scores in int8 or back in f32
     /// ([`VisionEncoder::set_int8`]); clears the encoded-image cache.
     pub fn set_vision_int8(&mut self, on: bool) -> Result<()> {
         self.clear_image_cache();

@@ -131,9 +131,9 @@ impl DeviceModel {
         &self.cfg
     }
 
-    /// With `false`, block 2 runs on every prompt position (for comparison only).
     /// Runs every dense f32 projection (q/k/v/o, gate/up/down) and the output head in int8
-    /// ([`crate::int8`]: weights per output channel, activations per row), or back in f32.
+    /// ([`crate::linear::Linear::set_int8`]: weights per output channel, one activation
+    /// scale per 32 inputs), or back in f32.
     /// Only matrices loaded dense (safetensors, f32/f16 GGUF) change; quantized GGUF
     /// matrices keep their own kernels, and the embedding lookup stays f32. Opt-in: logits
     /// move by the rounding of 8 bits (tested), so greedy output can differ from f32.
@@ -144,6 +144,7 @@ impl DeviceModel {
         self.lm_head.set_int8(on)
     }
 
+    /// With `false`, block 2 runs on every prompt position (for comparison only).
     pub fn set_prefill_shortcut(&mut self, on: bool) {
         self.prefill_shortcut = on;
     }

@@ -1,7 +1,7 @@
 //! The optional int8 path of dense f32 matrices (the vision encoder's projections, MLP and
 //! attention scores, a safetensors language model's projections): `y = x W^T + b` with the
-//! weights quantised per output channel and the activations per row, both symmetric to
-//! `[-127, 127]`, and the products summed in exact i32 arithmetic over the whole row.
+//! weights quantised per output channel and the activations per row or per group of inputs,
+//! both symmetric to `[-127, 127]`, and the products summed in exact i32 arithmetic.
 //!
 //! # Arithmetic
 //! For weight row `o` (output channel) `sw[o] = max|W[o, :]| / 127` and
@@ -339,15 +339,9 @@ impl Int8Matrix {
         post: impl Fn(&mut [f32]) + Sync,
     ) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.inp, "x must hold rows * inp values");
-        let zeros;
-        let bias = match bias {
-            Some(b) => b,
-            None => {
-                zeros = vec![0f32; self.out];
-                &zeros
-            }
-        };
-        assert_eq!(bias.len(), self.out, "one bias per output channel");
+        if let Some(b) = bias {
+            assert_eq!(b.len(), self.out, "one bias per output channel");
+        }
         let qx = quantize_rows(self.pool, x, rows, self.inp, self.group);
         let mut y = vec![0f32; rows * self.out];
         let vnni = has_vnni();
@@ -406,7 +400,7 @@ impl Int8Matrix {
         panels: std::ops::Range<usize>,
         y: &mut [f32],
         stride: usize,
-        b: &[f32],
+        b: Option<&[f32]>,
         vnni: bool,
     ) {
         let mut acc = [[0f32; NR]; MR];
@@ -420,7 +414,7 @@ impl Int8Matrix {
                 let yr = &mut y[i * stride + at..i * stride + at + cols];
                 for (c, yv) in yr.iter_mut().enumerate() {
                     let o = c0 + c;
-                    *yv = accr[c] * self.scale[o] + b[o];
+                    *yv = accr[c] * self.scale[o] + b.map_or(0.0, |b| b[o]);
                 }
             }
         }

@@ -207,30 +207,7 @@ impl CustomOp2 for FusedAttention {
             // checked above); the output block (rows r0.., columns h*hd.., row stride d of
             // sequence `seq`) belongs to this (seq, h, blk) task alone, and `out` outlives
             // the loop.
-            unsafe {
-                attend_block(
-                    AttendBlock {
-                        q: q.as_ptr(),
-                        q_stride: 3 * d,
-                        k: k.as_ptr(),
-                        v: v.as_ptr(),
-                        kv_stride: 3 * d,
-                        out: optr.0.add(seq * t * d + r0 * d + h * hd),
-                        out_stride: d,
-                        rows,
-                        keys: t,
-                        head_dim: hd,
-                        scale: self.scale,
-                    },
-                    |_, row| {
-                        if let Some(mr) = mrow {
-                            for (x, mv) in row.iter_mut().zip(mr) {
-                                *x += mv;
-                            }
-                        }
-                    },
-                );
-            }
+            unsafe { attend_block(block, add_mask) };
         });
         Ok((CpuStorage::F32(out), Shape::from((n, t, d))))
     }
