@@ -17,15 +17,18 @@ pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(LO, 88.722_83);
     let n = (xc * LOG2E + 0.5).floor();
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = (((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 0.166_666_65)
-        * r
-        + 0.5)
-        * r
-        * r
-        + r
-        + 1.0;
-    let v = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let p = fmadd(1.987_569_1e-4, r, 1.398_2e-3);
+    let p = fmadd(p, r, 8.333_452e-3);
+    let p = fmadd(p, r, 4.166_579_6e-2);
+    let p = fmadd(p, r, 0.166_666_65);
+    let p = fmadd(p, r, 0.5);
+    let p = fmadd(p * r, r, r) + 1.0;
+    // 2^n by bits. `n as i32` would be a saturating conversion that LLVM does lane by lane
+    // (it kept the whole softmax scalar); adding 1.5 * 2^23 instead puts the integer `n`
+    // (|n| <= 128) in the low mantissa bits, all in vector integer ops.
+    const MAGIC: f32 = 12_582_912.0;
+    let biased = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits() - 127);
+    let v = p * f32::from_bits(biased << 23);
     if x < LO {
         0.0
     } else {
@@ -33,13 +36,55 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// `a * b + c`: one fused instruction where the build targets FMA (`target-cpu=native` on
+/// any x86-64 of the last decade), a multiply and an add elsewhere (`mul_add` without the
+/// feature is a slow library call).
+#[inline(always)]
+fn fmadd(a: f32, b: f32, c: f32) -> f32 {
+    #[cfg(target_feature = "fma")]
+    {
+        a.mul_add(b, c)
+    }
+    #[cfg(not(target_feature = "fma"))]
+    {
+        a * b + c
+    }
+}
+
+/// The largest entry of `row` (`-inf` when empty), in 16 lanes so that it vectorises
+/// (`f32::max` folds one by one because of its NaN rule).
+#[inline]
+pub fn row_max(row: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in m.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let tail = chunks.remainder().iter().cloned();
+    m.into_iter().chain(tail).fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// Softmax of one row in place. A row whose every entry is `-inf` becomes all zeros.
 #[inline]
 pub fn softmax_in_place(row: &mut [f32]) {
-    let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let inv = exp_shifted_in_place(row);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// The unnormalised softmax: `row[j] = exp(row[j] - max)`, returning `1 / sum` of the new
+/// entries (the factor [`softmax_in_place`] multiplies by; attention applies it to the
+/// `head_dim`-wide output row instead of the `keys`-wide probabilities). A row whose every
+/// entry is `-inf` becomes all zeros and the factor is 0.
+#[inline]
+pub fn exp_shifted_in_place(row: &mut [f32]) -> f32 {
+    let mx = row_max(row);
     if mx == f32::NEG_INFINITY {
         row.fill(0.0);
-        return;
+        return 0.0;
     }
     let mut acc = [0f32; 16];
     let mut chunks = row.chunks_exact_mut(16);
@@ -54,17 +99,15 @@ pub fn softmax_in_place(row: &mut [f32]) {
         *x = exp(*x - mx);
         sum += *x;
     }
-    let inv = 1.0 / sum;
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
+    1.0 / sum
 }
 
 /// Rows of queries per attention task.
 const QBLOCK: usize = 64;
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per thread: a block's scores, and its rows' softmax factors.
+    static SCORES: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The output buffer shared by the attention tasks, each writing its own block.
@@ -149,17 +192,20 @@ pub unsafe fn attend_block_with(
         return;
     }
     SCORES.with(|buf| {
-        let mut buf = buf.borrow_mut();
+        let (buf, inv) = &mut *buf.borrow_mut();
         if buf.len() < rows * n {
             buf.resize(rows * n, 0.0);
         }
+        inv.clear();
+        inv.resize(rows, 0.0);
         let s = &mut buf[..rows * n];
         scores(s);
-        for (i, row) in s.chunks_exact_mut(n.max(1)).enumerate() {
+        for ((i, row), inv) in s.chunks_exact_mut(n.max(1)).enumerate().zip(inv.iter_mut()) {
             mask(i, row);
-            softmax_in_place(row);
+            *inv = exp_shifted_in_place(row);
         }
-        // SAFETY: the caller vouches for v and the output block; s is rows x n.
+        // SAFETY: the caller vouches for v and the output block (rows x hd at row stride
+        // out_stride, written by this thread alone); s is rows x n.
         unsafe {
             gemm::gemm(
                 rows,
@@ -182,6 +228,12 @@ pub unsafe fn attend_block_with(
                 false,
                 gemm::Parallelism::None,
             );
+            // the softmax's normalisation, on the output rows
+            for (i, &f) in inv.iter().enumerate() {
+                std::slice::from_raw_parts_mut(b.out.add(i * b.out_stride), hd)
+                    .iter_mut()
+                    .for_each(|o| *o *= f);
+            }
         }
     });
 }
