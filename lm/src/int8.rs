@@ -107,6 +107,25 @@ impl QuantRows {
     }
 }
 
+/// `1.5 * 2^23`: adding it to an integer-valued f32 of magnitude below 2^22 puts the integer
+/// in the low mantissa bits.
+const MAGIC: f32 = 12_582_912.0;
+
+/// The largest `|x|` of a slice (0 when empty; NaNs are passed over), in 16 lanes so that
+/// it vectorises.
+fn abs_max(xs: &[f32]) -> f32 {
+    let mut m = [0f32; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in m.iter_mut().zip(c) {
+            let v = x.abs();
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let tail = chunks.remainder().iter().map(|v| v.abs());
+    m.into_iter().chain(tail).fold(0f32, f32::max)
+}
+
 /// Quantises `rows` rows of `inp` values with one scale per `group` inputs (a multiple of 4;
 /// `inp` or more for one per row; see the module docs).
 pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usize) -> QuantRows {
@@ -120,9 +139,7 @@ pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usiz
         for (i, s) in sc.iter_mut().enumerate() {
             let (r, g) = (task * rows_per_task + i / ng, i % ng);
             let (k0, k1) = ((g * group).min(inp), ((g + 1) * group).min(inp));
-            let amax = x[r * inp + k0..r * inp + k1]
-                .iter()
-                .fold(0f32, |m, v| m.max(v.abs()));
+            let amax = abs_max(&x[r * inp + k0..r * inp + k1]);
             // a NaN or infinite input makes the row's output NaN, as in f32
             *s = if amax.is_finite() {
                 amax / 127.0
@@ -142,9 +159,14 @@ pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usiz
                     let inv = 1.0 / s;
                     for (d, &v) in qg.iter_mut().zip(xg) {
                         // round half away from zero, as `f32::round`, in a form that
-                        // vectorises (`round` is a library call on baseline x86-64)
+                        // vectorises: `round` is a library call on baseline x86-64, and
+                        // `as i32` a saturating conversion LLVM does lane by lane. The
+                        // integer `r` (|r| <= 128) is read from the low mantissa bits of
+                        // `r + 1.5 * 2^23` instead.
                         let t = (v * inv).clamp(-127.0, 127.0);
-                        *d = ((t + 0.5f32.copysign(t)) as i32 + 128) as u8;
+                        let r = (t + 0.5f32.copysign(t)).trunc();
+                        let i = (r + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+                        *d = i.wrapping_add(128) as u8;
                     }
                 }
             }
