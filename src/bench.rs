@@ -439,7 +439,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Child process: reads token ids on stdin, measures, prints a `RunReport` line.
-pub fn worker(model: &PathBuf, new_tokens: usize, runs: usize) -> Result<()> {
+pub fn worker(model: &std::path::Path, new_tokens: usize, runs: usize) -> Result<()> {
     let mut input = String::new();
     std::io::stdin().lock().read_to_string(&mut input)?;
     let ids: Vec<u32> = serde_json::from_str(&input).context("reading token ids")?;

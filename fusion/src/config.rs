@@ -81,7 +81,7 @@ impl Idefics3Config {
         }
         let scale_factor = int("scale_factor", 2)? as usize;
         let grid = vision.grid();
-        if scale_factor == 0 || grid % scale_factor != 0 {
+        if scale_factor == 0 || !grid.is_multiple_of(scale_factor) {
             return Err(FusionError::config(
                 "scale_factor",
                 format!("{scale_factor} must be > 0 and divide the {grid}x{grid} patch grid"),

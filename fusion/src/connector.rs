@@ -81,7 +81,7 @@ impl PixelShuffleConnector {
 impl Adapter for PixelShuffleConnector {
     fn tokens_per_tile(&self, grid: (usize, usize)) -> Result<usize> {
         let s = self.scale;
-        if grid.0 % s != 0 || grid.1 % s != 0 {
+        if !grid.0.is_multiple_of(s) || !grid.1.is_multiple_of(s) {
             return Err(FusionError::Invalid(format!(
                 "a {}x{} patch grid does not divide by the pixel-shuffle factor {s}",
                 grid.0, grid.1

@@ -71,7 +71,7 @@ impl LayerKv {
 
     /// Appends `t` positions; `k`, `v` are `(t, kv_heads * head_dim)`.
     pub fn append(&mut self, k: &[f32], v: &[f32]) -> Result<()> {
-        if k.len() != v.len() || k.len() % self.width != 0 {
+        if k.len() != v.len() || !k.len().is_multiple_of(self.width) {
             return Err(LmError::Invalid(format!(
                 "K/V append of {} / {} values, rows are {} wide",
                 k.len(),

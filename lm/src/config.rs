@@ -189,7 +189,7 @@ impl LmConfig {
         pos(self.num_attention_heads, "num_attention_heads")?;
         pos(self.num_kv_heads(), "num_key_value_heads")?;
         pos(self.max_position_embeddings, "max_position_embeddings")?;
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(LmError::config(
                 "num_key_value_heads",
                 format!(
@@ -200,13 +200,13 @@ impl LmConfig {
             ));
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             return Err(LmError::config(
                 "head_dim",
                 format!("{hd} must be even and > 0 for RoPE"),
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(LmError::config(
                 "hidden_size",
                 "not divisible by num_attention_heads and no head_dim given",

@@ -206,17 +206,17 @@ impl Int8Matrix {
         let groups = kp / 4;
         let mut packed = vec![0i8; panels * groups * NR * 4];
         let mut scale = vec![0f32; panels * NR];
-        for o in 0..out {
+        for (o, so) in scale.iter_mut().enumerate().take(out) {
             let amax = (0..inp).fold(0f32, |m, k| m.max(w(k, o).abs()));
             if !amax.is_finite() {
-                scale[o] = f32::NAN;
+                *so = f32::NAN;
                 continue;
             }
             if amax == 0.0 {
                 continue;
             }
             let inv = 127.0 / amax;
-            scale[o] = amax / 127.0;
+            *so = amax / 127.0;
             let (p, c) = (o / NR, o % NR);
             for k in 0..inp {
                 let q = (w(k, o) * inv).round().clamp(-127.0, 127.0) as i8;

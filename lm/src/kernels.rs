@@ -344,7 +344,7 @@ mod tests {
     fn check_against_naive(t: usize, start: usize) {
         let (heads, kvh, hd) = (4, 2, 8);
         let n_keys = start + t;
-        let f = |i: usize, s: f32| ((i as f32 * s).sin() * 0.7) as f32;
+        let f = |i: usize, s: f32| (i as f32 * s).sin() * 0.7;
         let q: Vec<f32> = (0..t * heads * hd).map(|i| f(i, 0.37)).collect();
         let k: Vec<f32> = (0..n_keys * kvh * hd).map(|i| f(i, 0.71)).collect();
         let v: Vec<f32> = (0..n_keys * kvh * hd).map(|i| f(i, 1.13)).collect();

@@ -92,7 +92,7 @@ impl Linear {
                 Ok(t.matmul(wt)?.flatten_all()?.to_vec1::<f32>()?)
             }
             Linear::Candle(w) => {
-                if m == 0 || x.len() % m != 0 {
+                if m == 0 || !x.len().is_multiple_of(m) {
                     return Err(LmError::Invalid(format!(
                         "matmul: {} inputs for {m} rows",
                         x.len()

@@ -152,7 +152,7 @@ fn quantize_row_q8(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32]) {
 impl QMatrix {
     /// Repacks raw ggml block data (as stored in GGUF), checking its size.
     pub fn new(kind: QKind, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(LmError::Invalid(format!(
                 "{kind:?} matrix width {cols} is not a multiple of {QK}"
             )));
@@ -396,7 +396,7 @@ struct Kernels {
 fn kernels(nb: usize) -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
-        if nb % 2 == 0 && simd::available_512() {
+        if nb.is_multiple_of(2) && simd::available_512() {
             return Kernels {
                 k11: simd::kernel512::<1, 1>,
                 k41: simd::kernel512::<4, 1>,
@@ -486,7 +486,7 @@ mod simd {
     ) -> [[f32; C]; R] {
         let nb = w[0].d.len();
         let qb = if kind == QKind::Q4_1 { 16 } else { 32 };
-        assert!(nb % 2 == 0);
+        assert!(nb.is_multiple_of(2));
         for r in w {
             assert!(
                 r.d.len() == nb

@@ -31,7 +31,7 @@ impl RmsNorm {
     /// `x: (rows, dim) -> out: (rows, dim)`, row-major.
     pub fn forward_into(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
         let d = self.weight.len();
-        if x.len() % d != 0 || out.len() != x.len() {
+        if !x.len().is_multiple_of(d) || out.len() != x.len() {
             return Err(LmError::Invalid(format!(
                 "rms-norm over {d} values got {} inputs",
                 x.len()
@@ -58,7 +58,7 @@ impl RmsNorm {
     /// In place.
     pub fn forward_inplace(&self, x: &mut [f32]) -> Result<()> {
         let d = self.weight.len();
-        if x.len() % d != 0 {
+        if !x.len().is_multiple_of(d) {
             return Err(LmError::Invalid(format!(
                 "rms-norm over {d} values got {} inputs",
                 x.len()

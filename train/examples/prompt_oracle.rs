@@ -93,7 +93,7 @@ fn main() -> Result<(), BoxErr> {
         weight_decay: 0.0,
         ..Default::default()
     };
-    let mut opt = AdamW::new(&params, cfg.clone())?;
+    let mut opt = AdamW::new(&params, cfg)?;
     let t0 = Instant::now();
     let mut window = vec![];
     for step in 0..steps {

@@ -5,10 +5,11 @@ use crate::error::{Result, VisionError};
 use serde::{Deserialize, Serialize};
 
 /// Which attention the encoder blocks use.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AttentionPattern {
     /// Every block attends over all tokens (SigLIP, CLIP).
+    #[default]
     Global,
     /// The paper's Register-Window attention (see `attention.rs` for the exact rule):
     /// windows of `window x window` patches, each with the register token(s) appended, in all
@@ -23,12 +24,6 @@ pub enum AttentionPattern {
 
 fn one() -> usize {
     1
-}
-
-impl Default for AttentionPattern {
-    fn default() -> Self {
-        AttentionPattern::Global
-    }
 }
 
 /// Vision encoder configuration. Field names are those of HF `SiglipVisionConfig`.
@@ -96,7 +91,7 @@ impl VisionConfig {
         pos(self.num_channels, "num_channels")?;
         pos(self.patch_size, "patch_size")?;
         pos(self.image_size, "image_size")?;
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(VisionError::config(
                 "num_attention_heads",
                 format!(
@@ -105,7 +100,7 @@ impl VisionConfig {
                 ),
             ));
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return Err(VisionError::config(
                 "patch_size",
                 format!(

@@ -179,7 +179,7 @@ impl Preprocess {
                 p.image_mean = m;
             }
             if let Some(s) = triple("image_std")? {
-                if s.iter().any(|x| !(*x > 0.0)) {
+                if s.iter().any(|x| x.is_nan() || *x <= 0.0) {
                     return Err(VisionError::config("image_std", "values must be > 0"));
                 }
                 p.image_std = s;
