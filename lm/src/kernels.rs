@@ -133,6 +133,14 @@ pub struct AttendBlock {
     pub keys: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Apply the softmax's `1 / sum` to the `head_dim`-wide output rows instead of the
+    /// `keys`-wide probability rows: the same result up to rounding, and cheaper when there
+    /// are many more keys than `head_dim` (the vision encoder: 1024 keys, 64 wide). The
+    /// language models keep the probability rows, the order llama.cpp's and transformers'
+    /// softmax use: their GGUF path quantises every layer's input to 8 bits, so that
+    /// last-bit differences there can change a greedy pick at a near tie
+    /// (`tests/llamacpp_parity.rs`).
+    pub normalise_output: bool,
 }
 
 /// One block of single-head attention: scores `scale * q k^T` by a single-threaded gemm into
@@ -202,7 +210,12 @@ pub unsafe fn attend_block_with(
         scores(s);
         for ((i, row), inv) in s.chunks_exact_mut(n.max(1)).enumerate().zip(inv.iter_mut()) {
             mask(i, row);
-            *inv = exp_shifted_in_place(row);
+            if b.normalise_output {
+                *inv = exp_shifted_in_place(row);
+            } else {
+                softmax_in_place(row);
+                *inv = 1.0;
+            }
         }
         // SAFETY: the caller vouches for v and the output block (rows x hd at row stride
         // out_stride, written by this thread alone); s is rows x n.
@@ -229,10 +242,12 @@ pub unsafe fn attend_block_with(
                 gemm::Parallelism::None,
             );
             // the softmax's normalisation, on the output rows
-            for (i, &f) in inv.iter().enumerate() {
-                std::slice::from_raw_parts_mut(b.out.add(i * b.out_stride), hd)
-                    .iter_mut()
-                    .for_each(|o| *o *= f);
+            if b.normalise_output {
+                for (i, &f) in inv.iter().enumerate() {
+                    std::slice::from_raw_parts_mut(b.out.add(i * b.out_stride), hd)
+                        .iter_mut()
+                        .for_each(|o| *o *= f);
+                }
             }
         }
     });
@@ -292,6 +307,7 @@ pub fn causal_attention(
                         keys: n,
                         head_dim: hd,
                         scale,
+                        normalise_output: false,
                     },
                     |i, row| row[pos[r0 + i] + 1..].fill(f32::NEG_INFINITY),
                 );

@@ -176,6 +176,7 @@ impl CustomOp2 for FusedAttention {
                 keys: t,
                 head_dim: hd,
                 scale: self.scale,
+                normalise_output: true,
             };
             let add_mask = |_: usize, row: &mut [f32]| {
                 if let Some(mr) = mrow {
