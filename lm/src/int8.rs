@@ -27,6 +27,7 @@
 //! 32 channels' 4 bytes side by side (128 bytes: two 512-bit registers). Inputs are padded
 //! with zeros to a multiple of 4, channels with zero rows to a multiple of 32.
 
+use crate::kernels::{max_of, small_int};
 use rayon::prelude::*;
 
 /// The thread pool the kernel splits its work over: the one the caller's other kernels use,
@@ -107,25 +108,6 @@ impl QuantRows {
     }
 }
 
-/// `1.5 * 2^23`: adding it to an integer-valued f32 of magnitude below 2^22 puts the integer
-/// in the low mantissa bits.
-const MAGIC: f32 = 12_582_912.0;
-
-/// The largest `|x|` of a slice (0 when empty; NaNs are passed over), in 16 lanes so that
-/// it vectorises.
-fn abs_max(xs: &[f32]) -> f32 {
-    let mut m = [0f32; 16];
-    let mut chunks = xs.chunks_exact(16);
-    for c in &mut chunks {
-        for (a, &x) in m.iter_mut().zip(c) {
-            let v = x.abs();
-            *a = if v > *a { v } else { *a };
-        }
-    }
-    let tail = chunks.remainder().iter().map(|v| v.abs());
-    m.into_iter().chain(tail).fold(0f32, f32::max)
-}
-
 /// Quantises `rows` rows of `inp` values with one scale per `group` inputs (a multiple of 4;
 /// `inp` or more for one per row; see the module docs).
 pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usize) -> QuantRows {
@@ -139,7 +121,7 @@ pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usiz
         for (i, s) in sc.iter_mut().enumerate() {
             let (r, g) = (task * rows_per_task + i / ng, i % ng);
             let (k0, k1) = ((g * group).min(inp), ((g + 1) * group).min(inp));
-            let amax = abs_max(&x[r * inp + k0..r * inp + k1]);
+            let amax = max_of(&x[r * inp + k0..r * inp + k1], 0.0, f32::abs);
             // a NaN or infinite input makes the row's output NaN, as in f32
             *s = if amax.is_finite() {
                 amax / 127.0
@@ -159,14 +141,11 @@ pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usiz
                     let inv = 1.0 / s;
                     for (d, &v) in qg.iter_mut().zip(xg) {
                         // round half away from zero, as `f32::round`, in a form that
-                        // vectorises: `round` is a library call on baseline x86-64, and
-                        // `as i32` a saturating conversion LLVM does lane by lane. The
-                        // integer `r` (|r| <= 128) is read from the low mantissa bits of
-                        // `r + 1.5 * 2^23` instead.
+                        // vectorises (`round` is a library call on baseline x86-64, and
+                        // `as i32` is done lane by lane: see `small_int`)
                         let t = (v * inv).clamp(-127.0, 127.0);
                         let r = (t + 0.5f32.copysign(t)).trunc();
-                        let i = (r + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
-                        *d = i.wrapping_add(128) as u8;
+                        *d = small_int(r).wrapping_add(128) as u8;
                     }
                 }
             }

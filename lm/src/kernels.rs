@@ -23,12 +23,8 @@ pub fn exp(x: f32) -> f32 {
     let p = fmadd(p, r, 0.166_666_65);
     let p = fmadd(p, r, 0.5);
     let p = fmadd(p * r, r, r) + 1.0;
-    // 2^n by bits. `n as i32` would be a saturating conversion that LLVM does lane by lane
-    // (it kept the whole softmax scalar); adding 1.5 * 2^23 instead puts the integer `n`
-    // (|n| <= 128) in the low mantissa bits, all in vector integer ops.
-    const MAGIC: f32 = 12_582_912.0;
-    let biased = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits() - 127);
-    let v = p * f32::from_bits(biased << 23);
+    // 2^n by bits (|n| <= 128)
+    let v = p * f32::from_bits(small_int(n).wrapping_add(127) << 23);
     if x < LO {
         0.0
     } else {
@@ -51,19 +47,30 @@ fn fmadd(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// The largest entry of `row` (`-inf` when empty), in 16 lanes so that it vectorises
-/// (`f32::max` folds one by one because of its NaN rule).
+/// The integer-valued `r` (|r| < 2^22) as two's-complement bits, by vector float and
+/// integer ops: `r as i32` is a saturating conversion that LLVM emits lane by lane (it kept
+/// the whole softmax scalar). Adding `1.5 * 2^23` puts the integer in the low mantissa
+/// bits. NaN gives some value, not a panic.
+#[inline(always)]
+pub(crate) fn small_int(r: f32) -> u32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (r + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits())
+}
+
+/// The largest `f(x)` over `xs` (`init` when empty; NaNs are passed over), in 16 lanes so
+/// that it vectorises (`f32::max` folds one by one because of its NaN rule).
 #[inline]
-pub fn row_max(row: &[f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 16];
-    let mut chunks = row.chunks_exact(16);
+pub(crate) fn max_of(xs: &[f32], init: f32, f: impl Fn(f32) -> f32) -> f32 {
+    let mut m = [init; 16];
+    let mut chunks = xs.chunks_exact(16);
     for c in &mut chunks {
         for (a, &x) in m.iter_mut().zip(c) {
-            *a = if x > *a { x } else { *a };
+            let v = f(x);
+            *a = if v > *a { v } else { *a };
         }
     }
-    let tail = chunks.remainder().iter().cloned();
-    m.into_iter().chain(tail).fold(f32::NEG_INFINITY, f32::max)
+    let tail = chunks.remainder().iter().map(|&x| f(x));
+    m.into_iter().chain(tail).fold(init, f32::max)
 }
 
 /// Softmax of one row in place. A row whose every entry is `-inf` becomes all zeros.
@@ -81,7 +88,7 @@ pub fn softmax_in_place(row: &mut [f32]) {
 /// entry is `-inf` becomes all zeros and the factor is 0.
 #[inline]
 pub fn exp_shifted_in_place(row: &mut [f32]) -> f32 {
-    let mx = row_max(row);
+    let mx = max_of(row, f32::NEG_INFINITY, |x| x);
     if mx == f32::NEG_INFINITY {
         row.fill(0.0);
         return 0.0;
