@@ -188,12 +188,18 @@ pub unsafe fn attend_block(b: AttendBlock, mask: impl Fn(usize, &mut [f32])) {
         }
     };
     // SAFETY: passed on from the caller.
-    unsafe { attend_block_with(b, scores, mask) }
+    unsafe { attend_block_with(b, scores, mask, None) }
 }
 
+/// The weighted sum of values for [`attend_block_with`]: given the `rows x keys`
+/// probabilities (row-major, unnormalised when `normalise_output`) and each row's factor,
+/// writes `factor * p v` into the block's output rows.
+pub type WeightedSum<'a> = &'a dyn Fn(&[f32], &[f32]);
+
 /// [`attend_block`] with the scores `scale * q k^T` (`rows x keys`, row-major) computed by
-/// `scores` instead of the f32 gemm (the vision encoder's int8 path); `b.q` and `b.k` are
-/// then not read here.
+/// `scores` instead of the f32 gemm (the vision encoder's int8 path), and with `out = p v`
+/// by `weighted_sum` when given; `b.q` and `b.k` are then not read here, nor `b.v` when
+/// `weighted_sum` is given.
 ///
 /// # Safety
 /// As [`attend_block`], for `b.v` and the output block.
@@ -201,6 +207,7 @@ pub unsafe fn attend_block_with(
     b: AttendBlock,
     scores: impl FnOnce(&mut [f32]),
     mask: impl Fn(usize, &mut [f32]),
+    weighted_sum: Option<WeightedSum>,
 ) {
     let (rows, n, hd) = (b.rows, b.keys, b.head_dim);
     if rows == 0 {
@@ -223,6 +230,10 @@ pub unsafe fn attend_block_with(
                 softmax_in_place(row);
                 *inv = 1.0;
             }
+        }
+        if let Some(ws) = weighted_sum {
+            ws(s, inv);
+            return;
         }
         // SAFETY: the caller vouches for v and the output block (rows x hd at row stride
         // out_stride, written by this thread alone); s is rows x n.

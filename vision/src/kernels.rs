@@ -7,8 +7,9 @@
 //! These ops have no backward pass: training uses the candle-op path of the encoder
 //! (`VisionEncoder::set_fast_kernels(false)`), which the tests compare against this one.
 
+use crate::bf16::{weighted_sum, BfValues};
 use afm_lm::int8::{quantize_rows, Int8Matrix, Pool};
-use afm_lm::kernels::{attend_block, attend_block_with, AttendBlock};
+use afm_lm::kernels::{attend_block, attend_block_with, AttendBlock, WeightedSum};
 pub use afm_lm::kernels::{exp, softmax_in_place};
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
@@ -90,7 +91,8 @@ pub struct FusedAttention {
     /// Scores `q k^T` in int8 ([`afm_lm::int8`]): per head, the keys' mean over the
     /// sequence is subtracted first (each score row moves by a constant, which the softmax
     /// ignores, and the keys quantise with less error), then keys and queries are quantised
-    /// per row. The weighted sum of the values stays f32.
+    /// per row. The weighted sum of the values runs in bf16 ([`crate::bf16`]) on CPUs with
+    /// AVX-512 BF16 and `head_dim` a multiple of 16, in f32 elsewhere.
     pub int8: bool,
 }
 
@@ -132,8 +134,10 @@ impl CustomOp2 for FusedAttention {
         let optr = OutPtr(out.as_mut_ptr());
         let optr = &optr;
         let nblk = t.div_ceil(QBLOCK);
-        // int8: every (sequence, head)'s keys, centred and quantised, once
-        let keys: Vec<Int8Matrix> = if self.int8 {
+        // int8: every (sequence, head)'s keys, centred and quantised, once, and its values
+        // in bf16 where the CPU has the bf16 dot product
+        let bf16_values = self.int8 && hd % 16 == 0 && crate::bf16::available();
+        let keys: Vec<(Int8Matrix, Option<BfValues>)> = if self.int8 {
             (0..n * heads)
                 .into_par_iter()
                 .map(|sh| {
@@ -146,8 +150,10 @@ impl CustomOp2 for FusedAttention {
                         }
                     }
                     mean.iter_mut().for_each(|m| *m /= t as f32);
-                    Int8Matrix::from_fn(hd, t, |c, j| k[j * 3 * d + c] - mean[c])
-                        .with_pool(Pool::Inline)
+                    let km = Int8Matrix::from_fn(hd, t, |c, j| k[j * 3 * d + c] - mean[c])
+                        .with_pool(Pool::Inline);
+                    let v = &qkv[seq * t * 3 * d + 2 * d + h * hd..];
+                    (km, bf16_values.then(|| BfValues::new(v, 3 * d, t, hd)))
                 })
                 .collect()
         } else {
@@ -191,7 +197,15 @@ impl CustomOp2 for FusedAttention {
                     r.copy_from_slice(&q[i * 3 * d..i * 3 * d + hd]);
                 }
                 let qx = quantize_rows(Pool::Inline, &qb, rows, hd, hd);
-                let km = &keys[seq * heads + h];
+                let (km, bv) = &keys[seq * heads + h];
+                let out_block = block.out;
+                let ws = |p: &[f32], f: &[f32]| {
+                    if let Some(bv) = bv {
+                        // SAFETY: the output block (rows r0..r0+rows, columns h*hd..+hd,
+                        // row stride d of sequence `seq`) belongs to this task alone
+                        unsafe { weighted_sum(p, rows, f, bv, out_block, d) }
+                    }
+                };
                 // SAFETY: v rows 0..t of sequence `seq` (columns h*hd.., row stride 3d) lie
                 // in `qkv`; the output block belongs to this task alone (as below).
                 unsafe {
@@ -199,6 +213,7 @@ impl CustomOp2 for FusedAttention {
                         block,
                         |s| km.forward_quantized_into(&qx, s, t, self.scale),
                         add_mask,
+                        bv.as_ref().map(|_| &ws as WeightedSum),
                     );
                 }
                 return;

@@ -5,6 +5,7 @@
 //! exact rule), with learned position embeddings resized bicubically to any grid.
 
 pub mod attention;
+pub mod bf16;
 pub mod config;
 pub mod embeddings;
 pub mod error;
