@@ -11,28 +11,8 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_tiny_idefics3")
-}
-
-fn read_f32(path: &Path) -> Vec<f32> {
-    afm_lm::testing::read_f32_file(path).unwrap()
-}
-
-fn tensor(d: &Path, spec: &Value) -> Tensor {
-    let shape: Vec<usize> = spec["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
-    Tensor::from_vec(
-        read_f32(&d.join(spec["file"].as_str().unwrap())),
-        shape,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
+mod common;
+use common::{tensor, tiny_idefics3 as dir};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     afm_lm::testing::max_abs_diff(a, b).unwrap()

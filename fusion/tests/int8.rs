@@ -8,24 +8,12 @@
 use afm_fusion::{Adapter, Vlm};
 use afm_lm::{LanguageModel, LogitsFor};
 use afm_vision::{load_image, ImageLimits};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf_tiny_idefics3")
-}
-
-fn tensor(d: &Path, spec: &Value) -> Tensor {
-    let shape: Vec<usize> = spec["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
-    let v = afm_lm::testing::read_f32_file(&d.join(spec["file"].as_str().unwrap())).unwrap();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+mod common;
+use common::{tensor, tiny_idefics3 as fixture};
 
 /// `|a - b| / |b|` over all elements.
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
