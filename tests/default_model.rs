@@ -78,8 +78,7 @@ fn eval_of_the_shipped_model_stays_above_its_floor() {
         return;
     };
     let easy = common::root().join("models/easy-vqa");
-    let with_easy =
-        easy.exists() || std::env::var("AFM_REQUIRE_REAL_WEIGHTS").is_ok_and(|v| v == "1");
+    let with_easy = easy.exists() || afm::lm::testing::real_weights_required();
     let report = std::env::temp_dir().join(format!("afm-default-eval-{}.json", std::process::id()));
     let mut cmd = afm();
     cmd.env("AFM_SMOLLM2_GGUF", &gguf)

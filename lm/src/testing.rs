@@ -87,11 +87,23 @@ pub fn smollm2_gguf_or_skip() -> Option<std::path::PathBuf> {
     if p.exists() {
         return Some(p);
     }
-    let msg = format!(
-        "SKIPPED: real SmolLM2 weights not found at {}; run `bash scripts/fetch_smollm2.sh` to fetch them",
+    skip_missing(&format!(
+        "real SmolLM2 weights not found at {}; run `bash scripts/fetch_smollm2.sh` to fetch them",
         p.display()
-    );
-    if std::env::var("AFM_REQUIRE_REAL_WEIGHTS").is_ok_and(|v| v == "1") {
+    ))
+}
+
+/// Whether real-weights tests must fail rather than skip when their files are missing
+/// (`AFM_REQUIRE_REAL_WEIGHTS=1`, which `.ci/run` sets after fetching them).
+pub fn real_weights_required() -> bool {
+    std::env::var("AFM_REQUIRE_REAL_WEIGHTS").is_ok_and(|v| v == "1")
+}
+
+/// The skip of a real-weights or real-data test whose files are missing: prints
+/// `SKIPPED: {why}` and gives `None`, or panics with it under [`real_weights_required`].
+pub fn skip_missing<T>(why: &str) -> Option<T> {
+    let msg = format!("SKIPPED: {why}");
+    if real_weights_required() {
         panic!("{msg} (AFM_REQUIRE_REAL_WEIGHTS=1)");
     }
     eprintln!("{msg}");

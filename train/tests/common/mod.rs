@@ -19,15 +19,10 @@ pub fn easy_vqa_dir() -> Option<PathBuf> {
     if p.join("train/questions.json").exists() && p.join("test/questions.json").exists() {
         return Some(p);
     }
-    let msg = format!(
-        "SKIPPED: easy-VQA data not found at {}; run `bash scripts/fetch_easy_vqa.sh` to fetch it",
+    afm_lm::testing::skip_missing(&format!(
+        "easy-VQA data not found at {}; run `bash scripts/fetch_easy_vqa.sh` to fetch it",
         p.display()
-    );
-    if std::env::var("AFM_REQUIRE_REAL_WEIGHTS").is_ok_and(|v| v == "1") {
-        panic!("{msg} (AFM_REQUIRE_REAL_WEIGHTS=1)");
-    }
-    eprintln!("{msg}");
-    None
+    ))
 }
 
 /// Euclidean distance between two colours.
