@@ -21,6 +21,48 @@ pub enum TrainCmd {
     /// `--freeze-vit`) with the language model frozen, on captions and question/answer pairs
     /// of the generated data (+ easy-VQA). Writes `afm-tiny/` at the end.
     Adapter(AdapterArgs),
+    /// Stage 1b: teach the ViT to perceive and read with per-patch targets from the
+    /// generator (object colour, shape and centres; screen roles; characters of every string)
+    /// on native-resolution tiles and overviews. Writes `vision/` and `heads.safetensors`.
+    Perceive(PerceiveArgs),
+    /// Linear probes on a frozen encoder's patch features (colour, shape, count, screen
+    /// roles, characters; titles and buttons read at native scale), trained on the training
+    /// split and measured on the held-out split: what a stage put into its features.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+pub struct ProbeArgs {
+    /// The encoder: a `vision/` export.
+    #[arg(long)]
+    pub vision: PathBuf,
+    /// Training views whose frozen features train the probes.
+    #[arg(long, default_value_t = 480)]
+    pub train_views: usize,
+    /// Held-out views the probes are measured on.
+    #[arg(long, default_value_t = 240)]
+    pub eval_views: usize,
+    /// Held-out screens whose title and first button are read.
+    #[arg(long, default_value_t = 60)]
+    pub reads: usize,
+    /// Optimiser steps of the probes (one cached batch per step).
+    #[arg(long, default_value_t = 400)]
+    pub steps: usize,
+    /// Leave easy-VQA out even when `models/easy-vqa` holds it.
+    #[arg(long)]
+    pub no_easy_vqa: bool,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct PerceiveArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// A `vision/` export (stage 1) to start the encoder from (default: fresh weights).
+    #[arg(long)]
+    pub vision: Option<PathBuf>,
 }
 
 /// The flags every training stage has.
@@ -161,6 +203,8 @@ pub fn cmd_train(cmd: TrainCmd) -> Result<()> {
     match cmd {
         TrainCmd::Vit(a) => train_vit(&a),
         TrainCmd::Adapter(a) => train_adapter(&a),
+        TrainCmd::Perceive(a) => train_perceive(&a),
+        TrainCmd::Probe(a) => train_probe(&a),
     }
 }
 
@@ -435,4 +479,132 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
         },
     )?;
     progress.finish(st.step, !st.history.is_empty())
+}
+
+fn train_perceive(a: &PerceiveArgs) -> Result<()> {
+    use afm_train::perceive::{self, PerceiveConfig};
+    keep_freed_memory();
+    let cfg = a.run.settings(
+        &[
+            (
+                "afm-tiny",
+                PerceiveConfig::afm_tiny as fn() -> PerceiveConfig,
+            ),
+            ("test-tiny", PerceiveConfig::test_tiny),
+        ],
+        "/config",
+        "a stage-1b config",
+        |c| {
+            (
+                &mut c.epochs,
+                &mut c.steps_per_epoch,
+                &mut c.batch_size,
+                &mut c.adamw.lr,
+            )
+        },
+    )?;
+    cfg.validate()?;
+    let (easy, easy_eval) = open_easy_vqa(a.run.no_easy_vqa)?;
+    let params = perceive::init_params(&cfg, a.vision.as_deref())?;
+    eprintln!(
+        "stage 1b, perceive and read: {:.2} M parameters (encoder{}); {} epochs x {} steps of {} views, eval on {} held-out batches and {} screens per epoch",
+        params.num_params() as f64 / 1e6,
+        match &a.vision {
+            Some(v) => format!(" from {}", v.display()),
+            None => " fresh".into(),
+        },
+        cfg.epochs,
+        cfg.steps_per_epoch,
+        cfg.batch_size,
+        cfg.eval_batches,
+        cfg.eval_reads
+    );
+    drop(params);
+    let mut progress = Progress::new(cfg.total_steps(), a.run.max_steps, "encoder");
+    let st = perceive::run(
+        &cfg,
+        &a.run.out,
+        a.vision.as_deref(),
+        easy.as_ref(),
+        easy_eval.as_ref(),
+        a.run.max_steps,
+        &mut |e| {
+            if let Some(r) = progress.event(e) {
+                let m = &r.eval;
+                progress.say(format!(
+                    "epoch {}: train loss {:.3}, held-out loss {:.3}; colour {:.1}%, shape {:.1}%, count {:.1}%, role {:.1}%, characters {:.1}%, strings read exactly {:.1}% of {}; titles {}/{}, buttons {}/{} read exactly; feature spread {:.3} ({:.0} s so far)",
+                    r.epoch,
+                    r.train_loss,
+                    m.loss,
+                    100.0 * m.colour_acc,
+                    100.0 * m.shape_acc,
+                    100.0 * m.count_acc,
+                    100.0 * m.role_acc,
+                    100.0 * m.char_acc,
+                    100.0 * m.string_exact,
+                    m.strings,
+                    r.read.titles_exact,
+                    r.read.titles,
+                    r.read.buttons_exact,
+                    r.read.buttons,
+                    m.feature_spread,
+                    r.seconds
+                ));
+                for (want, got) in r.read.examples.iter().take(4) {
+                    progress.say(format!("  read {want:?} as {got:?}"));
+                }
+            }
+        },
+    )?;
+    progress.finish(st.step, !st.history.is_empty())
+}
+
+fn train_probe(a: &ProbeArgs) -> Result<()> {
+    use afm_train::perceive::{self, PerceiveConfig};
+    let mut cfg = PerceiveConfig::afm_tiny();
+    cfg.eval_reads = a.reads;
+    let (easy, easy_eval) = open_easy_vqa(a.no_easy_vqa)?;
+    let r = perceive::probe(
+        &cfg,
+        &a.vision,
+        a.train_views,
+        a.eval_views,
+        a.steps,
+        easy.as_ref(),
+        easy_eval.as_ref(),
+        &mut |m| eprintln!("{m}"),
+    )
+    .with_context(|| format!("probing {}", a.vision.display()))?;
+    let m = &r.eval;
+    println!(
+        "linear probes on {} (frozen; {} training views, {} held-out views, {} steps, {:.0} s):",
+        a.vision.display(),
+        r.train_views,
+        r.eval_views,
+        r.steps,
+        r.seconds
+    );
+    println!("  colour of object patches   {:5.1}%", 100.0 * m.colour_acc);
+    println!("  shape of object patches    {:5.1}%", 100.0 * m.shape_acc);
+    println!("  object count per view      {:5.1}%", 100.0 * m.count_acc);
+    println!("  screen role per patch      {:5.1}%", 100.0 * m.role_acc);
+    println!("  characters (text slots)    {:5.1}%", 100.0 * m.char_acc);
+    println!(
+        "  strings read exactly       {:5.1}% of {}",
+        100.0 * m.string_exact,
+        m.strings
+    );
+    println!(
+        "  titles read exactly        {}/{}; first buttons {}/{}",
+        r.read.titles_exact, r.read.titles, r.read.buttons_exact, r.read.buttons
+    );
+    println!("  feature spread             {:.3}", m.feature_spread);
+    for (want, got) in &r.read.examples {
+        println!("    {want:?} read as {got:?}");
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
 }

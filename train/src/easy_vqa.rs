@@ -141,6 +141,14 @@ const CSS_COLOURS: [(&str, [u8; 3]); 8] = [
     ("gray", [128, 128, 128]),
 ];
 
+/// The exact RGB of one of easy-VQA's colours, by name.
+pub fn css_colour(name: &str) -> Option<[u8; 3]> {
+    CSS_COLOURS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, c)| *c)
+}
+
 /// Colour and shape of an easy-VQA image read from its pixels: the CSS colour with the most
 /// exactly matching pixels, and the shape from how much of that colour's bounding box it
 /// fills (rectangle ~1, circle ~pi/4, triangle ~1/2). Used when the questions leave them open.

@@ -58,6 +58,7 @@ pub mod easy_vqa;
 pub mod eval;
 pub mod font;
 pub mod optim;
+pub mod perceive;
 pub mod pretrain;
 pub mod prompt;
 pub mod raster;

@@ -1,0 +1,110 @@
+//! Stage 1b (`afm_train::perceive`): the per-patch targets are right (reading the character
+//! targets back gives the strings; object patches carry their objects' colours), views are
+//! deterministic, and a tiny run trains, resumes and exports an encoder that loads.
+
+use afm_train::perceive::{
+    self, char_class, class_char, labels, read_row, view_for, PerceiveConfig, View, COLOURS,
+};
+use afm_train::{generate, Split, SynthKind, Truth};
+
+#[test]
+fn character_classes_round_trip() {
+    for c in ' '..='~' {
+        let k = char_class(c);
+        assert!((1..=95).contains(&k));
+        assert_eq!(class_char(k), Some(c));
+    }
+    assert_eq!(char_class('é'), 96);
+    assert_eq!(class_char(0), None);
+}
+
+/// The character targets of a screen crop, walked like a prediction, spell every string
+/// that is wholly in view: no two characters share a slot and each lands in its row.
+#[test]
+fn character_targets_spell_the_strings() {
+    let cfg = PerceiveConfig::afm_tiny();
+    let (mut strings, mut exact) = (0, 0);
+    for j in 0..60u64 {
+        for split in [Split::Train, Split::HeldOut] {
+            let (s, v) = view_for(&cfg, j * 5 + 1, split, None).unwrap();
+            let l = labels(&s, &v);
+            for (_, text, row, a, b) in &l.strings {
+                strings += 1;
+                exact += (read_row(&l.chars, *row, *a, *b) == *text) as usize;
+            }
+        }
+    }
+    assert!(strings > 100, "only {strings} strings in view");
+    // narrow glyph pairs at the smallest scales may share a 2-px slot: allow a few
+    assert!(
+        exact as f64 >= 0.97 * strings as f64,
+        "{exact} of {strings} strings spelled back exactly"
+    );
+}
+
+/// A scene's overview labels every shape: its centre patch and patches of its colour.
+#[test]
+fn scene_overview_labels_every_shape() {
+    for i in 0..20u64 {
+        let s = generate(SynthKind::Scene, Split::Train, i);
+        let Truth::Scene(t) = &s.truth else { panic!() };
+        let (w, h) = s.image.dimensions();
+        let l = labels(&s, &View::overview(w, h));
+        let centres: u32 = l.center.iter().sum();
+        assert_eq!(l.objects_in_view, t.shapes.len());
+        assert!(centres as usize <= t.shapes.len() && centres >= 1);
+        for sh in &t.shapes {
+            let k = COLOURS.iter().position(|c| *c == sh.colour.name()).unwrap() as u32;
+            assert!(
+                l.colour.contains(&k),
+                "scene {i}: no patch labelled {} for a {} {}",
+                sh.colour.name(),
+                sh.colour.name(),
+                sh.shape.name()
+            );
+        }
+        assert!(
+            l.role.iter().all(|&r| r == 0),
+            "scenes have no screen roles"
+        );
+    }
+}
+
+#[test]
+fn views_are_deterministic_and_splits_differ() {
+    let cfg = PerceiveConfig::afm_tiny();
+    for j in [0u64, 1, 3, 7, 12] {
+        let (a, va) = view_for(&cfg, j, Split::Train, None).unwrap();
+        let (b, vb) = view_for(&cfg, j, Split::Train, None).unwrap();
+        assert_eq!(va, vb);
+        assert_eq!(a.image, b.image);
+        let (c, _) = view_for(&cfg, j, Split::HeldOut, None).unwrap();
+        assert_ne!(a.image, c.image);
+    }
+}
+
+#[test]
+fn tiny_run_resumes_and_exports_a_loadable_encoder() {
+    let dir = std::env::temp_dir().join(format!("afm-perceive-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = PerceiveConfig::test_tiny();
+    let st = perceive::run(&cfg, &dir, None, None, None, Some(2), &mut |_| {}).unwrap();
+    assert_eq!(st.step, 2);
+    assert!(!dir.join("vision").exists());
+    let mut resumed = false;
+    let st = perceive::run(&cfg, &dir, None, None, None, None, &mut |e| {
+        if let perceive::Event::Resumed { step } = e {
+            resumed = *step == 2;
+        }
+    })
+    .unwrap();
+    assert!(resumed);
+    assert_eq!(st.step, cfg.total_steps());
+    assert_eq!(st.history.len(), cfg.epochs);
+    let m = &st.history[1].eval;
+    assert!(m.loss.is_finite() && m.feature_spread.is_finite());
+    let enc = afm_vision::VisionEncoder::load(&dir.join("vision")).unwrap();
+    assert_eq!(enc.config().hidden_size, 32);
+    assert!(dir.join("heads.safetensors").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
