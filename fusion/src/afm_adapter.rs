@@ -14,7 +14,7 @@
 //!   token, as in the LM's own layers: `y = x / sqrt(mean(x^2) + eps) * out_norm.weight`. It
 //!   pins the image tokens' scale near the LM's token embeddings (the shipped `afm-tiny`,
 //!   trained without it, has image tokens of norm ~177 against ~3.2 for SmolLM2's word
-//!   embeddings). Off in `afm-tiny`; the trained variant with it is described in the README.
+//!   embeddings). Off in `afm-tiny`; the trained variant with it is described in `docs/afm-tiny-training.md`.
 //!
 //! Checkpoint layout (`adapter` object in `config.json`, tensors under `adapter.`):
 //! `adapter.layer.{layer_norm1,layer_norm2}.{weight,bias}`,
