@@ -63,6 +63,9 @@ pub struct PerceiveArgs {
     /// A `vision/` export (stage 1) to start the encoder from (default: fresh weights).
     #[arg(long)]
     pub vision: Option<PathBuf>,
+    /// Do not train: write the export from the run's last checkpoint (a run stopped early).
+    #[arg(long)]
+    pub export_now: bool,
 }
 
 /// The flags every training stage has.
@@ -504,6 +507,16 @@ fn train_perceive(a: &PerceiveArgs) -> Result<()> {
         },
     )?;
     cfg.validate()?;
+    if a.export_now {
+        let (dir, step) = perceive::export_checkpoint(&cfg, &a.run.out)
+            .with_context(|| format!("exporting {}", a.run.out.display()))?;
+        eprintln!(
+            "encoder of step {step} of {} written to {}",
+            cfg.total_steps(),
+            dir.display()
+        );
+        return Ok(());
+    }
     let (easy, easy_eval) = open_easy_vqa(a.run.no_easy_vqa)?;
     let params = perceive::init_params(&cfg, a.vision.as_deref())?;
     eprintln!(

@@ -1409,3 +1409,13 @@ pub fn probe(
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
+
+/// Writes the export of a run that has not finished, from its last checkpoint (what
+/// `afm train perceive --export-now` does): for a run stopped early on purpose. The export
+/// records nothing of the schedule; `perceive.json` keeps the step it came from.
+pub fn export_checkpoint(cfg: &PerceiveConfig, dir: &Path) -> Result<(PathBuf, usize)> {
+    let params = init_params(cfg, None)?;
+    let ck = dir.join("checkpoint.safetensors");
+    let opt = crate::optim::load_checkpoint(&ck, &params, cfg.adamw)?;
+    Ok((export(cfg, &params, dir)?, opt.step as usize))
+}

@@ -91,6 +91,11 @@ fn tiny_run_resumes_and_exports_a_loadable_encoder() {
     let st = perceive::run(&cfg, &dir, None, None, None, Some(2), &mut |_| {}).unwrap();
     assert_eq!(st.step, 2);
     assert!(!dir.join("vision").exists());
+    // a run stopped early can still be exported from its checkpoint
+    let (out, step) = perceive::export_checkpoint(&cfg, &dir).unwrap();
+    assert_eq!(step, 2);
+    afm_vision::VisionEncoder::load(&out).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
     let mut resumed = false;
     let st = perceive::run(&cfg, &dir, None, None, None, None, &mut |e| {
         if let perceive::Event::Resumed { step } = e {
