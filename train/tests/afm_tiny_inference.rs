@@ -1,4 +1,4 @@
-//! The afm-tiny inference pipeline (`afm_fusion::AfmTiny`) over an export written by the
+//! The afm-tiny inference pipeline (`afm_fusion::Vlm` in its afm-tiny configuration) over an export written by the
 //! stage-2 trainer (tiny random LM, the tiny fixture tokenizer): its first-token logits equal
 //! the training path's (DiffLm over the spliced embeddings) and its greedy answers equal the
 //! training evaluation's greedy answers; bad exports and wrong language models are refused
@@ -7,7 +7,7 @@
 mod common;
 
 use afm_fusion::afm_tiny::{load_export, verify_lm, AfmTinyConfig};
-use afm_fusion::{AfmTiny, AskOptions};
+use afm_fusion::{AskOptions, Vlm};
 use afm_lm::weights::WeightSource;
 use afm_lm::{DeviceModel, GenerateOptions};
 use afm_train::adapter_train::{
@@ -43,9 +43,9 @@ fn trained(name: &str) -> (AdapterTrainConfig, FrozenLm, PathBuf) {
     (cfg, lm, dir)
 }
 
-fn pipeline(export: &Path) -> AfmTiny<DeviceModel> {
+fn pipeline(export: &Path) -> Vlm<DeviceModel> {
     let (c, vit, adapter) = load_export(export).unwrap();
-    AfmTiny::new(c, vit, adapter, device_lm(), common::tokenizer()).unwrap()
+    Vlm::afm_tiny(c, vit, adapter, device_lm(), common::tokenizer()).unwrap()
 }
 
 #[test]
@@ -97,7 +97,7 @@ fn inference_matches_the_training_path() {
         )
         .unwrap()
         .remove(0);
-        // inference path: the export through AfmTiny, greedy
+        // inference path: the export through Vlm, greedy
         let opts = AskOptions {
             generate: GenerateOptions {
                 max_new_tokens: max_new,
@@ -150,9 +150,7 @@ fn inference_matches_the_training_path() {
     };
     let c = tiny.caption(&s.image, &opts, &mut |_| true).unwrap();
     let a = tiny
-        .ask(&s.image, &tiny.config().caption_prompt, &opts, &mut |_| {
-            true
-        })
+        .ask(&s.image, tiny.caption_prompt(), &opts, &mut |_| true)
         .unwrap();
     assert_eq!(c.generation.ids, a.generation.ids);
     let sc = tiny
@@ -171,10 +169,15 @@ fn inference_matches_the_training_path() {
         .unwrap();
     assert!(screen.image_from_cache);
     assert_eq!(screen.generation.ids, first.generation.ids);
-    let (cached, hit) = tiny.embed_image_cached(&s7.image).unwrap();
+    let cached = tiny.encode_image(&s7.image, None).unwrap();
+    let hit = cached.from_cache;
     assert!(hit);
-    let fresh = tiny.embed_image(&s7.image).unwrap();
-    let d = (cached.as_ref() - &fresh).unwrap().abs().unwrap();
+    let plan = tiny
+        .plan(s7.image.width(), s7.image.height(), None)
+        .unwrap();
+    let px = tiny.processor().pixel_values(&s7.image, &plan).unwrap();
+    let fresh = tiny.embed_pixels(&px).unwrap();
+    let d = (&cached.embeds - &fresh).unwrap().abs().unwrap();
     assert_eq!(d.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     // a budget below the fixed 4 image tokens is refused; one at or above is met
     let e = tiny
@@ -211,10 +214,13 @@ fn bad_exports_and_wrong_language_models_are_refused_by_name() {
         e.contains("tiny-random.gguf") && e.contains("sha256") && e.contains("trained against"),
         "{e}"
     );
-    let e = AfmTiny::load(&export, &lm_file).err().unwrap().to_string();
+    let e = Vlm::load_afm_tiny(&export, &lm_file)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("sha256"), "{e}");
     // a missing language model
-    let e = AfmTiny::load(&export, &dir.join("nope.gguf"))
+    let e = Vlm::load_afm_tiny(&export, &dir.join("nope.gguf"))
         .err()
         .unwrap()
         .to_string();
@@ -233,7 +239,7 @@ fn bad_exports_and_wrong_language_models_are_refused_by_name() {
     let (c, vit, adapter) = load_export(&export).unwrap();
     let mut other = good.clone();
     other.lm.vocab_size = 1000;
-    let e = AfmTiny::new(other, vit, adapter, device_lm(), common::tokenizer())
+    let e = Vlm::afm_tiny(other, vit, adapter, device_lm(), common::tokenizer())
         .err()
         .unwrap()
         .to_string();
@@ -242,7 +248,7 @@ fn bad_exports_and_wrong_language_models_are_refused_by_name() {
     let (_, vit, adapter) = load_export(&export).unwrap();
     let mut other = c.clone();
     other.image_placeholder_id += 1;
-    let e = AfmTiny::new(other, vit, adapter, device_lm(), common::tokenizer())
+    let e = Vlm::afm_tiny(other, vit, adapter, device_lm(), common::tokenizer())
         .err()
         .unwrap()
         .to_string();
