@@ -6,8 +6,9 @@
 
 mod common;
 
+use afm_fusion::afm_prompt::{view_order, View};
 use afm_fusion::afm_tiny::{load_export, verify_lm, AfmTinyConfig};
-use afm_fusion::{AskOptions, Vlm};
+use afm_fusion::{AskOptions, TilingSettings, Vlm};
 use afm_lm::weights::WeightSource;
 use afm_lm::{DeviceModel, GenerateOptions};
 use afm_train::adapter_train::{
@@ -16,6 +17,8 @@ use afm_train::adapter_train::{
 use afm_train::pretrain::{example, pixels};
 use afm_train::prompt::PromptFormat;
 use afm_train::Split;
+use afm_vision::preprocess::resize;
+use afm_vision::Filter;
 use std::path::{Path, PathBuf};
 
 fn tmp(name: &str) -> PathBuf {
@@ -195,6 +198,96 @@ fn inference_matches_the_training_path() {
         .to_string();
     assert!(e.contains("budget of 3") && e.contains("4 tokens"), "{e}");
     assert!(tiny.plan(640, 480, Some(4)).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The same export with a `tiling` section: an image becomes the overview plus tiles, and the
+/// sequence training would build from those views (`PromptFormat` with `plan.image_tokens`
+/// placeholders, the views' embeddings in `view_order`) gives the pipeline's logits.
+#[test]
+fn tiled_export_matches_the_training_path_over_its_views() {
+    let (cfg, lm, dir) = trained("tiled");
+    let (mut c, vit, adapter) = load_export(&dir.join("afm-tiny")).unwrap();
+    let n = cfg.tokens_per_image();
+    c.tiling = Some(TilingSettings {
+        tile: cfg.vision.image_size as u32,
+        max_tokens: 7 * n,
+        overview: true,
+    });
+    let tiny = Vlm::afm_tiny(c, vit, adapter, device_lm(), common::tokenizer()).unwrap();
+    let tr = Trainable::init(&cfg, 32, None).unwrap();
+    afm_train::optim::load_checkpoint(&dir.join("checkpoint.safetensors"), &tr.params, cfg.adamw)
+        .unwrap();
+    let side = tr.build(&cfg, 32).unwrap();
+    let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
+    let s = example(5, Split::HeldOut, None).unwrap();
+    let (q, _, _) = pick(&s, 5, false).unwrap();
+    // 3 x 2 tiles of 32 px + the overview = 7 views
+    let img = resize(&s.image, 96, 64, Filter::Bicubic).unwrap();
+    let plan = tiny.plan(96, 64, None).unwrap();
+    assert_eq!(
+        (
+            plan.cols,
+            plan.rows,
+            plan.overview,
+            plan.tiles,
+            plan.image_tokens
+        ),
+        (3, 2, true, 7, 7 * n)
+    );
+    assert_eq!(view_order(&plan)[0], View::Whole);
+    let px = tiny.processor().pixel_values(&img, &plan).unwrap();
+    let views = side.embed(&px).unwrap().detach(); // (7, n, d)
+    let d = views.dim(2).unwrap();
+    let image = views.reshape((1, 7 * n, d)).unwrap();
+    let prompt = fmt.prompt_ids(&q, plan.image_tokens).unwrap();
+    let x = input_embeddings(&lm.model, &[&prompt], fmt.placeholder_id(), &image).unwrap();
+    let t = prompt.len();
+    let hs = lm.model.hidden_states(&x).unwrap().get(0).unwrap();
+    let want: Vec<f32> = lm
+        .model
+        .logits(&hs.narrow(0, t - 1, 1).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let opts = AskOptions {
+        generate: GenerateOptions {
+            max_new_tokens: 2,
+            ..Default::default()
+        },
+        max_image_tokens: None,
+    };
+    let ans = tiny.ask(&img, &q, &opts, &mut |_| true).unwrap();
+    assert_eq!(ans.plan, plan);
+    assert_eq!(ans.prompt_tokens, t);
+    let diff = ans
+        .generation
+        .first_logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-3, "first-token logits differ by {diff}");
+    // a budget below the native grid: fewer, downscaled tiles, and the plan says so
+    let small = tiny
+        .ask(
+            &img,
+            &q,
+            &AskOptions {
+                max_image_tokens: Some(3 * n),
+                ..opts.clone()
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    assert!(small.plan.image_tokens <= 3 * n && small.plan.downscale.is_some());
+    assert!(small.plan.describe().contains("downscaled"));
+    assert_eq!(
+        small.prompt_tokens,
+        fmt.prompt_ids(&q, small.plan.image_tokens).unwrap().len()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
