@@ -81,8 +81,10 @@ pub enum View {
     Tile { row: u32, col: u32 },
 }
 
-/// The views of a plan in encoder and prompt order: the overview first (when the plan has
-/// one), then the tiles row-major; an unsplit plan is one [`View::Whole`].
+/// The views of a plan in afm-tiny's encoder and prompt order (the paper's planner,
+/// [`crate::tile_processor::TileProcessor`]): the overview first (when the plan has one),
+/// then the tiles row-major; an unsplit plan is one [`View::Whole`]. (Idefics3 puts its
+/// global image last: [`crate::processor`].)
 pub fn view_order(plan: &ImagePlan) -> Vec<View> {
     if !plan.is_split() {
         return vec![View::Whole];
