@@ -72,8 +72,8 @@ pub(crate) fn cmd_eval(a: &EvalArgs) -> Result<()> {
         }
         None => None,
     };
-    let planner = a.model.planner()?;
-    let (vlm, load_secs) = a.model.load(&planner)?;
+    let (model, _) = a.model.open()?;
+    let (vlm, load_secs) = a.model.load(&model)?;
     eprintln!(
         "loaded {} in {load_secs:.1} s; {} questions per bar, greedy, exact match",
         vlm.model_type(),

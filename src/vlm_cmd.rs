@@ -1,15 +1,19 @@
 //! `afm caption`, `afm ask` and `afm screen`: a SmolVLM / Idefics3 checkpoint directory
 //! (HF layout) or an afm-tiny export (`<run>/afm-tiny`, written by `afm train adapter`) over
-//! one or many images. The pipeline is picked from the directory's `config.json`
-//! (`model_type` `"afm-tiny"`, else Idefics3). Without `--model`: the embedded default model,
-//! the afm-tiny export committed in `assets/afm-tiny` ([`DEFAULT_MODEL_DIR`]).
+//! one or many images, through the one pipeline (`afm::fusion::Vlm`) that
+//! `afm::fusion::ModelDir` loads from the directory, whatever its kind. Without `--model`: the
+//! embedded default model, the afm-tiny export committed in `assets/afm-tiny`
+//! ([`DEFAULT_MODEL_DIR`]).
 //!
-//! * afm-tiny: the language model is the GGUF named in its `config.json` (`lm.file`), looked
-//!   for beside the export (the export directory, then the run directory), then, when it is
-//!   the default SmolLM2 (same sha256), where `afm generate` keeps its default model; `--lm
-//!   FILE` names it instead. Its sha256 must be the one recorded. Every image is one tile
-//!   (no tiling yet), so `--image-max-tokens` only checks that the budget covers that tile
-//!   and says so.
+//! * A model that names an external language model (afm-tiny: the GGUF in its
+//!   `config.json`, `lm.file`): it is looked for beside the model (the export directory, then
+//!   the run directory), then, when it is the default SmolLM2 (same sha256), where `afm
+//!   generate` keeps its default model; `--lm FILE` names it instead. Its sha256 must be the
+//!   one recorded.
+//! * `--image-max-tokens`: the image processor's budget, the same code path for every model;
+//!   a budget below one tile is an error before anything runs, a downscale is reported on
+//!   stderr and in the JSON (`downscale`), and a model whose images cost a fixed number of
+//!   tokens (afm-tiny without a `tiling` section) says that the budget changes nothing.
 //!
 //! * `caption IMAGE... | DIR`: one model for the whole batch; `path: caption` lines, or one
 //!   JSON object per image (`--jsonl`), or one JSON array (`--json`). An image that cannot be
@@ -20,8 +24,8 @@
 //!   image's plan (tiles, image tokens, downscale).
 
 use crate::{options, SamplingArgs};
-use afm::fusion::afm_tiny::{self, AfmTinyConfig};
-use afm::fusion::{AfmTiny, AskOptions, Idefics3Processor, ImagePlan, VisionLanguage, Vlm};
+use afm::fusion::{AskOptions, ImagePlan, LmInfo, ModelDir, Processor, Vlm};
+use afm::lm::DeviceModel;
 use afm::vision::{load_image, ImageLimits};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -49,9 +53,10 @@ pub(crate) struct ModelArgs {
     /// (`<run>/afm-tiny`). Default: the embedded afm-tiny (`assets/afm-tiny`).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
-    /// afm-tiny only: the language model GGUF (default: the file named in the export's
-    /// config.json, beside the export, then the default-model location, fetched on first use
-    /// when it is the default SmolLM2). Its sha256 must be the one the export records.
+    /// afm-tiny only (models that name an external language model): the language model GGUF
+    /// (default: the file named in the export's config.json, beside the export, then the
+    /// default-model location, fetched on first use when it is the default SmolLM2). Its
+    /// sha256 must be the one the export records.
     #[arg(long, value_name = "FILE")]
     lm: Option<PathBuf>,
     /// Run the vision encoder's projections, MLP and attention scores, and a safetensors
@@ -68,9 +73,10 @@ pub(crate) struct ModelArgs {
 pub(crate) struct VlmArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Budget of image tokens per image; a larger image is downscaled in steps of one tile
-    /// (and stderr says so). Default: the checkpoint's full resolution. afm-tiny spends a
-    /// fixed number per image (one tile): the budget is only checked against it.
+    /// Budget of image tokens per image; a larger image is downscaled (and stderr says so).
+    /// Default: the model's full resolution (afm-tiny with a `tiling` section: its
+    /// `max_tokens`). afm-tiny without one spends a fixed number per image (one tile): the
+    /// budget is only checked against it.
     #[arg(long, value_name = "N")]
     image_max_tokens: Option<usize>,
     /// Print each image's plan (tiles, image tokens, downscale) without running the model.
@@ -125,12 +131,12 @@ impl VlmArgs {
         })
     }
 
-    fn planner(&self) -> Result<Planner> {
-        self.model.planner()
+    fn open(&self) -> Result<(ModelDir, Processor)> {
+        self.model.open()
     }
 
-    fn load(&self, planner: &Planner) -> Result<(Box<dyn VisionLanguage>, f64)> {
-        self.model.load(planner)
+    fn load(&self, m: &ModelDir) -> Result<(Vlm<DeviceModel>, f64)> {
+        self.model.load(m)
     }
 }
 
@@ -161,52 +167,46 @@ impl ModelArgs {
         Ok(dir)
     }
 
-    /// The checkpoint's kind, from its `config.json` (an unreadable or absent config is
-    /// left to the Idefics3 loader, whose errors name the missing files).
-    pub(crate) fn planner(&self) -> Result<Planner> {
+    /// The model directory and its image processor, from its configs alone (no weights):
+    /// what `--dry-run` and the budget check need.
+    pub(crate) fn open(&self) -> Result<(ModelDir, Processor)> {
         let dir = self.model_dir()?;
-        let afm_tiny = afm_tiny::is_afm_tiny(dir).unwrap_or(false);
-        if afm_tiny {
-            let cj = dir.join("config.json");
-            let cfg = AfmTinyConfig::from_file(&cj)
-                .with_context(|| format!("reading the afm-tiny export {}", dir.display()))?;
-            return Ok(Planner::AfmTiny(Box::new(cfg)));
-        }
-        if self.lm.is_some() {
+        let ctx = || format!("reading the model {}", dir.display());
+        let m = ModelDir::open(dir).with_context(ctx)?;
+        if self.lm.is_some() && m.external_lm().is_none() {
             bail!(
-                "--lm applies to afm-tiny exports only; {} is a SmolVLM/Idefics3 checkpoint, \
-                 which carries its own language model",
-                dir.display()
+                "--lm applies to afm-tiny exports only (models that name an external language \
+                 model); {} is a {} checkpoint, which carries its own language model",
+                dir.display(),
+                m.model_type()
             );
         }
-        let ctx = || format!("reading the SmolVLM/Idefics3 checkpoint {}", dir.display());
-        Ok(Planner::Idefics3(
-            Idefics3Processor::for_checkpoint(dir).with_context(ctx)?.1,
-        ))
+        let p = m.image_processor().with_context(ctx)?;
+        Ok((m, p))
     }
 
-    /// The language model of an afm-tiny export (module docs).
-    fn afm_tiny_lm(&self, dir: &Path, cfg: &AfmTinyConfig) -> Result<PathBuf> {
+    /// The external language model of a model that names one (module docs).
+    fn external_lm(&self, m: &ModelDir, info: &LmInfo) -> Result<PathBuf> {
         if let Some(p) = &self.lm {
             return Ok(p.clone());
         }
-        let cands = afm_tiny::lm_candidates(dir, cfg);
+        let cands = m.lm_candidates();
         if let Some(p) = cands.iter().find(|p| p.is_file()) {
             return Ok(p.clone());
         }
-        if cfg
-            .lm
+        if info
             .sha256
             .eq_ignore_ascii_case(crate::default_model::GGUF_SHA256)
         {
             return crate::default_model::locate_or_fetch();
         }
         bail!(
-            "the afm-tiny export {} needs the language model `{}` (sha256 {}); not found at {}; \
+            "the {} model {} needs the language model `{}` (sha256 {}); not found at {}; \
              pass --lm FILE",
-            dir.display(),
-            cfg.lm.file,
-            cfg.lm.sha256,
+            m.model_type(),
+            m.path().display(),
+            info.file,
+            info.sha256,
             cands
                 .iter()
                 .map(|p| p.display().to_string())
@@ -215,82 +215,54 @@ impl ModelArgs {
         )
     }
 
-    pub(crate) fn load(&self, planner: &Planner) -> Result<(Box<dyn VisionLanguage>, f64)> {
-        let dir = self.model_dir()?;
+    /// Loads the pipeline, whatever the model's kind; `--int8` applies to the vision encoder
+    /// and to the language model's dense matrices (a GGUF's quantized blocks stay as they are).
+    pub(crate) fn load(&self, m: &ModelDir) -> Result<(Vlm<DeviceModel>, f64)> {
         let t0 = Instant::now();
         if self.int8 && !afm::vision::int8::int8_kernel_is_fast() {
             eprintln!(
                 "note: --int8: this CPU has no AVX-512 VNNI, so the int8 path runs a portable loop, slower than f32"
             );
         }
-        let vlm: Box<dyn VisionLanguage> = match planner {
-            Planner::AfmTiny(cfg) => {
-                let lm = self.afm_tiny_lm(dir, cfg)?;
-                let mut m = AfmTiny::load(dir, &lm).with_context(|| {
-                    format!(
-                        "loading the afm-tiny export {} with the language model {}",
-                        dir.display(),
-                        lm.display()
-                    )
-                })?;
-                m.set_vision_int8(self.int8)?;
-                Box::new(m)
-            }
-            Planner::Idefics3(_) => {
-                let mut m = Vlm::load_idefics3(dir).with_context(|| {
-                    format!("loading the SmolVLM/Idefics3 checkpoint {}", dir.display())
-                })?;
-                m.set_vision_int8(self.int8)?;
-                m.set_lm_int8(self.int8)?;
-                Box::new(m)
-            }
+        let lm = match m.external_lm() {
+            Some(info) => Some(self.external_lm(m, info)?),
+            None => None,
         };
+        let mut vlm = m.load(lm.as_deref()).with_context(|| match &lm {
+            Some(lm) => format!(
+                "loading the {} model {} with the language model {}",
+                m.model_type(),
+                m.path().display(),
+                lm.display()
+            ),
+            None => format!(
+                "loading the {} model {}",
+                m.model_type(),
+                m.path().display()
+            ),
+        })?;
+        vlm.set_vision_int8(self.int8)?;
+        vlm.set_lm_int8(self.int8)?;
         Ok((vlm, t0.elapsed().as_secs_f64()))
     }
 }
 
-/// What an image costs, from the configs alone (no weights): `--dry-run` and the budget check.
-pub(crate) enum Planner {
-    Idefics3(Idefics3Processor),
-    AfmTiny(Box<AfmTinyConfig>),
-}
-
-impl Planner {
-    fn plan(&self, w: u32, h: u32, budget: Option<usize>) -> Result<ImagePlan> {
-        Ok(match self {
-            Planner::Idefics3(pre) => pre.plan(w, h, budget)?,
-            Planner::AfmTiny(cfg) => afm_tiny::plan(cfg, w, h, budget)?,
-        })
+/// A budget below one tile's tokens fits no image at all: say so once, not per image. For a
+/// model whose images cost a fixed number of tokens, a budget that covers it changes
+/// nothing: say that too.
+fn check_budget(budget: Option<usize>, p: &Processor, model: &str) -> Result<()> {
+    let Some(b) = budget else { return Ok(()) };
+    let (n, t) = (p.min_image_tokens(), p.tile_size());
+    if b < n {
+        bail!(
+            "--image-max-tokens {b} is below what one {model} image costs at the smallest size \
+             ({n} tokens: one {t}x{t} tile)"
+        );
     }
-}
-
-/// A budget below one tile's tokens fits no image at all: say so once, not per image. For
-/// afm-tiny, a budget that covers its one tile does not change anything: say that too.
-fn check_budget(budget: Option<usize>, planner: &Planner) -> Result<()> {
-    match (budget, planner) {
-        (Some(b), Planner::Idefics3(pre)) if b < pre.image_seq_len => bail!(
-            "--image-max-tokens {b} is below what one image costs at the smallest size \
-             ({} tokens: one {}x{} tile)",
-            pre.image_seq_len,
-            pre.tile,
-            pre.tile
-        ),
-        (Some(b), Planner::AfmTiny(cfg)) => {
-            let (n, s) = (cfg.tokens_per_image, cfg.image_size);
-            if b < n {
-                bail!(
-                    "--image-max-tokens {b} is below what afm-tiny spends on every image \
-                     ({n} tokens: one {s}x{s} tile)"
-                );
-            }
-            eprintln!(
-                "note: --image-max-tokens does not apply to afm-tiny: every image is one \
-                 {s}x{s} tile of {n} image tokens (tiling is not implemented yet)"
-            );
-            Ok(())
-        }
-        _ => Ok(()),
+    if let Some(why) = p.budget_note() {
+        eprintln!("note: --image-max-tokens does not apply to {model}: {why}");
     }
+    Ok(())
 }
 
 /// `{path}: {message}` unless the message already names the path.
@@ -339,9 +311,9 @@ pub(crate) fn collect_images(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 /// The plan of one image file from its header, for `--dry-run`.
-fn plan_file(pre: &Planner, path: &Path, budget: Option<usize>) -> Result<ImagePlan> {
+fn plan_file(p: &Processor, path: &Path, budget: Option<usize>) -> Result<ImagePlan> {
     let (w, h) = afm::vision::image_io::image_size(path)?;
-    pre.plan(w, h, budget)
+    Ok(p.plan(w, h, budget)?)
 }
 
 /// One image's line of `--jsonl` / element of `--json` (fields in this order; `null` when
@@ -354,7 +326,8 @@ struct Record {
     prompt_tokens: Option<usize>,
     image_tokens: Option<usize>,
     tiles: Option<usize>,
-    /// `Some(f)`: the image-token budget lowered the longest edge to `f` of the checkpoint's.
+    /// `Some(f)`: the image-token budget scaled the image to `f` of the model's full
+    /// resolution.
     downscale: Option<f64>,
     plan: Option<String>,
     encode_ms: Option<f64>,
@@ -435,7 +408,7 @@ pub(crate) fn cmd_caption(a: CaptionArgs) -> Result<()> {
         Format::Lines
     };
     // everything that can be checked without the model, first
-    let planner = c.planner()?;
+    let (model, processor) = c.open()?;
     let opts = c.ask_options()?;
     let images = collect_images(&a.images)?;
     let n = images.len();
@@ -443,10 +416,10 @@ pub(crate) fn cmd_caption(a: CaptionArgs) -> Result<()> {
     let mut all = Vec::new();
     let mut failed = 0usize;
 
+    check_budget(c.image_max_tokens, &processor, model.model_type())?;
     if c.dry_run {
-        check_budget(c.image_max_tokens, &planner)?;
         for p in &images {
-            match plan_file(&planner, p, c.image_max_tokens) {
+            match plan_file(&processor, p, c.image_max_tokens) {
                 Ok(plan) => {
                     let line = format!("{}: {}", p.display(), plan.describe());
                     emit(
@@ -467,8 +440,7 @@ pub(crate) fn cmd_caption(a: CaptionArgs) -> Result<()> {
         return finish(fmt, &mut out, &all, failed, n);
     }
 
-    check_budget(c.image_max_tokens, &planner)?;
-    let (vlm, load_secs) = c.load(&planner)?;
+    let (vlm, load_secs) = c.load(&model)?;
     let bar = if n > 1 {
         let b = ProgressBar::new(n as u64);
         b.set_style(
@@ -557,20 +529,20 @@ fn finish(
 
 /// `ask` and `screen`: one image, the answer streamed to stdout.
 fn answer(c: &VlmArgs, image: &Path, question: Option<&str>) -> Result<()> {
-    let planner = c.planner()?;
+    let (model, processor) = c.open()?;
     let opts = c.ask_options()?;
     let mut out = std::io::stdout().lock();
     if c.dry_run {
-        check_budget(c.image_max_tokens, &planner)?;
-        let plan = plan_file(&planner, image, c.image_max_tokens)
+        check_budget(c.image_max_tokens, &processor, model.model_type())?;
+        let plan = plan_file(&processor, image, c.image_max_tokens)
             .map_err(|e| anyhow!(with_path(image, &e)))?;
         writeln!(out, "{}: {}", image.display(), plan.describe())?;
         return Ok(());
     }
     // a bad image fails before the (slow) model load
     let img = load_image(image, &ImageLimits::default())?;
-    check_budget(c.image_max_tokens, &planner)?;
-    let (vlm, load_secs) = c.load(&planner)?;
+    check_budget(c.image_max_tokens, &processor, model.model_type())?;
+    let (vlm, load_secs) = c.load(&model)?;
     let plan = vlm
         .plan(img.width(), img.height(), opts.max_image_tokens)
         .map_err(|e| anyhow!(with_path(image, &anyhow::Error::from(e))))?;

@@ -264,6 +264,71 @@ fn default_model_plans_without_a_model_flag() {
     assert_eq!(v["tiles"], 1, "{v}");
 }
 
+/// An afm-tiny model directory whose config.json (the shipped one) has a `tiling` section:
+/// a dry run reads only the config, so no weights are needed.
+#[test]
+fn afm_tiny_with_a_tiling_section_plans_overview_and_tiles() {
+    let d = std::env::temp_dir().join(format!("afm-cli-tiling-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/afm-tiny/config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(shipped).unwrap()).unwrap();
+    cfg["tiling"] = serde_json::json!({"tile": 224, "max_tokens": 900, "overview": true});
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    let shot = d.join("screenshot.png");
+    afm::vision::image::RgbImage::from_pixel(1280, 800, afm::vision::image::Rgb([90, 90, 90]))
+        .save(&shot)
+        .unwrap();
+    let plan = |extra: &[&str]| {
+        let out = afm()
+            .args(["caption", "--dry-run", "--jsonl", "--model"])
+            .arg(&d)
+            .args(extra)
+            .arg(&shot)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+        (v, text(&out.stderr))
+    };
+    // native resolution: 6x4 tiles of 224 px + the overview, 36 tokens each
+    let (v, err) = plan(&[]);
+    assert_eq!(
+        (v["tiles"].as_u64(), v["image_tokens"].as_u64()),
+        (Some(25), Some(900)),
+        "{v}"
+    );
+    assert!(v["downscale"].is_null(), "{v}");
+    assert!(
+        v["plan"]
+            .as_str()
+            .unwrap()
+            .contains("6x4 grid of 224 px + overview"),
+        "{v}"
+    );
+    assert!(!err.contains("does not apply"), "{err}");
+    // a budget below the native grid: downscaled, and the plan says so
+    let (v, _) = plan(&["--image-max-tokens", "360"]);
+    assert!(v["image_tokens"].as_u64().unwrap() <= 360, "{v}");
+    assert!(v["downscale"].as_f64().unwrap() < 1.0, "{v}");
+    assert!(v["plan"].as_str().unwrap().contains("downscaled"), "{v}");
+    // below one tile: the same one-line error as every model
+    let out = afm()
+        .args([
+            "caption",
+            "--dry-run",
+            "--image-max-tokens",
+            "20",
+            "--model",
+        ])
+        .arg(&d)
+        .arg(&shot)
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, &["--image-max-tokens 20", "afm-tiny", "36 tokens"]);
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn image_token_budget_reports_the_downscale() {
     let img = fixture().join("sample.png");

@@ -24,7 +24,7 @@
 //! `adapter.conv.weight (text_hidden, text_hidden, 3, 3)`, `adapter.conv.bias (text_hidden)`,
 //! and with `output_norm_eps`, `adapter.out_norm.weight (text_hidden)`.
 
-use crate::connector::Adapter;
+use crate::adapter::VisionAdapter;
 use crate::error::{FusionError, Result};
 use afm_vision::attention::Dense;
 use afm_vision::vit::Block;
@@ -171,7 +171,7 @@ impl AfmAdapter {
     }
 }
 
-impl Adapter for AfmAdapter {
+impl VisionAdapter for AfmAdapter {
     fn tokens_per_tile(&self, grid: (usize, usize)) -> Result<usize> {
         let [oh, ow] = self.cfg.pool;
         if grid.0 < oh || grid.1 < ow {

@@ -44,13 +44,24 @@
 //! the frozen LM then trains several answers, and multi-turn chat about an image is what it
 //! learns.
 //!
+//! # Images of several views (tiling)
+//! With a `tiling` section in its `config.json`, afm-tiny cuts an image into views
+//! ([`crate::tile_processor::TileProcessor`]): the overview first (when the plan has one),
+//! then the tiles row-major ([`view_order`]). Each view becomes `tokens_per_tile`
+//! embeddings, and the image's `N` placeholders ([`image_expansion`]) are those embeddings
+//! in that order, nothing between them: `N = plan.image_tokens`. Training builds identical
+//! sequences by passing `plan.image_tokens` as `image_tokens` to [`PromptFormat`] and the
+//! views of `TileProcessor::pixel_values` through the encoder and adapter in their order.
+//! Without tiling an image is one view (the whole image resized to the encoder's size, as the
+//! shipped model was trained), `N` = tokens per image.
+//!
 //! # Inference
-//! Encode the prompt, splice the image embeddings over the placeholders
-//! ([`crate::vlm::splice`]), decode until the end-of-turn token ([`crate::afm_tiny::AfmTiny`]).
-//! One image is one tile: the whole image resized to the encoder's size, as in training
-//! (no high-resolution tiling yet).
+//! [`crate::Vlm`] configured for afm-tiny ([`crate::Vlm::load_afm_tiny`]) renders exactly
+//! this format ([`crate::vlm::ChatFormat::Text`]), splices the image embeddings over the
+//! placeholders ([`crate::vlm::splice`]) and decodes until the end-of-turn token.
 
 use crate::error::{FusionError, Result};
+use crate::image_processor::ImagePlan;
 use afm_lm::chat::{render_chat, Message};
 use afm_lm::Tokenizer;
 
@@ -59,6 +70,44 @@ pub const IMAGE_PLACEHOLDER: &str = "<empty_output>";
 
 /// The question that asks for a caption.
 pub const CAPTION_PROMPT: &str = "Describe the image.";
+
+/// One encoder view of an image (module docs, "Images of several views").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// The whole image in one view: the overview of a split plan, or the only view of an
+    /// unsplit one.
+    Whole,
+    /// Tile `(row, col)` of the grid, 0-based.
+    Tile { row: u32, col: u32 },
+}
+
+/// The views of a plan in afm-tiny's encoder and prompt order (the paper's planner,
+/// [`crate::tile_processor::TileProcessor`]): the overview first (when the plan has one),
+/// then the tiles row-major; an unsplit plan is one [`View::Whole`]. (Idefics3 puts its
+/// global image last: [`crate::processor`].)
+pub fn view_order(plan: &ImagePlan) -> Vec<View> {
+    if !plan.is_split() {
+        return vec![View::Whole];
+    }
+    let mut v = Vec::with_capacity(plan.tiles);
+    if plan.overview {
+        v.push(View::Whole);
+    }
+    for row in 0..plan.rows {
+        for col in 0..plan.cols {
+            v.push(View::Tile { row, col });
+        }
+    }
+    v
+}
+
+/// The prompt text of one image under `plan`: `plan.tokens_per_tile` copies of
+/// `placeholder` per view of [`view_order`], nothing between them, so `plan.image_tokens`
+/// copies in all (what [`PromptFormat`] writes for `image_tokens = plan.image_tokens`).
+pub fn image_expansion(placeholder: &str, plan: &ImagePlan) -> String {
+    let views = view_order(plan).len();
+    placeholder.repeat(views * plan.tokens_per_tile)
+}
 
 /// One training (or evaluation) sequence: one question and its answer
 /// ([`PromptFormat::example`]), or several turns about the same image

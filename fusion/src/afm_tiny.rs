@@ -1,12 +1,13 @@
 //! `afm-tiny`: the export that stage-2 training (`afm_train::adapter_train`) writes, and the
-//! inference pipeline over it.
+//! configuration of [`Vlm`] that runs it ([`Vlm::load_afm_tiny`], [`Vlm::afm_tiny`]).
 //!
 //! # The export directory
 //! * `config.json` ([`AfmTinyConfig`]): `model_type` = `"afm-tiny"`, `vision` (the ViT's
 //!   [`VisionConfig`]), `adapter` ([`AfmAdapterConfig`]), `lm` ([`LmInfo`]: file name, sha256,
 //!   hidden size and vocabulary size of the GGUF it was trained against), `image_placeholder`
 //!   (token text) and `image_placeholder_id`, `tokens_per_image`, `image_size`,
-//!   `image_mean` / `image_std` (bicubic resize), `caption_prompt`;
+//!   `image_mean` / `image_std` (bicubic resize), `caption_prompt`, and optionally `tiling`
+//!   ([`TilingSettings`], below);
 //! * `vision/config.json` + `model.safetensors` (tensors `vision_model.*`), what
 //!   [`VisionEncoder::load`] reads;
 //! * `adapter.safetensors`: tensors `adapter.*` as [`AfmAdapter::load`] reads them.
@@ -18,30 +19,37 @@
 //!
 //! This is the one definition: training writes it, inference reads it.
 //!
-//! # Inference ([`AfmTiny`])
-//! As in training: one image = one tile, the whole image resized to `image_size` squared
-//! (bicubic, `image_mean` / `image_std`); high-resolution tiling is NOT done yet. The ViT
-//! (fast kernels) and the adapter (fast kernels) give `tokens_per_image` embeddings that
-//! replace the placeholders of the prompt ([`crate::afm_prompt`]); generation is
-//! [`afm_lm::generate_from_embeds`] with the caller's sampling options, stopping at the chat
-//! template's end-of-turn token.
+//! # Tiling
+//! `"tiling": {"tile": 224, "max_tokens": 576, "overview": true}`: `tile` must equal
+//! `image_size`; `max_tokens` is the image-token budget per image when the caller gives none
+//! (a multiple of `tokens_per_image`: 576 = 16 views of 36); `overview` (default `true`)
+//! puts the whole image first. An image then becomes the overview plus its
+//! native-resolution tiles, or fewer, downscaled tiles when the budget is below the native
+//! grid (the plan reports it), each through the ViT and adapter (`tokens_per_image` tokens
+//! each), in the order of [`crate::afm_prompt::view_order`].
+//!
+//! Without a `tiling` section (the shipped `assets/afm-tiny`, trained on one view) every image
+//! is one view: the whole image resized (squashed) to `image_size` squared, bicubic,
+//! `image_mean` / `image_std`; budgets at or above `tokens_per_image` change nothing.
+//!
+//! # Inference
+//! [`Vlm`] with the [`TileProcessor`] of the config, the ViT and the adapter (fast kernels),
+//! the GGUF's language model and tokenizer, and the prompt of [`crate::afm_prompt`]
+//! ([`ChatFormat::Text`]); generation is [`afm_lm::generate_from_embeds`] with the caller's
+//! sampling options, stopping at the chat template's end-of-turn token. `caption` and
+//! `describe_screen` both ask the export's `caption_prompt`.
 
 use crate::afm_adapter::{AfmAdapter, AfmAdapterConfig};
 use crate::afm_prompt::PromptFormat;
-use crate::connector::Adapter;
 use crate::error::{FusionError, Result};
-use crate::image_cache::{image_key, ImageCache};
-use crate::processor::ImagePlan;
-use crate::vlm::{splice, Answer, AskOptions, VisionLanguage};
+use crate::tile_processor::{check_tiling, TileProcessor, TilingSettings};
+use crate::vlm::{ChatFormat, Vlm, VlmParts};
 use afm_lm::{Checkpoint, DeviceModel, LanguageModel, Tokenizer};
 use afm_vision::preprocess::Preprocess;
 use afm_vision::{VisionConfig, VisionEncoder};
-use candle_core::{DType, Device};
-use image::RgbImage;
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
 
 /// `model_type` of an afm-tiny export.
 pub const MODEL_TYPE: &str = "afm-tiny";
@@ -72,6 +80,9 @@ pub struct AfmTinyConfig {
     pub image_mean: f32,
     pub image_std: f32,
     pub caption_prompt: String,
+    /// Overview + tiles (module docs, "Tiling"); absent: one view per image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiling: Option<TilingSettings>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FusionError + '_ {
@@ -134,7 +145,21 @@ impl AfmTinyConfig {
         if !(self.image_std.is_finite() && self.image_std > 0.0) {
             return Err(format!("image_std {} must be positive", self.image_std));
         }
+        if let Some(t) = &self.tiling {
+            check_tiling(t, self.image_size as u32, self.tokens_per_image)?;
+        }
         Ok(())
+    }
+
+    /// The image processor of the export (module docs, "Tiling"), from the config alone.
+    pub fn processor(&self) -> Result<TileProcessor> {
+        TileProcessor::new(
+            self.image_size as u32,
+            self.tokens_per_image,
+            self.tiling,
+            self.preprocess()?,
+            &self.image_placeholder,
+        )
     }
 
     /// The image preprocessing of training: resize to `image_size` squared, then
@@ -248,54 +273,10 @@ pub fn verify_lm(path: &Path, info: &LmInfo) -> Result<()> {
     Ok(())
 }
 
-/// What an image of `w x h` costs under an export: always one `image_size` squared tile of
-/// `tokens_per_image` tokens (no tiling yet). A budget below that is an error (afm-tiny cannot
-/// spend fewer tokens); any larger budget is met as is.
-pub fn plan(
-    cfg: &AfmTinyConfig,
-    w: u32,
-    h: u32,
-    max_image_tokens: Option<usize>,
-) -> Result<ImagePlan> {
-    let n = cfg.tokens_per_image;
-    if let Some(b) = max_image_tokens {
-        if b < n {
-            return Err(FusionError::Invalid(format!(
-                "an image-token budget of {b} is below what afm-tiny spends on every image ({n} tokens: one {s}x{s} tile; tiling is not implemented)",
-                s = cfg.image_size
-            )));
-        }
-    }
-    let s = cfg.image_size as u32;
-    Ok(ImagePlan {
-        image: (w, h),
-        resized: (s, s),
-        grid_size: (s, s),
-        rows: 0,
-        cols: 0,
-        tiles: 1,
-        image_tokens: n,
-        longest_edge: s,
-        downscale: None,
-    })
-}
-
-/// The afm-tiny pipeline (module docs) over any language model.
-pub struct AfmTiny<M: LanguageModel> {
-    cfg: AfmTinyConfig,
-    lm: M,
-    encoder: VisionEncoder,
-    adapter: AfmAdapter,
-    tokenizer: Tokenizer,
-    preprocess: Preprocess,
-    /// `(tokens_per_image, lm_hidden)` embeddings of recent images.
-    images: ImageCache<candle_core::Tensor>,
-}
-
-impl AfmTiny<DeviceModel> {
+impl Vlm<DeviceModel> {
     /// Loads the export `dir` with the language model `lm` (a GGUF; its sha256 must be the one
     /// recorded in `config.json`). Reads local files only.
-    pub fn load(dir: &Path, lm: &Path) -> Result<Self> {
+    pub fn load_afm_tiny(dir: &Path, lm: &Path) -> Result<Self> {
         let (cfg, encoder, adapter) = load_export(dir)?;
         if !lm.is_file() {
             return Err(FusionError::LmMismatch {
@@ -308,13 +289,14 @@ impl AfmTiny<DeviceModel> {
         }
         verify_lm(lm, &cfg.lm)?;
         let ck = Checkpoint::load(lm)?;
-        Self::new(cfg, encoder, adapter, ck.model, ck.tokenizer)
+        Self::afm_tiny(cfg, encoder, adapter, ck.model, ck.tokenizer)
     }
 }
 
-impl<M: LanguageModel> AfmTiny<M> {
-    /// Assembles the pipeline from parts; checks that they fit together.
-    pub fn new(
+impl<M: LanguageModel> Vlm<M> {
+    /// The afm-tiny configuration of the pipeline from parts (module docs); checks that they
+    /// fit the export's config.
+    pub fn afm_tiny(
         cfg: AfmTinyConfig,
         encoder: VisionEncoder,
         adapter: AfmAdapter,
@@ -361,174 +343,19 @@ impl<M: LanguageModel> AfmTiny<M> {
         if !tokenizer.eos_ids().contains(&eot) {
             tokenizer.add_eos_id(eot);
         }
-        let preprocess = cfg.preprocess()?;
-        Ok(Self {
-            cfg,
+        let processor = cfg.processor()?;
+        Vlm::new(VlmParts {
+            model_type: MODEL_TYPE.into(),
             lm,
             encoder,
-            adapter,
+            adapter: Box::new(adapter),
+            processor: Box::new(processor),
             tokenizer,
-            preprocess,
-            images: ImageCache::default(),
+            chat: ChatFormat::Text,
+            image_token: cfg.image_placeholder.clone(),
+            image_token_id: cfg.image_placeholder_id,
+            caption_prompt: cfg.caption_prompt.clone(),
+            screen_prompt: cfg.caption_prompt,
         })
-    }
-
-    pub fn config(&self) -> &AfmTinyConfig {
-        &self.cfg
-    }
-    pub fn lm(&self) -> &M {
-        &self.lm
-    }
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-    pub fn encoder(&self) -> &VisionEncoder {
-        &self.encoder
-    }
-
-    /// Runs the ViT's matrices and attention scores in int8 ([`VisionEncoder::set_int8`]) or back in
-    /// f32; forgets the cached images. (The language model is a quantized GGUF already.)
-    pub fn set_vision_int8(&mut self, on: bool) -> Result<()> {
-        self.images.clear();
-        self.encoder.set_int8(on)?;
-        Ok(())
-    }
-
-    /// The prompt format of this export over its tokenizer.
-    pub fn prompt_format(&self) -> Result<PromptFormat<'_>> {
-        PromptFormat::new(&self.tokenizer, &self.cfg.image_placeholder)
-    }
-
-    /// What an image of `w x h` costs ([`plan`]).
-    pub fn plan(&self, w: u32, h: u32, max_image_tokens: Option<usize>) -> Result<ImagePlan> {
-        plan(&self.cfg, w, h, max_image_tokens)
-    }
-
-    /// The image's `(tokens_per_image, lm_hidden)` embeddings (f32), and whether they came
-    /// from the cache of recent images (then the encoder did not run).
-    pub fn embed_image_cached(&self, img: &RgbImage) -> Result<(Arc<candle_core::Tensor>, bool)> {
-        let key = image_key(img, ());
-        if let Some(e) = self.images.get(key) {
-            return Ok((e, true));
-        }
-        let e = Arc::new(self.embed_image(img)?);
-        self.images.insert(key, e.clone());
-        Ok((e, false))
-    }
-
-    /// The image's `(tokens_per_image, lm_hidden)` embeddings (f32); always runs the encoder.
-    pub fn embed_image(&self, img: &RgbImage) -> Result<candle_core::Tensor> {
-        let s = self.cfg.image_size as u32;
-        let px = self.preprocess.run(img, s, s)?.unsqueeze(0)?;
-        let c = self.encoder.config();
-        let g = c.grid();
-        let x = self.encoder.forward(&px)?;
-        let y = self.adapter.forward(&x, (g, g), c.num_registers())?;
-        let (_, n, d) = y.dims3()?;
-        Ok(y.reshape((n, d))?.to_dtype(DType::F32)?)
-    }
-
-    /// Prompt ids and input embeddings for `question` about an image with embeddings
-    /// `image: (tokens_per_image, lm_hidden)`.
-    pub fn prepare(
-        &self,
-        question: &str,
-        image: &candle_core::Tensor,
-    ) -> Result<(Vec<u32>, candle_core::Tensor)> {
-        let fmt = self.prompt_format()?;
-        let ids = fmt.prompt_ids(question, image.dim(0)?)?;
-        let embeds = splice(&self.lm, &ids, fmt.placeholder_id(), Some(image))?;
-        Ok((ids, embeds))
-    }
-
-    /// Answers a question about an image, streaming the answer to `on_text`.
-    pub fn ask(
-        &self,
-        img: &RgbImage,
-        question: &str,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer> {
-        let plan = self.plan(img.width(), img.height(), opts.max_image_tokens)?;
-        let t0 = Instant::now();
-        let (image, image_from_cache) = self.embed_image_cached(img)?;
-        let encode_secs = if image_from_cache {
-            0.0
-        } else {
-            t0.elapsed().as_secs_f64()
-        };
-        let (ids, embeds) = self.prepare(question, &image)?;
-        let generation = afm_lm::generate_from_embeds(
-            &self.lm,
-            &self.tokenizer,
-            &embeds,
-            &ids,
-            &opts.generate,
-            on_text,
-        )?;
-        Ok(Answer {
-            generation,
-            plan,
-            encode_secs,
-            image_from_cache,
-            prompt_tokens: ids.len(),
-        })
-    }
-
-    /// A caption of an image (the export's `caption_prompt`).
-    pub fn caption(
-        &self,
-        img: &RgbImage,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer> {
-        let q = self.cfg.caption_prompt.clone();
-        self.ask(img, &q, opts, on_text)
-    }
-
-    /// A description of a screenshot: afm-tiny learnt screenshot descriptions as the captions
-    /// of its generated screens, so this is [`AfmTiny::caption`] (the export's
-    /// `caption_prompt`; one tile, like every image).
-    pub fn describe_screen(
-        &self,
-        img: &RgbImage,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer> {
-        self.caption(img, opts, on_text)
-    }
-}
-
-impl<M: LanguageModel> VisionLanguage for AfmTiny<M> {
-    fn model_type(&self) -> &str {
-        MODEL_TYPE
-    }
-    fn plan(&self, w: u32, h: u32, max_image_tokens: Option<usize>) -> Result<ImagePlan> {
-        AfmTiny::plan(self, w, h, max_image_tokens)
-    }
-    fn ask(
-        &self,
-        img: &RgbImage,
-        question: &str,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer> {
-        AfmTiny::ask(self, img, question, opts, on_text)
-    }
-    fn caption(
-        &self,
-        img: &RgbImage,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer> {
-        AfmTiny::caption(self, img, opts, on_text)
-    }
-    fn describe_screen(
-        &self,
-        img: &RgbImage,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer> {
-        AfmTiny::describe_screen(self, img, opts, on_text)
     }
 }

@@ -1,20 +1,10 @@
-//! Adapters from vision-encoder outputs to language-model input embeddings, behind one trait.
-//! This file holds the trait and the Idefics3 / SmolVLM connector (token-space pixel shuffle,
-//! then a linear projection).
+//! The Idefics3 / SmolVLM connector (token-space pixel shuffle, then a linear projection), one
+//! implementation of [`VisionAdapter`].
 
+use crate::adapter::VisionAdapter;
 use crate::error::{FusionError, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
-
-/// Turns encoded tiles into image embeddings for the language model.
-pub trait Adapter: Send + Sync {
-    /// Image tokens one tile becomes, for an encoder grid of `grid = (rows, cols)` patches.
-    fn tokens_per_tile(&self, grid: (usize, usize)) -> Result<usize>;
-
-    /// # Shapes
-    /// `x: (tiles, registers + rows*cols, vision_hidden)` -> `(tiles, tokens, lm_hidden)`.
-    fn forward(&self, x: &Tensor, grid: (usize, usize), registers: usize) -> Result<Tensor>;
-}
 
 /// Idefics3's connector: pixel shuffle by `scale` in token space (each `scale x scale` block
 /// of patch features becomes one feature `scale^2` times as wide, in transformers' order),
@@ -78,7 +68,7 @@ impl PixelShuffleConnector {
     }
 }
 
-impl Adapter for PixelShuffleConnector {
+impl VisionAdapter for PixelShuffleConnector {
     fn tokens_per_tile(&self, grid: (usize, usize)) -> Result<usize> {
         let s = self.scale;
         if !grid.0.is_multiple_of(s) || !grid.1.is_multiple_of(s) {

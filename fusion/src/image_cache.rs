@@ -1,6 +1,5 @@
 //! The few most recent encoded images, so that another question about the same image does
-//! not run the encoder again (the SmolVLM pipeline [`crate::vlm::Vlm`] and
-//! [`crate::afm_tiny::AfmTiny`] share it).
+//! not run the encoder again ([`crate::vlm::Vlm`] keeps one, whatever its configuration).
 //!
 //! An entry is keyed by a hash of the image's size and pixels plus whatever else changes the
 //! encoding (the image-token budget); the oldest entry goes when the cache is full. It is

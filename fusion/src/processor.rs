@@ -24,7 +24,8 @@ use afm_vision::preprocess::resize;
 use afm_vision::{Filter, Preprocess};
 use candle_core::Tensor;
 use image::{imageops, RgbImage};
-use serde::Serialize;
+
+pub use afm_vision::ImagePlan;
 use serde_json::Value;
 use std::path::Path;
 
@@ -43,52 +44,6 @@ pub struct Idefics3Processor {
     /// `<image>` tokens per tile (64 in SmolVLM).
     pub image_seq_len: usize,
     pub pre: Preprocess,
-}
-
-/// What one image will cost, known before any pixel is resized.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ImagePlan {
-    /// Original `(width, height)`.
-    pub image: (u32, u32),
-    /// After step 1 `(width, height)`.
-    pub resized: (u32, u32),
-    /// After step 2 (the split grid), `(width, height)`.
-    pub grid_size: (u32, u32),
-    /// Tile rows and columns; `(0, 0)` = not split (global image only).
-    pub rows: u32,
-    pub cols: u32,
-    /// Tiles the encoder runs (split tiles + the global image).
-    pub tiles: usize,
-    /// `<image>` tokens in the prompt.
-    pub image_tokens: usize,
-    /// The longest edge used; less than the checkpoint's when the budget forced it.
-    pub longest_edge: u32,
-    /// `Some(f)`: the budget lowered the longest edge to `f` of the checkpoint's.
-    pub downscale: Option<f64>,
-}
-
-impl ImagePlan {
-    pub fn describe(&self) -> String {
-        let mut s = if self.rows == 0 {
-            format!(
-                "{}x{} image -> 1 tile (unsplit, global image only) = {} image tokens",
-                self.image.0, self.image.1, self.image_tokens
-            )
-        } else {
-            format!(
-                "{}x{} image -> {} tiles ({}x{} grid + global image) = {} image tokens",
-                self.image.0, self.image.1, self.tiles, self.cols, self.rows, self.image_tokens
-            )
-        };
-        if let Some(f) = self.downscale {
-            s.push_str(&format!(
-                "; downscaled to longest edge {} ({:.0}%) by the image-token budget",
-                self.longest_edge,
-                f * 100.0
-            ));
-        }
-        s
-    }
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
@@ -220,8 +175,20 @@ impl Idefics3Processor {
         })
     }
 
-    /// Plans an image of `w x h` under an optional budget of `<image>` tokens.
+    /// Plans an image of `w x h` under an optional budget of `<image>` tokens, splitting as
+    /// `do_image_splitting` says.
     pub fn plan(&self, w: u32, h: u32, max_tokens: Option<usize>) -> Result<ImagePlan> {
+        self.plan_with(w, h, max_tokens, self.do_image_splitting)
+    }
+
+    /// [`Self::plan`] with image splitting on or off whatever `do_image_splitting` says.
+    pub fn plan_with(
+        &self,
+        w: u32,
+        h: u32,
+        max_tokens: Option<usize>,
+        split: bool,
+    ) -> Result<ImagePlan> {
         if w == 0 || h == 0 {
             return Err(FusionError::Invalid(format!(
                 "cannot process a {w}x{h} image"
@@ -229,7 +196,7 @@ impl Idefics3Processor {
         }
         let mut edge = self.longest_edge;
         loop {
-            let p = self.plan_at(w, h, edge);
+            let p = self.plan_at(w, h, edge, split);
             match max_tokens {
                 Some(b) if p.image_tokens > b => {
                     if edge <= self.tile || !self.do_resize {
@@ -246,7 +213,7 @@ impl Idefics3Processor {
         }
     }
 
-    fn plan_at(&self, w: u32, h: u32, edge: u32) -> ImagePlan {
+    fn plan_at(&self, w: u32, h: u32, edge: u32, split: bool) -> ImagePlan {
         let resized = if self.do_resize {
             let (rh, rw) = rescale_to_max_len(h, w, edge);
             let (rh, rw) = scale_below_upper_bound(rh, rw, MAX_IMAGE_SIZE);
@@ -255,7 +222,7 @@ impl Idefics3Processor {
             (w, h)
         };
         let m = self.tile;
-        let (grid_size, rows, cols) = if self.do_image_splitting {
+        let (grid_size, rows, cols) = if split {
             let (gh, gw) = for_vision_encoder(resized.1, resized.0, m);
             if gh > m || gw > m {
                 ((gw, gh), (gh - m) / m + 1, (gw - m) / m + 1)
@@ -268,11 +235,14 @@ impl Idefics3Processor {
         let tiles = (rows * cols) as usize + 1;
         ImagePlan {
             image: (w, h),
+            tile: m,
             resized,
             grid_size,
             rows,
             cols,
+            overview: rows > 0,
             tiles,
+            tokens_per_tile: self.image_seq_len,
             image_tokens: tiles * self.image_seq_len,
             longest_edge: edge,
             downscale: (edge < self.longest_edge && self.do_resize)
@@ -280,7 +250,8 @@ impl Idefics3Processor {
         }
     }
 
-    /// The encoder input for a planned image: split tiles row-major, the global image last.
+    /// The encoder input for a planned image: split tiles row-major, the global image last
+    /// (what the plan says; the plan decides splitting).
     ///
     /// # Shapes
     /// `-> (tiles, 3, tile, tile)`.
@@ -292,24 +263,28 @@ impl Idefics3Processor {
                 img.dimensions()
             )));
         }
+        if plan.tile != self.tile {
+            return Err(FusionError::Invalid(format!(
+                "plan is for tiles of {} px, this processor cuts {} px",
+                plan.tile, self.tile
+            )));
+        }
         let f = self.pre.filter;
         let m = self.tile;
         let step1 = resize(img, plan.resized.0, plan.resized.1, f)?;
         let mut frames = Vec::with_capacity(plan.tiles);
-        if self.do_image_splitting {
+        if plan.is_split() {
             let step2 = resize(&step1, plan.grid_size.0, plan.grid_size.1, f)?;
-            if plan.rows > 0 {
-                for r in 0..plan.rows {
-                    for c in 0..plan.cols {
-                        let t = imageops::crop_imm(&step2, c * m, r * m, m, m).to_image();
-                        frames.push(self.pre.to_tensor(&t)?);
-                    }
+            for r in 0..plan.rows {
+                for c in 0..plan.cols {
+                    let t = imageops::crop_imm(&step2, c * m, r * m, m, m).to_image();
+                    frames.push(self.pre.to_tensor(&t)?);
                 }
-                frames.push(self.pre.to_tensor(&resize(&step2, m, m, f)?)?);
-            } else {
-                frames.push(self.pre.to_tensor(&step2)?);
             }
+            frames.push(self.pre.to_tensor(&resize(&step2, m, m, f)?)?);
         } else {
+            // unsplit, or split but small enough for one tile: the step-1 image squashed to
+            // one tile (transformers resizes it to the 1x1 grid, the same size)
             frames.push(self.pre.to_tensor(&resize(&step1, m, m, f)?)?);
         }
         Ok(Tensor::stack(&frames, 0)?)
@@ -336,6 +311,38 @@ impl Idefics3Processor {
         s.push('\n');
         s.push_str(&global);
         s
+    }
+}
+
+impl crate::image_processor::ImageProcessor for Idefics3Processor {
+    fn plan(
+        &self,
+        w: u32,
+        h: u32,
+        max_image_tokens: Option<usize>,
+        split: bool,
+    ) -> Result<ImagePlan> {
+        self.plan_with(w, h, max_image_tokens, split)
+    }
+    fn pixel_values(&self, img: &RgbImage, plan: &ImagePlan) -> Result<Tensor> {
+        Idefics3Processor::pixel_values(self, img, plan)
+    }
+    fn prompt_expansion(&self, plan: &ImagePlan) -> String {
+        self.image_prompt(plan)
+    }
+    fn min_image_tokens(&self) -> usize {
+        self.image_seq_len
+    }
+    fn tile_size(&self) -> u32 {
+        self.tile
+    }
+    fn splits_by_default(&self) -> bool {
+        self.do_image_splitting
+    }
+    fn required_tokens(&self) -> Vec<String> {
+        ["<image>", "<fake_token_around_image>", "<global-img>"]
+            .map(String::from)
+            .to_vec()
     }
 }
 

@@ -1,13 +1,36 @@
-//! `Vlm`: a vision encoder, an adapter and any [`LanguageModel`] behind caption / ask /
+//! `Vlm`: one vision-language pipeline, generic over its parts: an image processor
+//! ([`ImageProcessor`]: how an image becomes encoder views and prompt tokens), a vision
+//! encoder, an adapter ([`VisionAdapter`]) and any [`LanguageModel`], behind caption / ask /
 //! describe-screen / chat calls. The model is `Send + Sync` and holds no per-request state
 //! except a small cache of encoded images (so a second question about the same image does
 //! not run the encoder again); every request gets its own LM cache.
+//!
+//! Two configurations ship; [`crate::model_dir::ModelDir`] loads either from a model
+//! directory:
+//!
+//! | | SmolVLM / Idefics3 ([`Vlm::load_idefics3`]) | afm-tiny ([`Vlm::load_afm_tiny`]) |
+//! |---|---|---|
+//! | image processor | [`crate::processor::Idefics3Processor`] | [`crate::tile_processor::TileProcessor`] (the paper's planner) |
+//! | encoder | SigLIP | Register-Window ViT |
+//! | adapter | [`crate::connector::PixelShuffleConnector`] | [`crate::afm_adapter::AfmAdapter`] |
+//! | language model | in the checkpoint (safetensors) | a frozen SmolLM2 GGUF |
+//! | chat | [`ChatFormat::Multimodal`] (the checkpoint's template) | [`ChatFormat::Text`] ([`crate::afm_prompt`]) |
+//!
+//! # Flow
+//! `plan` (image size, budget -> [`ImagePlan`]) -> `pixel_values` `(tiles, 3, s, s)` ->
+//! encoder `(tiles, registers + g*g, dv)` -> adapter `(tiles, t, d)` -> image embeddings
+//! `(tiles * t, d)`, cached per image and budget -> the chat rendered with each image's
+//! prompt expansion (`plan.image_tokens` image tokens) -> embeddings spliced over the image
+//! tokens ([`splice`]) -> generation.
 
+use crate::adapter::VisionAdapter;
 use crate::config::Idefics3Config;
-use crate::connector::{Adapter, PixelShuffleConnector};
+use crate::connector::PixelShuffleConnector;
 use crate::error::{FusionError, Result};
 use crate::image_cache::{image_key, ImageCache};
-use crate::processor::{Idefics3Processor, ImagePlan};
+use crate::image_processor::{ImagePlan, ImageProcessor, Processor};
+use crate::processor::Idefics3Processor;
+use afm_lm::chat::{render_chat, Message};
 use afm_lm::weights::WeightSource;
 use afm_lm::{DeviceModel, GenerateOptions, Generation, LanguageModel, Tokenizer};
 use afm_vision::weights::VisionWeights;
@@ -20,14 +43,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The placeholder a chat template writes where an image goes.
+/// The placeholder a multimodal chat template writes where an image goes.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
 
 /// One image, encoded and projected into the LM's embedding space.
 #[derive(Debug)]
 pub struct EncodedImage {
     pub plan: ImagePlan,
-    /// `(image_tokens, lm_hidden)`, in prompt order (tiles row-major, global image last).
+    /// `(image_tokens, lm_hidden)`, in prompt order (the processor's view order).
     pub embeds: Tensor,
     /// Time the encoder and adapter took (0 when served from the cache).
     pub encode_secs: f64,
@@ -67,7 +90,8 @@ impl ChatMessage {
 #[derive(Debug, Clone, Default)]
 pub struct AskOptions {
     pub generate: GenerateOptions,
-    /// Budget of image tokens per image (`None`: the checkpoint's full resolution).
+    /// Budget of image tokens per image (`None`: the image processor's default, its full
+    /// resolution).
     pub max_image_tokens: Option<usize>,
 }
 
@@ -82,9 +106,9 @@ pub struct Answer {
     pub prompt_tokens: usize,
 }
 
-/// The request text behind [`Vlm::caption`].
+/// The request text behind [`Vlm::caption`] for SmolVLM / Idefics3.
 pub const CAPTION_PROMPT: &str = "Describe this image.";
-/// The request text behind [`Vlm::describe_screen`].
+/// The request text behind [`Vlm::describe_screen`] for SmolVLM / Idefics3.
 pub const SCREEN_PROMPT: &str =
     "Describe this screenshot: the window title, the controls and what they say.";
 
@@ -102,15 +126,51 @@ struct TemplateMessage<'a> {
     content: Vec<TemplatePart<'a>>,
 }
 
-/// A vision-language model over any language model.
+/// How a chat becomes prompt text.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatFormat {
+    /// A chat template that takes typed content parts (`{"type": "image"}`,
+    /// `{"type": "text", "text": ...}`) and writes [`IMAGE_PLACEHOLDER`] where an image goes;
+    /// each placeholder is then replaced by the image's prompt expansion (Idefics3 / SmolVLM).
+    Multimodal(String),
+    /// The language model's own text-only chat template (the tokenizer's): a message's
+    /// content is its parts joined in order, an image as its prompt expansion followed by
+    /// `\n` ([`crate::afm_prompt`]'s format: `{P}...{P}\n{question}`).
+    Text,
+}
+
+/// The parts of a [`Vlm`] ([`Vlm::new`] checks that they fit together).
+pub struct VlmParts<M: LanguageModel> {
+    /// `"idefics3"`, `"afm-tiny"`, ...: what messages call the model.
+    pub model_type: String,
+    pub lm: M,
+    pub encoder: VisionEncoder,
+    pub adapter: Box<dyn VisionAdapter>,
+    pub processor: Box<dyn ImageProcessor>,
+    pub tokenizer: Tokenizer,
+    pub chat: ChatFormat,
+    /// The token the prompt expansion repeats once per image embedding, and its id.
+    pub image_token: String,
+    pub image_token_id: u32,
+    /// The request behind [`Vlm::caption`].
+    pub caption_prompt: String,
+    /// The request behind [`Vlm::describe_screen`].
+    pub screen_prompt: String,
+}
+
+/// A vision-language model over any language model (module docs).
 pub struct Vlm<M: LanguageModel> {
+    model_type: String,
     lm: M,
     encoder: VisionEncoder,
-    adapter: Box<dyn Adapter>,
+    adapter: Box<dyn VisionAdapter>,
     tokenizer: Tokenizer,
-    processor: Idefics3Processor,
-    chat_template: String,
+    processor: Processor,
+    chat: ChatFormat,
+    image_token: String,
     image_token_id: u32,
+    caption_prompt: String,
+    screen_prompt: String,
     images: ImageCache<EncodedImage>,
 }
 
@@ -235,73 +295,137 @@ impl Vlm<DeviceModel> {
             }
         }
         let (_, processor) = Idefics3Processor::for_checkpoint(dir)?;
-        Self::new(
+        if tokenizer.token_to_id(IMAGE_PLACEHOLDER) != Some(cfg.image_token_id) {
+            return Err(FusionError::config(
+                "image_token_id",
+                format!(
+                    "{} is not the tokenizer's `{IMAGE_PLACEHOLDER}` ({:?})",
+                    cfg.image_token_id,
+                    tokenizer.token_to_id(IMAGE_PLACEHOLDER)
+                ),
+            ));
+        }
+        Self::new(VlmParts {
+            model_type: "idefics3".into(),
             lm,
             encoder,
-            Box::new(adapter),
+            adapter: Box::new(adapter),
+            processor: Box::new(processor),
             tokenizer,
-            processor,
-            template,
-            cfg.image_token_id,
-        )
+            chat: ChatFormat::Multimodal(template),
+            image_token: IMAGE_PLACEHOLDER.into(),
+            image_token_id: cfg.image_token_id,
+            caption_prompt: CAPTION_PROMPT.into(),
+            screen_prompt: SCREEN_PROMPT.into(),
+        })
     }
 }
 
 impl<M: LanguageModel> Vlm<M> {
-    /// Assembles a pipeline from parts (any language model behind the common trait).
-    pub fn new(
-        lm: M,
-        encoder: VisionEncoder,
-        adapter: Box<dyn Adapter>,
-        tokenizer: Tokenizer,
-        processor: Idefics3Processor,
-        chat_template: String,
-        image_token_id: u32,
-    ) -> Result<Self> {
-        for t in [
-            IMAGE_PLACEHOLDER,
-            "<fake_token_around_image>",
-            "<global-img>",
-        ] {
-            if tokenizer.token_to_id(t).is_none() {
+    /// Assembles a pipeline from parts; checks that they fit together: every token the
+    /// processor writes is in the vocabulary, the image token's id is the tokenizer's, the
+    /// processor's views are the encoder's input size, and the adapter makes as many tokens
+    /// per view as the processor puts in the prompt.
+    pub fn new(p: VlmParts<M>) -> Result<Self> {
+        let processor = Processor::new(p.processor);
+        let mut needed = processor.inner().required_tokens();
+        needed.push(p.image_token.clone());
+        if matches!(p.chat, ChatFormat::Multimodal(_)) {
+            needed.push(IMAGE_PLACEHOLDER.into());
+        }
+        for t in &needed {
+            if p.tokenizer.token_to_id(t).is_none() {
                 return Err(FusionError::config(
                     "tokenizer",
                     format!("the vocabulary has no `{t}` token"),
                 ));
             }
         }
-        if tokenizer.token_to_id(IMAGE_PLACEHOLDER) != Some(image_token_id) {
+        if p.tokenizer.token_to_id(&p.image_token) != Some(p.image_token_id) {
             return Err(FusionError::config(
                 "image_token_id",
                 format!(
-                    "{image_token_id} is not the tokenizer's `<image>` ({:?})",
-                    tokenizer.token_to_id(IMAGE_PLACEHOLDER)
+                    "{} is not the tokenizer's `{}` ({:?})",
+                    p.image_token_id,
+                    p.image_token,
+                    p.tokenizer.token_to_id(&p.image_token)
                 ),
             ));
         }
+        let vc = p.encoder.config();
+        if processor.tile_size() as usize != vc.image_size {
+            return Err(FusionError::config(
+                "image processor",
+                format!(
+                    "views of {} px do not match the encoder's {} px",
+                    processor.tile_size(),
+                    vc.image_size
+                ),
+            ));
+        }
+        let g = vc.image_size / vc.patch_size;
+        let per_view = p.adapter.tokens_per_tile((g, g))?;
+        if per_view != processor.min_image_tokens() {
+            return Err(FusionError::config(
+                "image processor",
+                format!(
+                    "the prompt gets {} image tokens per view but the adapter makes {per_view}",
+                    processor.min_image_tokens()
+                ),
+            ));
+        }
+        if p.chat == ChatFormat::Text && p.tokenizer.chat_template().is_none() {
+            return Err(FusionError::config(
+                "tokenizer",
+                "the language model's tokenizer has no chat template",
+            ));
+        }
         Ok(Self {
-            lm,
-            encoder,
-            adapter,
-            tokenizer,
+            model_type: p.model_type,
+            lm: p.lm,
+            encoder: p.encoder,
+            adapter: p.adapter,
+            tokenizer: p.tokenizer,
             processor,
-            chat_template,
-            image_token_id,
+            chat: p.chat,
+            image_token: p.image_token,
+            image_token_id: p.image_token_id,
+            caption_prompt: p.caption_prompt,
+            screen_prompt: p.screen_prompt,
             images: ImageCache::default(),
         })
     }
 
+    /// `"idefics3"`, `"afm-tiny"`, ...
+    pub fn model_type(&self) -> &str {
+        &self.model_type
+    }
+    /// The request behind [`Vlm::caption`].
+    pub fn caption_prompt(&self) -> &str {
+        &self.caption_prompt
+    }
+    /// The request behind [`Vlm::describe_screen`].
+    pub fn screen_prompt(&self) -> &str {
+        &self.screen_prompt
+    }
+    pub fn chat_format(&self) -> &ChatFormat {
+        &self.chat
+    }
+    /// The token the prompt repeats once per image embedding, and its id.
+    pub fn image_token(&self) -> (&str, u32) {
+        (&self.image_token, self.image_token_id)
+    }
     pub fn lm(&self) -> &M {
         &self.lm
     }
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
-    pub fn processor(&self) -> &Idefics3Processor {
+    pub fn processor(&self) -> &Processor {
         &self.processor
     }
     /// Changes the image processing (e.g. image splitting); clears the encoded-image cache.
-    pub fn processor_mut(&mut self) -> &mut Idefics3Processor {
+    pub fn processor_mut(&mut self) -> &mut Processor {
         self.clear_image_cache();
         &mut self.processor
     }
@@ -327,7 +451,7 @@ impl<M: LanguageModel> Vlm<M> {
         self.processor.plan(w, h, max_image_tokens)
     }
 
-    /// Image embeddings from encoder pixel values (no cache).
+    /// Image embeddings from encoder pixel values (no cache), view by view in order.
     ///
     /// # Shapes
     /// `pixels: (tiles, 3, tile, tile)` -> `(tiles * tokens_per_tile, lm_hidden)`.
@@ -358,9 +482,7 @@ impl<M: LanguageModel> Vlm<M> {
             }));
         }
         let t0 = Instant::now();
-        let plan = self
-            .processor
-            .plan(img.width(), img.height(), max_image_tokens)?;
+        let plan = self.plan(img.width(), img.height(), max_image_tokens)?;
         let pixels = self.processor.pixel_values(img, &plan)?;
         let embeds = self.embed_pixels(&pixels)?.to_dtype(DType::F32)?;
         let enc = Arc::new(EncodedImage {
@@ -373,48 +495,80 @@ impl<M: LanguageModel> Vlm<M> {
         Ok(enc)
     }
 
-    /// Renders a chat with the checkpoint's template and expands every image placeholder.
+    /// Renders a chat with the pipeline's chat format ([`ChatFormat`]) and expands every
+    /// image into its prompt text. Message text may not contain the image token (nor, with a
+    /// multimodal template, the image placeholder).
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        let reserved: &[&str] = match &self.chat {
+            ChatFormat::Multimodal(_) => &[IMAGE_PLACEHOLDER, &self.image_token],
+            ChatFormat::Text => &[&self.image_token],
+        };
+        let texts = messages
+            .iter()
+            .flat_map(|m| &m.parts)
+            .filter_map(|p| match p {
+                Part::Text(t) => Some(t),
+                Part::Image(_) => None,
+            });
+        for t in texts {
+            if let Some(bad) = reserved.iter().find(|r| t.contains(**r)) {
+                return Err(FusionError::Invalid(format!(
+                    "message text may not contain the image placeholder `{bad}`"
+                )));
+            }
+        }
+        let template = match &self.chat {
+            ChatFormat::Multimodal(t) => t,
+            ChatFormat::Text => {
+                let msgs: Vec<Message> = messages
+                    .iter()
+                    .map(|m| {
+                        let mut content = String::new();
+                        for p in &m.parts {
+                            match p {
+                                Part::Text(t) => content.push_str(t),
+                                Part::Image(e) => {
+                                    content.push_str(&self.processor.prompt_expansion(&e.plan));
+                                    content.push('\n');
+                                }
+                            }
+                        }
+                        Message::new(m.role.clone(), content)
+                    })
+                    .collect();
+                return Ok(render_chat(&self.tokenizer, &msgs)?);
+            }
+        };
         let mut images = Vec::new();
         let tm: Vec<TemplateMessage> = messages
             .iter()
-            .map(|m| {
-                let content = m
+            .map(|m| TemplateMessage {
+                role: &m.role,
+                content: m
                     .parts
                     .iter()
                     .map(|p| match p {
-                        Part::Text(t) => {
-                            if t.contains(IMAGE_PLACEHOLDER) {
-                                return Err(FusionError::Invalid(format!(
-                                    "message text may not contain the image placeholder `{IMAGE_PLACEHOLDER}`"
-                                )));
-                            }
-                            Ok(TemplatePart {
-                                kind: "text",
-                                text: Some(t),
-                            })
-                        }
+                        Part::Text(t) => TemplatePart {
+                            kind: "text",
+                            text: Some(t),
+                        },
                         Part::Image(e) => {
                             images.push(e.clone());
-                            Ok(TemplatePart {
+                            TemplatePart {
                                 kind: "image",
                                 text: None,
-                            })
+                            }
                         }
                     })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(TemplateMessage {
-                    role: &m.role,
-                    content,
-                })
+                    .collect(),
             })
-            .collect::<Result<_>>()?;
+            .collect();
         let name = |id: Option<u32>| {
             id.and_then(|i| self.tokenizer.id_to_token(i))
                 .unwrap_or_default()
         };
         let text = afm_lm::chat::render(
-            &self.chat_template,
+            template,
             &tm,
             &name(self.tokenizer.bos_id()),
             &name(self.tokenizer.eos_ids().first().copied()),
@@ -428,14 +582,14 @@ impl<M: LanguageModel> Vlm<M> {
         }
         let mut out = String::from(pieces[0]);
         for (img, piece) in images.iter().zip(&pieces[1..]) {
-            out.push_str(&self.processor.image_prompt(&img.plan));
+            out.push_str(&self.processor.prompt_expansion(&img.plan));
             out.push_str(piece);
         }
         Ok(out)
     }
 
-    /// Token ids and input embeddings of a chat, image embeddings spliced in at the
-    /// `<image>` positions. The number of placeholders must equal the number of image
+    /// Token ids and input embeddings of a chat, image embeddings spliced in at the image
+    /// token's positions. The number of placeholders must equal the number of image
     /// embeddings.
     ///
     /// # Shapes
@@ -509,14 +663,14 @@ impl<M: LanguageModel> Vlm<M> {
         })
     }
 
-    /// A caption of an image.
+    /// A caption of an image ([`Self::caption_prompt`]).
     pub fn caption(
         &self,
         img: &RgbImage,
         opts: &AskOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        self.ask(img, CAPTION_PROMPT, opts, on_text)
+        self.ask(img, &self.caption_prompt, opts, on_text)
     }
 
     /// Captions many images with this one loaded model, in order. Each image's failure is
@@ -540,80 +694,16 @@ impl<M: LanguageModel> Vlm<M> {
             .collect()
     }
 
-    /// A description of a screenshot, at the checkpoint's full resolution unless the caller
-    /// sets a budget.
+    /// A description of a screenshot ([`Self::screen_prompt`]; afm-tiny's is its caption
+    /// prompt: it learnt screenshot descriptions as captions), at the processor's full
+    /// resolution unless the caller sets a budget.
     pub fn describe_screen(
         &self,
         img: &RgbImage,
         opts: &AskOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        self.ask(img, SCREEN_PROMPT, opts, on_text)
-    }
-}
-
-/// The calls the CLI makes, over either pipeline: [`Vlm`] (SmolVLM / Idefics3 checkpoints)
-/// and [`crate::afm_tiny::AfmTiny`] (the afm-tiny export).
-pub trait VisionLanguage {
-    /// `"idefics3"` or `"afm-tiny"`.
-    fn model_type(&self) -> &str;
-    /// What an image of `w x h` will cost under a budget, without running anything.
-    fn plan(&self, w: u32, h: u32, max_image_tokens: Option<usize>) -> Result<ImagePlan>;
-    /// Answers a question about an image, streaming the answer to `on_text`.
-    fn ask(
-        &self,
-        img: &RgbImage,
-        question: &str,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer>;
-    /// A caption of an image.
-    fn caption(
-        &self,
-        img: &RgbImage,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer>;
-    /// A description of a screenshot.
-    fn describe_screen(
-        &self,
-        img: &RgbImage,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer>;
-}
-
-impl<M: LanguageModel> VisionLanguage for Vlm<M> {
-    fn model_type(&self) -> &str {
-        "idefics3"
-    }
-    fn plan(&self, w: u32, h: u32, max_image_tokens: Option<usize>) -> Result<ImagePlan> {
-        Vlm::plan(self, w, h, max_image_tokens)
-    }
-    fn ask(
-        &self,
-        img: &RgbImage,
-        question: &str,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer> {
-        Vlm::ask(self, img, question, opts, on_text)
-    }
-    fn caption(
-        &self,
-        img: &RgbImage,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer> {
-        Vlm::caption(self, img, opts, on_text)
-    }
-    fn describe_screen(
-        &self,
-        img: &RgbImage,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Answer> {
-        Vlm::describe_screen(self, img, opts, on_text)
+        self.ask(img, &self.screen_prompt, opts, on_text)
     }
 }
 

@@ -18,7 +18,7 @@
 //! against word embeddings of 3.2, and count questions at loss 0.846 (right) vs 0.849 (other
 //! image).
 use afm_fusion::afm_tiny::load_export;
-use afm_fusion::Adapter;
+use afm_fusion::VisionAdapter;
 use afm_train::adapter_train::{batch, sequence_loss, AdapterTrainConfig, FrozenLm};
 use afm_train::easy_vqa::{data_dir, EasyVqa};
 use afm_train::prompt::PromptFormat;

@@ -4,8 +4,10 @@
 //!
 //! # Model
 //! Image: one tile, the whole image resized to `vision.image_size` squared (bicubic, mean 0.5,
-//! std 0.5: [`crate::pretrain::pixels`]); no tiling yet (the high-resolution 2x2 + thumbnail
-//! mode of the paper is left for later). The Register-Window ViT (parameters `vision.*`,
+//! std 0.5: [`crate::pretrain::pixels`]); training does not tile yet. Inference tiles an
+//! export whose config has a `tiling` section (overview + tiles, [`afm_fusion::afm_tiny`]);
+//! a run that trains on tiles builds its sequences with [`afm_fusion::afm_prompt`]'s
+//! `view_order` / `image_expansion` and the views of `afm_fusion::TileProcessor`. The Register-Window ViT (parameters `vision.*`,
 //! initialised from a stage-1 export `vision/` when given, else freshly as in
 //! [`crate::pretrain::init_params`]) encodes it; the paper's adapter
 //! ([`afm_fusion::AfmAdapter`], parameters `adapter.*`, fresh init, see [`init_adapter`])
@@ -65,14 +67,15 @@
 //!   ViT's [`VisionConfig`]), `adapter` ([`AfmAdapterConfig`]), `lm` ([`LmInfo`]: file name,
 //!   sha256, hidden size and vocabulary size of the GGUF it was trained against),
 //!   `image_placeholder` (token text) and `image_placeholder_id`, `tokens_per_image`,
-//!   `image_size`, `image_mean` / `image_std` (0.5 / 0.5, bicubic resize), `caption_prompt`;
+//!   `image_size`, `image_mean` / `image_std` (0.5 / 0.5, bicubic resize), `caption_prompt`
+//!   (no `tiling` section: training uses one view per image);
 //! * `afm-tiny/vision/config.json` + `model.safetensors` (tensors `vision_model.*`), what
 //!   [`VisionEncoder::load`] reads (and what `--vision` of a next run accepts);
 //! * `afm-tiny/adapter.safetensors`: tensors `adapter.*` as [`afm_fusion::AfmAdapter::load`]
 //!   reads them.
 //!
-//! [`load_export`] reads the three back; `afm_fusion::AfmTiny` runs them (`afm caption
-//! --model <run>/afm-tiny`).
+//! [`load_export`] reads the three back; `afm_fusion::Vlm::load_afm_tiny` runs them (`afm
+//! caption --model <run>/afm-tiny`).
 
 use crate::caption_slots::{self, CaptionSlots, SlotHead};
 use crate::easy_vqa::EasyVqa;
@@ -85,7 +88,7 @@ use crate::{QaCategory, Sample, Split};
 /// The export's config, its reader and the LM record live in afm-fusion (inference reads what
 /// training writes: one definition).
 pub use afm_fusion::afm_tiny::{load_export, sha256_file, AfmTinyConfig, LmInfo};
-use afm_fusion::{Adapter, AfmAdapter, AfmAdapterConfig};
+use afm_fusion::{AfmAdapter, AfmAdapterConfig, VisionAdapter};
 use afm_lm::diff_model::DiffLm;
 use afm_lm::Tokenizer;
 use afm_vision::weights::VisionWeights;
@@ -1159,6 +1162,8 @@ pub fn export(
         image_mean: 0.5,
         image_std: 0.5,
         caption_prompt: CAPTION_PROMPT.into(),
+        // trained on one view per image (no `tiling` section)
+        tiling: None,
     };
     write_json_atomic(&out.join("config.json"), &c)?;
     Ok(out)

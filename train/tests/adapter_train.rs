@@ -4,7 +4,7 @@
 
 mod common;
 
-use afm_fusion::Adapter;
+use afm_fusion::VisionAdapter;
 use afm_train::adapter_train::{
     batch, load_export, pick, pick_turns, run, step_loss, AdapterTrainConfig, Event, FrozenLm,
     Trainable,

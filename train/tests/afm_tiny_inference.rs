@@ -1,4 +1,4 @@
-//! The afm-tiny inference pipeline (`afm_fusion::AfmTiny`) over an export written by the
+//! The afm-tiny inference pipeline (`afm_fusion::Vlm` in its afm-tiny configuration) over an export written by the
 //! stage-2 trainer (tiny random LM, the tiny fixture tokenizer): its first-token logits equal
 //! the training path's (DiffLm over the spliced embeddings) and its greedy answers equal the
 //! training evaluation's greedy answers; bad exports and wrong language models are refused
@@ -6,8 +6,9 @@
 
 mod common;
 
+use afm_fusion::afm_prompt::{view_order, View};
 use afm_fusion::afm_tiny::{load_export, verify_lm, AfmTinyConfig};
-use afm_fusion::{AfmTiny, AskOptions};
+use afm_fusion::{AskOptions, TilingSettings, Vlm};
 use afm_lm::weights::WeightSource;
 use afm_lm::{DeviceModel, GenerateOptions};
 use afm_train::adapter_train::{
@@ -16,6 +17,8 @@ use afm_train::adapter_train::{
 use afm_train::pretrain::{example, pixels};
 use afm_train::prompt::PromptFormat;
 use afm_train::Split;
+use afm_vision::preprocess::resize;
+use afm_vision::Filter;
 use std::path::{Path, PathBuf};
 
 fn tmp(name: &str) -> PathBuf {
@@ -43,9 +46,9 @@ fn trained(name: &str) -> (AdapterTrainConfig, FrozenLm, PathBuf) {
     (cfg, lm, dir)
 }
 
-fn pipeline(export: &Path) -> AfmTiny<DeviceModel> {
+fn pipeline(export: &Path) -> Vlm<DeviceModel> {
     let (c, vit, adapter) = load_export(export).unwrap();
-    AfmTiny::new(c, vit, adapter, device_lm(), common::tokenizer()).unwrap()
+    Vlm::afm_tiny(c, vit, adapter, device_lm(), common::tokenizer()).unwrap()
 }
 
 #[test]
@@ -97,7 +100,7 @@ fn inference_matches_the_training_path() {
         )
         .unwrap()
         .remove(0);
-        // inference path: the export through AfmTiny, greedy
+        // inference path: the export through Vlm, greedy
         let opts = AskOptions {
             generate: GenerateOptions {
                 max_new_tokens: max_new,
@@ -150,9 +153,7 @@ fn inference_matches_the_training_path() {
     };
     let c = tiny.caption(&s.image, &opts, &mut |_| true).unwrap();
     let a = tiny
-        .ask(&s.image, &tiny.config().caption_prompt, &opts, &mut |_| {
-            true
-        })
+        .ask(&s.image, tiny.caption_prompt(), &opts, &mut |_| true)
         .unwrap();
     assert_eq!(c.generation.ids, a.generation.ids);
     let sc = tiny
@@ -171,10 +172,15 @@ fn inference_matches_the_training_path() {
         .unwrap();
     assert!(screen.image_from_cache);
     assert_eq!(screen.generation.ids, first.generation.ids);
-    let (cached, hit) = tiny.embed_image_cached(&s7.image).unwrap();
+    let cached = tiny.encode_image(&s7.image, None).unwrap();
+    let hit = cached.from_cache;
     assert!(hit);
-    let fresh = tiny.embed_image(&s7.image).unwrap();
-    let d = (cached.as_ref() - &fresh).unwrap().abs().unwrap();
+    let plan = tiny
+        .plan(s7.image.width(), s7.image.height(), None)
+        .unwrap();
+    let px = tiny.processor().pixel_values(&s7.image, &plan).unwrap();
+    let fresh = tiny.embed_pixels(&px).unwrap();
+    let d = (&cached.embeds - &fresh).unwrap().abs().unwrap();
     assert_eq!(d.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     // a budget below the fixed 4 image tokens is refused; one at or above is met
     let e = tiny
@@ -195,6 +201,96 @@ fn inference_matches_the_training_path() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The same export with a `tiling` section: an image becomes the overview plus tiles, and the
+/// sequence training would build from those views (`PromptFormat` with `plan.image_tokens`
+/// placeholders, the views' embeddings in `view_order`) gives the pipeline's logits.
+#[test]
+fn tiled_export_matches_the_training_path_over_its_views() {
+    let (cfg, lm, dir) = trained("tiled");
+    let (mut c, vit, adapter) = load_export(&dir.join("afm-tiny")).unwrap();
+    let n = cfg.tokens_per_image();
+    c.tiling = Some(TilingSettings {
+        tile: cfg.vision.image_size as u32,
+        max_tokens: 7 * n,
+        overview: true,
+    });
+    let tiny = Vlm::afm_tiny(c, vit, adapter, device_lm(), common::tokenizer()).unwrap();
+    let tr = Trainable::init(&cfg, 32, None).unwrap();
+    afm_train::optim::load_checkpoint(&dir.join("checkpoint.safetensors"), &tr.params, cfg.adamw)
+        .unwrap();
+    let side = tr.build(&cfg, 32).unwrap();
+    let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
+    let s = example(5, Split::HeldOut, None).unwrap();
+    let (q, _, _) = pick(&s, 5, false).unwrap();
+    // 3 x 2 tiles of 32 px + the overview = 7 views
+    let img = resize(&s.image, 96, 64, Filter::Bicubic).unwrap();
+    let plan = tiny.plan(96, 64, None).unwrap();
+    assert_eq!(
+        (
+            plan.cols,
+            plan.rows,
+            plan.overview,
+            plan.tiles,
+            plan.image_tokens
+        ),
+        (3, 2, true, 7, 7 * n)
+    );
+    assert_eq!(view_order(&plan)[0], View::Whole);
+    let px = tiny.processor().pixel_values(&img, &plan).unwrap();
+    let views = side.embed(&px).unwrap().detach(); // (7, n, d)
+    let d = views.dim(2).unwrap();
+    let image = views.reshape((1, 7 * n, d)).unwrap();
+    let prompt = fmt.prompt_ids(&q, plan.image_tokens).unwrap();
+    let x = input_embeddings(&lm.model, &[&prompt], fmt.placeholder_id(), &image).unwrap();
+    let t = prompt.len();
+    let hs = lm.model.hidden_states(&x).unwrap().get(0).unwrap();
+    let want: Vec<f32> = lm
+        .model
+        .logits(&hs.narrow(0, t - 1, 1).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let opts = AskOptions {
+        generate: GenerateOptions {
+            max_new_tokens: 2,
+            ..Default::default()
+        },
+        max_image_tokens: None,
+    };
+    let ans = tiny.ask(&img, &q, &opts, &mut |_| true).unwrap();
+    assert_eq!(ans.plan, plan);
+    assert_eq!(ans.prompt_tokens, t);
+    let diff = ans
+        .generation
+        .first_logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-3, "first-token logits differ by {diff}");
+    // a budget below the native grid: fewer, downscaled tiles, and the plan says so
+    let small = tiny
+        .ask(
+            &img,
+            &q,
+            &AskOptions {
+                max_image_tokens: Some(3 * n),
+                ..opts.clone()
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    assert!(small.plan.image_tokens <= 3 * n && small.plan.downscale.is_some());
+    assert!(small.plan.describe().contains("downscaled"));
+    assert_eq!(
+        small.prompt_tokens,
+        fmt.prompt_ids(&q, small.plan.image_tokens).unwrap().len()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_exports_and_wrong_language_models_are_refused_by_name() {
     let (_cfg, _lm, dir) = trained("errors");
@@ -211,10 +307,13 @@ fn bad_exports_and_wrong_language_models_are_refused_by_name() {
         e.contains("tiny-random.gguf") && e.contains("sha256") && e.contains("trained against"),
         "{e}"
     );
-    let e = AfmTiny::load(&export, &lm_file).err().unwrap().to_string();
+    let e = Vlm::load_afm_tiny(&export, &lm_file)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("sha256"), "{e}");
     // a missing language model
-    let e = AfmTiny::load(&export, &dir.join("nope.gguf"))
+    let e = Vlm::load_afm_tiny(&export, &dir.join("nope.gguf"))
         .err()
         .unwrap()
         .to_string();
@@ -233,7 +332,7 @@ fn bad_exports_and_wrong_language_models_are_refused_by_name() {
     let (c, vit, adapter) = load_export(&export).unwrap();
     let mut other = good.clone();
     other.lm.vocab_size = 1000;
-    let e = AfmTiny::new(other, vit, adapter, device_lm(), common::tokenizer())
+    let e = Vlm::afm_tiny(other, vit, adapter, device_lm(), common::tokenizer())
         .err()
         .unwrap()
         .to_string();
@@ -242,7 +341,7 @@ fn bad_exports_and_wrong_language_models_are_refused_by_name() {
     let (_, vit, adapter) = load_export(&export).unwrap();
     let mut other = c.clone();
     other.image_placeholder_id += 1;
-    let e = AfmTiny::new(other, vit, adapter, device_lm(), common::tokenizer())
+    let e = Vlm::afm_tiny(other, vit, adapter, device_lm(), common::tokenizer())
         .err()
         .unwrap()
         .to_string();

@@ -26,5 +26,5 @@ pub use error::{Result, VisionError};
 pub use image;
 pub use image_io::{decode_image, load_image, ImageLimits};
 pub use preprocess::{Filter, Preprocess};
-pub use tiling::{make_tiles, plan, TilePlan, TilingConfig};
+pub use tiling::{make_tiles, plan, ImagePlan, TilingConfig};
 pub use vit::VisionEncoder;

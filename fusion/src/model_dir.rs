@@ -1,0 +1,102 @@
+//! One loader for every kind of model directory: [`ModelDir`] reads `config.json`, tells an
+//! afm-tiny export (`model_type` `"afm-tiny"`) from a SmolVLM / Idefics3 checkpoint
+//! (anything else), and gives the image processor (configs only: plans without weights),
+//! the external language model the directory needs, if any, and the loaded [`Vlm`].
+
+use crate::afm_tiny::{self, AfmTinyConfig, LmInfo};
+use crate::error::{FusionError, Result};
+use crate::image_processor::Processor;
+use crate::processor::Idefics3Processor;
+use crate::vlm::Vlm;
+use afm_lm::DeviceModel;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Idefics3,
+    AfmTiny(Box<AfmTinyConfig>),
+}
+
+/// A model directory, its kind known from `config.json` (module docs).
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    path: PathBuf,
+    kind: Kind,
+}
+
+impl ModelDir {
+    /// Reads `dir/config.json`. An afm-tiny export's config is read and checked now; a
+    /// directory whose config is absent, unreadable or of another type is taken for a
+    /// SmolVLM / Idefics3 checkpoint, whose loader names what is missing.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let kind = match afm_tiny::is_afm_tiny(dir) {
+            Ok(true) => Kind::AfmTiny(Box::new(AfmTinyConfig::from_file(
+                &dir.join("config.json"),
+            )?)),
+            _ => Kind::Idefics3,
+        };
+        Ok(Self {
+            path: dir.to_path_buf(),
+            kind,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `"afm-tiny"` or `"idefics3"` (what [`Vlm::model_type`] will say).
+    pub fn model_type(&self) -> &str {
+        match self.kind {
+            Kind::Idefics3 => "idefics3",
+            Kind::AfmTiny(_) => afm_tiny::MODEL_TYPE,
+        }
+    }
+
+    /// The image processor, from the configs alone (no weights read).
+    pub fn image_processor(&self) -> Result<Processor> {
+        Ok(match &self.kind {
+            Kind::Idefics3 => {
+                Processor::new(Box::new(Idefics3Processor::for_checkpoint(&self.path)?.1))
+            }
+            Kind::AfmTiny(cfg) => Processor::new(Box::new(cfg.processor()?)),
+        })
+    }
+
+    /// The language model the directory does not carry and must be given to [`Self::load`]
+    /// (an afm-tiny export's GGUF); `None`: it carries its own.
+    pub fn external_lm(&self) -> Option<&LmInfo> {
+        match &self.kind {
+            Kind::Idefics3 => None,
+            Kind::AfmTiny(cfg) => Some(&cfg.lm),
+        }
+    }
+
+    /// Where the external language model is looked for beside the directory
+    /// ([`afm_tiny::lm_candidates`]); empty when it carries its own.
+    pub fn lm_candidates(&self) -> Vec<PathBuf> {
+        match &self.kind {
+            Kind::Idefics3 => Vec::new(),
+            Kind::AfmTiny(cfg) => afm_tiny::lm_candidates(&self.path, cfg),
+        }
+    }
+
+    /// Loads the pipeline. `lm` is the external language model ([`Self::external_lm`]):
+    /// required when the directory needs one, refused when it carries its own.
+    pub fn load(&self, lm: Option<&Path>) -> Result<Vlm<DeviceModel>> {
+        match (&self.kind, lm) {
+            (Kind::Idefics3, None) => Vlm::load_idefics3(&self.path),
+            (Kind::Idefics3, Some(_)) => Err(FusionError::Invalid(format!(
+                "{} carries its own language model; an external one applies to afm-tiny exports only",
+                self.path.display()
+            ))),
+            (Kind::AfmTiny(_), Some(lm)) => Vlm::load_afm_tiny(&self.path, lm),
+            (Kind::AfmTiny(cfg), None) => Err(FusionError::Invalid(format!(
+                "the afm-tiny export {} needs its language model `{}` (sha256 {})",
+                self.path.display(),
+                cfg.lm.file,
+                cfg.lm.sha256
+            ))),
+        }
+    }
+}
