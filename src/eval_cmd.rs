@@ -1,8 +1,9 @@
 //! `afm eval`: the quality bars of the embedded default model (or any afm-tiny export or
 //! SmolVLM checkpoint) on the held-out split: easy-VQA test accuracy, screenshot titles and
 //! button labels read exactly, scene colour and count questions, and the other screen and
-//! scene questions without a target. Which questions, and how they are graded:
-//! [`afm_train::eval`]. Greedy answers; the table goes to stdout, progress to stderr.
+//! scene questions without a target; and the titles-and-buttons bar restricted to its questions
+//! with words never seen in training, on a line of its own. Which questions, and how they are
+//! graded: [`afm_train::eval`]. Greedy answers; the table goes to stdout, progress to stderr.
 
 use crate::vlm_cmd::ModelArgs;
 use afm::fusion::AskOptions;
@@ -130,8 +131,12 @@ pub(crate) fn cmd_eval(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// The label of the table's line for the questions with words never seen in training.
+pub(crate) const UNSEEN_LINE: &str = "with words never seen in training";
+
 /// The report as a plain-text table: one line per bar (exact matches, percentage, target,
-/// PASS / BELOW), then its categories.
+/// PASS / BELOW), for the titles-and-buttons bar a line for its questions with words never
+/// seen in training, then its categories.
 pub(crate) fn table(r: &Report) -> String {
     let mut s = String::from("held-out split, exact match:\n");
     for b in &r.bars {
@@ -153,6 +158,15 @@ pub(crate) fn table(r: &Report) -> String {
                 b.score.total, b.requested
             ));
         }
+        if let Some(u) = &b.unseen_words {
+            s.push_str(&format!(
+                "  {:<48} {:>4}/{:<4} {:>6.1}%\n",
+                UNSEEN_LINE,
+                u.correct,
+                u.total,
+                u.fraction() * 100.0
+            ));
+        }
         for (c, sc) in &b.by_category {
             s.push_str(&format!(
                 "    {:<46} {:>4}/{:<4} {:>6.1}%\n",
@@ -164,4 +178,50 @@ pub(crate) fn table(r: &Report) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table of a stand-in model that reads every title and button label but those with
+    /// words never seen in training: the bar line, then the unseen-words line at 0%.
+    #[test]
+    fn the_table_reports_the_unseen_words_slice_on_its_own_line() {
+        let spec = EvalSpec {
+            per_bar: 40,
+            bars: vec![Bar::TitlesButtons, Bar::SceneColourCount, Bar::Other],
+        };
+        let report = evaluate(
+            &spec,
+            None,
+            &mut |sample, questions| {
+                Ok(questions
+                    .iter()
+                    .map(|q| {
+                        let qa = sample.qa.iter().find(|a| &a.question == q).unwrap();
+                        if qa.unseen {
+                            "?".to_string()
+                        } else {
+                            qa.answer.clone()
+                        }
+                    })
+                    .collect())
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let t = table(&report);
+        println!("{t}");
+        let u = report.bars[0].unseen_words.unwrap();
+        assert!(u.total > 0 && u.correct == 0, "{u:?}");
+        let lines: Vec<&str> = t.lines().collect();
+        let bar = lines
+            .iter()
+            .position(|l| l.starts_with(Bar::TitlesButtons.label()))
+            .unwrap();
+        let want = format!("  {UNSEEN_LINE:<48} {:>4}/{:<4} {:>6.1}%", 0, u.total, 0.0);
+        assert_eq!(lines[bar + 1], want, "{t}");
+        assert_eq!(t.matches(UNSEEN_LINE).count(), 1, "{t}");
+    }
 }

@@ -616,6 +616,7 @@ fn eval_reports_every_bar_of_an_export() {
     // random weights: no bar is met, and the table says so
     for line in [
         "screens: titles and button labels read exactly",
+        "  with words never seen in training",
         "scenes: colour and count questions",
         "other screen and scene questions (no target)",
     ] {
@@ -626,6 +627,14 @@ fn eval_reports_every_bar_of_an_export() {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(v["answers"].as_array().unwrap().len(), 9, "{v}");
     assert_eq!(v["bars"][0]["score"]["total"], 3, "{v}");
+    // the titles-and-buttons bar's slice with words never seen in training
+    assert_eq!(v["bars"][0]["bar"], "titles_buttons", "{v}");
+    assert!(
+        v["bars"][0]["unseen_words"]["total"].as_u64().unwrap() <= 3,
+        "{v}"
+    );
+    assert!(v["bars"][1].get("unseen_words").is_none(), "{v}");
+    assert!(v["answers"][0]["unseen"].is_boolean(), "{v}");
 
     // easy-VQA wanted but absent: said before the model loads
     let out = afm()

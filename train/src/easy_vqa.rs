@@ -211,6 +211,7 @@ impl EasyVqa {
                 question,
                 answer,
                 category,
+                unseen: false,
             });
         }
         let images_dir = dir.join("images");

@@ -17,6 +17,20 @@
 //! scenes (fields, list items and counts, checkboxes, dialog messages, shapes, presence,
 //! positions), so that the report shows what else the model reads.
 //!
+//! # Words never seen in training
+//!
+//! Some held-out titles and button labels are made with words that no training sample holds
+//! ([`crate::vocab`]'s held-out words: about a third of the held-out screens' titles and of
+//! their button labels). [`Bar::TitlesButtons`] also reports its exact matches over just its
+//! questions whose expected answer holds such a word ([`crate::Qa::unseen`],
+//! [`Graded::unseen`]): [`BarReport::unseen_words`], the line "with words never seen in
+//! training" of `afm eval`. It is a slice of the bar's questions, not a selection of its own:
+//! the bar takes the same questions as it would without it (index order), and the slice is
+//! whichever of them have such a word (about a third), so it has fewer questions than the bar
+//! and its count is part of the report. In the JSON report (`afm eval --json`) it is the
+//! `titles_buttons` bar's `unseen_words` (`correct`, `total`; absent from the other bars), and
+//! every answer has `unseen`.
+//!
 //! An answer counts when its trimmed text equals the expected answer exactly (the same rule as
 //! the training run's held-out evaluation). The model is a closure from a sample (a model
 //! reads only its image) and its questions to the answers (a model may encode the image once
@@ -89,6 +103,8 @@ pub struct Graded {
     pub expected: String,
     pub answer: String,
     pub correct: bool,
+    /// Whether `expected` holds a word never seen in training ([`crate::Qa::unseen`]).
+    pub unseen: bool,
 }
 
 /// Exact-match counts.
@@ -124,6 +140,11 @@ pub struct BarReport {
     /// Whether the target is met (`None` without a target or without questions).
     pub passed: Option<bool>,
     pub by_category: BTreeMap<String, Score>,
+    /// For [`Bar::TitlesButtons`] only (absent from the JSON for the other bars): the
+    /// exact matches over the bar's questions whose answer holds a word never seen in training
+    /// (module docs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unseen_words: Option<Score>,
 }
 
 /// The whole evaluation.
@@ -148,6 +169,13 @@ impl Report {
                         .unwrap_or_else(|| format!("{:?}", g.category));
                     by_category.entry(name).or_default().add(g.correct);
                 }
+                let unseen_words = (bar == Bar::TitlesButtons).then(|| {
+                    let mut s = Score::default();
+                    for g in answers.iter().filter(|g| g.bar == bar && g.unseen) {
+                        s.add(g.correct);
+                    }
+                    s
+                });
                 let passed = match (bar.target(), score.total) {
                     (Some(t), n) if n > 0 => Some(score.fraction() >= t),
                     _ => None,
@@ -160,6 +188,7 @@ impl Report {
                     requested,
                     passed,
                     by_category,
+                    unseen_words,
                 }
             })
             .collect();
@@ -307,6 +336,7 @@ pub fn evaluate(
                         expected: qa.answer.clone(),
                         correct: a.trim() == qa.answer.trim(),
                         answer: a,
+                        unseen: qa.unseen,
                     });
                 }
                 progress(graded.len(), total);

@@ -6,7 +6,9 @@
 //!   menu bar, text fields with content, checkboxes, a list, buttons, a status bar), rendered
 //!   with the embedded DejaVu fonts ([`font`]) at 640x400 up to 1280x800, with the structured
 //!   ground truth ([`screens::ScreenTruth`]), a natural-language description and question/answer
-//!   pairs. Titles and button labels are drawn from the stated UI vocabulary ([`vocab`]).
+//!   pairs. Titles and button labels are drawn from the stated UI vocabulary ([`vocab`]); in
+//!   the held-out split some are made with words never seen in training ([`vocab`]'s held-out
+//!   words).
 //! * [`scenes`]: procedurally generated scenes of coloured shapes (counts, colours, relative
 //!   positions) with a caption and question/answer pairs.
 //! * [`easy_vqa`]: a reader of the easy-VQA data set that ships inside the PyPI package
@@ -23,6 +25,12 @@
 //! minor versions) up to last-bit differences of the platform's `sin`/`cos` in shape outlines.
 //! The fonts are parsed once per process; a sample takes a few milliseconds.
 //!
+//! A held-out screenshot decides which of its title and button labels get held-out words
+//! ([`vocab`]) with a second stream of the same seed (ChaCha8 stream
+//! [`screens::HELD_OUT_WORDS_STREAM`]), so those draws are as deterministic as the rest, the
+//! training split never makes them (its samples are byte-identical to those made before the
+//! held-out words existed), and the held-out split's other draws are unchanged.
+//!
 //! # Train and held-out splits
 //!
 //! The held-out split ([`Split::HeldOut`]) never shares a seed with training (bit 63 of the
@@ -37,12 +45,15 @@
 //! | button row | right- or left-aligned | centred |
 //! | text field labels | left of the field | above the field |
 //! | list placement (window with fields and a list) | list below the fields, or a sidebar on the left | list below the fields, or a sidebar on the right |
+//! | screen titles | UI vocabulary | UI vocabulary; about 1/3 of the screens: a title with a held-out word |
+//! | screen button labels | UI vocabulary | UI vocabulary; about 1/3 of the labels: one with a held-out word |
 //! | scene canvas | 256x256, 320x256 | 288x288, 256x320 |
 //! | scene shape radius (px) | uniform in [11, 20) | uniform in [20, 27) |
 //! | scene backgrounds | white, light gray, cream | pale blue, pale green, lavender |
 //!
 //! The constants behind this table are [`screens::font_px_ranges`], [`screens::canvas_sizes`],
-//! [`screens::theme_names`], [`scenes::canvas_sizes`], [`scenes::radius_range`] and
+//! [`screens::theme_names`], [`vocab::HELD_OUT_TITLE_FRACTION`],
+//! [`vocab::HELD_OUT_BUTTON_FRACTION`], [`scenes::canvas_sizes`], [`scenes::radius_range`] and
 //! [`scenes::background_names`]; the tests check that generated samples stay inside them.
 //! For easy-VQA, `Train` is the package's `train` folder and `HeldOut` its `test` folder.
 //!
@@ -158,6 +169,11 @@ pub struct Qa {
     pub question: String,
     pub answer: String,
     pub category: QaCategory,
+    /// Whether the expected answer holds a word never seen in training (one of
+    /// [`vocab::held_out_words`]); only held-out screenshots have such questions. Left out of
+    /// the JSON labels when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unseen: bool,
 }
 
 impl Qa {
@@ -166,6 +182,7 @@ impl Qa {
             question: question.into(),
             answer: answer.into(),
             category,
+            unseen: false,
         }
     }
 }

@@ -13,7 +13,9 @@
 //! so tests can check that labels match what is drawn. Questions ([`crate::Qa`]) ask for the
 //! title, each button's label by position, the number of buttons, each field's content, the
 //! number of list items, the first, last and selected item, checkbox states and the dialog
-//! message. How the held-out split differs is in the crate docs (and [`font_px_ranges`],
+//! message. Held-out screenshots also use words never seen in training in some titles and
+//! button labels ([`vocab`], [`HELD_OUT_WORDS_STREAM`]); the questions whose answer holds one
+//! are flagged ([`crate::Qa::unseen`]). How the held-out split differs is in the crate docs (and [`font_px_ranges`],
 //! [`canvas_sizes`], [`theme_names`]).
 
 use image::RgbImage;
@@ -448,6 +450,29 @@ const STATUS_TEXTS: &[&str] = &[
     "Up to date",
 ];
 
+const SERVER_NAMES: &[&str] = &["srv", "db", "mail", "web", "files", "build"];
+const COMPANY_KINDS: &[&str] = &[
+    "Labs", "Systems", "Group", "Design", "Media", "Foods", "Studio",
+];
+const SIZE_UNITS: &[&str] = &["KB", "MB", "GB"];
+const CURRENCIES: &[&str] = &["EUR", "USD", "GBP"];
+
+/// The word lists of screenshots' free text besides [`vocab`]'s (field labels, languages,
+/// comments, status texts, server names, company kinds, units, currencies), for the test that
+/// keeps the held-out words apart from everything training draws.
+pub fn free_text_lists() -> [&'static [&'static str]; 8] {
+    [
+        FIELD_LABELS,
+        LANGUAGES,
+        COMMENTS,
+        STATUS_TEXTS,
+        SERVER_NAMES,
+        COMPANY_KINDS,
+        SIZE_UNITS,
+        CURRENCIES,
+    ]
+}
+
 fn pick(rng: &mut ChaCha8Rng, list: &[&'static str]) -> &'static str {
     list.choose(rng).copied().unwrap_or("")
 }
@@ -484,7 +509,7 @@ fn field_content(rng: &mut ChaCha8Rng, label: &str) -> String {
         ),
         "Server" => format!(
             "{}{}.{}",
-            lower(pick(rng, &["srv", "db", "mail", "web", "files", "build"])),
+            lower(pick(rng, SERVER_NAMES)),
             rng.random_range(1..40),
             pick(rng, vocab::DOMAINS)
         ),
@@ -507,13 +532,7 @@ fn field_content(rng: &mut ChaCha8Rng, label: &str) -> String {
             rng.random_range(0..20),
             rng.random_range(0..30)
         ),
-        "Company" => format!(
-            "{last} {}",
-            pick(
-                rng,
-                &["Labs", "Systems", "Group", "Design", "Media", "Foods", "Studio"]
-            )
-        ),
+        "Company" => format!("{last} {}", pick(rng, COMPANY_KINDS)),
         "Comment" => pick(rng, COMMENTS).to_string(),
         "Tag" | "Label" => lower(pick(rng, vocab::OBJECTS)),
         "Date" => format!(
@@ -527,18 +546,14 @@ fn field_content(rng: &mut ChaCha8Rng, label: &str) -> String {
             rng.random_range(0..24),
             rng.random_range(0..12) * 5
         ),
-        "Size" => format!(
-            "{} {}",
-            rng.random_range(1..1000),
-            pick(rng, &["KB", "MB", "GB"])
-        ),
+        "Size" => format!("{} {}", rng.random_range(1..1000), pick(rng, SIZE_UNITS)),
         "Login" => format!("{}{}", lower(first), rng.random_range(1..100)),
         "Domain" => pick(rng, vocab::DOMAINS).to_string(),
         "Language" => pick(rng, LANGUAGES).to_string(),
         "Budget" => format!(
             "{} {}",
             rng.random_range(1..500) * 50,
-            pick(rng, &["EUR", "USD", "GBP"])
+            pick(rng, CURRENCIES)
         ),
         _ => vocab::checkbox_label(rng),
     }
@@ -1312,8 +1327,39 @@ fn draw_dialog_icon(img: &mut RgbImage, t: &Theme, d: &Dims, kind: u8, r: Rect) 
     );
 }
 
-/// Generates one screenshot in `split` from `rng`.
+/// The ChaCha8 stream (of the sample's own seed) that decides a held-out screenshot's
+/// held-out words; the screenshot's other draws use stream 0.
+pub const HELD_OUT_WORDS_STREAM: u64 = 1;
+
+/// Held-out screens only: replaces the title, with probability
+/// [`vocab::HELD_OUT_TITLE_FRACTION`], by one with a held-out word, then each button label, with
+/// probability [`vocab::HELD_OUT_BUTTON_FRACTION`], by one with a held-out word that no other
+/// button of the row has.
+fn use_held_out_words(spec: &mut Spec, rng: &mut ChaCha8Rng) {
+    if rng.random_bool(vocab::HELD_OUT_TITLE_FRACTION) {
+        spec.title = vocab::held_out_title(rng);
+    }
+    for i in 0..spec.buttons.len() {
+        if rng.random_bool(vocab::HELD_OUT_BUTTON_FRACTION) {
+            for _ in 0..100 {
+                let l = vocab::held_out_button_label(rng);
+                if !spec.buttons.contains(&l) {
+                    spec.buttons[i] = l;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Generates one screenshot in `split` from `rng` (a sample's fresh generator: a held-out
+/// screenshot's held-out words come from its stream [`HELD_OUT_WORDS_STREAM`]).
 pub(crate) fn generate(rng: &mut ChaCha8Rng, split: Split) -> Generated<ScreenTruth> {
+    let mut words_rng = (split == Split::HeldOut).then(|| {
+        let mut r = rng.clone();
+        r.set_stream(HELD_OUT_WORDS_STREAM);
+        r
+    });
     let (w, h) = *canvas_sizes(split).choose(rng).unwrap_or(&(800, 500));
     let ranges = font_px_ranges(split);
     let (lo, hi) = ranges[rng.random_range(0..ranges.len())];
@@ -1321,6 +1367,9 @@ pub(crate) fn generate(rng: &mut ChaCha8Rng, split: Split) -> Generated<ScreenTr
     let theme = *themes(split).choose(rng).unwrap_or(&TRAIN_THEMES[0]);
     let d = Dims::new(px);
     let mut spec = make_spec(rng, split, &d);
+    if let Some(r) = &mut words_rng {
+        use_held_out_words(&mut spec, r);
+    }
     let maximized = spec.kind == WindowKind::Window && rng.random_bool(0.25);
     let margin = if maximized { 0 } else { 12 };
     let mut m = measure(&spec, &d);
@@ -1808,6 +1857,9 @@ fn questions(t: &ScreenTruth, rng: &mut ChaCha8Rng) -> Vec<Qa> {
     }
     // Mix the order so no position in the list always carries the same question.
     qa[1..].shuffle(rng);
+    for q in &mut qa {
+        q.unseen = vocab::has_held_out_word(&q.answer);
+    }
     qa
 }
 

@@ -1,11 +1,27 @@
 //! The stated UI vocabulary (issue 6 point 4): every word of every window title, dialog title,
-//! button label, menu and checkbox label that [`crate::screens`] draws is one of
-//! [`ui_words`] (at least 300 distinct words; the list is also written out, one word a line, to
-//! `train/assets/data/ui_vocabulary.txt`, and a test keeps the two equal). Field contents, list
-//! items and dialog messages are free text (names, cities, file names, numbers, sentences).
+//! button label, menu and checkbox label that [`crate::screens`] draws in the training split is
+//! one of [`ui_words`] (at least 300 distinct words; the list is also written out, one word a
+//! line, to `train/assets/data/ui_vocabulary.txt`, and a test keeps the two equal). Field
+//! contents, list items and dialog messages are free text (names, cities, file names, numbers,
+//! sentences).
 //!
 //! Titles and labels are composed from the word classes below with small templates
 //! ([`title`], [`button_labels`], [`checkbox_label`]).
+//!
+//! # Held-out words
+//!
+//! A second, separate list, [`held_out_words`] ([`HELD_OUT_ACTIONS`] and [`HELD_OUT_OBJECTS`],
+//! 155 ordinary English verbs and nouns; written out to
+//! `train/assets/data/held_out_vocabulary.txt`, kept equal by a test), is used by held-out
+//! screenshots only, so that an evaluation can tell reading from remembering: about a third
+//! ([`HELD_OUT_TITLE_FRACTION`]) of held-out screens get a title made by [`held_out_title`]
+//! and about a third ([`HELD_OUT_BUTTON_FRACTION`]) of the button labels of held-out screens
+//! are made by [`held_out_button_label`]; each of those holds at least one held-out word, next
+//! to UI-vocabulary words. No held-out word is in [`ui_words`] or in any other text that
+//! training samples draw (names, cities, countries, file names, messages, captions, questions),
+//! nor is it a case variant or plural of one; tests check the lists and thousands of generated
+//! training screens. [`has_held_out_word`] tells whether a text holds one (what flags a
+//! question's [`crate::Qa::unseen`]).
 
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
@@ -705,6 +721,169 @@ pub fn checkbox_label<R: Rng + ?Sized>(rng: &mut R) -> String {
     }
 }
 
+/// Held-out verbs: buttons and titles of held-out screens only (module docs).
+pub const HELD_OUT_ACTIONS: &[&str] = &[
+    "Assemble", "Bake", "Bind", "Borrow", "Brew", "Carve", "Chop", "Combine", "Cook", "Decorate",
+    "Defer", "Dig", "Dock", "Drain", "Dust", "Fasten", "Feed", "Fetch", "Flip", "Gather", "Glue",
+    "Grind", "Grow", "Hammer", "Harvest", "Heat", "Hire", "Hover", "Inflate", "Knit", "Lend",
+    "Lift", "Melt", "Mend", "Mop", "Nudge", "Pack", "Paint", "Peel", "Plant", "Pour", "Press",
+    "Prune", "Pump", "Purchase", "Rake", "Rescue", "Rinse", "Roast", "Scrub", "Sew", "Shovel",
+    "Sketch", "Slice", "Soak", "Spin", "Sprinkle", "Squeeze", "Stack", "Steer", "Stir", "Stitch",
+    "Sweep", "Tidy", "Toast", "Trim", "Twist", "Unpack", "Wash", "Weave", "Weigh", "Whisk", "Wrap",
+];
+
+/// Held-out nouns: buttons and titles of held-out screens only (module docs).
+pub const HELD_OUT_OBJECTS: &[&str] = &[
+    "Anchor",
+    "Apron",
+    "Bakery",
+    "Barrel",
+    "Basket",
+    "Beacon",
+    "Blanket",
+    "Bottle",
+    "Bracelet",
+    "Bridge",
+    "Bucket",
+    "Cabin",
+    "Candle",
+    "Canoe",
+    "Carpet",
+    "Castle",
+    "Cellar",
+    "Chimney",
+    "Compass",
+    "Cottage",
+    "Cushion",
+    "Dolphin",
+    "Drawer",
+    "Engine",
+    "Fabric",
+    "Feather",
+    "Fence",
+    "Ferry",
+    "Fountain",
+    "Garden",
+    "Glacier",
+    "Hammock",
+    "Harbor",
+    "Helmet",
+    "Honey",
+    "Island",
+    "Jacket",
+    "Kettle",
+    "Kitchen",
+    "Ladder",
+    "Lantern",
+    "Lemon",
+    "Lighthouse",
+    "Magnet",
+    "Meadow",
+    "Mirror",
+    "Mountain",
+    "Needle",
+    "Orchard",
+    "Oven",
+    "Paddle",
+    "Parcel",
+    "Pebble",
+    "Pepper",
+    "Pillow",
+    "Pocket",
+    "Pottery",
+    "Puzzle",
+    "Quilt",
+    "Rabbit",
+    "Recipe",
+    "Ribbon",
+    "River",
+    "Saddle",
+    "Sandwich",
+    "Satchel",
+    "Sculpture",
+    "Shelf",
+    "Spoon",
+    "Statue",
+    "Sunflower",
+    "Teapot",
+    "Tent",
+    "Thimble",
+    "Tractor",
+    "Tunnel",
+    "Umbrella",
+    "Valley",
+    "Violin",
+    "Wagon",
+    "Whistle",
+    "Yacht",
+];
+
+/// Fraction of held-out screens whose title is made by [`held_out_title`] (decided per screen).
+pub const HELD_OUT_TITLE_FRACTION: f64 = 1.0 / 3.0;
+
+/// Fraction of held-out button labels made by [`held_out_button_label`] (decided per button).
+pub const HELD_OUT_BUTTON_FRACTION: f64 = 1.0 / 3.0;
+
+/// Every held-out word, sorted and distinct.
+pub fn held_out_words() -> &'static [&'static str] {
+    static WORDS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+        let set: BTreeSet<&'static str> = HELD_OUT_ACTIONS
+            .iter()
+            .chain(HELD_OUT_OBJECTS)
+            .copied()
+            .collect();
+        set.into_iter().collect()
+    });
+    &WORDS
+}
+
+/// Whether `word` is a held-out word, ignoring case.
+pub fn is_held_out_word(word: &str) -> bool {
+    static LOWER: LazyLock<BTreeSet<String>> =
+        LazyLock::new(|| held_out_words().iter().map(|w| w.to_lowercase()).collect());
+    LOWER.contains(&word.to_lowercase())
+}
+
+/// Whether `text` holds a held-out word: one of its runs of letters and digits is one,
+/// ignoring case.
+pub fn has_held_out_word(text: &str) -> bool {
+    text.split(|c: char| !c.is_alphanumeric())
+        .any(|w| !w.is_empty() && is_held_out_word(w))
+}
+
+/// The held-out vocabulary file's text: one word a line.
+pub fn held_out_vocabulary_file_text() -> String {
+    let mut s = String::new();
+    for w in held_out_words() {
+        s.push_str(w);
+        s.push('\n');
+    }
+    s
+}
+
+/// A title with at least one held-out word: "Garden Settings", "Recent Lantern",
+/// "Export Recipe", "Harvest Invoice", "Kettle", ...
+pub fn held_out_title<R: Rng + ?Sized>(rng: &mut R) -> String {
+    match rng.random_range(0..6) {
+        0 | 1 => format!("{} {}", pick(rng, HELD_OUT_OBJECTS), pick(rng, PANELS)),
+        2 => format!("{} {}", pick(rng, MODIFIERS), pick(rng, HELD_OUT_OBJECTS)),
+        3 => format!("{} {}", pick(rng, ACTIONS), pick(rng, HELD_OUT_OBJECTS)),
+        4 => format!("{} {}", pick(rng, HELD_OUT_ACTIONS), pick(rng, OBJECTS)),
+        _ => pick(rng, HELD_OUT_OBJECTS).to_string(),
+    }
+}
+
+/// A button label with at least one held-out word: mostly one held-out verb ("Harvest"),
+/// sometimes with a UI object ("Pack Files") or a UI verb with a held-out object
+/// ("Open Garden").
+pub fn held_out_button_label<R: Rng + ?Sized>(rng: &mut R) -> String {
+    match rng.random_range(0..10) {
+        0..=5 => pick(rng, HELD_OUT_ACTIONS).to_string(),
+        6 | 7 => format!("{} {}", pick(rng, HELD_OUT_ACTIONS), pick(rng, OBJECTS)),
+        _ => format!("{} {}", pick(rng, ACTIONS), pick(rng, HELD_OUT_OBJECTS)),
+    }
+}
+
 // ---- Free-text content (not part of the UI vocabulary) ----
 
 pub const FIRST_NAMES: &[&str] = &[
@@ -815,5 +994,25 @@ mod tests {
         }
         assert!(!in_vocabulary("Frobnicate"));
         assert!(!in_vocabulary(""));
+    }
+
+    #[test]
+    fn held_out_templates_always_hold_a_held_out_word() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..2000 {
+            let t = held_out_title(&mut rng);
+            let b = held_out_button_label(&mut rng);
+            for l in [&t, &b] {
+                assert!(has_held_out_word(l), "{l}");
+                assert!(!in_vocabulary(l), "{l}");
+                assert!(l
+                    .split(' ')
+                    .all(|w| is_held_out_word(w) || in_vocabulary(w)));
+            }
+        }
+        assert!(has_held_out_word("Open the garden."));
+        assert!(!has_held_out_word("Gardens"));
+        assert!(!has_held_out_word("Save As"));
     }
 }

@@ -1,5 +1,6 @@
-//! `afm_train::eval`: which held-out questions each quality bar takes, and the grading, with
-//! stand-in models (an oracle that knows the held-out answers, a constant answer).
+//! `afm_train::eval`: which held-out questions each quality bar takes, the slice of the
+//! titles-and-buttons bar with words never seen in training, and the grading, with stand-in
+//! models (an oracle that knows the held-out answers, a constant answer).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -120,6 +121,44 @@ fn bars_take_their_categories_from_the_held_out_split() {
             Bar::EasyVqa => assert!(g.source.starts_with("easy_vqa ")),
         }
     }
+    // the unseen-words slice: only the titles-and-buttons bar has one, and the oracle reads it
+    for b in &report.bars {
+        match b.bar {
+            Bar::TitlesButtons => {
+                let u = b
+                    .unseen_words
+                    .expect("titles-and-buttons reports its unseen slice");
+                let n = report
+                    .answers
+                    .iter()
+                    .filter(|g| g.bar == Bar::TitlesButtons && g.unseen)
+                    .count();
+                assert_eq!(u.total, n);
+                assert!(u.total > 0 && u.total < b.score.total, "{u:?}");
+                assert_eq!(u.correct, u.total);
+            }
+            _ => assert!(b.unseen_words.is_none(), "{:?}", b.bar),
+        }
+    }
+    for g in &report.answers {
+        assert_eq!(
+            g.unseen,
+            afm_train::vocab::has_held_out_word(&g.expected),
+            "{g:?}"
+        );
+        if g.unseen {
+            assert_eq!(g.bar, Bar::TitlesButtons, "{g:?}");
+        }
+    }
+    let json = serde_json::to_value(&report).unwrap();
+    let tb = json["bars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["bar"] == "titles_buttons")
+        .unwrap();
+    assert!(tb["unseen_words"]["total"].as_u64().unwrap() > 0, "{tb}");
+    assert!(json["bars"][0].get("unseen_words").is_none(), "{json}");
     // screens and scenes feed the bar without a target half each
     let other: Vec<_> = report
         .answers
@@ -141,6 +180,75 @@ fn bars_take_their_categories_from_the_held_out_split() {
     assert_eq!(easy[1].question, "what shape is present?");
 }
 
+/// The titles-and-buttons bar takes the first `per_bar` title and button questions of the
+/// held-out screens in index order whatever the model answers, the unseen-words slice is the
+/// ones among them whose answer holds a held-out word, and a model that cannot read the unseen
+/// words scores on the bar but not on the slice.
+#[test]
+fn the_unseen_words_slice_is_the_bars_own_questions_with_unseen_words() {
+    let per_bar = 60;
+    // the bar's questions, walked independently of `evaluate`
+    let mut want = vec![];
+    let mut i = 0;
+    while want.len() < per_bar {
+        let s = generate(SynthKind::Screen, Split::HeldOut, i);
+        for q in &s.qa {
+            if matches!(q.category, QaCategory::Title | QaCategory::Button) && want.len() < per_bar
+            {
+                want.push((i, q.question.clone(), q.answer.clone()));
+            }
+        }
+        i += 1;
+    }
+    let oracle = held_out_answers();
+    let spec = EvalSpec {
+        per_bar,
+        bars: vec![Bar::TitlesButtons],
+    };
+    // an oracle that answers "?" to every question whose answer holds an unseen word
+    let report = evaluate(
+        &spec,
+        None,
+        &mut |s, qs| {
+            let h = pixels_hash(&s.image);
+            Ok(qs
+                .iter()
+                .map(|q| {
+                    let a = oracle[&(h, q.clone())].clone();
+                    if afm_train::vocab::has_held_out_word(&a) {
+                        "?".to_string()
+                    } else {
+                        a
+                    }
+                })
+                .collect())
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let got: Vec<_> = report
+        .answers
+        .iter()
+        .map(|g| (g.source.clone(), g.question.clone(), g.expected.clone()))
+        .collect();
+    let want: Vec<_> = want
+        .into_iter()
+        .map(|(i, q, a)| (format!("screen {i}"), q, a))
+        .collect();
+    assert_eq!(got, want);
+    let b = &report.bars[0];
+    let u = b.unseen_words.unwrap();
+    let n_unseen = want
+        .iter()
+        .filter(|(_, _, a)| afm_train::vocab::has_held_out_word(a))
+        .count();
+    assert_eq!(u.total, n_unseen);
+    // about a third of titles and button labels, fewer of the questions' answers
+    assert!(u.total >= per_bar / 8 && u.total <= per_bar / 2, "{u:?}");
+    assert_eq!(u.correct, 0);
+    assert_eq!(b.score.correct, per_bar - n_unseen);
+}
+
 #[test]
 fn a_constant_answer_fails_the_bars_and_wrong_counts_are_errors() {
     let spec = EvalSpec {
@@ -157,6 +265,9 @@ fn a_constant_answer_fails_the_bars_and_wrong_counts_are_errors() {
     for b in &r.bars {
         assert_eq!(b.score.total, 10);
         assert!(b.score.correct < 10, "{:?}", b.bar);
+        if let Some(u) = b.unseen_words {
+            assert_eq!(u.correct, 0, "{:?}", b.bar);
+        }
         assert_eq!(b.passed, Some(false));
     }
     let e = evaluate(&spec, None, &mut |_img, _qs| Ok(vec![]), &mut |_, _| {}).unwrap_err();
