@@ -88,11 +88,13 @@ use crate::{QaCategory, Sample, Split};
 /// The export's config, its reader and the LM record live in afm-fusion (inference reads what
 /// training writes: one definition).
 pub use afm_fusion::afm_tiny::{load_export, sha256_file, AfmTinyConfig, LmInfo};
-use afm_fusion::{AfmAdapter, AfmAdapterConfig, VisionAdapter};
+use afm_fusion::{
+    AfmAdapter, AfmAdapterConfig, ImageProcessor, TileProcessor, TilingSettings, VisionAdapter,
+};
 use afm_lm::diff_model::DiffLm;
 use afm_lm::Tokenizer;
 use afm_vision::weights::VisionWeights;
-use afm_vision::{VisionConfig, VisionEncoder};
+use afm_vision::{Preprocess, VisionConfig, VisionEncoder};
 use candle_core::{DType, Device, Tensor, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -143,6 +145,12 @@ pub struct AdapterTrainConfig {
     /// caption-slot loss alone, no LM forward in training steps.
     #[serde(default = "yes")]
     pub lm_loss: bool,
+    /// The paper's high-resolution input ([`afm_fusion::TileProcessor`]): every image becomes
+    /// an overview plus native-resolution tiles under `max_tokens`, each view `pool` tokens,
+    /// in [`afm_fusion::afm_prompt::view_order`]'s order, exactly as at inference. `None`:
+    /// one squashed view per image (the shipped model's recipe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiling: Option<TilingSettings>,
 }
 
 fn one() -> usize {
@@ -186,6 +194,7 @@ impl AdapterTrainConfig {
             qa_per_sequence: 1,
             caption_slots: None,
             lm_loss: true,
+            tiling: None,
         }
     }
 
@@ -214,6 +223,7 @@ impl AdapterTrainConfig {
             qa_per_sequence: 2,
             caption_slots: None,
             lm_loss: true,
+            tiling: None,
         }
     }
 
@@ -250,6 +260,12 @@ impl AdapterTrainConfig {
                 ));
             }
         }
+        if self.tiling.is_some() && self.caption_slots.is_some() {
+            return Err(TrainError::Invalid(
+                "`tiling` and `caption_slots` do not go together (the slot targets are per image, the tokens per view)".into(),
+            ));
+        }
+        self.processor()?;
         if let Some(c) = &self.caption_slots {
             c.validate()?;
         } else if !self.lm_loss {
@@ -264,8 +280,21 @@ impl AdapterTrainConfig {
         self.steps_per_epoch * self.epochs
     }
 
+    /// Image tokens of one view (of one image without tiling).
     pub fn tokens_per_image(&self) -> usize {
         self.pool[0] * self.pool[1]
+    }
+
+    /// The image processor inference uses for this model ([`afm_fusion::TileProcessor`]).
+    pub fn processor(&self) -> Result<TileProcessor> {
+        let pre = Preprocess::from_json(&serde_json::json!({"image_mean": 0.5, "image_std": 0.5}))?;
+        Ok(TileProcessor::new(
+            self.vision.image_size as u32,
+            self.tokens_per_image(),
+            self.tiling,
+            pre,
+            &self.image_placeholder,
+        )?)
     }
 
     pub fn lr_at(&self, step: usize) -> f64 {
@@ -649,8 +678,10 @@ pub fn pick_turns(
 
 /// A batch: pixels, sequences, and what each asks.
 pub struct Batch {
-    /// `(b, 3, s, s)`
+    /// `(views, 3, s, s)`: every example's views in turn (one each without tiling).
     pub pixels: Tensor,
+    /// Views of each example (`views` above is their sum).
+    pub view_counts: Vec<usize>,
     pub examples: Vec<Example>,
     /// The first turn of each sequence (the only one for held-out batches).
     pub questions: Vec<String>,
@@ -672,6 +703,7 @@ pub fn batch(
 ) -> Result<Batch> {
     let mut b = Batch {
         pixels: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+        view_counts: vec![],
         examples: vec![],
         questions: vec![],
         answers: vec![],
@@ -687,17 +719,57 @@ pub fn batch(
             .iter()
             .map(|(q, a, _)| (q.as_str(), a.as_str()))
             .collect();
-        b.examples
-            .push(fmt.conversation(&qa, cfg.tokens_per_image())?);
-        px.push(pixels(&s, cfg.vision.image_size)?);
+        match &cfg.tiling {
+            None => {
+                b.examples
+                    .push(fmt.conversation(&qa, cfg.tokens_per_image())?);
+                px.push(pixels(&s, cfg.vision.image_size)?);
+                b.view_counts.push(1);
+            }
+            Some(_) => {
+                let proc = cfg.processor()?;
+                let (w, h) = s.image.dimensions();
+                let plan = proc.plan(w, h, None, true)?;
+                b.examples.push(fmt.conversation(&qa, plan.image_tokens)?);
+                let v = proc.pixel_values(&s.image, &plan)?;
+                b.view_counts.push(v.dim(0)?);
+                px.push(v);
+            }
+        }
         let (q, a, c) = turns.into_iter().next().expect("at least one turn");
         b.questions.push(q);
         b.answers.push(a);
         b.categories.push(c);
         b.captions.push(s.caption);
     }
-    b.pixels = Tensor::stack(&px, 0)?;
+    b.pixels = if cfg.tiling.is_some() {
+        Tensor::cat(&px, 0)?
+    } else {
+        Tensor::stack(&px, 0)?
+    };
     Ok(b)
+}
+
+/// Each example's image embeddings from the embeddings of all views of a batch.
+///
+/// # Shapes
+/// `views: (sum(counts), t, hidden)` -> `counts.len()` tensors `(counts[i] * t, hidden)`.
+pub fn per_example(views: &Tensor, counts: &[usize]) -> Result<Vec<Tensor>> {
+    let (n, t, h) = views.dims3()?;
+    if counts.iter().sum::<usize>() != n {
+        return Err(TrainError::Invalid(format!(
+            "{n} views for view counts {counts:?}"
+        )));
+    }
+    let mut at = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let r = views.narrow(0, at, c)?.reshape((c * t, h))?;
+            at += c;
+            Ok(r)
+        })
+        .collect()
 }
 
 /// Input embeddings of right-padded sequences with the image embeddings over the
@@ -711,7 +783,23 @@ pub fn input_embeddings(
     placeholder: u32,
     image: &Tensor,
 ) -> Result<Tensor> {
-    let (b, n, _) = image.dims3()?;
+    let rows = (0..image.dim(0)?)
+        .map(|i| image.get(i))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    input_embeddings_ragged(lm, seqs, placeholder, &rows)
+}
+
+/// [`input_embeddings`] with each sequence's own number of image embeddings (tiled images).
+///
+/// # Shapes
+/// `seqs.len() = b`, `images[i]: (n_i, hidden)` -> `(b, max_len, hidden)`.
+pub fn input_embeddings_ragged(
+    lm: &DiffLm,
+    seqs: &[&[u32]],
+    placeholder: u32,
+    images: &[Tensor],
+) -> Result<Tensor> {
+    let b = images.len();
     if seqs.len() != b {
         return Err(TrainError::Invalid(format!(
             "{} sequences for {b} images",
@@ -732,6 +820,7 @@ pub fn input_embeddings(
     let mut rows = Vec::with_capacity(b);
     for (i, s) in seqs.iter().enumerate() {
         let count = s.iter().filter(|&&x| x == placeholder).count();
+        let n = images[i].dim(0)?;
         if count != n {
             return Err(TrainError::Invalid(format!(
                 "sequence {i} holds {count} image placeholders for {n} image embeddings"
@@ -739,7 +828,7 @@ pub fn input_embeddings(
         }
         let row_ids = &flat[i * t..(i + 1) * t];
         let text_i = text.get(i)?;
-        let img_i = image.get(i)?;
+        let img_i = &images[i];
         let mut pieces = vec![];
         let (mut p, mut used) = (0, 0);
         while p < t {
@@ -772,8 +861,21 @@ pub fn sequence_loss(
     placeholder: u32,
     image: &Tensor,
 ) -> Result<Tensor> {
+    let rows = (0..image.dim(0)?)
+        .map(|i| image.get(i))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    sequence_loss_ragged(lm, examples, placeholder, &rows)
+}
+
+/// [`sequence_loss`] with each example's own image embeddings `(n_i, hidden)`.
+pub fn sequence_loss_ragged(
+    lm: &DiffLm,
+    examples: &[Example],
+    placeholder: u32,
+    images: &[Tensor],
+) -> Result<Tensor> {
     let seqs: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
-    let x = input_embeddings(lm, &seqs, placeholder, image)?;
+    let x = input_embeddings_ragged(lm, &seqs, placeholder, images)?;
     let (b, t, h) = x.dims3()?;
     let hs = lm.hidden_states(&x)?.reshape((b * t, h))?;
     let (mut rows, mut targets) = (vec![], vec![]);
@@ -806,6 +908,21 @@ pub fn greedy(
     max_new: usize,
     stop: u32,
 ) -> Result<Vec<Vec<u32>>> {
+    let rows = (0..image.dim(0)?)
+        .map(|i| image.get(i))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    greedy_ragged(lm, prompts, placeholder, &rows, max_new, stop)
+}
+
+/// [`greedy`] with each prompt's own image embeddings `(n_i, hidden)`.
+pub fn greedy_ragged(
+    lm: &DiffLm,
+    prompts: &[Vec<u32>],
+    placeholder: u32,
+    images: &[Tensor],
+    max_new: usize,
+    stop: u32,
+) -> Result<Vec<Vec<u32>>> {
     let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
     let mut out: Vec<Vec<u32>> = vec![vec![]; prompts.len()];
     let mut done = vec![false; prompts.len()];
@@ -814,7 +931,7 @@ pub fn greedy(
             break;
         }
         let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
-        let x = input_embeddings(lm, &refs, placeholder, image)?;
+        let x = input_embeddings_ragged(lm, &refs, placeholder, images)?;
         let (b, t, h) = x.dims3()?;
         let hs = lm.hidden_states(&x)?.reshape((b * t, h))?;
         let last: Vec<u32> = seqs
@@ -913,13 +1030,14 @@ pub fn evaluate(
         let n = cfg.batch_size.min(total - done);
         let b = batch(cfg, fmt, Split::HeldOut, done as u64, n, easy_eval)?;
         let img = side.embed(&b.pixels)?.detach();
+        let imgs = per_example(&img, &b.view_counts)?;
         if let (Some(c), Some(head)) = (&cfg.caption_slots, slots) {
             let t = slot_targets(cfg, fmt, &b.captions)?;
             let r = head.loss(&img, &t, fmt.placeholder_id(), c)?;
             slot_hits += r.hits;
             slot_words += r.words;
         }
-        let l = sequence_loss(&lm.model, &b.examples, fmt.placeholder_id(), &img)?;
+        let l = sequence_loss_ragged(&lm.model, &b.examples, fmt.placeholder_id(), &imgs)?;
         loss_sum += l.to_scalar::<f32>()?;
         batches += 1;
         let prompts: Vec<Vec<u32>> = b
@@ -927,11 +1045,11 @@ pub fn evaluate(
             .iter()
             .map(|e| e.ids[..e.prompt_len].to_vec())
             .collect();
-        let gen = greedy(
+        let gen = greedy_ragged(
             &lm.model,
             &prompts,
             fmt.placeholder_id(),
-            &img,
+            &imgs,
             cfg.eval_max_new_tokens,
             fmt.end_of_turn_id(),
         )?;
@@ -1082,11 +1200,11 @@ pub fn step_loss(
     let side = trainable.build(cfg, lm.hidden_size())?;
     let img = side.embed(&b.pixels)?;
     let mut loss = if cfg.lm_loss {
-        Some(sequence_loss(
+        Some(sequence_loss_ragged(
             &lm.model,
             &b.examples,
             fmt.placeholder_id(),
-            &img,
+            &per_example(&img, &b.view_counts)?,
         )?)
     } else {
         None
@@ -1162,8 +1280,8 @@ pub fn export(
         image_mean: 0.5,
         image_std: 0.5,
         caption_prompt: CAPTION_PROMPT.into(),
-        // trained on one view per image (no `tiling` section)
-        tiling: None,
+        // `None`: trained on one view per image, and so it runs
+        tiling: cfg.tiling,
     };
     write_json_atomic(&out.join("config.json"), &c)?;
     Ok(out)

@@ -375,3 +375,94 @@ fn bad_exports_and_wrong_language_models_are_refused_by_name() {
     assert!(e.contains("vision"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Stage 2 with `tiling`: every training and held-out image becomes the overview plus tiles
+/// (its sequence holds one placeholder per view token), the export carries the tiling
+/// section, and the pipeline over that export gives the training path's first-token logits
+/// on a held-out image of its own plan.
+#[test]
+fn tiled_training_builds_the_inference_sequences_and_exports_tiling() {
+    let cfg = AdapterTrainConfig {
+        tiling: Some(TilingSettings {
+            tile: 32,
+            max_tokens: 10 * 4,
+            overview: true,
+        }),
+        ..AdapterTrainConfig::test_tiny()
+    };
+    let lm = common::frozen_lm("tiny-random.gguf");
+    let dir = tmp("tiled-train");
+    let st = run(&cfg, &lm, None, None, &dir, None, None, None, &mut |_| {}).unwrap();
+    assert_eq!(st.step, cfg.total_steps());
+    let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
+    let n = cfg.tokens_per_image();
+    let b = afm_train::adapter_train::batch(&cfg, &fmt, Split::Train, 0, 6, None).unwrap();
+    assert!(
+        b.view_counts.iter().all(|&c| c > 1 && c <= 10),
+        "{:?}",
+        b.view_counts
+    );
+    assert_eq!(
+        b.pixels.dim(0).unwrap(),
+        b.view_counts.iter().sum::<usize>()
+    );
+    for (e, c) in b.examples.iter().zip(&b.view_counts) {
+        let k = e.ids.iter().filter(|&&x| x == fmt.placeholder_id()).count();
+        assert_eq!(k, c * n);
+    }
+    let export = dir.join("afm-tiny");
+    let c = AfmTinyConfig::from_file(&export.join("config.json")).unwrap();
+    assert_eq!(c.tiling, cfg.tiling);
+    let tiny = pipeline(&export);
+    let tr = Trainable::init(&cfg, 32, None).unwrap();
+    afm_train::optim::load_checkpoint(&dir.join("checkpoint.safetensors"), &tr.params, cfg.adamw)
+        .unwrap();
+    let side = tr.build(&cfg, 32).unwrap();
+    let hb = afm_train::adapter_train::batch(&cfg, &fmt, Split::HeldOut, 3, 1, None).unwrap();
+    let s = example(3, Split::HeldOut, None).unwrap();
+    let imgs = afm_train::adapter_train::per_example(
+        &side.embed(&hb.pixels).unwrap().detach(),
+        &hb.view_counts,
+    )
+    .unwrap();
+    let e = &hb.examples[0];
+    let prompt = &e.ids[..e.prompt_len];
+    let x = afm_train::adapter_train::input_embeddings_ragged(
+        &lm.model,
+        &[prompt],
+        fmt.placeholder_id(),
+        &imgs,
+    )
+    .unwrap();
+    let t = prompt.len();
+    let hs = lm.model.hidden_states(&x).unwrap().get(0).unwrap();
+    let want: Vec<f32> = lm
+        .model
+        .logits(&hs.narrow(0, t - 1, 1).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let opts = AskOptions {
+        generate: GenerateOptions {
+            max_new_tokens: 1,
+            ..Default::default()
+        },
+        max_image_tokens: None,
+    };
+    let ans = tiny
+        .ask(&s.image, &hb.questions[0], &opts, &mut |_| true)
+        .unwrap();
+    assert_eq!(ans.plan.tiles, hb.view_counts[0]);
+    assert_eq!(ans.prompt_tokens, t);
+    let diff = ans
+        .generation
+        .first_logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-3, "first-token logits differ by {diff}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
