@@ -824,25 +824,50 @@ pub(crate) fn mlp_sites(prefix: &str, hidden: usize, inner: usize) -> [Vec<LoraS
 /// An unmerged LoRA update kept in f32 beside a base matrix.
 ///
 /// # Shapes
-/// `at: (in, r)` = `A^T`, `bt: (r, out)` = `scale * B^T`, both contiguous.
+/// `at: (in, r)` = `A^T` and `bt: (r, out)` = `scale * B^T`, contiguous tensors for prefill
+/// (candle's matmul); `a: (r, in)` and the same `bt` as plain rows for decode.
 #[derive(Debug, Clone)]
 pub struct LoraDelta {
     at: Tensor,
     bt: Tensor,
+    a: std::sync::Arc<Vec<f32>>,
+    bt_rows: std::sync::Arc<Vec<f32>>,
+    rank: usize,
+    in_dim: usize,
+    out_dim: usize,
 }
+
+/// Up to this many rows the delta runs as plain dot products and axpys: a candle matmul's
+/// fixed cost (tensor building, dispatch) dominates two rank-r products of one row, and an
+/// adapter on every projection has 7 of them per layer and token.
+const SMALL_ROWS: usize = 8;
 
 impl LoraDelta {
     /// # Shapes
     /// `a: (r, in)`, `b: (out, r)`.
     pub fn new(a: &Tensor, b: &Tensor, scale: f32) -> Result<Self> {
+        let (rank, in_dim) = a.dims2()?;
+        let (out_dim, rb) = b.dims2()?;
+        if rb != rank {
+            return Err(LmError::Invalid(format!(
+                "LoRA factors of ranks {rank} (A) and {rb} (B)"
+            )));
+        }
+        let at = a.to_dtype(DType::F32)?.t()?.contiguous()?;
+        let bt = (b.to_dtype(DType::F32)?.t()? * scale as f64)?.contiguous()?;
         Ok(Self {
-            at: a.to_dtype(DType::F32)?.t()?.contiguous()?,
-            bt: (b.to_dtype(DType::F32)?.t()? * scale as f64)?.contiguous()?,
+            a: std::sync::Arc::new(a.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            bt_rows: std::sync::Arc::new(bt.flatten_all()?.to_vec1()?),
+            at,
+            bt,
+            rank,
+            in_dim,
+            out_dim,
         })
     }
 
     pub fn out_dim(&self) -> usize {
-        self.bt.dims()[1]
+        self.out_dim
     }
 
     /// Adds `scale * (x A^T) B^T` to columns `at..at + out` of `out` (rows of `stride`).
@@ -857,14 +882,26 @@ impl LoraDelta {
         stride: usize,
         at: usize,
     ) -> Result<()> {
-        let (inp, _) = self.at.dims2()?;
-        let o = self.out_dim();
+        let (inp, o, r) = (self.in_dim, self.out_dim, self.rank);
         if x.len() != m * inp || out.len() != m * stride || at + o > stride {
             return Err(LmError::Invalid(format!(
                 "LoRA delta ({inp} -> {o}) on {} inputs, {} outputs of {m} rows",
                 x.len(),
                 out.len()
             )));
+        }
+        if m <= SMALL_ROWS {
+            let mut xa = vec![0f32; r];
+            for (xr, row) in x.chunks_exact(inp).zip(out.chunks_exact_mut(stride)) {
+                for (j, v) in xa.iter_mut().enumerate() {
+                    *v = crate::par::dot(xr, &self.a[j * inp..(j + 1) * inp]);
+                }
+                let y = &mut row[at..at + o];
+                for (j, &v) in xa.iter().enumerate() {
+                    crate::par::axpy(v, &self.bt_rows[j * o..(j + 1) * o], y);
+                }
+            }
+            return Ok(());
         }
         let xt = Tensor::from_slice(x, (m, inp), &Device::Cpu)?;
         let d = xt.matmul(&self.at)?.matmul(&self.bt)?;
@@ -926,4 +963,54 @@ pub fn file_sha256(path: &Path) -> Result<String> {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both paths of [`LoraDelta::add_into`] (row loop for decode, matmul for prefill)
+    /// against `scale * x A^T B^T` written out, on a column block of a wider output.
+    #[test]
+    fn delta_rows_and_matmul_paths_agree_with_the_definition() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (r, inp, o, stride, at) = (3, 20, 7, 12, 4);
+        let a = crate::random::randn(&mut rng, &[r, inp], 1.0).unwrap();
+        let b = crate::random::randn(&mut rng, &[o, r], 1.0).unwrap();
+        let d = LoraDelta::new(&a, &b, 0.5).unwrap();
+        let (av, bv): (Vec<f32>, Vec<f32>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        for m in [1, SMALL_ROWS, SMALL_ROWS + 5] {
+            let x = crate::random::randn(&mut rng, &[m * inp], 1.0).unwrap();
+            let x: Vec<f32> = x.to_vec1().unwrap();
+            let mut out = vec![1f32; m * stride];
+            d.add_into(&x, m, &mut out, stride, at).unwrap();
+            for i in 0..m {
+                for c in 0..stride {
+                    let want = if (at..at + o).contains(&c) {
+                        let k = c - at;
+                        1.0 + 0.5
+                            * (0..r)
+                                .map(|j| {
+                                    let xa: f32 =
+                                        (0..inp).map(|q| x[i * inp + q] * av[j * inp + q]).sum();
+                                    xa * bv[k * r + j]
+                                })
+                                .sum::<f32>()
+                    } else {
+                        1.0
+                    };
+                    let got = out[i * stride + c];
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "m {m} row {i} col {c}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        assert!(d.add_into(&[0.0; 5], 1, &mut [0.0; 12], 12, 0).is_err());
+    }
 }

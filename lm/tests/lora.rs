@@ -459,3 +459,60 @@ fn kv_reuse_layers_have_no_k_v_sites() {
         .iter()
         .any(|s| s.module == "model.layers.2.self_attn.k_proj"));
 }
+
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF with a rank-32, alpha-16 adapter on all seven
+/// projections (the paper's setting), unmerged on the Q4_1 blocks, against the same adapter
+/// merged into the dequantized weights; and the decode cost of the unmerged factors.
+#[test]
+fn smollm2_gguf_takes_an_unmerged_adapter() {
+    let Some(p) = afm_lm::testing::smollm2_gguf_or_skip() else {
+        return;
+    };
+    let sha = checkpoint_sha256(&p).unwrap();
+    // the hash is the file's own (scripts/fetch_smollm2.sh checks the same value)
+    assert_eq!(
+        sha,
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    );
+    let q = DeviceModel::load(&p).unwrap();
+    let deq = DeviceModel::load_with(
+        &p,
+        &LoadOptions {
+            dequantize: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ad = LoraAdapter::random(&q.lora_sites(), LoraConfig::default(), &sha, 1, 0.02).unwrap();
+    assert_eq!(ad.modules().len(), 30 * 7);
+    let mut qm = q.clone();
+    assert_eq!(
+        qm.apply_lora(&ad, &sha, LoraMode::Auto).unwrap().unmerged,
+        210
+    );
+    let mut dm = deq.clone();
+    dm.apply_lora(&ad, &sha, LoraMode::Merged).unwrap();
+    let base_gap = max_abs_diff(&logits(&q), &logits(&deq)).unwrap();
+    let lora_gap = max_abs_diff(&logits(&qm), &logits(&dm)).unwrap();
+    let effect = max_abs_diff(&logits(&q), &logits(&qm)).unwrap();
+    println!(
+        "SmolLM2 Q4_1: kernels vs dequantized {base_gap:.4}; with LoRA r32 (unmerged vs merged \
+         into dequantized) {lora_gap:.4}; adapter effect {effect:.4}"
+    );
+    assert!(effect > 0.5, "{effect}");
+    assert!(lora_gap < 3.0 * base_gap + 1e-3, "{lora_gap} vs {base_gap}");
+
+    // decode cost of the unmerged factors (printed; timing is not asserted)
+    let decode = |m: &DeviceModel| -> f64 {
+        let mut c = m.new_cache();
+        m.forward_tokens(&ids(), &mut c, &LogitsFor::Last).unwrap();
+        let t0 = std::time::Instant::now();
+        for i in 0..32u32 {
+            m.forward_tokens(&[100 + i], &mut c, &LogitsFor::Last)
+                .unwrap();
+        }
+        32.0 / t0.elapsed().as_secs_f64()
+    };
+    let (b, l) = (decode(&q), decode(&qm));
+    println!("SmolLM2 Q4_1 decode: {b:.1} tok/s base, {l:.1} tok/s with the unmerged r32 adapter");
+}
