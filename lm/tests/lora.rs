@@ -502,17 +502,22 @@ fn smollm2_gguf_takes_an_unmerged_adapter() {
     assert!(effect > 0.5, "{effect}");
     assert!(lora_gap < 3.0 * base_gap + 1e-3, "{lora_gap} vs {base_gap}");
 
-    // decode cost of the unmerged factors (printed; timing is not asserted)
+    // decode cost of the unmerged factors (printed; timing is not asserted): the best of 5
+    // interleaved runs each, so a busy machine hurts both alike
     let decode = |m: &DeviceModel| -> f64 {
         let mut c = m.new_cache();
         m.forward_tokens(&ids(), &mut c, &LogitsFor::Last).unwrap();
         let t0 = std::time::Instant::now();
-        for i in 0..32u32 {
+        for i in 0..16u32 {
             m.forward_tokens(&[100 + i], &mut c, &LogitsFor::Last)
                 .unwrap();
         }
-        32.0 / t0.elapsed().as_secs_f64()
+        16.0 / t0.elapsed().as_secs_f64()
     };
-    let (b, l) = (decode(&q), decode(&qm));
+    let (mut b, mut l) = (0f64, 0f64);
+    for _ in 0..5 {
+        b = b.max(decode(&q));
+        l = l.max(decode(&qm));
+    }
     println!("SmolLM2 Q4_1 decode: {b:.1} tok/s base, {l:.1} tok/s with the unmerged r32 adapter");
 }
