@@ -521,3 +521,52 @@ fn smollm2_gguf_takes_an_unmerged_adapter() {
     }
     println!("SmolLM2 Q4_1 decode: {b:.1} tok/s base, {l:.1} tok/s with the unmerged r32 adapter");
 }
+
+/// A server (PT-MoE) GGUF with Q8_0 experts takes an adapter unmerged, through
+/// `LoadOptions`, and matches the same adapter merged into the dequantized weights within the
+/// kernels' own rounding.
+#[test]
+fn server_gguf_q8_0_takes_the_adapter_unmerged() {
+    use afm_lm::server_checkpoint::write_server_gguf;
+    let cfg = ServerConfig::preset("tiny").unwrap();
+    let t = random_server_tensors(&cfg, 12).unwrap();
+    let p = tmp("server-gguf").join("s.gguf");
+    write_server_gguf(&p, &cfg, &t, GgmlDType::Q8_0, &[]).unwrap();
+    let sha = checkpoint_sha256(&p).unwrap();
+    let q = ServerModel::load(&p).unwrap();
+    let ad = LoraAdapter::random(&q.lora_sites(), lora_cfg(4, 8.0), &sha, 4, 0.05).unwrap();
+    let f = tmp("server-gguf-adapter").join("a.safetensors");
+    ad.save(&f).unwrap();
+    let qm = ServerModel::load_with(
+        &p,
+        &LoadOptions {
+            lora: Some(f.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dm = ServerModel::load_with(
+        &p,
+        &LoadOptions {
+            dequantize: true,
+            lora: Some(f),
+            lora_mode: LoraMode::Merged,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let deq = ServerModel::load_with(
+        &p,
+        &LoadOptions {
+            dequantize: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let base_gap = max_abs_diff(&logits(&q), &logits(&deq)).unwrap();
+    let lora_gap = max_abs_diff(&logits(&qm), &logits(&dm)).unwrap();
+    let effect = max_abs_diff(&logits(&q), &logits(&qm)).unwrap();
+    println!("server Q8_0: kernels vs dequantized {base_gap:e}; with LoRA {lora_gap:e}; effect {effect:.4}");
+    assert!(effect > 0.05);
+    assert!(lora_gap < 3.0 * base_gap + 1e-4, "{lora_gap} vs {base_gap}");
+}
