@@ -142,3 +142,43 @@ fn peft_adapter_on_a_gguf_conversion_of_the_base() {
     let bad = max_abs_diff(&run(&w, &ids), &want).unwrap();
     assert!(bad > 100.0 * d.max(1e-6), "{bad}");
 }
+
+#[test]
+fn peft_features_afm_does_not_implement_are_refused_by_name() {
+    let src = fixture().join("adapter");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let sha = checkpoint_sha256(&fixture().join("base")).unwrap();
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        ("use_dora", serde_json::json!(true), "use_dora"),
+        ("use_rslora", serde_json::json!(true), "use_rslora"),
+        (
+            "rank_pattern",
+            serde_json::json!({"q_proj": 8}),
+            "rank_pattern",
+        ),
+        ("bias", serde_json::json!("all"), "bias"),
+        (
+            "target_modules",
+            serde_json::json!(["q_proj", "lm_head"]),
+            "lm_head",
+        ),
+    ];
+    for (i, (key, value, named)) in cases.into_iter().enumerate() {
+        let d = tmp(&format!("refuse-{i}"));
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            d.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut c = cfg.clone();
+        c[key] = value;
+        std::fs::write(d.join("adapter_config.json"), c.to_string()).unwrap();
+        let e = LoraAdapter::from_peft(&d, &sha).unwrap_err();
+        assert!(e.to_string().contains(named), "{key}: {e}");
+    }
+    // a bad hash is refused too
+    let e = LoraAdapter::from_peft(&src, "not-a-hash").unwrap_err();
+    assert!(e.to_string().contains("sha256"), "{e}");
+}
