@@ -1,7 +1,10 @@
 //! The `afm` command-line tool.
 
 use afm::lm::generate::{generate, GenerateOptions};
-use afm::lm::{Checkpoint, LanguageModel, Message, SamplingParams, ServerCheckpoint, Tokenizer};
+use afm::lm::{
+    Checkpoint, LanguageModel, LoadOptions, LoraAdapter, Message, SamplingParams, ServerCheckpoint,
+    Tokenizer,
+};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -49,6 +52,9 @@ enum Cmd {
     /// Train the embedded default model's parts (progress bar, resumable, held-out eval).
     #[command(subcommand)]
     Train(train_cmd::TrainCmd),
+    /// Convert a PEFT LoRA adapter into an afm adapter file bound to the base model you name
+    /// (its sha256 is recorded; `generate --lora` refuses the file on any other base).
+    LoraImport(LoraImportArgs),
     /// Write a random-weight server (PT-MoE) checkpoint of any size, from a preset.
     ServerGen(server_cmd::ServerGenArgs),
     /// Speed benchmarks, measured next to the reference in the same run (not tests).
@@ -101,10 +107,44 @@ struct GenerateArgs {
     /// Feed the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
+    /// An afm LoRA adapter file made for this very model (see `afm lora-import`): merged
+    /// into dense weights, applied unmerged on quantized ones.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// The user's message.
     prompt: String,
+}
+
+#[derive(Args)]
+struct LoraImportArgs {
+    /// PEFT's output directory (adapter_model.safetensors + adapter_config.json).
+    #[arg(long)]
+    peft: PathBuf,
+    /// The base model the adapter was trained on (.gguf file or model directory).
+    #[arg(long)]
+    base: PathBuf,
+    /// The afm adapter file to write (keep it outside the model directory).
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+fn cmd_lora_import(a: &LoraImportArgs) -> Result<()> {
+    let ad = LoraAdapter::import_peft(&a.peft, &a.base)
+        .with_context(|| format!("importing the PEFT adapter {}", a.peft.display()))?;
+    ad.save(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let c = ad.config();
+    eprintln!(
+        "wrote {}: {} projections, rank {}, alpha {}, bound to base sha256 {}",
+        a.out.display(),
+        ad.modules().len(),
+        c.rank,
+        c.alpha,
+        ad.base_sha256()
+    );
+    Ok(())
 }
 
 fn set_threads(n: Option<usize>) -> Result<()> {
@@ -144,12 +184,23 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         None => default_model::locate_or_fetch()?,
     };
     let t0 = Instant::now();
-    let loading = || format!("loading {}", path.display());
+    let loading = || match &a.lora {
+        Some(l) => format!(
+            "loading {} with the LoRA adapter {}",
+            path.display(),
+            l.display()
+        ),
+        None => format!("loading {}", path.display()),
+    };
+    let opts = LoadOptions {
+        lora: a.lora.clone(),
+        ..Default::default()
+    };
     if afm::lm::server_checkpoint::is_server_checkpoint(&path).with_context(loading)? {
-        let ck = ServerCheckpoint::load(&path).with_context(loading)?;
+        let ck = ServerCheckpoint::load_with(&path, &opts).with_context(loading)?;
         return generate_with(&a, &ck.model, &ck.tokenizer, t0.elapsed().as_secs_f64());
     }
-    let ck = Checkpoint::load(&path).with_context(loading)?;
+    let ck = Checkpoint::load_with(&path, &opts).with_context(loading)?;
     generate_with(&a, &ck.model, &ck.tokenizer, t0.elapsed().as_secs_f64())
 }
 
@@ -244,6 +295,7 @@ fn run(cli: Cli) -> Result<()> {
             server_cmd::bench_server(&a, cli.threads.unwrap_or(2))
         }
         Cmd::ServerGen(a) => server_cmd::cmd_server_gen(&a),
+        Cmd::LoraImport(a) => cmd_lora_import(&a),
         Cmd::Train(t) => train_cmd::cmd_train(t),
         Cmd::Eval(a) => eval_cmd::cmd_eval(&a),
         Cmd::Bench(bench::BenchCmd::Vision(a)) => bench::bench_vision(&a, cli.threads.unwrap_or(2)),

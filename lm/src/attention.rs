@@ -7,7 +7,7 @@
 
 use crate::cache::LayerKv;
 use crate::error::{LmError, Result};
-use crate::linear::{Fused, Linear};
+use crate::linear::Fused;
 use crate::rms_norm::RmsNorm;
 use crate::rope::Rope;
 use crate::weights::WeightSource;
@@ -17,7 +17,7 @@ pub struct Attention {
     /// `[q]` in KV-reuse (block-2) layers, `[q, k, v]` (one fused matmul) otherwise.
     proj: Fused,
     reuses_kv: bool,
-    o_proj: Linear,
+    o_proj: Fused,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     /// Learned (key, value) scales of the 8-bit KV fake quantisation.
@@ -40,7 +40,7 @@ pub struct AttentionSpec {
 }
 
 impl Attention {
-    /// [`Linear::set_int8`] on the q/k/v and output projections.
+    /// [`crate::linear::Linear::set_int8`] on the q/k/v and output projections.
     pub fn set_int8(&mut self, on: bool) -> Result<()> {
         self.proj.set_int8(on)?;
         self.o_proj.set_int8(on)
@@ -54,7 +54,10 @@ impl Attention {
         let (h, hd, kvh) = (s.hidden, s.head_dim, s.n_kv_heads);
         let q_proj = src.projection(&format!("{prefix}.q_proj.weight"), s.n_heads * hd, h)?;
         let q_out = s.n_heads * hd;
-        let o_proj = src.projection(&format!("{prefix}.o_proj.weight"), h, s.n_heads * hd)?;
+        let o_proj = Fused::new(vec![(
+            src.projection(&format!("{prefix}.o_proj.weight"), h, s.n_heads * hd)?,
+            h,
+        )])?;
         let k_name = format!("{prefix}.k_proj.weight");
         let proj = if s.reuses_kv {
             if src.contains(&k_name) {
@@ -121,6 +124,12 @@ impl Attention {
             n_kv_heads: kvh,
             head_dim: hd,
         })
+    }
+
+    /// The q/k/v (or q) and output matrices, for LoRA ([`crate::lora::attention_sites`] lists
+    /// their parts in the same order).
+    pub(crate) fn lora_fused(&mut self) -> [&mut Fused; 2] {
+        [&mut self.proj, &mut self.o_proj]
     }
 
     pub fn reuses_kv(&self) -> bool {

@@ -12,6 +12,7 @@ use crate::cache::Cache;
 use crate::config::LmConfig;
 use crate::error::{LmError, Result};
 use crate::linear::Linear;
+use crate::lora::{self, LoraAdapter, LoraApplied, LoraFused, LoraMode, LoraSite};
 use crate::mlp::Mlp;
 use crate::model::{LanguageModel, LogitsFor, ModelInfo};
 use crate::rms_norm::RmsNorm;
@@ -76,6 +77,8 @@ pub struct DeviceModel {
     lm_head: Linear,
     rope: Rope,
     prefill_shortcut: bool,
+    /// Whether a LoRA adapter has been applied (a second one is refused).
+    has_lora: bool,
 }
 
 impl DeviceModel {
@@ -124,6 +127,7 @@ impl DeviceModel {
             lm_head,
             rope,
             prefill_shortcut: true,
+            has_lora: false,
         })
     }
 
@@ -142,6 +146,58 @@ impl DeviceModel {
             l.set_int8(on)?;
         }
         self.lm_head.set_int8(on)
+    }
+
+    /// The LoRA sites of layer `i`, grouped as its four fused matrices hold them:
+    /// q/k/v (q only in KV-reuse layers), o, gate/up, down.
+    fn layer_lora_sites(&self, i: usize) -> [Vec<LoraSite>; 4] {
+        let c = &self.cfg;
+        let p = format!("model.layers.{i}");
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        let kv = (i < c.num_block1_layers()).then_some(c.num_kv_heads() * hd);
+        let [qkv, o] =
+            lora::attention_sites(&format!("{p}.self_attn"), h, c.num_attention_heads * hd, kv);
+        let [gu, d] = lora::mlp_sites(&format!("{p}.mlp"), h, c.intermediate_size);
+        [qkv, o, gu, d]
+    }
+
+    /// Every projection a LoRA adapter can target (module paths in [`crate::lora`]).
+    pub fn lora_sites(&self) -> Vec<LoraSite> {
+        (0..self.layers.len())
+            .flat_map(|i| self.layer_lora_sites(i).into_iter().flatten())
+            .collect()
+    }
+
+    /// Applies a LoRA adapter (see [`crate::lora`]): `model_sha256` is the hash of the
+    /// checkpoint this model was loaded from ([`lora::checkpoint_sha256`]); an adapter made
+    /// for another base, with a module the model lacks or with wrong widths is refused
+    /// before anything changes. One adapter per model: a second is an error.
+    pub fn apply_lora(
+        &mut self,
+        adapter: &LoraAdapter,
+        model_sha256: &str,
+        mode: LoraMode,
+    ) -> Result<LoraApplied> {
+        if self.has_lora {
+            return Err(LmError::Invalid(
+                "this model already has a LoRA adapter; load the base again to apply another"
+                    .into(),
+            ));
+        }
+        let sites: Vec<[Vec<LoraSite>; 4]> = (0..self.layers.len())
+            .map(|i| self.layer_lora_sites(i))
+            .collect();
+        let mut groups = Vec::new();
+        for (layer, sites) in self.layers.iter_mut().zip(sites) {
+            let [a, o] = layer.attn.lora_fused();
+            let [gu, d] = layer.mlp.lora_fused();
+            for (fused, sites) in [a, o, gu, d].into_iter().zip(sites) {
+                groups.push(LoraFused { fused, sites });
+            }
+        }
+        let done = adapter.apply(model_sha256, mode, groups)?;
+        self.has_lora = true;
+        Ok(done)
     }
 
     /// With `false`, block 2 runs on every prompt position (for comparison only).

@@ -8,12 +8,15 @@
 //! refused (their block-2 layers and rounding are inference paths). Weights are plain f32
 //! tensors (GGUF matrices are dequantized) and always frozen: the matrix products pass
 //! gradients back to their input only ([`FrozenLinear`]), so training the LM itself would need
-//! another path.
+//! another path. A LoRA adapter ([`DiffLm::attach_lora`]) is the exception: its A and B
+//! factors are [`Var`]s beside the frozen projections ([`DiffLm::lora_vars`] for an optimizer,
+//! [`DiffLm::lora_adapter`] to save the result for `DeviceModel`).
 
 use crate::config::LmConfig;
 use crate::error::{LmError, Result};
+use crate::lora::{self, LoraAdapter, LoraConfig, LoraPair, LoraSite, LoraTarget};
 use crate::weights::WeightSource;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 
 struct DiffLayer {
     input_norm: Tensor,
@@ -27,6 +30,16 @@ struct DiffLayer {
     gate: FrozenLinear,
     up: FrozenLinear,
     down: FrozenLinear,
+    /// Trainable LoRA factors `(A (r, in), B (out, r))` per target, in
+    /// [`LoraTarget::ALL`] order; `None` where the adapter has none.
+    lora: [Option<(Var, Var)>; 7],
+}
+
+/// The trainable adapter of a [`DiffLm`]: its config and base hash (the factors live in the
+/// layers).
+struct DiffLora {
+    config: LoraConfig,
+    base_sha256: String,
 }
 
 /// A differentiable dense decoder (see the module docs).
@@ -39,6 +52,7 @@ pub struct DiffLm {
     /// `(max_len, head_dim / 2)` each.
     cos: Tensor,
     sin: Tensor,
+    lora: Option<DiffLora>,
 }
 
 /// `x @ W^T` for a frozen `W`: candle's matmul backward computes the gradient of both
@@ -145,6 +159,7 @@ impl DiffLm {
                     gate: m("mlp.gate_proj.weight", &[inter, h])?,
                     up: m("mlp.up_proj.weight", &[inter, h])?,
                     down: m("mlp.down_proj.weight", &[h, inter])?,
+                    lora: Default::default(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -171,7 +186,164 @@ impl DiffLm {
             cos: ang.cos()?,
             sin: ang.sin()?,
             cfg,
+            lora: None,
         })
+    }
+
+    /// Every projection a LoRA adapter can target: q/k/v/o and gate/up/down of every layer,
+    /// with the module paths of [`crate::DeviceModel::lora_sites`].
+    pub fn lora_sites(&self) -> Vec<LoraSite> {
+        let c = &self.cfg;
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        (0..c.num_hidden_layers)
+            .flat_map(|i| {
+                let p = format!("model.layers.{i}");
+                let a = lora::attention_sites(
+                    &format!("{p}.self_attn"),
+                    h,
+                    c.num_attention_heads * hd,
+                    Some(c.num_kv_heads() * hd),
+                );
+                let m = lora::mlp_sites(&format!("{p}.mlp"), h, c.intermediate_size);
+                a.into_iter().chain(m).flatten()
+            })
+            .collect()
+    }
+
+    /// Makes `adapter`'s factors trainable parameters of this model (copies, as [`Var`]s;
+    /// the base stays frozen): the forward pass adds `scale * (x A^T) B^T` to each targeted
+    /// projection, unmerged, so gradients reach A and B. Start training from
+    /// [`LoraAdapter::random`] with `b_std = 0` (the adapter then changes nothing at step 0).
+    /// Modules the model lacks and wrong widths are refused by tensor name, before anything
+    /// changes; a second adapter is an error.
+    ///
+    /// The base hash is not checked here (a `DiffLm` does not know its file); it is carried
+    /// into [`DiffLm::lora_adapter`], so the trained file only loads onto that base.
+    pub fn attach_lora(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(LmError::Invalid(
+                "this DiffLm already has a LoRA adapter".into(),
+            ));
+        }
+        let sites = self.lora_sites();
+        let r = adapter.config().rank;
+        let mut found = Vec::new();
+        for s in &sites {
+            let Some(p) = adapter.modules().get(&s.module) else {
+                continue;
+            };
+            if p.a.dims() != [r, s.in_dim] {
+                return Err(LmError::ShapeMismatch {
+                    name: lora::a_name(&s.module),
+                    expected: vec![r, s.in_dim],
+                    got: p.a.dims().to_vec(),
+                });
+            }
+            if p.b.dims() != [s.out_dim, r] {
+                return Err(LmError::ShapeMismatch {
+                    name: lora::b_name(&s.module),
+                    expected: vec![s.out_dim, r],
+                    got: p.b.dims().to_vec(),
+                });
+            }
+            found.push(s);
+        }
+        if let Some(m) = adapter
+            .modules()
+            .keys()
+            .find(|m| !found.iter().any(|s| &s.module == *m))
+        {
+            return Err(LmError::BadTensor {
+                name: lora::a_name(m),
+                reason: format!("the model has no projection `{m}`"),
+            });
+        }
+        for s in found {
+            let p = &adapter.modules()[&s.module];
+            let layer: usize = s
+                .module
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse().ok())
+                .ok_or_else(|| LmError::Invalid(format!("bad module path `{}`", s.module)))?;
+            let slot = LoraTarget::ALL
+                .iter()
+                .position(|t| *t == s.target)
+                .unwrap_or(0);
+            // fresh storage: training must not write into the adapter's tensors
+            self.layers[layer].lora[slot] = Some((
+                Var::from_tensor(&p.a.copy()?)?,
+                Var::from_tensor(&p.b.copy()?)?,
+            ));
+        }
+        self.lora = Some(DiffLora {
+            config: adapter.config().clone(),
+            base_sha256: adapter.base_sha256().to_string(),
+        });
+        Ok(())
+    }
+
+    /// The trainable LoRA parameters (A and B of every targeted projection), for an
+    /// optimizer; empty without an adapter.
+    pub fn lora_vars(&self) -> Vec<Var> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.lora.iter().flatten())
+            .flat_map(|(a, b)| [a.clone(), b.clone()])
+            .collect()
+    }
+
+    /// The adapter's current values as a [`LoraAdapter`] (to save with
+    /// [`LoraAdapter::save`] and apply to a `DeviceModel` of the same base).
+    pub fn lora_adapter(&self) -> Result<LoraAdapter> {
+        let lo = self
+            .lora
+            .as_ref()
+            .ok_or_else(|| LmError::Invalid("this DiffLm has no LoRA adapter".into()))?;
+        let mut modules = std::collections::BTreeMap::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (t, f) in LoraTarget::ALL.iter().zip(&l.lora) {
+                if let Some((a, b)) = f {
+                    let group = match t {
+                        LoraTarget::Gate | LoraTarget::Up | LoraTarget::Down => "mlp",
+                        _ => "self_attn",
+                    };
+                    modules.insert(
+                        format!("model.layers.{i}.{group}.{}", t.proj()),
+                        LoraPair {
+                            a: a.as_tensor().detach().copy()?,
+                            b: b.as_tensor().detach().copy()?,
+                        },
+                    );
+                }
+            }
+        }
+        LoraAdapter::new(lo.config.clone(), &lo.base_sha256, modules)
+    }
+
+    /// `w(x)` plus the LoRA update of `target` in layer `l`, if any.
+    ///
+    /// # Shapes
+    /// `x: (rows, in)` -> `(rows, out)`.
+    fn proj(
+        &self,
+        l: &DiffLayer,
+        target: LoraTarget,
+        w: &FrozenLinear,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let y = w.forward(x)?;
+        let slot = LoraTarget::ALL
+            .iter()
+            .position(|t| *t == target)
+            .unwrap_or(0);
+        match (&l.lora[slot], &self.lora) {
+            (Some((a, b)), Some(lo)) => {
+                let d = x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)?;
+                Ok((y + (d * lo.config.scale() as f64)?)?)
+            }
+            _ => Ok(y),
+        }
     }
 
     pub fn config(&self) -> &LmConfig {
@@ -259,15 +431,16 @@ impl DiffLm {
         let mut x = x.to_dtype(DType::F32)?;
         for l in &self.layers {
             let hn = rms_norm(&x, &l.input_norm, eps)?.reshape((b * t, h))?;
-            let heads = |w: &FrozenLinear, n: usize| -> Result<Tensor> {
-                Ok(w.forward(&hn)?
+            let heads = |tg: LoraTarget, w: &FrozenLinear, n: usize| -> Result<Tensor> {
+                Ok(self
+                    .proj(l, tg, w, &hn)?
                     .reshape((b, t, n, hd))?
                     .transpose(1, 2)?
                     .contiguous()?)
             };
-            let mut q = self.rope(&heads(&l.q, nh)?)?;
-            let mut k = self.rope(&heads(&l.k, kvh)?)?;
-            let v = heads(&l.v, kvh)?;
+            let mut q = self.rope(&heads(LoraTarget::Q, &l.q, nh)?)?;
+            let mut k = self.rope(&heads(LoraTarget::K, &l.k, kvh)?)?;
+            let v = heads(LoraTarget::V, &l.v, kvh)?;
             if let Some(w) = &l.q_norm {
                 q = rms_norm(&q, w, eps)?;
             }
@@ -292,12 +465,17 @@ impl DiffLm {
                 .matmul(&v.contiguous()?)?
                 .transpose(1, 2)?
                 .reshape((b * t, nh * hd))?;
-            let a = l.o.forward(&a)?.reshape((b, t, h))?;
+            let a = self.proj(l, LoraTarget::O, &l.o, &a)?.reshape((b, t, h))?;
             x = (x + a)?;
             let hn = rms_norm(&x, &l.post_norm, eps)?.reshape((b * t, h))?;
-            let g = l.gate.forward(&hn)?;
-            let u = l.up.forward(&hn)?;
-            let m = l.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
+            let g = self.proj(l, LoraTarget::Gate, &l.gate, &hn)?;
+            let u = self.proj(l, LoraTarget::Up, &l.up, &hn)?;
+            let m = self.proj(
+                l,
+                LoraTarget::Down,
+                &l.down,
+                &(candle_nn::ops::silu(&g)? * u)?,
+            )?;
             x = (x + m.reshape((b, t, h))?)?;
         }
         Ok(x)

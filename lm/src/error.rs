@@ -45,6 +45,11 @@ pub enum LmError {
     },
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     BadTokenId { id: u32, vocab: usize },
+    #[error("LoRA adapter belongs to the base model with sha256 {adapter_base}, but this base model has sha256 {model_base}; an adapter only works on the weights it was trained on")]
+    LoraBaseMismatch {
+        adapter_base: String,
+        model_base: String,
+    },
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error(transparent)]

@@ -3,6 +3,7 @@
 
 use crate::error::{LmError, Result};
 use crate::int8::Int8Matrix;
+use crate::lora::LoraDelta;
 use crate::quant::QMatrix;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
@@ -149,6 +150,9 @@ pub struct Fused {
     one: Option<Linear>,
     parts: Vec<Linear>,
     outs: Vec<usize>,
+    /// Unmerged LoRA deltas, one slot per part (empty until an adapter is applied): each
+    /// adds its low-rank product to its own part's slice of the output.
+    lora: Vec<Option<LoraDelta>>,
 }
 
 impl Fused {
@@ -161,11 +165,13 @@ impl Fused {
                 one: Some(one),
                 parts: vec![],
                 outs,
+                lora: vec![],
             },
             None => Self {
                 one: None,
                 parts: mats,
                 outs,
+                lora: vec![],
             },
         })
     }
@@ -225,8 +231,27 @@ impl Fused {
     /// # Shapes
     /// `x: (m, in) -> (m, sum(outs))`.
     pub fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let mut out = self.forward_base(x, m)?;
+        if self.lora.iter().any(Option::is_some) {
+            let total: usize = self.outs.iter().sum();
+            let mut at = 0;
+            for (d, &o) in self.lora.iter().zip(&self.outs) {
+                if let Some(d) = d {
+                    d.add_into(x, m, &mut out, total, at)?;
+                }
+                at += o;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The base matrices alone (no unmerged LoRA).
+    fn forward_base(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         if let Some(one) = &self.one {
             return one.forward(x, m);
+        }
+        if let [p] = self.parts.as_slice() {
+            return p.forward(x, m);
         }
         let total: usize = self.outs.iter().sum();
         let mut out = vec![0f32; m * total];
@@ -240,4 +265,98 @@ impl Fused {
         }
         Ok(out)
     }
+
+    /// Whether part `part`'s weights are a dense f32 matrix that a LoRA delta can be merged
+    /// into ([`Fused::merge_lora`]).
+    pub fn can_merge(&self, part: usize) -> bool {
+        let m = match &self.one {
+            Some(one) => one,
+            None => match self.parts.get(part) {
+                Some(p) => p,
+                None => return false,
+            },
+        };
+        matches!(m, Linear::Dense(_) | Linear::Candle(QMatMul::Tensor(_)))
+    }
+
+    /// Adds `delta` `(out_part, in)` (PyTorch layout, `W += delta`) to part `part`'s
+    /// weights, in place: the LoRA merge. Only dense f32 matrices ([`Fused::can_merge`]);
+    /// anything else is an error naming the part.
+    ///
+    /// # Shapes
+    /// `delta: (outs()[part], in)`.
+    pub fn merge_lora(&mut self, part: usize, delta: &Tensor) -> Result<()> {
+        if part >= self.outs.len() {
+            return Err(LmError::Invalid(format!(
+                "merge into part {part} of a {}-part projection",
+                self.outs.len()
+            )));
+        }
+        let (at, o) = (self.outs[..part].iter().sum::<usize>(), self.outs[part]);
+        let (target, at) = match &mut self.one {
+            Some(one) => (one, at),
+            None => (&mut self.parts[part], 0),
+        };
+        let delta = delta.to_dtype(DType::F32)?;
+        match target {
+            // (in, out): columns at..at+o
+            Linear::Dense(wt) => {
+                *wt = add_block(wt, &delta.t()?, 1, at, o)?;
+            }
+            // (out, in): rows at..at+o
+            Linear::Candle(QMatMul::Tensor(w)) => {
+                *w = add_block(w, &delta, 0, at, o)?;
+            }
+            _ => {
+                return Err(LmError::Invalid(format!(
+                    "cannot merge a LoRA delta into part {part}: its weights are quantized \
+                     (GGUF blocks or int8); apply the adapter unmerged"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps `delta` beside part `part`'s weights (unmerged LoRA): [`Fused::forward`] adds
+    /// its product to that part's output slice. A second delta on the same part is an error.
+    pub fn attach_lora(&mut self, part: usize, delta: LoraDelta) -> Result<()> {
+        if part >= self.outs.len() {
+            return Err(LmError::Invalid(format!(
+                "LoRA on part {part} of a {}-part projection",
+                self.outs.len()
+            )));
+        }
+        if delta.out_dim() != self.outs[part] {
+            return Err(LmError::Invalid(format!(
+                "LoRA delta of width {} on a part of width {}",
+                delta.out_dim(),
+                self.outs[part]
+            )));
+        }
+        if self.lora.is_empty() {
+            self.lora = vec![None; self.outs.len()];
+        }
+        if self.lora[part].is_some() {
+            return Err(LmError::Invalid(format!(
+                "part {part} already carries a LoRA adapter"
+            )));
+        }
+        self.lora[part] = Some(delta);
+        Ok(())
+    }
+}
+
+/// `w` with `delta` added to the block of `len` rows (`dim` 0) or columns (`dim` 1) starting
+/// at `at`.
+fn add_block(w: &Tensor, delta: &Tensor, dim: usize, at: usize, len: usize) -> Result<Tensor> {
+    let size = w.dim(dim)?;
+    let mut pieces = Vec::with_capacity(3);
+    if at > 0 {
+        pieces.push(w.narrow(dim, 0, at)?);
+    }
+    pieces.push((w.narrow(dim, at, len)? + delta)?);
+    if at + len < size {
+        pieces.push(w.narrow(dim, at + len, size - at - len)?);
+    }
+    Ok(Tensor::cat(&pieces, dim)?.contiguous()?)
 }

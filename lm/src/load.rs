@@ -201,6 +201,11 @@ pub struct LoadOptions {
     pub dequantize: bool,
     /// Override the context length (e.g. to bound memory).
     pub context_length: Option<usize>,
+    /// An afm LoRA adapter file to apply ([`crate::lora`]); it must have been made for this
+    /// very checkpoint (its sha256 is computed and compared).
+    pub lora: Option<PathBuf>,
+    /// How to apply `lora` (default: merged into dense matrices, unmerged on quantized ones).
+    pub lora_mode: crate::lora::LoraMode,
 }
 
 impl LoadOptions {
@@ -225,6 +230,16 @@ impl DeviceModel {
 }
 
 fn load_model(files: &CheckpointFiles, opts: &LoadOptions) -> Result<DeviceModel> {
+    let mut model = load_base(files, opts)?;
+    if let Some(p) = &opts.lora {
+        let adapter = crate::lora::LoraAdapter::load(p)?;
+        let sha = crate::lora::files_sha256(files)?;
+        model.apply_lora(&adapter, &sha, opts.lora_mode)?;
+    }
+    Ok(model)
+}
+
+fn load_base(files: &CheckpointFiles, opts: &LoadOptions) -> Result<DeviceModel> {
     match files {
         CheckpointFiles::Gguf(p) => {
             let src = WeightSource::from_gguf(p)?.with_dequantize(opts.dequantize);

@@ -1,18 +1,18 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`, no biases.
 
 use crate::error::Result;
-use crate::linear::{Fused, Linear};
+use crate::linear::Fused;
 use crate::weights::WeightSource;
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
     /// gate and up, one fused matmul when their formats match.
     gate_up: Fused,
-    down: Linear,
+    down: Fused,
 }
 
 impl Mlp {
-    /// [`Linear::set_int8`] on gate, up and down.
+    /// [`crate::linear::Linear::set_int8`] on gate, up and down.
     pub fn set_int8(&mut self, on: bool) -> Result<()> {
         self.gate_up.set_int8(on)?;
         self.down.set_int8(on)
@@ -31,8 +31,17 @@ impl Mlp {
                     inner,
                 ),
             ])?,
-            down: src.projection(&format!("{prefix}.down_proj.weight"), hidden, inner)?,
+            down: Fused::new(vec![(
+                src.projection(&format!("{prefix}.down_proj.weight"), hidden, inner)?,
+                hidden,
+            )])?,
         })
+    }
+
+    /// The gate/up and down matrices, for LoRA ([`crate::lora::mlp_sites`] lists their parts
+    /// in the same order).
+    pub(crate) fn lora_fused(&mut self) -> [&mut Fused; 2] {
+        [&mut self.gate_up, &mut self.down]
     }
 
     /// # Shapes

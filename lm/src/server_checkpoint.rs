@@ -209,7 +209,13 @@ pub(crate) fn load_server(files: &CheckpointFiles, opts: &LoadOptions) -> Result
         cfg.max_position_embeddings = n;
         cfg.validate()?;
     }
-    ServerModel::from_source(&src, cfg)
+    let mut model = ServerModel::from_source(&src, cfg)?;
+    if let Some(p) = &opts.lora {
+        let adapter = crate::lora::LoraAdapter::load(p)?;
+        let sha = crate::lora::files_sha256(files)?;
+        model.apply_lora(&adapter, &sha, opts.lora_mode)?;
+    }
+    Ok(model)
 }
 
 /// The [`ServerConfig`] stored in a server GGUF's metadata.

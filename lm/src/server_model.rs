@@ -62,6 +62,7 @@
 use crate::cache::{Cache, LayerKv};
 use crate::error::{LmError, Result};
 use crate::linear::{Fused, Linear};
+use crate::lora::{self, LoraAdapter, LoraApplied, LoraFused, LoraMode, LoraSite};
 use crate::mlp::Mlp;
 use crate::model::{LanguageModel, LogitsFor, ModelInfo};
 use crate::par::{axpy, dot};
@@ -429,13 +430,28 @@ impl MoeLayer {
     pub fn num_experts(&self) -> usize {
         self.experts.len()
     }
+
+    /// The experts' SwiGLUs by module path under `{prefix}` (`experts.{e}`, then
+    /// `shared_expert`), for LoRA.
+    fn lora_mlps(&mut self, prefix: &str) -> Vec<(String, &mut Mlp)> {
+        let mut v: Vec<(String, &mut Mlp)> = self
+            .experts
+            .iter_mut()
+            .enumerate()
+            .map(|(e, m)| (format!("{prefix}.experts.{e}"), m))
+            .collect();
+        if let Some(s) = &mut self.shared {
+            v.push((format!("{prefix}.shared_expert"), s));
+        }
+        v
+    }
 }
 
 /// Self-attention of one server layer (local: RoPE + sliding window; global: NoPE, full causal).
 #[derive(Debug, Clone)]
 struct ServerAttention {
     qkv: Fused,
-    o_proj: Linear,
+    o_proj: Fused,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     heads: usize,
@@ -489,7 +505,10 @@ impl ServerAttention {
         };
         Ok(Self {
             qkv,
-            o_proj: src.projection(&format!("{p}.o_proj.weight"), h, nh * hd)?,
+            o_proj: Fused::new(vec![(
+                src.projection(&format!("{p}.o_proj.weight"), h, nh * hd)?,
+                h,
+            )])?,
             q_norm,
             k_norm,
             heads: nh,
@@ -583,6 +602,35 @@ struct ServerLayer {
 }
 
 impl ServerLayer {
+    /// This layer's fused matrices with the LoRA sites of their parts (module paths under
+    /// `p = model.tracks.{t}.layers.{i}`): q/k/v, o, then per SwiGLU (the dense MLP, or every
+    /// expert and the shared expert) gate/up and down. The router is not a site.
+    fn lora_groups(&mut self, p: &str, hidden: usize) -> Vec<LoraFused<'_>> {
+        let a = &mut self.attn;
+        let (qd, kvd) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+        let sites = lora::attention_sites(&format!("{p}.self_attn"), hidden, qd, Some(kvd));
+        let mut groups: Vec<LoraFused<'_>> = [&mut a.qkv, &mut a.o_proj]
+            .into_iter()
+            .zip(sites)
+            .map(|(fused, sites)| LoraFused { fused, sites })
+            .collect();
+        let mlps: Vec<(String, &mut Mlp)> = match &mut self.ffn {
+            Ffn::Dense(m) => vec![(format!("{p}.mlp"), m)],
+            Ffn::Moe(m) => m.lora_mlps(&format!("{p}.mlp")),
+        };
+        for (prefix, m) in mlps {
+            let [gu, d] = m.lora_fused();
+            let inner = gu.outs()[0];
+            for (fused, sites) in [gu, d]
+                .into_iter()
+                .zip(lora::mlp_sites(&prefix, hidden, inner))
+            {
+                groups.push(LoraFused { fused, sites });
+            }
+        }
+        groups
+    }
+
     fn load(src: &WeightSource, cfg: &ServerConfig, track: usize, i: usize) -> Result<Self> {
         let p = format!("model.tracks.{track}.layers.{i}");
         let h = cfg.hidden_size;
@@ -655,6 +703,8 @@ pub struct ServerModel {
     lm_head: Linear,
     rope: Rope,
     parallel_tracks: bool,
+    /// Whether a LoRA adapter has been applied (a second one is refused).
+    has_lora: bool,
 }
 
 impl ServerModel {
@@ -697,11 +747,50 @@ impl ServerModel {
             lm_head,
             rope,
             parallel_tracks: true,
+            has_lora: false,
         })
     }
 
     pub fn config(&self) -> &ServerConfig {
         &self.cfg
+    }
+
+    /// Every projection a LoRA adapter can target (module paths in [`crate::lora`]:
+    /// attention q/k/v/o, dense MLPs, every expert and the shared expert; not the router).
+    pub fn lora_sites(&self) -> Vec<LoraSite> {
+        // the walk needs `&mut`; a clone shares every weight (Arc), so it is cheap
+        let mut m = self.clone();
+        m.lora_groups().into_iter().flat_map(|g| g.sites).collect()
+    }
+
+    fn lora_groups(&mut self) -> Vec<LoraFused<'_>> {
+        let h = self.cfg.hidden_size;
+        let mut groups = Vec::new();
+        for (t, track) in self.tracks.iter_mut().enumerate() {
+            for (i, layer) in track.iter_mut().enumerate() {
+                groups.extend(layer.lora_groups(&format!("model.tracks.{t}.layers.{i}"), h));
+            }
+        }
+        groups
+    }
+
+    /// Applies a LoRA adapter, as [`crate::DeviceModel::apply_lora`] (sites in
+    /// [`ServerModel::lora_sites`]). One adapter per model.
+    pub fn apply_lora(
+        &mut self,
+        adapter: &LoraAdapter,
+        model_sha256: &str,
+        mode: LoraMode,
+    ) -> Result<LoraApplied> {
+        if self.has_lora {
+            return Err(LmError::Invalid(
+                "this model already has a LoRA adapter; load the base again to apply another"
+                    .into(),
+            ));
+        }
+        let done = adapter.apply(model_sha256, mode, self.lora_groups())?;
+        self.has_lora = true;
+        Ok(done)
     }
 
     /// With `false`, the tracks of a segment run one after another (same result, bitwise).

@@ -158,6 +158,7 @@ fn real_smollm2_diff_model_equals_dequantized_inference() {
     let opts = LoadOptions {
         dequantize: true,
         context_length: Some(64),
+        ..Default::default()
     };
     let dm = DeviceModel::load_with(&p, &opts).unwrap();
     let src = WeightSource::from_gguf(&p).unwrap().with_dequantize(true);

@@ -13,6 +13,7 @@ fn real_smollm2_int8_stays_close_to_f32() {
     let opts = LoadOptions {
         dequantize: true,
         context_length: Some(64),
+        ..Default::default()
     };
     let mut m = DeviceModel::load_with(&p, &opts).unwrap();
     let toks: Vec<u32> = vec![
