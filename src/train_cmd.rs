@@ -419,8 +419,10 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
     keep_freed_memory();
     let cfg = adapter_config(a)?;
     let lm_path = a.run.lm_path()?;
-    let lm =
+    let mut lm =
         FrozenLm::from_gguf(&lm_path).with_context(|| format!("loading {}", lm_path.display()))?;
+    afm_train::adapter_train::prepare_lora(&cfg, &mut lm)?;
+    let lora_params: usize = lm.model.lora_vars().iter().map(|v| v.elem_count()).sum();
     let (easy, easy_eval) = open_easy_vqa(a.run.no_easy_vqa)?;
     let tr = Trainable::init_from(
         &cfg,
@@ -429,12 +431,20 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
         a.init_adapter.as_deref(),
     )?;
     eprintln!(
-        "stage 2, adapter training against the frozen {} ({}): {:.2} M trainable parameters ({}); {} image tokens; {} epochs x {} steps of {} examples ({} sources), {} held-out questions per epoch",
+        "stage 2, adapter training against the frozen {} ({}): {:.2} M trainable parameters ({}{}); {} image tokens per view{}; {} epochs x {} steps of {} examples ({} sources), {} held-out questions per epoch",
         lm.info.file,
         &lm.info.sha256[..lm.info.sha256.len().min(12)],
-        tr.params.num_params() as f64 / 1e6,
+        (tr.params.num_params() + lora_params) as f64 / 1e6,
         if cfg.train_vit { "ViT + adapter" } else { "adapter only, ViT frozen" },
+        match &cfg.lora {
+            Some(l) => format!(" + LoRA rank {} on the LM: {:.2} M", l.rank, lora_params as f64 / 1e6),
+            None => String::new(),
+        },
         cfg.tokens_per_image(),
+        match &cfg.tiling {
+            Some(t) => format!(", overview + {} px tiles up to {} tokens per image", t.tile, t.max_tokens),
+            None => ", one view per image".into(),
+        },
         cfg.epochs,
         cfg.steps_per_epoch,
         cfg.batch_size,

@@ -66,6 +66,12 @@ pub(crate) struct ModelArgs {
     /// Elsewhere it runs a slower portable loop.
     #[arg(long)]
     int8: bool,
+    /// A LoRA adapter on the language model (an afm LoRA file, see `afm lora-import`), bound
+    /// to that model's checkpoint by sha256: the afm-tiny export's GGUF, or a SmolVLM
+    /// directory's safetensors. An afm-tiny export that carries its own `lora.safetensors`
+    /// uses that one (and refuses a second).
+    #[arg(long, value_name = "FILE")]
+    lora: Option<PathBuf>,
 }
 
 /// Flags shared by `caption`, `ask` and `screen`.
@@ -228,19 +234,21 @@ impl ModelArgs {
             Some(info) => Some(self.external_lm(m, info)?),
             None => None,
         };
-        let mut vlm = m.load(lm.as_deref()).with_context(|| match &lm {
-            Some(lm) => format!(
-                "loading the {} model {} with the language model {}",
-                m.model_type(),
-                m.path().display(),
-                lm.display()
-            ),
-            None => format!(
-                "loading the {} model {}",
-                m.model_type(),
-                m.path().display()
-            ),
-        })?;
+        let mut vlm = m
+            .load_with_lora(lm.as_deref(), self.lora.as_deref())
+            .with_context(|| match &lm {
+                Some(lm) => format!(
+                    "loading the {} model {} with the language model {}",
+                    m.model_type(),
+                    m.path().display(),
+                    lm.display()
+                ),
+                None => format!(
+                    "loading the {} model {}",
+                    m.model_type(),
+                    m.path().display()
+                ),
+            })?;
         vlm.set_vision_int8(self.int8)?;
         vlm.set_lm_int8(self.int8)?;
         Ok((vlm, t0.elapsed().as_secs_f64()))

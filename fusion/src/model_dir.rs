@@ -11,6 +11,10 @@ use crate::vlm::Vlm;
 use afm_lm::DeviceModel;
 use std::path::{Path, PathBuf};
 
+/// File name of the LoRA adapter inside an afm-tiny export (on its language model; made by
+/// stage 2 when it trains one, bound to the GGUF's sha256).
+pub const EXPORT_LORA_FILE: &str = "lora.safetensors";
+
 #[derive(Debug, Clone)]
 enum Kind {
     Idefics3,
@@ -84,6 +88,52 @@ impl ModelDir {
     /// Loads the pipeline. `lm` is the external language model ([`Self::external_lm`]):
     /// required when the directory needs one, refused when it carries its own.
     pub fn load(&self, lm: Option<&Path>) -> Result<Vlm<DeviceModel>> {
+        self.load_with_lora(lm, None)
+    }
+
+    /// The LoRA adapter an afm-tiny export carries (`lora.safetensors` beside its
+    /// `config.json`), if any.
+    pub fn own_lora(&self) -> Option<PathBuf> {
+        match &self.kind {
+            Kind::AfmTiny(_) => Some(self.path.join(EXPORT_LORA_FILE)).filter(|p| p.is_file()),
+            Kind::Idefics3 => None,
+        }
+    }
+
+    /// [`Self::load`], then a LoRA adapter on the language model: the export's own
+    /// ([`Self::own_lora`]) or `lora` (an afm LoRA file bound to this model's language-model
+    /// checkpoint: the afm-tiny export's GGUF, or a SmolVLM directory's safetensors). One
+    /// adapter per model: a `lora` on an export that carries its own is refused.
+    pub fn load_with_lora(
+        &self,
+        lm: Option<&Path>,
+        lora: Option<&Path>,
+    ) -> Result<Vlm<DeviceModel>> {
+        let own = self.own_lora();
+        if let (Some(o), Some(l)) = (&own, lora) {
+            return Err(FusionError::Invalid(format!(
+                "{} carries its own LoRA adapter ({}); a second one ({}) cannot be applied on top",
+                self.path.display(),
+                o.display(),
+                l.display()
+            )));
+        }
+        let mut vlm = self.load_base(lm)?;
+        if let Some(f) = own.as_deref().or(lora) {
+            let adapter = afm_lm::lora::LoraAdapter::load(f)?;
+            let base = match &self.kind {
+                Kind::AfmTiny(cfg) => cfg.lm.sha256.clone(),
+                Kind::Idefics3 => afm_lm::lora::checkpoint_sha256(&self.path)?,
+            };
+            vlm.apply_lora(&adapter, &base).map_err(|e| match e {
+                FusionError::Lm(e) => FusionError::Invalid(format!("{}: {e}", f.display())),
+                e => e,
+            })?;
+        }
+        Ok(vlm)
+    }
+
+    fn load_base(&self, lm: Option<&Path>) -> Result<Vlm<DeviceModel>> {
         match (&self.kind, lm) {
             (Kind::Idefics3, None) => Vlm::load_idefics3(&self.path),
             (Kind::Idefics3, Some(_)) => Err(FusionError::Invalid(format!(

@@ -321,6 +321,23 @@ impl Vlm<DeviceModel> {
     }
 }
 
+impl Vlm<DeviceModel> {
+    /// Applies a LoRA adapter to the language model (merged into dense weights, unmerged in
+    /// f32 beside quantized ones; [`afm_lm::lora`]). `base_sha256` is the hash of the
+    /// checkpoint the language model came from: an adapter made for another base is refused
+    /// with both hashes named. Encoded images in the cache stay valid (the adapter touches
+    /// the language model only).
+    pub fn apply_lora(
+        &mut self,
+        adapter: &afm_lm::lora::LoraAdapter,
+        base_sha256: &str,
+    ) -> Result<afm_lm::lora::LoraApplied> {
+        Ok(self
+            .lm
+            .apply_lora(adapter, base_sha256, afm_lm::lora::LoraMode::Auto)?)
+    }
+}
+
 impl<M: LanguageModel> Vlm<M> {
     /// Assembles a pipeline from parts; checks that they fit together: every token the
     /// processor writes is in the vocabulary, the image token's id is the tokenizer's, the

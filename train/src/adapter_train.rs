@@ -93,6 +93,7 @@ use afm_fusion::{
 };
 use afm_lm::diff_model::DiffLm;
 use afm_lm::Tokenizer;
+use afm_lm::{LoraAdapter, LoraConfig, LoraTarget};
 use afm_vision::weights::VisionWeights;
 use afm_vision::{Preprocess, VisionConfig, VisionEncoder};
 use candle_core::{DType, Device, Tensor, D};
@@ -151,6 +152,79 @@ pub struct AdapterTrainConfig {
     /// one squashed view per image (the shipped model's recipe).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiling: Option<TilingSettings>,
+    /// A LoRA adapter on the language model, trained with the adapter (the paper ships
+    /// features this way: rank 32, alpha 16 on the frozen base). [`prepare_lora`] attaches it
+    /// before [`run`]; the export writes it as `lora.safetensors`, bound to the GGUF's sha256.
+    /// `None`: the language model stays as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraTrain>,
+}
+
+/// LoRA settings of a stage-2 run (`lora` in its JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraTrain {
+    pub rank: usize,
+    pub alpha: f32,
+    /// Short names (`q`, `k`, `v`, `o`, `gate`, `up`, `down`) or projection names.
+    pub targets: Vec<String>,
+}
+
+impl LoraTrain {
+    /// The paper's: rank 32, alpha 16, all seven projections.
+    pub fn paper() -> Self {
+        Self {
+            rank: 32,
+            alpha: 16.0,
+            targets: ["q", "k", "v", "o", "gate", "up", "down"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+
+    pub fn config(&self) -> Result<LoraConfig> {
+        if self.rank == 0 || !self.alpha.is_finite() {
+            return Err(TrainError::Invalid(format!(
+                "lora: rank {} / alpha {} (rank must be >= 1, alpha finite)",
+                self.rank, self.alpha
+            )));
+        }
+        let mut targets = self
+            .targets
+            .iter()
+            .map(|t| {
+                LoraTarget::parse(t)
+                    .ok_or_else(|| TrainError::Invalid(format!("lora: unknown target `{t}`")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err(TrainError::Invalid("lora: no target".into()));
+        }
+        Ok(LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            targets,
+        })
+    }
+}
+
+/// Name of the `k`-th LoRA variable in a run's parameters and checkpoint.
+fn lora_var_name(k: usize) -> String {
+    format!("lora.{k:05}")
+}
+
+/// Attaches the run's LoRA adapter (`cfg.lora`) to the frozen LM's differentiable model:
+/// factors A random, B zero (the LM is unchanged at step 0), bound to the LM file's sha256.
+/// Call once, before [`run`]; a run with `lora` refuses an LM without it.
+pub fn prepare_lora(cfg: &AdapterTrainConfig, lm: &mut FrozenLm) -> Result<()> {
+    let Some(l) = &cfg.lora else {
+        return Ok(());
+    };
+    let sites = lm.model.lora_sites();
+    let adapter = LoraAdapter::random(&sites, l.config()?, &lm.info.sha256, cfg.seed + 17, 0.0)?;
+    lm.model.attach_lora(&adapter)?;
+    Ok(())
 }
 
 fn one() -> usize {
@@ -195,6 +269,7 @@ impl AdapterTrainConfig {
             caption_slots: None,
             lm_loss: true,
             tiling: None,
+            lora: None,
         }
     }
 
@@ -224,6 +299,7 @@ impl AdapterTrainConfig {
             caption_slots: None,
             lm_loss: true,
             tiling: None,
+            lora: None,
         }
     }
 
@@ -1119,7 +1195,28 @@ pub fn run(
 ) -> Result<RunState> {
     cfg.validate()?;
     let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder)?;
-    let trainable = Trainable::init_from(cfg, lm.hidden_size(), vision_init, adapter_init)?;
+    let mut trainable = Trainable::init_from(cfg, lm.hidden_size(), vision_init, adapter_init)?;
+    let lora_vars = lm.model.lora_vars();
+    match (&cfg.lora, lora_vars.is_empty()) {
+        (Some(_), true) => {
+            return Err(TrainError::Invalid(
+                "the run trains a LoRA adapter but the language model has none attached (call prepare_lora first)".into(),
+            ))
+        }
+        (None, false) => {
+            return Err(TrainError::Invalid(
+                "the language model carries a LoRA adapter that the run's config does not name"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    trainable.params.add_vars(
+        lora_vars
+            .into_iter()
+            .enumerate()
+            .map(|(k, v)| (lora_var_name(k), v)),
+    )?;
     let run_cfg = AdapterRunConfig {
         train: cfg.clone(),
         lm: lm.info.clone(),
@@ -1284,5 +1381,11 @@ pub fn export(
         tiling: cfg.tiling,
     };
     write_json_atomic(&out.join("config.json"), &c)?;
+    let lora_file = out.join(afm_fusion::model_dir::EXPORT_LORA_FILE);
+    if cfg.lora.is_some() {
+        lm.model.lora_adapter()?.save(&lora_file)?;
+    } else if lora_file.exists() {
+        std::fs::remove_file(&lora_file).map_err(io(&lora_file))?;
+    }
     Ok(out)
 }

@@ -57,6 +57,22 @@ impl Params {
             .collect()
     }
 
+    /// Adds variables that live elsewhere too (a [`afm_lm::DiffLm`]'s LoRA factors): the
+    /// optimizer then updates the very storage the model reads. A name already present is
+    /// an error.
+    pub fn add_vars(&mut self, vars: impl IntoIterator<Item = (String, Var)>) -> Result<()> {
+        for (k, v) in vars {
+            if self.vars.contains_key(&k) {
+                return Err(OptimError::Checkpoint {
+                    path: String::new(),
+                    reason: format!("parameter `{k}` is defined twice"),
+                });
+            }
+            self.vars.insert(k, v);
+        }
+        Ok(())
+    }
+
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.vars.get(name).map(|v| v.as_tensor())
     }

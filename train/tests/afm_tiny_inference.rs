@@ -466,3 +466,152 @@ fn tiled_training_builds_the_inference_sequences_and_exports_tiling() {
     assert!(diff < 1e-3, "first-token logits differ by {diff}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Stage 2 with a LoRA adapter on the LM: the run trains it (its factors move, B from zero),
+/// resumes with it from the checkpoint, and exports `lora.safetensors` bound to the LM's
+/// hash; the pipeline with that adapter applied gives the training path's logits; the export
+/// refuses a second adapter and the adapter refuses another base.
+#[test]
+fn lora_training_exports_an_adapter_the_pipeline_applies() {
+    use afm_train::adapter_train::{prepare_lora, LoraTrain};
+    let cfg = AdapterTrainConfig {
+        lora: Some(LoraTrain {
+            rank: 2,
+            alpha: 4.0,
+            targets: vec!["q".into(), "v".into(), "down".into()],
+        }),
+        ..AdapterTrainConfig::test_tiny()
+    };
+    const SHA: &str = "abababababababababababababababababababababababababababababababab";
+    let lm_with_hash = || {
+        let model = afm_lm::diff_model::DiffLm::from_source(
+            &WeightSource::from_tensors(common::lm_tensors()),
+            common::lm_config(),
+        )
+        .unwrap();
+        FrozenLm::new(model, common::tokenizer(), "tiny-random.gguf", SHA)
+    };
+    let mut lm = lm_with_hash();
+    // a run with `lora` refuses an LM without the adapter attached
+    let dir = tmp("lora-train");
+    let e = run(&cfg, &lm, None, None, &dir, None, None, None, &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("prepare_lora"), "{e}");
+    prepare_lora(&cfg, &mut lm).unwrap();
+    let st = run(
+        &cfg,
+        &lm,
+        None,
+        None,
+        &dir,
+        None,
+        None,
+        Some(2),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(st.step, 2);
+    // resume in a fresh process-like state: a new LM, the adapter attached again (fresh B = 0)
+    let mut lm2 = lm_with_hash();
+    prepare_lora(&cfg, &mut lm2).unwrap();
+    let st = run(&cfg, &lm2, None, None, &dir, None, None, None, &mut |_| {}).unwrap();
+    assert_eq!(st.step, cfg.total_steps());
+    let export = dir.join("afm-tiny");
+    let file = export.join("lora.safetensors");
+    let adapter = afm_lm::LoraAdapter::load(&file).unwrap();
+    assert_eq!(adapter.base_sha256(), SHA);
+    assert_eq!(adapter.config().rank, 2);
+    let moved = adapter
+        .modules()
+        .values()
+        .map(|p| {
+            p.b.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0f32, f32::max);
+    assert!(moved > 0.0, "the LoRA B factors never left zero");
+    // the pipeline with the exported adapter against the training path (DiffLm + LoRA)
+    let (c, vit, ad) = load_export(&export).unwrap();
+    let mut tiny = Vlm::afm_tiny(c, vit, ad, device_lm(), common::tokenizer()).unwrap();
+    let base_first = {
+        let s = example(2, Split::HeldOut, None).unwrap();
+        let opts = AskOptions {
+            generate: GenerateOptions {
+                max_new_tokens: 1,
+                ..Default::default()
+            },
+            max_image_tokens: None,
+        };
+        tiny.ask(&s.image, "What is it?", &opts, &mut |_| true)
+            .unwrap()
+            .generation
+            .first_logits
+    };
+    let other = "cd".repeat(32);
+    let err = tiny.apply_lora(&adapter, &other).err().unwrap().to_string();
+    assert!(err.contains(&other) && err.contains(SHA), "{err}");
+    tiny.apply_lora(&adapter, SHA).unwrap();
+    let s = example(2, Split::HeldOut, None).unwrap();
+    let fmt = PromptFormat::new(&lm2.tokenizer, &cfg.image_placeholder).unwrap();
+    let px = tiny
+        .processor()
+        .pixel_values(
+            &s.image,
+            &tiny.plan(s.image.width(), s.image.height(), None).unwrap(),
+        )
+        .unwrap();
+    let img = tiny.embed_pixels(&px).unwrap();
+    let n = img.elem_count() / 32;
+    let img = img.reshape((1, n, 32)).unwrap();
+    let prompt = fmt.prompt_ids("What is it?", n).unwrap();
+    let x = input_embeddings(&lm2.model, &[&prompt], fmt.placeholder_id(), &img).unwrap();
+    let t = prompt.len();
+    let hs = lm2.model.hidden_states(&x).unwrap().get(0).unwrap();
+    let want: Vec<f32> = lm2
+        .model
+        .logits(&hs.narrow(0, t - 1, 1).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let opts = AskOptions {
+        generate: GenerateOptions {
+            max_new_tokens: 1,
+            ..Default::default()
+        },
+        max_image_tokens: None,
+    };
+    let got = tiny
+        .ask(&s.image, "What is it?", &opts, &mut |_| true)
+        .unwrap()
+        .generation
+        .first_logits;
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(diff(&got, &want) < 1e-3, "with LoRA: {}", diff(&got, &want));
+    assert!(
+        diff(&got, &base_first) > 1e-4,
+        "the adapter changed nothing"
+    );
+    // an export carrying its own adapter refuses a second one, before loading anything
+    let m = afm_fusion::ModelDir::open(&export).unwrap();
+    assert_eq!(m.own_lora().as_deref(), Some(file.as_path()));
+    let e = m
+        .load_with_lora(Some(Path::new("/nonexistent.gguf")), Some(&file))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("carries its own LoRA adapter"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
