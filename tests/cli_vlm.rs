@@ -679,3 +679,51 @@ fn afm_tiny_wrong_or_missing_parts_are_one_line_errors() {
     assert_clean_failure(&out, &["--lm applies to afm-tiny"]);
     std::fs::remove_dir_all(export.parent().unwrap()).unwrap();
 }
+
+/// `--lora` on the vision-language commands: an adapter bound to the export's GGUF applies
+/// (a zero-B adapter leaves the answer as it was, a strong one changes it); one made for
+/// another base is refused naming both hashes.
+#[test]
+fn afm_tiny_takes_a_lora_adapter_bound_to_its_language_model() {
+    let Some((export, gguf)) = afm_tiny_export("lora") else {
+        return;
+    };
+    let img = fixture().join("sample.png");
+    let sha = afm::lm::lora::checkpoint_sha256(&gguf).unwrap();
+    let sites = afm::lm::Checkpoint::load(&gguf).unwrap().model.lora_sites();
+    let dir = export.join("adapters");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, base: &str, b_std: f32| {
+        let cfg = afm::lm::LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            ..Default::default()
+        };
+        let a = afm::lm::LoraAdapter::random(&sites, cfg, base, 3, b_std).unwrap();
+        let f = dir.join(name);
+        a.save(&f).unwrap();
+        f
+    };
+    let ask = |extra: &[&str]| {
+        let mut args = vec![s(&img), "What is the title?"];
+        args.extend_from_slice(extra);
+        run_tiny(&export, &gguf, "ask", &args)
+    };
+    let plain = ask(&[]);
+    assert!(plain.status.success(), "{}", text(&plain.stderr));
+    let zero = write("zero.safetensors", &sha, 0.0);
+    let out = ask(&["--lora", s(&zero)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), text(&plain.stdout));
+    let strong = write("strong.safetensors", &sha, 0.5);
+    let out = ask(&["--lora", s(&strong)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_ne!(text(&out.stdout), text(&plain.stdout));
+    let other = "cd".repeat(32);
+    let wrong = write("wrong.safetensors", &other, 0.5);
+    let out = ask(&["--lora", s(&wrong)]);
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains(&other) && e.contains(&sha), "{e}");
+    std::fs::remove_dir_all(&export).ok();
+}
