@@ -1,12 +1,16 @@
-//! Copies an `afm-tiny` export (`<run>/afm-tiny` of `afm train adapter`) for shipping, with
-//! its weights stored as f16 (half the bytes; the loaders widen every tensor to f32):
+//! Copies an `afm-tiny` export (`<run>/afm-tiny` of `afm train adapter`), or a stage run's
+//! directory (`afm train perceive`: `vision/`, `heads.safetensors`, `perceive.json`), for
+//! shipping or committing, with its weights stored as f16 (half the bytes; the loaders widen
+//! every tensor to f32):
 //!
 //! ```text
 //! cargo run --release -p afm-train --example ship_export -- EXPORT_DIR OUT_DIR
 //! ```
 //!
-//! `config.json` and `vision/config.json` are copied as they are; `adapter.safetensors` and
-//! `vision/model.safetensors` are rewritten in f16. It refuses a tensor that f16 cannot hold
+//! The JSON files present (`config.json`, `vision/config.json`, `perceive.json`) are copied
+//! as they are; the weight files present (`adapter.safetensors`, `vision/model.safetensors`,
+//! `heads.safetensors`, `lora.safetensors`) are rewritten in f16; at least the encoder must
+//! be there. It refuses a tensor that f16 cannot hold
 //! (a magnitude above 65504) and prints the largest relative rounding error per file.
 
 use std::collections::HashMap;
@@ -56,17 +60,24 @@ fn main() -> Res<()> {
     let src = std::path::PathBuf::from(args.next().ok_or(usage)?);
     let dst = std::path::PathBuf::from(args.next().ok_or(usage)?);
     std::fs::create_dir_all(dst.join("vision"))?;
-    for f in ["config.json", "vision/config.json"] {
-        std::fs::copy(src.join(f), dst.join(f))
-            .map_err(|e| format!("{}: {e}", src.join(f).display()))?;
+    if !src.join("vision/model.safetensors").is_file() {
+        return Err(format!("{}: no vision/model.safetensors", src.display()).into());
     }
-    half(
-        &src.join("adapter.safetensors"),
-        &dst.join("adapter.safetensors"),
-    )?;
-    half(
-        &src.join("vision/model.safetensors"),
-        &dst.join("vision/model.safetensors"),
-    )?;
+    for f in ["config.json", "vision/config.json", "perceive.json"] {
+        if src.join(f).is_file() {
+            std::fs::copy(src.join(f), dst.join(f))
+                .map_err(|e| format!("{}: {e}", src.join(f).display()))?;
+        }
+    }
+    for f in [
+        "adapter.safetensors",
+        "vision/model.safetensors",
+        "heads.safetensors",
+        "lora.safetensors",
+    ] {
+        if src.join(f).is_file() {
+            half(&src.join(f), &dst.join(f))?;
+        }
+    }
     Ok(())
 }
