@@ -152,6 +152,9 @@ pub struct PerceiveConfig {
     /// Range of the random scale of screen crops.
     pub scale_range: (f32, f32),
     pub weights: LossWeights,
+    /// Screen crops around strings only (sources 1 and 2 of the mix): a reading run.
+    #[serde(default)]
+    pub text_only: bool,
 }
 
 impl PerceiveConfig {
@@ -181,6 +184,7 @@ impl PerceiveConfig {
                 role: 0.5,
                 chars: 2.0,
             },
+            text_only: false,
         }
     }
 
@@ -213,6 +217,7 @@ impl PerceiveConfig {
             seed: 0,
             scale_range: (0.75, 1.3),
             weights: Self::afm_tiny().weights,
+            text_only: false,
         }
     }
 
@@ -681,7 +686,11 @@ pub fn view_for(
             ^ (j.wrapping_mul(0x9E37_79B9_7F4A_7C15))
             ^ (((split == Split::HeldOut) as u64) << 63),
     );
-    let (src, idx) = (j % 5, j / 5);
+    let (src, idx) = if cfg.text_only {
+        (1 + j % 2, j / 2)
+    } else {
+        (j % 5, j / 5)
+    };
     let scale = |rng: &mut ChaCha8Rng| rng.random_range(cfg.scale_range.0..=cfg.scale_range.1);
     Ok(match (src, easy) {
         (0, _) | (4.., None) => {

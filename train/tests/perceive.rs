@@ -113,3 +113,19 @@ fn tiny_run_resumes_and_exports_a_loadable_encoder() {
     assert!(dir.join("heads.safetensors").exists());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_reading_run_sees_screen_crops_around_strings_only() {
+    let cfg = PerceiveConfig {
+        text_only: true,
+        ..PerceiveConfig::afm_tiny()
+    };
+    for j in 0..10u64 {
+        let (s, v) = view_for(&cfg, j, Split::Train, None).unwrap();
+        assert!(matches!(s.truth, Truth::Screen(_)), "example {j}");
+        assert!(
+            !labels(&s, &v).strings.is_empty() || v.s < 1.0,
+            "example {j}: no string in view"
+        );
+    }
+}
