@@ -44,7 +44,7 @@ use crate::easy_vqa::{colour_and_shape_from_pixels, EasyVqa};
 use crate::font;
 use crate::optim::{AdamWConfig, Params};
 use crate::pretrain::{normal, Result, TrainError};
-use crate::runloop::{io, run_loop, LoopSpec, StepLoss};
+use crate::runloop::{run_loop, LoopSpec, StepLoss};
 use crate::scenes::SceneTruth;
 use crate::screens::{ScreenTruth, TextItem};
 use crate::{generate, Rect, Sample, Split, SynthKind, Truth};
@@ -799,38 +799,8 @@ pub fn init_params(cfg: &PerceiveConfig, init: Option<&Path>) -> Result<Params> 
         .filter(|(k, _)| k.starts_with("vision."))
         .collect();
     if let Some(dir) = init {
-        let file = dir.join("model.safetensors");
-        let cj = dir.join("config.json");
-        let text = std::fs::read_to_string(&cj).map_err(io(&cj))?;
-        let vc: VisionConfig = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Invalid(format!("{}: {e}", cj.display())))?;
-        if vc != cfg.vision {
-            return Err(TrainError::Invalid(format!(
-                "{}: this encoder's configuration differs from the run's `vision`",
-                cj.display()
-            )));
-        }
-        let t = candle_core::safetensors::load(&file, &Device::Cpu)?;
-        for (k, v) in t {
-            let name = k
-                .strip_prefix("vision_model.")
-                .map(|s| format!("vision.{s}"))
-                .ok_or_else(|| {
-                    TrainError::Invalid(format!("{}: unexpected tensor `{k}`", file.display()))
-                })?;
-            match m.get(&name) {
-                Some(old) if old.dims() == v.dims() => {
-                    m.insert(name, v.to_dtype(DType::F32)?);
-                }
-                _ => {
-                    return Err(TrainError::Invalid(format!(
-                        "{}: tensor `{k}` {:?} does not fit the run's encoder",
-                        file.display(),
-                        v.dims()
-                    )))
-                }
-            }
-        }
+        let t = crate::adapter_train::read_vision_export(dir, &cfg.vision)?;
+        m.extend(t.into_iter().map(|(k, v)| (format!("vision.{k}"), v)));
     }
     m.extend(init_heads(cfg.vision.hidden_size, "head.", cfg.seed + 1)?);
     Ok(Params::from_tensors(m)?)
@@ -1306,18 +1276,7 @@ pub fn run(
 
 /// Writes `dir/vision/` (config + f32 safetensors, as stage 1) and `dir/heads.safetensors`.
 pub fn export(cfg: &PerceiveConfig, params: &Params, dir: &Path) -> Result<PathBuf> {
-    let out = dir.join("vision");
-    std::fs::create_dir_all(&out).map_err(io(&out))?;
-    let json = serde_json::to_string_pretty(&cfg.vision)
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let cj = out.join("config.json");
-    std::fs::write(&cj, json).map_err(io(&cj))?;
-    let t: HashMap<String, Tensor> = params
-        .with_prefix("vision.")
-        .into_iter()
-        .map(|(k, v)| (format!("vision_model.{k}"), v))
-        .collect();
-    candle_core::safetensors::save(&t, out.join("model.safetensors"))?;
+    let out = crate::pretrain::write_vision(&cfg.vision, params, dir)?;
     let heads: HashMap<String, Tensor> = params
         .tensors()
         .into_iter()

@@ -538,10 +538,16 @@ pub fn run(
 
 /// Writes `dir/vision/config.json` and `model.safetensors` (the encoder alone).
 pub fn export_vision(cfg: &PretrainConfig, params: &Params, dir: &Path) -> Result<PathBuf> {
+    write_vision(&cfg.vision, params, dir)
+}
+
+/// `dir/vision/`: the `vision.*` parameters as `vision_model.*` tensors and `vision` as
+/// `config.json` (shared by the stages that train the encoder).
+pub fn write_vision(vision: &VisionConfig, params: &Params, dir: &Path) -> Result<PathBuf> {
     let out = dir.join("vision");
     std::fs::create_dir_all(&out).map_err(io(&out))?;
-    let json = serde_json::to_string_pretty(&cfg.vision)
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let json =
+        serde_json::to_string_pretty(vision).map_err(|e| TrainError::Invalid(e.to_string()))?;
     let cj = out.join("config.json");
     std::fs::write(&cj, json).map_err(io(&cj))?;
     let t: HashMap<String, Tensor> = params
