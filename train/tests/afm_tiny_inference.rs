@@ -46,6 +46,20 @@ fn trained(name: &str) -> (AdapterTrainConfig, FrozenLm, PathBuf) {
     (cfg, lm, dir)
 }
 
+/// The training path's logits at position `t - 1` of the first sequence of `x`.
+///
+/// # Shapes
+/// `x: (b, len, hidden)` -> `vocab` values.
+fn last_logits(lm: &afm_lm::diff_model::DiffLm, x: &candle_core::Tensor, t: usize) -> Vec<f32> {
+    let hs = lm.hidden_states(x).unwrap().get(0).unwrap();
+    lm.logits(&hs.narrow(0, t - 1, 1).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 fn pipeline(export: &Path) -> Vlm<DeviceModel> {
     let (c, vit, adapter) = load_export(export).unwrap();
     Vlm::afm_tiny(c, vit, adapter, device_lm(), common::tokenizer()).unwrap()
@@ -81,15 +95,7 @@ fn inference_matches_the_training_path() {
         // training path: DiffLm over the spliced embeddings, last position
         let x = input_embeddings(&lm.model, &[&prompt], fmt.placeholder_id(), &img).unwrap();
         let t = prompt.len();
-        let hs = lm.model.hidden_states(&x).unwrap().get(0).unwrap();
-        let want: Vec<f32> = lm
-            .model
-            .logits(&hs.narrow(0, t - 1, 1).unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let want = last_logits(&lm.model, &x, t);
         let want_ids = greedy(
             &lm.model,
             std::slice::from_ref(&prompt),
@@ -243,15 +249,7 @@ fn tiled_export_matches_the_training_path_over_its_views() {
     let prompt = fmt.prompt_ids(&q, plan.image_tokens).unwrap();
     let x = input_embeddings(&lm.model, &[&prompt], fmt.placeholder_id(), &image).unwrap();
     let t = prompt.len();
-    let hs = lm.model.hidden_states(&x).unwrap().get(0).unwrap();
-    let want: Vec<f32> = lm
-        .model
-        .logits(&hs.narrow(0, t - 1, 1).unwrap())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let want = last_logits(&lm.model, &x, t);
     let opts = AskOptions {
         generate: GenerateOptions {
             max_new_tokens: 2,
@@ -435,15 +433,7 @@ fn tiled_training_builds_the_inference_sequences_and_exports_tiling() {
     )
     .unwrap();
     let t = prompt.len();
-    let hs = lm.model.hidden_states(&x).unwrap().get(0).unwrap();
-    let want: Vec<f32> = lm
-        .model
-        .logits(&hs.narrow(0, t - 1, 1).unwrap())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let want = last_logits(&lm.model, &x, t);
     let opts = AskOptions {
         generate: GenerateOptions {
             max_new_tokens: 1,
@@ -572,15 +562,7 @@ fn lora_training_exports_an_adapter_the_pipeline_applies() {
     let prompt = fmt.prompt_ids("What is it?", n).unwrap();
     let x = input_embeddings(&lm2.model, &[&prompt], fmt.placeholder_id(), &img).unwrap();
     let t = prompt.len();
-    let hs = lm2.model.hidden_states(&x).unwrap().get(0).unwrap();
-    let want: Vec<f32> = lm2
-        .model
-        .logits(&hs.narrow(0, t - 1, 1).unwrap())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let want = last_logits(&lm2.model, &x, t);
     let opts = AskOptions {
         generate: GenerateOptions {
             max_new_tokens: 1,
