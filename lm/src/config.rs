@@ -69,6 +69,31 @@ pub struct LmConfig {
     pub kv_quant: bool,
 }
 
+/// Upper bounds on the sizes a config may declare, shared by every model config: far above
+/// any real checkpoint, low enough that every product of them fits in `usize` and no table
+/// built from them is absurd. A hostile config is refused by name before memory is spent.
+pub mod caps {
+    /// Context length in tokens.
+    pub const CONTEXT: usize = 1 << 20;
+    /// Vocabulary size.
+    pub const VOCAB: usize = 1 << 22;
+    /// Residual, MLP and head widths.
+    pub const WIDTH: usize = 1 << 18;
+    /// Layers, heads, tracks, experts.
+    pub const COUNT: usize = 1 << 12;
+
+    /// Refuses `value` above `cap`, naming the field.
+    pub fn check(field: &str, value: usize, cap: usize) -> crate::Result<()> {
+        if value > cap {
+            return Err(crate::LmError::config(
+                field,
+                format!("{value} exceeds the supported maximum of {cap}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_eps() -> f64 {
     1e-5
 }
@@ -227,15 +252,17 @@ impl LmConfig {
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return Err(LmError::config("rope_theta", "must be a positive number"));
         }
-        if self.max_position_embeddings > 1 << 20 {
-            return Err(LmError::config(
-                "max_position_embeddings",
-                format!(
-                    "{} exceeds the supported 1M tokens",
-                    self.max_position_embeddings
-                ),
-            ));
-        }
+        caps::check(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            caps::CONTEXT,
+        )?;
+        caps::check("vocab_size", self.vocab_size, caps::VOCAB)?;
+        caps::check("hidden_size", self.hidden_size, caps::WIDTH)?;
+        caps::check("intermediate_size", self.intermediate_size, caps::WIDTH)?;
+        caps::check("head_dim", hd, caps::WIDTH)?;
+        caps::check("num_hidden_layers", self.num_hidden_layers, caps::COUNT)?;
+        caps::check("num_attention_heads", self.num_attention_heads, caps::COUNT)?;
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod device_model;
 pub mod diff_model;
 pub mod error;
 pub mod generate;
+pub mod gguf_check;
 pub mod int8;
 pub mod kernels;
 pub mod linear;

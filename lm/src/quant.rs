@@ -157,14 +157,25 @@ impl QMatrix {
                 "{kind:?} matrix width {cols} is not a multiple of {QK}"
             )));
         }
-        let want = rows * cols / QK * kind.block_bytes();
+        // sizes come from the file: checked, so that huge dims are an error, never a
+        // wrapped product that matches a short buffer
+        let nblocks = rows
+            .checked_mul(cols / QK)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                LmError::Invalid(format!(
+                    "{kind:?} matrix ({rows}, {cols}) is empty or too large"
+                ))
+            })?;
+        let want = nblocks.checked_mul(kind.block_bytes()).ok_or_else(|| {
+            LmError::Invalid(format!("{kind:?} matrix ({rows}, {cols}) is too large"))
+        })?;
         if data.len() != want {
             return Err(LmError::Invalid(format!(
                 "{kind:?} matrix ({rows}, {cols}) needs {want} bytes, got {}",
                 data.len()
             )));
         }
-        let nblocks = rows * cols / QK;
         let (qb, bb) = (kind.qs_bytes(), kind.block_bytes());
         let mut qs = vec![0u8; nblocks * qb];
         let mut d = vec![0u16; nblocks];

@@ -1,11 +1,19 @@
-//! Rotary position embeddings, precomputed for the whole context.
+//! Rotary position embeddings: cos/sin tables precomputed for the first positions of the
+//! context (at most [`TABLE_POSITIONS`]), computed on the fly, with the same arithmetic,
+//! past them, so a huge configured context costs no memory until it is used.
 
 use crate::error::{LmError, Result};
 
-/// cos/sin tables for positions `0..max_positions`.
+/// Positions whose angles are tabulated up front (8192 x 32 pairs = 2 MiB for head_dim 64).
+pub const TABLE_POSITIONS: usize = 8192;
+
+/// cos/sin tables for positions `0..min(max_positions, TABLE_POSITIONS)`; later positions
+/// up to `max_positions` are computed when applied.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// `(max_positions, head_dim / 2)`
+    /// `theta_i`, `(head_dim / 2,)`
+    inv: Vec<f32>,
+    /// `(table positions, head_dim / 2)`
     cos: Vec<f32>,
     sin: Vec<f32>,
     half: usize,
@@ -25,9 +33,10 @@ impl Rope {
         let inv: Vec<f32> = (0..half)
             .map(|i| (1.0 / base.powf(2.0 * i as f64 / head_dim as f64)) as f32)
             .collect();
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
+        let table = max_positions.min(TABLE_POSITIONS);
+        let mut cos = Vec::with_capacity(table * half);
+        let mut sin = Vec::with_capacity(table * half);
+        for p in 0..table {
             for f in &inv {
                 let a = p as f32 * f;
                 cos.push(a.cos());
@@ -35,6 +44,7 @@ impl Rope {
             }
         }
         Ok(Self {
+            inv,
             cos,
             sin,
             half,
@@ -64,10 +74,21 @@ impl Rope {
                     self.max_positions
                 )));
             }
-            let (c, s) = (
-                &self.cos[p * self.half..(p + 1) * self.half],
-                &self.sin[p * self.half..(p + 1) * self.half],
-            );
+            let (mut cb, mut sb) = (Vec::new(), Vec::new());
+            let (c, s) = if (p + 1) * self.half <= self.cos.len() {
+                (
+                    &self.cos[p * self.half..(p + 1) * self.half],
+                    &self.sin[p * self.half..(p + 1) * self.half],
+                )
+            } else {
+                // past the table: the same angles, computed now
+                for f in &self.inv {
+                    let a = p as f32 * f;
+                    cb.push(a.cos());
+                    sb.push(a.sin());
+                }
+                (&cb[..], &sb[..])
+            };
             for hv in row.chunks_exact_mut(d) {
                 if self.interleaved {
                     for i in 0..self.half {
@@ -130,6 +151,29 @@ mod tests {
                 "halves {rh:?} vs {want_h:?}"
             );
         }
+    }
+
+    #[test]
+    fn positions_past_the_table_match_the_tabulated_formula() {
+        // a huge context allocates only the table
+        let big = Rope::new(64, 10000.0, 1 << 40, true).unwrap();
+        assert_eq!(big.cos.len(), TABLE_POSITIONS * 32);
+        let small = Rope::new(64, 10000.0, TABLE_POSITIONS + 10, true).unwrap();
+        let p = TABLE_POSITIONS + 5;
+        let mut x: Vec<f32> = (0..64).map(|i| i as f32 * 0.1 - 3.0).collect();
+        let mut y = x.clone();
+        big.apply(&mut x, 1, &[p]).unwrap();
+        // reference: the table entry a full-length table would hold
+        let half = 32;
+        for i in 0..half {
+            let a = p as f32 * small.inv[i];
+            let (c, s) = (a.cos(), a.sin());
+            let (u, v) = (y[2 * i], y[2 * i + 1]);
+            y[2 * i] = u * c - v * s;
+            y[2 * i + 1] = u * s + v * c;
+        }
+        assert_eq!(x, y);
+        assert!(small.apply(&mut x, 1, &[TABLE_POSITIONS + 10]).is_err());
     }
 
     #[test]

@@ -285,8 +285,58 @@ impl ServerConfig {
         if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(LmError::config("rms_norm_eps", "must be positive"));
         }
-        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
-            return Err(LmError::config("rope_theta", "must be positive"));
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return Err(LmError::config("rope_theta", "must be positive and finite"));
+        }
+        // the same caps as `LmConfig`: a huge value is refused, not allocated
+        use crate::config::caps;
+        for (f, v, cap) in [
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                caps::CONTEXT,
+            ),
+            ("vocab_size", self.vocab_size, caps::VOCAB),
+            ("hidden_size", self.hidden_size, caps::WIDTH),
+            ("intermediate_size", self.intermediate_size, caps::WIDTH),
+            (
+                "moe_intermediate_size",
+                self.moe_intermediate_size,
+                caps::WIDTH,
+            ),
+            (
+                "shared_expert_intermediate_size",
+                self.shared_expert_intermediate_size,
+                caps::WIDTH,
+            ),
+            ("head_dim", self.head_dim, caps::WIDTH),
+            ("num_tracks", self.num_tracks, caps::COUNT),
+            (
+                "num_layers_per_track",
+                self.num_layers_per_track,
+                caps::COUNT,
+            ),
+            ("num_attention_heads", self.num_attention_heads, caps::COUNT),
+            ("num_experts", self.num_experts, caps::COUNT),
+            ("moe_every", self.moe_every, caps::COUNT),
+            (
+                "attention_pattern",
+                self.attention_pattern.len(),
+                caps::COUNT,
+            ),
+        ] {
+            caps::check(f, v, cap)?;
+        }
+        if self.num_tracks * self.num_layers_per_track > caps::COUNT {
+            return Err(LmError::config(
+                "num_layers_per_track",
+                format!(
+                    "{} tracks x {} layers exceed the supported {} layers",
+                    self.num_tracks,
+                    self.num_layers_per_track,
+                    caps::COUNT
+                ),
+            ));
         }
         Ok(())
     }

@@ -60,10 +60,26 @@ impl WeightSource {
             path: path.to_path_buf(),
             source,
         })?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| LmError::BadFile {
+        let bad = |reason: String| LmError::BadFile {
             path: path.to_path_buf(),
             format: "GGUF",
-            reason: e.to_string(),
+            reason,
+        };
+        // candle divides by `general.alignment` and trusts the tensor dims: check both
+        crate::gguf_check::check_header(&mut file).map_err(bad)?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| bad(e.to_string()))?;
+        let size = file
+            .metadata()
+            .map_err(|source| LmError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        crate::gguf_check::check_tensors(&content, size).map_err(|(name, reason)| {
+            LmError::BadTensor {
+                name,
+                reason: format!("{reason} (file {})", path.display()),
+            }
         })?;
         Ok(WeightSource::Gguf {
             content,
