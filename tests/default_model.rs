@@ -139,3 +139,62 @@ fn recorded_smollm2_embedding_rms_is_what_the_real_lm_measures() {
     assert_eq!(v.output_norm_gain, Some(rec));
     assert_eq!(v.qa_per_sequence, 4);
 }
+
+/// The default model outside the source tree: a copy of the binary, run from an unrelated
+/// directory with an empty data directory, captions with the afm-tiny it carries (written
+/// once to `$AFM_HOME`, then reused) and the real SmolLM2 named by `AFM_SMOLLM2_GGUF`.
+#[test]
+fn a_copied_binary_captions_from_another_directory() {
+    let Some(gguf) = common::smollm2_gguf() else {
+        return;
+    };
+    let gguf = std::fs::canonicalize(gguf).unwrap();
+    let base = std::env::temp_dir().join(format!("afm-installed-{}", std::process::id()));
+    std::fs::remove_dir_all(&base).ok();
+    let (bin_dir, cwd, home) = (base.join("bin"), base.join("work"), base.join("home"));
+    for d in [&bin_dir, &cwd, &home] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let bin = bin_dir.join("afm");
+    std::fs::copy(env!("CARGO_BIN_EXE_afm"), &bin).unwrap();
+    std::fs::copy(
+        common::root().join("assets/images/scene.png"),
+        cwd.join("scene.png"),
+    )
+    .unwrap();
+    let run = || {
+        Command::new(&bin)
+            .current_dir(&cwd)
+            .env("AFM_HOME", &home)
+            .env("AFM_SMOLLM2_GGUF", &gguf)
+            .args([
+                "--threads",
+                "2",
+                "caption",
+                "--max-tokens",
+                "12",
+                "scene.png",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let caption = stdout
+        .strip_prefix("scene.png: ")
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(caption.split_whitespace().count() >= 2, "{stdout}");
+    let written: Vec<_> = std::fs::read_dir(&home)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert!(written[0].starts_with("afm-tiny-"), "{written:?}");
+    // The second run reuses the written model and says the same thing (greedy).
+    let again = run();
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(text(&again.stdout), stdout);
+    assert_eq!(std::fs::read_dir(&home).unwrap().count(), 1);
+    std::fs::remove_dir_all(&base).ok();
+}
