@@ -224,6 +224,126 @@ impl Attention {
     }
 }
 
+/// One decode step of `b` independent sequences (continuous batching): the projections run
+/// on the `b` rows at once, so their weights are read once per step; each row attends to its
+/// own sequence's cache.
+impl Attention {
+    /// A block-1 layer: row `i` (at position `pos[i]`) appends its K/V to `kvs[i]` and
+    /// attends over it.
+    ///
+    /// # Shapes
+    /// `x: (b, hidden)` (already normed), `pos.len() == kvs.len() == b` -> `(b, hidden)`.
+    pub fn forward_own_batch(
+        &self,
+        x: &[f32],
+        pos: &[usize],
+        rope: &Rope,
+        kvs: &mut [&mut LayerKv],
+    ) -> Result<Vec<f32>> {
+        if self.reuses_kv {
+            return Err(LmError::Invalid(
+                "forward_own_batch on a KV-reuse layer".into(),
+            ));
+        }
+        let b = pos.len();
+        if kvs.len() != b {
+            return Err(LmError::Invalid(format!(
+                "{b} rows for {} caches",
+                kvs.len()
+            )));
+        }
+        let qkv = self.proj.forward(x, b)?;
+        let (qd, kvd) = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        );
+        let mut q = Vec::with_capacity(b * qd);
+        for ((row, &p), kv) in qkv.chunks_exact(qd + 2 * kvd).zip(pos).zip(kvs.iter_mut()) {
+            q.extend_from_slice(&row[..qd]);
+            let mut k = row[qd..qd + kvd].to_vec();
+            let mut v = row[qd + kvd..].to_vec();
+            rope.apply(&mut k, self.n_kv_heads, &[p])?;
+            if let Some(n) = &self.k_norm {
+                n.forward_inplace(&mut k)?;
+            }
+            if let Some((ks, vs)) = self.kv_scales {
+                fake_quant_i8(&mut k, ks);
+                fake_quant_i8(&mut v, vs);
+            }
+            kv.append(&k, &v)?;
+        }
+        let kvs: Vec<&LayerKv> = kvs.iter().map(|k| &**k).collect();
+        self.attend_batch(q, pos, rope, &kvs)
+    }
+
+    /// A block-2 (KV-reuse) layer: row `i` attends to `kvs[i]`, another layer's cache.
+    ///
+    /// # Shapes
+    /// `x: (b, hidden)` (already normed) -> `(b, hidden)`.
+    pub fn forward_shared_batch(
+        &self,
+        x: &[f32],
+        pos: &[usize],
+        rope: &Rope,
+        kvs: &[&LayerKv],
+    ) -> Result<Vec<f32>> {
+        if !self.reuses_kv {
+            return Err(LmError::Invalid(
+                "forward_shared_batch on a layer with its own K/V".into(),
+            ));
+        }
+        let q = self.proj.forward(x, pos.len())?;
+        self.attend_batch(q, pos, rope, kvs)
+    }
+
+    /// One query row per sequence, each against its own cache, then one output projection.
+    ///
+    /// # Shapes
+    /// `q: (b, heads * head_dim) -> (b, hidden)`.
+    fn attend_batch(
+        &self,
+        mut q: Vec<f32>,
+        pos: &[usize],
+        rope: &Rope,
+        kvs: &[&LayerKv],
+    ) -> Result<Vec<f32>> {
+        let (h, hd, kvh) = (self.n_heads, self.head_dim, self.n_kv_heads);
+        let b = pos.len();
+        if kvs.len() != b {
+            return Err(LmError::Invalid(format!(
+                "{b} rows for {} caches",
+                kvs.len()
+            )));
+        }
+        rope.apply(&mut q, h, pos)?;
+        if let Some(n) = &self.q_norm {
+            n.forward_inplace(&mut q)?;
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = Vec::with_capacity(q.len());
+        for ((qi, &p), kv) in q.chunks_exact(h * hd).zip(pos).zip(kvs) {
+            if p >= kv.len() {
+                return Err(LmError::Invalid(format!(
+                    "query at position {p} but only {} keys are cached",
+                    kv.len()
+                )));
+            }
+            let (ks, vs) = kv.slices();
+            out.extend(crate::kernels::causal_attention(
+                qi,
+                &[p],
+                ks,
+                vs,
+                h,
+                kvh,
+                hd,
+                scale,
+            ));
+        }
+        self.o_proj.forward(&out, b)
+    }
+}
+
 /// `x <- clip(round(x / s), -128, 127) * s`, in f32 (round half to even, as torch).
 pub fn fake_quant_i8(x: &mut [f32], s: f32) {
     for v in x.iter_mut() {

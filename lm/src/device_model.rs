@@ -326,3 +326,100 @@ impl LanguageModel for DeviceModel {
         out
     }
 }
+
+/// Continuous batching: one decode step of many sequences (module `crate::batch`).
+impl DeviceModel {
+    /// Runs token `ids[i]` at position `caches[i].seq_len()` of sequence `i`, for every
+    /// sequence at once: each projection is one matmul over the `b` rows (the weights are
+    /// read once per step for all of them), each row attends to its own cache. Appends to
+    /// every cache and returns the logits of each row. On error every cache is rolled back.
+    ///
+    /// # Shapes
+    /// `ids.len() == caches.len() == b` -> `(b, vocab)`.
+    pub fn forward_batch(&self, ids: &[u32], caches: &mut [&mut Cache]) -> Result<Tensor> {
+        let b = ids.len();
+        if b == 0 || caches.len() != b {
+            return Err(LmError::Invalid(format!(
+                "a batch step needs one cache per token ({b} tokens, {} caches)",
+                caches.len()
+            )));
+        }
+        for c in caches.iter() {
+            if c.num_layers() != self.layers.len() {
+                return Err(LmError::Invalid("cache was made for another model".into()));
+            }
+            if c.seq_len() + 1 > self.info.context_length {
+                return Err(LmError::PromptTooLong {
+                    tokens: c.seq_len() + 1,
+                    context: self.info.context_length,
+                    reserved: 0,
+                });
+            }
+        }
+        let starts: Vec<usize> = caches.iter().map(|c| c.seq_len()).collect();
+        let out = self.run_batch(ids, caches, &starts);
+        match out {
+            Ok(l) => {
+                caches.iter_mut().for_each(|c| c.advance(1));
+                Ok(l)
+            }
+            Err(e) => {
+                for (c, &s) in caches.iter_mut().zip(&starts) {
+                    c.truncate(s);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn run_batch(&self, ids: &[u32], caches: &mut [&mut Cache], pos: &[usize]) -> Result<Tensor> {
+        let b = ids.len();
+        let h = self.info.hidden_size;
+        let b1 = self.cfg.num_block1_layers();
+        let mut x: Vec<f32> = self.embed_tokens(ids)?.flatten_all()?.to_vec1()?;
+        let mut hn = vec![0f32; x.len()];
+        let add = |x: &mut [f32], y: &[f32]| x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+        for (i, layer) in self.layers[..b1].iter().enumerate() {
+            let mut kvs = caches
+                .iter_mut()
+                .map(|c| {
+                    c.layer_mut(i).ok_or_else(|| {
+                        LmError::Invalid(format!("cache has no K/V slot for layer {i}"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            layer.input_norm.forward_into(&x, &mut hn)?;
+            add(
+                &mut x,
+                &layer
+                    .attn
+                    .forward_own_batch(&hn, pos, &self.rope, &mut kvs)?,
+            );
+            layer.post_norm.forward_into(&x, &mut hn)?;
+            add(&mut x, &layer.mlp.forward(&hn, b)?);
+        }
+        if b1 < self.layers.len() {
+            let shared = caches
+                .iter()
+                .map(|c| {
+                    c.layer(b1 - 1).ok_or_else(|| {
+                        LmError::Invalid("cache has no K/V for the last block-1 layer".into())
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for layer in &self.layers[b1..] {
+                layer.input_norm.forward_into(&x, &mut hn)?;
+                add(
+                    &mut x,
+                    &layer
+                        .attn
+                        .forward_shared_batch(&hn, pos, &self.rope, &shared)?,
+                );
+                layer.post_norm.forward_into(&x, &mut hn)?;
+                add(&mut x, &layer.mlp.forward(&hn, b)?);
+            }
+        }
+        debug_assert_eq!(x.len(), b * h);
+        crate::model::output_logits(&self.norm, &self.lm_head, x, b, self.info.vocab_size)
+    }
+}

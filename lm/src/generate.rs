@@ -80,14 +80,14 @@ pub struct Generation {
 }
 
 /// Holds back text that may be the start of a stop string.
-struct StopFilter<'a> {
-    stops: &'a [String],
-    pending: String,
+pub(crate) struct StopFilter<'a> {
+    pub(crate) stops: &'a [String],
+    pub(crate) pending: String,
 }
 
 impl<'a> StopFilter<'a> {
     /// Returns (text safe to emit, whether a stop string was hit).
-    fn push(&mut self, piece: &str) -> (String, bool) {
+    pub(crate) fn push(&mut self, piece: &str) -> (String, bool) {
         self.pending.push_str(piece);
         if let Some(at) = self
             .stops
@@ -117,7 +117,7 @@ impl<'a> StopFilter<'a> {
         (out, false)
     }
 
-    fn finish(&mut self) -> String {
+    pub(crate) fn finish(&mut self) -> String {
         std::mem::take(&mut self.pending)
     }
 }

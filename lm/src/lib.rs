@@ -7,6 +7,7 @@
 //! See `lm/README.md` for the checkpoint layout.
 
 pub mod attention;
+pub mod batch;
 pub mod cache;
 pub mod chat;
 pub mod config;

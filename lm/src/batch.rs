@@ -1,0 +1,228 @@
+//! Continuous batching: many generations advance together, one decode step for all of them
+//! per model call ([`DeviceModel::forward_batch`]), so each step reads the weights once for
+//! the whole batch. A [`Sequence`] is one generation's state between steps (sampler, stop
+//! rules, text stream, cache); sequences join after their own prefill and leave when they
+//! stop, at any step. Each sequence's tokens are exactly what [`crate::generate`] gives for
+//! the same request (tested).
+
+use crate::cache::Cache;
+use crate::device_model::DeviceModel;
+use crate::error::{LmError, Result};
+use crate::generate::{GenerateOptions, StopFilter, StopReason};
+use crate::model::{LanguageModel, LogitsFor};
+use crate::sampling::Sampler;
+use crate::tokenizer::{TextStream, Tokenizer};
+use candle_core::Tensor;
+use std::sync::atomic::Ordering;
+
+/// One generation's state between decode steps (module docs).
+pub struct Sequence {
+    opts: GenerateOptions,
+    sampler: Sampler,
+    stop_ids: Vec<u32>,
+    pending: String,
+    stream: TextStream,
+    history: Vec<u32>,
+    ids: Vec<u32>,
+    text: String,
+    cache: Cache,
+    context: usize,
+    prompt_tokens: usize,
+    /// The token to feed at the next step (`None` once stopped).
+    next: Option<u32>,
+    stop: Option<StopReason>,
+}
+
+/// What one step gave a sequence: new text (possibly empty: held back, or an incomplete
+/// UTF-8 character) and, when it stopped, why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutput {
+    pub text: String,
+    pub stop: Option<StopReason>,
+}
+
+impl Sequence {
+    /// Prefills the prompt (`embeds`, with `history` its token ids for the repetition
+    /// penalty) and samples the first token.
+    ///
+    /// # Shapes
+    /// `embeds: (t, hidden)`.
+    pub fn start<M: LanguageModel + ?Sized>(
+        model: &M,
+        tok: &Tokenizer,
+        embeds: &Tensor,
+        history: &[u32],
+        opts: &GenerateOptions,
+    ) -> Result<(Self, StepOutput)> {
+        let t = embeds.dim(0)?;
+        let context = model.info().context_length;
+        if t >= context {
+            return Err(LmError::PromptTooLong {
+                tokens: t,
+                context,
+                reserved: 1,
+            });
+        }
+        let mut cache = model.new_cache();
+        let logits = model.forward_embeds(embeds, &mut cache, &LogitsFor::Last)?;
+        let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+        let mut s = Self {
+            sampler: Sampler::new(opts.sampling.clone())?,
+            stop_ids: tok
+                .eos_ids()
+                .iter()
+                .chain(&opts.stop_tokens)
+                .copied()
+                .collect(),
+            opts: opts.clone(),
+            pending: String::new(),
+            stream: TextStream::new(),
+            history: history.to_vec(),
+            ids: Vec::new(),
+            text: String::new(),
+            cache,
+            context,
+            prompt_tokens: t,
+            next: None,
+            stop: None,
+        };
+        let out = s.push_logits(tok, &row)?;
+        Ok((s, out))
+    }
+
+    /// The token the next step feeds; `None` once the sequence has stopped.
+    pub fn next_token(&self) -> Option<u32> {
+        self.next
+    }
+
+    pub fn stop(&self) -> Option<StopReason> {
+        self.stop
+    }
+
+    /// Generated ids so far (stop token excluded).
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Text so far (what the steps returned, joined).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
+    pub fn cache_mut(&mut self) -> &mut Cache {
+        &mut self.cache
+    }
+
+    /// Stops the sequence (e.g. its client went away).
+    pub fn cancel(&mut self) {
+        self.next = None;
+        self.stop.get_or_insert(StopReason::Cancelled);
+    }
+
+    /// Samples from the logits of the position just run, as `generate` does.
+    fn push_logits(&mut self, tok: &Tokenizer, row: &[f32]) -> Result<StepOutput> {
+        if self.stop.is_some() {
+            return Err(LmError::Invalid("step on a stopped sequence".into()));
+        }
+        let mut text = String::new();
+        let stop = 'step: {
+            if self.ids.len() >= self.opts.max_new_tokens {
+                break 'step Some(StopReason::MaxTokens);
+            }
+            let next = self.sampler.sample(row, &self.history)?;
+            if self.stop_ids.contains(&next) {
+                break 'step Some(StopReason::StopToken);
+            }
+            self.ids.push(next);
+            self.history.push(next);
+            if let Some(piece) = self.stream.push(tok, next)? {
+                let mut f = StopFilter {
+                    stops: &self.opts.stop_strings,
+                    pending: std::mem::take(&mut self.pending),
+                };
+                let (out, hit) = f.push(&piece);
+                self.pending = f.pending;
+                text.push_str(&out);
+                if hit {
+                    break 'step Some(StopReason::StopString);
+                }
+            }
+            if self
+                .opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
+                break 'step Some(StopReason::Cancelled);
+            }
+            if self.ids.len() >= self.opts.max_new_tokens {
+                break 'step Some(StopReason::MaxTokens);
+            }
+            if self.cache.seq_len() + 1 > self.context - 1 {
+                break 'step Some(StopReason::ContextFull);
+            }
+            self.next = Some(next);
+            None
+        };
+        if let Some(reason) = stop {
+            self.next = None;
+            self.stop = Some(reason);
+            if reason != StopReason::StopString {
+                if let Some(rest) = self.stream.finish(tok)? {
+                    let mut f = StopFilter {
+                        stops: &self.opts.stop_strings,
+                        pending: std::mem::take(&mut self.pending),
+                    };
+                    let (out, _) = f.push(&rest);
+                    self.pending = f.pending;
+                    text.push_str(&out);
+                }
+                text.push_str(&std::mem::take(&mut self.pending));
+            }
+        }
+        self.text.push_str(&text);
+        Ok(StepOutput { text, stop })
+    }
+}
+
+/// One decode step for every running sequence in `seqs` (those with a
+/// [`Sequence::next_token`]): one [`DeviceModel::forward_batch`] call, then each samples its
+/// next token. Returns one output per sequence of `seqs`, in order (empty text and no stop
+/// for a sequence that had already stopped). On a model error no sequence advances.
+pub fn step(
+    model: &DeviceModel,
+    tok: &Tokenizer,
+    seqs: &mut [&mut Sequence],
+) -> Result<Vec<StepOutput>> {
+    let running: Vec<usize> = (0..seqs.len())
+        .filter(|&i| seqs[i].next.is_some())
+        .collect();
+    let mut outs = vec![
+        StepOutput {
+            text: String::new(),
+            stop: None
+        };
+        seqs.len()
+    ];
+    if running.is_empty() {
+        return Ok(outs);
+    }
+    let ids: Vec<u32> = running.iter().map(|&i| seqs[i].next.unwrap_or(0)).collect();
+    let logits = {
+        let mut caches: Vec<&mut Cache> = seqs
+            .iter_mut()
+            .filter(|s| s.next.is_some())
+            .map(|s| &mut s.cache)
+            .collect();
+        model.forward_batch(&ids, &mut caches)?
+    };
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    for (&i, row) in running.iter().zip(rows) {
+        outs[i] = seqs[i].push_logits(tok, &row)?;
+    }
+    Ok(outs)
+}

@@ -1,0 +1,211 @@
+//! Continuous batching: a batched decode step gives each sequence the logits its own
+//! single-sequence step gives, and batched generation gives each request the tokens
+//! `generate` gives it alone.
+
+use afm_lm::batch::{step, Sequence};
+use afm_lm::generate::{generate, GenerateOptions};
+use afm_lm::random::random_tensors;
+use afm_lm::weights::WeightSource;
+use afm_lm::{Checkpoint, DeviceModel, LanguageModel, LmConfig, LogitsFor, SamplingParams};
+
+fn cfg() -> LmConfig {
+    LmConfig {
+        vocab_size: 256,
+        hidden_size: 64,
+        intermediate_size: 160,
+        num_hidden_layers: 8,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        head_dim: None,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500000.0,
+        max_position_embeddings: 64,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_id: None,
+        num_kv_reuse_layers: 0,
+        qk_norm: true,
+        rope_interleaved: true,
+        kv_quant: true,
+    }
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 37 + 11 + salt) % 256).collect()
+}
+
+/// The AFM on-device layout (KV sharing 5:3, QK-norm, 8-bit KV) and plain llama: three
+/// sequences of different lengths, four steps, each compared with its own one-token step.
+#[test]
+fn batched_step_matches_single_steps() {
+    for c in [cfg().with_block_ratio(5, 3).unwrap(), {
+        let mut c = cfg();
+        c.qk_norm = false;
+        c.kv_quant = false;
+        c.rope_interleaved = false;
+        c
+    }] {
+        let m = DeviceModel::from_source(
+            &WeightSource::from_tensors(random_tensors(&c, 3).unwrap()),
+            c.clone(),
+        )
+        .unwrap();
+        let lens = [5, 17, 1];
+        let mut single: Vec<_> = lens.iter().map(|_| m.new_cache()).collect();
+        let mut batched: Vec<_> = lens.iter().map(|_| m.new_cache()).collect();
+        for (i, &n) in lens.iter().enumerate() {
+            let p = prompt(n, i as u32);
+            m.forward_tokens(&p, &mut single[i], &LogitsFor::Last)
+                .unwrap();
+            m.forward_tokens(&p, &mut batched[i], &LogitsFor::Last)
+                .unwrap();
+        }
+        let mut worst = 0f32;
+        for s in 0..4u32 {
+            let ids: Vec<u32> = (0..3u32).map(|i| (i * 91 + s * 13 + 5) % 256).collect();
+            let mut refs: Vec<&mut _> = batched.iter_mut().collect();
+            let got = m.forward_batch(&ids, &mut refs).unwrap();
+            assert_eq!(got.dims(), &[3, 256]);
+            for (i, &id) in ids.iter().enumerate() {
+                let want = m
+                    .forward_tokens(&[id], &mut single[i], &LogitsFor::Last)
+                    .unwrap();
+                let d =
+                    afm_lm::testing::max_abs_diff(&got.narrow(0, i, 1).unwrap(), &want).unwrap();
+                worst = worst.max(d);
+                assert_eq!(batched[i].seq_len(), single[i].seq_len());
+            }
+        }
+        println!("max |batched - single| = {worst:e}");
+        assert!(worst < 1e-4, "{worst}");
+    }
+}
+
+#[test]
+fn batched_step_refuses_bad_input_and_rolls_back() {
+    let c = cfg();
+    let m = DeviceModel::from_source(
+        &WeightSource::from_tensors(random_tensors(&c, 3).unwrap()),
+        c.clone(),
+    )
+    .unwrap();
+    let (mut a, mut b) = (m.new_cache(), m.new_cache());
+    m.forward_tokens(&[1, 2, 3], &mut a, &LogitsFor::Last)
+        .unwrap();
+    m.forward_tokens(&[4], &mut b, &LogitsFor::Last).unwrap();
+    // an id outside the vocabulary: nothing advances
+    let e = m
+        .forward_batch(&[5, 999], &mut [&mut a, &mut b])
+        .unwrap_err();
+    assert!(e.to_string().contains("999"), "{e}");
+    assert_eq!((a.seq_len(), b.seq_len()), (3, 1));
+    assert_eq!(a.layer(0).unwrap().len(), 3);
+    // counts that disagree
+    assert!(m.forward_batch(&[5], &mut [&mut a, &mut b]).is_err());
+    assert!(m.forward_batch(&[], &mut []).is_err());
+    // a full context
+    let mut full = m.new_cache();
+    m.forward_tokens(&prompt(64, 0), &mut full, &LogitsFor::Last)
+        .unwrap();
+    let e = m
+        .forward_batch(&[1, 2], &mut [&mut a, &mut full])
+        .unwrap_err();
+    assert!(e.to_string().contains("64"), "{e}");
+    assert_eq!(a.seq_len(), 3);
+}
+
+/// Real SmolLM2: four chat requests (greedy, sampled with seeds, a stop string, a token
+/// budget) batched together give exactly what `generate` gives each alone.
+#[test]
+fn batched_generation_equals_generate_on_smollm2() {
+    let Some(p) = afm_lm::testing::smollm2_gguf_or_skip() else {
+        return;
+    };
+    let ck = Checkpoint::load(&p).unwrap();
+    let (m, tok) = (&ck.model, &ck.tokenizer);
+    let reqs: Vec<(&str, GenerateOptions)> = vec![
+        (
+            "Name three colours.",
+            GenerateOptions {
+                max_new_tokens: 24,
+                ..Default::default()
+            },
+        ),
+        (
+            "Write a short poem about rain.",
+            GenerateOptions {
+                max_new_tokens: 30,
+                sampling: SamplingParams {
+                    temperature: 0.8,
+                    top_p: 0.9,
+                    seed: 7,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        ),
+        (
+            "Count from one to ten in words.",
+            GenerateOptions {
+                max_new_tokens: 40,
+                stop_strings: vec!["5.".into()],
+                ..Default::default()
+            },
+        ),
+        (
+            "Hi",
+            GenerateOptions {
+                max_new_tokens: 3,
+                ..Default::default()
+            },
+        ),
+    ];
+    let prompts: Vec<Vec<u32>> = reqs
+        .iter()
+        .map(|(q, _)| {
+            let t = afm_lm::chat::render_chat(tok, &[afm_lm::Message::user(*q)]).unwrap();
+            tok.encode(&t).unwrap()
+        })
+        .collect();
+    let want: Vec<_> = reqs
+        .iter()
+        .zip(&prompts)
+        .map(|((_, o), ids)| generate(m, tok, ids, o, &mut |_| true).unwrap())
+        .collect();
+    // Requests join one after another (as on a server), then all step together.
+    let mut seqs = Vec::new();
+    let mut texts = Vec::new();
+    for ((_, o), ids) in reqs.iter().zip(&prompts) {
+        let e = m.embed_tokens(ids).unwrap();
+        let (s, first) = Sequence::start(m, tok, &e, ids, o).unwrap();
+        texts.push(first.text);
+        seqs.push(s);
+        // the sequences already running take a step before the next one joins
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        for (t, out) in texts.iter_mut().zip(step(m, tok, &mut refs).unwrap()) {
+            t.push_str(&out.text);
+        }
+    }
+    let mut steps = 0;
+    while seqs.iter().any(|s| s.next_token().is_some()) {
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        for (t, out) in texts.iter_mut().zip(step(m, tok, &mut refs).unwrap()) {
+            t.push_str(&out.text);
+        }
+        steps += 1;
+    }
+    assert!(steps > 10);
+    for ((s, t), w) in seqs.iter().zip(&texts).zip(&want) {
+        assert_eq!(s.ids(), &w.ids[..]);
+        assert_eq!(s.text(), w.text);
+        assert_eq!(t, &w.text);
+        assert_eq!(s.stop(), Some(w.stats.stop));
+    }
+    assert_eq!(
+        seqs[2].stop(),
+        Some(afm_lm::StopReason::StopString),
+        "{:?}",
+        texts[2]
+    );
+    assert_eq!(seqs[3].stop(), Some(afm_lm::StopReason::MaxTokens));
+}
