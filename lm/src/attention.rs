@@ -132,6 +132,11 @@ impl Attention {
         [&mut self.proj, &mut self.o_proj]
     }
 
+    /// The checkpoint's (key, value) scales of the 8-bit KV quantisation, if it has them.
+    pub fn kv_scales(&self) -> Option<(f32, f32)> {
+        self.kv_scales
+    }
+
     pub fn reuses_kv(&self) -> bool {
         self.reuses_kv
     }
@@ -141,12 +146,16 @@ impl Attention {
     ///
     /// # Shapes
     /// `x: (t, hidden)` (already normed), `pos.len() == t` -> `(t, hidden)`.
+    ///
+    /// `fake_quant`: apply the checkpoint's 8-bit K/V rounding when the cache is f32 (an
+    /// int8 cache always rounds); `false` keeps full-precision K/V (`--kv 16`).
     pub fn forward_own(
         &self,
         x: &[f32],
         pos: &[usize],
         rope: &Rope,
         kv: &mut LayerKv,
+        fake_quant: bool,
     ) -> Result<Vec<f32>> {
         if self.reuses_kv {
             return Err(LmError::Invalid("forward_own on a KV-reuse layer".into()));
@@ -170,7 +179,8 @@ impl Attention {
         if let Some(n) = &self.k_norm {
             n.forward_inplace(&mut k)?;
         }
-        if let Some((ks, vs)) = self.kv_scales {
+        // an int8 cache quantizes on append (the same rounding)
+        if let (Some((ks, vs)), None, true) = (self.kv_scales, kv.int8_scales(), fake_quant) {
             fake_quant_i8(&mut k, ks);
             fake_quant_i8(&mut v, vs);
         }
@@ -211,7 +221,6 @@ impl Attention {
         if let Some(n) = &self.q_norm {
             n.forward_inplace(&mut q)?;
         }
-        let (ks, vs) = kv.slices();
         let n_keys = kv.len();
         if let Some(&p) = pos.iter().find(|&&p| p >= n_keys) {
             return Err(LmError::Invalid(format!(
@@ -219,7 +228,15 @@ impl Attention {
             )));
         }
         let scale = 1.0 / (hd as f32).sqrt();
-        let out = crate::kernels::causal_attention(&q, pos, ks, vs, h, kvh, hd, scale);
+        let out = match kv.int8_slices() {
+            Some((k8, v8, ks, vs)) => {
+                crate::kv8::causal_attention_i8(&q, pos, k8, v8, ks, vs, h, kvh, hd, scale)
+            }
+            None => {
+                let (ks, vs) = kv.slices();
+                crate::kernels::causal_attention(&q, pos, ks, vs, h, kvh, hd, scale)
+            }
+        };
         self.o_proj.forward(&out, t)
     }
 }

@@ -4,7 +4,8 @@
 use crate::error::{LmError, Result};
 use candle_core::{Device, Tensor};
 
-/// Keys and values of one attention layer.
+/// Keys and values of one attention layer, in f32 or (with [`LayerKv::new_int8`]) in int8
+/// with one key scale and one value scale for the layer ([`crate::kv8`]).
 ///
 /// # Shapes
 /// `k`, `v`: `(len, kv_heads, head_dim)` row-major, one row appended per position.
@@ -12,6 +13,10 @@ use candle_core::{Device, Tensor};
 pub struct LayerKv {
     k: Vec<f32>,
     v: Vec<f32>,
+    /// The int8 store: codes and the (key, value) scales; `k`, `v` then stay empty.
+    k8: Vec<i8>,
+    v8: Vec<i8>,
+    scales: Option<(f32, f32)>,
     width: usize,
     len: usize,
     max_len: usize,
@@ -26,11 +31,40 @@ impl LayerKv {
         Self {
             k: Vec::new(),
             v: Vec::new(),
+            k8: Vec::new(),
+            v8: Vec::new(),
+            scales: None,
             width,
             len: 0,
             max_len,
             first: 0,
         }
+    }
+
+    /// An int8 layer: keys stored as `clip(round(k / k_scale), -128, 127)`, values likewise
+    /// (the paper's 8-bit KV cache; one byte per value instead of four).
+    pub fn new_int8(width: usize, max_len: usize, k_scale: f32, v_scale: f32) -> Self {
+        Self {
+            scales: Some((k_scale, v_scale)),
+            ..Self::new(width, max_len)
+        }
+    }
+
+    /// The (key, value) scales of an int8 layer, `None` for f32.
+    pub fn int8_scales(&self) -> Option<(f32, f32)> {
+        self.scales
+    }
+
+    /// The valid int8 keys and values, each `(len, kv_heads * head_dim)`, with their scales;
+    /// `None` for an f32 layer.
+    pub fn int8_slices(&self) -> Option<(&[i8], &[i8], f32, f32)> {
+        let (ks, vs) = self.scales?;
+        Some((
+            &self.k8[..self.len * self.width],
+            &self.v8[..self.len * self.width],
+            ks,
+            vs,
+        ))
     }
 
     /// Absolute position of the first stored row.
@@ -51,8 +85,13 @@ impl LayerKv {
         if n == 0 {
             return;
         }
-        self.k.drain(..n * self.width);
-        self.v.drain(..n * self.width);
+        if self.scales.is_some() {
+            self.k8.drain(..n * self.width);
+            self.v8.drain(..n * self.width);
+        } else {
+            self.k.drain(..n * self.width);
+            self.v.drain(..n * self.width);
+        }
         self.len -= n;
         self.first += n;
     }
@@ -87,26 +126,45 @@ impl LayerKv {
                 self.max_len
             )));
         }
-        self.k.extend_from_slice(k);
-        self.v.extend_from_slice(v);
+        if let Some((ks, vs)) = self.scales {
+            crate::kv8::quantize_into(k, ks, &mut self.k8);
+            crate::kv8::quantize_into(v, vs, &mut self.v8);
+        } else {
+            self.k.extend_from_slice(k);
+            self.v.extend_from_slice(v);
+        }
         self.len += t;
         Ok(())
     }
 
-    /// The valid keys and values, each `(len, kv_heads * head_dim)`.
+    /// The valid keys and values of an f32 layer, each `(len, kv_heads * head_dim)`; empty
+    /// for an int8 layer (see [`LayerKv::int8_slices`]).
     pub fn slices(&self) -> (&[f32], &[f32]) {
+        if self.scales.is_some() {
+            return (&[], &[]);
+        }
         (
             &self.k[..self.len * self.width],
             &self.v[..self.len * self.width],
         )
     }
 
-    /// Copies of the keys and values as tensors `(len, kv_heads * head_dim)` (inspection).
+    /// Copies of the keys and values as f32 tensors `(len, kv_heads * head_dim)`
+    /// (inspection; an int8 layer is dequantized).
     pub fn kv(&self) -> Result<(Tensor, Tensor)> {
-        let (k, v) = self.slices();
+        let (k, v) = match self.int8_slices() {
+            Some((k, v, ks, vs)) => (
+                k.iter().map(|&x| x as f32 * ks).collect(),
+                v.iter().map(|&x| x as f32 * vs).collect(),
+            ),
+            None => {
+                let (k, v) = self.slices();
+                (k.to_vec(), v.to_vec())
+            }
+        };
         Ok((
-            Tensor::from_slice(k, (self.len, self.width), &Device::Cpu)?,
-            Tensor::from_slice(v, (self.len, self.width), &Device::Cpu)?,
+            Tensor::from_vec(k, (self.len, self.width), &Device::Cpu)?,
+            Tensor::from_vec(v, (self.len, self.width), &Device::Cpu)?,
         ))
     }
 
@@ -120,16 +178,27 @@ impl LayerKv {
         self.len = self.len.min(len - self.first);
         self.k.truncate(self.len * self.width);
         self.v.truncate(self.len * self.width);
+        self.k8.truncate(self.len * self.width);
+        self.v8.truncate(self.len * self.width);
     }
 
-    /// Bytes of the valid entries (f32 keys and values).
+    /// Bytes per stored value: 4 (f32) or 1 (int8).
+    pub fn bytes_per_value(&self) -> usize {
+        if self.scales.is_some() {
+            1
+        } else {
+            4
+        }
+    }
+
+    /// Bytes of the valid entries (keys and values).
     pub fn used_bytes(&self) -> usize {
-        2 * self.len * self.width * 4
+        2 * self.len * self.width * self.bytes_per_value()
     }
 
     /// Bytes allocated, including spare capacity.
     pub fn allocated_bytes(&self) -> usize {
-        (self.k.capacity() + self.v.capacity()) * 4
+        (self.k.capacity() + self.v.capacity()) * 4 + self.k8.capacity() + self.v8.capacity()
     }
 }
 
@@ -149,6 +218,29 @@ impl Cache {
             layers: kv_width
                 .iter()
                 .map(|w| w.map(|w| LayerKv::new(w, max_len)))
+                .collect(),
+            seq_len: 0,
+            max_len,
+        }
+    }
+
+    /// As [`Cache::new`], with the layers that have `scales[i] = Some((k, v))` stored in int8
+    /// ([`LayerKv::new_int8`]).
+    pub fn new_int8(
+        kv_width: &[Option<usize>],
+        scales: &[Option<(f32, f32)>],
+        max_len: usize,
+    ) -> Self {
+        Self {
+            layers: kv_width
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    w.map(|w| match scales.get(i).copied().flatten() {
+                        Some((k, v)) => LayerKv::new_int8(w, max_len, k, v),
+                        None => LayerKv::new(w, max_len),
+                    })
+                })
                 .collect(),
             seq_len: 0,
             max_len,

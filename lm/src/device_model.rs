@@ -79,6 +79,21 @@ pub struct DeviceModel {
     prefill_shortcut: bool,
     /// Whether a LoRA adapter has been applied (a second one is refused).
     has_lora: bool,
+    /// How the K/V cache stores keys and values.
+    kv_mode: KvMode,
+}
+
+/// How [`DeviceModel::new_cache`] stores keys and values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KvMode {
+    /// As the checkpoint says: int8 with its stored per-layer scales when it has them
+    /// (`kv_quant`; the same numbers as its 8-bit fake quantisation, a quarter of the
+    /// memory), f32 otherwise.
+    Checkpoint,
+    /// int8 with these per-layer (key, value) scales (`None` for layers without K/V).
+    Int8(Vec<Option<(f32, f32)>>),
+    /// f32, without the checkpoint's 8-bit rounding (`--kv 16`: full precision).
+    Full,
 }
 
 impl DeviceModel {
@@ -128,7 +143,90 @@ impl DeviceModel {
             rope,
             prefill_shortcut: true,
             has_lora: false,
+            kv_mode: KvMode::Checkpoint,
         })
+    }
+
+    /// The checkpoint's stored per-layer (key, value) KV scales (`kv_quant`), `None` for a
+    /// checkpoint without them.
+    pub fn stored_kv_scales(&self) -> Option<Vec<Option<(f32, f32)>>> {
+        let v: Vec<Option<(f32, f32)>> = self.layers.iter().map(|l| l.attn.kv_scales()).collect();
+        let b1 = self.cfg.num_block1_layers();
+        v[..b1].iter().all(Option::is_some).then_some(v)
+    }
+
+    /// Per-layer KV scales calibrated on `ids` (one forward pass with a full-precision
+    /// cache: the largest |k| and |v| of each layer, `/ 127`).
+    pub fn calibrate_kv_scales(&self, ids: &[u32]) -> Result<Vec<Option<(f32, f32)>>> {
+        if ids.is_empty() {
+            return Err(LmError::Invalid("KV calibration needs some tokens".into()));
+        }
+        // weights are shared (`Arc`s, candle tensors): the clone is cheap
+        let mut probe = self.clone();
+        probe.kv_mode = KvMode::Full;
+        let mut cache = probe.new_cache();
+        let n = ids.len().min(self.info.context_length);
+        probe.forward_tokens(&ids[..n], &mut cache, &LogitsFor::Last)?;
+        let mut cal = crate::kv8::KvCalibration::default();
+        cal.observe(&cache);
+        Ok(cal.scales())
+    }
+
+    /// Sets how new caches store K/V (see [`KvMode`]); an `Int8` scale list of the wrong
+    /// length, a missing scale for a layer with K/V, or a non-positive scale is an error.
+    pub fn set_kv_mode(&mut self, mode: KvMode) -> Result<()> {
+        if let KvMode::Int8(s) = &mode {
+            if s.len() != self.layers.len() {
+                return Err(LmError::Invalid(format!(
+                    "{} KV scales for a model of {} layers",
+                    s.len(),
+                    self.layers.len()
+                )));
+            }
+            for (i, (l, sc)) in self.layers.iter().zip(s).enumerate() {
+                match sc {
+                    None if !l.attn.reuses_kv() => {
+                        return Err(LmError::Invalid(format!("no KV scale for layer {i}")))
+                    }
+                    Some((k, v)) if !(*k > 0.0 && *v > 0.0 && k.is_finite() && v.is_finite()) => {
+                        return Err(LmError::Invalid(format!(
+                            "KV scales ({k}, {v}) of layer {i} must be positive"
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.kv_mode = mode;
+        Ok(())
+    }
+
+    pub fn kv_mode(&self) -> &KvMode {
+        &self.kv_mode
+    }
+
+    /// The run-time `--kv` option: 8 stores K/V in int8 with the checkpoint's scales, or,
+    /// when it has none, with scales calibrated on `calibration` ([`Self::calibrate_kv_scales`]);
+    /// 16 keeps full precision (f32, without the checkpoint's 8-bit rounding). Returns
+    /// where the scales came from (`"checkpoint"`, `"calibrated"`, or `"none"`).
+    pub fn apply_kv_bits(&mut self, bits: u32, calibration: &[u32]) -> Result<&'static str> {
+        match bits {
+            8 => {
+                if let Some(s) = self.stored_kv_scales() {
+                    self.set_kv_mode(KvMode::Int8(s))?;
+                    Ok("checkpoint")
+                } else {
+                    let s = self.calibrate_kv_scales(calibration)?;
+                    self.set_kv_mode(KvMode::Int8(s))?;
+                    Ok("calibrated")
+                }
+            }
+            16 => {
+                self.set_kv_mode(KvMode::Full)?;
+                Ok("none")
+            }
+            b => Err(LmError::Invalid(format!("--kv {b}: expected 8 or 16"))),
+        }
     }
 
     pub fn config(&self) -> &LmConfig {
@@ -250,7 +348,13 @@ impl DeviceModel {
                 .layer_mut(i)
                 .ok_or_else(|| LmError::Invalid(format!("cache has no K/V slot for layer {i}")))?;
             layer.input_norm.forward_into(&x, &mut hn)?;
-            add(&mut x, &layer.attn.forward_own(&hn, &pos, &self.rope, kv)?);
+            let fake_quant = self.kv_mode != KvMode::Full;
+            add(
+                &mut x,
+                &layer
+                    .attn
+                    .forward_own(&hn, &pos, &self.rope, kv, fake_quant)?,
+            );
             layer.post_norm.forward_into(&x, &mut hn)?;
             add(&mut x, &layer.mlp.forward(&hn, t)?);
         }
@@ -309,7 +413,15 @@ impl LanguageModel for DeviceModel {
     }
 
     fn new_cache(&self) -> Cache {
-        Cache::new(&self.kv_widths(), self.info.context_length)
+        let scales = match &self.kv_mode {
+            KvMode::Checkpoint => self.stored_kv_scales(),
+            KvMode::Int8(s) => Some(s.clone()),
+            KvMode::Full => None,
+        };
+        match scales {
+            Some(s) => Cache::new_int8(&self.kv_widths(), &s, self.info.context_length),
+            None => Cache::new(&self.kv_widths(), self.info.context_length),
+        }
     }
 
     fn forward_embeds(

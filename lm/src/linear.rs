@@ -4,6 +4,7 @@
 use crate::error::{LmError, Result};
 use crate::int8::Int8Matrix;
 use crate::lora::LoraDelta;
+use crate::lowbit::LowBitMatrix;
 use crate::quant::QMatrix;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
@@ -26,6 +27,8 @@ pub enum Linear {
         q: Arc<Int8Matrix>,
         orig: Box<Linear>,
     },
+    /// The paper's 2-bit grid or a 4-bit table ([`crate::lowbit`]), with our kernels.
+    LowBit(Arc<LowBitMatrix>),
 }
 
 impl Linear {
@@ -62,6 +65,16 @@ impl Linear {
     pub fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         match self {
             Linear::Blocks(q) => {
+                if x.len() != m * q.dims().1 {
+                    return Err(LmError::Invalid(format!(
+                        "matmul: {} inputs for {m} rows of width {}",
+                        x.len(),
+                        q.dims().1
+                    )));
+                }
+                Ok(q.matmul(x, m))
+            }
+            Linear::LowBit(q) => {
                 if x.len() != m * q.dims().1 {
                     return Err(LmError::Invalid(format!(
                         "matmul: {} inputs for {m} rows of width {}",
@@ -116,6 +129,7 @@ impl Linear {
                 Ok(m.embedding(&ids)?.to_dtype(DType::F32)?)
             }
             Linear::Blocks(m) => m.rows_f32(ids),
+            Linear::LowBit(m) => m.rows_f32(ids),
             Linear::Int8 { orig, .. } => orig.embedding(ids),
             Linear::Dense(wt) => {
                 let ids = Tensor::new(ids, &Device::Cpu)?;
@@ -189,6 +203,16 @@ impl Fused {
             .collect();
         if let Some(bs) = blocks {
             return Ok(QMatrix::concat_rows(&bs).map(|m| Linear::Blocks(Arc::new(m))));
+        }
+        let low: Option<Vec<&LowBitMatrix>> = mats
+            .iter()
+            .map(|m| match m {
+                Linear::LowBit(b) => Some(b.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if let Some(bs) = low {
+            return Ok(LowBitMatrix::concat_rows(&bs).map(|m| Linear::LowBit(Arc::new(m))));
         }
         let dense_t: Option<Vec<&Tensor>> = mats
             .iter()

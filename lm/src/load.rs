@@ -154,7 +154,10 @@ pub fn config_from_gguf(src: &WeightSource) -> Result<LmConfig> {
     let embd_rows = |name: &str| -> Option<usize> {
         match src {
             WeightSource::Gguf { content, .. } => {
-                content.tensor_infos.get(name).map(|i| i.shape.dims()[0])
+                match crate::gguf_write::lowbit_meta(&content.metadata, name) {
+                    Ok(Some((_, _, rows, _))) => Some(rows),
+                    _ => content.tensor_infos.get(name).map(|i| i.shape.dims()[0]),
+                }
             }
             _ => None,
         }

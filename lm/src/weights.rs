@@ -3,6 +3,7 @@
 
 use crate::error::{LmError, Result};
 use crate::linear::Linear;
+use crate::lowbit::LowBitMatrix;
 use crate::quant::{QKind, QMatrix};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -137,7 +138,46 @@ impl WeightSource {
         Ok(())
     }
 
+    /// The low-bit matrix stored under `hf_name` (see [`crate::gguf_write`]), `None` when
+    /// the tensor is not one; its rows and columns must be `shape`.
+    fn gguf_lowbit(&self, hf_name: &str, shape: &[usize]) -> Result<Option<LowBitMatrix>> {
+        let WeightSource::Gguf { content, .. } = self else {
+            return Ok(None);
+        };
+        let name = gguf_name(hf_name);
+        let Some(meta) = crate::gguf_write::lowbit_meta(&content.metadata, &name)? else {
+            return Ok(None);
+        };
+        Self::check_shape(&name, &[meta.2, meta.3], shape)?;
+        let q = self.gguf_qtensor_raw(&name)?;
+        if q.dtype() != GgmlDType::F16 || q.shape().rank() != 1 {
+            return Err(LmError::BadTensor {
+                name,
+                reason: "a low-bit payload must be a 1-D tensor of ggml type F16".into(),
+            });
+        }
+        let m = crate::gguf_write::lowbit_from_payload(&q.data()?, meta).map_err(|e| {
+            LmError::BadTensor {
+                name,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Some(m))
+    }
+
     fn gguf_qtensor(&self, hf_name: &str, shape: &[usize]) -> Result<QTensor> {
+        let name = gguf_name(hf_name);
+        if let WeightSource::Gguf { content, .. } = self {
+            if let Some(info) = content.tensor_infos.get(&name) {
+                Self::check_shape(&name, info.shape.dims(), shape)?;
+            }
+        }
+        self.gguf_qtensor_raw(&name)
+    }
+
+    /// The tensor stored under the GGUF name `name`, whatever its shape.
+    fn gguf_qtensor_raw(&self, name: &str) -> Result<QTensor> {
+        let name = name.to_string();
         let WeightSource::Gguf {
             content,
             file,
@@ -147,12 +187,10 @@ impl WeightSource {
         else {
             unreachable!("gguf_qtensor on a safetensors source")
         };
-        let name = gguf_name(hf_name);
         let info = content
             .tensor_infos
             .get(&name)
             .ok_or_else(|| LmError::MissingTensor { name: name.clone() })?;
-        Self::check_shape(&name, info.shape.dims(), shape)?;
         let mut f = file.lock().map_err(|_| LmError::BadFile {
             path: path.clone(),
             format: "GGUF",
@@ -181,6 +219,9 @@ impl WeightSource {
                 Ok(t)
             }
             WeightSource::Gguf { .. } => {
+                if let Some(m) = self.gguf_lowbit(hf_name, shape)? {
+                    return Ok(Tensor::from_vec(m.dequantize(), shape, &Device::Cpu)?);
+                }
                 let q = self.gguf_qtensor(hf_name, shape)?;
                 let t = q.dequantize(&Device::Cpu)?;
                 check_finite(&gguf_name(hf_name), &t)?;
@@ -200,6 +241,13 @@ impl WeightSource {
                 self.tensor(hf_name, &[out_dim, in_dim])?,
             ))),
             WeightSource::Gguf { dequantize, .. } => {
+                if let Some(m) = self.gguf_lowbit(hf_name, &[out_dim, in_dim])? {
+                    if *dequantize {
+                        let t = Tensor::from_vec(m.dequantize(), (out_dim, in_dim), &Device::Cpu)?;
+                        return Ok(Linear::Candle(QMatMul::Tensor(t)));
+                    }
+                    return Ok(Linear::LowBit(Arc::new(m)));
+                }
                 let q = self.gguf_qtensor(hf_name, &[out_dim, in_dim])?;
                 if *dequantize
                     || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)

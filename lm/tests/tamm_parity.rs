@@ -140,3 +140,59 @@ fn kv_quantisation_is_visible_in_the_fixture() {
     );
     assert!(d > 100.0 * TOL, "{d}");
 }
+
+/// The 8-bit KV cache proper (keys and values stored as int8 with the fixture's per-layer
+/// scales, which tamm's `KVQuantizer` computed): a quarter of the f32 cache's bytes and the
+/// same logits as tamm, in prefill and token by token; `--kv 16` turns the rounding off.
+#[test]
+fn int8_kv_cache_matches_tamms_kv_quantizer() {
+    let mut m = model();
+    let (ids, want) = reference(m.info().vocab_size);
+    // the checkpoint's scales are used as they are
+    assert_eq!(m.apply_kv_bits(8, &[]).unwrap(), "checkpoint");
+    let mut cache = m.new_cache();
+    let got = m.forward_tokens(&ids, &mut cache, &LogitsFor::All).unwrap();
+    let l0 = cache.layer(0).unwrap();
+    assert_eq!(l0.bytes_per_value(), 1);
+    assert!(l0.int8_slices().is_some());
+    let d = max_diff(&got, &want);
+    println!(
+        "tamm AFMTextV7, int8 KV cache ({} bytes for {} positions): max |diff| = {d:e}",
+        cache.used_bytes(),
+        ids.len()
+    );
+    assert!(d < TOL, "{d}");
+    // the int8 store holds exactly the fake-quantised values (tamm's arithmetic)
+    let c = m.config();
+    let widths: Vec<Option<usize>> = (0..c.num_hidden_layers)
+        .map(|i| (i < c.num_block1_layers()).then_some(c.num_kv_heads() * c.head_dim()))
+        .collect();
+    let mut f32_cache = afm_lm::Cache::new(&widths, c.max_position_embeddings);
+    m.forward_tokens(&ids, &mut f32_cache, &LogitsFor::Last)
+        .unwrap();
+    for i in 0..c.num_block1_layers() {
+        let (k8, v8) = cache.layer(i).unwrap().kv().unwrap();
+        let (kf, vf) = f32_cache.layer(i).unwrap().kv().unwrap();
+        assert_eq!(max_diff(&k8, &kf), 0.0, "layer {i} keys");
+        assert_eq!(max_diff(&v8, &vf), 0.0, "layer {i} values");
+    }
+    assert_eq!(4 * cache.used_bytes(), f32_cache.used_bytes());
+    // token by token on the int8 cache
+    let mut cache = m.new_cache();
+    let mut worst = 0f32;
+    for (i, &id) in ids.iter().enumerate() {
+        let got = m
+            .forward_tokens(&[id], &mut cache, &LogitsFor::Last)
+            .unwrap();
+        worst = worst.max(max_diff(&got, &want.narrow(0, i, 1).unwrap()));
+    }
+    println!("tamm AFMTextV7, int8 KV cache token by token: max |diff| = {worst:e}");
+    assert!(worst < TOL, "{worst}");
+    // --kv 16: full precision, so no longer tamm's quantised model
+    assert_eq!(m.apply_kv_bits(16, &[]).unwrap(), "none");
+    let got = m
+        .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::All)
+        .unwrap();
+    assert!(max_diff(&got, &want) > 100.0 * TOL);
+    assert!(m.apply_kv_bits(4, &[]).is_err());
+}

@@ -1,0 +1,657 @@
+//! Converting a DeviceModel checkpoint (safetensors or GGUF, SmolLM2 included) into one GGUF
+//! file in the paper's formats (`afm quantize`), and writing random-weight checkpoints of any
+//! size straight into those formats, tensor by tensor ([`write_random_gguf`]).
+//!
+//! Formats by role: projections (q/k/v/o, gate/up/down) get `--weights` (2: the paper's 2-bit
+//! grid, [`crate::lowbit`]; 4: Q4_1; 8: Q8_0; 16: F16; 32: F32); the embedding table and an
+//! untied output head get `--embeddings` (4: afm's 4-bit table; 8: Q8_0; 16: F16; 32: F32);
+//! norms stay f32. `--kv 8` stores per-layer K/V scales (the checkpoint's own, or calibrated
+//! on a text) and sets `afm.kv_quant`, so the model runs with the 8-bit KV cache by default.
+
+use crate::config::LmConfig;
+use crate::error::{LmError, Result};
+use crate::gguf_write::{ggml_bytes, lowbit_key, lowbit_payload, write_gguf_streaming, TensorSpec};
+use crate::load::{config_from_gguf, CheckpointFiles};
+use crate::lowbit::LowBitMatrix;
+use crate::weights::{gguf_name, WeightSource};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::path::Path;
+
+/// How one tensor is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorFormat {
+    F32,
+    F16,
+    /// A standard ggml block format (Q4_1, Q8_0, ...).
+    Ggml(GgmlDType),
+    /// afm's low-bit grid ([`crate::lowbit`]).
+    LowBit {
+        bits: u32,
+        group: usize,
+    },
+}
+
+/// The formats `afm quantize` was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantizeSpec {
+    /// 2, 4, 8, 16 or 32 bits for the projections.
+    pub weights: u32,
+    /// 4, 8, 16 or 32 bits for the embedding table (and an untied output head).
+    pub embeddings: u32,
+    /// 8 (int8 KV cache with stored scales) or 16 (full precision).
+    pub kv: u32,
+    /// Inputs per scale of the 2-bit weights ([`crate::lowbit::DEFAULT_GROUP`]).
+    pub group: usize,
+}
+
+impl Default for QuantizeSpec {
+    fn default() -> Self {
+        Self {
+            weights: 2,
+            embeddings: 4,
+            kv: 8,
+            group: crate::lowbit::DEFAULT_GROUP,
+        }
+    }
+}
+
+impl QuantizeSpec {
+    /// Checks the combination, naming the bad option.
+    pub fn validate(&self) -> Result<()> {
+        self.weight_format()?;
+        self.embedding_format()?;
+        if self.kv != 8 && self.kv != 16 {
+            return Err(LmError::Invalid(format!(
+                "--kv {}: expected 8 or 16",
+                self.kv
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn weight_format(&self) -> Result<TensorFormat> {
+        Ok(match self.weights {
+            2 => TensorFormat::LowBit {
+                bits: 2,
+                group: self.group,
+            },
+            4 => TensorFormat::Ggml(GgmlDType::Q4_1),
+            8 => TensorFormat::Ggml(GgmlDType::Q8_0),
+            16 => TensorFormat::F16,
+            32 => TensorFormat::F32,
+            b => {
+                return Err(LmError::Invalid(format!(
+                    "--weights {b}: expected 2, 4, 8, 16 or 32"
+                )))
+            }
+        })
+    }
+
+    pub fn embedding_format(&self) -> Result<TensorFormat> {
+        Ok(match self.embeddings {
+            4 => TensorFormat::LowBit { bits: 4, group: 32 },
+            8 => TensorFormat::Ggml(GgmlDType::Q8_0),
+            16 => TensorFormat::F16,
+            32 => TensorFormat::F32,
+            b => {
+                return Err(LmError::Invalid(format!(
+                    "--embeddings {b}: expected 4, 8, 16 or 32"
+                )))
+            }
+        })
+    }
+}
+
+/// What a tensor is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Embedding,
+    Projection,
+    Vector,
+}
+
+/// Every tensor of a DeviceModel with `cfg` (HF names, PyTorch dims, role), KV scales
+/// excluded, in the order they are written.
+pub fn tensor_list(cfg: &LmConfig) -> Vec<(String, Vec<usize>, Role)> {
+    let (h, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+    let (hd, nh, nkv) = (cfg.head_dim(), cfg.num_attention_heads, cfg.num_kv_heads());
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![v, h],
+        Role::Embedding,
+    )];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let reuse = l >= cfg.num_block1_layers();
+        out.push((format!("{p}.input_layernorm.weight"), vec![h], Role::Vector));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            Role::Vector,
+        ));
+        out.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![nh * hd, h],
+            Role::Projection,
+        ));
+        if !reuse {
+            for n in ["k_proj", "v_proj"] {
+                out.push((
+                    format!("{p}.self_attn.{n}.weight"),
+                    vec![nkv * hd, h],
+                    Role::Projection,
+                ));
+            }
+        }
+        out.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, nh * hd],
+            Role::Projection,
+        ));
+        if cfg.qk_norm {
+            out.push((
+                format!("{p}.self_attn.q_norm.weight"),
+                vec![hd],
+                Role::Vector,
+            ));
+            if !reuse {
+                out.push((
+                    format!("{p}.self_attn.k_norm.weight"),
+                    vec![hd],
+                    Role::Vector,
+                ));
+            }
+        }
+        for n in ["gate_proj", "up_proj"] {
+            out.push((format!("{p}.mlp.{n}.weight"), vec![i, h], Role::Projection));
+        }
+        out.push((
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, i],
+            Role::Projection,
+        ));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h], Role::Vector));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h], Role::Embedding));
+    }
+    out
+}
+
+/// The GGUF spec (and low-bit metadata) of a tensor stored as `fmt`; a matrix whose width
+/// does not split into the format's blocks falls back to F32 (as llama.cpp does).
+pub fn spec_of(
+    gguf: &str,
+    dims: &[usize],
+    fmt: TensorFormat,
+) -> (TensorSpec, Option<(String, Value)>, TensorFormat) {
+    let elems: usize = dims.iter().product();
+    let fmt = match fmt {
+        TensorFormat::Ggml(dt) if dims.len() != 2 || !dims[1].is_multiple_of(dt.block_size()) => {
+            TensorFormat::F32
+        }
+        TensorFormat::LowBit { .. } if dims.len() != 2 => TensorFormat::F32,
+        f => f,
+    };
+    match fmt {
+        TensorFormat::F32 | TensorFormat::F16 | TensorFormat::Ggml(_) => {
+            let dt = match fmt {
+                TensorFormat::F32 => GgmlDType::F32,
+                TensorFormat::F16 => GgmlDType::F16,
+                TensorFormat::Ggml(d) => d,
+                TensorFormat::LowBit { .. } => unreachable!(),
+            };
+            (
+                TensorSpec {
+                    name: gguf.to_string(),
+                    dims: dims.to_vec(),
+                    dtype: dt,
+                    bytes: ggml_bytes(dt, elems),
+                },
+                None,
+                fmt,
+            )
+        }
+        TensorFormat::LowBit { bits, group } => {
+            let (rows, cols) = (dims[0], dims[1]);
+            let kp = cols.div_ceil(group.max(64)) * group.max(64);
+            let bytes = rows * kp * bits as usize / 8 + 2 * rows * kp / group;
+            let md = Value::Array(
+                [bits as usize, group, rows, cols]
+                    .iter()
+                    .map(|&x| Value::U32(x as u32))
+                    .collect(),
+            );
+            (
+                TensorSpec {
+                    name: gguf.to_string(),
+                    dims: vec![bytes / 2],
+                    dtype: GgmlDType::F16,
+                    bytes,
+                },
+                Some((lowbit_key(gguf), md)),
+                fmt,
+            )
+        }
+    }
+}
+
+/// The payload of `x` (row-major, `dims`) stored as `fmt` (as [`spec_of`] resolved it).
+pub fn encode(x: Vec<f32>, dims: &[usize], fmt: TensorFormat) -> Result<Vec<u8>> {
+    Ok(match fmt {
+        TensorFormat::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        TensorFormat::F16 => x
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        TensorFormat::Ggml(dt) => {
+            let t = Tensor::from_vec(x, dims, &Device::Cpu)?;
+            QTensor::quantize(&t, dt)?.data()?.into_owned()
+        }
+        TensorFormat::LowBit { bits, group } => {
+            let m = LowBitMatrix::quantize(&x, dims[0], dims[1], bits, group, None)?;
+            lowbit_payload(&m)
+        }
+    })
+}
+
+/// The architecture metadata of a DeviceModel GGUF (llama.cpp keys; the AFM keys when an
+/// AFM feature is on, under architecture `afm`).
+pub fn arch_metadata(cfg: &LmConfig) -> Vec<(String, Value)> {
+    let afm = cfg.num_kv_reuse_layers > 0 || cfg.qk_norm || cfg.kv_quant;
+    let arch = if afm { "afm" } else { "llama" };
+    let u = |x: usize| Value::U32(x as u32);
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (format!("{arch}.vocab_size"), u(cfg.vocab_size)),
+        (format!("{arch}.embedding_length"), u(cfg.hidden_size)),
+        (
+            format!("{arch}.feed_forward_length"),
+            u(cfg.intermediate_size),
+        ),
+        (format!("{arch}.block_count"), u(cfg.num_hidden_layers)),
+        (
+            format!("{arch}.attention.head_count"),
+            u(cfg.num_attention_heads),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u(cfg.num_kv_heads()),
+        ),
+        (format!("{arch}.attention.key_length"), u(cfg.head_dim())),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (
+            format!("{arch}.rope.freq_base"),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            format!("{arch}.context_length"),
+            u(cfg.max_position_embeddings),
+        ),
+    ];
+    if afm {
+        md.push((
+            format!("{arch}.afm.kv_reuse_layers"),
+            u(cfg.num_kv_reuse_layers),
+        ));
+        md.push((format!("{arch}.afm.qk_norm"), Value::Bool(cfg.qk_norm)));
+        md.push((format!("{arch}.afm.kv_quant"), Value::Bool(cfg.kv_quant)));
+    }
+    md
+}
+
+/// What [`quantize_checkpoint`] did.
+#[derive(Debug, Clone)]
+pub struct QuantizeReport {
+    /// Bytes of the input checkpoint's weight files.
+    pub bytes_in: u64,
+    /// Bytes of the output file.
+    pub bytes_out: u64,
+    /// Parameters (embedding table counted once when tied).
+    pub params: usize,
+    /// Where the KV scales came from: "checkpoint", "calibrated" or "none" (`--kv 16`).
+    pub kv_scales: &'static str,
+}
+
+/// Converts the DeviceModel at `input` (a GGUF file, or safetensors with `config.json`) into
+/// one GGUF file at `output` with the formats of `spec`. `calibration`: token ids of a text
+/// for the KV scales when `--kv 8` and the input has none stored. A GGUF input's tokenizer
+/// metadata is carried over; a safetensors input's `tokenizer.json` is not (GGUF holds
+/// llama.cpp's tokenizer form): the output then loads as a model without a tokenizer.
+pub fn quantize_checkpoint(
+    input: &Path,
+    output: &Path,
+    spec: &QuantizeSpec,
+    calibration: &[u32],
+) -> Result<QuantizeReport> {
+    spec.validate()?;
+    let files = CheckpointFiles::resolve(input)?;
+    let (src, mut cfg, in_paths) = match &files {
+        CheckpointFiles::Gguf(p) => {
+            let src = WeightSource::from_gguf(p)?;
+            let cfg = config_from_gguf(&src)?;
+            (src, cfg, vec![p.clone()])
+        }
+        CheckpointFiles::Safetensors {
+            config, weights, ..
+        } => (
+            WeightSource::from_safetensors(weights)?,
+            LmConfig::from_file(config)?,
+            weights.clone(),
+        ),
+    };
+    let bytes_in = in_paths
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    // KV scales: stored ones, or calibrated on the source model
+    let scales: Option<Vec<Option<(f32, f32)>>> = if spec.kv == 8 {
+        let model = crate::device_model::DeviceModel::from_source(&src, cfg.clone())?;
+        match model.stored_kv_scales() {
+            Some(s) => Some(s),
+            None => Some(model.calibrate_kv_scales(calibration)?),
+        }
+    } else {
+        None
+    };
+    let kv_source = match (&scales, cfg.kv_quant) {
+        (None, _) => "none",
+        (Some(_), true) => "checkpoint",
+        (Some(_), false) => "calibrated",
+    };
+    let permute = !cfg.rope_interleaved;
+    cfg.kv_quant = scales.is_some();
+    cfg.rope_interleaved = true;
+    let list = tensor_list(&cfg);
+    let mut md = arch_metadata(&cfg);
+    md.push(("afm.quant.weights".into(), Value::U32(spec.weights)));
+    md.push(("afm.quant.embeddings".into(), Value::U32(spec.embeddings)));
+    if let Some(m) = src.gguf_metadata() {
+        let mut tok: Vec<(String, Value)> = m
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer.") || k.starts_with("general.name"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        tok.sort_by(|a, b| a.0.cmp(&b.0));
+        md.extend(tok);
+    }
+    let mut specs = Vec::new();
+    let mut fmts = Vec::new();
+    for (name, dims, role) in &list {
+        let fmt = match role {
+            Role::Embedding => spec.embedding_format()?,
+            Role::Projection => spec.weight_format()?,
+            Role::Vector => TensorFormat::F32,
+        };
+        let (s, m, f) = spec_of(&gguf_name(name), dims, fmt);
+        specs.push(s);
+        md.extend(m);
+        fmts.push(f);
+    }
+    let mut scale_vals = Vec::new();
+    if let Some(s) = &scales {
+        for (l, sc) in s.iter().enumerate() {
+            if let Some((k, v)) = sc {
+                for (n, x) in [("k_scale", k), ("v_scale", v)] {
+                    let name = format!("model.layers.{l}.self_attn.{n}");
+                    specs.push(TensorSpec {
+                        name: gguf_name(&name),
+                        dims: vec![1],
+                        dtype: GgmlDType::F32,
+                        bytes: 4,
+                    });
+                    scale_vals.push(*x);
+                }
+            }
+        }
+    }
+    let n_main = list.len();
+    let src_cfg_heads = (cfg.num_attention_heads, cfg.num_kv_heads());
+    write_gguf_streaming(output, &md, &specs, |i| {
+        if i >= n_main {
+            return Ok(scale_vals[i - n_main].to_le_bytes().to_vec());
+        }
+        let (name, dims, _) = &list[i];
+        let mut t = src.tensor(name, dims)?;
+        if permute && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight")) {
+            let heads = if name.ends_with("q_proj.weight") {
+                src_cfg_heads.0
+            } else {
+                src_cfg_heads.1
+            };
+            t = crate::random::permute_for_interleaved(&t, heads)?;
+        }
+        // the QK-norm weights scale the head dims that the permutation moved
+        if permute && (name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight")) {
+            let n = t.dim(0)?;
+            t = crate::random::permute_for_interleaved(&t.reshape((n, 1))?, 1)?.reshape(n)?;
+        }
+        let x = t.flatten_all()?.to_vec1::<f32>()?;
+        encode(x, dims, fmts[i])
+    })?;
+    let bytes_out = std::fs::metadata(output)
+        .map_err(|source| LmError::Io {
+            path: output.to_path_buf(),
+            source,
+        })?
+        .len();
+    let params = list
+        .iter()
+        .map(|(_, d, _)| d.iter().product::<usize>())
+        .sum();
+    Ok(QuantizeReport {
+        bytes_in,
+        bytes_out,
+        params,
+        kv_scales: kv_source,
+    })
+}
+
+/// Writes a random-weight DeviceModel of `cfg` straight into one GGUF in the formats of
+/// `spec`, one tensor at a time (never the whole model in memory): weights uniform with the
+/// standard deviation of [`crate::random::random_tensors`] (`0.02 * sqrt(768 / fan_in)`,
+/// at least 0.02; embeddings 1), norms in [0.9, 1.1]; with `spec.kv == 8`, every block-1
+/// layer gets K/V scales of `kv_scale`. `extra`: more metadata (e.g. a tokenizer).
+pub fn write_random_gguf(
+    path: &Path,
+    cfg: &LmConfig,
+    spec: &QuantizeSpec,
+    seed: u64,
+    kv_scale: f32,
+    extra: &[(String, Value)],
+) -> Result<()> {
+    spec.validate()?;
+    cfg.validate()?;
+    let mut cfg = cfg.clone();
+    cfg.kv_quant = spec.kv == 8;
+    cfg.rope_interleaved = true;
+    let list = tensor_list(&cfg);
+    let mut md = arch_metadata(&cfg);
+    md.push(("afm.quant.weights".into(), Value::U32(spec.weights)));
+    md.push(("afm.quant.embeddings".into(), Value::U32(spec.embeddings)));
+    md.extend(extra.iter().cloned());
+    let mut specs = Vec::new();
+    let mut fmts = Vec::new();
+    for (name, dims, role) in &list {
+        let fmt = match role {
+            Role::Embedding => spec.embedding_format()?,
+            Role::Projection => spec.weight_format()?,
+            Role::Vector => TensorFormat::F32,
+        };
+        let (s, m, f) = spec_of(&gguf_name(name), dims, fmt);
+        specs.push(s);
+        md.extend(m);
+        fmts.push(f);
+    }
+    let n_main = specs.len();
+    if cfg.kv_quant {
+        for l in 0..cfg.num_block1_layers() {
+            for n in ["k_scale", "v_scale"] {
+                specs.push(TensorSpec {
+                    name: gguf_name(&format!("model.layers.{l}.self_attn.{n}")),
+                    dims: vec![1],
+                    dtype: GgmlDType::F32,
+                    bytes: 4,
+                });
+            }
+        }
+    }
+    write_gguf_streaming(path, &md, &specs, |i| {
+        if i >= n_main {
+            return Ok(kv_scale.to_le_bytes().to_vec());
+        }
+        let (name, dims, role) = &list[i];
+        let n: usize = dims.iter().product();
+        let tseed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let x = match role {
+            Role::Vector => {
+                let mut rng = ChaCha8Rng::seed_from_u64(tseed);
+                (0..n)
+                    .map(|_| 1.0 + (rng.random::<f32>() - 0.5) * 0.2)
+                    .collect()
+            }
+            _ => {
+                let std = if *role == Role::Embedding && name.contains("embed") {
+                    1.0
+                } else {
+                    let fan_in = dims[1] as f32;
+                    0.02 * (768.0 / fan_in).sqrt().max(1.0)
+                };
+                uniform_par(n, tseed, std)
+            }
+        };
+        encode(x, dims, fmts[i])
+    })
+}
+
+/// `n` values uniform with standard deviation `std`, generated in parallel chunks.
+fn uniform_par(n: usize, seed: u64, std: f32) -> Vec<f32> {
+    let a = std * 3f32.sqrt();
+    let mut x = vec![0f32; n];
+    x.par_chunks_mut(1 << 16).enumerate().for_each(|(c, out)| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(c as u64));
+        for v in out {
+            *v = (rng.random::<f32>() * 2.0 - 1.0) * a;
+        }
+    });
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LanguageModel, LogitsFor};
+
+    fn tiny() -> LmConfig {
+        LmConfig::from_json(serde_json::json!({
+            "vocab_size": 160, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_kv_reuse_layers": 1, "qk_norm": true, "rope_interleaved": false,
+            "tie_word_embeddings": true, "max_position_embeddings": 64
+        }))
+        .unwrap()
+    }
+
+    fn rel(a: &[f32], b: &[f32]) -> f32 {
+        let e: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let n: f32 = b.iter().map(|x| x * x).sum();
+        (e / n).sqrt()
+    }
+
+    /// A safetensors model quantized to each format loads from its one GGUF and computes
+    /// what its own dequantized weights compute; 8-bit formats stay near the f32 model.
+    #[test]
+    fn quantized_checkpoints_load_and_match_their_dequantization() {
+        let dir = std::env::temp_dir().join(format!("afm-quantize-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = tiny();
+        let t = crate::random::random_tensors(&cfg, 3).unwrap();
+        crate::random::write_safetensors(&dir, &cfg, &t).unwrap();
+        let f32_model = crate::DeviceModel::load(&dir).unwrap();
+        let ids: Vec<u32> = (0..12).map(|i| (i * 13 % 160) as u32).collect();
+        let logits = |m: &crate::DeviceModel| -> Vec<f32> {
+            let mut c = m.new_cache();
+            m.forward_tokens(&ids, &mut c, &LogitsFor::All)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let want = logits(&f32_model);
+        let cal: Vec<u32> = (0..40).map(|i| (i * 7 % 160) as u32).collect();
+        // (weights, embeddings, kv, bound on the distance to the f32 model when it is tight)
+        for (w, e, kv, tol) in [
+            (8, 8, 16, Some(0.02)),
+            (2, 4, 8, None),
+            (4, 16, 16, Some(0.15)),
+            (2, 32, 16, None),
+            (32, 32, 16, Some(1e-5)),
+        ] {
+            let out = dir.join(format!("q{w}-{e}-{kv}.gguf"));
+            let spec = QuantizeSpec {
+                weights: w,
+                embeddings: e,
+                kv,
+                group: 32,
+            };
+            let r = quantize_checkpoint(&dir, &out, &spec, &cal).unwrap();
+            assert!(r.bytes_out > 0 && r.params > 0);
+            assert_eq!(r.kv_scales, if kv == 8 { "calibrated" } else { "none" });
+            let q = crate::DeviceModel::load(&out).unwrap();
+            assert_eq!(q.stored_kv_scales().is_some(), kv == 8);
+            let got = logits(&q);
+            if let Some(tol) = tol {
+                assert!(rel(&got, &want) < tol, "w{w} e{e}: {}", rel(&got, &want));
+            }
+            // the same file with every matrix expanded to f32 (the format's definition)
+            let deq = crate::DeviceModel::load_with(
+                &out,
+                &crate::LoadOptions {
+                    dequantize: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let d = rel(&got, &logits(&deq));
+            // only the kernels' 8-bit activation rounding separates the two
+            assert!(d < 0.05, "w{w} e{e} against its dequantization: {d}");
+        }
+        // a bad option is refused by name
+        let bad = QuantizeSpec {
+            weights: 3,
+            ..Default::default()
+        };
+        let err = quantize_checkpoint(&dir, &dir.join("x.gguf"), &bad, &cal).unwrap_err();
+        assert!(err.to_string().contains("--weights 3"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn random_gguf_loads_and_runs() {
+        let dir = std::env::temp_dir().join(format!("afm-randgguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("r.gguf");
+        let cfg = tiny();
+        write_random_gguf(&p, &cfg, &QuantizeSpec::default(), 1, 0.05, &[]).unwrap();
+        let m = crate::DeviceModel::load(&p).unwrap();
+        assert!(m.config().kv_quant);
+        let mut c = m.new_cache();
+        let l = m
+            .forward_tokens(&[1, 2, 3], &mut c, &LogitsFor::Last)
+            .unwrap();
+        assert_eq!(l.dims(), &[1, 160]);
+        // the int8 cache is a quarter of the f32 one
+        assert_eq!(c.layer(0).unwrap().bytes_per_value(), 1);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
