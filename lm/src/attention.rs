@@ -250,12 +250,15 @@ impl Attention {
     ///
     /// # Shapes
     /// `x: (b, hidden)` (already normed), `pos.len() == kvs.len() == b` -> `(b, hidden)`.
+    ///
+    /// `fake_quant` as in [`Attention::forward_own`].
     pub fn forward_own_batch(
         &self,
         x: &[f32],
         pos: &[usize],
         rope: &Rope,
         kvs: &mut [&mut LayerKv],
+        fake_quant: bool,
     ) -> Result<Vec<f32>> {
         if self.reuses_kv {
             return Err(LmError::Invalid(
@@ -283,7 +286,7 @@ impl Attention {
             if let Some(n) = &self.k_norm {
                 n.forward_inplace(&mut k)?;
             }
-            if let Some((ks, vs)) = self.kv_scales {
+            if let (Some((ks, vs)), None, true) = (self.kv_scales, kv.int8_scales(), fake_quant) {
                 fake_quant_i8(&mut k, ks);
                 fake_quant_i8(&mut v, vs);
             }
@@ -345,17 +348,15 @@ impl Attention {
                     kv.len()
                 )));
             }
-            let (ks, vs) = kv.slices();
-            out.extend(crate::kernels::causal_attention(
-                qi,
-                &[p],
-                ks,
-                vs,
-                h,
-                kvh,
-                hd,
-                scale,
-            ));
+            out.extend(match kv.int8_slices() {
+                Some((k8, v8, ks, vs)) => {
+                    crate::kv8::causal_attention_i8(qi, &[p], k8, v8, ks, vs, h, kvh, hd, scale)
+                }
+                None => {
+                    let (ks, vs) = kv.slices();
+                    crate::kernels::causal_attention(qi, &[p], ks, vs, h, kvh, hd, scale)
+                }
+            });
         }
         self.o_proj.forward(&out, b)
     }

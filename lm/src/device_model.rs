@@ -503,9 +503,13 @@ impl DeviceModel {
             layer.input_norm.forward_into(&x, &mut hn)?;
             add(
                 &mut x,
-                &layer
-                    .attn
-                    .forward_own_batch(&hn, pos, &self.rope, &mut kvs)?,
+                &layer.attn.forward_own_batch(
+                    &hn,
+                    pos,
+                    &self.rope,
+                    &mut kvs,
+                    self.kv_mode != KvMode::Full,
+                )?,
             );
             layer.post_norm.forward_into(&x, &mut hn)?;
             add(&mut x, &layer.mlp.forward(&hn, b)?);
