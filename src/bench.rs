@@ -34,6 +34,10 @@ pub enum BenchCmd {
     /// Time to first token and decode tok/s for one 512x512 image + a short question on a
     /// SmolVLM checkpoint, ours vs HF transformers.
     Vlm(VlmBench),
+    /// Bytes, load time, peak RSS, perplexity and prefill/decode tok/s of several
+    /// checkpoints (afm's 2-bit / 4-bit / 8-bit formats and llama.cpp's own), each in its
+    /// own process, in one run.
+    Quant(crate::quantize_cmd::QuantBenchArgs),
 }
 
 #[derive(Args, Clone)]

@@ -17,6 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod default_model;
 mod eval_cmd;
+mod quantize_cmd;
 mod server_cmd;
 mod train_cmd;
 mod vlm_cmd;
@@ -57,9 +58,26 @@ enum Cmd {
     LoraImport(LoraImportArgs),
     /// Write a random-weight server (PT-MoE) checkpoint of any size, from a preset.
     ServerGen(server_cmd::ServerGenArgs),
+    /// Convert a DeviceModel (GGUF or safetensors, SmolLM2 included) into the paper's
+    /// formats -- 2-bit weights, 4-bit embeddings, 8-bit KV cache -- in one GGUF file, and
+    /// print its size before and after.
+    Quantize(quantize_cmd::QuantizeArgs),
+    /// Write a random-weight checkpoint of the paper's full on-device model (~3.1B
+    /// parameters) straight into the chosen formats.
+    DeviceGen(quantize_cmd::DeviceGenArgs),
     /// Speed benchmarks, measured next to the reference in the same run (not tests).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Internal: one `afm bench quant` process (reads its input on stdin).
+    #[command(hide = true)]
+    BenchQuantWorker {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        kv: Option<u32>,
+        #[arg(long)]
+        lora: Option<PathBuf>,
+    },
     /// Internal: one benchmark process (reads token ids on stdin).
     #[command(hide = true)]
     BenchWorker {
@@ -111,6 +129,11 @@ struct GenerateArgs {
     /// into dense weights, applied unmerged on quantized ones.
     #[arg(long)]
     lora: Option<PathBuf>,
+    /// K/V cache precision: 8 = int8 with per-layer scales (the checkpoint's, or calibrated
+    /// on a built-in text at load), 16 = full precision. Default: as the checkpoint says
+    /// (8-bit when it stores KV scales).
+    #[arg(long, value_name = "8|16")]
+    kv: Option<u32>,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// The user's message.
@@ -197,10 +220,20 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         ..Default::default()
     };
     if afm::lm::server_checkpoint::is_server_checkpoint(&path).with_context(loading)? {
+        if a.kv.is_some() {
+            bail!("--kv applies to the on-device model; the server model keeps f32 K/V");
+        }
         let ck = ServerCheckpoint::load_with(&path, &opts).with_context(loading)?;
         return generate_with(&a, &ck.model, &ck.tokenizer, t0.elapsed().as_secs_f64());
     }
-    let ck = Checkpoint::load_with(&path, &opts).with_context(loading)?;
+    let mut ck = Checkpoint::load_with(&path, &opts).with_context(loading)?;
+    if let Some(bits) = a.kv {
+        let cal = ck.tokenizer.encode(afm::lm::kv8::CALIBRATION_TEXT)?;
+        let from = ck.model.apply_kv_bits(bits, &cal)?;
+        if bits == 8 {
+            eprintln!("KV cache: 8-bit, scales {from}");
+        }
+    }
     generate_with(&a, &ck.model, &ck.tokenizer, t0.elapsed().as_secs_f64())
 }
 
@@ -295,6 +328,12 @@ fn run(cli: Cli) -> Result<()> {
             server_cmd::bench_server(&a, cli.threads.unwrap_or(2))
         }
         Cmd::ServerGen(a) => server_cmd::cmd_server_gen(&a),
+        Cmd::Quantize(a) => quantize_cmd::cmd_quantize(&a),
+        Cmd::DeviceGen(a) => quantize_cmd::cmd_device_gen(&a),
+        Cmd::Bench(bench::BenchCmd::Quant(a)) => {
+            quantize_cmd::bench_quant(&a, cli.threads.unwrap_or(2))
+        }
+        Cmd::BenchQuantWorker { model, kv, lora } => quantize_cmd::quant_worker(&model, kv, lora),
         Cmd::LoraImport(a) => cmd_lora_import(&a),
         Cmd::Train(t) => train_cmd::cmd_train(t),
         Cmd::Eval(a) => eval_cmd::cmd_eval(&a),

@@ -66,6 +66,11 @@ pub(crate) struct ModelArgs {
     /// uses that one (and refuses a second).
     #[arg(long, value_name = "FILE")]
     lora: Option<PathBuf>,
+    /// The language model's K/V cache: 8 = int8 with per-layer scales (the checkpoint's, or
+    /// calibrated on a built-in text at load), 16 = full precision. Default: as the
+    /// checkpoint says.
+    #[arg(long, value_name = "8|16")]
+    kv: Option<u32>,
 }
 
 /// Flags shared by `caption`, `ask` and `screen`.
@@ -236,6 +241,12 @@ impl ModelArgs {
             })?;
         vlm.set_vision_int8(self.int8)?;
         vlm.set_lm_int8(self.int8)?;
+        if let Some(bits) = self.kv {
+            let from = vlm.set_lm_kv_bits(bits)?;
+            if bits == 8 {
+                eprintln!("KV cache: 8-bit, scales {from}");
+            }
+        }
         Ok((vlm, t0.elapsed().as_secs_f64()))
     }
 }

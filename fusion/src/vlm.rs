@@ -224,6 +224,17 @@ impl Vlm<DeviceModel> {
         Ok(())
     }
 
+    /// The language model's K/V precision ([`DeviceModel::apply_kv_bits`]: 8 = int8 with the
+    /// checkpoint's scales or scales calibrated on afm's calibration text, 16 = full
+    /// precision); returns where the scales came from.
+    pub fn set_lm_kv_bits(&mut self, bits: u32) -> Result<&'static str> {
+        let cal = self
+            .tokenizer
+            .encode(afm_lm::kv8::CALIBRATION_TEXT)
+            .unwrap_or_default();
+        Ok(self.lm.apply_kv_bits(bits, &cal)?)
+    }
+
     /// Loads an Idefics3 / SmolVLM checkpoint directory in its HF layout: `config.json`,
     /// `*.safetensors` (`model.vision_model.*`, `model.connector.*`, `model.text_model.*`,
     /// `lm_head.weight`), `tokenizer.json`, `tokenizer_config.json`, the chat template and

@@ -16,6 +16,24 @@
 use crate::kernels::{attend_block_with, AttendBlock};
 use crate::par::par_ranges;
 
+/// The text `--kv 8` calibrates on when a checkpoint stores no KV scales (plain English
+/// prose, dialogue, a list, numbers and code, so that the layers see the usual range of
+/// their keys and values; written for afm).
+pub const CALIBRATION_TEXT: &str = "The morning train was late again, so Maria walked the \
+last two miles to the workshop. She liked the walk: the river was high after the rain, and the \
+old bridge hummed when the trucks went over it. \"We need the drawings by Friday,\" her manager \
+had said, \"and the client wants three options, not two.\" She counted in her head: 14 panels, \
+6 hinges each, 84 hinges in all, and the supplier had only 60 in stock.\n\nShopping list:\n\
+- 2 kg of flour\n- 12 eggs\n- a bottle of olive oil\n- batteries (AA, pack of 8)\n\nIn 1969 \
+the first people walked on the Moon; the trip took about three days each way. Light from the \
+Sun reaches the Earth in a little over eight minutes, while a radio signal from Mars needs \
+between three and twenty-two minutes, depending on where the two planets are.\n\n\
+def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / \
+len(values)\n\nQuestion: What is the capital of France? Answer: Paris. Question: How many \
+legs does a spider have? Answer: eight. The committee met on Tuesday, 3 March, at 10:30, and \
+agreed that the budget (EUR 12,500) should cover printing, travel and two new laptops. Then \
+the conversation turned to the weather, to football, and to the strange noise in the attic.";
+
 /// Appends `x` quantized with scale `s` to `out`.
 pub fn quantize_into(x: &[f32], s: f32, out: &mut Vec<i8>) {
     // `x / s` as tamm computes it (a division, not a multiply by the inverse), so that

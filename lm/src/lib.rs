@@ -27,6 +27,7 @@ pub mod lora;
 pub mod mlp;
 pub mod model;
 pub mod par;
+pub mod perplexity;
 pub mod quantize;
 pub mod quant;
 pub mod random;

@@ -1,0 +1,87 @@
+//! `afm device-gen` writes the paper's on-device shape (small preset here) in the 2-bit /
+//! 4-bit / 8-bit-KV formats, `afm quantize` converts it into other formats and prints the
+//! sizes, and `afm bench quant` measures both (speed and memory only: random weights).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn afm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_afm"))
+}
+
+fn run(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
+}
+
+#[test]
+fn device_gen_quantize_and_bench() {
+    let dir = std::env::temp_dir().join(format!("afm-quantize-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let g2: PathBuf = dir.join("small-2b.gguf");
+    let out = run(afm()
+        .args(["device-gen", "--preset", "afm-small", "--out"])
+        .arg(&g2));
+    assert!(out.contains("random weights"), "{out}");
+    let m = afm_lm::DeviceModel::load(&g2).unwrap();
+    let c = m.config();
+    assert_eq!((c.num_hidden_layers, c.num_kv_reuse_layers), (8, 3));
+    assert!(c.kv_quant && c.qk_norm);
+    // 2-bit to 8-bit weights with F16 embeddings and full-precision K/V
+    let g8 = dir.join("small-8b.gguf");
+    let out = run(afm().arg("quantize").arg(&g2).arg(&g8).args([
+        "--weights",
+        "8",
+        "--embeddings",
+        "16",
+        "--kv",
+        "16",
+    ]));
+    assert!(
+        out.contains("MB ->") && out.contains("weights: Q8_0"),
+        "{out}"
+    );
+    assert!(out.contains("KV cache: full precision"), "{out}");
+    assert!(!afm_lm::DeviceModel::load(&g8).unwrap().config().kv_quant);
+    // a bad option names itself
+    let bad = afm()
+        .arg("quantize")
+        .arg(&g2)
+        .arg(dir.join("x.gguf"))
+        .args(["--weights", "3"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--weights 3"));
+    // the benchmark, afm runs only
+    let out = run(afm()
+        .args([
+            "--threads",
+            "2",
+            "bench",
+            "quant",
+            "--prompt-tokens",
+            "16",
+            "--new-tokens",
+            "4",
+        ])
+        .arg("--run")
+        .arg(format!("two=afm:{}", g2.display()))
+        .arg("--run")
+        .arg(format!("eight=afm:{}:kv16", g8.display())));
+    assert!(
+        out.contains("| two | afm |") && out.contains("| eight | afm |"),
+        "{out}"
+    );
+    assert!(
+        out.contains("8-bit (checkpoint)") && out.contains("16-bit (none)"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
