@@ -1,9 +1,11 @@
 //! `afm bench`: speed figures measured next to the reference in the same run.
 //!
 //! * `afm bench lm`: prefill and decode tokens/s and peak RSS on a GGUF (default: the real
-//!   SmolLM2-135M-Instruct Q4_1), ours and llama.cpp (llama-cpp-python, through
-//!   `scripts/bench_llamacpp.py`) alternating, each engine in its own process so peak RSS is
-//!   its own; prints medians and the ratios.
+//!   SmolLM2-135M-Instruct Q4_1), ours and llama.cpp alternating, round by round: its own
+//!   `llama-bench` (the anchor) and `llama-completion` (the former `llama-cli`) built by `scripts/build_llamacpp.sh`, and
+//!   llama-cpp-python (`scripts/bench_llamacpp.py`); each engine in its own process so peak
+//!   RSS is its own; prints medians, the ratios, the CPU model and ISA flags, and afm's
+//!   thread-pool barriers per token. `--busy` adds a background load on one core.
 //! * `afm bench kv-sharing`: prefill time of a random-weight AFM model with KV sharing (5:3)
 //!   with the block-2 prefill shortcut on and off, and the KV-cache bytes with and without
 //!   sharing.
@@ -269,6 +271,10 @@ pub struct VisionBench {
     /// linear layers next to it.
     #[arg(long)]
     pub int8: bool,
+    /// Hold one core with a background busy loop for the whole run, and time afm with one
+    /// thread too (alternating with N threads).
+    #[arg(long)]
+    pub busy: bool,
 }
 
 /// Seconds per tile of `enc` on `x`: median of `runs` after one warm-up pass.
@@ -335,10 +341,39 @@ pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {
     let mut enc = VisionEncoder::new(&VisionWeights::from_tensors(random_tensors(&cfg, 0)?)?, cfg)?;
     let x =
         candle_core::Tensor::randn(0f32, 1.0, (a.tiles, 3, 512, 512), &candle_core::Device::Cpu)?;
+    let cpu = afm::lm::isa::describe_cpu();
+    eprintln!("cpu: {cpu}");
+    println!(
+        "CPU: {cpu}{}\n",
+        if a.busy {
+            "; a background busy loop held one core"
+        } else {
+            ""
+        }
+    );
+    let _busy = crate::busy::maybe(a.busy);
+    if a.busy && threads > 1 {
+        // N threads and 1 thread, alternating
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+        let (mut n, mut o) = (Vec::new(), Vec::new());
+        for _ in 0..a.runs.max(1) {
+            n.push(time_encoder(&enc, &x, 1)?);
+            o.push(one.install(|| time_encoder(&enc, &x, 1))?);
+        }
+        let (n, o) = (median(&mut n), median(&mut o));
+        println!("| afm f32 on the busy machine | seconds per 512x512 tile |");
+        println!("|---|---:|");
+        println!("| {threads} threads | {n:.3} |");
+        println!("| 1 thread | {o:.3} |");
+        println!("\nafm {threads} threads / 1 thread speed: {:.2}x (target >= 0.9x)\n", o / n);
+    }
     let ours_s = time_encoder(&enc, &x, a.runs)?;
     let ours_q = if a.int8 {
         if !afm::vision::int8::int8_kernel_is_fast() {
-            eprintln!("note: this CPU has no AVX-512 VNNI; the int8 path runs a portable loop");
+            eprintln!(
+                "note: the int8 kernel in use ({}) has no vpdpbusd; expect no gain over f32",
+                afm::lm::isa::level().name()
+            );
         }
         enc.set_int8(true)?;
         Some(time_encoder(&enc, &x, a.runs)?)
@@ -395,12 +430,25 @@ pub struct LmBench {
     pub processes: usize,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Python with llama-cpp-python installed (`pip install llama-cpp-python==0.3.36`).
+    /// Python with llama-cpp-python installed (`pip install llama-cpp-python==0.3.36`): the
+    /// second reference (skipped when it does not import).
     #[arg(long, default_value = "python3")]
     pub python: String,
-    /// Skip the llama.cpp reference.
+    /// llama.cpp's own `llama-bench` (the anchor), as built by `scripts/build_llamacpp.sh`
+    /// (default: `$AFM_LLAMA_BENCH`, else `target/llama.cpp/bin/llama-bench` if present).
+    #[arg(long)]
+    pub llama_bench: Option<PathBuf>,
+    /// llama.cpp's one-shot command line, timed on the same prompt text: `llama-completion`
+    /// (called `llama-cli` before late 2025; default: next to `llama-bench`).
+    #[arg(long)]
+    pub llama_completion: Option<PathBuf>,
+    /// Skip the llama.cpp references.
     #[arg(long)]
     pub no_reference: bool,
+    /// Hold one core with a background busy loop for the whole run, and time afm with one
+    /// thread too: on a busy machine N threads should not be slower than one.
+    #[arg(long)]
+    pub busy: bool,
 }
 
 #[derive(Args, Clone)]
@@ -421,6 +469,9 @@ pub struct RunReport {
     pub prefill_s: Vec<f64>,
     pub decode_s: Vec<f64>,
     pub peak_rss_kb: u64,
+    /// Thread-pool synchronisation points per decoded token (afm only).
+    #[serde(default)]
+    pub barriers_per_token: f64,
 }
 
 pub fn peak_rss_kb() -> u64 {
@@ -455,12 +506,15 @@ pub fn worker(model: &std::path::Path, new_tokens: usize, runs: usize) -> Result
         let l = m.forward_tokens(&ids, &mut cache, &LogitsFor::Last)?;
         let mut tok = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
         let t1 = Instant::now();
+        let b0 = afm::lm::par::barriers();
         for _ in 0..new_tokens.saturating_sub(1) {
             let l = m.forward_tokens(&[tok], &mut cache, &LogitsFor::Last)?;
             tok = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
         }
         rep.prefill_s.push((t1 - t0).as_secs_f64());
         rep.decode_s.push(t1.elapsed().as_secs_f64());
+        rep.barriers_per_token =
+            (afm::lm::par::barriers() - b0) as f64 / new_tokens.saturating_sub(1).max(1) as f64;
     }
     rep.peak_rss_kb = peak_rss_kb();
     println!("{}", serde_json::to_string(&rep)?);
@@ -501,15 +555,126 @@ fn prompt_ids(ck: &Checkpoint, n: usize) -> Result<Vec<u32>> {
     Ok(ids[..n].to_vec())
 }
 
+/// `llama-bench` to use: the flag, `$AFM_LLAMA_BENCH`, or the default build
+/// directory of `scripts/build_llamacpp.sh`, if the file exists.
+fn find_llama(flag: &Option<PathBuf>, env: &str, name: &str) -> Option<PathBuf> {
+    if let Some(p) = flag {
+        return Some(p.clone());
+    }
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/llama.cpp/bin").join(name);
+    p.exists().then_some(p)
+}
+
+/// llama-bench's medians over `runs` repetitions: prefill of `n_prompt` tokens from an empty
+/// context, and decode of `n_gen` tokens after `n_prompt` tokens of context (`-d`), as afm's
+/// decode runs after the prompt.
+fn run_llama_bench(
+    exe: &std::path::Path,
+    model: &std::path::Path,
+    threads: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    runs: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let out = Command::new(exe)
+        .arg("-m")
+        .arg(model)
+        .args(["-p", &n_prompt.to_string(), "-n", "0", "-t", &threads.to_string()])
+        .args(["-r", &runs.to_string(), "-o", "json"])
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let out2 = Command::new(exe)
+        .arg("-m")
+        .arg(model)
+        .args(["-p", "0", "-n", &n_gen.to_string(), "-d", &n_prompt.to_string()])
+        .args(["-t", &threads.to_string(), "-r", &runs.to_string(), "-o", "json"])
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() || !out2.status.success() {
+        bail!("{} failed ({}, {})", exe.display(), out.status, out2.status);
+    }
+    // tok/s samples -> seconds for our token counts
+    let samples = |o: &[u8], want_gen: bool| -> Result<Vec<f64>> {
+        let v: serde_json::Value = serde_json::from_slice(o).context("parsing llama-bench JSON")?;
+        let t = v
+            .as_array()
+            .and_then(|a| {
+                a.iter().find(|t| {
+                    let g = t["n_gen"].as_u64().unwrap_or(0);
+                    (g > 0) == want_gen
+                })
+            })
+            .context("llama-bench printed no matching test")?;
+        let n = if want_gen { n_gen } else { n_prompt } as f64;
+        let ts = t["samples_ts"]
+            .as_array()
+            .context("llama-bench JSON has no samples_ts")?;
+        Ok(ts
+            .iter()
+            .filter_map(|x| x.as_f64())
+            .map(|tps| n / tps)
+            .collect())
+    };
+    Ok((samples(&out.stdout, false)?, samples(&out2.stdout, true)?))
+}
+
+/// `llama-completion` (the former `llama-cli`) on the same prompt text (greedy, `n_gen` tokens): prompt-eval and eval times
+/// from its `llama_perf_context_print` lines, in seconds for our token counts.
+fn run_llama_completion(
+    exe: &std::path::Path,
+    model: &std::path::Path,
+    threads: usize,
+    prompt: &str,
+    n_gen: usize,
+) -> Result<(f64, f64, usize)> {
+    let out = Command::new(exe)
+        .arg("-m")
+        .arg(model)
+        .args(["-p", prompt, "-n", &n_gen.to_string(), "-t", &threads.to_string()])
+        .args(["--temp", "0", "-no-cnv", "--ignore-eos", "-c", "2048"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    // "... prompt eval time =  123.45 ms /   100 tokens (...)" and "...  eval time = ..."
+    let parse = |key: &str| -> Option<(f64, usize)> {
+        let l = err.lines().find(|l| l.contains(key))?;
+        let rest = l.split_once('=')?.1;
+        let ms: f64 = rest.split_whitespace().next()?.parse().ok()?;
+        let n: usize = rest.split('/').nth(1)?.split_whitespace().next()?.parse().ok()?;
+        Some((ms / 1e3, n))
+    };
+    let (pf, n_prompt) = parse("prompt eval time").context("llama-completion printed no prompt eval time")?;
+    let (dc, n_dec) = err
+        .lines()
+        .find(|l| l.contains(" eval time") && !l.contains("prompt"))
+        .and_then(|l| {
+            let rest = l.split_once('=')?.1;
+            let ms: f64 = rest.split_whitespace().next()?.parse().ok()?;
+            let n: usize = rest.split('/').nth(1)?.split_whitespace().next()?.parse().ok()?;
+            Some((ms / 1e3, n))
+        })
+        .context("llama-completion printed no eval time")?;
+    // per-token times scaled to our decode count
+    let dc = dc / n_dec.max(1) as f64 * (n_gen.saturating_sub(1)) as f64;
+    Ok((pf, dc, n_prompt))
+}
+
 pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
     let ck = Checkpoint::load(&model)?;
     let ids = prompt_ids(&ck, a.prompt_tokens)?;
+    let prompt_text = ck.tokenizer.decode(&ids, false)?;
     drop(ck);
     let ids_json = serde_json::to_string(&ids)?;
     let exe = std::env::current_exe()?;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_llamacpp.py");
-    let mut reference = !a.no_reference;
-    if reference {
+    let mut python = !a.no_reference;
+    if python {
         let ok = Command::new(&a.python)
             .args(["-c", "import llama_cpp"])
             .stderr(Stdio::null())
@@ -518,26 +683,51 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
             .unwrap_or(false);
         if !ok {
             eprintln!(
-                "note: `{} -c 'import llama_cpp'` failed: install the reference with \
-                 `pip install llama-cpp-python==0.3.36` (CMAKE_ARGS=-DGGML_NATIVE=ON) or pass --python; \
-                 reporting afm alone",
+                "note: `{} -c 'import llama_cpp'` failed: the llama-cpp-python reference is skipped \
+                 (install it with `pip install llama-cpp-python==0.3.36`, CMAKE_ARGS=-DGGML_NATIVE=ON, \
+                 or pass --python)",
                 a.python
             );
-            reference = false;
+            python = false;
         }
     }
+    let lbench = if a.no_reference {
+        None
+    } else {
+        find_llama(&a.llama_bench, "AFM_LLAMA_BENCH", "llama-bench")
+    };
+    let lcli = if a.no_reference {
+        None
+    } else {
+        a.llama_completion.clone().or_else(|| {
+            let p = lbench.as_ref()?.with_file_name("llama-completion");
+            p.exists().then_some(p)
+        })
+    };
+    if lbench.is_none() && !a.no_reference {
+        eprintln!(
+            "note: no llama-bench: build it with `scripts/build_llamacpp.sh` (or pass --llama-bench)"
+        );
+    }
+    let cpu = afm::lm::isa::describe_cpu();
     eprintln!(
-        "bench: {} | {} prompt tokens, {} new tokens, {threads} threads, {} processes x {} runs per engine",
+        "bench: {} | {} prompt tokens, {} new tokens, {threads} threads, {} processes x {} runs per engine\ncpu: {cpu}",
         model.display(),
         ids.len(),
         a.new_tokens,
         a.processes,
         a.runs
     );
-    let (mut ours, mut theirs) = (RunReport::default(), RunReport::default());
-    for p in 0..a.processes {
+    let _busy = crate::busy::maybe(a.busy);
+    let one_thread_too = a.busy && threads > 1;
+    let mut ours = RunReport::default();
+    let mut ours1 = RunReport::default();
+    let mut lb = RunReport::default();
+    let mut lc = RunReport::default();
+    let mut py = RunReport::default();
+    let run_afm = |t: usize, into: &mut RunReport, p: usize| -> Result<()> {
         let mut c = Command::new(&exe);
-        c.args(["--threads", &threads.to_string(), "bench-worker", "--model"])
+        c.args(["--threads", &t.to_string(), "bench-worker", "--model"])
             .arg(&model)
             .args([
                 "--new-tokens",
@@ -547,13 +737,42 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
             ]);
         let r = run_child(c, &ids_json)?;
         eprintln!(
-            "  afm process {p}: prefill {:?} s, decode {:?} s",
-            r.prefill_s, r.decode_s
+            "  afm ({t} threads) process {p}: prefill {:?} s, decode {:?} s, {:.1} barriers/token",
+            r.prefill_s, r.decode_s, r.barriers_per_token
         );
-        ours.prefill_s.extend(r.prefill_s);
-        ours.decode_s.extend(r.decode_s);
-        ours.peak_rss_kb = ours.peak_rss_kb.max(r.peak_rss_kb);
-        if reference {
+        into.prefill_s.extend(r.prefill_s);
+        into.decode_s.extend(r.decode_s);
+        into.peak_rss_kb = into.peak_rss_kb.max(r.peak_rss_kb);
+        into.barriers_per_token = r.barriers_per_token;
+        Ok(())
+    };
+    for p in 0..a.processes {
+        run_afm(threads, &mut ours, p)?;
+        if one_thread_too {
+            run_afm(1, &mut ours1, p)?;
+        }
+        if let Some(lbx) = &lbench {
+            match run_llama_bench(lbx, &model, threads, ids.len(), a.new_tokens - 1, a.runs) {
+                Ok((pf, dc)) => {
+                    eprintln!("  llama-bench round {p}: prefill {pf:?} s, decode {dc:?} s");
+                    lb.prefill_s.extend(pf);
+                    lb.decode_s.extend(dc);
+                }
+                Err(e) => eprintln!("  llama-bench failed: {e:#}"),
+            }
+        }
+        if let Some(lcx) = &lcli {
+            match run_llama_completion(lcx, &model, threads, &prompt_text, a.new_tokens) {
+                Ok((pf, dc, n)) => {
+                    eprintln!("  llama-completion round {p}: prefill {pf:.3} s ({n} tokens), decode {dc:.3} s");
+                    // scaled to our prompt length (its tokenizer may add a BOS)
+                    lc.prefill_s.push(pf * ids.len() as f64 / n.max(1) as f64);
+                    lc.decode_s.push(dc);
+                }
+                Err(e) => eprintln!("  llama-completion failed: {e:#}"),
+            }
+        }
+        if python {
             let mut c = Command::new(&a.python);
             c.arg(&script).arg(&model).args([
                 threads.to_string(),
@@ -562,12 +781,12 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
             ]);
             let r = run_child(c, &ids_json)?;
             eprintln!(
-                "  llama.cpp process {p}: prefill {:?} s, decode {:?} s",
+                "  llama-cpp-python process {p}: prefill {:?} s, decode {:?} s",
                 r.prefill_s, r.decode_s
             );
-            theirs.prefill_s.extend(r.prefill_s);
-            theirs.decode_s.extend(r.decode_s);
-            theirs.peak_rss_kb = theirs.peak_rss_kb.max(r.peak_rss_kb);
+            py.prefill_s.extend(r.prefill_s);
+            py.decode_s.extend(r.decode_s);
+            py.peak_rss_kb = py.peak_rss_kb.max(r.peak_rss_kb);
         }
     }
     let n = ids.len() as f64;
@@ -575,22 +794,72 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
     let row = |name: &str, r: &mut RunReport| -> (f64, f64) {
         let pf = n / median(&mut r.prefill_s);
         let dc = d / median(&mut r.decode_s);
-        println!(
-            "| {name} | {pf:.1} | {dc:.1} | {:.0} MB |",
-            r.peak_rss_kb as f64 / 1024.0
-        );
+        let rss = if r.peak_rss_kb > 0 {
+            format!("{:.0} MB", r.peak_rss_kb as f64 / 1024.0)
+        } else {
+            "n/a".into()
+        };
+        let bar = if r.barriers_per_token > 0.0 {
+            format!("{:.0}", r.barriers_per_token)
+        } else {
+            "n/a".into()
+        };
+        println!("| {name} | {pf:.1} | {dc:.1} | {rss} | {bar} |");
         (pf, dc)
     };
-    println!("| engine | prefill tok/s | decode tok/s | peak RSS |");
-    println!("|---|---:|---:|---:|");
-    let (p1, d1) = row("afm", &mut ours);
-    if reference {
-        let (p2, d2) = row("llama.cpp (llama-cpp-python)", &mut theirs);
-        println!(
-            "\nafm / llama.cpp: prefill {:.2}x (target >= 0.8x), decode {:.2}x (target >= 1.0x)",
+    println!(
+        "CPU: {cpu}{}",
+        if a.busy {
+            "; a background busy loop held one core"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{} prompt tokens, {} decoded, {threads} threads, medians of {} runs\n",
+        ids.len(),
+        a.new_tokens - 1,
+        a.processes * a.runs
+    );
+    println!("| engine | prefill tok/s | decode tok/s | peak RSS | barriers/token |");
+    println!("|---|---:|---:|---:|---:|");
+    let (p1, d1) = row(&format!("afm ({threads} threads)"), &mut ours);
+    let mut ratios = Vec::new();
+    if one_thread_too {
+        let (p0, d0) = row("afm (1 thread)", &mut ours1);
+        ratios.push(format!(
+            "afm {threads} threads / 1 thread on the busy machine: prefill {:.2}x, decode {:.2}x (target >= 0.9x)",
+            p1 / p0,
+            d1 / d0
+        ));
+    }
+    if !lb.decode_s.is_empty() {
+        let (p2, d2) = row("llama.cpp `llama-bench`", &mut lb);
+        ratios.push(format!(
+            "afm / llama-bench: prefill {:.2}x (target >= 1.5x), decode {:.2}x (target >= 1.3x)",
             p1 / p2,
             d1 / d2
-        );
+        ));
+    }
+    if !lc.decode_s.is_empty() {
+        let (p2, d2) = row("llama.cpp `llama-completion`", &mut lc);
+        ratios.push(format!(
+            "afm / llama-completion: prefill {:.2}x, decode {:.2}x",
+            p1 / p2,
+            d1 / d2
+        ));
+    }
+    if !py.decode_s.is_empty() {
+        let (p2, d2) = row("llama-cpp-python", &mut py);
+        ratios.push(format!(
+            "afm / llama-cpp-python: prefill {:.2}x, decode {:.2}x",
+            p1 / p2,
+            d1 / d2
+        ));
+    }
+    println!();
+    for r in ratios {
+        println!("{r}");
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::time::Instant;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod busy;
 mod default_model;
 mod eval_cmd;
 mod quantize_cmd;

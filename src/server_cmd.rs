@@ -181,6 +181,9 @@ pub struct ServerBench {
     pub new_tokens: usize,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Hold one core with a background busy loop for the whole run.
+    #[arg(long)]
+    pub busy: bool,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -250,10 +253,32 @@ pub fn bench_server(a: &ServerBench, threads: usize) -> Result<()> {
     let ids: Vec<u32> = (0..a.prompt_tokens)
         .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
         .collect();
-    m.set_parallel_tracks(true);
-    let (pre_par, dec_par) = time_model(&m, &ids, a.new_tokens, a.runs)?;
-    m.set_parallel_tracks(false);
-    let (pre_seq, dec_seq) = time_model(&m, &ids, a.new_tokens, a.runs)?;
+    let cpu = afm::lm::isa::describe_cpu();
+    eprintln!("cpu: {cpu}");
+    let _busy = crate::busy::maybe(a.busy);
+    // the two modes alternate run by run, so that a change in the machine's load (other
+    // programs) falls on both alike
+    let (mut pp, mut dp, mut ps, mut ds) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..a.runs.max(1) {
+        m.set_parallel_tracks(true);
+        let (p, d) = time_model(&m, &ids, a.new_tokens, 1)?;
+        pp.push(p);
+        dp.push(d);
+        m.set_parallel_tracks(false);
+        let (p, d) = time_model(&m, &ids, a.new_tokens, 1)?;
+        ps.push(p);
+        ds.push(d);
+    }
+    let (pre_par, dec_par, pre_seq, dec_seq) =
+        (median(&mut pp), median(&mut dp), median(&mut ps), median(&mut ds));
+    println!(
+        "CPU: {cpu}{}\n",
+        if a.busy {
+            "; a background busy loop held one core"
+        } else {
+            ""
+        }
+    );
 
     let p = cfg.param_counts();
     let (sync_pt, sync_tp) = cfg.syncs_per_pass();
@@ -301,6 +326,11 @@ pub fn bench_server(a: &ServerBench, threads: usize) -> Result<()> {
     println!(
         "| peak RSS | {:.0} MB |",
         crate::bench::peak_rss_kb() as f64 / 1024.0
+    );
+    println!(
+        "| thread-pool synchronisation points (all runs), waits for a preempted thread | {} , {} |",
+        afm::lm::par::barriers(),
+        afm::lm::par::stalls()
     );
     Ok(())
 }

@@ -217,7 +217,8 @@ impl ModelArgs {
         let t0 = Instant::now();
         if self.int8 && !afm::vision::int8::int8_kernel_is_fast() {
             eprintln!(
-                "note: --int8: this CPU has no AVX-512 VNNI, so the int8 path runs a portable loop, slower than f32"
+                "note: --int8: the int8 kernel in use ({}) has no vpdpbusd (AVX-512 VNNI or AVX-VNNI): expect no gain over f32",
+                afm::lm::isa::level().name()
             );
         }
         let lm = match m.external_lm() {

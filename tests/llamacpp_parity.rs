@@ -147,6 +147,7 @@ fn greedy_64_tokens_and_first_logits_match_llama_cpp() {
     };
     let ck = Checkpoint::load(&path).unwrap();
     let m = &ck.model;
+    println!("kernels: {}", afm::lm::isa::level().name());
     for (i, p) in reference().prompts.iter().enumerate() {
         let want = fixture(&p.first_logits_file);
         let floor = max_abs(&want, &fixture(&format!("hf_dequant_logits_{i}.f32")));
@@ -217,6 +218,46 @@ fn greedy_64_tokens_and_first_logits_match_llama_cpp() {
                 p.generated[same]
             );
         }
+    }
+}
+
+/// The same parity with the kernels capped to the portable and AVX2 levels (when this CPU
+/// has more): what a CPU without AVX-512 / VNNI (or without AVX2) computes. The 256-bit VNNI
+/// kernels give the AVX2 kernels' numbers bit for bit (`quant` unit tests). `AFM_ISA` is
+/// read once per process, so each level runs the test above in a child process of this test
+/// binary.
+#[test]
+fn parity_holds_with_the_kernels_capped_to_each_lower_isa_level() {
+    use afm::lm::isa::{detected, Isa};
+    if std::env::var_os("AFM_ISA").is_some() {
+        return; // inside a child (or capped by the caller): the test above covers it
+    }
+    if common::smollm2_gguf().is_none() {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    for isa in [Isa::Portable, Isa::Avx2].into_iter().filter(|&i| i < detected()) {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "greedy_64_tokens_and_first_logits_match_llama_cpp",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("AFM_ISA", isa.name())
+            .output()
+            .unwrap();
+        let so = String::from_utf8_lossy(&out.stdout);
+        println!("AFM_ISA={}:\n{so}", isa.name());
+        assert!(
+            out.status.success() && so.contains("1 passed"),
+            "parity at {isa:?} failed:\n{so}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            so.contains(&format!("kernels: {}", isa.name())),
+            "the child did not run at {isa:?}"
+        );
     }
 }
 

@@ -27,6 +27,7 @@
 //! 32 channels' 4 bytes side by side (128 bytes: two 512-bit registers). Inputs are padded
 //! with zeros to a multiple of 4, channels with zero rows to a multiple of 32.
 
+use crate::isa::Isa;
 use crate::kernels::{max_of, small_int};
 use rayon::prelude::*;
 
@@ -265,14 +266,14 @@ impl Int8Matrix {
             rows == 0 || y.len() >= (rows - 1) * stride + self.out,
             "output too small"
         );
-        let vnni = has_vnni();
+        let isa = crate::isa::level();
         let panels = self.out.div_ceil(NR);
         let mut r = 0;
         while r < rows {
             let m = MR.min(rows - r);
             let mut tile = [[0f32; NR]; MR];
             for p in 0..panels {
-                self.panel_tile(qx, r, m, p, &mut tile, vnni);
+                self.panel_tile(qx, r, m, p, &mut tile, isa);
                 let c0 = p * NR;
                 let cols = NR.min(self.out - c0);
                 for (i, accr) in tile.iter().enumerate().take(m) {
@@ -295,7 +296,7 @@ impl Int8Matrix {
         m: usize,
         p: usize,
         acc: &mut [[f32; NR]; MR],
-        vnni: bool,
+        isa: Isa,
     ) {
         let groups = self.kp / 4;
         let ng = qx.ngroups;
@@ -309,14 +310,22 @@ impl Int8Matrix {
             ng,
             off: &self.offset[p * ng * NR..(p + 1) * ng * NR],
         };
-        if vnni {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `has_vnni` checked the CPU features the kernel is compiled for; the
-            // slices of `t` are cut to the sizes `Tile` documents, which is all it reads.
-            unsafe {
-                vnni::tile(&t, acc)
-            };
-        } else {
+        // `isa` never exceeds what the CPU runs (`Isa::supported`, `isa::level`), so the
+        // features each kernel is compiled for are there.
+        #[cfg(target_arch = "x86_64")]
+        match isa.min(crate::isa::detected()) {
+            // SAFETY: the CPU has the kernel's features (above); the slices of `t` are cut
+            // to the sizes `Tile` documents, which is all the kernels read.
+            Isa::Avx512 => unsafe { vnni::tile(&t, acc) },
+            // SAFETY: as above (AVX-VNNI, or AVX-512 VNNI + VL when it is absent).
+            Isa::Avx2Vnni => unsafe { avx2::tile_vnni(&t, acc, crate::isa::has_avx_vnni()) },
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { avx2::tile_madd(&t, acc) },
+            Isa::Portable => tile_scalar(&t, acc),
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = isa;
             tile_scalar(&t, acc);
         }
     }
@@ -345,7 +354,7 @@ impl Int8Matrix {
         }
         let qx = quantize_rows(self.pool, x, rows, self.inp, self.group);
         let mut y = vec![0f32; rows * self.out];
-        let vnni = has_vnni();
+        let isa = crate::isa::level();
         let panels = self.out.div_ceil(NR);
         if rows > MB {
             // blocks of whole rows, each written in place
@@ -356,7 +365,7 @@ impl Int8Matrix {
                 while r < n {
                     let m = MR.min(n - r);
                     let yt = &mut yb[r * self.out..];
-                    self.rows_tile(&qx, r0 + r, m, 0..panels, yt, self.out, bias, vnni);
+                    self.rows_tile(&qx, r0 + r, m, 0..panels, yt, self.out, bias, isa);
                     r += m;
                 }
                 post(yb);
@@ -375,7 +384,7 @@ impl Int8Matrix {
             let mut r = 0;
             while r < rows {
                 let m = MR.min(rows - r);
-                self.rows_tile(&qx, r, m, p0..p1, &mut buf[r * cols..], cols, bias, vnni);
+                self.rows_tile(&qx, r, m, p0..p1, &mut buf[r * cols..], cols, bias, isa);
                 r += m;
             }
             post(buf);
@@ -402,12 +411,12 @@ impl Int8Matrix {
         y: &mut [f32],
         stride: usize,
         b: Option<&[f32]>,
-        vnni: bool,
+        isa: Isa,
     ) {
         let mut acc = [[0f32; NR]; MR];
         let first = panels.start;
         for p in panels {
-            self.panel_tile(qx, r0, m, p, &mut acc, vnni);
+            self.panel_tile(qx, r0, m, p, &mut acc, isa);
             let c0 = p * NR;
             let cols = NR.min(self.out - c0);
             let at = (p - first) * NR;
@@ -422,22 +431,11 @@ impl Int8Matrix {
     }
 }
 
-fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether this CPU runs the int8 kernel in AVX-512 VNNI (else a portable loop).
+/// Whether the int8 kernel in use ([`crate::isa::level`]) multiplies bytes with `vpdpbusd`
+/// (AVX-512 VNNI, or AVX-VNNI at 256 bits), where it beats the f32 path; with AVX2 alone
+/// (`vpmaddubsw`) it is about as fast as f32, and the portable loop is slower.
 pub fn int8_kernel_is_fast() -> bool {
-    has_vnni()
+    crate::isa::level() >= Isa::Avx2Vnni
 }
 
 /// One micro-tile's operands: `m` activation rows of `kp` bytes, a panel of `kp / 4` groups
@@ -477,6 +475,10 @@ fn tile_scalar(t: &Tile, acc: &mut [[f32; NR]; MR]) {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[path = "int8_avx2.rs"]
+mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
@@ -629,18 +631,24 @@ mod tests {
             }
             let rel = (err / norm).sqrt();
             assert!(rel < 0.02, "relative error {rel} at {rows}x{inp}x{out}");
-            // the portable kernel gives the same numbers as the one this CPU picked
-            if has_vnni() {
-                let qx = quantize_rows(Pool::Rayon, &x, rows, inp, m.group);
-                for p in 0..out.div_ceil(NR) {
-                    let mr = MR.min(rows);
-                    let (mut a1, mut a2) = ([[0f32; NR]; MR], [[0f32; NR]; MR]);
-                    m.panel_tile(&qx, 0, mr, p, &mut a1, false);
-                    m.panel_tile(&qx, 0, mr, p, &mut a2, true);
-                    for (r1, r2) in a1[..mr].iter().zip(&a2[..mr]) {
-                        for (v1, v2) in r1.iter().zip(r2) {
-                            // the same integers; fma against mul + add in the float sum over groups
-                            assert!((v1 - v2).abs() <= 1e-4 * v1.abs().max(1.0), "{v1} vs {v2}");
+            // every kernel this CPU runs gives the portable kernel's numbers, for every
+            // micro-tile height (1..=8 rows: the 2-row AVX2 kernels' odd tails)
+            let qx = quantize_rows(Pool::Rayon, &x, rows, inp, m.group);
+            for isa in Isa::supported().skip(1) {
+                for mr in 1..=MR.min(rows) {
+                    for p in 0..out.div_ceil(NR) {
+                        let (mut a1, mut a2) = ([[0f32; NR]; MR], [[7f32; NR]; MR]);
+                        m.panel_tile(&qx, rows - mr, mr, p, &mut a1, Isa::Portable);
+                        m.panel_tile(&qx, rows - mr, mr, p, &mut a2, isa);
+                        for (r1, r2) in a1[..mr].iter().zip(&a2[..mr]) {
+                            for (v1, v2) in r1.iter().zip(r2) {
+                                // the same integers; fma against mul + add in the float
+                                // sum over groups
+                                assert!(
+                                    (v1 - v2).abs() <= 1e-4 * v1.abs().max(1.0),
+                                    "{isa:?} {mr} rows: {v1} vs {v2}"
+                                );
+                            }
                         }
                     }
                 }

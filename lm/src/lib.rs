@@ -18,6 +18,7 @@ pub mod generate;
 pub mod gguf_check;
 pub mod gguf_write;
 pub mod int8;
+pub mod isa;
 pub mod kernels;
 pub mod kv8;
 pub mod linear;

@@ -1,12 +1,51 @@
-//! Data parallelism on candle's CPU thread pool (the calling thread takes part), the pool
-//! candle's own ops use, so our kernels and candle's never compete for the cores.
+//! Data parallelism on a thread pool of our own, made for a machine that other programs
+//! share: the calling thread takes part, work is claimed in chunks from a shared cursor, a
+//! worker that has not woken up yet is never waited for, and every wait spins only briefly
+//! before it yields and then sleeps.
+//!
+//! # Protocol
+//! A job is published by the caller (closure, item count, chunk size, cursor at 0, state
+//! *open* with no workers). A worker joins by incrementing the state's worker count while the
+//! job is open, claims chunks until the cursor passes the end, and leaves by decrementing
+//! it. The caller claims chunks too; when the cursor is exhausted it *closes* the job (no
+//! worker joins any more) and waits only for the workers that joined, which are each inside
+//! a chunk. So a worker the OS has not scheduled (another process holds its core) costs
+//! nothing: the caller does its share. The caller waits for a preempted worker by sleeping
+//! after a short spin (its core then goes idle and the kernel can move the worker there).
+//!
+//! # Contention
+//! When a wait for a joined worker took longer than [`STALL`] (the worker was preempted in
+//! the middle of a chunk), the pool runs every job on the calling thread alone for the next
+//! [`SOLO`], then tries the workers again: on a busy machine N threads are then about as
+//! fast as one instead of waiting for descheduled threads. Idle workers spin for at most
+//! [`SPIN`] (yielding the core after the first part of it) and then park.
+//!
+//! The number of threads is `--threads` (through `RAYON_NUM_THREADS`, as candle's), else
+//! the physical cores. [`barriers`] counts the jobs given to the pool: the synchronisation
+//! points (`afm bench lm` reports them per token).
 
+use std::cell::UnsafeCell;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker polls for the next job before parking: decode steps issue jobs a
+/// few microseconds apart, and waking a parked thread costs tens of microseconds.
+pub const SPIN: Duration = Duration::from_micros(200);
+/// Of [`SPIN`], how long the worker polls without yielding its core.
+const HOT_SPIN: Duration = Duration::from_micros(20);
+/// How long the caller polls for joined workers before sleeping.
+const WAIT_SPIN: Duration = Duration::from_micros(30);
+/// A wait for joined workers longer than this means one was preempted mid-chunk.
+pub const STALL: Duration = Duration::from_micros(1500);
+/// How long the pool then runs jobs on the calling thread alone.
+pub const SOLO: Duration = Duration::from_millis(50);
 
 thread_local! {
     /// Set while this thread runs one of several coarse tasks that already share the cores
-    /// (the server model's parallel tracks): our kernels then run on this thread alone
-    /// instead of queueing for the whole pool.
+    /// (the server model's parallel tracks), and on the pool's workers: our kernels then run
+    /// on this thread alone instead of queueing for the whole pool.
     static INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -23,8 +62,301 @@ pub fn inline<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Runs `f` over chunks of `0..n`, on candle's pool (or on this thread alone inside
-/// [`inline`]).
+/// The state word: the open bit and the number of workers inside the job.
+const OPEN: u64 = 1 << 63;
+
+type Task = dyn Fn(Range<usize>) + Sync;
+
+fn noop(_: Range<usize>) {}
+static NOOP: fn(Range<usize>) = noop;
+
+struct Job {
+    /// The caller's closure, lifetime erased: only dereferenced by workers that joined the
+    /// job, which the caller waits for before it returns (so the closure outlives them).
+    f: *const Task,
+    n: usize,
+    chunk: usize,
+}
+
+struct Shared {
+    job: UnsafeCell<Job>,
+    /// Bumped for every job (workers watch it).
+    epoch: AtomicU64,
+    state: AtomicU64,
+    cursor: AtomicUsize,
+    /// Per worker: parked (or about to park) and waiting for an unpark.
+    sleeping: Box<[AtomicBool]>,
+    threads: OnceLock<Box<[std::thread::Thread]>>,
+    /// The caller is parked waiting for the last worker to leave.
+    caller: UnsafeCell<Option<std::thread::Thread>>,
+    caller_sleeping: AtomicBool,
+    /// A panic inside a worker's chunk, re-raised on the caller.
+    panicked: AtomicBool,
+}
+
+// SAFETY: `job` and `caller` are written only by the caller holding `Pool::lock` while no
+// worker is inside a job (state closed and empty), and read by workers only after joining
+// (Acquire on `state`, which the caller's Release store of the open state orders after the
+// writes); everything else is atomic.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+/// The pool (one per process, [`pool`]).
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: usize,
+    /// One job at a time; a second caller (another thread) runs its job inline instead.
+    lock: std::sync::Mutex<()>,
+    /// Until when jobs run on the caller alone (nanoseconds since `t0`; 0 = never).
+    solo_until: AtomicU64,
+    t0: Instant,
+    barriers: AtomicU64,
+    stalls: AtomicU64,
+}
+
+static POOL: OnceLock<Pool> = OnceLock::new();
+
+/// The process's pool, started on first use with `threads() - 1` workers.
+pub fn pool() -> &'static Pool {
+    POOL.get_or_init(|| Pool::new(threads().saturating_sub(1)))
+}
+
+/// Threads the pool uses, the caller included: `RAYON_NUM_THREADS` (what `--threads` sets)
+/// or the physical cores.
+pub fn threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
+/// Jobs of more than one item given to the pool since the process started (its
+/// synchronisation points, counted also when they ran on the caller alone).
+pub fn barriers() -> u64 {
+    POOL.get().map_or(0, |p| p.barriers.load(Relaxed))
+}
+
+/// Waits for a preempted worker longer than [`STALL`] since the process started.
+pub fn stalls() -> u64 {
+    POOL.get().map_or(0, |p| p.stalls.load(Relaxed))
+}
+
+impl Pool {
+    fn new(workers: usize) -> Self {
+        let shared = Arc::new(Shared {
+            job: UnsafeCell::new(Job {
+                f: &NOOP as &Task as *const Task,
+                n: 0,
+                chunk: 1,
+            }),
+            epoch: AtomicU64::new(0),
+            state: AtomicU64::new(0),
+            cursor: AtomicUsize::new(0),
+            sleeping: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            threads: OnceLock::new(),
+            caller: UnsafeCell::new(None),
+            caller_sleeping: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
+        });
+        let handles: Vec<std::thread::Thread> = (0..workers)
+            .filter_map(|i| {
+                let sh = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("afm-pool-{i}"))
+                    .spawn(move || worker(sh, i))
+                    .ok()
+                    .map(|j| j.thread().clone())
+            })
+            .collect();
+        let workers = handles.len();
+        let _ = shared.threads.set(handles.into_boxed_slice());
+        Self {
+            shared,
+            workers,
+            lock: std::sync::Mutex::new(()),
+            solo_until: AtomicU64::new(0),
+            t0: Instant::now(),
+            barriers: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+
+    /// Runs `f` over chunks of `0..n` on the caller and the workers.
+    pub fn run(&self, n: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+        if n == 0 {
+            return;
+        }
+        if n == 1 {
+            return f(0..n);
+        }
+        // a synchronisation point of the algorithm, whether or not workers join it
+        self.barriers.fetch_add(1, Relaxed);
+        if self.workers == 0 || self.now_ns() < self.solo_until.load(Relaxed) {
+            return f(0..n);
+        }
+        // one job at a time; a concurrent caller (another thread) does its work alone
+        let Ok(_guard) = self.lock.try_lock() else {
+            return f(0..n);
+        };
+        let sh = &*self.shared;
+        let threads = self.workers + 1;
+        // ~4 claims per thread: a straggler's share is small, claims stay cheap
+        let chunk = n.div_ceil(threads * 4).max(1);
+        // SAFETY: we hold the lock and the previous job is closed with no worker inside
+        // (the wait below), so nothing reads `job` or `caller` now.
+        unsafe {
+            let f: *const (dyn Fn(Range<usize>) + Sync + '_) = f;
+            // erase the lifetime: workers only use it while joined, and we wait for them
+            *sh.job.get() = Job {
+                f: std::mem::transmute::<*const (dyn Fn(Range<usize>) + Sync + '_), *const Task>(
+                    f,
+                ),
+                n,
+                chunk,
+            };
+            *sh.caller.get() = Some(std::thread::current());
+        }
+        sh.cursor.store(0, Relaxed);
+        sh.state.store(OPEN, Release);
+        sh.epoch.fetch_add(1, SeqCst);
+        if let Some(ts) = sh.threads.get() {
+            for (s, t) in sh.sleeping.iter().zip(ts.iter()) {
+                if s.load(SeqCst) && s.swap(false, SeqCst) {
+                    t.unpark();
+                }
+            }
+        }
+        // our share, catching a panic so the workers are waited for before it goes on
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+            let start = sh.cursor.fetch_add(chunk, Relaxed);
+            if start >= n {
+                break;
+            }
+            f(start..n.min(start + chunk));
+        }));
+        // close: no worker joins from now on; wait for those inside
+        let st = sh.state.fetch_and(!OPEN, AcqRel);
+        if st & !OPEN != 0 {
+            let waited = self.wait_for_workers();
+            if waited > STALL {
+                self.stalls.fetch_add(1, Relaxed);
+                let until = self.now_ns() + SOLO.as_nanos() as u64;
+                self.solo_until.store(until, Relaxed);
+            }
+        }
+        let worker_panicked = sh.panicked.swap(false, Relaxed);
+        drop(_guard);
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if worker_panicked {
+            panic!("a pool worker panicked");
+        }
+    }
+
+    /// Waits until no worker is inside the (closed) job; returns how long it took.
+    fn wait_for_workers(&self) -> Duration {
+        let sh = &*self.shared;
+        let t = Instant::now();
+        let mut i = 0u32;
+        loop {
+            if sh.state.load(Acquire) == 0 {
+                return t.elapsed();
+            }
+            i += 1;
+            if i % 64 != 0 || t.elapsed() < WAIT_SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            // sleep until the last worker leaves (it unparks us)
+            sh.caller_sleeping.store(true, SeqCst);
+            if sh.state.load(SeqCst) == 0 {
+                sh.caller_sleeping.store(false, SeqCst);
+                return t.elapsed();
+            }
+            std::thread::park_timeout(Duration::from_millis(1));
+            sh.caller_sleeping.store(false, SeqCst);
+        }
+    }
+}
+
+fn worker(sh: Arc<Shared>, me: usize) {
+    INLINE.with(|c| c.set(true));
+    let mut seen = sh.epoch.load(Acquire);
+    loop {
+        // wait for a new job: poll, then poll yielding, then park
+        let t = Instant::now();
+        let mut i = 0u32;
+        loop {
+            let e = sh.epoch.load(Acquire);
+            if e != seen {
+                seen = e;
+                break;
+            }
+            i += 1;
+            if i % 32 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let el = t.elapsed();
+            if el < HOT_SPIN {
+                continue;
+            }
+            if el < SPIN {
+                std::thread::yield_now();
+                continue;
+            }
+            sh.sleeping[me].store(true, SeqCst);
+            if sh.epoch.load(SeqCst) == seen {
+                std::thread::park();
+            }
+            sh.sleeping[me].store(false, SeqCst);
+        }
+        // join if the job is still open
+        let mut st = sh.state.load(Acquire);
+        let joined = loop {
+            if st & OPEN == 0 {
+                break false;
+            }
+            match sh.state.compare_exchange_weak(st, st + 1, AcqRel, Acquire) {
+                Ok(_) => break true,
+                Err(s) => st = s,
+            }
+        };
+        if !joined {
+            continue;
+        }
+        // the job we joined may be newer than the epoch we saw
+        seen = sh.epoch.load(Acquire);
+        // SAFETY: joined: the caller wrote `job` and `caller` before opening the state and
+        // does not return (or write them again) until we leave.
+        let (f, n, chunk, caller) = unsafe {
+            let j = &*sh.job.get();
+            (&*j.f, j.n, j.chunk, (*sh.caller.get()).clone())
+        };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+            let start = sh.cursor.fetch_add(chunk, Relaxed);
+            if start >= n {
+                break;
+            }
+            f(start..n.min(start + chunk));
+        }));
+        if r.is_err() {
+            sh.panicked.store(true, Relaxed);
+        }
+        // leave; the last one out wakes a sleeping caller
+        let before = sh.state.fetch_sub(1, SeqCst);
+        if before == 1 && sh.caller_sleeping.load(SeqCst) {
+            if let Some(c) = caller {
+                c.unpark();
+            }
+        }
+    }
+}
+
+/// Runs `f` over chunks of `0..n`, on the pool (or on this thread alone inside [`inline`]
+/// and on the pool's own workers).
 pub fn par_ranges(n: usize, f: impl Fn(Range<usize>) + Sync) {
     if INLINE.with(|c| c.get()) {
         if n > 0 {
@@ -32,7 +364,7 @@ pub fn par_ranges(n: usize, f: impl Fn(Range<usize>) + Sync) {
         }
         return;
     }
-    candle_core::utils::barrier_pool().execute_chunked(n, f);
+    pool().run(n, &f);
 }
 
 /// Splits `out` into `chunk`-long pieces and runs `f(index, piece)` on each, in parallel.
@@ -102,5 +434,45 @@ mod tests {
         }
         let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
         assert_eq!(dot(&a, &a), (0..19).map(|i| (i * i) as f32).sum::<f32>());
+    }
+
+    /// Many jobs of every size from several threads at once (one of them gets the pool, the
+    /// others run inline), nested calls, and a panic in a chunk: every item is done exactly
+    /// once, the panic reaches the caller, and the pool works afterwards.
+    #[test]
+    fn jobs_from_many_threads_nested_and_panicking() {
+        use std::sync::atomic::AtomicU32;
+        std::thread::scope(|s| {
+            for t in 0..3u32 {
+                s.spawn(move || {
+                    for n in (0..300).chain([1000, 4097]) {
+                        let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+                        par_ranges(n, |r| {
+                            for i in r {
+                                hits[i].fetch_add(1, Relaxed);
+                                if i % 97 == t as usize {
+                                    // nested: runs inline on whichever thread got here
+                                    par_ranges(3, |q| assert!(q.end <= 3));
+                                }
+                            }
+                        });
+                        assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "n = {n}");
+                    }
+                });
+            }
+        });
+        let r = std::panic::catch_unwind(|| {
+            par_ranges(64, |r| {
+                if r.contains(&40) {
+                    panic!("chunk 40");
+                }
+            })
+        });
+        assert!(r.is_err());
+        let sum = AtomicUsize::new(0);
+        par_ranges(1000, |r| {
+            sum.fetch_add(r.sum::<usize>(), Relaxed);
+        });
+        assert_eq!(sum.load(Relaxed), 999 * 1000 / 2);
     }
 }

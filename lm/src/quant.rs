@@ -6,6 +6,7 @@
 //! split output rows over candle's CPU pool.
 
 use crate::error::{LmError, Result};
+use crate::isa::Isa;
 use candle_core::{Device, Tensor};
 use half::f16;
 use std::sync::Mutex;
@@ -402,12 +403,20 @@ struct Kernels {
     pairs: bool,
 }
 
-/// The fastest kernels this CPU runs for rows of `nb` blocks: AVX-512 VNNI two blocks at a
-/// time (even `nb`), else AVX2 (with VNNI when present), else scalar.
+/// The fastest kernels this CPU runs for rows of `nb` blocks, at most at level
+/// [`crate::isa::level`].
 fn kernels(nb: usize) -> Kernels {
+    kernels_for(crate::isa::level(), nb)
+}
+
+/// The kernels of level `isa` (capped to what the CPU runs): AVX-512 VNNI two blocks at a
+/// time (even `nb`; odd `nb` falls to the 256-bit VNNI kernels), 256-bit `vpdpbusd`
+/// (AVX-VNNI, else AVX-512 VNNI + VL), AVX2 `vpmaddubsw`, or the portable loop.
+fn kernels_for(isa: Isa, nb: usize) -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
-        if nb.is_multiple_of(2) && simd::available_512() {
+        let isa = isa.min(crate::isa::detected());
+        if isa == Isa::Avx512 && nb.is_multiple_of(2) {
             return Kernels {
                 k11: simd::kernel512::<1, 1>,
                 k41: simd::kernel512::<4, 1>,
@@ -415,16 +424,28 @@ fn kernels(nb: usize) -> Kernels {
                 pairs: true,
             };
         }
-        if simd::available() {
-            return Kernels {
-                k11: simd::kernel::<1, 1>,
-                k41: simd::kernel::<4, 1>,
-                k14: simd::kernel::<1, 4>,
-                pairs: false,
+        macro_rules! k256 {
+            ($v:expr) => {
+                Kernels {
+                    k11: simd::kernel::<1, 1, { $v }>,
+                    k41: simd::kernel::<4, 1, { $v }>,
+                    k14: simd::kernel::<1, 4, { $v }>,
+                    pairs: false,
+                }
             };
         }
+        if isa >= Isa::Avx2Vnni {
+            return if crate::isa::has_avx_vnni() {
+                k256!(simd::AVX_VNNI)
+            } else {
+                k256!(simd::EVEX_VNNI)
+            };
+        }
+        if isa == Isa::Avx2 {
+            return k256!(simd::MADD);
+        }
     }
-    let _ = nb;
+    let _ = (isa, nb);
     scalar_kernels()
 }
 
@@ -437,7 +458,11 @@ fn scalar_kernels() -> Kernels {
     }
 }
 
-/// Reference arithmetic, also the fallback on CPUs without AVX2.
+/// Reference arithmetic, also the fallback on CPUs without AVX2, in the order of the 256-bit
+/// kernels, so that the two agree bit for bit: per block, eight lanes of four products each
+/// (byte `k` of the unpacked 32 quants in lane `k / 4`), each lane's i32 sum scaled by
+/// `d_w * d_x` and added with one rounding (`mul_add`, as `vfmadd`); at the end the lanes
+/// summed as `hsum` does, then (Q4_1) the `sum_b m[b] * s[b]` term.
 fn scalar_kernel<const R: usize, const C: usize>(
     kind: QKind,
     w: &[WRow; R],
@@ -447,28 +472,43 @@ fn scalar_kernel<const R: usize, const C: usize>(
     for r in 0..R {
         for c in 0..C {
             let nb = w[r].d.len();
-            let mut acc = 0f32;
+            let mut lanes = [0f32; 8];
             for b in 0..nb {
-                let mut sum = 0i32;
+                let mut p = [0i32; 8];
+                let y = &a[c].qs[b * 32..b * 32 + 32];
                 match kind {
                     QKind::Q4_1 => {
                         let q = &w[r].qs[b * 16..b * 16 + 16];
-                        let y = &a[c].qs[b * 32..b * 32 + 32];
-                        for j in 0..16 {
-                            sum += (q[j] & 0xF) as i32 * y[j] as i8 as i32;
-                            sum += (q[j] >> 4) as i32 * y[j + 16] as i8 as i32;
+                        for k in 0..32 {
+                            let x = if k < 16 { q[k] & 0xF } else { q[k - 16] >> 4 };
+                            p[k / 4] += x as i32 * y[k] as i8 as i32;
                         }
-                        acc += h(w[r].d[b]) * a[c].d[b] * sum as f32 + h(w[r].m[b]) * a[c].s[b];
                     }
                     QKind::Q8_0 => {
                         let q = &w[r].qs[b * 32..b * 32 + 32];
-                        let y = &a[c].qs[b * 32..b * 32 + 32];
-                        for j in 0..32 {
-                            sum += q[j] as i8 as i32 * y[j] as i8 as i32;
+                        for k in 0..32 {
+                            p[k / 4] += q[k] as i8 as i32 * y[k] as i8 as i32;
                         }
-                        acc += h(w[r].d[b]) * a[c].d[b] * sum as f32;
                     }
                 }
+                let sc = h(w[r].d[b]) * a[c].d[b];
+                for (l, pl) in lanes.iter_mut().zip(p) {
+                    *l = sc.mul_add(pl as f32, *l);
+                }
+            }
+            let h4 = [
+                lanes[0] + lanes[4],
+                lanes[1] + lanes[5],
+                lanes[2] + lanes[6],
+                lanes[3] + lanes[7],
+            ];
+            let mut acc = (h4[0] + h4[2]) + (h4[1] + h4[3]);
+            if kind == QKind::Q4_1 {
+                let mut mt = 0f32;
+                for b in 0..nb {
+                    mt += h(w[r].m[b]) * a[c].s[b];
+                }
+                acc += mt;
             }
             out[r][c] = acc;
         }
@@ -481,13 +521,11 @@ mod simd {
     use super::{ARow, QKind, WRow};
     use std::arch::x86_64::*;
 
-    pub fn available_512() -> bool {
-        available()
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("avx512vl")
-    }
+    /// 256-bit kernel variants: `vpmaddubsw` + `vpmaddwd` (AVX2), `vpdpbusd` in its VEX
+    /// (AVX-VNNI) or EVEX (AVX-512 VNNI + VL) encoding.
+    pub const MADD: u8 = 0;
+    pub const AVX_VNNI: u8 = 1;
+    pub const EVEX_VNNI: u8 = 2;
 
     /// Two blocks per 512-bit step; activations in the paired layout (see `Act::new`).
     pub fn kernel512<const R: usize, const C: usize>(
@@ -508,7 +546,8 @@ mod simd {
         for c in a {
             assert!(c.d.len() == nb && c.s.len() == nb && c.qs.len() == nb * 32);
         }
-        // SAFETY: `available_512()` was checked before these kernels were chosen; the asserts
+        // SAFETY: `kernels_for` picks these kernels only when the CPU has AVX-512 F/BW/VL/VNNI
+        // (with AVX2, FMA, F16C: `Isa::Avx512`); the asserts
         // keep every load inside the slices (pairs of blocks, nb even).
         unsafe {
             match kind {
@@ -624,20 +663,7 @@ mod simd {
         out
     }
 
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-
-    fn vnni() -> bool {
-        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *V.get_or_init(|| {
-            is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
-        })
-    }
-
-    pub fn kernel<const R: usize, const C: usize>(
+    pub fn kernel<const R: usize, const C: usize, const V: u8>(
         kind: QKind,
         w: &[WRow; R],
         a: &[ARow; C],
@@ -654,15 +680,17 @@ mod simd {
         for c in a {
             assert!(c.d.len() == nb && c.s.len() == nb && c.qs.len() == nb * 32);
         }
-        // SAFETY: `available()` (AVX2 + FMA) was checked before these kernels were chosen and
-        // the VNNI variant only runs after its own run-time check; the asserts above keep
-        // every pointer offset below inside the slices.
+        // SAFETY: `kernels_for` picks variant V only when the CPU has its features (AVX2,
+        // FMA, F16C for all; AVX-VNNI for AVX_VNNI; AVX-512 VNNI + VL for EVEX_VNNI, see
+        // `Isa`); the asserts above keep every pointer offset below inside the slices.
         unsafe {
-            match (kind, vnni()) {
-                (QKind::Q4_1, true) => q4_1_vnni::<R, C>(nb, w, a),
-                (QKind::Q4_1, false) => q4_1_avx2::<R, C>(nb, w, a),
-                (QKind::Q8_0, true) => q8_0_vnni::<R, C>(nb, w, a),
-                (QKind::Q8_0, false) => q8_0_avx2::<R, C>(nb, w, a),
+            match (kind, V) {
+                (QKind::Q4_1, AVX_VNNI) => q4_1_avxvnni::<R, C>(nb, w, a),
+                (QKind::Q4_1, EVEX_VNNI) => q4_1_vnni::<R, C>(nb, w, a),
+                (QKind::Q4_1, _) => q4_1_avx2::<R, C>(nb, w, a),
+                (QKind::Q8_0, AVX_VNNI) => q8_0_avxvnni::<R, C>(nb, w, a),
+                (QKind::Q8_0, EVEX_VNNI) => q8_0_vnni::<R, C>(nb, w, a),
+                (QKind::Q8_0, _) => q8_0_avx2::<R, C>(nb, w, a),
             }
         }
     }
@@ -772,6 +800,14 @@ mod simd {
     unsafe fn dot_u8i8_vnni(x: __m256i, y: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y)
     }
+    #[inline(always)]
+    unsafe fn dot_u8i8_avxvnni(x: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x, y)
+    }
+    #[inline(always)]
+    unsafe fn dot_i8i8_avxvnni(x: __m256i, y: __m256i) -> __m256i {
+        dot_u8i8_avxvnni(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+    }
     /// signed x signed bytes: |x| * sign(y, x).
     #[inline(always)]
     unsafe fn dot_i8i8_avx2(x: __m256i, y: __m256i) -> __m256i {
@@ -789,7 +825,9 @@ mod simd {
         true,
         dot_u8i8_vnni
     );
+    q_kernel!(q4_1_avxvnni, "avx2,fma,f16c,avxvnni", true, dot_u8i8_avxvnni);
     q_kernel!(q8_0_avx2, "avx2,fma,f16c", false, dot_i8i8_avx2);
+    q_kernel!(q8_0_avxvnni, "avx2,fma,f16c,avxvnni", false, dot_i8i8_avxvnni);
     q_kernel!(
         q8_0_vnni,
         "avx2,fma,f16c,avx512vnni,avx512vl",
@@ -856,6 +894,9 @@ mod tests {
             (128, 9, 4),
             (64, 1, 3),
             (192, 130, 9),
+            (32, 7, 6),
+            (160, 13, 11),
+            (544, 41, 2),
         ] {
             let w = Tensor::from_vec(data(rows * cols, 1), (rows, cols), &Device::Cpu).unwrap();
             let x = Tensor::from_vec(data(m * cols, 7), (m, cols), &Device::Cpu).unwrap();
@@ -882,23 +923,30 @@ mod tests {
                 // every kernel family this CPU has agrees with the scalar reference
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let sc = ours.matmul_with(&xs, m, scalar_kernels());
-                let mut families = vec![kernels(cols / QK)];
+                let mut families: Vec<(String, Kernels)> = Isa::supported()
+                    .map(|i| (format!("{i:?}"), kernels_for(i, cols / QK)))
+                    .collect();
+                // both encodings of the 256-bit vpdpbusd where the CPU has them
                 #[cfg(target_arch = "x86_64")]
-                if simd::available() {
-                    families.push(Kernels {
-                        k11: simd::kernel::<1, 1>,
-                        k41: simd::kernel::<4, 1>,
-                        k14: simd::kernel::<1, 4>,
-                        pairs: false,
-                    });
+                if crate::isa::detected() == Isa::Avx512 {
+                    families.push((
+                        "EVEX 256".into(),
+                        Kernels {
+                            k11: simd::kernel::<1, 1, { simd::EVEX_VNNI }>,
+                            k41: simd::kernel::<4, 1, { simd::EVEX_VNNI }>,
+                            k14: simd::kernel::<1, 4, { simd::EVEX_VNNI }>,
+                            pairs: false,
+                        },
+                    ));
                 }
-                for k in families {
+                for (name, k) in families {
                     let got = ours.matmul_with(&xs, m, k);
                     for (g, s) in got.iter().zip(&sc) {
+                        // the 256-bit kernels sum in the portable order: bit for bit
+                        let tol = if k.pairs { 1e-4 * (1.0 + s.abs()) } else { 0.0 };
                         assert!(
-                            (g - s).abs() < 1e-4 * (1.0 + s.abs()),
-                            "{kind:?} pairs {}: {g} vs scalar {s}",
-                            k.pairs
+                            (g - s).abs() <= tol,
+                            "{kind:?} {name} rows {rows} m {m}: {g} vs scalar {s}"
                         );
                     }
                 }

@@ -9,9 +9,9 @@
 //! T track outputs into one hidden state (`track_merge`: `mean` = sum / T, or `sum`) ->
 //! final RMSNorm (`model.norm`) -> `lm_head`.
 //!
-//! **Track parallelism rule.** The T tracks of one segment run concurrently on rayon
-//! (`par_iter` over the tracks, each track running its D layers sequentially, with afm's
-//! kernels inside a track on that track's thread alone, `par::inline`); the only join is
+//! **Track parallelism rule.** The T tracks of one segment run concurrently on afm's pool
+//! (`par::par_ranges` over the tracks, each track running its D layers sequentially, with
+//! afm's kernels inside a track on that track's thread alone, `par::inline`); the only join is
 //! at the segment boundary, where the merge adds the track outputs *in track order* 0, 1, ..,
 //! T-1 (then divides by T for `mean`). The merge order is fixed, so a parallel run is bitwise
 //! equal to a sequential one (`set_parallel_tracks(false)`). Synchronisation points per pass:
@@ -73,7 +73,6 @@ use crate::weights::WeightSource;
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -896,11 +895,31 @@ impl ServerModel {
             };
             let slots = cache.layers_mut().chunks_mut(l);
             let outs: Vec<Vec<f32>> = if self.parallel_tracks && n_tracks > 1 {
-                // each track is one task: its kernels run on its own thread
-                self.tracks
-                    .par_iter()
-                    .zip(slots.collect::<Vec<_>>())
-                    .map(|job| crate::par::inline(|| run_track(job)))
+                // each track is one task of the shared pool (claimed in turn, so a thread
+                // the OS has descheduled holds up at most the track it started): its kernels
+                // run on its own thread
+                let jobs: Vec<std::sync::Mutex<_>> = self
+                    .tracks
+                    .iter()
+                    .zip(slots)
+                    .map(|job| std::sync::Mutex::new((Some(job), None)))
+                    .collect();
+                crate::par::par_ranges(n_tracks, |r| {
+                    for j in r {
+                        // each track's lock is taken once, by the task that claimed it
+                        let mut g = jobs[j].lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(job) = g.0.take() {
+                            g.1 = Some(crate::par::inline(|| run_track(job)));
+                        }
+                    }
+                });
+                jobs.into_iter()
+                    .map(|m| {
+                        m.into_inner()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .1
+                            .unwrap_or_else(|| Err(LmError::Invalid("a track did not run".into())))
+                    })
                     .collect::<Result<_>>()?
             } else {
                 self.tracks

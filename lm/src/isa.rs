@@ -1,0 +1,180 @@
+//! Run-time choice of the SIMD kernels: which instruction-set level this CPU runs, capped by
+//! the `AFM_ISA` environment variable.
+//!
+//! The release build targets baseline x86-64 (no `target-cpu=native`), so one binary runs on
+//! any x86-64 CPU; the integer kernels (`quant`, `int8`) are compiled per level with
+//! `#[target_feature]` and picked here with `is_x86_feature_detected!`.
+//!
+//! `AFM_ISA=portable|avx2|avx2-vnni|avx512` caps the level (the lower of the cap and what the
+//! CPU has is used): to measure the AVX2 kernels on an AVX-512 machine, or to check that the
+//! portable definitions are what the SIMD kernels compute. An unknown value is ignored with a
+//! warning on stderr.
+
+use std::sync::OnceLock;
+
+/// Instruction-set levels of the kernels, in increasing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 + FMA + F16C (Haswell, Zen 1-3): `vpmaddubsw` / `vpmaddwd` integer products.
+    Avx2,
+    /// AVX2 with 256-bit `vpdpbusd`: AVX-VNNI (Alder Lake and later client chips) or
+    /// AVX-512 VNNI with VL.
+    Avx2Vnni,
+    /// AVX-512 F/BW/VL with VNNI (Ice Lake server and later, Zen 4 and later).
+    Avx512,
+}
+
+impl Isa {
+    /// Every level, lowest first.
+    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx2Vnni => "avx2-vnni",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses an `AFM_ISA` value.
+    pub fn parse(s: &str) -> Option<Isa> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// The levels this CPU runs (every level up to [`detected`]), lowest first.
+    pub fn supported() -> impl Iterator<Item = Isa> {
+        Isa::ALL.into_iter().filter(|&i| i <= detected())
+    }
+}
+
+/// The highest level this CPU runs, from CPUID (cached).
+pub fn detected() -> Isa {
+    static D: OnceLock<Isa> = OnceLock::new();
+    *D.get_or_init(detect)
+}
+
+fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::is_x86_feature_detected as has;
+        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+        if !avx2 {
+            return Isa::Portable;
+        }
+        let v512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
+        if v512 {
+            return Isa::Avx512;
+        }
+        if has!("avxvnni") {
+            return Isa::Avx2Vnni;
+        }
+        Isa::Avx2
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Isa::Portable
+}
+
+/// Whether this CPU has the VEX-encoded AVX-VNNI (`_mm256_dpbusd_avx_epi32`); at
+/// [`Isa::Avx2Vnni`] without it the kernels use the EVEX form of AVX-512 VNNI + VL.
+pub fn has_avx_vnni() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avxvnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The cap from `AFM_ISA` (None when unset or invalid).
+pub fn cap() -> Option<Isa> {
+    static C: OnceLock<Option<Isa>> = OnceLock::new();
+    *C.get_or_init(|| {
+        let v = std::env::var("AFM_ISA").ok()?;
+        let parsed = Isa::parse(&v);
+        if parsed.is_none() {
+            eprintln!(
+                "warning: AFM_ISA={v:?} is not one of portable, avx2, avx2-vnni, avx512; ignored"
+            );
+        }
+        parsed
+    })
+}
+
+/// The level the kernels use: what the CPU runs, capped by `AFM_ISA`.
+pub fn level() -> Isa {
+    let d = detected();
+    cap().map_or(d, |c| c.min(d))
+}
+
+/// One line for benchmark tables: the CPU model (from `/proc/cpuinfo`), its SIMD flags that
+/// matter here, and the kernel level in use.
+pub fn describe_cpu() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let model = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    let flags = field("flags").unwrap_or_default();
+    let wanted = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx_vnni",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+        "amx_int8",
+    ];
+    let have: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|w| flags.split_whitespace().any(|f| f == *w))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "{model}, {cores} logical CPUs, flags: {}; kernels: {}{}",
+        if have.is_empty() {
+            "none of avx2/avx512".to_string()
+        } else {
+            have.join(" ")
+        },
+        level().name(),
+        match cap() {
+            Some(c) if c < detected() => format!(" (capped by AFM_ISA={})", c.name()),
+            _ => String::new(),
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_levels_are_ordered() {
+        for i in Isa::ALL {
+            assert_eq!(Isa::parse(i.name()), Some(i));
+        }
+        assert_eq!(Isa::parse(" AVX2 "), Some(Isa::Avx2));
+        assert_eq!(Isa::parse("sse9"), None);
+        assert!(Isa::Portable < Isa::Avx2 && Isa::Avx2Vnni < Isa::Avx512);
+        assert!(level() <= detected());
+        assert_eq!(Isa::supported().next(), Some(Isa::Portable));
+        assert!(describe_cpu().contains("kernels: "));
+    }
+}
