@@ -40,6 +40,9 @@ pub enum BenchCmd {
     /// checkpoints (afm's 2-bit / 4-bit / 8-bit formats and llama.cpp's own), each in its
     /// own process, in one run.
     Quant(crate::quantize_cmd::QuantBenchArgs),
+    /// `afm serve` aggregate tok/s at 1, 4 and 8 concurrent streams vs llama.cpp's server
+    /// (llama-cpp-python) on the same GGUF.
+    Serve(crate::serve::bench::ServeBench),
 }
 
 #[derive(Args, Clone)]

