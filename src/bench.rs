@@ -339,6 +339,7 @@ pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {
         layer_norm_eps: 1e-6,
         hidden_act: "gelu_pytorch_tanh".into(),
         attention: Default::default(),
+        stem: None,
     };
     eprintln!("bench vision: SigLIP-B/16-512 (random weights), {} tile(s) of 512x512 per pass, {threads} threads", a.tiles);
     let mut enc = VisionEncoder::new(&VisionWeights::from_tensors(random_tensors(&cfg, 0)?)?, cfg)?;

@@ -586,6 +586,9 @@ fn train_probe(a: &ProbeArgs) -> Result<()> {
     use afm_train::perceive::{self, PerceiveConfig};
     let mut cfg = PerceiveConfig::afm_tiny();
     cfg.eval_reads = a.reads;
+    // the encoder's own architecture (a stem, for example), read from its config
+    cfg.vision = afm::vision::VisionConfig::from_file(&a.vision.join("config.json"))
+        .with_context(|| format!("reading the encoder config in {}", a.vision.display()))?;
     let (easy, easy_eval) = open_easy_vqa(a.no_easy_vqa)?;
     let r = perceive::probe(
         &cfg,

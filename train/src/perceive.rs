@@ -799,7 +799,21 @@ pub fn init_params(cfg: &PerceiveConfig, init: Option<&Path>) -> Result<Params> 
         .filter(|(k, _)| k.starts_with("vision."))
         .collect();
     if let Some(dir) = init {
-        let t = crate::adapter_train::read_vision_export(dir, &cfg.vision)?;
+        // An encoder without a stem can start a run that adds one: everything but the
+        // patch embedding carries over, the stem and the new patch embedding start fresh.
+        let plain = VisionConfig {
+            stem: None,
+            ..cfg.vision.clone()
+        };
+        let adds_stem = cfg.vision.stem.is_some()
+            && VisionConfig::from_file(&dir.join("config.json")).ok() == Some(plain.clone());
+        let t = if adds_stem {
+            let mut t = crate::adapter_train::read_vision_export(dir, &plain)?;
+            t.retain(|k, _| !k.starts_with("embeddings.patch_embedding."));
+            t
+        } else {
+            crate::adapter_train::read_vision_export(dir, &cfg.vision)?
+        };
         m.extend(t.into_iter().map(|(k, v)| (format!("vision.{k}"), v)));
     }
     m.extend(init_heads(cfg.vision.hidden_size, "head.", cfg.seed + 1)?);

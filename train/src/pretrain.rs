@@ -106,6 +106,7 @@ impl PretrainConfig {
                     global_layers: vec![2, 5],
                     num_registers: 1,
                 },
+                stem: None,
             },
             embed_dim: 256,
             batch_size: 32,
@@ -143,6 +144,7 @@ impl PretrainConfig {
                     global_layers: vec![1],
                     num_registers: 1,
                 },
+                stem: None,
             },
             embed_dim: 16,
             batch_size: 6,
@@ -297,19 +299,30 @@ pub fn init_params(cfg: &PretrainConfig, lm_hidden: usize) -> Result<Params> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut normal = |shape: &[usize], std: f32| normal(&mut rng, shape, std);
     let v = &cfg.vision;
-    let (d, i, c, p, g) = (
-        v.hidden_size,
-        v.intermediate_size,
-        v.num_channels,
-        v.patch_size,
-        v.grid(),
-    );
+    let (d, i, c, g) = (v.hidden_size, v.intermediate_size, v.num_channels, v.grid());
     let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu);
     let zeros = |n: usize| Tensor::zeros(n, DType::F32, &Device::Cpu);
     let mut m: HashMap<String, Tensor> = HashMap::new();
+    // a convolutional stem (He-initialised), then a patch embedding over its output
+    let (pc, pp) = v.embed_input();
+    let mut c_in = c;
+    for (k, &ch) in v.stem.iter().flatten().enumerate() {
+        let std = (2.0 / (c_in * 9) as f32).sqrt();
+        m.insert(
+            format!("vision.embeddings.stem.{k}.weight"),
+            normal(&[ch, c_in, 3, 3], std)?,
+        );
+        m.insert(format!("vision.embeddings.stem.{k}.bias"), zeros(ch)?);
+        c_in = ch;
+    }
+    let patch_std = if v.stem.is_some() {
+        (1.0 / (pc * pp * pp) as f32).sqrt()
+    } else {
+        0.02
+    };
     m.insert(
         "vision.embeddings.patch_embedding.weight".into(),
-        normal(&[d, c, p, p], 0.02)?,
+        normal(&[d, pc, pp, pp], patch_std)?,
     );
     m.insert("vision.embeddings.patch_embedding.bias".into(), zeros(d)?);
     m.insert(

@@ -46,6 +46,10 @@ pub struct VisionConfig {
     /// AFM extension; absent in HF configs (= global attention).
     #[serde(default)]
     pub attention: AttentionPattern,
+    /// afm extension: a convolutional stem before the patch embedding, as the output channels
+    /// of its stride-2 3x3 convolutions (see `stem.rs`). Absent: a plain patch embedding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stem: Option<Vec<usize>>,
 }
 
 fn three() -> usize {
@@ -66,6 +70,14 @@ impl VisionConfig {
 
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// Channels and patch side the patch embedding sees: the image's, or the stem's output.
+    pub fn embed_input(&self) -> (usize, usize) {
+        match &self.stem {
+            Some(s) if !s.is_empty() => (s[s.len() - 1], self.patch_size >> s.len()),
+            _ => (self.num_channels, self.patch_size),
+        }
     }
 
     pub fn num_registers(&self) -> usize {
@@ -108,6 +120,23 @@ impl VisionConfig {
                     self.patch_size, self.image_size
                 ),
             ));
+        }
+        if let Some(stem) = &self.stem {
+            let down = 1usize.checked_shl(stem.len() as u32).unwrap_or(0);
+            if stem.is_empty()
+                || stem.len() > 4
+                || stem.contains(&0)
+                || down == 0
+                || !self.patch_size.is_multiple_of(down)
+            {
+                return Err(VisionError::config(
+                    "stem",
+                    format!(
+                        "{stem:?}: give 1 to 4 positive channel counts whose stride-2 halvings divide patch_size {}",
+                        self.patch_size
+                    ),
+                ));
+            }
         }
         if !matches!(
             self.hidden_act.as_str(),

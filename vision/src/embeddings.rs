@@ -1,23 +1,31 @@
 //! Patch embedding (a stride-`p` convolution, computed as a matmul over flattened patches)
 //! plus learned position embeddings, resized bicubically for grids other than the trained one,
-//! as transformers' SigLIP `interpolate_pos_encoding` does.
+//! as transformers' SigLIP `interpolate_pos_encoding` does. With a convolutional stem
+//! (`stem.rs`) the patch embedding covers `p / 2^n` pixels of the stem's output instead.
 
 use crate::config::VisionConfig;
 use crate::error::{Result, VisionError};
+use crate::stem::ConvStem;
 use crate::weights::VisionWeights;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 pub struct Embeddings {
-    /// `(hidden, channels * p * p)`, flattened from the conv weight `(hidden, c, p, p)`.
+    /// The convolutional stem, if the config has one.
+    stem: Option<ConvStem>,
+    /// The image's patch side (the stem's output patch is `patch >> stem.len()`).
+    image_patch: usize,
+    /// Image channels.
+    image_channels: usize,
+    /// `(hidden, channels * p * p)`, flattened from the conv weight `(hidden, c, p, p)`
+    /// (`c`, `p` after the stem).
     patch_w: Tensor,
     patch_b: Tensor,
     /// `(grid * grid, hidden)`
     pos: Tensor,
     grid: usize,
     patch: usize,
-    channels: usize,
     /// Resized position tables per `(rows, cols)` grid.
     resized: Mutex<HashMap<(usize, usize), Tensor>>,
 }
@@ -25,22 +33,25 @@ pub struct Embeddings {
 impl Embeddings {
     /// Loads `embeddings.patch_embedding.weight (hidden, c, p, p)`,
     /// `embeddings.patch_embedding.bias (hidden)` and
-    /// `embeddings.position_embedding.weight (grid^2, hidden)`.
+    /// `embeddings.position_embedding.weight (grid^2, hidden)`; with a stem, its weights and
+    /// a patch embedding over its output (`(hidden, c_last, p / 2^n, p / 2^n)`).
     pub fn load(w: &VisionWeights, cfg: &VisionConfig) -> Result<Self> {
-        let (d, c, p, g) = (
-            cfg.hidden_size,
-            cfg.num_channels,
-            cfg.patch_size,
-            cfg.grid(),
-        );
+        let (d, g) = (cfg.hidden_size, cfg.grid());
+        let (c, p) = cfg.embed_input();
+        let stem = match &cfg.stem {
+            Some(ch) => Some(ConvStem::load(w, cfg.num_channels, ch)?),
+            None => None,
+        };
         let conv = w.get("embeddings.patch_embedding.weight", &[d, c, p, p])?;
         Ok(Self {
+            stem,
+            image_patch: cfg.patch_size,
+            image_channels: cfg.num_channels,
             patch_w: conv.reshape((d, c * p * p))?,
             patch_b: w.get("embeddings.patch_embedding.bias", &[d])?,
             pos: w.get("embeddings.position_embedding.weight", &[g * g, d])?,
             grid: g,
             patch: p,
-            channels: c,
             resized: Mutex::new(HashMap::new()),
         })
     }
@@ -48,15 +59,22 @@ impl Embeddings {
     /// # Shapes
     /// `pixels: (b, c, h, w)` with `h`, `w` multiples of the patch -> `(b, (h/p)*(w/p), hidden)`.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = pixels.dims4()?;
-        let p = self.patch;
-        if c != self.channels || h % p != 0 || w % p != 0 || h == 0 || w == 0 {
+        let (_, c, h, w) = pixels.dims4()?;
+        let ip = self.image_patch;
+        if c != self.image_channels || h % ip != 0 || w % ip != 0 || h == 0 || w == 0 {
             return Err(VisionError::Invalid(format!(
-                "pixels {:?}: need {} channels and sides that are positive multiples of the patch {p}",
+                "pixels {:?}: need {} channels and sides that are positive multiples of the patch {ip}",
                 pixels.dims(),
-                self.channels
+                self.image_channels
             )));
         }
+        let x = match &self.stem {
+            Some(s) => s.forward(pixels)?,
+            None => pixels.clone(),
+        };
+        let pixels = &x;
+        let (b, c, h, w) = pixels.dims4()?;
+        let p = self.patch;
         let (gh, gw) = (h / p, w / p);
         let patches = pixels
             .reshape((b, c, gh, p, gw, p))?

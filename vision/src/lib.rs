@@ -13,6 +13,7 @@ pub mod image_io;
 pub mod kernels;
 pub mod preprocess;
 pub mod random;
+pub mod stem;
 pub mod tiling;
 pub mod vit;
 pub mod weights;

@@ -18,6 +18,7 @@ fn cfg(attention: AttentionPattern) -> VisionConfig {
         layer_norm_eps: 1e-6,
         hidden_act: "gelu_pytorch_tanh".into(),
         attention,
+        stem: None,
     }
 }
 
