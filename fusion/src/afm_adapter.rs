@@ -73,6 +73,7 @@ impl AfmAdapterConfig {
             layer_norm_eps: self.layer_norm_eps,
             hidden_act: self.hidden_act.clone(),
             attention: AttentionPattern::Global,
+            stem: None,
         }
     }
 }
