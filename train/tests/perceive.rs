@@ -130,3 +130,90 @@ fn a_reading_run_sees_screen_crops_around_strings_only() {
         );
     }
 }
+
+#[test]
+fn a_stem_run_starts_from_a_plain_encoder_and_exports_what_it_trained() {
+    let base = std::env::temp_dir().join(format!("afm-perceive-stem-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    // a plain encoder (no stem), exported from a 1-step run
+    let plain = PerceiveConfig::test_tiny();
+    perceive::run(
+        &plain,
+        &base.join("plain"),
+        None,
+        None,
+        None,
+        Some(1),
+        &mut |_| {},
+    )
+    .unwrap();
+    let (plain_dir, _) = perceive::export_checkpoint(&plain, &base.join("plain")).unwrap();
+    // the same encoder with a stem: everything but the patch embedding carries over
+    let mut cfg = PerceiveConfig::test_tiny();
+    cfg.vision.stem = Some(vec![8, 16]);
+    let p = perceive::init_params(&cfg, Some(&plain_dir)).unwrap();
+    let plain_t =
+        afm_vision::weights::VisionWeights::from_files(&[&plain_dir.join("model.safetensors")])
+            .unwrap();
+    let q = p.with_prefix("vision.");
+    let k = "encoder.layers.1.mlp.fc1.weight";
+    let a: Vec<f32> = q[k].flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = plain_t
+        .get(k, &[64, 32])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let close = a
+        .iter()
+        .zip(&b)
+        .all(|(x, y)| (x - y).abs() <= 1e-3 * (1.0 + y.abs()));
+    assert!(close, "{k} did not carry over");
+    assert_eq!(
+        q["embeddings.patch_embedding.weight"].dims(),
+        &[32, 16, 4, 4]
+    );
+    assert_eq!(q["embeddings.stem.0.weight"].dims(), &[8, 3, 3, 3]);
+    // a stem run trains, and its export loads with the stem and gives the training features
+    let dir = base.join("stem");
+    perceive::run(
+        &cfg,
+        &dir,
+        Some(&plain_dir),
+        None,
+        None,
+        Some(2),
+        &mut |_| {},
+    )
+    .unwrap();
+    let (out, _) = perceive::export_checkpoint(&cfg, &dir).unwrap();
+    let enc = afm_vision::VisionEncoder::load(&out).unwrap();
+    assert_eq!(enc.config().stem, Some(vec![8, 16]));
+    let b = perceive::batch(&cfg, Split::HeldOut, 0, 2, None).unwrap();
+    let got = enc.forward(&b.pixels).unwrap();
+    let r = cfg.vision.num_registers();
+    let (n, t, d) = got.dims3().unwrap();
+    let got = got
+        .narrow(1, r, t - r)
+        .unwrap()
+        .reshape((n * (t - r), d))
+        .unwrap();
+    // the training path on the exported weights
+    let t = afm_train::adapter_train::read_vision_export(&out, &cfg.vision).unwrap();
+    let want = perceive::patch_features(&cfg.vision, &t, &b.pixels).unwrap();
+    let diff: f32 = (got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let scale: f32 = want.abs().unwrap().mean_all().unwrap().to_scalar().unwrap();
+    assert!(
+        scale > 0.0 && diff <= 1e-3 * scale.max(1.0),
+        "export differs by {diff} (scale {scale})"
+    );
+    std::fs::remove_dir_all(&base).ok();
+}

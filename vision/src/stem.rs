@@ -60,9 +60,13 @@ mod tests {
     #[test]
     fn one_convolution_matches_its_definition() {
         let (ci, co, h, w) = (2usize, 3usize, 6usize, 4usize);
-        let wv: Vec<f32> = (0..co * ci * 9).map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0).collect();
+        let wv: Vec<f32> = (0..co * ci * 9)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0)
+            .collect();
         let bv: Vec<f32> = vec![0.1, -0.2, 0.3];
-        let xv: Vec<f32> = (0..ci * h * w).map(|i| ((i * 5 % 13) as f32 - 6.0) / 7.0).collect();
+        let xv: Vec<f32> = (0..ci * h * w)
+            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 7.0)
+            .collect();
         let dev = Device::Cpu;
         let mut m = HashMap::new();
         m.insert(
@@ -75,9 +79,16 @@ mod tests {
         );
         let stem = ConvStem::load(&VisionWeights::with_prefix(m, ""), ci, &[co]).unwrap();
         let x = Tensor::from_vec(xv.clone(), (1, ci, h, w), &dev).unwrap();
-        let got: Vec<f32> = stem.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = stem
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let gelu = |v: f32| {
-            0.5 * v * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
+            0.5 * v
+                * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
         };
         let (oh, ow) = (h / 2, w / 2);
         assert_eq!(got.len(), co * oh * ow);
@@ -98,7 +109,11 @@ mod tests {
                         }
                     }
                     let g = got[(o * oh + y) * ow + x];
-                    assert!((g - gelu(acc)).abs() < 1e-4, "({o},{y},{x}): {g} vs {}", gelu(acc));
+                    assert!(
+                        (g - gelu(acc)).abs() < 1e-4,
+                        "({o},{y},{x}): {g} vs {}",
+                        gelu(acc)
+                    );
                 }
             }
         }
