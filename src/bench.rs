@@ -369,7 +369,10 @@ pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {
         println!("|---|---:|");
         println!("| {threads} threads | {n:.3} |");
         println!("| 1 thread | {o:.3} |");
-        println!("\nafm {threads} threads / 1 thread speed: {:.2}x (target >= 0.9x)\n", o / n);
+        println!(
+            "\nafm {threads} threads / 1 thread speed: {:.2}x (target >= 0.9x)\n",
+            o / n
+        );
     }
     let ours_s = time_encoder(&enc, &x, a.runs)?;
     let ours_q = if a.int8 {
@@ -568,7 +571,9 @@ fn find_llama(flag: &Option<PathBuf>, env: &str, name: &str) -> Option<PathBuf> 
     if let Some(p) = std::env::var_os(env) {
         return Some(PathBuf::from(p));
     }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/llama.cpp/bin").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/llama.cpp/bin")
+        .join(name);
     p.exists().then_some(p)
 }
 
@@ -586,7 +591,14 @@ fn run_llama_bench(
     let out = Command::new(exe)
         .arg("-m")
         .arg(model)
-        .args(["-p", &n_prompt.to_string(), "-n", "0", "-t", &threads.to_string()])
+        .args([
+            "-p",
+            &n_prompt.to_string(),
+            "-n",
+            "0",
+            "-t",
+            &threads.to_string(),
+        ])
         .args(["-r", &runs.to_string(), "-o", "json"])
         .stderr(Stdio::null())
         .output()
@@ -594,8 +606,22 @@ fn run_llama_bench(
     let out2 = Command::new(exe)
         .arg("-m")
         .arg(model)
-        .args(["-p", "0", "-n", &n_gen.to_string(), "-d", &n_prompt.to_string()])
-        .args(["-t", &threads.to_string(), "-r", &runs.to_string(), "-o", "json"])
+        .args([
+            "-p",
+            "0",
+            "-n",
+            &n_gen.to_string(),
+            "-d",
+            &n_prompt.to_string(),
+        ])
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-r",
+            &runs.to_string(),
+            "-o",
+            "json",
+        ])
         .stderr(Stdio::null())
         .output()
         .with_context(|| format!("running {}", exe.display()))?;
@@ -639,7 +665,14 @@ fn run_llama_completion(
     let out = Command::new(exe)
         .arg("-m")
         .arg(model)
-        .args(["-p", prompt, "-n", &n_gen.to_string(), "-t", &threads.to_string()])
+        .args([
+            "-p",
+            prompt,
+            "-n",
+            &n_gen.to_string(),
+            "-t",
+            &threads.to_string(),
+        ])
         .args(["--temp", "0", "-no-cnv", "--ignore-eos", "-c", "2048"])
         .stdin(Stdio::null())
         .output()
@@ -650,17 +683,30 @@ fn run_llama_completion(
         let l = err.lines().find(|l| l.contains(key))?;
         let rest = l.split_once('=')?.1;
         let ms: f64 = rest.split_whitespace().next()?.parse().ok()?;
-        let n: usize = rest.split('/').nth(1)?.split_whitespace().next()?.parse().ok()?;
+        let n: usize = rest
+            .split('/')
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
         Some((ms / 1e3, n))
     };
-    let (pf, n_prompt) = parse("prompt eval time").context("llama-completion printed no prompt eval time")?;
+    let (pf, n_prompt) =
+        parse("prompt eval time").context("llama-completion printed no prompt eval time")?;
     let (dc, n_dec) = err
         .lines()
         .find(|l| l.contains(" eval time") && !l.contains("prompt"))
         .and_then(|l| {
             let rest = l.split_once('=')?.1;
             let ms: f64 = rest.split_whitespace().next()?.parse().ok()?;
-            let n: usize = rest.split('/').nth(1)?.split_whitespace().next()?.parse().ok()?;
+            let n: usize = rest
+                .split('/')
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
             Some((ms / 1e3, n))
         })
         .context("llama-completion printed no eval time")?;

@@ -269,8 +269,12 @@ pub fn bench_server(a: &ServerBench, threads: usize) -> Result<()> {
         ps.push(p);
         ds.push(d);
     }
-    let (pre_par, dec_par, pre_seq, dec_seq) =
-        (median(&mut pp), median(&mut dp), median(&mut ps), median(&mut ds));
+    let (pre_par, dec_par, pre_seq, dec_seq) = (
+        median(&mut pp),
+        median(&mut dp),
+        median(&mut ps),
+        median(&mut ds),
+    );
     println!(
         "CPU: {cpu}{}\n",
         if a.busy {

@@ -236,7 +236,10 @@ fn parity_holds_with_the_kernels_capped_to_each_lower_isa_level() {
         return;
     }
     let exe = std::env::current_exe().unwrap();
-    for isa in [Isa::Portable, Isa::Avx2].into_iter().filter(|&i| i < detected()) {
+    for isa in [Isa::Portable, Isa::Avx2]
+        .into_iter()
+        .filter(|&i| i < detected())
+    {
         let out = std::process::Command::new(&exe)
             .args([
                 "--exact",

@@ -34,7 +34,7 @@ unsafe fn load_step(b: *const i8, kg: usize) -> [__m256i; 4] {
 #[inline(always)]
 unsafe fn bcast(t: &Tile, r: usize, kg: usize) -> __m256i {
     _mm256_set1_epi32(std::ptr::read_unaligned(
-        t.a.as_ptr().add(r * t.kp + kg * 4) as *const i32
+        t.a.as_ptr().add(r * t.kp + kg * 4) as *const i32,
     ))
 }
 
@@ -160,7 +160,12 @@ macro_rules! vnni_kernel {
     };
 }
 
-vnni_kernel!(tile_avxvnni, rows_avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32);
+vnni_kernel!(
+    tile_avxvnni,
+    rows_avxvnni,
+    "avx2,fma,avxvnni",
+    _mm256_dpbusd_avx_epi32
+);
 vnni_kernel!(
     tile_evex,
     rows_evex,

@@ -209,9 +209,7 @@ impl Pool {
             let f: *const (dyn Fn(Range<usize>) + Sync + '_) = f;
             // erase the lifetime: workers only use it while joined, and we wait for them
             *sh.job.get() = Job {
-                f: std::mem::transmute::<*const (dyn Fn(Range<usize>) + Sync + '_), *const Task>(
-                    f,
-                ),
+                f: std::mem::transmute::<*const (dyn Fn(Range<usize>) + Sync + '_), *const Task>(f),
                 n,
                 chunk,
             };

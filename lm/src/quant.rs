@@ -825,9 +825,19 @@ mod simd {
         true,
         dot_u8i8_vnni
     );
-    q_kernel!(q4_1_avxvnni, "avx2,fma,f16c,avxvnni", true, dot_u8i8_avxvnni);
+    q_kernel!(
+        q4_1_avxvnni,
+        "avx2,fma,f16c,avxvnni",
+        true,
+        dot_u8i8_avxvnni
+    );
     q_kernel!(q8_0_avx2, "avx2,fma,f16c", false, dot_i8i8_avx2);
-    q_kernel!(q8_0_avxvnni, "avx2,fma,f16c,avxvnni", false, dot_i8i8_avxvnni);
+    q_kernel!(
+        q8_0_avxvnni,
+        "avx2,fma,f16c,avxvnni",
+        false,
+        dot_i8i8_avxvnni
+    );
     q_kernel!(
         q8_0_vnni,
         "avx2,fma,f16c,avx512vnni,avx512vl",
