@@ -553,3 +553,78 @@ pub(crate) fn bench_quant(a: &QuantBenchArgs, threads: usize) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub(crate) struct LoraRecoverArgs {
+    /// The quantized GGUF the adapter is for (made with `--kv 16`).
+    #[arg(long)]
+    student: PathBuf,
+    /// The unquantized model it learns from (any checkpoint of the same model).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// The training text (plain UTF-8), e.g. runs/text/acts.txt.
+    #[arg(long)]
+    text: PathBuf,
+    /// The adapter file to write.
+    #[arg(long, short)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 32)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub(crate) fn cmd_lora_recover(a: &LoraRecoverArgs) -> Result<()> {
+    let tok = tokenizer_of(&a.student)
+        .or_else(|| tokenizer_of(&a.teacher))
+        .context("neither checkpoint has a tokenizer to cut the text")?;
+    let text = std::fs::read_to_string(&a.text)
+        .with_context(|| format!("reading {}", a.text.display()))?;
+    let ids = tok.encode(&text)?;
+    let cfg = afm_train::lora_recover::RecoverConfig {
+        lora: afm::lm::lora::LoraConfig {
+            rank: a.rank,
+            alpha: a.alpha,
+            ..Default::default()
+        },
+        steps: a.steps,
+        seq: a.seq,
+        lr: a.lr,
+        seed: a.seed,
+    };
+    let t0 = Instant::now();
+    let mut ema: Option<f64> = None;
+    let ad = afm_train::lora_recover::recover(&a.student, &a.teacher, &ids, &cfg, |s, l| {
+        ema = Some(ema.map_or(l, |e| 0.9 * e + 0.1 * l));
+        if s % 10 == 0 || s + 1 == a.steps {
+            eprintln!(
+                "step {}/{}: KL {l:.4} (ema {:.4}), {:.1} s",
+                s + 1,
+                a.steps,
+                ema.unwrap_or(l),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    })?;
+    ad.save(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "wrote {} ({} tokens of {}, {} steps of {}, rank {}, {:.0} s)",
+        a.out.display(),
+        ids.len(),
+        a.text.display(),
+        a.steps,
+        a.seq,
+        a.rank,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -29,6 +29,9 @@ pub enum TrainCmd {
     /// roles, characters; titles and buttons read at native scale), trained on the training
     /// split and measured on the held-out split: what a stage put into its features.
     Probe(ProbeArgs),
+    /// Quality recovery of a quantized language model (`afm quantize --kv 16` output): a
+    /// LoRA adapter trained briefly to match the unquantized teacher on a text.
+    LoraRecover(crate::quantize_cmd::LoraRecoverArgs),
 }
 
 #[derive(Args)]
@@ -208,6 +211,7 @@ pub fn cmd_train(cmd: TrainCmd) -> Result<()> {
         TrainCmd::Adapter(a) => train_adapter(&a),
         TrainCmd::Perceive(a) => train_perceive(&a),
         TrainCmd::Probe(a) => train_probe(&a),
+        TrainCmd::LoraRecover(a) => crate::quantize_cmd::cmd_lora_recover(&a),
     }
 }
 

@@ -244,6 +244,17 @@ pub fn spec_of(
 
 /// The payload of `x` (row-major, `dims`) stored as `fmt` (as [`spec_of`] resolved it).
 pub fn encode(x: Vec<f32>, dims: &[usize], fmt: TensorFormat) -> Result<Vec<u8>> {
+    encode_with(x, dims, fmt, 15)
+}
+
+/// [`encode`] with `candidates` scale candidates for low-bit formats
+/// ([`LowBitMatrix::quantize_with`]).
+fn encode_with(
+    x: Vec<f32>,
+    dims: &[usize],
+    fmt: TensorFormat,
+    candidates: usize,
+) -> Result<Vec<u8>> {
     Ok(match fmt {
         TensorFormat::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
         TensorFormat::F16 => x
@@ -255,7 +266,8 @@ pub fn encode(x: Vec<f32>, dims: &[usize], fmt: TensorFormat) -> Result<Vec<u8>>
             QTensor::quantize(&t, dt)?.data()?.into_owned()
         }
         TensorFormat::LowBit { bits, group } => {
-            let m = LowBitMatrix::quantize(&x, dims[0], dims[1], bits, group, None)?;
+            let m =
+                LowBitMatrix::quantize_with(&x, dims[0], dims[1], bits, group, None, candidates)?;
             lowbit_payload(&m)
         }
     })
@@ -529,7 +541,8 @@ pub fn write_random_gguf(
                 uniform_par(n, tseed, std)
             }
         };
-        encode(x, dims, fmts[i])
+        // random weights: the quick scale (their quality does not matter)
+        encode_with(x, dims, fmts[i], 1)
     })
 }
 

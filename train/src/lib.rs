@@ -68,6 +68,7 @@ pub mod caption_slots;
 pub mod easy_vqa;
 pub mod eval;
 pub mod font;
+pub mod lora_recover;
 pub mod optim;
 pub mod perceive;
 pub mod pretrain;
