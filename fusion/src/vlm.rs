@@ -668,6 +668,11 @@ impl<M: LanguageModel> Vlm<M> {
         opts: &AskOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
+        if question.trim().is_empty() {
+            return Err(FusionError::Invalid(
+                "the question is empty; ask something about the image".into(),
+            ));
+        }
         let enc = self.encode_image(img, opts.max_image_tokens)?;
         let msgs = [ChatMessage::user(vec![
             Part::Image(enc.clone()),

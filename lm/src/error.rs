@@ -37,7 +37,7 @@ pub enum LmError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
-    #[error("prompt is {tokens} tokens but the model's context is {context} tokens (including {reserved} reserved for generation); shorten the prompt or lower max_new_tokens")]
+    #[error("the prompt is {tokens} tokens (image tokens and earlier turns included), but the model's context holds {context} tokens{}; shorten the prompt (generation stops at the end of the context, so fewer new tokens would not help)", if *reserved > 0 { format!(" and generation needs {reserved} more") } else { String::new() })]
     PromptTooLong {
         tokens: usize,
         context: usize,

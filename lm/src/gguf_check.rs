@@ -6,11 +6,16 @@
 use candle_core::quantized::gguf_file::{Content, TensorInfo};
 use std::io::{Read, Seek, SeekFrom};
 
+/// The ggml types candle reads (float and quantized; ggml's integer types I8..I64, ids
+/// 24-27, are not weights).
+const KNOWN_TYPES: [u32; 15] = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 30];
+
 /// Nesting limit of GGUF arrays (candle allows 4; llama.cpp files use 1).
 const MAX_DEPTH: usize = 8;
 
-/// Walks the metadata of a GGUF file without keeping it, and checks the one value candle
-/// divides by: `general.alignment` must be a power of two (llama.cpp's rule), 0 is refused.
+/// Walks the metadata and tensor directory of a GGUF file without keeping them, and checks
+/// the one value candle divides by: `general.alignment` must be a power of two (llama.cpp's
+/// rule), 0 is refused; and every tensor's type and rank, naming the tensor.
 /// Structural damage (truncation, lengths past the end) is left to candle's reader, which
 /// reports it; this walk only stops early on it.
 pub fn check_header<R: Read + Seek>(r: &mut R) -> Result<(), String> {
@@ -106,7 +111,7 @@ impl<R: Read + Seek> Walker<'_, R> {
             2 | 3 => false,
             _ => return Err(Stop::Structural),
         };
-        let _tensors = self.len(v1)?;
+        let tensors = self.len(v1)?;
         let kvs = self.len(v1)?;
         for _ in 0..kvs {
             let key = self.string(v1)?;
@@ -148,6 +153,28 @@ impl<R: Read + Seek> Walker<'_, R> {
                 continue;
             }
             self.value(ty, v1, 0)?;
+        }
+        // the tensor directory: a type candle does not know is named with its tensor
+        for _ in 0..tensors {
+            let name = self.string(v1)?;
+            let name = String::from_utf8_lossy(name.as_deref().unwrap_or(b"?")).into_owned();
+            let n_dims = self.u32()?;
+            if n_dims > 4 {
+                return Err(Stop::Invalid(format!(
+                    "tensor `{name}` has {n_dims} dimensions (at most 4)"
+                )));
+            }
+            for _ in 0..n_dims {
+                self.len(v1)?;
+            }
+            let ty = self.u32()?;
+            if !KNOWN_TYPES.contains(&ty) {
+                return Err(Stop::Invalid(format!(
+                    "tensor `{name}` has ggml type {ty}, which is not supported (float or \
+                     quantized types only: {KNOWN_TYPES:?})"
+                )));
+            }
+            self.u64()?;
         }
         Ok(())
     }

@@ -214,9 +214,10 @@ impl WeightSource {
                     name: hf_name.to_string(),
                 })?;
                 Self::check_shape(hf_name, t.dims(), shape)?;
-                let t = t.to_dtype(DType::F32)?;
-                check_finite(hf_name, &t)?;
-                Ok(t)
+                float_weight(t).map_err(|reason| LmError::BadTensor {
+                    name: hf_name.to_string(),
+                    reason,
+                })
             }
             WeightSource::Gguf { .. } => {
                 if let Some(m) = self.gguf_lowbit(hf_name, shape)? {
@@ -299,14 +300,55 @@ impl WeightSource {
 
 /// NaN or infinite weights are a corrupt file, not a model: refuse them by name.
 fn check_finite(name: &str, t: &Tensor) -> Result<()> {
-    let s = t.flatten_all()?.abs()?.max(0)?.to_scalar::<f32>()?;
-    if !s.is_finite() {
-        return Err(LmError::BadTensor {
+    first_non_finite(t)?.map_or(Ok(()), |reason| {
+        Err(LmError::BadTensor {
             name: name.to_string(),
-            reason: "contains NaN or infinite values".into(),
-        });
+            reason,
+        })
+    })
+}
+
+/// Where the first NaN or infinite value of an f32 tensor is, as a message (`NaN at [3, 17]
+/// (element 401 of 1024)`), or `None` when every value is finite. Every element is looked
+/// at (candle's `max` skips NaN, so a reduction would miss them).
+pub fn first_non_finite(t: &Tensor) -> Result<Option<String>> {
+    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let Some(i) = v.iter().position(|x| !x.is_finite()) else {
+        return Ok(None);
+    };
+    let mut idx = vec![0usize; t.rank()];
+    let mut rest = i;
+    for (k, &d) in t.dims().iter().enumerate().rev() {
+        if d > 0 {
+            idx[k] = rest % d;
+            rest /= d;
+        }
     }
-    Ok(())
+    Ok(Some(format!(
+        "{} at {idx:?} (element {i} of {}): NaN or infinite values are a corrupt file",
+        v[i],
+        v.len()
+    )))
+}
+
+/// A weight as f32: its stored dtype must be a float type (an integer dtype of the same
+/// width, e.g. F16 data labelled I16, would otherwise convert as integers), and every value
+/// finite. The error message names the dtype or the first bad element.
+pub fn float_weight(t: &Tensor) -> std::result::Result<Tensor, String> {
+    match t.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64 => {}
+        other => {
+            return Err(format!(
+                "dtype {other:?} is not a float type (weights are F32, F16 or BF16)"
+            ))
+        }
+    }
+    let t = t.to_dtype(DType::F32).map_err(|e| e.to_string())?;
+    match first_non_finite(&t) {
+        Ok(None) => Ok(t),
+        Ok(Some(m)) => Err(m),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Maps an HF llama tensor name onto llama.cpp's GGUF name.

@@ -103,6 +103,23 @@ impl VisionConfig {
         pos(self.num_channels, "num_channels")?;
         pos(self.patch_size, "patch_size")?;
         pos(self.image_size, "image_size")?;
+        // the same caps as the language models' configs
+        use afm_lm::config::caps;
+        for (f, v, cap) in [
+            ("hidden_size", self.hidden_size, caps::WIDTH),
+            ("intermediate_size", self.intermediate_size, caps::WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, caps::COUNT),
+            ("num_attention_heads", self.num_attention_heads, caps::COUNT),
+            ("num_channels", self.num_channels, caps::COUNT),
+            ("image_size", self.image_size, 1 << 16),
+        ] {
+            if v > cap {
+                return Err(VisionError::config(
+                    f,
+                    format!("{v} exceeds the supported maximum of {cap}"),
+                ));
+            }
+        }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(VisionError::config(
                 "num_attention_heads",

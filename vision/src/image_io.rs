@@ -68,16 +68,83 @@ pub fn image_size(path: &Path) -> Result<(u32, u32)> {
             path: path.to_path_buf(),
             source,
         })?;
-    if r.format().is_none() {
+    // the content decides, as in `decode_image` (not the file name's extension)
+    let mut head = [0u8; 64];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .map_err(|source| VisionError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if r.format().is_none() || image::guess_format(&head[..n]).is_err() {
         return Err(VisionError::BadImage {
             what,
             reason: "not an image (unrecognised format)".into(),
         });
     }
-    r.into_dimensions().map_err(|e| VisionError::BadImage {
-        what,
-        reason: e.to_string(),
-    })
+    r.into_dimensions().map_err(|e| decode_error(&what, e))
+}
+
+/// A decoder error: its memory limit (a header declaring a huge image) is reported as
+/// the pixel limit it stands for.
+fn decode_error(what: &str, e: image::ImageError) -> VisionError {
+    match e {
+        image::ImageError::Limits(l) => VisionError::TooLarge {
+            what: what.to_string(),
+            reason: format!(
+                "the image's declared size exceeds the decoder's memory limit ({l}); the \
+                 limit is {} pixels",
+                ImageLimits::default().max_pixels
+            ),
+        },
+        e => VisionError::BadImage {
+            what: what.to_string(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// As [`image_size`], with the limits [`load_image`] applies (file bytes, pixels, zero
+/// size) checked from the file's size and header: what `--dry-run` plans, a real run reads.
+pub fn image_size_checked(path: &Path, limits: &ImageLimits) -> Result<(u32, u32)> {
+    let what = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|source| VisionError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.len() > limits.max_file_bytes {
+        return Err(VisionError::TooLarge {
+            what,
+            reason: format!(
+                "{} bytes exceed the limit of {} bytes",
+                meta.len(),
+                limits.max_file_bytes
+            ),
+        });
+    }
+    let (w, h) = image_size(path)?;
+    check_pixels(w, h, &what, limits)?;
+    Ok((w, h))
+}
+
+fn check_pixels(w: u32, h: u32, what: &str, limits: &ImageLimits) -> Result<()> {
+    if w == 0 || h == 0 {
+        return Err(VisionError::BadImage {
+            what: what.to_string(),
+            reason: format!("zero-size image ({w}x{h})"),
+        });
+    }
+    let px = w as u64 * h as u64;
+    if px > limits.max_pixels {
+        return Err(VisionError::TooLarge {
+            what: what.to_string(),
+            reason: format!(
+                "{w}x{h} = {px} pixels exceed the limit of {} pixels",
+                limits.max_pixels
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Decodes image bytes (named `what` in errors) into RGB8.
@@ -105,33 +172,60 @@ pub fn decode_image(bytes: &[u8], what: &str, limits: &ImageLimits) -> Result<Rg
     let format = reader
         .format()
         .ok_or_else(|| bad("not an image (unrecognised format)".into()))?;
+    if format == image::ImageFormat::Jpeg && !jpeg_has_end(bytes) {
+        // the decoder pads a cut-off scan with grey and reports success: a caption of that
+        // would describe an image the file does not hold
+        return Err(bad(
+            "truncated JPEG (no end-of-image marker after the image data)".into(),
+        ));
+    }
     let mut lim = image::Limits::default();
     // 8 bytes per pixel covers RGBA16 / float intermediates; the pixel check below is exact.
     lim.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(1 << 20));
     reader.limits(lim);
-    let mut dec = reader
-        .into_decoder()
-        .map_err(|e| bad(format!("{format:?}: {e}")))?;
+    let mut dec = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(_) => decode_error(what, e),
+        e => bad(format!("{format:?}: {e}")),
+    })?;
     let (w, h) = dec.dimensions();
-    if w == 0 || h == 0 {
-        return Err(bad(format!("zero-size image ({w}x{h})")));
-    }
-    let px = w as u64 * h as u64;
-    if px > limits.max_pixels {
-        return Err(VisionError::TooLarge {
-            what: what.to_string(),
-            reason: format!(
-                "{w}x{h} = {px} pixels exceed the limit of {} pixels",
-                limits.max_pixels
-            ),
-        });
-    }
+    check_pixels(w, h, what, limits)?;
     let orientation = dec
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(dec).map_err(|e| bad(format!("{format:?}: {e}")))?;
     img.apply_orientation(orientation);
     Ok(to_rgb_on_white(&img))
+}
+
+/// Whether a JPEG holds an end-of-image marker (`FF D9`) after its first scan. The marker
+/// segments before the first start-of-scan (`FF DA`) are walked by their lengths, so an EXIF
+/// thumbnail's own markers do not count; inside entropy-coded data a `FF` byte is always
+/// followed by `00` or a restart marker, so `FF D9` there is the real end.
+fn jpeg_has_end(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    let sos = loop {
+        let Some(&[ff, m]) = bytes
+            .get(i..i + 2)
+            .map(|s| <&[u8; 2]>::try_from(s).unwrap())
+        else {
+            return false;
+        };
+        if ff != 0xFF {
+            return false;
+        }
+        match m {
+            0xFF => i += 1, // fill byte
+            0xDA => break i,
+            0x01 | 0xD0..=0xD7 => i += 2,
+            _ => {
+                let Some(len) = bytes.get(i + 2..i + 4) else {
+                    return false;
+                };
+                i += 2 + u16::from_be_bytes([len[0], len[1]]) as usize;
+            }
+        }
+    };
+    bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// RGB8 from any colour type; transparent pixels are composited on white.

@@ -2,7 +2,7 @@
 //! (`vision_model.` for SiglipVisionModel, `model.vision_model.` for Idefics3/SmolVLM).
 
 use crate::error::{Result, VisionError};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -75,15 +75,10 @@ impl VisionWeights {
                 got: t.dims().to_vec(),
             });
         }
-        let t = t.to_dtype(DType::F32)?;
-        let m: f32 = t.flatten_all()?.abs()?.max(0)?.to_scalar()?;
-        if !m.is_finite() {
-            return Err(VisionError::BadFile {
-                path: full.clone().into(),
-                format: "tensor",
-                reason: "NaN or infinite values".into(),
-            });
-        }
-        Ok(t)
+        afm_lm::weights::float_weight(t).map_err(|reason| VisionError::BadFile {
+            path: full.clone().into(),
+            format: "tensor",
+            reason,
+        })
     }
 }
