@@ -45,3 +45,11 @@ pub use tile_processor::{TileProcessor, TilingSettings};
 pub use vlm::{
     splice, Answer, AskOptions, ChatFormat, ChatMessage, EncodedImage, Part, Vlm, VlmParts,
 };
+
+// One loaded model serves many threads: checked at compile time.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Vlm<afm_lm::DeviceModel>>();
+    send_sync::<ModelDir>();
+    send_sync::<Processor>();
+};

@@ -53,3 +53,14 @@ pub use model::{LanguageModel, LogitsFor, ModelInfo};
 pub use sampling::SamplingParams;
 pub use server_model::{ServerConfig, ServerModel};
 pub use tokenizer::Tokenizer;
+
+// One loaded model serves many threads (a server, a batch): checked at compile time.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<DeviceModel>();
+    send_sync::<ServerModel>();
+    send_sync::<Tokenizer>();
+    send_sync::<Checkpoint>();
+    send_sync::<ServerCheckpoint>();
+    send_sync::<LoraAdapter>();
+};
