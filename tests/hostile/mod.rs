@@ -682,6 +682,12 @@ pub fn generate(dir: &Path, seed: u64) -> Corpus {
         g.tensor(name).dims = dims;
         cases.push(gguf(id, g, err(&[name])));
     }
+    // the case: the config agrees with the wrapped dims, so no shape check stops it
+    let mut g = g0.clone();
+    g.tensor("token_embd.weight").dims = vec![64, 1 << 58];
+    g.tensor("output.weight").dims = vec![64, 1 << 58];
+    g.set("llama.vocab_size", Gv::U64(1 << 58));
+    cases.push(gguf("gguf-dims-wrap-vocab", g, err(&["token_embd.weight"])));
     let mut g = g0.clone();
     g.tensor("blk.0.attn_k.weight").dims = vec![64, 32, 1, 1, 1];
     cases.push(gguf("gguf-ndims-5", g, err(&["dimensions"])));
