@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's own `llama-bench` and `llama-completion` (the anchor of `afm bench lm`) from the
+# Builds llama.cpp's own `llama-bench`, `llama-completion`, `llama-quantize`, `llama-perplexity`
+# and `llama-server` (the anchor of `afm bench lm`) from the
 # llama.cpp source vendored in the llama-cpp-python sdist on PyPI, with GGML_NATIVE (the
 # build llama.cpp users get by default).
 #
@@ -19,7 +20,13 @@ JOBS=${JOBS:-$(nproc)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-if [ -x "$OUT/bin/llama-bench" ] && [ -x "$OUT/bin/llama-completion" ]; then
+# llama-bench / llama-completion: the speed anchor (`afm bench lm`); llama-quantize and
+# llama-perplexity: Q2_K / Q4_K next to afm's formats (`scripts/bench_llamacpp_ppl.py`);
+# llama-server: the serving comparison (`afm bench serve`).
+TARGETS=(llama-bench llama-completion llama-quantize llama-perplexity llama-server)
+have=1
+for t in "${TARGETS[@]}"; do [ -x "$OUT/bin/$t" ] || have=0; done
+if [ "$have" = 1 ]; then
   echo "$OUT/bin"
   exit 0
 fi
@@ -47,8 +54,8 @@ fi
 BUILD="$OUT/build"
 "$CMAKE" -S "$SRC/vendor/llama.cpp" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release \
   -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2
-"$CMAKE" --build "$BUILD" --config Release -j "$JOBS" --target llama-bench llama-completion >&2
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >&2
+"$CMAKE" --build "$BUILD" --config Release -j "$JOBS" --target "${TARGETS[@]}" >&2
 mkdir -p "$OUT/bin"
-cp "$BUILD/bin/llama-bench" "$BUILD/bin/llama-completion" "$OUT/bin/"
+for t in "${TARGETS[@]}"; do cp "$BUILD/bin/$t" "$OUT/bin/"; done
 echo "$OUT/bin"

@@ -492,6 +492,49 @@ pub fn peak_rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// Read bandwidth of this machine with `threads` threads, in bytes/s: each thread sums its
+/// own quarter-GiB slice of a 1 GiB buffer (far beyond any cache), best of three passes.
+/// This is the denominator of decode's bandwidth limit: a decode step has to read every
+/// weight once.
+pub fn read_bandwidth(threads: usize) -> f64 {
+    const BYTES: usize = 1 << 30;
+    let threads = threads.max(1);
+    let per = BYTES / 8 / threads;
+    let mut buf = vec![0u64; per * threads];
+    for (i, v) in buf.iter_mut().enumerate() {
+        *v = i as u64;
+    }
+    let mut best = f64::INFINITY;
+    let mut sink = 0u64;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(per)
+                .map(|c| {
+                    s.spawn(move || {
+                        // 8 independent lanes so that the loop vectorises at any ISA.
+                        let mut acc = [0u64; 8];
+                        for ch in c.chunks_exact(8) {
+                            for (a, &x) in acc.iter_mut().zip(ch) {
+                                *a = a.wrapping_add(x);
+                            }
+                        }
+                        acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0, u64::wrapping_add)
+        });
+        best = best.min(t0.elapsed().as_secs_f64());
+        sink = sink.wrapping_add(total);
+    }
+    std::hint::black_box(sink);
+    (per * threads * 8) as f64 / best
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -564,7 +607,7 @@ fn prompt_ids(ck: &Checkpoint, n: usize) -> Result<Vec<u32>> {
 
 /// `llama-bench` to use: the flag, `$AFM_LLAMA_BENCH`, or the default build
 /// directory of `scripts/build_llamacpp.sh`, if the file exists.
-fn find_llama(flag: &Option<PathBuf>, env: &str, name: &str) -> Option<PathBuf> {
+pub(crate) fn find_llama(flag: &Option<PathBuf>, env: &str, name: &str) -> Option<PathBuf> {
     if let Some(p) = flag {
         return Some(p.clone());
     }
@@ -719,6 +762,7 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
     let ck = Checkpoint::load(&model)?;
     let ids = prompt_ids(&ck, a.prompt_tokens)?;
     let prompt_text = ck.tokenizer.decode(&ids, false)?;
+    let weight_bytes = ck.model.weight_bytes_per_token();
     drop(ck);
     let ids_json = serde_json::to_string(&ids)?;
     let exe = std::env::current_exe()?;
@@ -768,6 +812,8 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
         a.processes,
         a.runs
     );
+    // Measured before the busy loop starts: the machine's own bandwidth.
+    let bandwidth = read_bandwidth(threads);
     let _busy = crate::busy::maybe(a.busy);
     let one_thread_too = a.busy && threads > 1;
     let mut ours = RunReport::default();
@@ -875,6 +921,14 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
     println!("|---|---:|---:|---:|---:|");
     let (p1, d1) = row(&format!("afm ({threads} threads)"), &mut ours);
     let mut ratios = Vec::new();
+    let limit = bandwidth / weight_bytes.max(1) as f64;
+    ratios.push(format!(
+        "bandwidth limit: {:.1} MB of weights read per token, {:.2} GB/s read bandwidth ({threads} threads) \
+         -> {limit:.1} tok/s; afm decodes at {:.0}% of it",
+        weight_bytes as f64 / 1e6,
+        bandwidth / 1e9,
+        100.0 * d1 / limit
+    ));
     if one_thread_too {
         let (p0, d0) = row("afm (1 thread)", &mut ours1);
         ratios.push(format!(

@@ -41,6 +41,11 @@ pub struct AttentionSpec {
 
 impl Attention {
     /// [`crate::linear::Linear::set_int8`] on the q/k/v and output projections.
+    /// Weight bytes one token's step reads (projections only).
+    pub fn bytes_read(&self) -> usize {
+        self.proj.bytes_read() + self.o_proj.bytes_read()
+    }
+
     pub fn set_int8(&mut self, on: bool) -> Result<()> {
         self.proj.set_int8(on)?;
         self.o_proj.set_int8(on)

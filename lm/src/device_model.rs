@@ -239,6 +239,18 @@ impl DeviceModel {
     /// Only matrices loaded dense (safetensors, f32/f16 GGUF) change; quantized GGUF
     /// matrices keep their own kernels, and the embedding lookup stays f32. Opt-in: logits
     /// move by the rounding of 8 bits (tested), so greedy output can differ from f32.
+    /// Weight bytes one decode step reads from memory: every layer's projections and the
+    /// output head (the embedding table adds one row, not counted). Divided by the machine's
+    /// read bandwidth this is the bandwidth limit of decode: `afm bench lm` reports both.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.attn.bytes_read() + l.mlp.bytes_read())
+            .sum();
+        layers + self.lm_head.bytes_read()
+    }
+
     pub fn set_int8(&mut self, on: bool) -> Result<()> {
         for l in &mut self.layers {
             l.set_int8(on)?;

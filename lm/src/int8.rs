@@ -335,6 +335,11 @@ impl Int8Matrix {
         (self.inp, self.out)
     }
 
+    /// Bytes a product reads: the int8 weights, their scales and offsets.
+    pub fn storage_bytes(&self) -> usize {
+        self.packed.len() + 4 * (self.scale.len() + self.offset.len())
+    }
+
     /// `y = x W^T + b` for `rows` rows of `inp` values, then `post` on each block of
     /// output while it is in cache: an elementwise activation, or nothing (blocks are whole
     /// rows above 64 rows and column ranges below).

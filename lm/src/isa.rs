@@ -126,7 +126,12 @@ pub fn describe_cpu() -> String {
             .and_then(|l| l.split_once(':'))
             .map(|(_, v)| v.trim().to_string())
     };
-    let model = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    let mut model = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    // Virtual machines often show a bare "AMD EPYC": the family and model say which one
+    // (family 25 is Zen 3 / Zen 4, family 23 Zen 1 / Zen 2).
+    if let (Some(fam), Some(m)) = (field("cpu family"), field("model\t")) {
+        model = format!("{model} (family {fam} model {m})");
+    }
     let flags = field("flags").unwrap_or_default();
     let wanted = [
         "avx2",

@@ -32,6 +32,21 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// Bytes of weights one product with this matrix reads (what a decode step streams from
+    /// memory for it): the stored format's size, scales included.
+    pub fn bytes_read(&self) -> usize {
+        match self {
+            Linear::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Linear::Candle(QMatMul::Tensor(t)) | Linear::Candle(QMatMul::TensorF16(t)) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+            Linear::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Linear::Blocks(b) => b.storage_bytes(),
+            Linear::Int8 { q, .. } => q.storage_bytes(),
+            Linear::LowBit(b) => b.storage_bytes(),
+        }
+    }
+
     /// Turns a dense f32 matrix ([`Linear::Dense`], or a dense [`Linear::Candle`]) into
     /// [`Linear::Int8`], or back with `on = false`. Quantized GGUF matrices stay as they are.
     ///
@@ -170,6 +185,11 @@ pub struct Fused {
 }
 
 impl Fused {
+    /// Bytes of weights one product reads (LoRA deltas not counted: they are small).
+    pub fn bytes_read(&self) -> usize {
+        self.one.iter().chain(&self.parts).map(Linear::bytes_read).sum()
+    }
+
     /// `parts`: each matrix with its output width.
     pub fn new(parts: Vec<(Linear, usize)>) -> Result<Self> {
         let outs: Vec<usize> = parts.iter().map(|(_, o)| *o).collect();

@@ -12,6 +12,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Weight bytes one token's step reads.
+    pub fn bytes_read(&self) -> usize {
+        self.gate_up.bytes_read() + self.down.bytes_read()
+    }
+
     /// [`crate::linear::Linear::set_int8`] on gate, up and down.
     pub fn set_int8(&mut self, on: bool) -> Result<()> {
         self.gate_up.set_int8(on)?;

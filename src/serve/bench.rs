@@ -1,6 +1,7 @@
 //! `afm bench serve`: aggregate generation throughput of `afm serve` with 1, 4 and 8
-//! concurrent streams, against llama.cpp's OpenAI server (llama-cpp-python's
-//! `llama_cpp.server`) on the same GGUF, in one run. Both servers get the same requests over
+//! concurrent streams, against llama.cpp's own OpenAI server (`llama-server`, built by
+//! `scripts/build_llamacpp.sh`, with one slot per stream and continuous batching), or, when
+//! that binary is absent, llama-cpp-python's `llama_cpp.server`, on the same GGUF, in one run. Both servers get the same requests over
 //! loopback (non-streaming, greedy, `max_tokens` each); the figure is completion tokens over
 //! wall time for all streams together.
 
@@ -29,6 +30,10 @@ pub struct ServeBench {
     /// Python with llama-cpp-python's server (`pip install 'llama-cpp-python[server]'`).
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// llama.cpp's own `llama-server` (default: `$AFM_LLAMA_SERVER`, else
+    /// `target/llama.cpp/bin/llama-server` if present; else llama-cpp-python's server).
+    #[arg(long)]
+    pub llama_server: Option<PathBuf>,
     /// Measure afm only.
     #[arg(long)]
     pub no_reference: bool,
@@ -135,6 +140,47 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Starts llama.cpp's own server: one slot per stream of the largest count measured, each
+/// with a 2,048-token context, continuous batching on.
+fn start_llama_server(
+    exe: &PathBuf,
+    model: &PathBuf,
+    threads: usize,
+    slots: usize,
+) -> Result<(Proc, String)> {
+    let port = free_port()?;
+    let t = threads.to_string();
+    let c = Command::new(exe)
+        .arg("-m")
+        .arg(model)
+        .args(["-t", &t, "-tb", &t])
+        .args(["-c", &(2048 * slots).to_string()])
+        .args(["--parallel", &slots.to_string(), "--cont-batching"])
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    wait_ready(Proc(c), port, &exe.display().to_string())
+}
+
+fn wait_ready(mut p: Proc, port: u16, what: &str) -> Result<(Proc, String)> {
+    let url = format!("http://127.0.0.1:{port}");
+    let t0 = Instant::now();
+    loop {
+        if ureq::get(&format!("{url}/v1/models")).call().is_ok() {
+            return Ok((p, url));
+        }
+        if let Some(st) = p.0.try_wait()? {
+            bail!("{what} exited ({st}) before it answered");
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("{what} did not answer within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 fn start_llama(a: &ServeBench, model: &PathBuf, threads: usize) -> Result<(Proc, String)> {
     let port = free_port()?;
     let t = threads.to_string();
@@ -206,8 +252,21 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
             rows.push((n, tps, None));
         }
     }
+    let server = if a.no_reference {
+        None
+    } else {
+        crate::bench::find_llama(&a.llama_server, "AFM_LLAMA_SERVER", "llama-server")
+    };
+    let reference = match &server {
+        Some(p) => format!("llama.cpp `llama-server` ({})", p.display()),
+        None => "llama.cpp server (llama-cpp-python)".to_string(),
+    };
     if !a.no_reference {
-        let (_p, url) = start_llama(a, &model, threads)?;
+        let slots = a.streams.iter().copied().max().unwrap_or(1);
+        let (_p, url) = match &server {
+            Some(exe) => start_llama_server(exe, &model, threads, slots)?,
+            None => start_llama(a, &model, threads)?,
+        };
         post(
             &url,
             &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
@@ -223,7 +282,7 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
     }
     let single = rows.iter().find(|r| r.0 == 1).map(|r| r.1);
     println!(
-        "afm serve vs llama.cpp server (llama-cpp-python), {}, {} new tokens x {} requests per stream, {threads} threads",
+        "afm serve vs {reference}, {}, {} new tokens x {} requests per stream, {threads} threads",
         model.file_name().map_or("".into(), |f| f.to_string_lossy().into_owned()),
         a.max_tokens,
         a.requests

@@ -139,6 +139,12 @@ impl VisionConfig {
             ));
         }
         if let Some(stem) = &self.stem {
+            if let Some(&c) = stem.iter().find(|&&c| c > caps::WIDTH) {
+                return Err(VisionError::config(
+                    "stem",
+                    format!("channel count {c} exceeds the supported maximum of {}", caps::WIDTH),
+                ));
+            }
             let down = 1usize.checked_shl(stem.len() as u32).unwrap_or(0);
             if stem.is_empty()
                 || stem.len() > 4
@@ -206,5 +212,36 @@ impl VisionConfig {
         })?;
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_stem(stem: &str) -> String {
+        format!(
+            r#"{{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_channels": 3, "image_size": 224,
+               "patch_size": 16, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh",
+               "stem": {stem}}}"#
+        )
+    }
+
+    fn parse(s: &str) -> std::result::Result<VisionConfig, String> {
+        let c: VisionConfig = serde_json::from_str(s).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn stems_are_checked_before_anything_is_allocated() {
+        assert!(parse(&with_stem("[8, 16]")).is_ok());
+        let huge = parse(&with_stem("[8, 1099511627776]")).unwrap_err();
+        assert!(huge.contains("stem") && huge.contains("1099511627776"), "{huge}");
+        for bad in ["[]", "[8, 0]", "[8, 8, 8, 8, 8]", "[8, 8, 8, 8, 8, 8]"] {
+            let e = parse(&with_stem(bad)).unwrap_err();
+            assert!(e.contains("stem"), "{bad}: {e}");
+        }
     }
 }
