@@ -54,6 +54,10 @@ pub struct ProbeArgs {
     /// Leave easy-VQA out even when `models/easy-vqa` holds it.
     #[arg(long)]
     pub no_easy_vqa: bool,
+    /// The character probe reads with CTC (`"ctc": true` in a stage-1b run's weights):
+    /// characters in any slots along a string's row, in order.
+    #[arg(long)]
+    pub ctc: bool,
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -590,6 +594,7 @@ fn train_probe(a: &ProbeArgs) -> Result<()> {
     use afm_train::perceive::{self, PerceiveConfig};
     let mut cfg = PerceiveConfig::afm_tiny();
     cfg.eval_reads = a.reads;
+    cfg.weights.ctc = a.ctc;
     // the encoder's own architecture (a stem, for example), read from its config
     cfg.vision = afm::vision::VisionConfig::from_file(&a.vision.join("config.json"))
         .with_context(|| format!("reading the encoder config in {}", a.vision.display()))?;
@@ -618,7 +623,11 @@ fn train_probe(a: &ProbeArgs) -> Result<()> {
     println!("  shape of object patches    {:5.1}%", 100.0 * m.shape_acc);
     println!("  object count per view      {:5.1}%", 100.0 * m.count_acc);
     println!("  screen role per patch      {:5.1}%", 100.0 * m.role_acc);
-    println!("  characters (text slots)    {:5.1}%", 100.0 * m.char_acc);
+    if a.ctc {
+        println!("  characters (1 - CER)       {:5.1}%", 100.0 * m.char_acc);
+    } else {
+        println!("  characters (text slots)    {:5.1}%", 100.0 * m.char_acc);
+    }
     println!(
         "  strings read exactly       {:5.1}% of {}",
         100.0 * m.string_exact,

@@ -170,6 +170,34 @@ pub fn describe_cpu() -> String {
 mod tests {
     use super::*;
 
+    /// The workspace's build settings must not pin the build to the building machine's CPU
+    /// (`target-cpu=native` made binaries that crash elsewhere): every test of this suite
+    /// then runs on a baseline x86-64 build, with the kernels chosen at run time.
+    #[test]
+    fn the_build_targets_baseline_x86_64() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for f in [".cargo/config.toml", ".cargo/config"] {
+            if let Ok(s) = std::fs::read_to_string(root.join(f)) {
+                let code: String = s
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with('#'))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                assert!(
+                    !code.contains("target-cpu") && !code.contains("target-feature"),
+                    "{f} pins the target CPU:\n{code}"
+                );
+            }
+        }
+        // and the compiler was not told about AVX2 some other way (RUSTFLAGS)
+        if std::env::var("AFM_ALLOW_NATIVE").is_err() {
+            assert!(
+                !cfg!(target_feature = "avx2"),
+                "this test binary was built for AVX2 (RUSTFLAGS?): set AFM_ALLOW_NATIVE=1 to allow"
+            );
+        }
+    }
+
     #[test]
     fn names_round_trip_and_levels_are_ordered() {
         for i in Isa::ALL {

@@ -140,11 +140,15 @@ pub(crate) mod simd {
     use super::Ops;
     use std::arch::x86_64::*;
 
+    use crate::isa::{level, Isa};
+
+    /// AVX-512 F + FMA, unless `AFM_ISA` caps the level below AVX-512.
     pub fn has512() -> bool {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
+        level() >= Isa::Avx512
     }
+    /// AVX2 + FMA, unless `AFM_ISA` caps the level below AVX2.
     pub fn has256() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        level() >= Isa::Avx2
     }
 
     pub fn ops512() -> Ops {

@@ -187,7 +187,11 @@ pub struct Fused {
 impl Fused {
     /// Bytes of weights one product reads (LoRA deltas not counted: they are small).
     pub fn bytes_read(&self) -> usize {
-        self.one.iter().chain(&self.parts).map(Linear::bytes_read).sum()
+        self.one
+            .iter()
+            .chain(&self.parts)
+            .map(Linear::bytes_read)
+            .sum()
     }
 
     /// `parts`: each matrix with its output width.

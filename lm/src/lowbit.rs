@@ -640,26 +640,26 @@ mod simd {
     use super::{offset, ARow, Meta, WRow, BLOCK};
     use std::arch::x86_64::*;
 
+    use crate::isa::{level, Isa};
+
+    /// AVX2 + FMA + F16C, unless `AFM_ISA` caps the level below it.
     pub fn available() -> bool {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
+        level() >= Isa::Avx2
     }
 
+    /// AVX-512 F/BW/VL + VNNI, unless `AFM_ISA` caps the level below it.
     pub fn available_512() -> bool {
-        available()
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("avx512vl")
+        level() >= Isa::Avx512
     }
 
-    /// The 256-bit `vpdpbusd` (AVX-512 VL + VNNI).
+    /// The 256-bit `vpdpbusd` in its AVX-512 VL encoding (AVX-VNNI alone has another
+    /// encoding), unless `AFM_ISA` caps the level below AVX2-VNNI.
     pub fn vnni256() -> bool {
         static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *V.get_or_init(|| {
-            is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
-        })
+        level() >= Isa::Avx2Vnni
+            && *V.get_or_init(|| {
+                is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+            })
     }
 
     fn check<const R: usize, const C: usize>(m: &Meta, w: &[WRow; R], a: &[ARow; C]) {

@@ -283,7 +283,9 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
     let single = rows.iter().find(|r| r.0 == 1).map(|r| r.1);
     println!(
         "afm serve vs {reference}, {}, {} new tokens x {} requests per stream, {threads} threads",
-        model.file_name().map_or("".into(), |f| f.to_string_lossy().into_owned()),
+        model
+            .file_name()
+            .map_or("".into(), |f| f.to_string_lossy().into_owned()),
         a.max_tokens,
         a.requests
     );

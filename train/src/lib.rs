@@ -65,6 +65,7 @@
 
 pub mod adapter_train;
 pub mod caption_slots;
+pub mod ctc;
 pub mod easy_vqa;
 pub mod eval;
 pub mod font;

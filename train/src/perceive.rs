@@ -132,6 +132,12 @@ pub struct LossWeights {
     pub center: f32,
     pub role: f32,
     pub chars: f32,
+    /// Read with CTC ([`crate::ctc`]): a string's characters may sit in any slots of the
+    /// patches along its row (one patch of slack at each end), in order, instead of the
+    /// fixed slot of the module docs. The character term is then the mean CTC loss per
+    /// character over the strings wholly in view.
+    #[serde(default)]
+    pub ctc: bool,
 }
 
 /// A stage-1b run's settings (`perceive.json` keeps them; a resumed run must match).
@@ -183,6 +189,7 @@ impl PerceiveConfig {
                 center: 1.0,
                 role: 0.5,
                 chars: 2.0,
+                ctc: false,
             },
             text_only: false,
         }
@@ -931,6 +938,89 @@ fn weighted_ce(logits: &Tensor, target: &[u32], weight: &[f32]) -> Result<Tensor
     Ok(((lp * w)?.sum_all()? * (-1.0 / total as f64))?)
 }
 
+/// The slots a string's CTC alignment runs over, in reading order (the patches of its row
+/// from one before its first to one after its last, each patch's slots left to right), as
+/// indices into one view's `GRID * GRID * SLOTS` slots.
+pub fn row_steps(row: usize, first: usize, last: usize) -> Vec<usize> {
+    let (a, b) = (first.saturating_sub(1), (last + 1).min(GRID - 1));
+    (a..=b)
+        .flat_map(|col| (0..SLOTS).map(move |k| (row * GRID + col) * SLOTS + k))
+        .collect()
+}
+
+/// The character classes of a string (what CTC aligns).
+fn string_classes(text: &str) -> Vec<u32> {
+    text.chars().map(char_class).collect()
+}
+
+/// Mean CTC loss per character over the strings wholly in view of every label set
+/// (`chars: (views * GRID * GRID * SLOTS, CHAR_CLASSES)`). Its value is the loss; its
+/// gradient with respect to `chars` is CTC's, which [`crate::ctc::ctc`] computes on plain
+/// slices and which enters the graph as `sum(G * logits) + constant`. Zero (no gradient)
+/// when no string is in view.
+fn ctc_chars_loss(chars: &Tensor, labels: &[Labels]) -> Result<Tensor> {
+    let per_view = GRID * GRID * SLOTS;
+    let mut idx: Vec<u32> = vec![];
+    let mut segs: Vec<(usize, usize, Vec<u32>)> = vec![];
+    for (v, l) in labels.iter().enumerate() {
+        for (_, text, row, a, b) in &l.strings {
+            let lab = string_classes(text);
+            let steps = row_steps(*row, *a, *b);
+            if lab.is_empty() || steps.len() < crate::ctc::min_steps(&lab) {
+                continue;
+            }
+            segs.push((idx.len(), steps.len(), lab));
+            idx.extend(steps.iter().map(|&k| (v * per_view + k) as u32));
+        }
+    }
+    if segs.is_empty() {
+        return Ok(Tensor::new(0f32, &Device::Cpu)?);
+    }
+    let n = idx.len();
+    let it = Tensor::from_vec(idx, n, &Device::Cpu)?;
+    let sel = chars.index_select(&it, 0)?;
+    let c = CHAR_CLASSES;
+    let lp: Vec<f32> = candle_nn::ops::log_softmax(&sel.detach(), D::Minus1)?
+        .flatten_all()?
+        .to_vec1()?;
+    let mut g = vec![0f32; n * c];
+    let mut total = 0f64;
+    let mut counted = 0usize;
+    for (start, t, lab) in &segs {
+        let Some((nll, grad)) = crate::ctc::ctc(&lp[start * c..(start + t) * c], *t, c, lab, 0)
+        else {
+            continue;
+        };
+        let w = 1.0 / lab.len() as f32;
+        total += (nll * w) as f64;
+        counted += 1;
+        for (o, v) in g[start * c..(start + t) * c].iter_mut().zip(grad) {
+            *o = v * w;
+        }
+    }
+    if counted == 0 {
+        return Ok(Tensor::new(0f32, &Device::Cpu)?);
+    }
+    let scale = 1.0 / counted as f32;
+    g.iter_mut().for_each(|x| *x *= scale);
+    let gt = Tensor::from_vec(g, (n, c), &Device::Cpu)?;
+    let surrogate = (&sel * &gt)?.sum_all()?;
+    let offset = total / counted as f64 - surrogate.to_scalar::<f32>()? as f64;
+    Ok((surrogate + offset)?)
+}
+
+/// Reads a string with CTC's best path over [`row_steps`].
+pub fn read_row_ctc(char_pred: &[u32], row: usize, first: usize, last: usize) -> String {
+    let best: Vec<u32> = row_steps(row, first, last)
+        .into_iter()
+        .map(|k| char_pred[k])
+        .collect();
+    crate::ctc::greedy(&best, 0)
+        .into_iter()
+        .filter_map(class_char)
+        .collect()
+}
+
 /// The weighted sum of the heads' losses over a batch's labels.
 pub fn loss(cfg: &LossWeights, lg: &HeadLogits, labels: &[Labels]) -> Result<Tensor> {
     let cat = |f: &dyn Fn(&Labels) -> &Vec<u32>| -> Vec<u32> {
@@ -955,7 +1045,12 @@ pub fn loss(cfg: &LossWeights, lg: &HeadLogits, labels: &[Labels]) -> Result<Ten
         + (weighted_ce(&lg.shape, &shape, &ones(shape.len()))? * cfg.shape as f64)?)?;
     let l = (l + (weighted_ce(&lg.center, &center, &centre_w)? * cfg.center as f64)?)?;
     let l = (l + (weighted_ce(&lg.role, &role, &ones(role.len()))? * cfg.role as f64)?)?;
-    Ok((l + (weighted_ce(&lg.chars, &chars, &cw)? * cfg.chars as f64)?)?)
+    let reading = if cfg.ctc {
+        ctc_chars_loss(&lg.chars, labels)?
+    } else {
+        weighted_ce(&lg.chars, &chars, &cw)?
+    };
+    Ok((l + (reading * cfg.chars as f64)?)?)
 }
 
 /// Reads the string whose patch row and columns are given: the non-blank slots' characters
@@ -1014,8 +1109,10 @@ impl Tally {
     }
 }
 
-/// Figures of head logits against labels (no gradients needed).
-pub fn metrics(lg: &HeadLogits, batch: &Batch, feats: &Tensor) -> Result<Metrics> {
+/// Figures of head logits against labels (no gradients needed). `ctc`: strings are read
+/// with [`read_row_ctc`], and the character figure is `1 - edit distance / length` of the
+/// strings read (no slot holds a fixed character under CTC).
+pub fn metrics(lg: &HeadLogits, batch: &Batch, feats: &Tensor, ctc: bool) -> Result<Metrics> {
     let am = |t: &Tensor| -> Result<Vec<u32>> { Ok(t.argmax(D::Minus1)?.to_vec1::<u32>()?) };
     let (colour, shape, center, role, chars) = (
         am(&lg.colour)?,
@@ -1049,13 +1146,25 @@ pub fn metrics(lg: &HeadLogits, batch: &Batch, feats: &Tensor) -> Result<Metrics
                     r.add(role[off + k] == l.role[k]);
                 }
                 let pred = &chars[off * SLOTS..(off + p) * SLOTS];
-                for (want, got) in l.chars.iter().zip(pred) {
-                    if *want != 0 {
-                        ch.add(got == want);
+                if ctc {
+                    for (_, text, row, a, b) in &l.strings {
+                        let got = read_row_ctc(pred, *row, *a, *b);
+                        let want: Vec<char> = text.chars().collect();
+                        let have: Vec<char> = got.chars().collect();
+                        let errs = crate::ctc::edit_distance(&want, &have).min(want.len());
+                        ch.hit += want.len() - errs;
+                        ch.n += want.len();
+                        st.add(got == *text);
                     }
-                }
-                for (_, text, row, a, b) in &l.strings {
-                    st.add(read_row(pred, *row, *a, *b) == *text);
+                } else {
+                    for (want, got) in l.chars.iter().zip(pred) {
+                        if *want != 0 {
+                            ch.add(got == want);
+                        }
+                    }
+                    for (_, text, row, a, b) in &l.strings {
+                        st.add(read_row(pred, *row, *a, *b) == *text);
+                    }
                 }
             }
             _ => {
@@ -1134,6 +1243,7 @@ pub fn read_screens(
     heads: &HashMap<String, Tensor>,
     heads_prefix: &str,
     n: usize,
+    ctc: bool,
 ) -> Result<ReadReport> {
     let mut rep = ReadReport::default();
     for i in 0..n as u64 {
@@ -1160,7 +1270,11 @@ pub fn read_screens(
             let f = patch_features(vision, encoder, &px)?;
             let lg = head_logits(&f, heads, heads_prefix)?;
             let pred = lg.chars.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let got = read_row(&pred, row, a, b);
+            let got = if ctc {
+                read_row_ctc(&pred, row, a, b)
+            } else {
+                read_row(&pred, row, a, b)
+            };
             let ok = got == text;
             if is_title {
                 rep.titles += 1;
@@ -1208,7 +1322,7 @@ pub fn evaluate(
         )?;
         let f = patch_features(&cfg.vision, &params.with_prefix("vision."), &b.pixels)?.detach();
         let lg = head_logits(&f, &all, "head.")?;
-        let mut m = metrics(&lg, &b, &f)?;
+        let mut m = metrics(&lg, &b, &f, cfg.weights.ctc)?;
         m.loss = loss(&cfg.weights, &lg, &b.labels)?.to_scalar::<f32>()?;
         ms.push(m);
     }
@@ -1218,6 +1332,7 @@ pub fn evaluate(
         &all,
         "head.",
         cfg.eval_reads,
+        cfg.weights.ctc,
     )?;
     Ok((mean_metrics(&ms), read))
 }
@@ -1383,11 +1498,18 @@ pub fn probe(
     let mut ms = vec![];
     for (f, b) in &eval {
         let lg = head_logits(f, &h, "probe.")?;
-        let mut m = metrics(&lg, b, f)?;
+        let mut m = metrics(&lg, b, f, cfg.weights.ctc)?;
         m.loss = loss(&cfg.weights, &lg, &b.labels)?.to_scalar::<f32>()?;
         ms.push(m);
     }
-    let read = read_screens(&cfg.vision, &enc, &h, "probe.", cfg.eval_reads)?;
+    let read = read_screens(
+        &cfg.vision,
+        &enc,
+        &h,
+        "probe.",
+        cfg.eval_reads,
+        cfg.weights.ctc,
+    )?;
     Ok(ProbeReport {
         train_views,
         eval_views,

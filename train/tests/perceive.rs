@@ -217,3 +217,83 @@ fn a_stem_run_starts_from_a_plain_encoder_and_exports_what_it_trained() {
     );
     std::fs::remove_dir_all(&base).ok();
 }
+
+/// CTC reading end to end on free logits: gradient steps on the character logits of a few
+/// screen crops, through `perceive::loss` with `ctc: true`, make the best path spell every
+/// string in view; the loss is the mean CTC loss per character and falls.
+#[test]
+fn ctc_reading_learns_to_spell_the_strings_from_free_logits() {
+    use afm_train::perceive::{head_shapes, read_row_ctc, HeadLogits, LossWeights, SLOTS};
+    use candle_core::{DType, Device, Tensor, Var, D};
+    let cfg = PerceiveConfig {
+        text_only: true,
+        ..PerceiveConfig::afm_tiny()
+    };
+    let labs: Vec<_> = (0..3u64)
+        .map(|j| {
+            let (s, v) = view_for(&cfg, j, Split::Train, None).unwrap();
+            labels(&s, &v)
+        })
+        .collect();
+    let strings: usize = labs.iter().map(|l| l.strings.len()).sum();
+    assert!(strings >= 3, "{strings} strings in view");
+    let n = labs.len() * 196;
+    let w = LossWeights {
+        colour: 0.0,
+        shape: 0.0,
+        center: 0.0,
+        role: 0.0,
+        chars: 1.0,
+        ctc: true,
+    };
+    let cls = perceive::CHAR_CLASSES;
+    let zeros = |name: &str| {
+        let k = head_shapes(1)
+            .into_iter()
+            .find(|(h, _)| *h == name)
+            .unwrap()
+            .1;
+        Tensor::zeros((n, k), DType::F32, &Device::Cpu).unwrap()
+    };
+    let var = Var::zeros((n * SLOTS, cls), DType::F32, &Device::Cpu).unwrap();
+    let mut first = None;
+    let mut last = 0f32;
+    for _ in 0..300 {
+        let lg = HeadLogits {
+            colour: zeros("colour"),
+            shape: zeros("shape"),
+            center: zeros("center"),
+            role: zeros("role"),
+            chars: var.as_tensor().clone(),
+        };
+        let l = perceive::loss(&w, &lg, &labs).unwrap();
+        last = l.to_scalar::<f32>().unwrap();
+        first.get_or_insert(last);
+        let g = l.backward().unwrap();
+        let gv = g.get(var.as_tensor()).expect("a gradient for the logits");
+        let m = gv
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        var.set(&(var.as_tensor() - (gv * (0.5 / m.max(1e-12)) as f64).unwrap()).unwrap())
+            .unwrap();
+    }
+    let first = first.unwrap();
+    assert!(first > 3.0 && last < 0.2 * first, "loss {first} -> {last}");
+    let pred = var
+        .as_tensor()
+        .argmax(D::Minus1)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    let per_view = 196 * SLOTS;
+    for (i, l) in labs.iter().enumerate() {
+        for (_, text, row, a, b) in &l.strings {
+            let got = read_row_ctc(&pred[i * per_view..(i + 1) * per_view], *row, *a, *b);
+            assert_eq!(&got, text);
+        }
+    }
+}

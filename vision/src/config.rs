@@ -142,7 +142,10 @@ impl VisionConfig {
             if let Some(&c) = stem.iter().find(|&&c| c > caps::WIDTH) {
                 return Err(VisionError::config(
                     "stem",
-                    format!("channel count {c} exceeds the supported maximum of {}", caps::WIDTH),
+                    format!(
+                        "channel count {c} exceeds the supported maximum of {}",
+                        caps::WIDTH
+                    ),
                 ));
             }
             let down = 1usize.checked_shl(stem.len() as u32).unwrap_or(0);
@@ -238,7 +241,10 @@ mod tests {
     fn stems_are_checked_before_anything_is_allocated() {
         assert!(parse(&with_stem("[8, 16]")).is_ok());
         let huge = parse(&with_stem("[8, 1099511627776]")).unwrap_err();
-        assert!(huge.contains("stem") && huge.contains("1099511627776"), "{huge}");
+        assert!(
+            huge.contains("stem") && huge.contains("1099511627776"),
+            "{huge}"
+        );
         for bad in ["[]", "[8, 0]", "[8, 8, 8, 8, 8]", "[8, 8, 8, 8, 8, 8]"] {
             let e = parse(&with_stem(bad)).unwrap_err();
             assert!(e.contains("stem"), "{bad}: {e}");
