@@ -149,6 +149,26 @@ impl VlmArgs {
 
 impl ModelArgs {
     /// What `--model` names, as given (`None`: the default model).
+    /// Loads a text-only language model (a GGUF file or a safetensors directory) with the
+    /// same `--lora`, `--int8` and `--kv` as a vision-language model gets (`afm serve`).
+    pub(crate) fn load_text(&self, path: &Path) -> Result<afm::lm::Checkpoint> {
+        let opts = afm::lm::LoadOptions {
+            lora: self.lora.clone(),
+            ..Default::default()
+        };
+        let mut ck = afm::lm::Checkpoint::load_with(path, &opts)
+            .with_context(|| format!("loading {}", path.display()))?;
+        ck.model.set_int8(self.int8)?;
+        if let Some(bits) = self.kv {
+            let cal = ck.tokenizer.encode(afm::lm::kv8::CALIBRATION_TEXT)?;
+            let from = ck.model.apply_kv_bits(bits, &cal)?;
+            if bits == 8 {
+                eprintln!("KV cache: 8-bit, scales {from}");
+            }
+        }
+        Ok(ck)
+    }
+
     pub(crate) fn model_path(&self) -> Option<&Path> {
         self.model.as_deref()
     }

@@ -384,13 +384,19 @@ fn load_test_8_clients_200_requests() {
     assert_eq!(r["errors"], 0, "{r}");
 }
 
-/// SIGTERM while a stream runs: the stream completes, the process exits 0.
+/// SIGTERM while a stream runs: the stream completes, the process exits 0. (The server runs
+/// the GGUF with `--kv 8`: the model flags apply to a text model too.)
 #[test]
 fn sigterm_finishes_requests_in_flight_then_exits() {
     let Some(gguf) = common::smollm2_gguf() else {
         return;
     };
-    let mut s = Server::start(&["--model", gguf.to_str().unwrap()]);
+    let mut s = Server::start(&["--model", gguf.to_str().unwrap(), "--kv", "8"]);
+    assert!(
+        s.log.lock().unwrap().contains("KV cache: 8-bit"),
+        "--kv 8 not applied: {}",
+        s.log.lock().unwrap()
+    );
     let body =
         serde_json::json!({"messages": user("Tell me a story."), "max_tokens": 24, "stream": true})
             .to_string();

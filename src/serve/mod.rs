@@ -73,9 +73,7 @@ fn load(a: &ServeArgs) -> Result<(Model, String)> {
             || path.join("processor_config.json").is_file()
             || afm::fusion::afm_tiny::is_afm_tiny(&path).unwrap_or(false));
     if !vision {
-        let ck = afm::lm::Checkpoint::load(&path)
-            .with_context(|| format!("loading {}", path.display()))?;
-        return Ok((Model::Text(ck), name));
+        return Ok((Model::Text(a.model.load_text(&path)?), name));
     }
     let (m, _) = a.model.open_at(&path)?;
     let (vlm, _) = a.model.load(&m)?;
