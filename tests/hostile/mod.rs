@@ -687,7 +687,11 @@ pub fn generate(dir: &Path, seed: u64) -> Corpus {
     g.tensor("token_embd.weight").dims = vec![64, 1 << 58];
     g.tensor("output.weight").dims = vec![64, 1 << 58];
     g.set("llama.vocab_size", Gv::U64(1 << 58));
-    cases.push(gguf("gguf-dims-wrap-vocab", g, err(&["output.weight", "overflow"])));
+    cases.push(gguf(
+        "gguf-dims-wrap-vocab",
+        g,
+        err(&["output.weight", "overflow"]),
+    ));
     let mut g = g0.clone();
     g.tensor("blk.0.attn_k.weight").dims = vec![64, 32, 1, 1, 1];
     cases.push(gguf("gguf-ndims-5", g, err(&["dimensions"])));
