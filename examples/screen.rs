@@ -1,13 +1,12 @@
-//! Describe a screenshot (window title, controls and their text).
+//! Describe a screenshot as a typed value: window title, buttons, fields with their values,
+//! list items and the selected one. Decoding follows the type's JSON Schema, so the output
+//! always parses (`afm screen --json` prints the same).
 //!
 //!     cargo run --release --example screen -- assets/images/screen.png
-//!
-//! Text for now; a typed description (JSON following a schema) comes with guided generation.
 
-use afm::fusion::AskOptions;
-use afm::lm::GenerateOptions;
+use afm::fusion::ScreenDescription;
+use afm::lm::GenerationOptions;
 use anyhow::Result;
-use std::io::Write;
 
 fn main() -> Result<()> {
     let path = std::env::args()
@@ -15,22 +14,18 @@ fn main() -> Result<()> {
         .ok_or_else(|| anyhow::anyhow!("usage: screen SCREENSHOT"))?;
     let vlm = afm::models::load_default_vlm()?;
     let img = afm::vision::load_image(path.as_ref(), &afm::vision::ImageLimits::default())?;
-    let opts = AskOptions {
-        generate: GenerateOptions {
-            max_new_tokens: 48,
-            ..Default::default()
-        },
-        // A screenshot's text needs resolution: the model's full budget (its default).
-        max_image_tokens: None,
-    };
-    let answer = vlm.describe_screen(&img, &opts, &mut |piece| {
-        print!("{piece}");
-        std::io::stdout().flush().is_ok()
-    })?;
-    println!();
+    // A screenshot's text needs resolution: the model's full budget (`None`, its default).
+    let plan = vlm.plan(img.width(), img.height(), None)?;
+    let d: ScreenDescription =
+        vlm.describe_screen_typed(&img, None, &GenerationOptions::default())?;
+    println!("{}", serde_json::to_string_pretty(&d)?);
     eprintln!(
-        "{} image tokens, {} tokens generated",
-        answer.plan.image_tokens, answer.generation.stats.generated_tokens
+        "{} image tokens; title {:?}, {} buttons, {} fields, {} list items",
+        plan.image_tokens,
+        d.title,
+        d.buttons.len(),
+        d.fields.len(),
+        d.list_items.len()
     );
     Ok(())
 }

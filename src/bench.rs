@@ -43,6 +43,9 @@ pub enum BenchCmd {
     /// `afm serve` aggregate tok/s at 1, 4 and 8 concurrent streams vs llama.cpp's server
     /// (llama-cpp-python) on the same GGUF.
     Serve(crate::serve::bench::ServeBench),
+    /// The per-token cost of the guided-generation mask on SmolLM2: microseconds per token,
+    /// and decode tok/s with and without a JSON Schema constraint, in one run.
+    Guided(crate::guided_bench::GuidedBench),
 }
 
 #[derive(Args, Clone)]

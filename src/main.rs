@@ -18,6 +18,7 @@ mod bench;
 mod busy;
 mod default_model;
 mod eval_cmd;
+mod guided_bench;
 mod quantize_cmd;
 mod serve;
 mod server_cmd;
@@ -132,6 +133,9 @@ struct GenerateArgs {
     /// Feed the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
+    /// Answer with JSON valid against this JSON Schema (guided generation); prints the JSON.
+    #[arg(long, value_name = "FILE.json", conflicts_with = "raw")]
+    schema: Option<PathBuf>,
     /// An afm LoRA adapter file made for this very model (see `afm lora-import`): merged
     /// into dense weights, applied unmerged on quantized ones.
     #[arg(long)]
@@ -218,11 +222,35 @@ pub(crate) fn options(s: &SamplingArgs) -> GenerateOptions {
     }
 }
 
+/// Reads a JSON Schema file (`--schema`); whether guided generation supports it is checked
+/// once the model's tokenizer is loaded, before any decoding.
+pub(crate) fn read_schema(path: &std::path::Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the JSON Schema {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    if !v.is_object() {
+        bail!(
+            "{}: a JSON Schema is a JSON object, this file holds {}",
+            path.display(),
+            match v {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                _ => "null",
+            }
+        );
+    }
+    Ok(v)
+}
+
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if a.prompt.trim().is_empty() {
         bail!("the prompt is empty; give the text to answer or continue");
     }
     check_sampling(&a.sampling)?;
+    let schema = a.schema.as_deref().map(read_schema).transpose()?;
     let path = match &a.model {
         Some(p) => match p.to_str().and_then(afm::hub::parse) {
             Some(id) => afm::hub::resolve(&id)?,
@@ -248,7 +276,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             bail!("--kv applies to the on-device model; the server model keeps f32 K/V");
         }
         let ck = ServerCheckpoint::load_with(&path, &opts).with_context(loading)?;
-        return generate_with(&a, &ck.model, &ck.tokenizer, t0.elapsed().as_secs_f64());
+        return generate_with(
+            &a,
+            &ck.model,
+            &ck.tokenizer,
+            schema.as_ref(),
+            t0.elapsed().as_secs_f64(),
+        );
     }
     let mut ck = Checkpoint::load_with(&path, &opts).with_context(loading)?;
     if let Some(bits) = a.kv {
@@ -258,7 +292,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             eprintln!("KV cache: 8-bit, scales {from}");
         }
     }
-    generate_with(&a, &ck.model, &ck.tokenizer, t0.elapsed().as_secs_f64())
+    generate_with(
+        &a,
+        &ck.model,
+        &ck.tokenizer,
+        schema.as_ref(),
+        t0.elapsed().as_secs_f64(),
+    )
 }
 
 /// Runs `afm generate` on a loaded model (dense or server).
@@ -266,8 +306,30 @@ fn generate_with<M: LanguageModel>(
     a: &GenerateArgs,
     model: &M,
     tokenizer: &Tokenizer,
+    schema: Option<&serde_json::Value>,
     load_secs: f64,
 ) -> Result<()> {
+    if let Some(schema) = schema {
+        let chat = afm::lm::TextChat { model, tokenizer };
+        let mut s = match &a.system {
+            Some(sys) => afm::lm::Session::with_instructions(&chat, sys.clone()),
+            None => afm::lm::Session::new(&chat),
+        };
+        s.options = afm::lm::GenerationOptions::from_generate_options(&options(&a.sampling));
+        let (v, r) = s.respond_to_schema(a.prompt.as_str(), schema)?;
+        println!("{}", serde_json::to_string(&v)?);
+        let st = &r.stats;
+        eprintln!(
+            "load {:.2} s | prompt {} tok, first token {:.0} ms | generated {} tok, decode {:.1} tok/s | stop: {:?}",
+            load_secs,
+            st.prompt_tokens,
+            st.time_to_first_token_secs * 1e3,
+            st.generated_tokens,
+            st.generated_tokens.saturating_sub(1) as f64 / st.decode_secs.max(1e-9),
+            st.stop
+        );
+        return Ok(());
+    }
     let text = if a.raw {
         a.prompt.clone()
     } else {
@@ -348,6 +410,13 @@ fn run(cli: Cli) -> Result<()> {
             bench::bench_lm(&a, cli.threads.unwrap_or(2), model)
         }
         Cmd::Bench(bench::BenchCmd::KvSharing(a)) => bench::bench_kv(&a),
+        Cmd::Bench(bench::BenchCmd::Guided(a)) => {
+            let model = match &a.model {
+                Some(p) => p.clone(),
+                None => default_model::locate_or_fetch()?,
+            };
+            guided_bench::bench_guided(&a, model)
+        }
         Cmd::Bench(bench::BenchCmd::Server(a)) => {
             server_cmd::bench_server(&a, cli.threads.unwrap_or(2))
         }

@@ -24,8 +24,9 @@
 //!   image's plan (tiles, image tokens, downscale).
 
 use crate::{options, SamplingArgs};
+use afm::fusion::session::attachment;
 use afm::fusion::{AskOptions, ImagePlan, LmInfo, ModelDir, Processor, Vlm};
-use afm::lm::DeviceModel;
+use afm::lm::{DeviceModel, GenerationOptions, Prompt, Session};
 use afm::vision::{load_image, ImageLimits};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -113,6 +114,9 @@ pub(crate) struct AskArgs {
     image: PathBuf,
     /// The question about the image.
     question: String,
+    /// Answer with JSON valid against this JSON Schema (guided generation); prints the JSON.
+    #[arg(long, value_name = "FILE.json")]
+    schema: Option<PathBuf>,
     #[command(flatten)]
     common: VlmArgs,
 }
@@ -121,6 +125,10 @@ pub(crate) struct AskArgs {
 pub(crate) struct ScreenArgs {
     /// A screenshot.
     image: PathBuf,
+    /// Print a typed description as JSON (title, buttons, fields with values, list items,
+    /// selected item), always valid: generated under its JSON Schema.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     common: VlmArgs,
 }
@@ -567,8 +575,18 @@ fn finish(
     Ok(())
 }
 
+/// What `ask` and `screen` print.
+enum Output<'a> {
+    /// Free text, streamed.
+    Text,
+    /// JSON valid against a schema.
+    Schema(&'a serde_json::Value),
+    /// `screen --json`: the typed screen description.
+    ScreenJson,
+}
+
 /// `ask` and `screen`: one image, the answer streamed to stdout.
-fn answer(c: &VlmArgs, image: &Path, question: Option<&str>) -> Result<()> {
+fn answer(c: &VlmArgs, image: &Path, question: Option<&str>, output: Output) -> Result<()> {
     let (model, processor) = c.open()?;
     let opts = c.ask_options()?;
     let mut out = std::io::stdout().lock();
@@ -588,6 +606,44 @@ fn answer(c: &VlmArgs, image: &Path, question: Option<&str>) -> Result<()> {
         .map_err(|e| anyhow!(with_path(image, &anyhow::Error::from(e))))?;
     if plan.downscale.is_some() {
         eprintln!("{}: {}", image.display(), plan.describe());
+    }
+    let gen_opts = GenerationOptions::from_generate_options(&opts.generate);
+    match output {
+        Output::Text => {}
+        Output::ScreenJson => {
+            let t0 = std::time::Instant::now();
+            let d = vlm
+                .describe_screen_typed(&img, opts.max_image_tokens, &gen_opts)
+                .with_context(|| format!("describing {}", image.display()))?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&d)?)?;
+            eprintln!(
+                "load {:.2} s | {} | described in {:.2} s",
+                load_secs,
+                plan.describe(),
+                t0.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        Output::Schema(schema) => {
+            let mut s = Session::new(&vlm);
+            s.options = gen_opts;
+            let p = Prompt::default()
+                .image(attachment(&img).with_max_tokens(opts.max_image_tokens))
+                .then(question.unwrap_or_default());
+            let (v, r) = s
+                .respond_to_schema(p, schema)
+                .with_context(|| format!("answering about {}", image.display()))?;
+            writeln!(out, "{}", serde_json::to_string(&v)?)?;
+            eprintln!(
+                "load {:.2} s | {} | prompt {} tok | generated {} tok | stop: {:?}",
+                load_secs,
+                plan.describe(),
+                r.stats.prompt_tokens,
+                r.stats.generated_tokens,
+                r.stats.stop
+            );
+            return Ok(());
+        }
     }
     let mut on_text = |piece: &str| {
         out.write_all(piece.as_bytes())
@@ -619,9 +675,19 @@ pub(crate) fn cmd_ask(a: AskArgs) -> Result<()> {
     if a.question.trim().is_empty() {
         bail!("the question is empty; ask something about the image");
     }
-    answer(&a.common, &a.image, Some(&a.question))
+    let schema = a.schema.as_deref().map(crate::read_schema).transpose()?;
+    let output = match &schema {
+        Some(s) => Output::Schema(s),
+        None => Output::Text,
+    };
+    answer(&a.common, &a.image, Some(&a.question), output)
 }
 
 pub(crate) fn cmd_screen(a: ScreenArgs) -> Result<()> {
-    answer(&a.common, &a.image, None)
+    let output = if a.json {
+        Output::ScreenJson
+    } else {
+        Output::Text
+    };
+    answer(&a.common, &a.image, None, output)
 }

@@ -333,3 +333,115 @@ fn train_adapter_runs_stops_resumes_and_exports() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn generate_and_screen_print_json_that_validates() {
+    let dir = std::env::temp_dir().join(format!("afm-cli-schema-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "population_millions": {"type": "number", "minimum": 0, "maximum": 50},
+            "capital": {"type": "boolean"},
+            "sights": {"type": "array", "items": {"type": "string", "maxLength": 20}, "minItems": 1, "maxItems": 3}
+        },
+        "required": ["city", "population_millions", "capital", "sights"],
+        "additionalProperties": false
+    });
+    let sf = dir.join("city.json");
+    std::fs::write(&sf, schema.to_string()).unwrap();
+    // bad schema files fail before the model loads, naming the file
+    let not_json = dir.join("bad.json");
+    std::fs::write(&not_json, "{nope").unwrap();
+    let arr = dir.join("arr.json");
+    std::fs::write(&arr, "[1]").unwrap();
+    for (f, want) in [(&not_json, "not JSON"), (&arr, "an array")] {
+        let out = afm()
+            .args(["generate", "--model", "/nonexistent.gguf", "--schema"])
+            .arg(f)
+            .arg("hi")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(want) && stderr.contains("json"),
+            "{stderr}"
+        );
+    }
+    let Some(model) = common::smollm2_gguf() else {
+        return;
+    };
+    let out = afm()
+        .args([
+            "--threads",
+            "2",
+            "generate",
+            "--max-tokens",
+            "200",
+            "--schema",
+        ])
+        .arg(&sf)
+        .arg("--model")
+        .arg(&model)
+        .arg("Tell me about Paris.")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        ["city", "population_millions", "capital", "sights"],
+        "{stdout}"
+    );
+    assert!(v["sights"]
+        .as_array()
+        .is_some_and(|a| (1..=3).contains(&a.len())));
+    // an unsupported schema is a clear error before decoding
+    let bad = dir.join("unsupported.json");
+    std::fs::write(&bad, r#"{"type": "string", "format": "no-such-format"}"#).unwrap();
+    let out = afm()
+        .args(["generate", "--schema"])
+        .arg(&bad)
+        .arg("--model")
+        .arg(&model)
+        .arg("hi")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("JSON Schema") && stderr.contains("format"),
+        "{stderr}"
+    );
+    // the typed screen description of afm-tiny (the default model)
+    let home = dir.join("home");
+    let out = afm()
+        .current_dir(common::root())
+        .env("AFM_SMOLLM2_GGUF", &model)
+        .env("AFM_HOME", &home)
+        .args([
+            "--threads",
+            "2",
+            "screen",
+            "--json",
+            "assets/images/screen.png",
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let d: afm::fusion::ScreenDescription = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        d.buttons.len() <= 8 && d.title.chars().count() <= 60,
+        "{d:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -88,7 +88,8 @@ fn screen_describes_the_screenshot() {
     let Some((out, err)) = run("screen", &["assets/images/screen.png"]) else {
         return;
     };
-    assert!(out.trim().split_whitespace().count() >= 3, "{out}");
+    let d: afm::fusion::ScreenDescription = serde_json::from_str(&out).expect("typed JSON");
+    assert!(d.title.chars().count() <= 60, "{out}");
     assert!(err.contains("image tokens"), "{err}");
 }
 
@@ -110,4 +111,16 @@ fn server_model_runs_pt_moe_and_the_device_model_through_one_trait() {
     assert!(out.contains("server PT-MoE (8 layers"), "{out}");
     assert!(out.contains("on-device SmolLM2 (30 layers"), "{out}");
     assert!(out.contains("(16 tokens)"), "{out}");
+}
+
+#[test]
+fn respond_as_fills_in_a_rust_type() {
+    let Some((out, err)) = run("respond_as", &["Describe a penguin."]) else {
+        return;
+    };
+    assert_eq!(out.matches("Animal {").count(), 2, "{out}");
+    for k in ["name:", "legs:", "can_fly:", "colours:"] {
+        assert!(out.contains(k), "{out}");
+    }
+    assert!(err.contains("partial: {"), "{err}");
 }

@@ -184,6 +184,30 @@ fn text_server_routes_limits_and_openai_client() {
         .is_empty());
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 8);
 
+    // response_format json_schema: the content is JSON valid against the schema
+    let (st, body) = s.chat(serde_json::json!({
+        "messages": user("Name a colour and a number."),
+        "max_tokens": 64,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": {
+            "type": "object",
+            "properties": {
+                "colour": {"type": "string", "enum": ["red", "green", "blue"]},
+                "n": {"type": "integer", "minimum": 1, "maximum": 9}
+            },
+            "required": ["colour", "n"],
+            "additionalProperties": false
+        }}}
+    }));
+    assert_eq!(st, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let a: serde_json::Value = serde_json::from_str(content).unwrap();
+    assert!(
+        ["red", "green", "blue"].contains(&a["colour"].as_str().unwrap()),
+        "{content}"
+    );
+    assert!((1..=9).contains(&a["n"].as_u64().unwrap()), "{content}");
+
     // limits and bad input: each a 4xx naming the problem
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (b"{not json".to_vec(), 400, "not valid JSON"),
@@ -218,11 +242,12 @@ fn text_server_routes_limits_and_openai_client() {
         ),
         (
             serde_json::json!({"messages": user("x"), "response_format":
-                {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}})
+                {"type": "json_schema", "json_schema": {"name": "a", "schema":
+                    {"type": "string", "format": "no-such-format"}}}})
             .to_string()
             .into_bytes(),
             400,
-            "guided generation",
+            "no-such-format",
         ),
         (vec![b' '; 200_000], 413, "max-body-bytes"),
     ];

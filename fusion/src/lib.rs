@@ -27,6 +27,8 @@ pub mod image_cache;
 pub mod image_processor;
 pub mod model_dir;
 pub mod processor;
+pub mod screen;
+pub mod session;
 pub mod tile_processor;
 pub mod vlm;
 
@@ -41,6 +43,7 @@ pub use error::{FusionError, Result};
 pub use image_processor::{ImagePlan, ImageProcessor, Processor};
 pub use model_dir::ModelDir;
 pub use processor::Idefics3Processor;
+pub use screen::ScreenDescription;
 pub use tile_processor::{TileProcessor, TilingSettings};
 pub use vlm::{
     splice, Answer, AskOptions, ChatFormat, ChatMessage, EncodedImage, Part, Vlm, VlmParts,

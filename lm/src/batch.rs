@@ -9,6 +9,7 @@ use crate::cache::Cache;
 use crate::device_model::DeviceModel;
 use crate::error::{LmError, Result};
 use crate::generate::{GenerateOptions, StopFilter, StopReason};
+use crate::guided::Guide;
 use crate::model::{LanguageModel, LogitsFor};
 use crate::sampling::Sampler;
 use crate::tokenizer::{TextStream, Tokenizer};
@@ -31,6 +32,8 @@ pub struct Sequence {
     /// The token to feed at the next step (`None` once stopped).
     next: Option<u32>,
     stop: Option<StopReason>,
+    /// Guided generation: the tokens the grammar allows ([`crate::guided`]).
+    guide: Option<Guide>,
 }
 
 /// What one step gave a sequence: new text (possibly empty: held back, or an incomplete
@@ -53,6 +56,22 @@ impl Sequence {
         embeds: &Tensor,
         history: &[u32],
         opts: &GenerateOptions,
+    ) -> Result<(Self, StepOutput)> {
+        Self::start_guided(model, tok, embeds, history, opts, None)
+    }
+
+    /// [`Self::start`] under a grammar: every token is one the guide allows, and the
+    /// sequence stops when the grammar is complete (stop strings do not apply).
+    ///
+    /// # Shapes
+    /// `embeds: (t, hidden)`.
+    pub fn start_guided<M: LanguageModel + ?Sized>(
+        model: &M,
+        tok: &Tokenizer,
+        embeds: &Tensor,
+        history: &[u32],
+        opts: &GenerateOptions,
+        guide: Option<Guide>,
     ) -> Result<(Self, StepOutput)> {
         let t = embeds.dim(0)?;
         let context = model.info().context_length;
@@ -85,7 +104,11 @@ impl Sequence {
             prompt_tokens: t,
             next: None,
             stop: None,
+            guide,
         };
+        if s.guide.is_some() {
+            s.opts.stop_strings.clear();
+        }
         let out = s.push_logits(tok, &row)?;
         Ok((s, out))
     }
@@ -133,9 +156,20 @@ impl Sequence {
             if self.ids.len() >= self.opts.max_new_tokens {
                 break 'step Some(StopReason::MaxTokens);
             }
-            let next = self.sampler.sample(row, &self.history)?;
+            let next = match self.guide.as_mut() {
+                Some(g) => {
+                    let mut r = row.to_vec();
+                    g.mask_logits(&mut r)?;
+                    self.sampler.sample(&r, &self.history)?
+                }
+                None => self.sampler.sample(row, &self.history)?,
+            };
             if self.stop_ids.contains(&next) {
                 break 'step Some(StopReason::StopToken);
+            }
+            if let Some(g) = self.guide.as_mut() {
+                let b = g.token_bytes(next);
+                g.consume(next, &b)?;
             }
             self.ids.push(next);
             self.history.push(next);
@@ -158,6 +192,9 @@ impl Sequence {
                 .is_some_and(|c| c.load(Ordering::Relaxed))
             {
                 break 'step Some(StopReason::Cancelled);
+            }
+            if self.guide.as_ref().is_some_and(|g| g.is_stopped()) {
+                break 'step Some(StopReason::StopToken);
             }
             if self.ids.len() >= self.opts.max_new_tokens {
                 break 'step Some(StopReason::MaxTokens);

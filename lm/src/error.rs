@@ -50,6 +50,20 @@ pub enum LmError {
         adapter_base: String,
         model_base: String,
     },
+    /// A JSON Schema guided generation cannot use (unsupported keyword, unsatisfiable,
+    /// malformed), found before any decoding.
+    #[error("JSON Schema: {0}")]
+    Schema(String),
+    #[error("guided generation: {reason}")]
+    Guided { reason: String },
+    #[error("the answer does not deserialise into `{ty}`: {reason}")]
+    Deserialize { ty: String, reason: String },
+    /// The session's tool loop ran out of its budget of calls in one turn.
+    #[error("the model made {calls} tool calls in one turn, the limit is {limit}")]
+    ToolLimit { calls: usize, limit: usize },
+    /// An error from the model behind a session (a vision-language pipeline, for instance).
+    #[error(transparent)]
+    Model(Box<dyn std::error::Error + Send + Sync>),
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error(transparent)]

@@ -2,7 +2,8 @@
 //!
 //! The language-model side of afm: the [`LanguageModel`] trait shared by every model, the
 //! AFM on-device decoder [`DeviceModel`] with KV-cache sharing, loading from safetensors and
-//! GGUF, tokenizers and chat templates, and generation with the usual samplers.
+//! GGUF, tokenizers and chat templates, generation with the usual samplers, and
+//! [`Session`]s with transcripts, KV reuse across turns, guided generation and tools.
 //!
 //! See `lm/README.md` for the checkpoint layout.
 
@@ -17,6 +18,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf_check;
 pub mod gguf_write;
+pub mod guided;
 pub mod int8;
 pub mod isa;
 pub mod kernels;
@@ -37,6 +39,7 @@ pub mod rope;
 pub mod sampling;
 pub mod server_checkpoint;
 pub mod server_model;
+pub mod session;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
@@ -52,6 +55,10 @@ pub use lora::{LoraAdapter, LoraConfig, LoraMode, LoraTarget};
 pub use model::{LanguageModel, LogitsFor, ModelInfo};
 pub use sampling::SamplingParams;
 pub use server_model::{ServerConfig, ServerModel};
+pub use session::{
+    schema_for, ChatModel, Entry, GenerationOptions, ImageAttachment, Prompt, Response, Segment,
+    Session, TextChat, TextModel, Tool, ToolChoice, Transcript, TurnStats,
+};
 pub use tokenizer::Tokenizer;
 
 // One loaded model serves many threads (a server, a batch): checked at compile time.

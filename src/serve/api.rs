@@ -61,6 +61,8 @@ pub struct Request {
     pub include_usage: bool,
     pub messages: Vec<(String, Vec<RawPart>)>,
     pub opts: GenerateOptions,
+    /// `response_format`: the JSON Schema the answer must follow (guided generation).
+    pub schema: Option<Value>,
 }
 
 pub enum RawPart {
@@ -174,20 +176,32 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<Request, ApiError> {
             return Err(ApiError::bad("n", "only n = 1 is supported"));
         }
     }
-    if let Some(rf) = v.get("response_format").filter(|r| !r.is_null()) {
-        match rf.get("type").and_then(|t| t.as_str()) {
-            Some("text") => {}
+    let schema = match v.get("response_format").filter(|r| !r.is_null()) {
+        None => None,
+        Some(rf) => match rf.get("type").and_then(|t| t.as_str()) {
+            Some("text") => None,
+            Some("json_object") => Some(serde_json::json!({"type": "object"})),
+            Some("json_schema") => Some(
+                rf.pointer("/json_schema/schema")
+                    .filter(|s| s.is_object())
+                    .cloned()
+                    .ok_or_else(|| {
+                        ApiError::bad(
+                            "response_format",
+                            "response_format json_schema needs `json_schema.schema`, a JSON Schema object",
+                        )
+                    })?,
+            ),
             t => {
                 return Err(ApiError::bad(
                     "response_format",
                     format!(
-                        "response_format {t:?} is not supported yet (needs guided generation); \
-                         only {{\"type\": \"text\"}}"
+                        "response_format {t:?} is not supported; use \"text\", \"json_object\" or \"json_schema\""
                     ),
                 ))
             }
-        }
-    }
+        },
+    };
     for k in ["tools", "functions", "logprobs"] {
         if v.get(k)
             .is_some_and(|x| !x.is_null() && x != &Value::Bool(false))
@@ -264,6 +278,7 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<Request, ApiError> {
             stop_strings,
             ..Default::default()
         },
+        schema,
     })
 }
 

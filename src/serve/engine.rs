@@ -114,6 +114,8 @@ pub enum Event {
 pub struct Job {
     pub messages: Vec<MessageIn>,
     pub opts: GenerateOptions,
+    /// `response_format`: the compiled schema the answer follows.
+    pub guide: Option<afm::lm::guided::Guide>,
     pub events: UnboundedSender<Event>,
 }
 
@@ -163,12 +165,13 @@ fn admit(model: &Model, job: Job) -> Option<Running> {
     }
     let started = guarded(|| {
         let (ids, embeds) = model.prepare(&job.messages)?;
-        Ok(Sequence::start(
+        Ok(Sequence::start_guided(
             model.lm(),
             model.tokenizer(),
             &embeds,
             &ids,
             &job.opts,
+            job.guide,
         )?)
     });
     match started {

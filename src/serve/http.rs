@@ -31,6 +31,8 @@ pub struct AppState {
     pub limits: Limits,
     pub max_concurrent: usize,
     pub jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    /// Compiles `response_format` schemas (a bad one is a 400 before the job is queued).
+    pub guides: Option<afm::lm::guided::GuideFactory>,
     in_flight: AtomicUsize,
     next_id: AtomicU64,
 }
@@ -49,6 +51,7 @@ impl AppState {
             limits,
             max_concurrent,
             jobs: Mutex::new(Some(jobs)),
+            guides: None,
             in_flight: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
         }
@@ -155,6 +158,21 @@ async fn chat(
             ),
         ));
     }
+    let guide = match &req.schema {
+        None => None,
+        Some(schema) => {
+            let g = s.guides.as_ref().ok_or_else(|| {
+                ApiError::bad(
+                    "response_format",
+                    "this model's tokenizer does not support guided generation",
+                )
+            })?;
+            Some(
+                g.json_schema(schema)
+                    .map_err(|e| ApiError::bad("response_format", e.to_string()))?,
+            )
+        }
+    };
     let slot = Slot::take(&s)?;
     let limits = s.limits.clone();
     let raw = req.messages;
@@ -165,6 +183,7 @@ async fn chat(
     let job = Job {
         messages,
         opts: req.opts,
+        guide,
         events: tx,
     };
     {

@@ -131,13 +131,20 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
         allow_files,
     };
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
-    let state = Arc::new(http::AppState::new(
-        name,
-        model.has_vision(),
-        limits,
-        a.max_concurrent,
-        jobs_tx,
-    ));
+    let mut st = http::AppState::new(name, model.has_vision(), limits, a.max_concurrent, jobs_tx);
+    // guided generation for `response_format` (a tokenizer it cannot read only disables that)
+    st.guides = match afm::lm::guided::GuideFactory::new(
+        model.tokenizer(),
+        afm::lm::LanguageModel::info(model.lm()).vocab_size,
+        model.tokenizer().eos_ids(),
+    ) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("afm serve: response_format json_schema is off: {e}");
+            None
+        }
+    };
+    let state = Arc::new(st);
     let max_batch = a.max_batch;
     let engine = std::thread::Builder::new()
         .name("afm-model".into())
