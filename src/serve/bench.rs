@@ -161,10 +161,12 @@ fn start_llama_server(
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", exe.display()))?;
-    wait_ready(Proc(c), port, &exe.display().to_string())
+    wait_ready(Proc(c), port, &exe.display().to_string(), "")
 }
 
-fn wait_ready(mut p: Proc, port: u16, what: &str) -> Result<(Proc, String)> {
+/// Polls `/v1/models` until the server answers; `exit_hint` ends the error when the process
+/// exits first.
+fn wait_ready(mut p: Proc, port: u16, what: &str, exit_hint: &str) -> Result<(Proc, String)> {
     let url = format!("http://127.0.0.1:{port}");
     let t0 = Instant::now();
     loop {
@@ -172,7 +174,7 @@ fn wait_ready(mut p: Proc, port: u16, what: &str) -> Result<(Proc, String)> {
             return Ok((p, url));
         }
         if let Some(st) = p.0.try_wait()? {
-            bail!("{what} exited ({st}) before it answered");
+            bail!("{what} exited ({st}) before it answered{exit_hint}");
         }
         if t0.elapsed() > Duration::from_secs(300) {
             bail!("{what} did not answer within 300 s");
@@ -200,24 +202,12 @@ fn start_llama(a: &ServeBench, model: &PathBuf, threads: usize) -> Result<(Proc,
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting `{} -m llama_cpp.server`", a.python))?;
-    let mut p = Proc(c);
-    let url = format!("http://127.0.0.1:{port}");
-    let t0 = Instant::now();
-    loop {
-        if ureq::get(&format!("{url}/v1/models")).call().is_ok() {
-            return Ok((p, url));
-        }
-        if let Some(st) = p.0.try_wait()? {
-            bail!(
-                "llama_cpp.server exited ({st}); install it with \
-                 `pip install 'llama-cpp-python[server]==0.3.36'` or pass --python / --no-reference"
-            );
-        }
-        if t0.elapsed() > Duration::from_secs(300) {
-            bail!("llama_cpp.server did not answer within 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_ready(
+        Proc(c),
+        port,
+        "llama_cpp.server",
+        "; install it with `pip install 'llama-cpp-python[server]==0.3.36'` or pass --python / --no-reference",
+    )
 }
 
 /// The CPU model and the kernels' ISA level ([`afm::lm::isa::describe_cpu`]).
