@@ -9,7 +9,8 @@ use crate::vlm_cmd::ModelArgs;
 use afm::fusion::AskOptions;
 use afm::lm::generate::GenerateOptions;
 use afm_train::easy_vqa::{data_dir, EasyVqa};
-use afm_train::eval::{evaluate, Bar, EvalSpec, Report};
+use afm_train::eval::{evaluate, Bar, EvalSpec, Report, Spread};
+use afm_train::spread::spread;
 use afm_train::Split;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -97,10 +98,15 @@ pub(crate) fn cmd_eval(a: &EvalArgs) -> Result<()> {
             .expect("static template"),
     );
     let t0 = Instant::now();
-    let report = evaluate(
+    // every evaluated image's image tokens, averaged: their spread shows a collapse
+    let mut means: Vec<Vec<f32>> = Vec::new();
+    let mut report = evaluate(
         &spec,
         easy.as_ref(),
         &mut |sample, questions| {
+            // encoded once here; `ask` finds it in the image cache
+            let enc = vlm.encode_image(&sample.image, opts.max_image_tokens)?;
+            means.push(enc.embeds.mean(0)?.to_vec1::<f32>()?);
             questions
                 .iter()
                 .map(|q| {
@@ -116,6 +122,10 @@ pub(crate) fn cmd_eval(a: &EvalArgs) -> Result<()> {
     )
     .map_err(|e| anyhow!("evaluation: {e}"))?;
     bar.finish_and_clear();
+    report.image_token_spread = spread(&means).map(|value| Spread {
+        value,
+        images: means.len(),
+    });
     let secs = t0.elapsed().as_secs_f64();
     print!("{}", table(&report));
     eprintln!(
@@ -177,8 +187,17 @@ pub(crate) fn table(r: &Report) -> String {
             ));
         }
     }
+    if let Some(sp) = &r.image_token_spread {
+        s.push_str(&format!(
+            "{SPREAD_LINE} over {} images: {:.3} (0 = every image gets the same tokens)\n",
+            sp.images, sp.value
+        ));
+    }
     s
 }
+
+/// The start of the table's image-token spread line.
+pub(crate) const SPREAD_LINE: &str = "image-token spread";
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,6 @@
 //! The default models, wherever the binary or the program using the library runs.
 //!
-//! * `afm-tiny` (vision encoder + adapter, 18 MB): its files are embedded in the library with
+//! * `afm-tiny` (vision encoder, adapter and LoRA adapter of its language model, 37 MB): its files are embedded in the library with
 //!   `include_bytes!`, so `cargo install`, a copied binary and the examples caption without the
 //!   source tree. On first use they are written once to the data directory
 //!   ([`data_dir`]`/afm-tiny-<sha256 prefix>/`) because the loaders read directories; a new
@@ -31,6 +31,10 @@ const AFM_TINY_FILES: &[(&str, &[u8])] = &[
     (
         "adapter.safetensors",
         include_bytes!("../assets/afm-tiny/adapter.safetensors"),
+    ),
+    (
+        "lora.safetensors",
+        include_bytes!("../assets/afm-tiny/lora.safetensors"),
     ),
     (
         "vision/config.json",

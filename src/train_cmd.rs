@@ -481,8 +481,12 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
                     .slot_accuracy
                     .map(|a| format!(", held-out caption-slot accuracy {:.1}%", 100.0 * a))
                     .unwrap_or_default();
+                let spread = r
+                    .image_token_spread
+                    .map(|s| format!(", image-token spread {s:.3}"))
+                    .unwrap_or_default();
                 progress.say(format!(
-                    "epoch {}: train loss {:.3}, held-out loss {:.3}, held-out exact match {:.1}% ({}){slots} ({:.0} s so far)",
+                    "epoch {}: train loss {:.3}, held-out loss {:.3}, held-out exact match {:.1}% ({}){slots}{spread} ({:.0} s so far)",
                     r.epoch,
                     r.train_loss,
                     r.eval_loss,

@@ -635,6 +635,18 @@ fn eval_reports_every_bar_of_an_export() {
     );
     assert!(v["bars"][1].get("unseen_words").is_none(), "{v}");
     assert!(v["answers"][0]["unseen"].is_boolean(), "{v}");
+    // the image tokens' spread over every evaluated image (collapse check), in both forms
+    let sp = &v["image_token_spread"];
+    let images = sp["images"].as_u64().unwrap();
+    assert!((2..=9).contains(&images), "{v}");
+    let value = sp["value"].as_f64().unwrap();
+    assert!(value.is_finite() && value > 0.0, "{v}");
+    assert!(
+        stdout.contains(&format!(
+            "image-token spread over {images} images: {value:.3}"
+        )),
+        "{stdout}"
+    );
 
     // easy-VQA wanted but absent: said before the model loads
     let out = afm()

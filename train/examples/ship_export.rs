@@ -11,9 +11,11 @@
 //! as they are; the weight files present (`adapter.safetensors`, `vision/model.safetensors`,
 //! `heads.safetensors`, `lora.safetensors`) are rewritten in f16; at least the encoder must
 //! be there. It refuses a tensor that f16 cannot hold
-//! (a magnitude above 65504) and prints the largest relative rounding error per file.
+//! (a magnitude above 65504) and prints the largest relative rounding error per file. A file's
+//! string metadata is kept as it is (a LoRA adapter's records the base model it belongs to:
+//! without it the loader refuses the adapter).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -21,8 +23,12 @@ use candle_core::{DType, Device, Tensor};
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn half(src: &Path, dst: &Path) -> Res<()> {
-    let tensors = candle_core::safetensors::load(src, &Device::Cpu)?;
-    let mut out: HashMap<String, Tensor> = HashMap::new();
+    let bytes = std::fs::read(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| format!("{}: {e}", src.display()))?;
+    let meta = header.metadata().clone();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut worst = 0f32;
     let mut bytes = 0usize;
     for (name, t) in &tensors {
@@ -42,7 +48,8 @@ fn half(src: &Path, dst: &Path) -> Res<()> {
         bytes += h.elem_count() * 2;
         out.insert(name.clone(), h);
     }
-    candle_core::safetensors::save(&out, dst)?;
+    safetensors::serialize_to_file(&out, meta, dst)
+        .map_err(|e| format!("{}: {e}", dst.display()))?;
     println!(
         "{} -> {}: {} tensors, {:.1} MB, largest rounding error {:.1e} of a tensor's max |x|",
         src.display(),

@@ -1056,6 +1056,10 @@ pub struct EpochReport {
     /// Held-out caption-slot accuracy ([`crate::caption_slots`]) when the run has that loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_accuracy: Option<f32>,
+    /// [`crate::spread`] of the held-out images' image tokens (the adapter's output): near
+    /// 0 means they collapsed onto one vector. `None` in runs from before it was reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_token_spread: Option<f32>,
 }
 
 /// Held-out figures of the current parameters.
@@ -1067,6 +1071,8 @@ pub struct EvalResult {
     pub samples: Vec<EvalSample>,
     /// Held-out caption-slot accuracy ([`crate::caption_slots`]) when the run has that loss.
     pub slot_accuracy: Option<f32>,
+    /// [`crate::spread`] of the held-out images' image tokens.
+    pub image_token_spread: Option<f32>,
 }
 
 fn category_name(c: Option<QaCategory>) -> String {
@@ -1098,8 +1104,10 @@ pub fn evaluate(
         per_category: BTreeMap::new(),
         samples: vec![],
         slot_accuracy: None,
+        image_token_spread: None,
     };
     let (mut slot_hits, mut slot_words) = (0usize, 0usize);
+    let mut image_tokens: Vec<Tensor> = Vec::with_capacity(cfg.eval_questions);
     let total = cfg.eval_questions;
     let (mut done, mut correct, mut loss_sum, mut batches) = (0usize, 0usize, 0f32, 0usize);
     while done < total {
@@ -1107,6 +1115,7 @@ pub fn evaluate(
         let b = batch(cfg, fmt, Split::HeldOut, done as u64, n, easy_eval)?;
         let img = side.embed(&b.pixels)?.detach();
         let imgs = per_example(&img, &b.view_counts)?;
+        image_tokens.extend(imgs.iter().cloned());
         if let (Some(c), Some(head)) = (&cfg.caption_slots, slots) {
             let t = slot_targets(cfg, fmt, &b.captions)?;
             let r = head.loss(&img, &t, fmt.placeholder_id(), c)?;
@@ -1151,6 +1160,7 @@ pub fn evaluate(
     }
     res.loss = loss_sum / batches.max(1) as f32;
     res.accuracy = correct as f32 / total.max(1) as f32;
+    res.image_token_spread = crate::spread::spread_of_tokens(&image_tokens)?;
     if cfg.caption_slots.is_some() && slots.is_some() {
         res.slot_accuracy = Some(slot_hits as f32 / slot_words.max(1) as f32);
     }
@@ -1272,6 +1282,7 @@ pub fn run(
                 samples: r.samples,
                 seconds: end.seconds,
                 slot_accuracy: r.slot_accuracy,
+                image_token_spread: r.image_token_spread,
             })
         },
         on_event,

@@ -152,6 +152,17 @@ pub struct BarReport {
 pub struct Report {
     pub bars: Vec<BarReport>,
     pub answers: Vec<Graded>,
+    /// [`crate::spread`] of the evaluated images' image tokens, when the caller measured it
+    /// (`afm eval` does): near 0 means the model gives every image the same tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_token_spread: Option<Spread>,
+}
+
+/// An image-token spread and how many images it is over.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Spread {
+    pub value: f32,
+    pub images: usize,
 }
 
 impl Report {
@@ -192,7 +203,11 @@ impl Report {
                 }
             })
             .collect();
-        Report { bars, answers }
+        Report {
+            bars,
+            answers,
+            image_token_spread: None,
+        }
     }
 }
 

@@ -78,6 +78,7 @@ pub mod raster;
 pub mod runloop;
 pub mod scenes;
 pub mod screens;
+pub mod spread;
 pub mod vocab;
 
 use image::RgbImage;

@@ -1084,8 +1084,8 @@ pub struct Metrics {
     /// Strings read exactly (walked from predicted slots), of those wholly in view.
     pub string_exact: f32,
     pub strings: usize,
-    /// Mean distance of images' mean patch features from the batch mean, over their norm
-    /// (collapse check: near 0 means every image gives the same features).
+    /// [`crate::spread`] of the images' mean patch features within a batch (collapse check:
+    /// near 0 means every image gives the same features).
     pub feature_spread: f32,
 }
 
@@ -1177,15 +1177,7 @@ pub fn metrics(lg: &HeadLogits, batch: &Batch, feats: &Tensor, ctc: bool) -> Res
     let b = batch.labels.len();
     let d = feats.dim(1)?;
     let m = feats.reshape((b, p, d))?.mean(1)?;
-    let mu = m.mean_keepdim(0)?;
-    let dist = m
-        .broadcast_sub(&mu)?
-        .sqr()?
-        .sum(1)?
-        .sqrt()?
-        .mean_all()?
-        .to_scalar::<f32>()?;
-    let norm = m.sqr()?.sum(1)?.sqrt()?.mean_all()?.to_scalar::<f32>()?;
+    let feature_spread = crate::spread::spread_of_rows(&m)?.unwrap_or(0.0);
     Ok(Metrics {
         loss: 0.0,
         colour_acc: c.frac(),
@@ -1195,7 +1187,7 @@ pub fn metrics(lg: &HeadLogits, batch: &Batch, feats: &Tensor, ctc: bool) -> Res
         char_acc: ch.frac(),
         string_exact: st.frac(),
         strings: st.n,
-        feature_spread: dist / norm.max(1e-9),
+        feature_spread,
     })
 }
 
