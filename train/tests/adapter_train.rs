@@ -279,6 +279,11 @@ fn resumed_run_equals_uninterrupted_and_export_loads() {
         cfg.eval_questions
     );
     assert!(h.eval_loss.is_finite() && (0.0..=1.0).contains(&h.eval_accuracy));
+    // every evaluation reports the held-out image tokens' spread (collapse check)
+    for e in &sa.history {
+        let s = e.image_token_spread.expect("image-token spread reported");
+        assert!(s.is_finite() && s > 0.0, "epoch {}: spread {s}", e.epoch);
+    }
     assert!(events.iter().any(|e| e.starts_with("Done")));
     let sb = run(&cfg, &lm, None, None, &b, None, None, Some(3), &mut |_| {}).unwrap();
     assert_eq!(sb.step, 3);
