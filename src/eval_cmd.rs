@@ -10,7 +10,7 @@ use afm::fusion::AskOptions;
 use afm::lm::generate::GenerateOptions;
 use afm_train::easy_vqa::{data_dir, EasyVqa};
 use afm_train::eval::{evaluate, Bar, EvalSpec, Report, Spread};
-use afm_train::spread::spread;
+use afm_train::spread::{spread, token_mean};
 use afm_train::Split;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -106,7 +106,7 @@ pub(crate) fn cmd_eval(a: &EvalArgs) -> Result<()> {
         &mut |sample, questions| {
             // encoded once here; `ask` finds it in the image cache
             let enc = vlm.encode_image(&sample.image, opts.max_image_tokens)?;
-            means.push(enc.embeds.mean(0)?.to_vec1::<f32>()?);
+            means.push(token_mean(&enc.embeds)?);
             questions
                 .iter()
                 .map(|q| {

@@ -1107,7 +1107,8 @@ pub fn evaluate(
         image_token_spread: None,
     };
     let (mut slot_hits, mut slot_words) = (0usize, 0usize);
-    let mut image_tokens: Vec<Tensor> = Vec::with_capacity(cfg.eval_questions);
+    // per held-out image, the mean of its image tokens (for the spread)
+    let mut token_means: Vec<Vec<f32>> = Vec::with_capacity(cfg.eval_questions);
     let total = cfg.eval_questions;
     let (mut done, mut correct, mut loss_sum, mut batches) = (0usize, 0usize, 0f32, 0usize);
     while done < total {
@@ -1115,7 +1116,9 @@ pub fn evaluate(
         let b = batch(cfg, fmt, Split::HeldOut, done as u64, n, easy_eval)?;
         let img = side.embed(&b.pixels)?.detach();
         let imgs = per_example(&img, &b.view_counts)?;
-        image_tokens.extend(imgs.iter().cloned());
+        for t in &imgs {
+            token_means.push(crate::spread::token_mean(t)?);
+        }
         if let (Some(c), Some(head)) = (&cfg.caption_slots, slots) {
             let t = slot_targets(cfg, fmt, &b.captions)?;
             let r = head.loss(&img, &t, fmt.placeholder_id(), c)?;
@@ -1160,7 +1163,7 @@ pub fn evaluate(
     }
     res.loss = loss_sum / batches.max(1) as f32;
     res.accuracy = correct as f32 / total.max(1) as f32;
-    res.image_token_spread = crate::spread::spread_of_tokens(&image_tokens)?;
+    res.image_token_spread = crate::spread::spread(&token_means);
     if cfg.caption_slots.is_some() && slots.is_some() {
         res.slot_accuracy = Some(slot_hits as f32 / slot_words.max(1) as f32);
     }

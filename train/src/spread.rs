@@ -20,17 +20,15 @@
 
 use candle_core::Tensor;
 
-/// [`spread`] of the per-image means of `(tokens, hidden)` feature tensors, one per image.
-pub fn spread_of_tokens(images: &[Tensor]) -> candle_core::Result<Option<f32>> {
-    let means = images
-        .iter()
-        .map(|t| {
-            t.to_dtype(candle_core::DType::F32)?
-                .mean(0)?
-                .to_vec1::<f32>()
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(spread(&means))
+/// The mean over an image's tokens: the vector [`spread`] takes for that image.
+///
+/// # Shapes
+/// `tokens: (tokens, hidden)` -> `hidden` values.
+pub fn token_mean(tokens: &Tensor) -> candle_core::Result<Vec<f32>> {
+    tokens
+        .to_dtype(candle_core::DType::F32)?
+        .mean(0)?
+        .to_vec1::<f32>()
 }
 
 /// [`spread`] of the rows of a `(images, hidden)` tensor of per-image mean vectors.
@@ -108,7 +106,9 @@ mod tests {
         let a = Tensor::new(&[[1f32, 0.0], [3.0, 0.0]], &dev).unwrap();
         let b = Tensor::new(&[[0f32, 2.0], [0.0, 2.0]], &dev).unwrap();
         let want = spread(&[vec![2.0, 0.0], vec![0.0, 2.0]]).unwrap();
-        assert_eq!(spread_of_tokens(&[a, b]).unwrap(), Some(want));
+        let means = [token_mean(&a).unwrap(), token_mean(&b).unwrap()];
+        assert_eq!(means, [vec![2.0, 0.0], vec![0.0, 2.0]]);
+        assert_eq!(spread(&means), Some(want));
         let rows = Tensor::new(&[[2f32, 0.0], [0.0, 2.0]], &dev).unwrap();
         assert_eq!(spread_of_rows(&rows).unwrap(), Some(want));
         // |(1, -1)| = sqrt 2 from the mean, norm 2
