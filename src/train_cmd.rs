@@ -168,6 +168,10 @@ pub struct AdapterArgs {
     /// with `--vision <export>/vision` a run continues from a whole earlier export.
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
+    /// An afm LoRA file (e.g. an export's `lora.safetensors`) to start the LM's LoRA adapter
+    /// from (default: fresh, B = 0); it must match the config's `lora` rank, alpha and targets.
+    #[arg(long)]
+    pub init_lora: Option<PathBuf>,
     /// Train the adapter only, the ViT frozen.
     #[arg(long)]
     pub freeze_vit: bool,
@@ -429,7 +433,7 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
     let lm_path = a.run.lm_path()?;
     let mut lm =
         FrozenLm::from_gguf(&lm_path).with_context(|| format!("loading {}", lm_path.display()))?;
-    afm_train::adapter_train::prepare_lora(&cfg, &mut lm)?;
+    afm_train::adapter_train::prepare_lora_from(&cfg, &mut lm, a.init_lora.as_deref())?;
     let lora_params: usize = lm.model.lora_vars().iter().map(|v| v.elem_count()).sum();
     let (easy, easy_eval) = open_easy_vqa(a.run.no_easy_vqa)?;
     let tr = Trainable::init_from(
@@ -461,11 +465,14 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
     );
     drop(tr);
     let mut progress = Progress::new(cfg.total_steps(), a.run.max_steps, "afm-tiny");
-    let st = afm_train::adapter_train::run(
+    let st = afm_train::adapter_train::run_with(
         &cfg,
         &lm,
-        a.vision.as_deref(),
-        a.init_adapter.as_deref(),
+        afm_train::adapter_train::Inits {
+            vision: a.vision.as_deref(),
+            adapter: a.init_adapter.as_deref(),
+            lora: a.init_lora.as_deref(),
+        },
         &a.run.out,
         easy.as_ref(),
         easy_eval.as_ref(),

@@ -44,6 +44,16 @@
 //! the frozen LM then trains several answers, and multi-turn chat about an image is what it
 //! learns.
 //!
+//! # Isolated turns
+//! Packed turns see each other: a later question could be answered from an earlier answer
+//! (or the caption from the answers before it) instead of from the image, and inference
+//! asks one question, or the caption, alone. [`PromptFormat::isolated_turns`] packs the same
+//! turns so that none sees another: the prefix every single-question sequence shares comes
+//! once, then each turn's own tokens as a segment at the positions it has alone, with an
+//! attention mask that lets a segment read only the prefix and itself
+//! ([`afm_lm::diff_model::Packing`]). Each turn's loss is then exactly the loss of its
+//! single-question sequence, at the cost of one pass.
+//!
 //! # Images of several views (tiling)
 //! With a `tiling` section in its `config.json`, afm-tiny cuts an image into views
 //! ([`crate::tile_processor::TileProcessor`]): the overview first (when the plan has one),
@@ -63,6 +73,7 @@
 use crate::error::{FusionError, Result};
 use crate::image_processor::ImagePlan;
 use afm_lm::chat::{render_chat, Message};
+use afm_lm::diff_model::Packing;
 use afm_lm::Tokenizer;
 
 /// The image placeholder of `afm-tiny` (a special token of SmolLM2's vocabulary).
@@ -121,6 +132,10 @@ pub struct Example {
     /// `true` for the tokens that carry loss: every answer token and the end-of-turn token
     /// after it.
     pub loss: Vec<bool>,
+    /// `None`: one causal sequence at positions `0..ids.len()`. `Some`: turns packed after a
+    /// shared prefix, each seeing only the prefix and itself
+    /// ([`PromptFormat::isolated_turns`]).
+    pub packing: Option<Packing>,
 }
 
 impl Example {
@@ -294,6 +309,69 @@ impl<'a> PromptFormat<'a> {
             ids,
             prompt_len,
             loss,
+            packing: None,
         })
+    }
+
+    /// Several questions about one image, each trained exactly as if asked alone
+    /// ([`Self::example`]), in one sequence (module docs, "Isolated turns"): the tokens all
+    /// the single-question sequences share (system turn, image, up to the question) come
+    /// once, then each turn's remaining tokens (question, answer, end of turn) as a segment of
+    /// its own, at the positions it has alone, attending only to the shared prefix and
+    /// itself ([`Packing`]). No answer can be copied from another turn's answer, which is the
+    /// condition inference asks under.
+    pub fn isolated_turns(&self, turns: &[(&str, &str)], image_tokens: usize) -> Result<Example> {
+        let singles = turns
+            .iter()
+            .map(|&(q, a)| self.example(q, a, image_tokens))
+            .collect::<Result<Vec<_>>>()?;
+        let Some(first) = singles.first() else {
+            return Err(FusionError::Invalid("a conversation needs a turn".into()));
+        };
+        // shared: common to every sequence, and short of every prompt's last token, so that
+        // each segment's first answer token is predicted from its own segment
+        let mut c = singles
+            .iter()
+            .map(|e| e.prompt_len)
+            .min()
+            .unwrap_or(0)
+            .saturating_sub(1);
+        for e in &singles[1..] {
+            let common = first
+                .ids
+                .iter()
+                .zip(&e.ids)
+                .take_while(|(a, b)| a == b)
+                .count();
+            c = c.min(common);
+        }
+        let last_image = first
+            .ids
+            .iter()
+            .rposition(|&i| i == self.placeholder_id)
+            .unwrap_or(0);
+        if c <= last_image {
+            return Err(FusionError::Invalid(
+                "the questions' prompts differ before the end of the image: no shared prefix to pack them after".into(),
+            ));
+        }
+        let mut ex = Example {
+            ids: first.ids[..c].to_vec(),
+            prompt_len: first.prompt_len,
+            loss: vec![false; c],
+            packing: Some(Packing {
+                positions: (0..c as u32).collect(),
+                segments: vec![0; c],
+            }),
+        };
+        let p = ex.packing.as_mut().expect("set above");
+        for (k, e) in singles.iter().enumerate() {
+            ex.ids.extend_from_slice(&e.ids[c..]);
+            ex.loss.extend_from_slice(&e.loss[c..]);
+            p.positions.extend(c as u32..e.ids.len() as u32);
+            p.segments
+                .extend(std::iter::repeat_n(k as u32 + 1, e.ids.len() - c));
+        }
+        Ok(ex)
     }
 }

@@ -55,6 +55,66 @@ pub struct DiffLm {
     lora: Option<DiffLora>,
 }
 
+/// Several sequences that share a prefix, packed into one row of a batch: each token has a
+/// position (its RoPE position) and a segment. Segment 0 is the shared prefix; a token of
+/// segment `s > 0` attends to the earlier tokens of the prefix and of its own segment only.
+/// With each segment's positions continuing from the prefix's end, the hidden states of a
+/// segment are those of prefix ++ segment run alone: one forward pass computes the prefix
+/// once for all of them (how stage 2 trains several questions about one image without
+/// later questions seeing earlier answers).
+///
+/// # Shapes
+/// `positions`, `segments`: `b * t` entries, row-major over the batch's `(b, t)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packing {
+    pub positions: Vec<u32>,
+    pub segments: Vec<u32>,
+}
+
+impl Packing {
+    fn check(&self, b: usize, t: usize, max_positions: usize) -> Result<()> {
+        if self.positions.len() != b * t || self.segments.len() != b * t {
+            return Err(LmError::Invalid(format!(
+                "packing: {} positions and {} segments for a batch of {b} x {t} tokens",
+                self.positions.len(),
+                self.segments.len()
+            )));
+        }
+        if let Some(p) = self
+            .positions
+            .iter()
+            .find(|&&p| p as usize >= max_positions)
+        {
+            return Err(LmError::Invalid(format!(
+                "packing: position {p} is beyond the model's {max_positions} positions"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Additive attention mask: 0 where query `i` may read key `j` (`j <= i` and `j` in the
+    /// prefix or in `i`'s segment), -inf elsewhere.
+    ///
+    /// # Shapes
+    /// -> `b * t * t` entries, `(b, t, t)` row-major.
+    pub fn mask(&self, b: usize, t: usize) -> Vec<f32> {
+        let mut m = Vec::with_capacity(b * t * t);
+        for r in 0..b {
+            let seg = &self.segments[r * t..(r + 1) * t];
+            for i in 0..t {
+                m.extend((0..t).map(|j| {
+                    if j <= i && (seg[j] == 0 || seg[j] == seg[i]) {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+        }
+        m
+    }
+}
+
 /// `x @ W^T` for a frozen `W`: candle's matmul backward computes the gradient of both
 /// operands, which for frozen weights is pure waste (a third of the LM's backward, and a
 /// 49152 x 576 gradient for the output layer every step). This op passes back `dL/dx` only.
@@ -370,15 +430,36 @@ impl DiffLm {
         ))?)
     }
 
-    /// RoPE at positions `0..t`.
+    /// The RoPE angles' cosines and sines at positions `0..t`, or at `packing`'s positions.
+    ///
+    /// # Shapes
+    /// -> `(t, head_dim / 2)` each, or `(b, 1, t, head_dim / 2)` with a packing.
+    fn rope_tables(
+        &self,
+        b: usize,
+        t: usize,
+        packing: Option<&Packing>,
+    ) -> Result<(Tensor, Tensor)> {
+        Ok(match packing {
+            None => (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?),
+            Some(p) => {
+                let idx = Tensor::from_vec(p.positions.clone(), b * t, &Device::Cpu)?;
+                let half = self.cos.dim(1)?;
+                let pick = |z: &Tensor| -> Result<Tensor> {
+                    Ok(z.index_select(&idx, 0)?.reshape((b, 1, t, half))?)
+                };
+                (pick(&self.cos)?, pick(&self.sin)?)
+            }
+        })
+    }
+
+    /// RoPE with the angles of [`Self::rope_tables`].
     ///
     /// # Shapes
     /// `x: (b, heads, t, head_dim)` -> same.
-    fn rope(&self, x: &Tensor) -> Result<Tensor> {
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, nh, t, hd) = x.dims4()?;
         let half = hd / 2;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
         let (x0, x1) = if self.cfg.rope_interleaved {
             let x = x.reshape((b, nh, t, half, 2))?;
             (
@@ -388,8 +469,8 @@ impl DiffLm {
         } else {
             (x.narrow(3, 0, half)?, x.narrow(3, half, half)?)
         };
-        let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-        let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+        let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
         Ok(if self.cfg.rope_interleaved {
             Tensor::stack(&[r0, r1], 4)?.reshape((b, nh, t, hd))?
         } else {
@@ -403,6 +484,16 @@ impl DiffLm {
     /// # Shapes
     /// `x: (b, t, hidden) -> (b, t, hidden)`.
     pub fn hidden_states(&self, x: &Tensor) -> Result<Tensor> {
+        self.hidden_states_packed(x, None)
+    }
+
+    /// [`Self::hidden_states`] with each row's positions and attention given by `packing`
+    /// (several sequences sharing a prefix in one row, [`Packing`]); `None`: causal, positions
+    /// `0..t`.
+    ///
+    /// # Shapes
+    /// `x: (b, t, hidden) -> (b, t, hidden)`; `packing` holds `b * t` entries.
+    pub fn hidden_states_packed(&self, x: &Tensor, packing: Option<&Packing>) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         if h != self.cfg.hidden_size {
             return Err(LmError::Invalid(format!(
@@ -423,10 +514,19 @@ impl DiffLm {
             self.cfg.head_dim(),
         );
         let eps = self.cfg.rms_norm_eps;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), x.device())?;
+        let mask = match packing {
+            None => {
+                let m: Vec<f32> = (0..t)
+                    .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                    .collect();
+                Tensor::from_vec(m, (t, t), x.device())?
+            }
+            Some(p) => {
+                p.check(b, t, self.cfg.max_position_embeddings)?;
+                Tensor::from_vec(p.mask(b, t), (b, 1, t, t), x.device())?
+            }
+        };
+        let (cos, sin) = self.rope_tables(b, t, packing)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = x.to_dtype(DType::F32)?;
         for l in &self.layers {
@@ -438,8 +538,8 @@ impl DiffLm {
                     .transpose(1, 2)?
                     .contiguous()?)
             };
-            let mut q = self.rope(&heads(LoraTarget::Q, &l.q, nh)?)?;
-            let mut k = self.rope(&heads(LoraTarget::K, &l.k, kvh)?)?;
+            let mut q = self.rope(&heads(LoraTarget::Q, &l.q, nh)?, &cos, &sin)?;
+            let mut k = self.rope(&heads(LoraTarget::K, &l.k, kvh)?, &cos, &sin)?;
             let v = heads(LoraTarget::V, &l.v, kvh)?;
             if let Some(w) = &l.q_norm {
                 q = rms_norm(&q, w, eps)?;

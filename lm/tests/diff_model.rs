@@ -187,3 +187,89 @@ fn real_smollm2_diff_model_equals_dequantized_inference() {
     );
     assert!(d < 2e-3, "{d}");
 }
+
+#[test]
+fn packed_segments_equal_their_sequences_run_alone() {
+    use afm_lm::diff_model::Packing;
+    for (qk, inter) in [(false, false), (true, true)] {
+        let c = cfg(qk, inter);
+        let src = WeightSource::from_tensors(random_tensors(&c, 11).unwrap());
+        let df = DiffLm::from_source(&src, c.clone()).unwrap();
+        let embed = |t: &[u32]| {
+            df.embed(&Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+                .unwrap()
+        };
+        // a shared prefix of 9 tokens, then three continuations of different lengths
+        let prefix = ids(9);
+        let tails: Vec<Vec<u32>> = [5usize, 3, 7]
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                (0..n as u32)
+                    .map(|i| (i * 53 + 29 * k as u32 + 3) % 256)
+                    .collect()
+            })
+            .collect();
+        let mut row = prefix.clone();
+        let mut p = Packing {
+            positions: (0..9).collect(),
+            segments: vec![0; 9],
+        };
+        for (k, t) in tails.iter().enumerate() {
+            row.extend(t);
+            p.positions.extend(9..9 + t.len() as u32);
+            p.segments
+                .extend(std::iter::repeat_n(k as u32 + 1, t.len()));
+        }
+        let got = df
+            .hidden_states_packed(&embed(&row), Some(&p))
+            .unwrap()
+            .get(0)
+            .unwrap();
+        let mut at = 9;
+        for (k, t) in tails.iter().enumerate() {
+            let alone = [prefix.as_slice(), t].concat();
+            let want = df.hidden_states(&embed(&alone)).unwrap().get(0).unwrap();
+            let d = afm_lm::testing::max_abs_diff(
+                &got.narrow(0, at, t.len()).unwrap(),
+                &want.narrow(0, 9, t.len()).unwrap(),
+            )
+            .unwrap();
+            let dp = afm_lm::testing::max_abs_diff(
+                &got.narrow(0, 0, 9).unwrap(),
+                &want.narrow(0, 0, 9).unwrap(),
+            )
+            .unwrap();
+            println!(
+                "qk_norm {qk}, interleaved {inter}: segment {k} vs alone {d:.2e}, prefix {dp:.2e}"
+            );
+            assert!(d < 1e-4 && dp < 1e-4, "{d} {dp}");
+            at += t.len();
+        }
+        // the plain causal pass over the same row differs: later segments see earlier ones
+        let causal = df.hidden_states(&embed(&row)).unwrap().get(0).unwrap();
+        let d = afm_lm::testing::max_abs_diff(
+            &causal.narrow(0, 9 + 5, 3).unwrap(),
+            &got.narrow(0, 9 + 5, 3).unwrap(),
+        )
+        .unwrap();
+        assert!(d > 1e-3, "{d}");
+        // wrong lengths and positions beyond the model are errors, not wrong numbers
+        let short = Packing {
+            positions: p.positions[1..].to_vec(),
+            segments: p.segments[1..].to_vec(),
+        };
+        let e = df
+            .hidden_states_packed(&embed(&row), Some(&short))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("positions"), "{e}");
+        let mut far = p.clone();
+        far.positions[3] = 500;
+        let e = df
+            .hidden_states_packed(&embed(&row), Some(&far))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("position 500"), "{e}");
+    }
+}

@@ -91,7 +91,7 @@ pub use afm_fusion::afm_tiny::{load_export, sha256_file, AfmTinyConfig, LmInfo};
 use afm_fusion::{
     AfmAdapter, AfmAdapterConfig, ImageProcessor, TileProcessor, TilingSettings, VisionAdapter,
 };
-use afm_lm::diff_model::DiffLm;
+use afm_lm::diff_model::{DiffLm, Packing};
 use afm_lm::Tokenizer;
 use afm_lm::{LoraAdapter, LoraConfig, LoraTarget};
 use afm_vision::weights::VisionWeights;
@@ -139,6 +139,12 @@ pub struct AdapterTrainConfig {
     /// are always asked alone.
     #[serde(default = "one")]
     pub qa_per_sequence: usize,
+    /// Pack a sequence's turns so that none sees another
+    /// ([`crate::prompt::PromptFormat::isolated_turns`]): each answer, the caption included,
+    /// is trained exactly as if asked alone, as inference asks it. `false`: a multi-turn chat,
+    /// where later turns can copy from earlier answers (runs before this field existed).
+    #[serde(default)]
+    pub isolate_turns: bool,
     /// The caption-slot loss ([`crate::caption_slots`]) added to the answer loss; `None`: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caption_slots: Option<CaptionSlots>,
@@ -218,11 +224,53 @@ fn lora_var_name(k: usize) -> String {
 /// factors A random, B zero (the LM is unchanged at step 0), bound to the LM file's sha256.
 /// Call once, before [`run`]; a run with `lora` refuses an LM without it.
 pub fn prepare_lora(cfg: &AdapterTrainConfig, lm: &mut FrozenLm) -> Result<()> {
+    prepare_lora_from(cfg, lm, None)
+}
+
+/// [`prepare_lora`], the factors read from `init` (an afm LoRA file, e.g. an export's
+/// `lora.safetensors`) when given: it must belong to this LM (its base sha256) and have the
+/// run's rank, alpha and targets, else this errors naming the difference.
+pub fn prepare_lora_from(
+    cfg: &AdapterTrainConfig,
+    lm: &mut FrozenLm,
+    init: Option<&Path>,
+) -> Result<()> {
     let Some(l) = &cfg.lora else {
-        return Ok(());
+        return match init {
+            Some(f) => Err(TrainError::Invalid(format!(
+                "a LoRA adapter to start from ({}) was given, but the run's config has no `lora` section",
+                f.display()
+            ))),
+            None => Ok(()),
+        };
     };
-    let sites = lm.model.lora_sites();
-    let adapter = LoraAdapter::random(&sites, l.config()?, &lm.info.sha256, cfg.seed + 17, 0.0)?;
+    let want = l.config()?;
+    let adapter = match init {
+        None => LoraAdapter::random(
+            &lm.model.lora_sites(),
+            want,
+            &lm.info.sha256,
+            cfg.seed + 17,
+            0.0,
+        )?,
+        Some(f) => {
+            let a = LoraAdapter::load(f)?;
+            a.check_base(&lm.info.sha256)?;
+            if *a.config() != want {
+                return Err(TrainError::Invalid(format!(
+                    "the LoRA adapter {} has rank {}, alpha {}, targets {:?}; the run's config asks for rank {}, alpha {}, targets {:?}",
+                    f.display(),
+                    a.config().rank,
+                    a.config().alpha,
+                    a.config().targets,
+                    want.rank,
+                    want.alpha,
+                    want.targets
+                )));
+            }
+            a
+        }
+    };
     lm.model.attach_lora(&adapter)?;
     Ok(())
 }
@@ -266,6 +314,7 @@ impl AdapterTrainConfig {
             // the output-norm + four-turn variant (not better on `afm eval`: README)
             output_norm_gain: None,
             qa_per_sequence: 1,
+            isolate_turns: false,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -296,6 +345,7 @@ impl AdapterTrainConfig {
             seed: 0,
             output_norm_gain: Some(1.0),
             qa_per_sequence: 2,
+            isolate_turns: false,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -795,10 +845,16 @@ pub fn batch(
             .iter()
             .map(|(q, a, _)| (q.as_str(), a.as_str()))
             .collect();
+        let seq = |n: usize| {
+            if cfg.isolate_turns {
+                fmt.isolated_turns(&qa, n)
+            } else {
+                fmt.conversation(&qa, n)
+            }
+        };
         match &cfg.tiling {
             None => {
-                b.examples
-                    .push(fmt.conversation(&qa, cfg.tokens_per_image())?);
+                b.examples.push(seq(cfg.tokens_per_image())?);
                 px.push(pixels(&s, cfg.vision.image_size)?);
                 b.view_counts.push(1);
             }
@@ -806,7 +862,7 @@ pub fn batch(
                 let proc = cfg.processor()?;
                 let (w, h) = s.image.dimensions();
                 let plan = proc.plan(w, h, None, true)?;
-                b.examples.push(fmt.conversation(&qa, plan.image_tokens)?);
+                b.examples.push(seq(plan.image_tokens)?);
                 let v = proc.pixel_values(&s.image, &plan)?;
                 b.view_counts.push(v.dim(0)?);
                 px.push(v);
@@ -953,7 +1009,10 @@ pub fn sequence_loss_ragged(
     let seqs: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
     let x = input_embeddings_ragged(lm, &seqs, placeholder, images)?;
     let (b, t, h) = x.dims3()?;
-    let hs = lm.hidden_states(&x)?.reshape((b * t, h))?;
+    let packing = batch_packing(examples, t);
+    let hs = lm
+        .hidden_states_packed(&x, packing.as_ref())?
+        .reshape((b * t, h))?;
     let (mut rows, mut targets) = (vec![], vec![]);
     for (i, e) in examples.iter().enumerate() {
         for k in (1..e.ids.len()).filter(|&k| e.loss[k]) {
@@ -969,6 +1028,35 @@ pub fn sequence_loss_ragged(
     let logits = lm.logits(&sel)?;
     let targets = Tensor::from_vec(targets, n, &Device::Cpu)?;
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
+/// The batch's [`Packing`] when any of `examples` packs isolated turns (`None`: all plain
+/// causal sequences). Plain examples take positions `0..len` in segment 0; the right
+/// padding of every row is a segment of its own, so no real token reads it.
+pub fn batch_packing(examples: &[Example], t: usize) -> Option<Packing> {
+    if examples.iter().all(|e| e.packing.is_none()) {
+        return None;
+    }
+    let mut p = Packing {
+        positions: Vec::with_capacity(examples.len() * t),
+        segments: Vec::with_capacity(examples.len() * t),
+    };
+    for e in examples {
+        let n = e.ids.len();
+        match &e.packing {
+            Some(q) => {
+                p.positions.extend_from_slice(&q.positions);
+                p.segments.extend_from_slice(&q.segments);
+            }
+            None => {
+                p.positions.extend(0..n as u32);
+                p.segments.extend(std::iter::repeat_n(0, n));
+            }
+        }
+        p.positions.extend(0..(t - n) as u32);
+        p.segments.extend(std::iter::repeat_n(u32::MAX, t - n));
+    }
+    Some(p)
 }
 
 /// Greedy answers: up to `max_new` tokens after each prompt, stopping at `stop`; returns the
@@ -1181,6 +1269,20 @@ pub struct AdapterRunConfig {
     /// sha256 of the `adapter.safetensors` the adapter started from (`None`: fresh).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_init_sha256: Option<String>,
+    /// sha256 of the LoRA file the LM's adapter started from (`None`: fresh, or no LoRA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_init_sha256: Option<String>,
+}
+
+/// What a stage-2 run starts from (each `None`: fresh weights).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Inits<'a> {
+    /// A stage-1 `vision/` export.
+    pub vision: Option<&'a Path>,
+    /// An export's `adapter.safetensors`.
+    pub adapter: Option<&'a Path>,
+    /// The LoRA file [`prepare_lora_from`] attached (recorded in `adapter.json`).
+    pub lora: Option<&'a Path>,
 }
 
 /// `adapter.json`.
@@ -1206,6 +1308,27 @@ pub fn run(
     until: Option<usize>,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<RunState> {
+    let inits = Inits {
+        vision: vision_init,
+        adapter: adapter_init,
+        lora: None,
+    };
+    run_with(cfg, lm, inits, dir, easy, easy_eval, until, on_event)
+}
+
+/// [`run`] from the starting points `inits`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_with(
+    cfg: &AdapterTrainConfig,
+    lm: &FrozenLm,
+    inits: Inits<'_>,
+    dir: &Path,
+    easy: Option<&EasyVqa>,
+    easy_eval: Option<&EasyVqa>,
+    until: Option<usize>,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<RunState> {
+    let (vision_init, adapter_init) = (inits.vision, inits.adapter);
     cfg.validate()?;
     let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder)?;
     let mut trainable = Trainable::init_from(cfg, lm.hidden_size(), vision_init, adapter_init)?;
@@ -1237,6 +1360,7 @@ pub fn run(
             .map(|d| sha256_file(&d.join("model.safetensors")))
             .transpose()?,
         adapter_init_sha256: adapter_init.map(sha256_file).transpose()?,
+        lora_init_sha256: inits.lora.map(sha256_file).transpose()?,
     };
     let slots = match cfg.caption_slots {
         Some(_) => Some(SlotHead::new(&lm.model)?),

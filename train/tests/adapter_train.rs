@@ -6,8 +6,8 @@ mod common;
 
 use afm_fusion::VisionAdapter;
 use afm_train::adapter_train::{
-    batch, load_export, pick, pick_turns, run, step_loss, AdapterTrainConfig, Event, FrozenLm,
-    Trainable,
+    batch, load_export, pick, pick_turns, run, sequence_loss, step_loss, AdapterTrainConfig, Event,
+    FrozenLm, Trainable,
 };
 use afm_train::optim::AdamW;
 use afm_train::prompt::{PromptFormat, CAPTION_PROMPT};
@@ -130,6 +130,87 @@ fn conversation_trains_every_answer_and_starts_as_the_single_question() {
     );
     assert_eq!(text.matches("<image>").count(), 4);
     assert!(fmt.conversation(&[], 4).is_err());
+}
+
+#[test]
+fn isolated_turns_train_each_answer_exactly_as_asked_alone() {
+    let lm = common::frozen_lm("tiny-random");
+    let fmt = PromptFormat::new(&lm.tokenizer, "<image>").unwrap();
+    let turns = [
+        ("What colour is the circle?", "red"),
+        (CAPTION_PROMPT, "A red circle and two blue squares."),
+        ("How many shapes are there?", "3"),
+    ];
+    let iso = fmt.isolated_turns(&turns, 4).unwrap();
+    let singles: Vec<_> = turns
+        .iter()
+        .map(|&(q, a)| fmt.example(q, a, 4).unwrap())
+        .collect();
+    // the same targets, each turn's tokens once, the image once
+    let want: Vec<u32> = singles.iter().flat_map(|e| e.targets()).collect();
+    assert_eq!(iso.targets(), want);
+    let ph = fmt.placeholder_id();
+    assert_eq!(iso.ids.iter().filter(|&&i| i == ph).count(), 4);
+    let p = iso.packing.as_ref().unwrap();
+    assert_eq!(p.segments.len(), iso.ids.len());
+    assert_eq!(*p.segments.iter().max().unwrap(), 3);
+    // the loss of the packed sequence is the loss of the three sequences asked alone
+    let img = Tensor::randn(0f32, 0.5, (1, 4, 32), &Device::Cpu).unwrap();
+    let img3 = img.repeat((3, 1, 1)).unwrap();
+    let alone = sequence_loss(&lm.model, &singles, ph, &img3)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // padded beside a longer plain sequence, as in a batch
+    let long = fmt
+        .example(
+            "Describe the image in great detail please, every shape.",
+            "ok",
+            4,
+        )
+        .unwrap();
+    let img2 = img.repeat((2, 1, 1)).unwrap();
+    let both = [iso.clone(), long.clone()];
+    let packed_batch = sequence_loss(&lm.model, &both, ph, &img2)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let long_alone = sequence_loss(&lm.model, std::slice::from_ref(&long), ph, &img)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let n_iso = want.len() as f32;
+    let n_long = long.targets().len() as f32;
+    let mixed = (alone * n_iso + long_alone * n_long) / (n_iso + n_long);
+    println!("isolated turns: alone {alone}, packed beside a plain sequence {packed_batch} (want {mixed})");
+    assert!(
+        (packed_batch - mixed).abs() < 1e-4,
+        "{packed_batch} vs {mixed}"
+    );
+    let packed = sequence_loss(&lm.model, std::slice::from_ref(&iso), ph, &img)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((packed - alone).abs() < 1e-4, "{packed} vs {alone}");
+    // the multi-turn chat of the same turns is a different loss (later turns see earlier)
+    let chat = sequence_loss(&lm.model, &[fmt.conversation(&turns, 4).unwrap()], ph, &img)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((chat - alone).abs() > 1e-3, "{chat} vs {alone}");
+    // one turn: the single-question sequence's tokens and loss
+    let one = fmt.isolated_turns(&turns[..1], 4).unwrap();
+    assert_eq!(one.ids, singles[0].ids);
+    assert_eq!(one.loss, singles[0].loss);
+    assert!(fmt.isolated_turns(&[], 4).is_err());
+    // the config switch builds isolated sequences
+    let cfg = AdapterTrainConfig {
+        isolate_turns: true,
+        qa_per_sequence: 3,
+        ..AdapterTrainConfig::test_tiny()
+    };
+    let b = batch(&cfg, &fmt, Split::Train, 0, 3, None).unwrap();
+    assert!(b.examples.iter().all(|e| e.packing.is_some()));
 }
 
 #[test]

@@ -595,5 +595,41 @@ fn lora_training_exports_an_adapter_the_pipeline_applies() {
         .unwrap()
         .to_string();
     assert!(e.contains("carries its own LoRA adapter"), "{e}");
+    // a next run can start from the exported adapter (`afm train adapter --init-lora`): the
+    // LM then computes exactly what the export's adapter computes
+    use afm_train::adapter_train::prepare_lora_from;
+    let mut lm3 = lm_with_hash();
+    prepare_lora_from(&cfg, &mut lm3, Some(&file)).unwrap();
+    let x3 = input_embeddings(&lm3.model, &[&prompt], fmt.placeholder_id(), &img).unwrap();
+    let again = last_logits(&lm3.model, &x3, t);
+    assert!(diff(&again, &want) < 1e-5, "{}", diff(&again, &want));
+    // ... and refuses one of another shape, another base, or a run without `lora`
+    let other_rank = AdapterTrainConfig {
+        lora: Some(LoraTrain {
+            rank: 4,
+            ..cfg.lora.clone().unwrap()
+        }),
+        ..cfg.clone()
+    };
+    let e = prepare_lora_from(&other_rank, &mut lm_with_hash(), Some(&file))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rank 2") && e.contains("rank 4"), "{e}");
+    let mut other_base = common::frozen_lm("tiny-random");
+    let e = prepare_lora_from(&cfg, &mut other_base, Some(&file))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains(SHA), "{e}");
+    let no_lora = AdapterTrainConfig {
+        lora: None,
+        ..cfg.clone()
+    };
+    let e = prepare_lora_from(&no_lora, &mut lm_with_hash(), Some(&file))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no `lora` section"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
