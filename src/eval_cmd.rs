@@ -9,7 +9,7 @@ use crate::vlm_cmd::ModelArgs;
 use afm::fusion::AskOptions;
 use afm::lm::generate::GenerateOptions;
 use afm_train::easy_vqa::{data_dir, EasyVqa};
-use afm_train::eval::{evaluate, Bar, EvalSpec, Report, Spread};
+use afm_train::eval::{evaluate, evaluate_captions, Bar, EvalSpec, Report, Spread};
 use afm_train::spread::{spread, token_mean};
 use afm_train::Split;
 use anyhow::{anyhow, bail, Context, Result};
@@ -35,7 +35,14 @@ pub(crate) struct EvalArgs {
     /// Longest answer, in tokens.
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
+    /// Also caption this many held-out images of each source (scenes, screens, easy-VQA)
+    /// and grade the captions against the references (word F1, distinct captions); 0: none.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    captions: usize,
 }
+
+/// Longest caption `afm eval` asks for, in tokens.
+const CAPTION_TOKENS: usize = 48;
 
 pub(crate) fn cmd_eval(a: &EvalArgs) -> Result<()> {
     if a.per_bar == 0 {
@@ -126,12 +133,49 @@ pub(crate) fn cmd_eval(a: &EvalArgs) -> Result<()> {
         value,
         images: means.len(),
     });
+    let questions_secs = t0.elapsed().as_secs_f64();
+    if a.captions > 0 {
+        let cap_opts = AskOptions {
+            generate: GenerateOptions {
+                max_new_tokens: CAPTION_TOKENS,
+                ..Default::default()
+            },
+            max_image_tokens: None,
+        };
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} captions, {eta} left")
+                .expect("static template"),
+        );
+        report.captions = Some(
+            evaluate_captions(
+                a.captions,
+                easy.as_ref(),
+                &mut |sample| {
+                    Ok(vlm
+                        .caption(&sample.image, &cap_opts, &mut |_| true)?
+                        .generation
+                        .text)
+                },
+                &mut |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                },
+            )
+            .map_err(|e| anyhow!("captions: {e}"))?,
+        );
+        bar.finish_and_clear();
+    }
     let secs = t0.elapsed().as_secs_f64();
     print!("{}", table(&report));
     eprintln!(
-        "{} questions in {secs:.0} s ({:.1} questions/s)",
+        "{} questions in {questions_secs:.0} s ({:.1} questions/s){}",
         report.answers.len(),
-        report.answers.len() as f64 / secs.max(1e-9)
+        report.answers.len() as f64 / questions_secs.max(1e-9),
+        match &report.captions {
+            Some(c) => format!(", {} captions in {:.0} s", c.total, secs - questions_secs),
+            None => String::new(),
+        }
     );
     if let (Some(path), Some(f)) = (&a.json, json_file) {
         serde_json::to_writer_pretty(std::io::BufWriter::new(f), &report)
@@ -187,6 +231,26 @@ pub(crate) fn table(r: &Report) -> String {
             ));
         }
     }
+    if let Some(c) = &r.captions {
+        s.push_str(&format!(
+            "{CAPTION_LINE}: mean word F1 {:.3} over {} captions ({}), {} exact, {} distinct (no target)\n",
+            c.mean_word_f1,
+            c.total,
+            c.by_source
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.3}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            c.exact.correct,
+            c.distinct
+        ));
+        for g in c.captions.iter().take(3) {
+            s.push_str(&format!(
+                "    {}: \"{}\" (reference \"{}\")\n",
+                g.source, g.caption, g.expected
+            ));
+        }
+    }
     if let Some(sp) = &r.image_token_spread {
         s.push_str(&format!(
             "{SPREAD_LINE} over {} images: {:.3} (0 = every image gets the same tokens)\n",
@@ -195,6 +259,9 @@ pub(crate) fn table(r: &Report) -> String {
     }
     s
 }
+
+/// The start of the table's caption line.
+pub(crate) const CAPTION_LINE: &str = "held-out captions";
 
 /// The start of the table's image-token spread line.
 pub(crate) const SPREAD_LINE: &str = "image-token spread";

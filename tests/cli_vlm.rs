@@ -606,6 +606,8 @@ fn eval_reports_every_bar_of_an_export() {
             "--no-easy-vqa",
             "--max-tokens",
             "4",
+            "--captions",
+            "2",
             "--json",
         ])
         .arg(&report)
@@ -646,6 +648,21 @@ fn eval_reports_every_bar_of_an_export() {
             "image-token spread over {images} images: {value:.3}"
         )),
         "{stdout}"
+    );
+    // two captions per source (scenes, screens), graded, in both forms
+    let c = &v["captions"];
+    assert_eq!(c["total"], 4, "{v}");
+    assert_eq!(c["captions"].as_array().unwrap().len(), 4, "{v}");
+    let f1 = c["mean_word_f1"].as_f64().unwrap();
+    assert!(
+        stdout.contains(&format!(
+            "held-out captions: mean word F1 {f1:.3} over 4 captions"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        c["captions"][0]["expected"].as_str().unwrap().len() > 3,
+        "{v}"
     );
 
     // easy-VQA wanted but absent: said before the model loads

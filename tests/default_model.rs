@@ -86,7 +86,7 @@ fn eval_of_the_shipped_model_stays_above_its_floor() {
             "AFM_HOME",
             std::env::temp_dir().join("afm-default-model-no-cache"),
         )
-        .args(["eval", "--per-bar", "40", "--json"])
+        .args(["eval", "--per-bar", "40", "--captions", "5", "--json"])
         .arg(&report);
     if !with_easy {
         eprintln!("SKIPPED the easy-VQA bar: run `bash scripts/fetch_easy_vqa.sh` to include it");
@@ -118,6 +118,15 @@ fn eval_of_the_shipped_model_stays_above_its_floor() {
     // collapse onto one set of tokens gives 0)
     let spread = v["image_token_spread"]["value"].as_f64().unwrap();
     assert!(spread > 0.04, "image-token spread {spread}: {stdout}");
+    // captions of 5 held-out images per source, graded against their references
+    let c = &v["captions"];
+    assert_eq!(c["total"], if with_easy { 15 } else { 10 }, "{c}");
+    let f1 = c["mean_word_f1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&f1), "{c}");
+    assert!(
+        stdout.contains("held-out captions: mean word F1"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -43,6 +43,13 @@
 //! Neither made greedy answers use the image on the 2-core budget (README, "Training and
 //! evaluating"): both runs mostly answer with each question type's most common answer.
 //!
+//! * `isolate_turns` packs the same turns so that none sees another
+//!   ([`crate::prompt::PromptFormat::isolated_turns`], [`batch_packing`]): in a multi-turn
+//!   chat a caption after "What colour is the circle? red" can copy "red", and a colour answer
+//!   after the caption can copy it from there, while inference asks each alone. Isolated,
+//!   every turn's loss is the loss of its single-question sequence, and the batch still pays
+//!   for the image prefix once per sequence.
+//!
 //! A third option is another objective: `caption_slots` adds the caption-slot loss
 //! ([`crate::caption_slots`]: image token `i` should be the LM's embedding of the caption's
 //! token `i`), and `lm_loss = false` trains on it alone, without the LM's forward

@@ -156,6 +156,9 @@ pub struct Report {
     /// (`afm eval` does): near 0 means the model gives every image the same tokens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image_token_spread: Option<Spread>,
+    /// Captions of held-out images ([`evaluate_captions`]), when the caller asked for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub captions: Option<CaptionReport>,
 }
 
 /// An image-token spread and how many images it is over.
@@ -207,6 +210,7 @@ impl Report {
             bars,
             answers,
             image_token_spread: None,
+            captions: None,
         }
     }
 }
@@ -360,4 +364,202 @@ pub fn evaluate(
         }
     }
     Ok(Report::from_graded(graded, &spec.bars, spec.per_bar))
+}
+
+/// Captions of held-out images against their reference captions: how close in words, and
+/// whether the model gives different images different captions (a model that answers every
+/// image with one stock caption has few distinct captions). `afm eval` prints it under the
+/// bars; there is no target.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaptionReport {
+    /// Mean word F1 ([`word_f1`]) over every caption.
+    pub mean_word_f1: f64,
+    /// Captions equal to the reference (trimmed, case-insensitive).
+    pub exact: Score,
+    /// Different captions given, over captions asked.
+    pub distinct: usize,
+    pub total: usize,
+    /// Mean word F1 per source (`scene`, `screen`, `easy_vqa`).
+    pub by_source: BTreeMap<String, f64>,
+    pub captions: Vec<GradedCaption>,
+}
+
+/// One caption.
+#[derive(Clone, Debug, Serialize)]
+pub struct GradedCaption {
+    /// `screen`, `scene` or `easy_vqa` and the sample's index in its held-out split.
+    pub source: String,
+    pub expected: String,
+    pub caption: String,
+    pub word_f1: f64,
+}
+
+/// The lower-case words of `s` (letters and digits; everything else separates).
+fn caption_words(s: &str) -> Vec<String> {
+    s.to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Word F1 of `got` against `want`: the harmonic mean of the fractions of `got`'s words found
+/// in `want` and of `want`'s words found in `got`, each word counted as often as it occurs in
+/// both (multiset overlap); 1 for equal word lists, 0 with no word in common.
+pub fn word_f1(got: &str, want: &str) -> f64 {
+    let (g, w) = (caption_words(got), caption_words(want));
+    if g.is_empty() || w.is_empty() {
+        return (g.is_empty() && w.is_empty()) as u8 as f64;
+    }
+    let mut left: BTreeMap<&str, usize> = BTreeMap::new();
+    for x in &w {
+        *left.entry(x).or_default() += 1;
+    }
+    let mut common = 0usize;
+    for x in &g {
+        if let Some(n) = left.get_mut(x.as_str()) {
+            if *n > 0 {
+                *n -= 1;
+                common += 1;
+            }
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let (p, r) = (
+        common as f64 / g.len() as f64,
+        common as f64 / w.len() as f64,
+    );
+    2.0 * p * r / (p + r)
+}
+
+/// Captions of the first `per_source` held-out samples of each source (scenes, screens, and
+/// easy-VQA when given), in index order, by `caption(sample)`; samples without a reference
+/// caption are skipped. `progress(done, total)` after each.
+pub fn evaluate_captions(
+    per_source: usize,
+    easy: Option<&EasyVqa>,
+    caption: &mut dyn FnMut(&Sample) -> Result<String, EvalError>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<CaptionReport, EvalError> {
+    let sources: Vec<&str> = ["scene", "screen", "easy_vqa"]
+        .into_iter()
+        .filter(|&s| s != "easy_vqa" || easy.is_some())
+        .collect();
+    let total = per_source * sources.len();
+    let mut out: Vec<GradedCaption> = Vec::with_capacity(total);
+    for source in sources {
+        let (mut index, mut taken) = (0usize, 0usize);
+        while taken < per_source && index < 50 * per_source + 100 {
+            let sample = match source {
+                "easy_vqa" => {
+                    let e = easy.expect("filtered above");
+                    if index >= e.len() {
+                        break;
+                    }
+                    e.get(index)?
+                }
+                "screen" => generate(SynthKind::Screen, Split::HeldOut, index as u64),
+                _ => generate(SynthKind::Scene, Split::HeldOut, index as u64),
+            };
+            index += 1;
+            if sample.caption.trim().is_empty() {
+                continue;
+            }
+            let got = caption(&sample)?;
+            out.push(GradedCaption {
+                source: format!("{source} {}", sample.index),
+                word_f1: word_f1(&got, &sample.caption),
+                expected: sample.caption.clone(),
+                caption: got,
+            });
+            taken += 1;
+            progress(out.len(), total);
+        }
+    }
+    let n = out.len();
+    let mean = |it: &mut dyn Iterator<Item = f64>| {
+        let (s, k) = it.fold((0.0, 0usize), |(s, k), x| (s + x, k + 1));
+        if k == 0 {
+            0.0
+        } else {
+            s / k as f64
+        }
+    };
+    let mut by_source = BTreeMap::new();
+    for c in &out {
+        let src = c.source.split(' ').next().unwrap_or("").to_string();
+        by_source.entry(src).or_insert(());
+    }
+    let by_source = by_source
+        .into_keys()
+        .map(|src| {
+            let m = mean(
+                &mut out
+                    .iter()
+                    .filter(|c| c.source.split(' ').next() == Some(src.as_str()))
+                    .map(|c| c.word_f1),
+            );
+            (src, m)
+        })
+        .collect();
+    let mut exact = Score::default();
+    for c in &out {
+        exact.add(c.caption.trim().to_lowercase() == c.expected.trim().to_lowercase());
+    }
+    let distinct = out
+        .iter()
+        .map(|c| c.caption.trim().to_lowercase())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    Ok(CaptionReport {
+        mean_word_f1: mean(&mut out.iter().map(|c| c.word_f1)),
+        exact,
+        distinct,
+        total: n,
+        by_source,
+        captions: out,
+    })
+}
+
+#[cfg(test)]
+mod caption_tests {
+    use super::*;
+
+    #[test]
+    fn word_f1_counts_shared_words() {
+        assert_eq!(word_f1("A red circle.", "a red circle"), 1.0);
+        assert_eq!(word_f1("A blue square.", "Two green stars"), 0.0);
+        // 2 of 3 words right, 2 of 4 reference words found: p 2/3, r 1/2
+        let f = word_f1("a red square", "a red circle here");
+        assert!(
+            (f - 2.0 * (2.0 / 3.0) * 0.5 / (2.0 / 3.0 + 0.5)).abs() < 1e-12,
+            "{f}"
+        );
+        // repeated words count once per occurrence in both
+        assert!((word_f1("red red red", "red") - 0.5).abs() < 1e-12);
+        assert_eq!(word_f1("", ""), 1.0);
+        assert_eq!(word_f1("", "a"), 0.0);
+    }
+
+    #[test]
+    fn captions_grade_a_copying_model_perfectly_and_a_stock_caption_poorly() {
+        let truth =
+            evaluate_captions(6, None, &mut |s| Ok(s.caption.clone()), &mut |_, _| {}).unwrap();
+        assert_eq!(truth.total, 12);
+        assert_eq!(truth.exact.correct, 12);
+        assert!((truth.mean_word_f1 - 1.0).abs() < 1e-12);
+        assert!(truth.distinct > 6, "{}", truth.distinct);
+        let stock = evaluate_captions(
+            6,
+            None,
+            &mut |_| Ok("A green circle.".into()),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(stock.distinct, 1);
+        assert!(stock.mean_word_f1 < 0.5, "{}", stock.mean_word_f1);
+        assert_eq!(stock.by_source.len(), 2);
+    }
 }
