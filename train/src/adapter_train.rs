@@ -152,6 +152,12 @@ pub struct AdapterTrainConfig {
     /// where later turns can copy from earlier answers (runs before this field existed).
     #[serde(default)]
     pub isolate_turns: bool,
+    /// The training loss is the mean over turns of each turn's mean token loss
+    /// ([`sequence_loss_weighted`]), so a one-word colour answer weighs as much as a long
+    /// caption. `false`: the mean over all answer tokens of the batch (runs before this field
+    /// existed).
+    #[serde(default)]
+    pub loss_per_turn: bool,
     /// The caption-slot loss ([`crate::caption_slots`]) added to the answer loss; `None`: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caption_slots: Option<CaptionSlots>,
@@ -322,6 +328,7 @@ impl AdapterTrainConfig {
             output_norm_gain: None,
             qa_per_sequence: 1,
             isolate_turns: false,
+            loss_per_turn: false,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -353,6 +360,7 @@ impl AdapterTrainConfig {
             output_norm_gain: Some(1.0),
             qa_per_sequence: 2,
             isolate_turns: false,
+            loss_per_turn: false,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -1013,6 +1021,19 @@ pub fn sequence_loss_ragged(
     placeholder: u32,
     images: &[Tensor],
 ) -> Result<Tensor> {
+    sequence_loss_weighted(lm, examples, placeholder, images, false)
+}
+
+/// [`sequence_loss_ragged`]; with `per_turn`, the mean over the batch's turns (each answer
+/// with its end-of-turn token, a run of loss tokens) of each turn's mean token loss, so that
+/// a one-word answer weighs as much as a 60-token caption (config `loss_per_turn`).
+pub fn sequence_loss_weighted(
+    lm: &DiffLm,
+    examples: &[Example],
+    placeholder: u32,
+    images: &[Tensor],
+    per_turn: bool,
+) -> Result<Tensor> {
     let seqs: Vec<&[u32]> = examples.iter().map(|e| e.ids.as_slice()).collect();
     let x = input_embeddings_ragged(lm, &seqs, placeholder, images)?;
     let (b, t, h) = x.dims3()?;
@@ -1034,7 +1055,40 @@ pub fn sequence_loss_ragged(
     let sel = hs.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?;
     let logits = lm.logits(&sel)?;
     let targets = Tensor::from_vec(targets, n, &Device::Cpu)?;
-    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+    if !per_turn {
+        return Ok(candle_nn::loss::cross_entropy(&logits, &targets)?);
+    }
+    let weights = turn_weights(examples);
+    let w = Tensor::from_vec(weights, n, &Device::Cpu)?;
+    let nll = candle_nn::ops::log_softmax(&logits, D::Minus1)?
+        .gather(&targets.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()?;
+    Ok((nll * w)?.sum_all()?)
+}
+
+/// Per loss token of `examples` (in order), `1 / (turn's tokens * turns)`: the weights that
+/// make the weighted sum of token losses the mean over turns of each turn's mean. A turn is a
+/// run of consecutive loss tokens.
+pub fn turn_weights(examples: &[Example]) -> Vec<f32> {
+    let mut runs: Vec<usize> = vec![];
+    for e in examples {
+        let mut prev = false;
+        for &m in e.loss.iter().skip(1) {
+            if m {
+                if prev {
+                    *runs.last_mut().expect("a run is open") += 1;
+                } else {
+                    runs.push(1);
+                }
+            }
+            prev = m;
+        }
+    }
+    let turns = runs.len().max(1) as f32;
+    runs.iter()
+        .flat_map(|&r| std::iter::repeat_n(1.0 / (r as f32 * turns), r))
+        .collect()
 }
 
 /// The batch's [`Packing`] when any of `examples` packs isolated turns (`None`: all plain
@@ -1442,11 +1496,12 @@ pub fn step_loss(
     let side = trainable.build(cfg, lm.hidden_size())?;
     let img = side.embed(&b.pixels)?;
     let mut loss = if cfg.lm_loss {
-        Some(sequence_loss_ragged(
+        Some(sequence_loss_weighted(
             &lm.model,
             &b.examples,
             fmt.placeholder_id(),
             &per_example(&img, &b.view_counts)?,
+            cfg.loss_per_turn,
         )?)
     } else {
         None

@@ -6,8 +6,8 @@ mod common;
 
 use afm_fusion::VisionAdapter;
 use afm_train::adapter_train::{
-    batch, load_export, pick, pick_turns, run, sequence_loss, step_loss, AdapterTrainConfig, Event,
-    FrozenLm, Trainable,
+    batch, load_export, pick, pick_turns, run, sequence_loss, sequence_loss_weighted, step_loss,
+    turn_weights, AdapterTrainConfig, Event, FrozenLm, Trainable,
 };
 use afm_train::optim::AdamW;
 use afm_train::prompt::{PromptFormat, CAPTION_PROMPT};
@@ -198,6 +198,39 @@ fn isolated_turns_train_each_answer_exactly_as_asked_alone() {
         .to_scalar::<f32>()
         .unwrap();
     assert!((chat - alone).abs() > 1e-3, "{chat} vs {alone}");
+    // per-turn weighting: the mean of the three turns' own mean losses, whatever their lengths
+    let each: Vec<f32> = singles
+        .iter()
+        .map(|e| {
+            sequence_loss(&lm.model, std::slice::from_ref(e), ph, &img)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .collect();
+    let want_turn = each.iter().sum::<f32>() / 3.0;
+    let w = turn_weights(std::slice::from_ref(&iso));
+    assert_eq!(w.len(), want.len());
+    assert!((w.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    let per_turn = sequence_loss_weighted(
+        &lm.model,
+        std::slice::from_ref(&iso),
+        ph,
+        &[img.get(0).unwrap()],
+        true,
+    )
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
+    println!(
+        "per-turn losses {each:?}: weighted {per_turn} (want {want_turn}), per token {packed}"
+    );
+    assert!(
+        (per_turn - want_turn).abs() < 1e-4,
+        "{per_turn} vs {want_turn}"
+    );
+    // the caption is the long turn: per token and per turn differ
+    assert!((per_turn - packed).abs() > 1e-3, "{per_turn} vs {packed}");
     // one turn: the single-question sequence's tokens and loss
     let one = fmt.isolated_turns(&turns[..1], 4).unwrap();
     assert_eq!(one.ids, singles[0].ids);
