@@ -243,6 +243,26 @@ pub struct EvalSpec {
 /// Error of an evaluation: the model's or the data's.
 pub type EvalError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Held-out sample `index` of `source` (`easy_vqa`, `screen`, else scenes); `None` past the
+/// end of easy-VQA's test folder. `easy` must be given for `easy_vqa`.
+fn held_out_sample(
+    source: &str,
+    index: u64,
+    easy: Option<&EasyVqa>,
+) -> Result<Option<Sample>, EvalError> {
+    Ok(match source {
+        "easy_vqa" => {
+            let e = easy.ok_or("the easy-VQA source needs the easy-VQA test data")?;
+            if index as usize >= e.len() {
+                return Ok(None);
+            }
+            Some(e.get(index as usize)?)
+        }
+        "screen" => Some(generate(SynthKind::Screen, Split::HeldOut, index)),
+        _ => Some(generate(SynthKind::Scene, Split::HeldOut, index)),
+    })
+}
+
 /// Walks the held-out samples (module docs) and grades `answer(sample, questions)`, which
 /// returns one answer per question (a model reads `sample.image`; the sample's other fields
 /// are its ground truth, for reference baselines such as `examples/text_oracle.rs`). `progress(done, total)` is called after each sample.
@@ -305,16 +325,8 @@ pub fn evaluate(
             if index >= max_samples {
                 break;
             }
-            let sample = match source {
-                "easy_vqa" => {
-                    let e = easy.expect("checked above");
-                    if index as usize >= e.len() {
-                        break;
-                    }
-                    e.get(index as usize)?
-                }
-                "screen" => generate(SynthKind::Screen, Split::HeldOut, index),
-                _ => generate(SynthKind::Scene, Split::HeldOut, index),
+            let Some(sample) = held_out_sample(source, index, easy)? else {
+                break;
             };
             let mut picked = vec![];
             let one = (source == "easy_vqa").then(|| index as usize % sample.qa.len().max(1));
@@ -452,16 +464,8 @@ pub fn evaluate_captions(
     for source in sources {
         let (mut index, mut taken) = (0usize, 0usize);
         while taken < per_source && index < 50 * per_source + 100 {
-            let sample = match source {
-                "easy_vqa" => {
-                    let e = easy.expect("filtered above");
-                    if index >= e.len() {
-                        break;
-                    }
-                    e.get(index)?
-                }
-                "screen" => generate(SynthKind::Screen, Split::HeldOut, index as u64),
-                _ => generate(SynthKind::Scene, Split::HeldOut, index as u64),
+            let Some(sample) = held_out_sample(source, index as u64, easy)? else {
+                break;
             };
             index += 1;
             if sample.caption.trim().is_empty() {
@@ -479,30 +483,16 @@ pub fn evaluate_captions(
         }
     }
     let n = out.len();
-    let mean = |it: &mut dyn Iterator<Item = f64>| {
-        let (s, k) = it.fold((0.0, 0usize), |(s, k), x| (s + x, k + 1));
-        if k == 0 {
-            0.0
-        } else {
-            s / k as f64
-        }
-    };
-    let mut by_source = BTreeMap::new();
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
     for c in &out {
         let src = c.source.split(' ').next().unwrap_or("").to_string();
-        by_source.entry(src).or_insert(());
+        let e = sums.entry(src).or_default();
+        e.0 += c.word_f1;
+        e.1 += 1;
     }
-    let by_source = by_source
-        .into_keys()
-        .map(|src| {
-            let m = mean(
-                &mut out
-                    .iter()
-                    .filter(|c| c.source.split(' ').next() == Some(src.as_str()))
-                    .map(|c| c.word_f1),
-            );
-            (src, m)
-        })
+    let by_source = sums
+        .into_iter()
+        .map(|(k, (sum, count))| (k, sum / count as f64))
         .collect();
     let mut exact = Score::default();
     for c in &out {
@@ -514,7 +504,11 @@ pub fn evaluate_captions(
         .collect::<std::collections::BTreeSet<_>>()
         .len();
     Ok(CaptionReport {
-        mean_word_f1: mean(&mut out.iter().map(|c| c.word_f1)),
+        mean_word_f1: if n == 0 {
+            0.0
+        } else {
+            out.iter().map(|c| c.word_f1).sum::<f64>() / n as f64
+        },
         exact,
         distinct,
         total: n,
