@@ -132,3 +132,14 @@ pub fn frozen_lm(name: &str) -> afm_train::adapter_train::FrozenLm {
     .unwrap();
     afm_train::adapter_train::FrozenLm::new(model, tokenizer(), name, "0")
 }
+
+/// Fixed image embeddings of `shape`, values spread over about [-0.85, 0.85] (std ~0.5):
+/// the same in every run, so that a test's margins are the same on every machine and run
+/// (`Tensor::randn` drew a new image per run, and a few draws made a margin too thin).
+pub fn fixed_image(shape: &[usize], seed: u32) -> candle_core::Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i as f32 * 0.618_034 + seed as f32 * 0.414_213_6).fract() - 0.5) * 1.7)
+        .collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
