@@ -11,6 +11,8 @@
 //! answers that kind from its prior, not from the image. easy-VQA questions are included
 //! when `models/easy-vqa` (relative to the working directory) holds the data.
 //!
+//! The export's `lora.safetensors`, when it has one, is attached to the LM first.
+//!
 //! For the first four images it also prints each image token's nearest word (the LM's output
 //! head without the final norm) next to the image's caption.
 //!
@@ -33,7 +35,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: diag_image EXPORT_DIR LM_GGUF [N]".into());
     }
     let (cfg_e, vit, adapter) = load_export(Path::new(&a[1]))?;
-    let lm = FrozenLm::from_gguf(Path::new(&a[2]))?;
+    let mut lm = FrozenLm::from_gguf(Path::new(&a[2]))?;
+    // the export's own LoRA adapter, as inference applies it
+    let lora = Path::new(&a[1]).join("lora.safetensors");
+    if lora.exists() {
+        let ad = afm_lm::lora::LoraAdapter::load(&lora)?;
+        ad.check_base(&lm.info.sha256)?;
+        lm.model.attach_lora(&ad)?;
+        println!("LoRA adapter {} attached", lora.display());
+    }
     let n: usize = match a.get(3) {
         Some(s) => s
             .parse()
@@ -82,6 +92,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!(
                 "image embeddings: per-token distance from the batch mean {:.3}",
                 dev.mean_all()?.to_scalar::<f32>()?
+            );
+            println!(
+                "share of the image tokens' energy common to the batch: {:.3}",
+                afm_train::adapter_train::common_token_share(&img)?.to_scalar::<f32>()?
             );
             // what the image tokens say when read as words: each token's nearest word by
             // the LM's own output head (dot product with the embedding table), next to the

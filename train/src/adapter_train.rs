@@ -158,6 +158,13 @@ pub struct AdapterTrainConfig {
     /// existed).
     #[serde(default)]
     pub loss_per_turn: bool,
+    /// Weight of [`common_token_share`] in the training loss: the share of the image
+    /// tokens' energy that all views of the batch have in common. The shipped model's tokens
+    /// are ~97% one vector whatever the image (`train/examples/diag_image.rs`), and the LM
+    /// gives the same loss with another image's tokens; this term pushes that common part
+    /// out. `None`: off (runs before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub common_token_weight: Option<f32>,
     /// The caption-slot loss ([`crate::caption_slots`]) added to the answer loss; `None`: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caption_slots: Option<CaptionSlots>,
@@ -329,6 +336,7 @@ impl AdapterTrainConfig {
             qa_per_sequence: 1,
             isolate_turns: false,
             loss_per_turn: false,
+            common_token_weight: None,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -361,6 +369,7 @@ impl AdapterTrainConfig {
             qa_per_sequence: 2,
             isolate_turns: false,
             loss_per_turn: false,
+            common_token_weight: None,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -399,6 +408,13 @@ impl AdapterTrainConfig {
                 return Err(TrainError::Invalid(
                     "`output_norm_gain` must be positive".into(),
                 ));
+            }
+        }
+        if let Some(w) = self.common_token_weight {
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(TrainError::Invalid(format!(
+                    "`common_token_weight` must be a finite number >= 0, got {w}"
+                )));
             }
         }
         if self.tiling.is_some() && self.caption_slots.is_some() {
@@ -1506,6 +1522,13 @@ pub fn step_loss(
     } else {
         None
     };
+    if let Some(w) = cfg.common_token_weight.filter(|&w| w > 0.0) {
+        let l = (common_token_share(&img)? * w as f64)?;
+        loss = Some(match loss {
+            Some(a) => (a + l)?,
+            None => l,
+        });
+    }
     if let Some(c) = &cfg.caption_slots {
         let head = slots.ok_or_else(|| {
             TrainError::Invalid("the caption-slot loss needs the LM's embedding table".into())
@@ -1518,6 +1541,23 @@ pub fn step_loss(
         });
     }
     loss.ok_or_else(|| TrainError::Invalid("the run has no loss (config `lm_loss`)".into()))
+}
+
+/// The share of the image tokens' energy that the batch's views have in common: the mean
+/// square of the per-position mean over views, over the mean square of all tokens. 1 when
+/// every view gives the same tokens, 0 when they average to zero at every position (config
+/// `common_token_weight`). A batch of one view has nothing to compare and gives 0.
+///
+/// # Shapes
+/// `img: (views, n, hidden)` -> scalar.
+pub fn common_token_share(img: &Tensor) -> Result<Tensor> {
+    let (v, _, _) = img.dims3()?;
+    if v < 2 {
+        return Ok(Tensor::zeros((), DType::F32, img.device())?);
+    }
+    let common = img.mean(0)?.sqr()?.mean_all()?;
+    let all = (img.sqr()?.mean_all()? + 1e-12)?;
+    Ok(common.div(&all)?)
 }
 
 /// The caption-slot targets of a batch's captions ([`caption_slots::targets`]), padded with

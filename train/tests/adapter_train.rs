@@ -6,8 +6,9 @@ mod common;
 
 use afm_fusion::VisionAdapter;
 use afm_train::adapter_train::{
-    batch, load_export, pick, pick_turns, run, sequence_loss, sequence_loss_weighted, step_loss,
-    turn_weights, AdapterTrainConfig, Event, FrozenLm, Trainable,
+    batch, common_token_share, load_export, pick, pick_turns, run, sequence_loss,
+    sequence_loss_weighted, step_loss, turn_weights, AdapterTrainConfig, Event, FrozenLm,
+    Trainable,
 };
 use afm_train::optim::AdamW;
 use afm_train::prompt::{PromptFormat, CAPTION_PROMPT};
@@ -510,4 +511,82 @@ fn vision_init_from_a_stage1_export_and_bad_settings_are_refused() {
     };
     let e = bad.validate().unwrap_err().to_string();
     assert!(e.contains("pool"), "{e}");
+}
+
+#[test]
+fn common_token_share_measures_what_all_views_share() {
+    let a = common::fixed_image(&[1, 4, 32], 3);
+    // every view the same: all of the energy is common
+    let same = a.repeat((3, 1, 1)).unwrap();
+    let s = common_token_share(&same)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((s - 1.0).abs() < 1e-5, "{s}");
+    // a view and its negation: nothing in common
+    let opp = Tensor::cat(&[&a, &a.neg().unwrap()], 0).unwrap();
+    let s = common_token_share(&opp)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(s.abs() < 1e-6, "{s}");
+    // a shared part c plus view-specific parts d_i: |c|^2 / (|c|^2 + mean |d_i|^2) when the
+    // d_i average to zero
+    let c =
+        (Tensor::ones((1, 4, 32), candle_core::DType::F32, &Device::Cpu).unwrap() * 0.5).unwrap();
+    let mixed = Tensor::cat(&[(&c + &a).unwrap(), (&c - &a).unwrap()], 0).unwrap();
+    let ca = 0.25f32;
+    let da = a
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let got = common_token_share(&mixed)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let want = ca / (ca + da);
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    // one view has nothing to compare with
+    let one = common_token_share(&a).unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(one, 0.0);
+    // the config refuses a negative or non-finite weight
+    let mut cfg = AdapterTrainConfig::test_tiny();
+    cfg.common_token_weight = Some(-1.0);
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("common_token_weight"), "{e}");
+    cfg.common_token_weight = Some(f32::NAN);
+    assert!(cfg.validate().is_err());
+    cfg.common_token_weight = Some(0.5);
+    cfg.validate().unwrap();
+    // in a training step the term adds weight x share of the batch's image tokens
+    let lm = common::frozen_lm("tiny-random");
+    let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
+    let tr = Trainable::init(&cfg, 32, None).unwrap();
+    let b = batch(&cfg, &fmt, Split::Train, 0, cfg.batch_size, None).unwrap();
+    let with = step_loss(&cfg, &tr, &lm, &fmt, &b, None).unwrap();
+    let share = common_token_share(&tr.build(&cfg, 32).unwrap().embed(&b.pixels).unwrap())
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    cfg.common_token_weight = None;
+    let without = step_loss(&cfg, &tr, &lm, &fmt, &b, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let with_s = with.to_scalar::<f32>().unwrap();
+    println!("step loss {without} + 0.5 x share {share} = {with_s}");
+    assert!(share > 0.01, "{share}");
+    assert!(
+        (with_s - without - 0.5 * share).abs() < 1e-4,
+        "{with_s} vs {without} + 0.5 x {share}"
+    );
+    // and its gradient reaches the adapter
+    let g = with.backward().unwrap();
+    assert!(tr
+        .params
+        .names()
+        .any(|n| g.get(tr.params.get(n).unwrap()).is_some()));
 }
