@@ -50,6 +50,12 @@
 //!   every turn's loss is the loss of its single-question sequence, and the batch still pays
 //!   for the image prefix once per sequence.
 //!
+//! * `common_token_weight` adds [`common_token_share`] to the loss: the share of the image
+//!   tokens' energy that every view of the batch has in common. The shipped model's tokens are
+//!   ~97% one vector whatever the image, and its LM gives the same loss with another image's
+//!   tokens (`train/examples/diag_image.rs`), although linear probes read colour from them at
+//!   99% once standardised: the LM has little image-dependent signal to learn from.
+//!
 //! A third option is another objective: `caption_slots` adds the caption-slot loss
 //! ([`crate::caption_slots`]: image token `i` should be the LM's embedding of the caption's
 //! token `i`), and `lm_loss = false` trains on it alone, without the LM's forward
@@ -236,7 +242,7 @@ impl LoraTrain {
 }
 
 /// Name of the `k`-th LoRA variable in a run's parameters and checkpoint.
-fn lora_var_name(k: usize) -> String {
+pub fn lora_var_name(k: usize) -> String {
     format!("lora.{k:05}")
 }
 
