@@ -65,13 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(&export.join("vision")),
         Some(&export.join("adapter.safetensors")),
     )?;
-    tr.params.add_vars(
-        lm.model
-            .lora_vars()
-            .into_iter()
-            .enumerate()
-            .map(|(k, v)| (afm_train::adapter_train::lora_var_name(k), v)),
-    )?;
+    tr.add_lora(&lm)?;
     let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder)?;
     let root = data_dir(Path::new("."));
     let tokens = cfg.tokens_per_image();

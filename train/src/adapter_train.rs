@@ -242,7 +242,7 @@ impl LoraTrain {
 }
 
 /// Name of the `k`-th LoRA variable in a run's parameters and checkpoint.
-pub fn lora_var_name(k: usize) -> String {
+fn lora_var_name(k: usize) -> String {
     format!("lora.{k:05}")
 }
 
@@ -738,6 +738,19 @@ impl Trainable {
 
     /// ViT and adapter built from the current values: the differentiable path for what
     /// trains, the fast kernels (no graph) for a frozen ViT.
+    /// Adds the LM's LoRA factors ([`prepare_lora_from`]) to the trained parameters, under
+    /// the names the checkpoint uses.
+    pub fn add_lora(&mut self, lm: &FrozenLm) -> Result<()> {
+        self.params.add_vars(
+            lm.model
+                .lora_vars()
+                .into_iter()
+                .enumerate()
+                .map(|(k, v)| (lora_var_name(k), v)),
+        )?;
+        Ok(())
+    }
+
     pub fn build(&self, cfg: &AdapterTrainConfig, lm_hidden: usize) -> Result<ImageSide> {
         let mut vit = VisionEncoder::new(
             &VisionWeights::from_tensors(self.vit_tensors())?,
@@ -1430,12 +1443,7 @@ pub fn run_with(
         }
         _ => {}
     }
-    trainable.params.add_vars(
-        lora_vars
-            .into_iter()
-            .enumerate()
-            .map(|(k, v)| (lora_var_name(k), v)),
-    )?;
+    trainable.add_lora(lm)?;
     let run_cfg = AdapterRunConfig {
         train: cfg.clone(),
         lm: lm.info.clone(),
