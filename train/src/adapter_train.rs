@@ -171,6 +171,13 @@ pub struct AdapterTrainConfig {
     /// out. `None`: off (runs before this field existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub common_token_weight: Option<f32>,
+    /// Training turns only of these kinds of question (snake_case names of
+    /// [`crate::QaCategory`], e.g. `["colour", "shape", "count", "title"]`), and no captions:
+    /// a curriculum stage of answers that need the image. A training image with none of them
+    /// keeps all its questions. Held-out batches are not filtered. `None`: every kind and the
+    /// caption (runs before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_categories: Option<Vec<QaCategory>>,
     /// The caption-slot loss ([`crate::caption_slots`]) added to the answer loss; `None`: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caption_slots: Option<CaptionSlots>,
@@ -343,6 +350,7 @@ impl AdapterTrainConfig {
             isolate_turns: false,
             loss_per_turn: false,
             common_token_weight: None,
+            train_categories: None,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -376,6 +384,7 @@ impl AdapterTrainConfig {
             isolate_turns: false,
             loss_per_turn: false,
             common_token_weight: None,
+            train_categories: None,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -422,6 +431,11 @@ impl AdapterTrainConfig {
                     "`common_token_weight` must be a finite number >= 0, got {w}"
                 )));
             }
+        }
+        if self.train_categories.as_ref().is_some_and(|c| c.is_empty()) {
+            return Err(TrainError::Invalid(
+                "`train_categories` is empty: name at least one kind of question".into(),
+            ));
         }
         if self.tiling.is_some() && self.caption_slots.is_some() {
             return Err(TrainError::Invalid(
@@ -888,9 +902,21 @@ pub fn batch(
     };
     let mut px = vec![];
     for j in start..start + n as u64 {
-        let s = example(j, split, easy)?;
+        let mut s = example(j, split, easy)?;
         let train = split == Split::Train;
-        let turns = pick_turns(&s, j, train, if train { cfg.qa_per_sequence } else { 1 })?;
+        let mut with_caption = train;
+        if let (true, Some(cats)) = (train, &cfg.train_categories) {
+            with_caption = false;
+            if s.qa.iter().any(|q| cats.contains(&q.category)) {
+                s.qa.retain(|q| cats.contains(&q.category));
+            }
+        }
+        let turns = pick_turns(
+            &s,
+            j,
+            with_caption,
+            if train { cfg.qa_per_sequence } else { 1 },
+        )?;
         let qa: Vec<(&str, &str)> = turns
             .iter()
             .map(|(q, a, _)| (q.as_str(), a.as_str()))

@@ -84,7 +84,7 @@ pub mod vocab;
 use image::RgbImage;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use easy_vqa::{DataError, EasyVqa};
 
@@ -135,7 +135,7 @@ impl From<SynthKind> for Kind {
 
 /// What a question asks about; lets an evaluation report each figure of issue 6 point 4
 /// (titles and button labels, scene colours and counts, easy-VQA) separately.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QaCategory {
     /// Title of a window or dialog.

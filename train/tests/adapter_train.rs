@@ -590,3 +590,60 @@ fn common_token_share_measures_what_all_views_share() {
         .names()
         .any(|n| g.get(tr.params.get(n).unwrap()).is_some()));
 }
+
+#[test]
+fn train_categories_keep_only_those_questions_and_no_caption() {
+    let mut cfg = AdapterTrainConfig::test_tiny();
+    cfg.qa_per_sequence = 8;
+    cfg.train_categories = serde_json::from_str(r#"["count", "title"]"#).unwrap();
+    cfg.validate().unwrap();
+    let tok = common::tokenizer();
+    let fmt = PromptFormat::new(&tok, &cfg.image_placeholder).unwrap();
+    let eot = tok.token_to_id("<|im_end|>").unwrap();
+    // scenes and screens in turn: every first turn is a count or a title question
+    let b = batch(&cfg, &fmt, Split::Train, 0, 6, None).unwrap();
+    for (i, c) in b.categories.iter().enumerate() {
+        let c = c.expect("a question, never the caption");
+        assert!(
+            matches!(
+                c,
+                afm_train::QaCategory::Count | afm_train::QaCategory::Title
+            ),
+            "sequence {i}: {c:?}"
+        );
+    }
+    // every turn of the sequence is one of the image's count or title questions
+    for (i, e) in b.examples.iter().enumerate() {
+        let s = afm_train::pretrain::example(i as u64, Split::Train, None).unwrap();
+        let kept =
+            s.qa.iter()
+                .filter(|q| {
+                    matches!(
+                        q.category,
+                        afm_train::QaCategory::Count | afm_train::QaCategory::Title
+                    )
+                })
+                .count();
+        let turns = e.targets().iter().filter(|&&t| t == eot).count();
+        assert_eq!(turns, kept.min(8), "sequence {i}");
+        let text = tok.decode(&e.ids, false).unwrap();
+        assert!(
+            !text.contains(CAPTION_PROMPT),
+            "sequence {i} has a caption: {text}"
+        );
+    }
+    // held-out batches are not filtered
+    let h = batch(&cfg, &fmt, Split::HeldOut, 0, 12, None).unwrap();
+    assert!(h.categories.iter().any(|c| !matches!(
+        c,
+        Some(afm_train::QaCategory::Count | afm_train::QaCategory::Title)
+    )));
+    // an empty list and an unknown kind are refused
+    cfg.train_categories = Some(vec![]);
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("train_categories"));
+    assert!(serde_json::from_str::<Vec<afm_train::QaCategory>>(r#"["colours"]"#).is_err());
+}
