@@ -750,8 +750,6 @@ impl Trainable {
         }
     }
 
-    /// ViT and adapter built from the current values: the differentiable path for what
-    /// trains, the fast kernels (no graph) for a frozen ViT.
     /// Adds the LM's LoRA factors ([`prepare_lora_from`]) to the trained parameters, under
     /// the names the checkpoint uses.
     pub fn add_lora(&mut self, lm: &FrozenLm) -> Result<()> {
@@ -765,6 +763,8 @@ impl Trainable {
         Ok(())
     }
 
+    /// ViT and adapter built from the current values: the differentiable path for what
+    /// trains, the fast kernels (no graph) for a frozen ViT.
     pub fn build(&self, cfg: &AdapterTrainConfig, lm_hidden: usize) -> Result<ImageSide> {
         let mut vit = VisionEncoder::new(
             &VisionWeights::from_tensors(self.vit_tensors())?,
@@ -1454,8 +1454,7 @@ pub fn run_with(
     cfg.validate()?;
     let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder)?;
     let mut trainable = Trainable::init_from(cfg, lm.hidden_size(), vision_init, adapter_init)?;
-    let lora_vars = lm.model.lora_vars();
-    match (&cfg.lora, lora_vars.is_empty()) {
+    match (&cfg.lora, lm.model.lora_vars().is_empty()) {
         (Some(_), true) => {
             return Err(TrainError::Invalid(
                 "the run trains a LoRA adapter but the language model has none attached (call prepare_lora first)".into(),
