@@ -37,6 +37,15 @@ pub(crate) struct QuantizeArgs {
     /// Inputs per scale of the 2-bit weights (32, 64, 128 or 256).
     #[arg(long, default_value_t = afm::lm::lowbit::DEFAULT_GROUP)]
     group: usize,
+    /// Fit the 2-bit scales to this text (UTF-8; not the text you evaluate on): each input
+    /// column's rounding error weighs its mean squared activation on the text (an importance
+    /// matrix). Also the text the 8-bit KV scales are calibrated on. Plain dense checkpoints
+    /// (no KV sharing) only.
+    #[arg(long, value_name = "FILE")]
+    calibrate: Option<PathBuf>,
+    /// Tokens of --calibrate used (the first ones).
+    #[arg(long, default_value_t = 4096)]
+    calibrate_tokens: usize,
 }
 
 fn mb(b: u64) -> f64 {
@@ -66,10 +75,40 @@ pub(crate) fn cmd_quantize(a: &QuantizeArgs) -> Result<()> {
         embeddings: a.embeddings,
         kv: a.kv,
         group: a.group,
+        importance: a.calibrate.is_some(),
     };
     spec.validate()?;
     let tok = tokenizer_of(&a.input);
-    let cal = calibration_ids(tok.as_ref());
+    let cal = match &a.calibrate {
+        None => calibration_ids(tok.as_ref()),
+        Some(f) => {
+            let tok = tok.as_ref().with_context(|| {
+                format!(
+                    "--calibrate {}: {} has no tokenizer to read the text with",
+                    f.display(),
+                    a.input.display()
+                )
+            })?;
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("--calibrate: reading {}", f.display()))?;
+            let mut ids = tok.encode(&text)?;
+            if ids.is_empty() {
+                bail!("--calibrate {}: the text has no tokens", f.display());
+            }
+            if ids.len() > a.calibrate_tokens {
+                println!(
+                    "calibration: the first {} of the {} tokens of {} (--calibrate-tokens)",
+                    a.calibrate_tokens,
+                    ids.len(),
+                    f.display()
+                );
+                ids.truncate(a.calibrate_tokens);
+            } else {
+                println!("calibration: {} tokens of {}", ids.len(), f.display());
+            }
+            ids
+        }
+    };
     let t0 = Instant::now();
     let r = quantize_checkpoint(&a.input, &a.output, &spec, &cal).with_context(|| {
         format!(
@@ -170,6 +209,7 @@ pub(crate) fn cmd_device_gen(a: &DeviceGenArgs) -> Result<()> {
         embeddings: a.embeddings,
         kv: a.kv,
         group: a.group,
+        importance: false,
     };
     spec.validate()?;
     let extra = match &a.tokenizer {

@@ -17,8 +17,12 @@ use crate::error::{LmError, Result};
 use crate::lora::{self, LoraAdapter, LoraConfig, LoraPair, LoraSite, LoraTarget};
 use crate::weights::WeightSource;
 use candle_core::{DType, Device, Tensor, Var, D};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 struct DiffLayer {
+    /// Position in the stack (the `N` of `model.layers.N`).
+    index: usize,
     input_norm: Tensor,
     q: FrozenLinear,
     k: FrozenLinear,
@@ -53,6 +57,9 @@ pub struct DiffLm {
     cos: Tensor,
     sin: Tensor,
     lora: Option<DiffLora>,
+    /// While [`DiffLm::input_importance`] runs: per layer and projection ([`LoraTarget::ALL`]
+    /// order), the per-column sum of squared inputs and the rows summed.
+    recorder: Mutex<Option<Vec<[(Vec<f64>, usize); 7]>>>,
 }
 
 /// Several sequences that share a prefix, packed into one row of a batch: each token has a
@@ -173,6 +180,10 @@ impl candle_core::CustomOp1 for FrozenLinear {
     }
 }
 
+fn poisoned() -> LmError {
+    LmError::Invalid("input importance: a pass panicked while recording".into())
+}
+
 /// `x * rsqrt(mean(x^2) + eps) * w` over the last dim.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -202,6 +213,7 @@ impl DiffLm {
                 let t = |n: &str, s: &[usize]| src.tensor(&format!("{p}.{n}"), s);
                 let m = |n: &str, s: &[usize]| FrozenLinear::new(t(n, s)?);
                 Ok(DiffLayer {
+                    index: i,
                     input_norm: t("input_layernorm.weight", &[h])?,
                     q: m("self_attn.q_proj.weight", &[nh * hd, h])?,
                     k: m("self_attn.k_proj.weight", &[kvh * hd, h])?,
@@ -247,6 +259,7 @@ impl DiffLm {
             sin: ang.sin()?,
             cfg,
             lora: None,
+            recorder: Mutex::new(None),
         })
     }
 
@@ -397,6 +410,17 @@ impl DiffLm {
             .iter()
             .position(|t| *t == target)
             .unwrap_or(0);
+        if let Some(rec) = self.recorder.lock().map_err(|_| poisoned())?.as_mut() {
+            let sq = x.detach().sqr()?.sum(0)?.to_vec1::<f32>()?;
+            let (sum, rows) = &mut rec[l.index][slot];
+            if sum.is_empty() {
+                sum.resize(sq.len(), 0.0);
+            }
+            for (s, v) in sum.iter_mut().zip(&sq) {
+                *s += f64::from(*v);
+            }
+            *rows += x.dim(0)?;
+        }
         match (&l.lora[slot], &self.lora) {
             (Some((a, b)), Some(lo)) => {
                 let d = x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)?;
@@ -588,6 +612,66 @@ impl DiffLm {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let hn = rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
         self.lm_head.forward(&hn)
+    }
+
+    /// The importance of each input column of every projection: the mean squared input
+    /// `E[x_j^2]` over the positions of `ids`, run as consecutive windows of at most `window`
+    /// tokens (each from position 0). A quantizer that weighs column `j`'s rounding error by it
+    /// minimises the expected output error `E[(x . (w - q))^2]` under independent inputs (what
+    /// llama.cpp calls an importance matrix). Keys: HF weight names,
+    /// `model.layers.N.self_attn.q_proj.weight` ... `model.layers.N.mlp.down_proj.weight`;
+    /// values: one entry per input column. With a LoRA adapter attached, the inputs recorded
+    /// are those of the adapted model (quantize the base: run this without one).
+    ///
+    /// # Shapes
+    /// `ids`: at least 1 token, any length (windows of `window`).
+    pub fn input_importance(
+        &self,
+        ids: &[u32],
+        window: usize,
+    ) -> Result<BTreeMap<String, Vec<f32>>> {
+        if ids.is_empty() || window == 0 {
+            return Err(LmError::Invalid(format!(
+                "input importance: {} calibration tokens in windows of {window}: need at \
+                 least one token and a window of at least one",
+                ids.len()
+            )));
+        }
+        let n = self.layers.len();
+        *self.recorder.lock().map_err(|_| poisoned())? =
+            Some((0..n).map(|_| Default::default()).collect());
+        let run = || -> Result<()> {
+            for w in ids.chunks(window.min(self.cfg.max_position_embeddings)) {
+                let t = Tensor::from_slice(w, (1, w.len()), &Device::Cpu)?;
+                self.hidden_states(&self.embed(&t)?)?;
+            }
+            Ok(())
+        };
+        let ran = run();
+        let rec = self.recorder.lock().map_err(|_| poisoned())?.take();
+        ran?;
+        let rec = rec.ok_or_else(poisoned)?;
+        let mut out = BTreeMap::new();
+        for (i, slots) in rec.into_iter().enumerate() {
+            for (t, (sum, rows)) in LoraTarget::ALL.iter().zip(slots) {
+                let module = match t {
+                    LoraTarget::Gate | LoraTarget::Up | LoraTarget::Down => "mlp",
+                    _ => "self_attn",
+                };
+                let mean = sum.iter().map(|s| (s / rows.max(1) as f64) as f32);
+                out.insert(
+                    format!("model.layers.{i}.{module}.{}.weight", t.proj()),
+                    mean.collect(),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether no importance pass is recording (tests).
+    #[cfg(test)]
+    pub(crate) fn recorder_is_idle(&self) -> bool {
+        self.recorder.lock().map(|r| r.is_none()).unwrap_or(false)
     }
 
     /// Logits of every position.

@@ -48,6 +48,10 @@ pub struct QuantizeSpec {
     pub kv: u32,
     /// Inputs per scale of the 2-bit weights ([`crate::lowbit::DEFAULT_GROUP`]).
     pub group: usize,
+    /// Fit each 2-bit group's scale to the calibration text's inputs: the rounding error of
+    /// input column `j` weighs `E[x_j^2]` ([`crate::diff_model::DiffLm::input_importance`]
+    /// over the calibration tokens). Plain dense checkpoints only (no KV sharing).
+    pub importance: bool,
 }
 
 impl Default for QuantizeSpec {
@@ -57,6 +61,7 @@ impl Default for QuantizeSpec {
             embeddings: 4,
             kv: 8,
             group: crate::lowbit::DEFAULT_GROUP,
+            importance: false,
         }
     }
 }
@@ -244,16 +249,17 @@ pub fn spec_of(
 
 /// The payload of `x` (row-major, `dims`) stored as `fmt` (as [`spec_of`] resolved it).
 pub fn encode(x: Vec<f32>, dims: &[usize], fmt: TensorFormat) -> Result<Vec<u8>> {
-    encode_with(x, dims, fmt, 15)
+    encode_with(x, dims, fmt, 15, None)
 }
 
-/// [`encode`] with `candidates` scale candidates for low-bit formats
-/// ([`LowBitMatrix::quantize_with`]).
+/// [`encode`] with `candidates` scale candidates for low-bit formats and an optional
+/// per-input-column importance ([`LowBitMatrix::quantize_with`]; other formats ignore it).
 fn encode_with(
     x: Vec<f32>,
     dims: &[usize],
     fmt: TensorFormat,
     candidates: usize,
+    importance: Option<&[f32]>,
 ) -> Result<Vec<u8>> {
     Ok(match fmt {
         TensorFormat::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -266,8 +272,9 @@ fn encode_with(
             QTensor::quantize(&t, dt)?.data()?.into_owned()
         }
         TensorFormat::LowBit { bits, group } => {
-            let m =
-                LowBitMatrix::quantize_with(&x, dims[0], dims[1], bits, group, None, candidates)?;
+            let m = LowBitMatrix::quantize_with(
+                &x, dims[0], dims[1], bits, group, importance, candidates,
+            )?;
             lowbit_payload(&m)
         }
     })
@@ -375,6 +382,25 @@ pub fn quantize_checkpoint(
     } else {
         None
     };
+    // input importance of the projections, from the same calibration tokens
+    let importance = if spec.importance && spec.weights == 2 {
+        if calibration.is_empty() {
+            return Err(LmError::Invalid(
+                "importance-weighted 2-bit scales need calibration text: none was given (or \
+                 the checkpoint has no tokenizer to read it)"
+                    .into(),
+            ));
+        }
+        let lm = crate::diff_model::DiffLm::from_source(&src, cfg.clone()).map_err(|e| {
+            LmError::Invalid(format!(
+                "importance-weighted 2-bit scales are computed with the differentiable dense \
+                 model, which refuses this checkpoint: {e}"
+            ))
+        })?;
+        Some(lm.input_importance(calibration, 512)?)
+    } else {
+        None
+    };
     let kv_source = match (&scales, cfg.kv_quant) {
         (None, _) => "none",
         (Some(_), true) => "checkpoint",
@@ -448,7 +474,11 @@ pub fn quantize_checkpoint(
             t = crate::random::permute_for_interleaved(&t.reshape((n, 1))?, 1)?.reshape(n)?;
         }
         let x = t.flatten_all()?.to_vec1::<f32>()?;
-        encode(x, dims, fmts[i])
+        let imp = importance
+            .as_ref()
+            .and_then(|m| m.get(name))
+            .map(|v| v.as_slice());
+        encode_with(x, dims, fmts[i], 15, imp)
     })?;
     let bytes_out = std::fs::metadata(output)
         .map_err(|source| LmError::Io {
@@ -542,7 +572,7 @@ pub fn write_random_gguf(
             }
         };
         // random weights: the quick scale (their quality does not matter)
-        encode_with(x, dims, fmts[i], 1)
+        encode_with(x, dims, fmts[i], 1, None)
     })
 }
 
@@ -616,6 +646,7 @@ mod tests {
                 embeddings: e,
                 kv,
                 group: 32,
+                importance: false,
             };
             let r = quantize_checkpoint(&dir, &out, &spec, &cal).unwrap();
             assert!(r.bytes_out > 0 && r.params > 0);
@@ -646,6 +677,173 @@ mod tests {
         };
         let err = quantize_checkpoint(&dir, &dir.join("x.gguf"), &bad, &cal).unwrap_err();
         assert!(err.to_string().contains("--weights 3"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A dense (no KV sharing) tiny model whose layer-0 input norm makes 8 of 64 columns 12x
+    /// louder than the rest, so that the q/k/v inputs' energy is far from uniform.
+    fn skewed_dense() -> (LmConfig, std::collections::HashMap<String, Tensor>) {
+        let mut cfg = tiny();
+        cfg.num_kv_reuse_layers = 0;
+        let mut t = crate::random::random_tensors(&cfg, 5).unwrap();
+        let w: Vec<f32> = (0..64)
+            .map(|j| if j % 8 == 3 { 12.0 } else { 1.0 })
+            .collect();
+        t.insert(
+            "model.layers.0.input_layernorm.weight".into(),
+            Tensor::new(w, &Device::Cpu).unwrap(),
+        );
+        (cfg, t)
+    }
+
+    /// The importance of layer 0's q/k/v is the mean squared RMS-normed embedding, computed
+    /// here by hand from the weights; windows do not change it (layer 0's input does not
+    /// depend on context).
+    #[test]
+    fn input_importance_is_the_mean_squared_projection_input() {
+        let (cfg, t) = skewed_dense();
+        let ids: Vec<u32> = (0..37).map(|i| (i * 11 % 160) as u32).collect();
+        let src = WeightSource::from_tensors(t.clone());
+        let lm = crate::diff_model::DiffLm::from_source(&src, cfg.clone()).unwrap();
+        let imp = lm.input_importance(&ids, 16).unwrap();
+        assert_eq!(imp.len(), 4 * 7);
+        let emb: Vec<Vec<f32>> = t["model.embed_tokens.weight"].to_vec2().unwrap();
+        let g: Vec<f32> = t["model.layers.0.input_layernorm.weight"]
+            .to_vec1()
+            .unwrap();
+        let mut want = vec![0f64; 64];
+        for &id in &ids {
+            let e = &emb[id as usize];
+            let ms = e.iter().map(|x| (x * x) as f64).sum::<f64>() / 64.0;
+            let r = 1.0 / (ms + cfg.rms_norm_eps).sqrt();
+            for j in 0..64 {
+                want[j] += (e[j] as f64 * r * g[j] as f64).powi(2) / ids.len() as f64;
+            }
+        }
+        for n in ["q_proj", "k_proj", "v_proj"] {
+            let got = &imp[&format!("model.layers.0.self_attn.{n}.weight")];
+            for j in 0..64 {
+                let d = (got[j] as f64 - want[j]).abs();
+                assert!(
+                    d <= 1e-4 * want[j].max(1.0),
+                    "{n} col {j}: {} vs {}",
+                    got[j],
+                    want[j]
+                );
+            }
+        }
+        assert_eq!(imp["model.layers.3.mlp.down_proj.weight"].len(), 96);
+        assert!(imp.values().flatten().all(|v| v.is_finite() && *v >= 0.0));
+        // one window of everything gives the same layer-0 figures
+        let whole = lm.input_importance(&ids, 64).unwrap();
+        let a = &whole["model.layers.0.self_attn.q_proj.weight"];
+        let b = &imp["model.layers.0.self_attn.q_proj.weight"];
+        assert!(a
+            .iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= 1e-5 * x.max(1.0)));
+        // and the model is left as it was: an ordinary forward records nothing
+        assert!(lm.recorder_is_idle());
+        assert!(lm.input_importance(&[], 16).is_err());
+    }
+
+    /// On the calibration inputs themselves, importance-weighted 2-bit scales give a smaller
+    /// output error `||X (W - Q)^T||` than plain ones (layer 0's q projection, whose inputs
+    /// are dominated by 8 columns); `afm quantize --calibrate` writes such a model, which
+    /// loads; a KV-sharing checkpoint and a missing text are refused by name.
+    #[test]
+    fn importance_weighted_scales_cut_the_output_error() {
+        let (cfg, t) = skewed_dense();
+        let ids: Vec<u32> = (0..96).map(|i| (i * 7 % 160) as u32).collect();
+        let src = WeightSource::from_tensors(t.clone());
+        let lm = crate::diff_model::DiffLm::from_source(&src, cfg.clone()).unwrap();
+        let imp = lm.input_importance(&ids, 64).unwrap();
+        let name = "model.layers.0.self_attn.q_proj.weight";
+        let w: Vec<f32> = t[name].flatten_all().unwrap().to_vec1().unwrap();
+        // the inputs: RMS-normed embeddings times the skewed gain
+        let emb: Vec<Vec<f32>> = t["model.embed_tokens.weight"].to_vec2().unwrap();
+        let g: Vec<f32> = t["model.layers.0.input_layernorm.weight"]
+            .to_vec1()
+            .unwrap();
+        let xs: Vec<Vec<f32>> = ids
+            .iter()
+            .map(|&id| {
+                let e = &emb[id as usize];
+                let r = 1.0 / (e.iter().map(|x| x * x).sum::<f32>() / 64.0 + 1e-5).sqrt();
+                (0..64).map(|j| e[j] * r * g[j]).collect()
+            })
+            .collect();
+        let err = |q: &[f32]| -> f64 {
+            xs.iter()
+                .map(|x| {
+                    (0..64)
+                        .map(|r| {
+                            let d: f32 = (0..64)
+                                .map(|j| x[j] * (w[r * 64 + j] - q[r * 64 + j]))
+                                .sum();
+                            (d as f64).powi(2)
+                        })
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+        let plain = LowBitMatrix::quantize(&w, 64, 64, 2, 32, None)
+            .unwrap()
+            .dequantize();
+        let weighted = LowBitMatrix::quantize(&w, 64, 64, 2, 32, Some(&imp[name]))
+            .unwrap()
+            .dequantize();
+        let (ep, ew) = (err(&plain), err(&weighted));
+        assert!(ew < 0.8 * ep, "weighted {ew} vs plain {ep}");
+
+        let dir = std::env::temp_dir().join(format!("afm-imp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::random::write_safetensors(&dir, &cfg, &t).unwrap();
+        let spec = QuantizeSpec {
+            weights: 2,
+            embeddings: 32,
+            kv: 16,
+            group: 32,
+            importance: true,
+        };
+        let out = dir.join("imp.gguf");
+        quantize_checkpoint(&dir, &out, &spec, &ids).unwrap();
+        let plain_out = dir.join("plain.gguf");
+        let plain_spec = QuantizeSpec {
+            importance: false,
+            ..spec
+        };
+        quantize_checkpoint(&dir, &plain_out, &plain_spec, &ids).unwrap();
+        assert_ne!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(&plain_out).unwrap()
+        );
+        let m = crate::DeviceModel::load(&out).unwrap();
+        let mut c = m.new_cache();
+        let l = m
+            .forward_tokens(&ids[..5], &mut c, &LogitsFor::Last)
+            .unwrap();
+        assert!(l
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite()));
+        // refused: no calibration text; a KV-sharing checkpoint
+        let e = quantize_checkpoint(&dir, &out, &spec, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("calibration text"), "{e}");
+        let shared = dir.join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        let scfg = tiny();
+        let st = crate::random::random_tensors(&scfg, 5).unwrap();
+        crate::random::write_safetensors(&shared, &scfg, &st).unwrap();
+        let e = quantize_checkpoint(&shared, &out, &spec, &ids)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("num_kv_reuse_layers"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 
