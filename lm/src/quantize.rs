@@ -696,6 +696,30 @@ mod tests {
         (cfg, t)
     }
 
+    /// Layer 0's q/k/v inputs, by hand: each token's RMS-normed embedding times the input
+    /// norm's gain (f64).
+    fn layer0_inputs(
+        t: &std::collections::HashMap<String, Tensor>,
+        ids: &[u32],
+        eps: f64,
+    ) -> Vec<Vec<f64>> {
+        let emb: Vec<Vec<f32>> = t["model.embed_tokens.weight"].to_vec2().unwrap();
+        let g: Vec<f32> = t["model.layers.0.input_layernorm.weight"]
+            .to_vec1()
+            .unwrap();
+        ids.iter()
+            .map(|&id| {
+                let e = &emb[id as usize];
+                let ms = e.iter().map(|x| (x * x) as f64).sum::<f64>() / e.len() as f64;
+                let r = 1.0 / (ms + eps).sqrt();
+                e.iter()
+                    .zip(&g)
+                    .map(|(x, g)| *x as f64 * r * *g as f64)
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The importance of layer 0's q/k/v is the mean squared RMS-normed embedding, computed
     /// here by hand from the weights; windows do not change it (layer 0's input does not
     /// depend on context).
@@ -707,17 +731,10 @@ mod tests {
         let lm = crate::diff_model::DiffLm::from_source(&src, cfg.clone()).unwrap();
         let imp = lm.input_importance(&ids, 16).unwrap();
         assert_eq!(imp.len(), 4 * 7);
-        let emb: Vec<Vec<f32>> = t["model.embed_tokens.weight"].to_vec2().unwrap();
-        let g: Vec<f32> = t["model.layers.0.input_layernorm.weight"]
-            .to_vec1()
-            .unwrap();
         let mut want = vec![0f64; 64];
-        for &id in &ids {
-            let e = &emb[id as usize];
-            let ms = e.iter().map(|x| (x * x) as f64).sum::<f64>() / 64.0;
-            let r = 1.0 / (ms + cfg.rms_norm_eps).sqrt();
+        for x in layer0_inputs(&t, &ids, cfg.rms_norm_eps) {
             for j in 0..64 {
-                want[j] += (e[j] as f64 * r * g[j] as f64).powi(2) / ids.len() as f64;
+                want[j] += x[j].powi(2) / ids.len() as f64;
             }
         }
         for n in ["q_proj", "k_proj", "v_proj"] {
@@ -760,28 +777,16 @@ mod tests {
         let imp = lm.input_importance(&ids, 64).unwrap();
         let name = "model.layers.0.self_attn.q_proj.weight";
         let w: Vec<f32> = t[name].flatten_all().unwrap().to_vec1().unwrap();
-        // the inputs: RMS-normed embeddings times the skewed gain
-        let emb: Vec<Vec<f32>> = t["model.embed_tokens.weight"].to_vec2().unwrap();
-        let g: Vec<f32> = t["model.layers.0.input_layernorm.weight"]
-            .to_vec1()
-            .unwrap();
-        let xs: Vec<Vec<f32>> = ids
-            .iter()
-            .map(|&id| {
-                let e = &emb[id as usize];
-                let r = 1.0 / (e.iter().map(|x| x * x).sum::<f32>() / 64.0 + 1e-5).sqrt();
-                (0..64).map(|j| e[j] * r * g[j]).collect()
-            })
-            .collect();
+        let xs = layer0_inputs(&t, &ids, cfg.rms_norm_eps);
         let err = |q: &[f32]| -> f64 {
             xs.iter()
                 .map(|x| {
                     (0..64)
                         .map(|r| {
-                            let d: f32 = (0..64)
-                                .map(|j| x[j] * (w[r * 64 + j] - q[r * 64 + j]))
+                            let d: f64 = (0..64)
+                                .map(|j| x[j] * (w[r * 64 + j] - q[r * 64 + j]) as f64)
                                 .sum();
-                            (d as f64).powi(2)
+                            d.powi(2)
                         })
                         .sum::<f64>()
                 })
