@@ -93,6 +93,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "image embeddings: per-token distance from the batch mean {:.3}",
                 dev.mean_all()?.to_scalar::<f32>()?
             );
+            // and within one image: do its tokens differ by position?
+            let own = img.broadcast_sub(&img.mean_keepdim(1)?)?;
+            let own = own.sqr()?.sum(D::Minus1)?.sqrt()?;
+            println!(
+                "image embeddings: per-token distance from its own image's mean token {:.3}",
+                own.mean_all()?.to_scalar::<f32>()?
+            );
             println!(
                 "share of the image tokens' energy common to the batch: {:.3}",
                 afm_train::adapter_train::common_token_share(&img)?.to_scalar::<f32>()?
