@@ -106,6 +106,17 @@ pub(crate) fn cmd_quantize(a: &QuantizeArgs) -> Result<()> {
             } else {
                 println!("calibration: {} tokens of {}", ids.len(), f.display());
             }
+            if a.weights != 2 {
+                println!(
+                    "note: --calibrate fits 2-bit scales only; with --weights {} it {}",
+                    a.weights,
+                    if a.kv == 8 {
+                        "calibrates the 8-bit KV scales alone"
+                    } else {
+                        "is not used (--kv 16 stores no KV scales)"
+                    }
+                );
+            }
             ids
         }
     };
