@@ -156,6 +156,63 @@ impl AfmAdapter {
         self.fast = on;
     }
 
+    /// [`VisionAdapter::forward`], keeping every stage's output (diagnostics: where does an
+    /// image's per-position variation go?): `layer` (the transformer layer's patch tokens),
+    /// `linear`, `conv`, `pool`, and `norm` when the adapter has an output norm. The last entry
+    /// is the adapter's output.
+    ///
+    /// # Shapes
+    /// `x: (b, registers + gh*gw, vision)` -> `layer: (b, gh*gw, vision)`, `linear` and
+    /// `conv: (b, gh*gw, text)`, `pool` and `norm: (b, oh*ow, text)`.
+    pub fn forward_stages(
+        &self,
+        x: &Tensor,
+        grid: (usize, usize),
+        registers: usize,
+    ) -> Result<Vec<(&'static str, Tensor)>> {
+        let (b, t, dv) = x.dims3()?;
+        let (gh, gw) = grid;
+        if t != registers + gh * gw || dv != self.cfg.vision_hidden_size {
+            return Err(FusionError::Invalid(format!(
+                "adapter input {:?} does not match {registers} registers + a {gh}x{gw} grid of width {}",
+                x.dims(),
+                self.cfg.vision_hidden_size
+            )));
+        }
+        self.tokens_per_tile(grid)?;
+        let dl = self.cfg.text_hidden_size;
+        let x = x.to_dtype(DType::F32)?;
+        let h = self.layer.forward(&x, registers, grid, self.fast)?;
+        let patches = h.narrow(1, registers, gh * gw)?;
+        let lin = self.proj.forward(&patches)?; // (b, gh*gw, dl)
+        let conv = lin
+            .reshape((b, gh, gw, dl))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .conv2d(&self.conv_w, 1, 1, 1, 1)?
+            .broadcast_add(&self.conv_b)?; // (b, dl, gh, gw)
+        let conv = conv
+            .reshape((b, dl, gh * gw))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let p = self.pool_matrix(gh, gw)?;
+        let y = p.unsqueeze(0)?.repeat((b, 1, 1))?.matmul(&conv)?; // (b, oh*ow, dl)
+        let mut out = vec![
+            ("layer", patches),
+            ("linear", lin),
+            ("conv", conv),
+            ("pool", y.clone()),
+        ];
+        if let Some((eps, g)) = &self.out_norm {
+            // plain ops: differentiable, and only oh*ow rows per image
+            let n = y
+                .broadcast_div(&(y.sqr()?.mean_keepdim(2)? + *eps)?.sqrt()?)?
+                .broadcast_mul(g)?;
+            out.push(("norm", n));
+        }
+        Ok(out)
+    }
+
     fn pool_matrix(&self, gh: usize, gw: usize) -> Result<Tensor> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = pools.get(&(gh, gw)) {
@@ -185,35 +242,7 @@ impl VisionAdapter for AfmAdapter {
     }
 
     fn forward(&self, x: &Tensor, grid: (usize, usize), registers: usize) -> Result<Tensor> {
-        let (b, t, dv) = x.dims3()?;
-        let (gh, gw) = grid;
-        if t != registers + gh * gw || dv != self.cfg.vision_hidden_size {
-            return Err(FusionError::Invalid(format!(
-                "adapter input {:?} does not match {registers} registers + a {gh}x{gw} grid of width {}",
-                x.dims(),
-                self.cfg.vision_hidden_size
-            )));
-        }
-        self.tokens_per_tile(grid)?;
-        let dl = self.cfg.text_hidden_size;
-        let x = x.to_dtype(DType::F32)?;
-        let h = self.layer.forward(&x, registers, grid, self.fast)?;
-        let h = self.proj.forward(&h.narrow(1, registers, gh * gw)?)?; // (b, gh*gw, dl)
-        let h = h
-            .reshape((b, gh, gw, dl))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?
-            .conv2d(&self.conv_w, 1, 1, 1, 1)?
-            .broadcast_add(&self.conv_b)?; // (b, dl, gh, gw)
-        let h = h.reshape((b, dl, gh * gw))?.transpose(1, 2)?.contiguous()?;
-        let p = self.pool_matrix(gh, gw)?;
-        let y = p.unsqueeze(0)?.repeat((b, 1, 1))?.matmul(&h)?; // (b, oh*ow, dl)
-        Ok(match &self.out_norm {
-            None => y,
-            // plain ops: differentiable, and only oh*ow rows per image
-            Some((eps, g)) => y
-                .broadcast_div(&(y.sqr()?.mean_keepdim(2)? + *eps)?.sqrt()?)?
-                .broadcast_mul(g)?,
-        })
+        let mut stages = self.forward_stages(x, grid, registers)?;
+        Ok(stages.pop().expect("at least one stage").1)
     }
 }

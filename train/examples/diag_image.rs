@@ -100,6 +100,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "image embeddings: per-token distance from its own image's mean token {:.3}",
                 own.mean_all()?.to_scalar::<f32>()?
             );
+            // the same, relative to the token norm, after each stage of the adapter
+            let r = cfg.vision.num_registers();
+            let vit_patches = ("vit", x.narrow(1, r, g * g)?);
+            let stages = adapter.forward_stages(&x, (g, g), r)?;
+            for (name, z) in std::iter::once(vit_patches).chain(stages) {
+                let d = z
+                    .broadcast_sub(&z.mean_keepdim(1)?)?
+                    .sqr()?
+                    .sum(D::Minus1)?
+                    .sqrt()?;
+                let n = z.sqr()?.sum(D::Minus1)?.sqrt()?;
+                println!(
+                    "  adapter stage {name:>6}: per-position variation {:.3} of the token norm",
+                    d.mean_all()?.to_scalar::<f32>()? / n.mean_all()?.to_scalar::<f32>()?
+                );
+            }
             println!(
                 "share of the image tokens' energy common to the batch: {:.3}",
                 afm_train::adapter_train::common_token_share(&img)?.to_scalar::<f32>()?
