@@ -369,11 +369,29 @@ fn generate_with<M: LanguageModel>(
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        default_sigpipe();
+    }
     // errors print on one line (`context: cause: cause`), not as anyhow's multi-line report
     if let Err(e) = run(cli) {
         let _ = std::io::stdout().flush();
         eprintln!("error: {}", error_line(&e));
         std::process::exit(1);
+    }
+}
+
+/// Lets a closed pipe end the process quietly, as it ends other command-line tools: `afm
+/// generate ... | head -1` would otherwise panic in `println!` once `head` has exited (Rust
+/// programs start with SIGPIPE ignored, so every write to a closed pipe is an error, and
+/// `println!` panics on errors). `afm serve` keeps SIGPIPE ignored: a client that hangs up
+/// must give that request a write error, not stop the server.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: `signal` with a valid signal number and SIG_DFL only changes this process's
+    // disposition of SIGPIPE; it is called at start-up, before any thread is spawned, so no
+    // other thread can be inside a handler or racing on the disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

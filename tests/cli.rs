@@ -445,3 +445,54 @@ fn generate_and_screen_print_json_that_validates() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `afm generate ... | head -1` style: the reader has gone before the answer is printed. The
+/// process ends on SIGPIPE, as other command-line tools do, instead of panicking in
+/// `println!` (plain and `--schema` output both).
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let Some(model) = common::smollm2_gguf() else {
+        return;
+    };
+    let dir = tempfile_dir("sigpipe");
+    let schema = dir.join("s.json");
+    std::fs::write(
+        &schema,
+        r#"{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}"#,
+    )
+    .unwrap();
+    for extra in [
+        vec![],
+        vec!["--schema".to_string(), schema.display().to_string()],
+    ] {
+        let mut child = afm()
+            .args(["--threads", "1", "generate", "--max-tokens", "8"])
+            .args(&extra)
+            .arg("--model")
+            .arg(&model)
+            .arg("hi")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader exits before anything is written
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{extra:?}: {:?} {stderr}",
+            out.status
+        );
+    }
+}
+
+fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("afm-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
