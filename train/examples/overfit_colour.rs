@@ -2,7 +2,7 @@
 //! colour from the image at all?
 //!
 //! ```text
-//! cargo run --release -p afm-train --example overfit_colour -- CONFIG.json EXPORT_DIR LM_GGUF [N] [STEPS] [LR]
+//! cargo run --release -p afm-train --example overfit_colour -- CONFIG.json EXPORT_DIR LM_GGUF [N] [STEPS] [LR] [BATCH]
 //! ```
 //!
 //! Takes the first `N` (default 16) easy-VQA `train` images with a colour question, all asking
@@ -12,6 +12,11 @@
 //! rolled by one, and the same on `N` easy-VQA `test` images. The question is the same for
 //! every image, so a loss below the answers' entropy needs the image: if the right and rolled
 //! losses stay together, the setup cannot read colour, whatever the data.
+//!
+//! With `BATCH` < `N` every step takes the next `BATCH` of the `N` training images in turn
+//! (minibatches rather than one batch), which asks whether colour is learned in general
+//! rather than memorised; the printed losses are then on the first 64 training images and 64
+//! test images.
 use afm_train::adapter_train::{
     prepare_lora_from, sequence_loss, AdapterTrainConfig, FrozenLm, Trainable,
 };
@@ -57,6 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: usize = a.get(4).map(|s| s.parse()).transpose()?.unwrap_or(16);
     let steps: usize = a.get(5).map(|s| s.parse()).transpose()?.unwrap_or(40);
     let lr: f64 = a.get(6).map(|s| s.parse()).transpose()?.unwrap_or(3e-4);
+    let batch: usize = a.get(7).map(|s| s.parse()).transpose()?.unwrap_or(n).min(n);
     let mut lm = FrozenLm::from_gguf(Path::new(&a[3]))?;
     prepare_lora_from(&cfg, &mut lm, Some(&export.join("lora.safetensors")))?;
     let mut tr = Trainable::init_from(
@@ -71,28 +77,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tokens = cfg.tokens_per_image();
     let size = cfg.vision.image_size;
     let train = colour_set(&EasyVqa::open(&root, Split::Train)?, n, &fmt, tokens, size)?;
+    let shown = n.min(64);
     let test = colour_set(
         &EasyVqa::open(&root, Split::HeldOut)?,
-        n,
+        shown,
         &fmt,
         tokens,
         size,
     )?;
-    println!("train answers: {:?}", train.2);
+    if n <= 16 {
+        println!("train answers: {:?}", train.2);
+    }
+    let train_shown: Set = (
+        train.0[..shown].to_vec(),
+        train.1.narrow(0, 0, shown)?,
+        train.2[..shown].to_vec(),
+    );
     let ph = fmt.placeholder_id();
+    // in chunks of 16 sequences: the LoRA graph of 64 sequences at once would take ~20 GB
     let eval = |tr: &Trainable, s: &Set| -> Result<(f32, f32), Box<dyn std::error::Error>> {
         let img = tr.build(&cfg, lm.hidden_size())?.embed(&s.1)?.detach();
         let b = img.dim(0)?;
         let rolled = Tensor::cat(&[img.narrow(0, 1, b - 1)?, img.narrow(0, 0, 1)?], 0)?;
-        Ok((
-            sequence_loss(&lm.model, &s.0, ph, &img)?.to_scalar::<f32>()?,
-            sequence_loss(&lm.model, &s.0, ph, &rolled)?.to_scalar::<f32>()?,
-        ))
+        let (mut right, mut other) = (0f32, 0f32);
+        for start in (0..b).step_by(16) {
+            let len = 16.min(b - start);
+            let ex = &s.0[start..start + len];
+            let w = len as f32 / b as f32;
+            right += w * sequence_loss(&lm.model, ex, ph, &img.narrow(0, start, len)?)?
+                .detach()
+                .to_scalar::<f32>()?;
+            other += w * sequence_loss(&lm.model, ex, ph, &rolled.narrow(0, start, len)?)?
+                .detach()
+                .to_scalar::<f32>()?;
+        }
+        Ok((right, other))
     };
     let mut opt = AdamW::new(&tr.params, cfg.adamw)?;
     for step in 0..=steps {
         if step % 5 == 0 {
-            let (r, o) = eval(&tr, &train)?;
+            let (r, o) = eval(&tr, &train_shown)?;
             let (tr_, to) = eval(&tr, &test)?;
             println!(
                 "step {step:>3}: train right {r:.3} rolled {o:.3} | test right {tr_:.3} rolled {to:.3}"
@@ -101,8 +125,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if step == steps {
             break;
         }
-        let img = tr.build(&cfg, lm.hidden_size())?.embed(&train.1)?;
-        let loss = sequence_loss(&lm.model, &train.0, ph, &img)?;
+        let start = (step * batch) % n;
+        let len = batch.min(n - start);
+        let img = tr
+            .build(&cfg, lm.hidden_size())?
+            .embed(&train.1.narrow(0, start, len)?)?;
+        let loss = sequence_loss(&lm.model, &train.0[start..start + len], ph, &img)?;
         let g = loss.backward()?;
         opt.step(&tr.params, &g, lr)?;
     }
