@@ -442,8 +442,27 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
         a.vision.as_deref(),
         a.init_adapter.as_deref(),
     )?;
+    let sources = match &cfg.train_sources {
+        Some(src) => {
+            use afm_train::pretrain::Source;
+            if src.contains(&Source::EasyVqa) && easy.is_none() {
+                bail!("`train_sources` names easy_vqa, but the easy-VQA data set is not here: run `bash scripts/fetch_easy_vqa.sh`, or leave easy_vqa out");
+            }
+            let names: Vec<&str> = src
+                .iter()
+                .map(|s| match s {
+                    Source::Scene => "scenes",
+                    Source::Screen => "screens",
+                    Source::EasyVqa => "easy-VQA",
+                })
+                .collect();
+            format!("training on {} only", names.join(", "))
+        }
+        None if easy.is_some() => "scenes, screens, easy-VQA".into(),
+        None => "scenes, screens".into(),
+    };
     eprintln!(
-        "stage 2, adapter training against the frozen {} ({}): {:.2} M trainable parameters ({}{}); {} image tokens per view{}; {} epochs x {} steps of {} examples ({} sources), {} held-out questions per epoch",
+        "stage 2, adapter training against the frozen {} ({}): {:.2} M trainable parameters ({}{}); {} image tokens per view{}; {} epochs x {} steps of {} examples ({}), {} held-out questions per epoch",
         lm.info.file,
         &lm.info.sha256[..lm.info.sha256.len().min(12)],
         (tr.params.num_params() + lora_params) as f64 / 1e6,
@@ -460,7 +479,7 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
         cfg.epochs,
         cfg.steps_per_epoch,
         cfg.batch_size,
-        if easy.is_some() { "scenes, screens, easy-VQA" } else { "scenes, screens" },
+        sources,
         cfg.eval_questions
     );
     drop(tr);

@@ -94,7 +94,9 @@ use crate::caption_slots::{self, CaptionSlots, SlotHead};
 use crate::easy_vqa::EasyVqa;
 use crate::optim::AdamWConfig;
 use crate::optim::Params;
-use crate::pretrain::{example, init_params, pixels, PretrainConfig, Result, TrainError};
+use crate::pretrain::{
+    example, example_from, init_params, pixels, PretrainConfig, Result, Source, TrainError,
+};
 use crate::prompt::{Example, PromptFormat, CAPTION_PROMPT, IMAGE_PLACEHOLDER};
 use crate::runloop::{io, run_loop, write_json_atomic, EpochEnd, LoopSpec, StepLoss};
 use crate::{QaCategory, Sample, Split};
@@ -178,6 +180,12 @@ pub struct AdapterTrainConfig {
     /// caption (runs before this field existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_categories: Option<Vec<QaCategory>>,
+    /// Training images only from these sources, taken in turn (snake_case names of
+    /// [`crate::pretrain::Source`]: `["easy_vqa"]`, `["scene", "easy_vqa"]`): a curriculum
+    /// stage on one kind of image. Held-out batches are not filtered. `None`: every source
+    /// ([`crate::pretrain::example`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_sources: Option<Vec<Source>>,
     /// The caption-slot loss ([`crate::caption_slots`]) added to the answer loss; `None`: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caption_slots: Option<CaptionSlots>,
@@ -351,6 +359,7 @@ impl AdapterTrainConfig {
             loss_per_turn: false,
             common_token_weight: None,
             train_categories: None,
+            train_sources: None,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -385,6 +394,7 @@ impl AdapterTrainConfig {
             loss_per_turn: false,
             common_token_weight: None,
             train_categories: None,
+            train_sources: None,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -431,6 +441,11 @@ impl AdapterTrainConfig {
                     "`common_token_weight` must be a finite number >= 0, got {w}"
                 )));
             }
+        }
+        if self.train_sources.as_ref().is_some_and(|c| c.is_empty()) {
+            return Err(TrainError::Invalid(
+                "`train_sources` is empty: name at least one of scene, screen, easy_vqa".into(),
+            ));
         }
         if self.train_categories.as_ref().is_some_and(|c| c.is_empty()) {
             return Err(TrainError::Invalid(
@@ -902,8 +917,11 @@ pub fn batch(
     };
     let mut px = vec![];
     for j in start..start + n as u64 {
-        let mut s = example(j, split, easy)?;
         let train = split == Split::Train;
+        let mut s = match (train, &cfg.train_sources) {
+            (true, Some(src)) => example_from(src, j, split, easy)?,
+            _ => example(j, split, easy)?,
+        };
         let mut with_caption = train;
         if let (true, Some(cats)) = (train, &cfg.train_categories) {
             with_caption = false;

@@ -261,14 +261,52 @@ impl TextTower {
 pub fn example(j: u64, split: Split, easy: Option<&EasyVqa>) -> Result<Sample> {
     let n = if easy.is_some() { 3 } else { 2 };
     let (src, idx) = (j % n, j / n);
+    let src = [Source::Scene, Source::Screen, Source::EasyVqa][src as usize];
+    example_of(src, idx, split, easy)
+}
+
+/// One of the sources [`example`] takes in turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Generated scenes of coloured shapes.
+    Scene,
+    /// Generated UI screenshots.
+    Screen,
+    /// easy-VQA's images (needs the data set).
+    EasyVqa,
+}
+
+/// Sample `idx` of one source (easy-VQA wraps around its images).
+pub fn example_of(src: Source, idx: u64, split: Split, easy: Option<&EasyVqa>) -> Result<Sample> {
     Ok(match src {
-        0 => generate(SynthKind::Scene, split, idx),
-        1 => generate(SynthKind::Screen, split, idx),
-        _ => {
-            let e = easy.expect("three sources only with easy-VQA");
+        Source::Scene => generate(SynthKind::Scene, split, idx),
+        Source::Screen => generate(SynthKind::Screen, split, idx),
+        Source::EasyVqa => {
+            let e = easy.ok_or_else(|| {
+                TrainError::Invalid(
+                    "the easy-VQA source needs the data set (bash scripts/fetch_easy_vqa.sh)"
+                        .into(),
+                )
+            })?;
             e.get((idx % e.len() as u64) as usize)?
         }
     })
+}
+
+/// Example `j` drawn only from `sources`, in turn: source `sources[j % k]`, its sample
+/// `j / k` (`k = sources.len()`, at least 1).
+pub fn example_from(
+    sources: &[Source],
+    j: u64,
+    split: Split,
+    easy: Option<&EasyVqa>,
+) -> Result<Sample> {
+    let k = sources.len() as u64;
+    if k == 0 {
+        return Err(TrainError::Invalid("no training source named".into()));
+    }
+    example_of(sources[(j % k) as usize], j / k, split, easy)
 }
 
 /// Normalised `(3, s, s)` pixels of a sample (bicubic resize, mean 0.5, std 0.5).

@@ -647,3 +647,60 @@ fn train_categories_keep_only_those_questions_and_no_caption() {
         .contains("train_categories"));
     assert!(serde_json::from_str::<Vec<afm_train::QaCategory>>(r#"["colours"]"#).is_err());
 }
+
+#[test]
+fn train_sources_take_only_those_images_in_turn() {
+    use afm_train::pretrain::{example_of, Source};
+    let mut cfg = AdapterTrainConfig::test_tiny();
+    cfg.train_sources = serde_json::from_str(r#"["screen"]"#).unwrap();
+    cfg.validate().unwrap();
+    let tok = common::tokenizer();
+    let fmt = PromptFormat::new(&tok, &cfg.image_placeholder).unwrap();
+    // only screens, in order: training example j is screen j
+    let b = batch(&cfg, &fmt, Split::Train, 0, 4, None).unwrap();
+    for (j, c) in b.captions.iter().enumerate() {
+        let s = example_of(Source::Screen, j as u64, Split::Train, None).unwrap();
+        assert_eq!(c, &s.caption, "example {j}");
+    }
+    // two sources alternate: scene 0, screen 0, scene 1, screen 1
+    cfg.train_sources = Some(vec![Source::Scene, Source::Screen]);
+    let b = batch(&cfg, &fmt, Split::Train, 0, 4, None).unwrap();
+    let want: Vec<String> = [
+        (Source::Scene, 0),
+        (Source::Screen, 0),
+        (Source::Scene, 1),
+        (Source::Screen, 1),
+    ]
+    .iter()
+    .map(|&(s, i)| example_of(s, i, Split::Train, None).unwrap().caption)
+    .collect();
+    assert_eq!(b.captions, want);
+    // held-out batches are not filtered: scenes and screens in turn as without the option
+    cfg.train_sources = Some(vec![Source::Screen]);
+    let h = batch(&cfg, &fmt, Split::HeldOut, 0, 2, None).unwrap();
+    let s0 = afm_train::pretrain::example(0, Split::HeldOut, None).unwrap();
+    assert_eq!(h.captions[0], s0.caption);
+    assert_eq!(
+        s0.caption,
+        example_of(Source::Scene, 0, Split::HeldOut, None)
+            .unwrap()
+            .caption
+    );
+    // easy-VQA without its data set, an empty list and an unknown name are clear errors
+    cfg.train_sources = Some(vec![Source::EasyVqa]);
+    let e = batch(&cfg, &fmt, Split::Train, 0, 1, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("easy-VQA") && e.contains("fetch_easy_vqa"),
+        "{e}"
+    );
+    cfg.train_sources = Some(vec![]);
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("train_sources"));
+    assert!(serde_json::from_str::<Vec<Source>>(r#"["photos"]"#).is_err());
+}
