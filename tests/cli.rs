@@ -457,7 +457,8 @@ fn a_closed_stdout_pipe_ends_quietly() {
     let Some(model) = common::smollm2_gguf() else {
         return;
     };
-    let dir = tempfile_dir("sigpipe");
+    let dir = std::env::temp_dir().join(format!("afm-cli-sigpipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     let schema = dir.join("s.json");
     std::fs::write(
         &schema,
@@ -489,10 +490,4 @@ fn a_closed_stdout_pipe_ends_quietly() {
             out.status
         );
     }
-}
-
-fn tempfile_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("afm-cli-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

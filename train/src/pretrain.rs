@@ -259,10 +259,9 @@ impl TextTower {
 
 /// Example `j` of a run (module docs: data order).
 pub fn example(j: u64, split: Split, easy: Option<&EasyVqa>) -> Result<Sample> {
+    let all = [Source::Scene, Source::Screen, Source::EasyVqa];
     let n = if easy.is_some() { 3 } else { 2 };
-    let (src, idx) = (j % n, j / n);
-    let src = [Source::Scene, Source::Screen, Source::EasyVqa][src as usize];
-    example_of(src, idx, split, easy)
+    example_from(&all[..n], j, split, easy)
 }
 
 /// One of the sources [`example`] takes in turn.
