@@ -377,12 +377,8 @@ impl DiffLm {
         for (i, l) in self.layers.iter().enumerate() {
             for (t, f) in LoraTarget::ALL.iter().zip(&l.lora) {
                 if let Some((a, b)) = f {
-                    let group = match t {
-                        LoraTarget::Gate | LoraTarget::Up | LoraTarget::Down => "mlp",
-                        _ => "self_attn",
-                    };
                     modules.insert(
-                        format!("model.layers.{i}.{group}.{}", t.proj()),
+                        t.module_in(&format!("model.layers.{i}")),
                         LoraPair {
                             a: a.as_tensor().detach().copy()?,
                             b: b.as_tensor().detach().copy()?,
@@ -654,13 +650,9 @@ impl DiffLm {
         let mut out = BTreeMap::new();
         for (i, slots) in rec.into_iter().enumerate() {
             for (t, (sum, rows)) in LoraTarget::ALL.iter().zip(slots) {
-                let module = match t {
-                    LoraTarget::Gate | LoraTarget::Up | LoraTarget::Down => "mlp",
-                    _ => "self_attn",
-                };
                 let mean = sum.iter().map(|s| (s / rows.max(1) as f64) as f32);
                 out.insert(
-                    format!("model.layers.{i}.{module}.{}.weight", t.proj()),
+                    format!("{}.weight", t.module_in(&format!("model.layers.{i}"))),
                     mean.collect(),
                 );
             }

@@ -114,6 +114,16 @@ impl LoraTarget {
         }
     }
 
+    /// The projection's HF module path inside the layer at `layer` (e.g. `model.layers.3`):
+    /// `model.layers.3.self_attn.q_proj`, ..., `model.layers.3.mlp.down_proj`.
+    pub fn module_in(self, layer: &str) -> String {
+        let group = match self {
+            LoraTarget::Gate | LoraTarget::Up | LoraTarget::Down => "mlp",
+            _ => "self_attn",
+        };
+        format!("{layer}.{group}.{}", self.proj())
+    }
+
     /// Accepts the short name or the projection name (`q` or `q_proj`).
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL
