@@ -482,6 +482,12 @@ fn train_adapter(a: &AdapterArgs) -> Result<()> {
         sources,
         cfg.eval_questions
     );
+    if cfg.data_offset > 0 {
+        eprintln!(
+            "training images start at example {} (`data_offset`), past those of earlier stages",
+            cfg.data_offset
+        );
+    }
     drop(tr);
     let mut progress = Progress::new(cfg.total_steps(), a.run.max_steps, "afm-tiny");
     let st = afm_train::adapter_train::run_with(

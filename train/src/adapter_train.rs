@@ -186,6 +186,11 @@ pub struct AdapterTrainConfig {
     /// ([`crate::pretrain::example`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_sources: Option<Vec<Source>>,
+    /// Training step `s` takes images `data_offset + s * batch_size ..`: a continued stage
+    /// starts past the images its parent saw instead of repeating them. Held-out batches do
+    /// not move. `0` (runs before this field existed): from the first image.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub data_offset: u64,
     /// The caption-slot loss ([`crate::caption_slots`]) added to the answer loss; `None`: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caption_slots: Option<CaptionSlots>,
@@ -320,6 +325,10 @@ fn one() -> usize {
     1
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn yes() -> bool {
     true
 }
@@ -360,6 +369,7 @@ impl AdapterTrainConfig {
             common_token_weight: None,
             train_categories: None,
             train_sources: None,
+            data_offset: 0,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -395,6 +405,7 @@ impl AdapterTrainConfig {
             common_token_weight: None,
             train_categories: None,
             train_sources: None,
+            data_offset: 0,
             caption_slots: None,
             lm_loss: true,
             tiling: None,
@@ -894,6 +905,12 @@ pub struct Batch {
     pub categories: Vec<Option<QaCategory>>,
     /// Each image's caption (the caption-slot targets' source).
     pub captions: Vec<String>,
+}
+
+/// The first training example of step `step` (counted from 0 over all epochs):
+/// `data_offset + step * batch_size`.
+pub fn train_start(cfg: &AdapterTrainConfig, step: usize) -> u64 {
+    cfg.data_offset + (step * cfg.batch_size) as u64
 }
 
 /// Examples `start .. start + n` of `split` (training: captions included, up to
@@ -1520,7 +1537,7 @@ pub fn run_with(
                 cfg,
                 &fmt,
                 Split::Train,
-                (step * cfg.batch_size) as u64,
+                train_start(cfg, step),
                 cfg.batch_size,
                 easy,
             )?;

@@ -675,6 +675,27 @@ fn train_sources_take_only_those_images_in_turn() {
     .map(|&(s, i)| example_of(s, i, Split::Train, None).unwrap().caption)
     .collect();
     assert_eq!(b.captions, want);
+    // `data_offset` moves where training steps start, so a continued stage sees new images
+    let base = afm_train::adapter_train::train_start(&cfg, 2);
+    assert_eq!(base, 2 * cfg.batch_size as u64);
+    let mut off = cfg.clone();
+    off.data_offset = 1000;
+    assert_eq!(afm_train::adapter_train::train_start(&off, 2), 1000 + base);
+    let moved = batch(
+        &off,
+        &fmt,
+        Split::Train,
+        afm_train::adapter_train::train_start(&off, 0),
+        2,
+        None,
+    )
+    .unwrap();
+    let s1000 = example_of(Source::Scene, 500, Split::Train, None).unwrap();
+    assert_eq!(moved.captions[0], s1000.caption);
+    assert_ne!(moved.captions[0], b.captions[0]);
+    let j: AdapterTrainConfig =
+        serde_json::from_str(&serde_json::to_string(&off).unwrap()).unwrap();
+    assert_eq!(j.data_offset, 1000);
     // held-out batches are not filtered: scenes and screens in turn as without the option
     cfg.train_sources = Some(vec![Source::Screen]);
     let h = batch(&cfg, &fmt, Split::HeldOut, 0, 2, None).unwrap();
