@@ -494,3 +494,37 @@ fn web_page_in_headless_chromium() {
     );
     assert!(!r["ask"].as_str().unwrap().is_empty(), "{r}");
 }
+
+/// `afm bench serve` runs end to end (a smoke run on two small streams; the figures are
+/// not checked): the server's streams and the model's own batched step, side by side.
+#[test]
+fn bench_serve_reports_the_model_step_beside_the_server() {
+    let Some(gguf) = common::smollm2_gguf() else {
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_afm"))
+        .current_dir(common::root())
+        .args(["--threads", "2", "bench", "serve", "--no-reference"])
+        .args(["--streams", "1,2", "--max-tokens", "4", "--requests", "1"])
+        .arg("--model")
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("model step alone"), "{stdout}");
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| 1 |") || l.starts_with("| 2 |"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    // the model-step column holds a positive rate in every row
+    for r in rows {
+        let cells: Vec<&str> = r.split('|').map(str::trim).collect();
+        let step: f64 = cells[4].parse().unwrap_or_else(|_| panic!("{r}"));
+        assert!(step > 0.0, "{r}");
+    }
+}

@@ -210,6 +210,38 @@ fn start_llama(a: &ServeBench, model: &PathBuf, threads: usize) -> Result<(Proc,
     )
 }
 
+/// The model's own batched decode step ([`afm::lm::DeviceModel::forward_batch`]), in
+/// process, without HTTP, scheduling or sampling: tokens per second with `n` sequences of a
+/// 24-token prompt, over 32 steps (median of 3). Its scaling is the most the server's can be.
+fn model_step_tps(model: &std::path::Path, streams: &[usize]) -> Result<Vec<f64>> {
+    use afm::lm::{DeviceModel, LanguageModel, LogitsFor};
+    let m = DeviceModel::load(model)?;
+    let prompt: Vec<u32> = (0..24u32).map(|i| 100 + 37 * i).collect();
+    let mut out = vec![];
+    for &n in streams {
+        let mut times = vec![];
+        for _ in 0..3 {
+            let mut caches = (0..n)
+                .map(|_| -> Result<_> {
+                    let mut c = m.new_cache();
+                    m.forward_tokens(&prompt, &mut c, &LogitsFor::Last)?;
+                    Ok(c)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let ids: Vec<u32> = (0..n as u32).map(|i| 200 + i).collect();
+            let t0 = Instant::now();
+            for _ in 0..32 {
+                let mut refs: Vec<&mut afm::lm::Cache> = caches.iter_mut().collect();
+                m.forward_batch(&ids, &mut refs)?;
+            }
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        out.push((n * 32) as f64 / times[1]);
+    }
+    Ok(out)
+}
+
 /// The CPU model and the kernels' ISA level ([`afm::lm::isa::describe_cpu`]).
 fn cpu_line() -> String {
     afm::lm::isa::describe_cpu()
@@ -229,6 +261,10 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
         model.display(),
         cpu_line()
     );
+    let steps = model_step_tps(&model, &a.streams)?;
+    for (n, t) in a.streams.iter().zip(&steps) {
+        eprintln!("  afm model step alone, {n} sequences: {t:7.1} tok/s");
+    }
     let mut rows: Vec<(usize, f64, Option<f64>)> = Vec::new();
     {
         let (_p, url) = start_afm(&model, threads)?;
@@ -280,12 +316,19 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
         a.requests
     );
     println!("{}", cpu_line());
-    println!("| streams | afm tok/s | vs afm 1 stream | llama.cpp tok/s | afm / llama.cpp |");
-    println!("|---|---|---|---|---|");
-    for (n, afm, llama) in &rows {
+    println!("| streams | afm tok/s | vs afm 1 stream | model step alone tok/s | vs 1 sequence | llama.cpp tok/s | afm / llama.cpp |");
+    println!("|---|---|---|---|---|---|---|");
+    let step1 = a
+        .streams
+        .iter()
+        .zip(&steps)
+        .find(|r| *r.0 == 1)
+        .map(|r| *r.1);
+    for ((n, afm, llama), step) in rows.iter().zip(&steps) {
         println!(
-            "| {n} | {afm:.1} | {} | {} | {} |",
+            "| {n} | {afm:.1} | {} | {step:.1} | {} | {} | {} |",
             single.map_or("-".into(), |s| format!("{:.2}x", afm / s)),
+            step1.map_or("-".into(), |s| format!("{:.2}x", step / s)),
             llama.map_or("-".into(), |l| format!("{l:.1}")),
             llama.map_or("-".into(), |l| format!("{:.2}x", afm / l)),
         );

@@ -13,6 +13,10 @@
 //! every image, so a loss below the answers' entropy needs the image: if the right and rolled
 //! losses stay together, the setup cannot read colour, whatever the data.
 //!
+//! With `AFM_OVERFIT_SOURCE=scene` the images are the generator's scenes instead, each with
+//! its own "What colour is the <kind>?" (a kind that occurs once); `train_vit: true` in
+//! `CONFIG` trains the ViT too.
+//!
 //! With `BATCH` < `N` every step takes the next `BATCH` of the `N` training images in turn
 //! (minibatches rather than one batch), which asks whether colour is learned in general
 //! rather than memorised; the printed losses are then on the first 64 training images and 64
@@ -22,7 +26,7 @@ use afm_train::adapter_train::{
 };
 use afm_train::easy_vqa::{data_dir, EasyVqa};
 use afm_train::optim::AdamW;
-use afm_train::pretrain::pixels;
+use afm_train::pretrain::{example_of, pixels, Source};
 use afm_train::prompt::PromptFormat;
 use afm_train::{QaCategory, Split};
 use candle_core::Tensor;
@@ -30,17 +34,31 @@ use std::path::Path;
 
 type Set = (Vec<afm_train::prompt::Example>, Tensor, Vec<String>);
 
+/// The first `n` images of `split` with a colour question: easy-VQA's (`scene == false`)
+/// or the generator's scenes ("What colour is the triangle?", asked of a kind that occurs
+/// once).
 fn colour_set(
-    e: &EasyVqa,
+    scene: bool,
+    split: Split,
     n: usize,
     fmt: &PromptFormat,
     tokens: usize,
     size: usize,
 ) -> Result<Set, Box<dyn std::error::Error>> {
+    let root = data_dir(Path::new("."));
+    let e = if scene {
+        None
+    } else {
+        Some(EasyVqa::open(&root, split)?)
+    };
     let (mut ex, mut px, mut ans) = (vec![], vec![], vec![]);
     let mut i = 0;
-    while ex.len() < n && i < e.len() {
-        let s = e.get(i)?;
+    while ex.len() < n {
+        let s = match &e {
+            Some(e) if i < e.len() => e.get(i)?,
+            Some(_) => break,
+            None => example_of(Source::Scene, i as u64, split, None)?,
+        };
         i += 1;
         if let Some(q) = s.qa.iter().find(|q| q.category == QaCategory::Colour) {
             ex.push(fmt.example(&q.question, &q.answer, tokens)?);
@@ -73,18 +91,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tr.add_lora(&lm)?;
     let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder)?;
-    let root = data_dir(Path::new("."));
     let tokens = cfg.tokens_per_image();
     let size = cfg.vision.image_size;
-    let train = colour_set(&EasyVqa::open(&root, Split::Train)?, n, &fmt, tokens, size)?;
+    let scene = std::env::var("AFM_OVERFIT_SOURCE").is_ok_and(|v| v == "scene");
+    let train = colour_set(scene, Split::Train, n, &fmt, tokens, size)?;
     let shown = n.min(64);
-    let test = colour_set(
-        &EasyVqa::open(&root, Split::HeldOut)?,
-        shown,
-        &fmt,
-        tokens,
-        size,
-    )?;
+    let test = colour_set(scene, Split::HeldOut, shown, &fmt, tokens, size)?;
     if n <= 16 {
         println!("train answers: {:?}", train.2);
     }
