@@ -494,7 +494,7 @@ impl Act {
                 let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
                 let mut sum = 0i32;
                 for (j, v) in xb.iter().enumerate() {
-                    let qv = (v * id).round_ties_even() as i32;
+                    let qv = crate::kernels::round_small(v * id) as i32;
                     sum += qv;
                     q[b * BLOCK + j] = qv as i8;
                 }

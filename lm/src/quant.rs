@@ -141,7 +141,7 @@ fn quantize_row_q8(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32]) {
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (j, v) in xb.iter().enumerate() {
-            let q = (v * id).round_ties_even() as i32;
+            let q = crate::kernels::round_small(v * id) as i32;
             sum += q;
             qs[b * QK + j] = q as i8 as u8;
         }
@@ -341,6 +341,33 @@ impl QMatrix {
             }
             return;
         }
+        // 4 weight rows x 4 activation rows: each weight block is unpacked once for four
+        // activation rows and each activation block loaded once for four weight rows
+        while r + 4 <= nr {
+            let w = [
+                view(r0 + r),
+                view(r0 + r + 1),
+                view(r0 + r + 2),
+                view(r0 + r + 3),
+            ];
+            let mut i = 0;
+            while i + 4 <= m {
+                let a = [arow(i), arow(i + 1), arow(i + 2), arow(i + 3)];
+                let res = (k.k44)(self.kind, &w, &a);
+                for (j, row) in res.iter().enumerate() {
+                    o[(r + j) * m + i..(r + j) * m + i + 4].copy_from_slice(row);
+                }
+                i += 4;
+            }
+            while i < m {
+                let res = (k.k41)(self.kind, &w, &[arow(i)]);
+                for (j, v) in res.iter().enumerate() {
+                    o[(r + j) * m + i] = v[0];
+                }
+                i += 1;
+            }
+            r += 4;
+        }
         while r < nr {
             let w = [view(r0 + r)];
             let mut i = 0;
@@ -392,6 +419,16 @@ pub struct ARow<'a> {
 type K11 = fn(QKind, &[WRow; 1], &[ARow; 1]) -> [[f32; 1]; 1];
 type K41 = fn(QKind, &[WRow; 4], &[ARow; 1]) -> [[f32; 1]; 4];
 type K14 = fn(QKind, &[WRow; 1], &[ARow; 4]) -> [[f32; 4]; 1];
+type K44 = fn(QKind, &[WRow; 4], &[ARow; 4]) -> [[f32; 4]; 4];
+
+/// A 4x4 tile as two 2x4 tiles: the 256-bit kernels have 16 registers (AVX2 without
+/// AVX-512), too few for 16 accumulators; each product is summed exactly as by `kernel`.
+#[cfg(target_arch = "x86_64")]
+fn two_2x4<const V: u8>(kind: QKind, w: &[WRow; 4], a: &[ARow; 4]) -> [[f32; 4]; 4] {
+    let t = simd::kernel::<2, 4, V>(kind, &[w[0], w[1]], a);
+    let u = simd::kernel::<2, 4, V>(kind, &[w[2], w[3]], a);
+    [t[0], t[1], u[0], u[1]]
+}
 
 /// The micro-kernels chosen for this CPU: `kRC` multiplies R weight rows by C activation rows.
 #[derive(Clone, Copy)]
@@ -399,6 +436,7 @@ struct Kernels {
     k11: K11,
     k41: K41,
     k14: K14,
+    k44: K44,
     /// The kernels read activations in the paired 512-bit layout.
     pairs: bool,
 }
@@ -421,6 +459,7 @@ fn kernels_for(isa: Isa, nb: usize) -> Kernels {
                 k11: simd::kernel512::<1, 1>,
                 k41: simd::kernel512::<4, 1>,
                 k14: simd::kernel512::<1, 4>,
+                k44: simd::kernel512::<4, 4>,
                 pairs: true,
             };
         }
@@ -430,6 +469,7 @@ fn kernels_for(isa: Isa, nb: usize) -> Kernels {
                     k11: simd::kernel::<1, 1, { $v }>,
                     k41: simd::kernel::<4, 1, { $v }>,
                     k14: simd::kernel::<1, 4, { $v }>,
+                    k44: two_2x4::<{ $v }>,
                     pairs: false,
                 }
             };
@@ -454,6 +494,7 @@ fn scalar_kernels() -> Kernels {
         k11: scalar_kernel::<1, 1>,
         k41: scalar_kernel::<4, 1>,
         k14: scalar_kernel::<1, 4>,
+        k44: scalar_kernel::<4, 4>,
         pairs: false,
     }
 }
@@ -907,6 +948,8 @@ mod tests {
             (32, 7, 6),
             (160, 13, 11),
             (544, 41, 2),
+            (64, 8, 8),
+            (128, 17, 13),
         ] {
             let w = Tensor::from_vec(data(rows * cols, 1), (rows, cols), &Device::Cpu).unwrap();
             let x = Tensor::from_vec(data(m * cols, 7), (m, cols), &Device::Cpu).unwrap();
@@ -945,6 +988,7 @@ mod tests {
                             k11: simd::kernel::<1, 1, { simd::EVEX_VNNI }>,
                             k41: simd::kernel::<4, 1, { simd::EVEX_VNNI }>,
                             k14: simd::kernel::<1, 4, { simd::EVEX_VNNI }>,
+                            k44: two_2x4::<{ simd::EVEX_VNNI }>,
                             pairs: false,
                         },
                     ));
