@@ -314,6 +314,8 @@ fn vision_server_images_files_and_openai_client() {
         "assets/images",
         "--max-image-pixels",
         "1000000",
+        "--prefix-cache",
+        "16",
     ]);
     let (st, body) = s.http("GET", "/v1/models", b"");
     assert_eq!(st, 200);
@@ -527,4 +529,48 @@ fn bench_serve_reports_the_model_step_beside_the_server() {
         let step: f64 = cells[4].parse().unwrap_or_else(|_| panic!("{r}"));
         assert!(step > 0.0, "{r}");
     }
+}
+
+/// `--prefix-cache`: a second request that shares the chat template's system prompt with
+/// the first reuses its K/V (`usage.prompt_tokens_details.cached_tokens`), and without the
+/// flag nothing is reused. (Requests with images never use it: `engine::tests`.)
+#[test]
+fn prefix_cache_reuses_a_shared_prompt_start_and_reports_it() {
+    let Some(gguf) = common::smollm2_gguf() else {
+        return;
+    };
+    let cached = |s: &Server, q: &str| -> (u64, u64, String) {
+        let (st, body) = s.chat(serde_json::json!({"messages": user(q), "max_tokens": 6}));
+        assert_eq!(st, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        (
+            v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+            v["usage"]["prompt_tokens"].as_u64().unwrap(),
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        )
+    };
+    let s = Server::start(&["--model", gguf.to_str().unwrap(), "--prefix-cache", "16"]);
+    let (c1, _, a1) = cached(&s, "Name a colour.");
+    assert_eq!(c1, 0, "nothing to reuse yet");
+    assert!(!a1.is_empty());
+    // another question: the system prompt and the user turn's header are reused
+    let (c2, p2, a2) = cached(&s, "Name an animal.");
+    assert!(c2 >= 8 && c2 < p2, "cached {c2} of {p2}");
+    assert!(!a2.is_empty());
+    // the same question again: all but the last position
+    let (c3, p3, _) = cached(&s, "Name a colour.");
+    assert_eq!(c3, p3 - 1);
+    drop(s);
+    let s = Server::start(&["--model", gguf.to_str().unwrap()]);
+    cached(&s, "Name a colour.");
+    assert_eq!(
+        cached(&s, "Name a colour.").0,
+        0,
+        "no reuse without --prefix-cache"
+    );
 }

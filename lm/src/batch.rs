@@ -29,6 +29,8 @@ pub struct Sequence {
     cache: Cache,
     context: usize,
     prompt_tokens: usize,
+    /// Prompt positions taken from a cached prefix ([`Sequence::start_cached`]).
+    cached_tokens: usize,
     /// The token to feed at the next step (`None` once stopped).
     next: Option<u32>,
     stop: Option<StopReason>,
@@ -73,6 +75,26 @@ impl Sequence {
         opts: &GenerateOptions,
         guide: Option<Guide>,
     ) -> Result<(Self, StepOutput)> {
+        Self::start_cached(model, tok, embeds, history, opts, guide, None)
+    }
+
+    /// [`Self::start_guided`] from a cache that already holds the prompt's first
+    /// `prefix.seq_len()` positions (a prefix cache's copy, computed from the same tokens):
+    /// only the rest of `embeds` is prefilled. The prefix must be shorter than the prompt,
+    /// so that the last position is run and gives the first token's logits. `None`: the
+    /// whole prompt.
+    ///
+    /// # Shapes
+    /// `embeds: (t, hidden)`.
+    pub fn start_cached<M: LanguageModel + ?Sized>(
+        model: &M,
+        tok: &Tokenizer,
+        embeds: &Tensor,
+        history: &[u32],
+        opts: &GenerateOptions,
+        guide: Option<Guide>,
+        prefix: Option<Cache>,
+    ) -> Result<(Self, StepOutput)> {
         let t = embeds.dim(0)?;
         let context = model.info().context_length;
         if t >= context {
@@ -82,8 +104,23 @@ impl Sequence {
                 reserved: 1,
             });
         }
-        let mut cache = model.new_cache();
-        let logits = model.forward_embeds(embeds, &mut cache, &LogitsFor::Last)?;
+        let (mut cache, done) = match prefix {
+            Some(c) => {
+                let p = c.seq_len();
+                if p >= t {
+                    return Err(LmError::Invalid(format!(
+                        "a cached prefix of {p} positions for a prompt of {t}: the prefix must be shorter"
+                    )));
+                }
+                (c, p)
+            }
+            None => (model.new_cache(), 0),
+        };
+        let logits = model.forward_embeds(
+            &embeds.narrow(0, done, t - done)?,
+            &mut cache,
+            &LogitsFor::Last,
+        )?;
         let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let mut s = Self {
             sampler: Sampler::new(opts.sampling.clone())?,
@@ -102,6 +139,7 @@ impl Sequence {
             cache,
             context,
             prompt_tokens: t,
+            cached_tokens: done,
             next: None,
             stop: None,
             guide,
@@ -134,6 +172,15 @@ impl Sequence {
 
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_tokens
+    }
+
+    /// Prompt positions that came from a cached prefix instead of being prefilled.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached_tokens
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
     }
 
     pub fn cache_mut(&mut self) -> &mut Cache {

@@ -209,3 +209,96 @@ fn batched_generation_equals_generate_on_smollm2() {
     );
     assert_eq!(seqs[3].stop(), Some(afm_lm::StopReason::MaxTokens));
 }
+
+/// Total variation distance between the softmax distributions of two logit rows.
+fn total_variation(a: &[f32], b: &[f32]) -> f32 {
+    let p = |r: &[f32]| {
+        let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = r.iter().map(|x| (x - m).exp()).collect();
+        let z: f32 = e.iter().sum();
+        e.into_iter().map(|x| x / z).collect::<Vec<_>>()
+    };
+    p(a).iter()
+        .zip(p(b))
+        .map(|(x, y)| (x - y).abs())
+        .sum::<f32>()
+        / 2.0
+}
+
+/// Real SmolLM2: a sequence started from a cached prefix of its prompt (the K/V of another
+/// prompt that shares the chat template's system prompt, cut where the two differ; and the
+/// same prompt again, cut one short) predicts what one prefill of the whole prompt predicts,
+/// up to float rounding: the reused positions come from a prefill of another length and
+/// the rest runs as its own prefill (or decode step), which sum in other orders, and the
+/// int8 activations turn those last-bit differences into whole quantization steps (logits
+/// move by up to ~0.9 of ~29). The distributions of the next token stay within 5% total
+/// variation, with the same greedy first token; later greedy tokens can differ at near-ties,
+/// as with llama.cpp's prompt cache, so `afm serve` keeps the cache behind `--prefix-cache`.
+#[test]
+fn start_from_a_cached_prefix_predicts_what_a_full_prefill_does_on_smollm2() {
+    let Some(p) = afm_lm::testing::smollm2_gguf_or_skip() else {
+        return;
+    };
+    let ck = Checkpoint::load(&p).unwrap();
+    let (m, tok) = (&ck.model, &ck.tokenizer);
+    let ids = |q: &str| {
+        let t = afm_lm::chat::render_chat(tok, &[afm_lm::Message::user(q)]).unwrap();
+        tok.encode(&t).unwrap()
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let first = ids("Name three colours.");
+    let (s0, _) = Sequence::start(m, tok, &m.embed_tokens(&first).unwrap(), &first, &opts).unwrap();
+    assert_eq!(s0.cache().seq_len(), first.len());
+    assert_eq!(s0.cached_tokens(), 0);
+    for q in [
+        "Name three colours.",
+        "Write a short poem about rain.",
+        "Count from one to ten in words.",
+    ] {
+        let p = ids(q);
+        let lcp = first
+            .iter()
+            .zip(&p)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(p.len() - 1);
+        assert!(lcp >= 8, "the prompts share the system prompt: {lcp}");
+        let mut prefix = s0.cache().clone();
+        prefix.truncate(lcp);
+        assert_eq!(prefix.seq_len(), lcp);
+        let mut c = prefix.clone();
+        let got = m
+            .forward_tokens(&p[lcp..], &mut c, &LogitsFor::Last)
+            .unwrap();
+        let mut whole = m.new_cache();
+        let want = m.forward_tokens(&p, &mut whole, &LogitsFor::Last).unwrap();
+        let (g, w): (Vec<f32>, Vec<f32>) = (
+            got.squeeze(0).unwrap().to_vec1().unwrap(),
+            want.squeeze(0).unwrap().to_vec1().unwrap(),
+        );
+        let tv = total_variation(&g, &w);
+        println!(
+            "{q}: prefix {lcp} of {}, max |logit difference| {:.3}, total variation {tv:.4}",
+            p.len(),
+            afm_lm::testing::max_abs_diff(&got, &want).unwrap()
+        );
+        assert!(tv < 0.05, "{q}: {tv}");
+        let argmax =
+            |r: &[f32]| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap() as u32;
+        assert_eq!(argmax(&g), argmax(&w), "{q}");
+        let e = m.embed_tokens(&p).unwrap();
+        let (s, _) = Sequence::start_cached(m, tok, &e, &p, &opts, None, Some(prefix)).unwrap();
+        assert_eq!(s.ids()[0], argmax(&g), "{q}");
+        assert_eq!((s.prompt_tokens(), s.cached_tokens()), (p.len(), lcp));
+        assert_eq!(s.cache().seq_len(), p.len());
+    }
+    // a prefix as long as the prompt leaves no position to run: refused
+    let e = m.embed_tokens(&first).unwrap();
+    let err = Sequence::start_cached(m, tok, &e, &first, &opts, None, Some(s0.cache().clone()))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("prefix"), "{err}");
+}

@@ -378,8 +378,11 @@ pub fn finish_reason(s: StopReason) -> &'static str {
     }
 }
 
-pub fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's `usage`, with `prompt_tokens_details.cached_tokens`: the prompt positions that
+/// came from the prefix cache (`--prefix-cache`).
+pub fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 /// A non-streaming response body.

@@ -37,6 +37,9 @@ pub struct ServeBench {
     /// Measure afm only.
     #[arg(long)]
     pub no_reference: bool,
+    /// Run `afm serve` with `--prefix-cache 64` (llama-server keeps its prompt cache on).
+    #[arg(long)]
+    pub prefix_cache: bool,
 }
 
 const PROMPTS: &[&str] = &[
@@ -102,7 +105,7 @@ fn measure(base: &str, n: usize, a: &ServeBench) -> Result<(f64, usize)> {
     Ok((total as f64 / t0.elapsed().as_secs_f64(), total))
 }
 
-fn start_afm(model: &PathBuf, threads: usize) -> Result<(Proc, String)> {
+fn start_afm(model: &PathBuf, threads: usize, prefix_cache: bool) -> Result<(Proc, String)> {
     let mut c = Command::new(std::env::current_exe()?)
         .args([
             "--threads",
@@ -114,6 +117,12 @@ fn start_afm(model: &PathBuf, threads: usize) -> Result<(Proc, String)> {
         .arg("--model")
         .arg(model)
         .args(["--max-batch", "8", "--max-concurrent", "64"])
+        .args(
+            prefix_cache
+                .then_some(["--prefix-cache", "64"])
+                .into_iter()
+                .flatten(),
+        )
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -267,7 +276,7 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
     }
     let mut rows: Vec<(usize, f64, Option<f64>)> = Vec::new();
     {
-        let (_p, url) = start_afm(&model, threads)?;
+        let (_p, url) = start_afm(&model, threads, a.prefix_cache)?;
         post(
             &url,
             &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),

@@ -105,6 +105,8 @@ pub enum Event {
     Done {
         stop: StopReason,
         prompt_tokens: usize,
+        /// Of `prompt_tokens`, those taken from the prefix cache.
+        cached_tokens: usize,
         completion_tokens: usize,
     },
     Error(String),
@@ -135,6 +137,7 @@ impl Running {
             let _ = self.events.send(Event::Done {
                 stop,
                 prompt_tokens: self.seq.prompt_tokens(),
+                cached_tokens: self.seq.cached_tokens(),
                 completion_tokens: self.seq.ids().len(),
             });
             return false;
@@ -158,21 +161,111 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     }
 }
 
-/// Prefills a job; `Some` when it keeps running after its first token.
-fn admit(model: &Model, job: Job) -> Option<Running> {
+/// The K/V of recent text-only prompts, so that a prompt that starts like one of them (the
+/// chat template's system prompt, an earlier turn of the same conversation) prefills only
+/// what differs. Keyed by token ids alone, so prompts with images never enter it or use it
+/// (their image tokens are placeholders whose embeddings depend on the image).
+pub struct PrefixCache {
+    entries: std::collections::VecDeque<(Vec<u32>, afm::lm::Cache)>,
+    /// K/V bytes kept over all entries; the least recently used go first.
+    max_bytes: usize,
+    /// Shortest prefix worth reusing.
+    min_reuse: usize,
+    /// Prompt positions taken from the cache instead of being prefilled, since start.
+    pub reused: usize,
+}
+
+impl PrefixCache {
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            entries: Default::default(),
+            max_bytes,
+            min_reuse: 8,
+            reused: 0,
+        }
+    }
+
+    /// A copy of the cache of the longest stored prefix of `ids` (at most `ids.len() - 1`
+    /// positions, so the last prompt position is always run), when it is long enough.
+    fn lookup(&mut self, ids: &[u32]) -> Option<afm::lm::Cache> {
+        let (k, n) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(k, (e, _))| {
+                let lcp = e.iter().zip(ids).take_while(|(a, b)| a == b).count();
+                (k, lcp.min(ids.len().saturating_sub(1)))
+            })
+            .max_by_key(|&(_, n)| n)?;
+        if n < self.min_reuse {
+            return None;
+        }
+        let mut c = self.entries[k].1.clone();
+        c.truncate(n);
+        // most recently used last
+        let e = self.entries.remove(k)?;
+        self.entries.push_back(e);
+        self.reused += n;
+        Some(c)
+    }
+
+    /// Keeps `cache` (holding exactly the positions of `ids`) as a prefix for later prompts.
+    fn insert(&mut self, ids: &[u32], cache: &afm::lm::Cache) {
+        if self.max_bytes == 0
+            || cache.used_bytes() > self.max_bytes
+            || cache.seq_len() != ids.len()
+        {
+            return;
+        }
+        self.entries.retain(|(e, _)| e.as_slice() != ids);
+        self.entries.push_back((ids.to_vec(), cache.clone()));
+        while self
+            .entries
+            .iter()
+            .map(|(_, c)| c.used_bytes())
+            .sum::<usize>()
+            > self.max_bytes
+        {
+            self.entries.pop_front();
+        }
+    }
+}
+
+/// Whether a chat has no image: only such prompts use the prefix cache, whose key is the
+/// token ids (an image's placeholder ids are the same for every image).
+fn text_only(messages: &[MessageIn]) -> bool {
+    messages
+        .iter()
+        .all(|m| m.parts.iter().all(|p| matches!(p, PartIn::Text(_))))
+}
+
+/// Prefills a job (from the prefix cache where its prompt allows); `Some` when it keeps
+/// running after its first token.
+fn admit(model: &Model, prefixes: &mut PrefixCache, job: Job) -> Option<Running> {
     if job.events.is_closed() {
         return None;
     }
+    let text_only = text_only(&job.messages);
     let started = guarded(|| {
         let (ids, embeds) = model.prepare(&job.messages)?;
-        Ok(Sequence::start_guided(
+        let prefix = if text_only {
+            prefixes.lookup(&ids)
+        } else {
+            None
+        };
+        let (seq, first) = Sequence::start_cached(
             model.lm(),
             model.tokenizer(),
             &embeds,
             &ids,
             &job.opts,
             job.guide,
-        )?)
+            prefix,
+        )?;
+        if text_only {
+            prefixes.insert(&ids, seq.cache());
+        }
+        Ok((seq, first))
     });
     match started {
         Ok((seq, first)) => {
@@ -191,8 +284,10 @@ fn admit(model: &Model, job: Job) -> Option<Running> {
 
 /// The model thread's loop (module docs); returns when the job channel closes and every
 /// running job has finished.
-pub fn run(model: &Model, jobs: Receiver<Job>, max_batch: usize) {
+pub fn run(model: &Model, jobs: Receiver<Job>, max_batch: usize, prefixes: Option<PrefixCache>) {
     let mut running: Vec<Running> = Vec::new();
+    // `None`: a cache that keeps nothing
+    let mut prefixes = prefixes.unwrap_or_else(|| PrefixCache::new(0));
     let mut open = true;
     loop {
         if running.is_empty() {
@@ -200,13 +295,13 @@ pub fn run(model: &Model, jobs: Receiver<Job>, max_batch: usize) {
                 return;
             }
             match jobs.recv() {
-                Ok(j) => running.extend(admit(model, j)),
+                Ok(j) => running.extend(admit(model, &mut prefixes, j)),
                 Err(_) => return,
             }
         }
         while open && running.len() < max_batch {
             match jobs.try_recv() {
-                Ok(j) => running.extend(admit(model, j)),
+                Ok(j) => running.extend(admit(model, &mut prefixes, j)),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
             }
@@ -233,5 +328,109 @@ pub fn run(model: &Model, jobs: Receiver<Job>, max_batch: usize) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use afm::lm::Cache;
+
+    /// A cache of `n` positions of a tiny random model (2 layers, K/V width 32: 512 bytes
+    /// per position).
+    fn cache(n: usize) -> Cache {
+        use afm::lm::{LmConfig, LogitsFor};
+        let c = LmConfig {
+            vocab_size: 128,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: None,
+            num_kv_reuse_layers: 0,
+            qk_norm: false,
+            rope_interleaved: false,
+            kv_quant: false,
+        };
+        let m = DeviceModel::from_source(
+            &afm::lm::weights::WeightSource::from_tensors(
+                afm::lm::random::random_tensors(&c, 1).unwrap(),
+            ),
+            c,
+        )
+        .unwrap();
+        let mut cache = m.new_cache();
+        let ids: Vec<u32> = (0..n as u32).collect();
+        m.forward_tokens(&ids, &mut cache, &LogitsFor::Last)
+            .unwrap();
+        assert_eq!(cache.used_bytes(), 512 * n);
+        cache
+    }
+
+    #[test]
+    fn the_longest_stored_prefix_is_reused_and_the_oldest_entries_go_first() {
+        let mut pc = PrefixCache::new(512 * 30);
+        let a: Vec<u32> = (0..12).collect();
+        let mut b = a.clone();
+        b[10] = 99;
+        assert!(pc.lookup(&a).is_none(), "empty");
+        pc.insert(&a, &cache(12));
+        // b shares 10 positions with a
+        assert_eq!(pc.lookup(&b).map(|c| c.seq_len()), Some(10));
+        // a itself: all but its last position, which must run
+        assert_eq!(pc.lookup(&a).map(|c| c.seq_len()), Some(11));
+        assert_eq!(pc.reused, 21);
+        // shorter than the minimum: not worth it
+        let mut c = a.clone();
+        c[3] = 77;
+        assert!(pc.lookup(&c).is_none());
+        // a cache that does not hold exactly the prompt's positions is not kept
+        pc.insert(&c, &cache(5));
+        assert!(pc.lookup(&c).is_none());
+        // 30 positions fit: a (12) + b (12), then a third of 12 evicts the least recently used
+        pc.insert(&b, &cache(12));
+        assert_eq!(pc.lookup(&a).map(|c| c.seq_len()), Some(11)); // a is now the most recent
+        let d: Vec<u32> = (100..112).collect();
+        pc.insert(&d, &cache(12));
+        assert_eq!(
+            pc.lookup(&a).map(|c| c.seq_len()),
+            Some(11),
+            "a was used last: kept"
+        );
+        let mut b2 = b.clone();
+        b2.push(5);
+        assert_eq!(
+            pc.lookup(&b2).map(|c| c.seq_len()),
+            Some(10),
+            "b was evicted: only a's 10 shared positions remain"
+        );
+        // size 0 keeps nothing
+        let mut off = PrefixCache::new(0);
+        off.insert(&a, &cache(12));
+        assert!(off.lookup(&a).is_none());
+    }
+
+    #[test]
+    fn only_prompts_without_images_use_the_prefix_cache() {
+        let text = MessageIn {
+            role: "user".into(),
+            parts: vec![PartIn::Text("hi".into())],
+        };
+        assert!(text_only(std::slice::from_ref(&text)));
+        let img = MessageIn {
+            role: "user".into(),
+            parts: vec![
+                PartIn::Text("what is this?".into()),
+                PartIn::Image(afm::vision::image::RgbImage::new(2, 2)),
+            ],
+        };
+        assert!(!text_only(&[text, img]));
     }
 }

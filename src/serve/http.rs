@@ -224,6 +224,7 @@ async fn collect(
             Event::Done {
                 stop,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
             } => {
                 let body = api::completion(
@@ -232,7 +233,7 @@ async fn collect(
                     model,
                     &text,
                     stop,
-                    api::usage(prompt_tokens, completion_tokens),
+                    api::usage(prompt_tokens, cached_tokens, completion_tokens),
                 );
                 return Ok(Json(body).into_response());
             }
@@ -312,6 +313,7 @@ fn stream(
             Some(Event::Done {
                 stop,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
             }) => {
                 st.finished = true;
@@ -325,7 +327,7 @@ fn stream(
                 if st.include_usage {
                     let mut u = api::chunk(&st.id, st.created, &st.model, json!({}), None);
                     u["choices"] = json!([]);
-                    u["usage"] = api::usage(prompt_tokens, completion_tokens);
+                    u["usage"] = api::usage(prompt_tokens, cached_tokens, completion_tokens);
                     v.push(data(u));
                 }
                 v.push(SseEvent::default().data("[DONE]"));

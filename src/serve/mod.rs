@@ -44,6 +44,13 @@ pub(crate) struct ServeArgs {
     /// Requests decoded together in one batch at most (the rest wait in the queue).
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
+    /// Keep the K/V of recent text-only prompts (up to this many MB) and prefill only where
+    /// a new prompt departs from one of them (the chat template's system prompt, earlier
+    /// turns). Off by default: the reused positions were computed in a prefill of another
+    /// length, whose float sums differ, so greedy answers can differ at near-ties from a
+    /// cold start (as with llama.cpp's prompt cache).
+    #[arg(long, value_name = "MB")]
+    prefix_cache: Option<usize>,
 }
 
 /// The model `--model` names: a GGUF / safetensors language model (text only) or a
@@ -146,9 +153,10 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
     };
     let state = Arc::new(st);
     let max_batch = a.max_batch;
+    let prefixes = a.prefix_cache.map(|mb| engine::PrefixCache::new(mb << 20));
     let engine = std::thread::Builder::new()
         .name("afm-model".into())
-        .spawn(move || engine::run(&model, jobs_rx, max_batch))
+        .spawn(move || engine::run(&model, jobs_rx, max_batch, prefixes))
         .context("starting the model thread")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
