@@ -314,6 +314,14 @@ impl QMatrix {
     /// Rows `r0..r0+nr` against all `m` activation rows into `o` (`(nr, m)`).
     fn tile(&self, k: &Kernels, act: &Act, r0: usize, nr: usize, m: usize, o: &mut [f32]) {
         let view = |r: usize| self.row(r);
+        let four = |r: usize| {
+            [
+                view(r0 + r),
+                view(r0 + r + 1),
+                view(r0 + r + 2),
+                view(r0 + r + 3),
+            ]
+        };
         let arow = |i: usize| ARow {
             qs: &act.qs[i * self.cols..(i + 1) * self.cols],
             d: &act.d[i * act.nb..(i + 1) * act.nb],
@@ -323,12 +331,7 @@ impl QMatrix {
         if m == 1 {
             let a = [arow(0)];
             while r + 4 <= nr {
-                let w = [
-                    view(r0 + r),
-                    view(r0 + r + 1),
-                    view(r0 + r + 2),
-                    view(r0 + r + 3),
-                ];
+                let w = four(r);
                 let res = (k.k41)(self.kind, &w, &a);
                 for j in 0..4 {
                     o[r + j] = res[j][0];
@@ -344,12 +347,7 @@ impl QMatrix {
         // 4 weight rows x 4 activation rows: each weight block is unpacked once for four
         // activation rows and each activation block loaded once for four weight rows
         while r + 4 <= nr {
-            let w = [
-                view(r0 + r),
-                view(r0 + r + 1),
-                view(r0 + r + 2),
-                view(r0 + r + 3),
-            ];
+            let w = four(r);
             let mut i = 0;
             while i + 4 <= m {
                 let a = [arow(i), arow(i + 1), arow(i + 2), arow(i + 3)];

@@ -5,6 +5,32 @@ use crate::error::{LmError, Result};
 use candle_core::Tensor;
 use std::path::Path;
 
+/// A tiny plain-llama configuration for tests and examples (random weights from
+/// [`crate::random::random_tensors`]): vocabulary 256, width 64, MLP 128, 2 layers, 4 query
+/// heads over 2 K/V heads, 64 positions, tied embeddings; change fields with struct-update
+/// syntax (`LmConfig { num_hidden_layers: 3, ..tiny_llama() }`).
+pub fn tiny_llama() -> crate::LmConfig {
+    crate::LmConfig {
+        vocab_size: 256,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        head_dim: None,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 64,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_id: None,
+        num_kv_reuse_layers: 0,
+        qk_norm: false,
+        rope_interleaved: false,
+        kv_quant: false,
+    }
+}
+
 /// The largest absolute elementwise difference of two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     if a.dims() != b.dims() {

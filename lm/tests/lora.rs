@@ -25,23 +25,8 @@ fn tmp(name: &str) -> PathBuf {
 
 fn cfg() -> LmConfig {
     LmConfig {
-        vocab_size: 256,
-        hidden_size: 64,
-        intermediate_size: 128,
         num_hidden_layers: 3,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
-        head_dim: None,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_id: None,
-        num_kv_reuse_layers: 0,
-        qk_norm: false,
-        rope_interleaved: false,
-        kv_quant: false,
+        ..afm_lm::testing::tiny_llama()
     }
 }
 

@@ -176,6 +176,7 @@ pub struct PrefixCache {
 }
 
 impl PrefixCache {
+    /// Up to `max_bytes` of K/V; 0 keeps nothing (`--prefix-cache` not given).
     pub fn new(max_bytes: usize) -> Self {
         Self {
             entries: Default::default(),
@@ -284,10 +285,8 @@ fn admit(model: &Model, prefixes: &mut PrefixCache, job: Job) -> Option<Running>
 
 /// The model thread's loop (module docs); returns when the job channel closes and every
 /// running job has finished.
-pub fn run(model: &Model, jobs: Receiver<Job>, max_batch: usize, prefixes: Option<PrefixCache>) {
+pub fn run(model: &Model, jobs: Receiver<Job>, max_batch: usize, mut prefixes: PrefixCache) {
     let mut running: Vec<Running> = Vec::new();
-    // `None`: a cache that keeps nothing
-    let mut prefixes = prefixes.unwrap_or_else(|| PrefixCache::new(0));
     let mut open = true;
     loop {
         if running.is_empty() {
@@ -344,20 +343,8 @@ mod tests {
             vocab_size: 128,
             hidden_size: 32,
             intermediate_size: 64,
-            num_hidden_layers: 2,
             num_attention_heads: 2,
-            num_key_value_heads: Some(2),
-            head_dim: None,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            max_position_embeddings: 64,
-            tie_word_embeddings: true,
-            bos_token_id: None,
-            eos_token_id: None,
-            num_kv_reuse_layers: 0,
-            qk_norm: false,
-            rope_interleaved: false,
-            kv_quant: false,
+            ..afm::lm::testing::tiny_llama()
         };
         let m = DeviceModel::from_source(
             &afm::lm::weights::WeightSource::from_tensors(

@@ -153,7 +153,7 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
     };
     let state = Arc::new(st);
     let max_batch = a.max_batch;
-    let prefixes = a.prefix_cache.map(|mb| engine::PrefixCache::new(mb << 20));
+    let prefixes = engine::PrefixCache::new(a.prefix_cache.unwrap_or(0).saturating_mul(1 << 20));
     let engine = std::thread::Builder::new()
         .name("afm-model".into())
         .spawn(move || engine::run(&model, jobs_rx, max_batch, prefixes))
