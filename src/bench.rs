@@ -538,7 +538,8 @@ pub fn read_bandwidth(threads: usize) -> f64 {
     (per * threads * 8) as f64 / best
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// The middle value (upper middle for an even count), sorting `v`; NaN when empty.
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return f64::NAN;

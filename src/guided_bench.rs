@@ -12,6 +12,8 @@ use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::bench::median;
+
 #[derive(Args, Clone)]
 pub struct GuidedBench {
     /// GGUF model (default: SmolLM2-135M-Instruct Q4_1).
@@ -51,11 +53,6 @@ struct Run {
     tokens: usize,
     decode_secs: f64,
     mask_secs: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 pub fn bench_guided(a: &GuidedBench, model: PathBuf) -> Result<()> {
@@ -129,7 +126,11 @@ pub fn bench_guided(a: &GuidedBench, model: PathBuf) -> Result<()> {
         mask_us.push(g.mask_secs * 1e6 / g.tokens.max(1) as f64);
         counts.push(g.tokens);
     }
-    let (p, g, m) = (median(plain), median(guided), median(mask_us));
+    let (p, g, m) = (
+        median(&mut plain),
+        median(&mut guided),
+        median(&mut mask_us),
+    );
     println!("model: {}", model.display());
     println!(
         "token trie + parser factory: {:.1} ms (once per model) | schema compile: {:.2} ms (once per request)",

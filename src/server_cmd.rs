@@ -13,6 +13,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::bench::median;
+
 #[derive(Args, Clone)]
 pub struct ServerGenArgs {
     /// Output: a directory (config.json + model.safetensors, f32) or a file ending in .gguf.
@@ -184,11 +186,6 @@ pub struct ServerBench {
     /// Hold one core with a background busy loop for the whole run.
     #[arg(long)]
     pub busy: bool,
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Prefill seconds and decode tokens/s (greedy, medians over `runs`).

@@ -245,8 +245,7 @@ fn model_step_tps(model: &std::path::Path, streams: &[usize]) -> Result<Vec<f64>
             }
             times.push(t0.elapsed().as_secs_f64());
         }
-        times.sort_by(f64::total_cmp);
-        out.push((n * 32) as f64 / times[1]);
+        out.push((n * 32) as f64 / crate::bench::median(&mut times));
     }
     Ok(out)
 }

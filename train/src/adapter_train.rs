@@ -458,6 +458,18 @@ impl AdapterTrainConfig {
                 "`train_sources` is empty: name at least one of scene, screen, easy_vqa".into(),
             ));
         }
+        // sample seeds hold the index mod 2^56 (`crate::seed`): past that, images repeat
+        let last = (self.total_steps() as u64).saturating_mul(self.batch_size as u64);
+        if self
+            .data_offset
+            .checked_add(last)
+            .is_none_or(|end| end > 1 << 56)
+        {
+            return Err(TrainError::Invalid(format!(
+                "`data_offset` {} plus this run's {last} training examples passes 2^56, the generator's image index space",
+                self.data_offset
+            )));
+        }
         if self.train_categories.as_ref().is_some_and(|c| c.is_empty()) {
             return Err(TrainError::Invalid(
                 "`train_categories` is empty: name at least one kind of question".into(),

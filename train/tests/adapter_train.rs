@@ -696,6 +696,10 @@ fn train_sources_take_only_those_images_in_turn() {
     let j: AdapterTrainConfig =
         serde_json::from_str(&serde_json::to_string(&off).unwrap()).unwrap();
     assert_eq!(j.data_offset, 1000);
+    // an offset past the generator's index space is a clear error, not a wrapped index
+    off.data_offset = u64::MAX - 1;
+    let e = off.validate().unwrap_err().to_string();
+    assert!(e.contains("data_offset"), "{e}");
     // held-out batches are not filtered: scenes and screens in turn as without the option
     cfg.train_sources = Some(vec![Source::Screen]);
     let h = batch(&cfg, &fmt, Split::HeldOut, 0, 2, None).unwrap();
