@@ -138,6 +138,29 @@ pub struct LossWeights {
     /// character over the strings wholly in view.
     #[serde(default)]
     pub ctc: bool,
+    /// Weight of the patches that show no object (class `none`) in the colour and shape
+    /// terms, against 1 for object patches. A scene's shapes cover a few of 196 patches, so
+    /// at 1 the background is most of both terms; below 1 the object patches lead.
+    #[serde(default = "unit_weight")]
+    pub background: f32,
+}
+
+fn unit_weight() -> f32 {
+    1.0
+}
+
+/// Where a run's views come from ([`view_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViewSource {
+    /// A scene of shapes: its overview or a native-resolution tile.
+    Scene,
+    /// A screen crop around a string, at a random scale.
+    ScreenText,
+    /// A screen overview or a random crop.
+    Screen,
+    /// An easy-VQA image (a scene when easy-VQA is absent).
+    EasyVqa,
 }
 
 /// A stage-1b run's settings (`perceive.json` keeps them; a resumed run must match).
@@ -161,6 +184,10 @@ pub struct PerceiveConfig {
     /// Screen crops around strings only (sources 1 and 2 of the mix): a reading run.
     #[serde(default)]
     pub text_only: bool,
+    /// The views' sources, taken in turn (view `j` is `sources[j % len]`); empty for the
+    /// default mix of the module docs. Overrides `text_only`.
+    #[serde(default)]
+    pub sources: Vec<ViewSource>,
 }
 
 impl PerceiveConfig {
@@ -190,8 +217,10 @@ impl PerceiveConfig {
                 role: 0.5,
                 chars: 2.0,
                 ctc: false,
+                background: 1.0,
             },
             text_only: false,
+            sources: vec![],
         }
     }
 
@@ -225,6 +254,7 @@ impl PerceiveConfig {
             scale_range: (0.75, 1.3),
             weights: Self::afm_tiny().weights,
             text_only: false,
+            sources: vec![],
         }
     }
 
@@ -254,6 +284,12 @@ impl PerceiveConfig {
         }
         if !(self.adamw.lr > 0.0 && self.adamw.lr.is_finite()) {
             return Err(TrainError::Invalid("`adamw.lr` must be positive".into()));
+        }
+        let b = self.weights.background;
+        if !(b.is_finite() && b >= 0.0) {
+            return Err(TrainError::Invalid(format!(
+                "`weights.background` ({b}) must be a finite weight >= 0"
+            )));
         }
         Ok(())
     }
@@ -693,7 +729,25 @@ pub fn view_for(
             ^ (j.wrapping_mul(0x9E37_79B9_7F4A_7C15))
             ^ (((split == Split::HeldOut) as u64) << 63),
     );
-    let (src, idx) = if cfg.text_only {
+    let (src, idx) = if !cfg.sources.is_empty() {
+        let n = cfg.sources.len() as u64;
+        let code = match cfg.sources[(j % n) as usize] {
+            ViewSource::Scene => 0,
+            ViewSource::ScreenText => 1,
+            ViewSource::Screen => 3,
+            ViewSource::EasyVqa => 4,
+        };
+        // the k-th view of a source takes that source's k-th image
+        let k = (0..j % n)
+            .filter(|&i| cfg.sources[i as usize] == cfg.sources[(j % n) as usize])
+            .count() as u64;
+        let per_cycle = cfg
+            .sources
+            .iter()
+            .filter(|&&x| x == cfg.sources[(j % n) as usize])
+            .count() as u64;
+        (code, (j / n) * per_cycle + k)
+    } else if cfg.text_only {
         (1 + j % 2, j / 2)
     } else {
         (j % 5, j / 5)
@@ -1041,8 +1095,13 @@ pub fn loss(cfg: &LossWeights, lg: &HeadLogits, labels: &[Labels]) -> Result<Ten
         .iter()
         .map(|&c| if c == 1 { 3.0 } else { 1.0 })
         .collect();
-    let l = ((weighted_ce(&lg.colour, &colour, &ones(colour.len()))? * cfg.colour as f64)?
-        + (weighted_ce(&lg.shape, &shape, &ones(shape.len()))? * cfg.shape as f64)?)?;
+    let object_w = |t: &[u32]| -> Vec<f32> {
+        t.iter()
+            .map(|&c| if c == 0 { cfg.background } else { 1.0 })
+            .collect()
+    };
+    let l = ((weighted_ce(&lg.colour, &colour, &object_w(&colour))? * cfg.colour as f64)?
+        + (weighted_ce(&lg.shape, &shape, &object_w(&shape))? * cfg.shape as f64)?)?;
     let l = (l + (weighted_ce(&lg.center, &center, &centre_w)? * cfg.center as f64)?)?;
     let l = (l + (weighted_ce(&lg.role, &role, &ones(role.len()))? * cfg.role as f64)?)?;
     let reading = if cfg.ctc {

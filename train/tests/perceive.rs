@@ -131,6 +131,88 @@ fn a_reading_run_sees_screen_crops_around_strings_only() {
     }
 }
 
+/// `sources` takes the named sources in turn, each source's views its own images in order;
+/// an object-only run never sees a screen.
+#[test]
+fn sources_are_taken_in_turn_and_each_takes_new_images() {
+    use afm_train::perceive::ViewSource;
+    let cfg = PerceiveConfig {
+        sources: vec![ViewSource::Scene, ViewSource::Scene, ViewSource::Screen],
+        ..PerceiveConfig::afm_tiny()
+    };
+    let mut scenes = vec![];
+    for j in 0..9u64 {
+        let (s, _) = view_for(&cfg, j, Split::Train, None).unwrap();
+        match (j % 3, &s.truth) {
+            (0 | 1, Truth::Scene(_)) => scenes.push(s.image.clone()),
+            (2, Truth::Screen(_)) => {}
+            (k, _) => panic!("view {j} (slot {k}) came from the wrong source"),
+        }
+    }
+    // six scene views, six different scenes
+    for a in 0..scenes.len() {
+        for b in a + 1..scenes.len() {
+            assert_ne!(scenes[a], scenes[b], "scene views {a} and {b} repeat an image");
+        }
+    }
+    let bad = PerceiveConfig {
+        weights: afm_train::perceive::LossWeights {
+            background: f32::NAN,
+            ..PerceiveConfig::afm_tiny().weights
+        },
+        ..PerceiveConfig::afm_tiny()
+    };
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("background"), "{e}");
+}
+
+/// With `background` below 1, the shape term follows the object patches: logits that are
+/// right on the background and wrong on the objects lose more than at weight 1.
+#[test]
+fn background_weight_shifts_the_shape_term_to_object_patches() {
+    use afm_train::perceive::{loss, HeadLogits, LossWeights, SHAPES};
+    use candle_core::{Device, Tensor};
+    let cfg = PerceiveConfig::afm_tiny();
+    let (s, v) = view_for(&cfg, 0, Split::Train, None).unwrap();
+    let lab = labels(&s, &v);
+    let objects = lab.shape.iter().filter(|&&c| c != 0).count();
+    assert!(objects > 0 && objects < lab.shape.len());
+    // predicts "none" everywhere, confidently
+    let n = lab.shape.len();
+    let mut sh = vec![0f32; n * SHAPES.len()];
+    for p in 0..n {
+        sh[p * SHAPES.len()] = 8.0;
+    }
+    let z = |c: usize| Tensor::zeros((n, c), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let lg = HeadLogits {
+        colour: z(afm_train::perceive::COLOURS.len()),
+        shape: Tensor::from_vec(sh, (n, SHAPES.len()), &Device::Cpu).unwrap(),
+        center: z(2),
+        role: z(afm_train::perceive::ROLES.len()),
+        chars: z(afm_train::perceive::CHAR_CLASSES).repeat((afm_train::perceive::SLOTS, 1)).unwrap(),
+    };
+    let only_shape = |background: f32| {
+        let w = LossWeights {
+            colour: 0.0,
+            shape: 1.0,
+            center: 0.0,
+            role: 0.0,
+            chars: 0.0,
+            ctc: false,
+            background,
+        };
+        loss(&w, &lg, std::slice::from_ref(&lab))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (even, objects_first) = (only_shape(1.0), only_shape(0.1));
+    assert!(
+        objects_first > 2.0 * even,
+        "object-weighted {objects_first} vs even {even}"
+    );
+}
+
 #[test]
 fn a_stem_run_starts_from_a_plain_encoder_and_exports_what_it_trained() {
     let base = std::env::temp_dir().join(format!("afm-perceive-stem-{}", std::process::id()));
@@ -245,6 +327,7 @@ fn ctc_reading_learns_to_spell_the_strings_from_free_logits() {
         role: 0.0,
         chars: 1.0,
         ctc: true,
+        background: 1.0,
     };
     let cls = perceive::CHAR_CLASSES;
     let zeros = |name: &str| {
