@@ -395,7 +395,8 @@ impl Labels {
     }
 }
 
-const GRID: usize = (TILE / PATCH) as usize;
+/// Patches per side of a 224-px view.
+pub const GRID: usize = (TILE / PATCH) as usize;
 
 /// The 4x4 sample points of patch `(r, c)` in view coordinates.
 fn patch_points(r: usize, c: usize) -> impl Iterator<Item = (f32, f32)> {
