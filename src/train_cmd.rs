@@ -599,12 +599,13 @@ fn train_perceive(a: &PerceiveArgs) -> Result<()> {
             if let Some(r) = progress.event(e) {
                 let m = &r.eval;
                 progress.say(format!(
-                    "epoch {}: train loss {:.3}, held-out loss {:.3}; colour {:.1}%, shape {:.1}%, count {:.1}%, role {:.1}%, characters {:.1}%, strings read exactly {:.1}% of {}; titles {}/{}, buttons {}/{} read exactly; feature spread {:.3} ({:.0} s so far)",
+                    "epoch {}: train loss {:.3}, held-out loss {:.3}; colour {:.1}%, shape {:.1}% (objects {:.1}%), count {:.1}%, role {:.1}%, characters {:.1}%, strings read exactly {:.1}% of {}; titles {}/{}, buttons {}/{} read exactly; feature spread {:.3} ({:.0} s so far)",
                     r.epoch,
                     r.train_loss,
                     m.loss,
                     100.0 * m.colour_acc,
                     100.0 * m.shape_acc,
+                    100.0 * m.object_shape_acc,
                     100.0 * m.count_acc,
                     100.0 * m.role_acc,
                     100.0 * m.char_acc,
@@ -657,6 +658,7 @@ fn train_probe(a: &ProbeArgs) -> Result<()> {
     );
     println!("  colour of object patches   {:5.1}%", 100.0 * m.colour_acc);
     println!("  shape of object patches    {:5.1}%", 100.0 * m.shape_acc);
+    println!("  shape of objects (pooled)  {:5.1}%", 100.0 * m.object_shape_acc);
     println!("  object count per view      {:5.1}%", 100.0 * m.count_acc);
     println!("  screen role per patch      {:5.1}%", 100.0 * m.role_acc);
     if a.ctc {

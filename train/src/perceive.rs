@@ -143,6 +143,12 @@ pub struct LossWeights {
     /// at 1 the background is most of both terms; below 1 the object patches lead.
     #[serde(default = "unit_weight")]
     pub background: f32,
+    /// Weight of the object term: the shape head's logits averaged over each object group of
+    /// a view (the patches with the same colour and shape labels), against the group's shape
+    /// ([`object_groups`]). The head is linear, so this is the head on the group's mean
+    /// feature: edge patches may carry a shape that the flat inside of a shape cannot.
+    #[serde(default)]
+    pub objects: f32,
 }
 
 fn unit_weight() -> f32 {
@@ -218,6 +224,7 @@ impl PerceiveConfig {
                 chars: 2.0,
                 ctc: false,
                 background: 1.0,
+                objects: 0.0,
             },
             text_only: false,
             sources: vec![],
@@ -1076,6 +1083,43 @@ pub fn read_row_ctc(char_pred: &[u32], row: usize, first: usize, last: usize) ->
         .collect()
 }
 
+/// The object groups of a batch: for every view, the patches with the same (non-`none`)
+/// colour and shape labels. Returns the averaging matrix `(groups, views * GRID * GRID)`
+/// (each row holds `1 / patches` on its group's patches) and each group's shape class;
+/// `None` when no view shows an object.
+pub fn object_groups(labels: &[Labels]) -> Result<Option<(Tensor, Vec<u32>)>> {
+    let p = GRID * GRID;
+    let mut rows: Vec<Vec<usize>> = vec![];
+    let mut shape = vec![];
+    for (v, l) in labels.iter().enumerate() {
+        let mut g: std::collections::BTreeMap<(u32, u32), Vec<usize>> = Default::default();
+        for k in 0..p.min(l.shape.len()) {
+            if l.shape[k] != 0 {
+                g.entry((l.colour[k], l.shape[k]))
+                    .or_default()
+                    .push(v * p + k);
+            }
+        }
+        for ((_, s), idx) in g {
+            rows.push(idx);
+            shape.push(s);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let n = labels.len() * p;
+    let mut m = vec![0f32; rows.len() * n];
+    for (r, idx) in rows.iter().enumerate() {
+        let w = 1.0 / idx.len() as f32;
+        idx.iter().for_each(|&k| m[r * n + k] = w);
+    }
+    Ok(Some((
+        Tensor::from_vec(m, (rows.len(), n), &Device::Cpu)?,
+        shape,
+    )))
+}
+
 /// The weighted sum of the heads' losses over a batch's labels.
 pub fn loss(cfg: &LossWeights, lg: &HeadLogits, labels: &[Labels]) -> Result<Tensor> {
     let cat = |f: &dyn Fn(&Labels) -> &Vec<u32>| -> Vec<u32> {
@@ -1105,6 +1149,13 @@ pub fn loss(cfg: &LossWeights, lg: &HeadLogits, labels: &[Labels]) -> Result<Ten
         + (weighted_ce(&lg.shape, &shape, &object_w(&shape))? * cfg.shape as f64)?)?;
     let l = (l + (weighted_ce(&lg.center, &center, &centre_w)? * cfg.center as f64)?)?;
     let l = (l + (weighted_ce(&lg.role, &role, &ones(role.len()))? * cfg.role as f64)?)?;
+    let l = match object_groups(labels)? {
+        Some((pool, groups)) if cfg.objects > 0.0 => {
+            let pooled = pool.matmul(&lg.shape)?;
+            (l + (weighted_ce(&pooled, &groups, &ones(groups.len()))? * cfg.objects as f64)?)?
+        }
+        _ => l,
+    };
     let reading = if cfg.ctc {
         ctc_chars_loss(&lg.chars, labels)?
     } else {
@@ -1135,6 +1186,10 @@ pub struct Metrics {
     pub colour_acc: f32,
     /// Shape accuracy over object patches.
     pub shape_acc: f32,
+    /// Shape accuracy over object groups ([`object_groups`]: the shape head's logits
+    /// averaged over a group's patches).
+    #[serde(default)]
+    pub object_shape_acc: f32,
     /// Scene views whose predicted centre count equals the objects in view.
     pub count_acc: f32,
     /// Role accuracy over screen patches.
@@ -1233,6 +1288,14 @@ pub fn metrics(lg: &HeadLogits, batch: &Batch, feats: &Tensor, ctc: bool) -> Res
             }
         }
     }
+    let object_shape_acc = match object_groups(&batch.labels)? {
+        Some((pool, groups)) => {
+            let pred = pool.matmul(&lg.shape)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let hit = pred.iter().zip(&groups).filter(|(a, b)| a == b).count();
+            hit as f32 / groups.len() as f32
+        }
+        None => 0.0,
+    };
     // spread of per-image mean features
     let b = batch.labels.len();
     let d = feats.dim(1)?;
@@ -1242,6 +1305,7 @@ pub fn metrics(lg: &HeadLogits, batch: &Batch, feats: &Tensor, ctc: bool) -> Res
         loss: 0.0,
         colour_acc: c.frac(),
         shape_acc: s.frac(),
+        object_shape_acc,
         count_acc: cnt.frac(),
         role_acc: r.frac(),
         char_acc: ch.frac(),
@@ -1259,6 +1323,7 @@ fn mean_metrics(all: &[Metrics]) -> Metrics {
         loss: all.iter().map(|m| m.loss).sum::<f32>() / n,
         colour_acc: all.iter().map(|m| m.colour_acc).sum::<f32>() / n,
         shape_acc: all.iter().map(|m| m.shape_acc).sum::<f32>() / n,
+        object_shape_acc: all.iter().map(|m| m.object_shape_acc).sum::<f32>() / n,
         count_acc: all.iter().map(|m| m.count_acc).sum::<f32>() / n,
         role_acc: all.iter().map(|m| m.role_acc).sum::<f32>() / n,
         char_acc: all.iter().map(|m| m.char_acc).sum::<f32>() / n,

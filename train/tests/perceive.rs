@@ -200,6 +200,7 @@ fn background_weight_shifts_the_shape_term_to_object_patches() {
             chars: 0.0,
             ctc: false,
             background,
+            objects: 0.0,
         };
         loss(&w, &lg, std::slice::from_ref(&lab))
             .unwrap()
@@ -211,6 +212,70 @@ fn background_weight_shifts_the_shape_term_to_object_patches() {
         objects_first > 2.0 * even,
         "object-weighted {objects_first} vs even {even}"
     );
+}
+
+/// Object groups: one row per (colour, shape) group in view, averaging its patches; the
+/// object term is low when each group's patches agree on its shape on average, even if most
+/// of them say nothing, and high when they agree on another shape.
+#[test]
+fn object_groups_average_each_groups_patches_and_the_object_term_follows_them() {
+    use afm_train::perceive::{loss, object_groups, HeadLogits, LossWeights, SHAPES};
+    use candle_core::{Device, Tensor};
+    let cfg = PerceiveConfig::afm_tiny();
+    let (s, v) = view_for(&cfg, 0, Split::Train, None).unwrap();
+    let lab = labels(&s, &v);
+    let (pool, groups) = object_groups(std::slice::from_ref(&lab)).unwrap().unwrap();
+    let mut want = std::collections::BTreeSet::new();
+    for k in 0..lab.shape.len() {
+        if lab.shape[k] != 0 {
+            want.insert((lab.colour[k], lab.shape[k]));
+        }
+    }
+    assert_eq!(groups.len(), want.len());
+    assert_eq!(pool.dims(), &[want.len(), lab.shape.len()]);
+    for r in pool.sum(1).unwrap().to_vec1::<f32>().unwrap() {
+        assert!((r - 1.0).abs() < 1e-5, "row sum {r}");
+    }
+    let n = lab.shape.len();
+    let k = SHAPES.len();
+    // only the first patch of each group speaks (strongly); every other patch is uniform
+    let speak = |right: bool| {
+        let mut sh = vec![0f32; n * k];
+        let mut seen = std::collections::BTreeSet::new();
+        for p in 0..n {
+            let t = lab.shape[p] as usize;
+            if t != 0 && seen.insert((lab.colour[p], lab.shape[p])) {
+                let c = if right { t } else { 1 + t % (k - 1) };
+                sh[p * k + c] = 40.0;
+            }
+        }
+        let z = |c: usize| Tensor::zeros((n, c), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let lg = HeadLogits {
+            colour: z(afm_train::perceive::COLOURS.len()),
+            shape: Tensor::from_vec(sh, (n, k), &Device::Cpu).unwrap(),
+            center: z(2),
+            role: z(afm_train::perceive::ROLES.len()),
+            chars: z(afm_train::perceive::CHAR_CLASSES)
+                .repeat((afm_train::perceive::SLOTS, 1))
+                .unwrap(),
+        };
+        let w = LossWeights {
+            colour: 0.0,
+            shape: 0.0,
+            center: 0.0,
+            role: 0.0,
+            chars: 0.0,
+            ctc: false,
+            background: 1.0,
+            objects: 1.0,
+        };
+        loss(&w, &lg, std::slice::from_ref(&lab))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (right, wrong) = (speak(true), speak(false));
+    assert!(right < 0.7 * wrong, "right {right}, wrong {wrong}");
 }
 
 #[test]
@@ -328,6 +393,7 @@ fn ctc_reading_learns_to_spell_the_strings_from_free_logits() {
         chars: 1.0,
         ctc: true,
         background: 1.0,
+        objects: 0.0,
     };
     let cls = perceive::CHAR_CLASSES;
     let zeros = |name: &str| {

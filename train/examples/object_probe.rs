@@ -1,0 +1,135 @@
+//! Probe: does a ViT know an object's shape when its patches are taken together?
+//!
+//! ```text
+//! cargo run --release -p afm-train --example object_probe -- VISION_DIR [TRAIN] [TEST]
+//! ```
+//!
+//! A per-patch shape head asks every patch of an object for its shape, the flat inside of a
+//! large shape included; scene questions need the shape of each object. So this probe pools
+//! the encoder's patch features over each object group of a view (the patches whose
+//! colour and shape labels are the same) and fits linear softmax probes (features
+//! standardised on the training groups, AdamW, full batch, 400 steps) for the group's shape
+//! and colour, on `TRAIN` (default 480) training views and `TEST` (default 240) held-out
+//! views of scenes. Prints held-out accuracy with the majority class as the floor.
+use afm_train::perceive::{batch, init_params, patch_features, PerceiveConfig, ViewSource, GRID};
+use afm_train::perceive::{COLOURS, SHAPES};
+use afm_train::Split;
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+type Groups = (Vec<Vec<f32>>, Vec<u32>, Vec<u32>);
+
+/// Pooled features of every (colour, shape) group of `views` views, with their labels.
+fn groups(
+    cfg: &PerceiveConfig,
+    enc: &std::collections::HashMap<String, Tensor>,
+    split: Split,
+    views: usize,
+) -> Result<Groups, Box<dyn std::error::Error>> {
+    let (mut feats, mut shape, mut colour) = (vec![], vec![], vec![]);
+    let mut done = 0;
+    while done < views {
+        let k = 24.min(views - done);
+        let b = batch(cfg, split, done as u64, k, None)?;
+        let f = patch_features(&cfg.vision, enc, &b.pixels)?;
+        let d = f.dim(1)?;
+        let f: Vec<f32> = f.flatten_all()?.to_vec1()?;
+        for (i, l) in b.labels.iter().enumerate() {
+            let mut g: BTreeMap<(u32, u32), (Vec<f32>, usize)> = BTreeMap::new();
+            for p in 0..GRID * GRID {
+                if l.shape[p] == 0 {
+                    continue;
+                }
+                let e = g
+                    .entry((l.colour[p], l.shape[p]))
+                    .or_insert((vec![0f32; d], 0));
+                let row = &f[(i * GRID * GRID + p) * d..(i * GRID * GRID + p + 1) * d];
+                e.0.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+                e.1 += 1;
+            }
+            for ((c, s), (sum, n)) in g {
+                feats.push(sum.iter().map(|x| x / n as f32).collect());
+                colour.push(c);
+                shape.push(s);
+            }
+        }
+        done += k;
+    }
+    Ok((feats, shape, colour))
+}
+
+/// Held-out accuracy of a linear softmax probe, and the majority-class floor.
+fn fit(
+    train: &[Vec<f32>],
+    ytr: &[u32],
+    test: &[Vec<f32>],
+    yte: &[u32],
+    classes: usize,
+) -> Result<(f32, f32), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    let d = train[0].len();
+    let to = |x: &[Vec<f32>]| Tensor::from_vec(x.concat(), (x.len(), d), &dev);
+    let (xtr, xte) = (to(train)?, to(test)?);
+    let mu = xtr.mean_keepdim(0)?;
+    let sd = (xtr.broadcast_sub(&mu)?.sqr()?.mean_keepdim(0)?.sqrt()? + 1e-5)?;
+    let norm = |x: &Tensor| -> candle_core::Result<Tensor> { x.broadcast_sub(&mu)?.broadcast_div(&sd) };
+    let (xtr, xte) = (norm(&xtr)?, norm(&xte)?);
+    let w = Var::zeros((d, classes), DType::F32, &dev)?;
+    let b = Var::zeros(classes, DType::F32, &dev)?;
+    let mut opt = AdamW::new(
+        vec![w.clone(), b.clone()],
+        ParamsAdamW {
+            lr: 1e-2,
+            weight_decay: 1e-3,
+            ..Default::default()
+        },
+    )?;
+    let t = Tensor::from_slice(ytr, ytr.len(), &dev)?;
+    for _ in 0..400 {
+        let lg = xtr.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
+        let l = candle_nn::loss::cross_entropy(&lg, &t)?;
+        opt.backward_step(&l)?;
+    }
+    let pred: Vec<u32> = xte
+        .matmul(w.as_tensor())?
+        .broadcast_add(b.as_tensor())?
+        .argmax(D::Minus1)?
+        .to_vec1()?;
+    let acc = pred.iter().zip(yte).filter(|(a, b)| a == b).count() as f32 / yte.len() as f32;
+    let mut counts = vec![0usize; classes];
+    ytr.iter().for_each(|&y| counts[y as usize] += 1);
+    let major = counts.iter().enumerate().max_by_key(|x| x.1).map(|x| x.0).unwrap_or(0) as u32;
+    let floor = yte.iter().filter(|&&y| y == major).count() as f32 / yte.len() as f32;
+    Ok((acc, floor))
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let Some(dir) = a.first() else {
+        return Err("usage: object_probe VISION_DIR [TRAIN] [TEST]".into());
+    };
+    let ntr: usize = a.get(1).map(|s| s.parse()).transpose()?.unwrap_or(480);
+    let nte: usize = a.get(2).map(|s| s.parse()).transpose()?.unwrap_or(240);
+    let dir = Path::new(dir);
+    let mut cfg = PerceiveConfig::afm_tiny();
+    cfg.vision = afm_vision::VisionConfig::from_file(&dir.join("config.json"))?;
+    cfg.sources = vec![ViewSource::Scene];
+    let enc = init_params(&cfg, Some(dir))?.with_prefix("vision.");
+    let (ftr, str_, ctr) = groups(&cfg, &enc, Split::Train, ntr)?;
+    let (fte, ste, cte) = groups(&cfg, &enc, Split::HeldOut, nte)?;
+    let (s, sf) = fit(&ftr, &str_, &fte, &ste, SHAPES.len())?;
+    let (c, cf) = fit(&ftr, &ctr, &fte, &cte, COLOURS.len())?;
+    println!(
+        "{}: scene object groups, {} training / {} held-out: shape {:.1}% (floor {:.1}%), colour {:.1}% (floor {:.1}%)",
+        dir.display(),
+        ftr.len(),
+        fte.len(),
+        100.0 * s,
+        100.0 * sf,
+        100.0 * c,
+        100.0 * cf
+    );
+    Ok(())
+}
