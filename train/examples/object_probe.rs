@@ -9,8 +9,9 @@
 //! the encoder's patch features over each object group of a view (the patches whose
 //! colour and shape labels are the same) and fits linear softmax probes (features
 //! standardised on the training groups, AdamW, full batch, 400 steps) for the group's shape
-//! and colour, on `TRAIN` (default 480) training views and `TEST` (default 240) held-out
-//! views of scenes. Prints held-out accuracy with the majority class as the floor.
+//! and colour, on `TRAIN` (default 480) training views, and measures them on `TEST` (default
+//! 240) unseen views of the training split (its sizes) and of the held-out split (other
+//! canvas sizes, larger shapes). Prints accuracy with the majority class as the floor.
 use afm_train::perceive::{batch, init_params, patch_features, PerceiveConfig, ViewSource, GRID};
 use afm_train::perceive::{COLOURS, SHAPES};
 use afm_train::Split;
@@ -26,13 +27,14 @@ fn groups(
     cfg: &PerceiveConfig,
     enc: &std::collections::HashMap<String, Tensor>,
     split: Split,
+    start: u64,
     views: usize,
 ) -> Result<Groups, Box<dyn std::error::Error>> {
     let (mut feats, mut shape, mut colour) = (vec![], vec![], vec![]);
     let mut done = 0;
     while done < views {
         let k = 24.min(views - done);
-        let b = batch(cfg, split, done as u64, k, None)?;
+        let b = batch(cfg, split, start + done as u64, k, None)?;
         let f = patch_features(&cfg.vision, enc, &b.pixels)?;
         let d = f.dim(1)?;
         let f: Vec<f32> = f.flatten_all()?.to_vec1()?;
@@ -117,19 +119,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.vision = afm_vision::VisionConfig::from_file(&dir.join("config.json"))?;
     cfg.sources = vec![ViewSource::Scene];
     let enc = init_params(&cfg, Some(dir))?.with_prefix("vision.");
-    let (ftr, str_, ctr) = groups(&cfg, &enc, Split::Train, ntr)?;
-    let (fte, ste, cte) = groups(&cfg, &enc, Split::HeldOut, nte)?;
-    let (s, sf) = fit(&ftr, &str_, &fte, &ste, SHAPES.len())?;
-    let (c, cf) = fit(&ftr, &ctr, &fte, &cte, COLOURS.len())?;
-    println!(
-        "{}: scene object groups, {} training / {} held-out: shape {:.1}% (floor {:.1}%), colour {:.1}% (floor {:.1}%)",
-        dir.display(),
-        ftr.len(),
-        fte.len(),
-        100.0 * s,
-        100.0 * sf,
-        100.0 * c,
-        100.0 * cf
-    );
+    let (ftr, str_, ctr) = groups(&cfg, &enc, Split::Train, 0, ntr)?;
+    // later training-split scenes (the training sizes, unseen images) and the held-out split
+    // (other canvas sizes and larger shapes)
+    for (name, split, start) in [
+        ("unseen training-split", Split::Train, 1_000_000),
+        ("held-out", Split::HeldOut, 0),
+    ] {
+        let (fte, ste, cte) = groups(&cfg, &enc, split, start, nte)?;
+        let (s, sf) = fit(&ftr, &str_, &fte, &ste, SHAPES.len())?;
+        let (c, cf) = fit(&ftr, &ctr, &fte, &cte, COLOURS.len())?;
+        println!(
+            "{}: scene object groups, {} training / {} {name}: shape {:.1}% (floor {:.1}%), colour {:.1}% (floor {:.1}%)",
+            dir.display(),
+            ftr.len(),
+            fte.len(),
+            100.0 * s,
+            100.0 * sf,
+            100.0 * c,
+            100.0 * cf
+        );
+    }
     Ok(())
 }
