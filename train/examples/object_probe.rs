@@ -7,16 +7,15 @@
 //! A per-patch shape head asks every patch of an object for its shape, the flat inside of a
 //! large shape included; scene questions need the shape of each object. So this probe pools
 //! the encoder's patch features over each object group of a view (the patches whose
-//! colour and shape labels are the same) and fits linear softmax probes (features
-//! standardised on the training groups, AdamW, full batch, 400 steps) for the group's shape
-//! and colour, on `TRAIN` (default 480) training views, and measures them on `TEST` (default
-//! 240) unseen views of the training split (its sizes) and of the held-out split (other
+//! colour and shape labels are the same) and fits linear softmax probes
+//! ([`afm_train::linprobe`]) for the group's shape and colour on `TRAIN` (default 480)
+//! training views, and measures them on `TEST` (default 240) unseen views of the training split (its sizes) and of the held-out split (other
 //! canvas sizes, larger shapes). Prints accuracy with the majority class as the floor.
+use afm_train::linprobe::linear_probe;
 use afm_train::perceive::{batch, init_params, patch_features, PerceiveConfig, ViewSource, GRID};
 use afm_train::perceive::{COLOURS, SHAPES};
 use afm_train::Split;
-use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -62,49 +61,17 @@ fn groups(
     Ok((feats, shape, colour))
 }
 
-/// Held-out accuracy of a linear softmax probe, and the majority-class floor.
+/// Accuracy of a linear probe fitted on `train` and measured on `test`, and the floor.
 fn fit(
     train: &[Vec<f32>],
     ytr: &[u32],
     test: &[Vec<f32>],
     yte: &[u32],
     classes: usize,
-) -> Result<(f32, f32), Box<dyn std::error::Error>> {
-    let dev = Device::Cpu;
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
     let d = train[0].len();
-    let to = |x: &[Vec<f32>]| Tensor::from_vec(x.concat(), (x.len(), d), &dev);
-    let (xtr, xte) = (to(train)?, to(test)?);
-    let mu = xtr.mean_keepdim(0)?;
-    let sd = (xtr.broadcast_sub(&mu)?.sqr()?.mean_keepdim(0)?.sqrt()? + 1e-5)?;
-    let norm = |x: &Tensor| -> candle_core::Result<Tensor> { x.broadcast_sub(&mu)?.broadcast_div(&sd) };
-    let (xtr, xte) = (norm(&xtr)?, norm(&xte)?);
-    let w = Var::zeros((d, classes), DType::F32, &dev)?;
-    let b = Var::zeros(classes, DType::F32, &dev)?;
-    let mut opt = AdamW::new(
-        vec![w.clone(), b.clone()],
-        ParamsAdamW {
-            lr: 1e-2,
-            weight_decay: 1e-3,
-            ..Default::default()
-        },
-    )?;
-    let t = Tensor::from_slice(ytr, ytr.len(), &dev)?;
-    for _ in 0..400 {
-        let lg = xtr.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
-        let l = candle_nn::loss::cross_entropy(&lg, &t)?;
-        opt.backward_step(&l)?;
-    }
-    let pred: Vec<u32> = xte
-        .matmul(w.as_tensor())?
-        .broadcast_add(b.as_tensor())?
-        .argmax(D::Minus1)?
-        .to_vec1()?;
-    let acc = pred.iter().zip(yte).filter(|(a, b)| a == b).count() as f32 / yte.len() as f32;
-    let mut counts = vec![0usize; classes];
-    ytr.iter().for_each(|&y| counts[y as usize] += 1);
-    let major = counts.iter().enumerate().max_by_key(|x| x.1).map(|x| x.0).unwrap_or(0) as u32;
-    let floor = yte.iter().filter(|&&y| y == major).count() as f32 / yte.len() as f32;
-    Ok((acc, floor))
+    let to = |x: &[Vec<f32>]| Tensor::from_vec(x.concat(), (x.len(), d), &Device::Cpu);
+    Ok(linear_probe(&to(train)?, ytr, &to(test)?, yte, classes)?)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -21,11 +21,10 @@
 use afm_fusion::afm_tiny::load_export;
 use afm_fusion::VisionAdapter;
 use afm_train::easy_vqa::{data_dir, EasyVqa};
+use afm_train::linprobe::linear_probe;
 use afm_train::pretrain::pixels;
 use afm_train::{Split, Truth};
-use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use std::collections::BTreeMap;
+use candle_core::{Device, Tensor};
 use std::path::Path;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -108,38 +107,7 @@ fn probe(
     };
     let (xtr, ltr) = pick(train, ytr)?;
     let (xte, lte) = pick(test, yte)?;
-    let mu = xtr.mean_keepdim(0)?;
-    let sd = (xtr.broadcast_sub(&mu)?.sqr()?.mean_keepdim(0)? + 1e-6)?.sqrt()?;
-    let norm = |x: &Tensor| -> Res<Tensor> { Ok(x.broadcast_sub(&mu)?.broadcast_div(&sd)?) };
-    let (xtr, xte) = (norm(&xtr)?, norm(&xte)?);
-    let (d, c) = (xtr.dim(1)?, classes.len());
-    let w = Var::zeros((d, c), DType::F32, &Device::Cpu)?;
-    let b = Var::zeros(c, DType::F32, &Device::Cpu)?;
-    let mut opt = AdamW::new(
-        vec![w.clone(), b.clone()],
-        ParamsAdamW {
-            lr: 1e-2,
-            weight_decay: 1e-2,
-            ..Default::default()
-        },
-    )?;
-    let ytr = Tensor::from_vec(ltr.clone(), ltr.len(), &Device::Cpu)?;
-    for _ in 0..400 {
-        let logits = xtr.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &ytr)?;
-        opt.backward_step(&loss)?;
-    }
-    let pred: Vec<u32> = xte
-        .matmul(w.as_tensor())?
-        .broadcast_add(b.as_tensor())?
-        .argmax(D::Minus1)?
-        .to_vec1()?;
-    let acc = pred.iter().zip(&lte).filter(|(p, y)| p == y).count() as f64 / lte.len() as f64;
-    let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
-    for y in &lte {
-        *counts.entry(*y).or_default() += 1;
-    }
-    let major = *counts.values().max().unwrap_or(&0) as f64 / lte.len().max(1) as f64;
+    let (acc, major) = linear_probe(&xtr, &ltr, &xte, &lte, classes.len())?;
     Ok((acc, major, lte.len()))
 }
 

@@ -69,6 +69,7 @@ pub mod ctc;
 pub mod easy_vqa;
 pub mod eval;
 pub mod font;
+pub mod linprobe;
 pub mod lora_recover;
 pub mod optim;
 pub mod perceive;
