@@ -22,7 +22,11 @@ use std::path::Path;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let run = Path::new(args.first().map(String::as_str).unwrap_or("runs/perceive-scenes"));
+    let run = Path::new(
+        args.first()
+            .map(String::as_str)
+            .unwrap_or("runs/perceive-scenes"),
+    );
     let views: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(96);
     let root = std::env::current_dir()?;
     let easy_root = data_dir(&root);
@@ -39,10 +43,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let enc = init_params(&cfg, Some(&run.join("vision")))?.with_prefix("vision.");
     let heads: HashMap<String, candle_core::Tensor> =
         candle_core::safetensors::load(run.join("heads.safetensors"), &candle_core::Device::Cpu)?;
-    for (name, src) in [("scene", ViewSource::Scene), ("easy-VQA", ViewSource::EasyVqa)] {
+    for (name, src) in [
+        ("scene", ViewSource::Scene),
+        ("easy-VQA", ViewSource::EasyVqa),
+    ] {
         cfg.sources = vec![src];
         for split in [Split::Train, Split::HeldOut] {
-            let e = if split == Split::Train { easy.as_ref() } else { easy_eval.as_ref() };
+            let e = if split == Split::Train {
+                easy.as_ref()
+            } else {
+                easy_eval.as_ref()
+            };
             let mut conf = vec![vec![0usize; SHAPES.len()]; SHAPES.len()];
             let (mut col, mut shp, mut n) = (0f32, 0f32, 0usize);
             let mut done = 0;

@@ -11,8 +11,8 @@
 //! batch has a problem that more data will not fix.
 use afm_train::optim::{AdamW, AdamWConfig};
 use afm_train::perceive::{
-    batch, head_logits, init_params, loss, metrics, patch_features, LossWeights,
-    PerceiveConfig, ViewSource,
+    batch, head_logits, init_params, loss, metrics, patch_features, LossWeights, PerceiveConfig,
+    ViewSource,
 };
 use afm_train::Split;
 use std::path::Path;

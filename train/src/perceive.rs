@@ -1290,7 +1290,10 @@ pub fn metrics(lg: &HeadLogits, batch: &Batch, feats: &Tensor, ctc: bool) -> Res
     }
     let object_shape_acc = match object_groups(&batch.labels)? {
         Some((pool, groups)) => {
-            let pred = pool.matmul(&lg.shape)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let pred = pool
+                .matmul(&lg.shape)?
+                .argmax(D::Minus1)?
+                .to_vec1::<u32>()?;
             let hit = pred.iter().zip(&groups).filter(|(a, b)| a == b).count();
             hit as f32 / groups.len() as f32
         }

@@ -152,7 +152,10 @@ fn sources_are_taken_in_turn_and_each_takes_new_images() {
     // six scene views, six different scenes
     for a in 0..scenes.len() {
         for b in a + 1..scenes.len() {
-            assert_ne!(scenes[a], scenes[b], "scene views {a} and {b} repeat an image");
+            assert_ne!(
+                scenes[a], scenes[b],
+                "scene views {a} and {b} repeat an image"
+            );
         }
     }
     let bad = PerceiveConfig {
@@ -189,7 +192,9 @@ fn background_weight_shifts_the_shape_term_to_object_patches() {
         shape: Tensor::from_vec(sh, (n, SHAPES.len()), &Device::Cpu).unwrap(),
         center: z(2),
         role: z(afm_train::perceive::ROLES.len()),
-        chars: z(afm_train::perceive::CHAR_CLASSES).repeat((afm_train::perceive::SLOTS, 1)).unwrap(),
+        chars: z(afm_train::perceive::CHAR_CLASSES)
+            .repeat((afm_train::perceive::SLOTS, 1))
+            .unwrap(),
     };
     let only_shape = |background: f32| {
         let w = LossWeights {
