@@ -658,7 +658,10 @@ fn train_probe(a: &ProbeArgs) -> Result<()> {
     );
     println!("  colour of object patches   {:5.1}%", 100.0 * m.colour_acc);
     println!("  shape of object patches    {:5.1}%", 100.0 * m.shape_acc);
-    println!("  shape of objects (pooled)  {:5.1}%", 100.0 * m.object_shape_acc);
+    println!(
+        "  shape of objects (pooled)  {:5.1}%",
+        100.0 * m.object_shape_acc
+    );
     println!("  object count per view      {:5.1}%", 100.0 * m.count_acc);
     println!("  screen role per patch      {:5.1}%", 100.0 * m.role_acc);
     if a.ctc {
