@@ -194,6 +194,10 @@ pub struct PerceiveConfig {
     /// default mix of the module docs. Overrides `text_only`.
     #[serde(default)]
     pub sources: Vec<ViewSource>,
+    /// Scene views as crops at a random scale in this range (2.0: shapes twice their
+    /// size), instead of the overview or a native tile.
+    #[serde(default)]
+    pub scene_scale: Option<(f32, f32)>,
 }
 
 impl PerceiveConfig {
@@ -228,6 +232,7 @@ impl PerceiveConfig {
             },
             text_only: false,
             sources: vec![],
+            scene_scale: None,
         }
     }
 
@@ -262,6 +267,7 @@ impl PerceiveConfig {
             weights: Self::afm_tiny().weights,
             text_only: false,
             sources: vec![],
+            scene_scale: None,
         }
     }
 
@@ -291,6 +297,13 @@ impl PerceiveConfig {
         }
         if !(self.adamw.lr > 0.0 && self.adamw.lr.is_finite()) {
             return Err(TrainError::Invalid("`adamw.lr` must be positive".into()));
+        }
+        if let Some((lo, hi)) = self.scene_scale {
+            if !(lo > 0.1 && hi >= lo && hi < 8.0) {
+                return Err(TrainError::Invalid(format!(
+                    "`scene_scale` ({lo}, {hi}) must satisfy 0.1 < lo <= hi < 8"
+                )));
+            }
         }
         let b = self.weights.background;
         if !(b.is_finite() && b >= 0.0) {
@@ -769,7 +782,10 @@ pub fn view_for(
                 if src == 0 { idx * 2 } else { idx * 2 + 1 },
             );
             let (w, h) = s.image.dimensions();
-            let v = if rng.random_bool(0.5) {
+            let v = if let Some((lo, hi)) = cfg.scene_scale {
+                let sc = rng.random_range(lo..=hi);
+                crop_around(&mut rng, w, h, sc, None)
+            } else if rng.random_bool(0.5) {
                 View::overview(w, h)
             } else {
                 crop_around(&mut rng, w, h, 1.0, None)

@@ -167,6 +167,24 @@ fn sources_are_taken_in_turn_and_each_takes_new_images() {
     };
     let e = bad.validate().unwrap_err().to_string();
     assert!(e.contains("background"), "{e}");
+    // scene views at twice the scene's size
+    let big = PerceiveConfig {
+        sources: vec![ViewSource::Scene],
+        scene_scale: Some((2.0, 2.0)),
+        ..PerceiveConfig::afm_tiny()
+    };
+    for j in 0..4u64 {
+        let (_, v) = view_for(&big, j, Split::Train, None).unwrap();
+        assert_eq!(v.s, 2.0, "view {j}");
+    }
+    let e = PerceiveConfig {
+        scene_scale: Some((3.0, 1.0)),
+        ..big
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("scene_scale"), "{e}");
 }
 
 /// With `background` below 1, the shape term follows the object patches: logits that are
