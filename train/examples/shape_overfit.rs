@@ -30,14 +30,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.vision = afm_vision::VisionConfig::from_file(&dir.join("config.json"))?;
     cfg.sources = vec![ViewSource::Scene];
     cfg.weights = LossWeights {
-        colour: 0.0,
         shape: 1.0,
-        center: 0.0,
-        role: 0.0,
-        chars: 0.0,
-        ctc: false,
         background: 0.2,
         objects: 2.0,
+        ..LossWeights::none()
     };
     let params = init_params(&cfg, Some(dir))?;
     let adamw = AdamWConfig {

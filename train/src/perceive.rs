@@ -155,6 +155,23 @@ fn unit_weight() -> f32 {
     1.0
 }
 
+impl LossWeights {
+    /// Every term off (background at its neutral 1): a base to switch single terms on,
+    /// `LossWeights { shape: 1.0, ..LossWeights::none() }`.
+    pub fn none() -> Self {
+        Self {
+            colour: 0.0,
+            shape: 0.0,
+            center: 0.0,
+            role: 0.0,
+            chars: 0.0,
+            ctc: false,
+            background: 1.0,
+            objects: 0.0,
+        }
+    }
+}
+
 /// Where a run's views come from ([`view_for`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

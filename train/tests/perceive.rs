@@ -216,14 +216,9 @@ fn background_weight_shifts_the_shape_term_to_object_patches() {
     };
     let only_shape = |background: f32| {
         let w = LossWeights {
-            colour: 0.0,
             shape: 1.0,
-            center: 0.0,
-            role: 0.0,
-            chars: 0.0,
-            ctc: false,
             background,
-            objects: 0.0,
+            ..LossWeights::none()
         };
         loss(&w, &lg, std::slice::from_ref(&lab))
             .unwrap()
@@ -283,14 +278,8 @@ fn object_groups_average_each_groups_patches_and_the_object_term_follows_them() 
                 .unwrap(),
         };
         let w = LossWeights {
-            colour: 0.0,
-            shape: 0.0,
-            center: 0.0,
-            role: 0.0,
-            chars: 0.0,
-            ctc: false,
-            background: 1.0,
             objects: 1.0,
+            ..LossWeights::none()
         };
         loss(&w, &lg, std::slice::from_ref(&lab))
             .unwrap()
@@ -409,14 +398,9 @@ fn ctc_reading_learns_to_spell_the_strings_from_free_logits() {
     assert!(strings >= 3, "{strings} strings in view");
     let n = labs.len() * 196;
     let w = LossWeights {
-        colour: 0.0,
-        shape: 0.0,
-        center: 0.0,
-        role: 0.0,
         chars: 1.0,
         ctc: true,
-        background: 1.0,
-        objects: 0.0,
+        ..LossWeights::none()
     };
     let cls = perceive::CHAR_CLASSES;
     let zeros = |name: &str| {
