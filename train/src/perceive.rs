@@ -1182,12 +1182,18 @@ pub fn loss(cfg: &LossWeights, lg: &HeadLogits, labels: &[Labels]) -> Result<Ten
         + (weighted_ce(&lg.shape, &shape, &object_w(&shape))? * cfg.shape as f64)?)?;
     let l = (l + (weighted_ce(&lg.center, &center, &centre_w)? * cfg.center as f64)?)?;
     let l = (l + (weighted_ce(&lg.role, &role, &ones(role.len()))? * cfg.role as f64)?)?;
-    let l = match object_groups(labels)? {
-        Some((pool, groups)) if cfg.objects > 0.0 => {
+    // the averaging matrix is built only when the term counts
+    let groups = if cfg.objects > 0.0 {
+        object_groups(labels)?
+    } else {
+        None
+    };
+    let l = match groups {
+        Some((pool, groups)) => {
             let pooled = pool.matmul(&lg.shape)?;
             (l + (weighted_ce(&pooled, &groups, &ones(groups.len()))? * cfg.objects as f64)?)?
         }
-        _ => l,
+        None => l,
     };
     let reading = if cfg.ctc {
         ctc_chars_loss(&lg.chars, labels)?
