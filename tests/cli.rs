@@ -27,11 +27,7 @@ fn generate_streams_text_and_reports_speed() {
         .arg("What is the capital of France?")
         .output()
         .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
+    let (stdout, stderr) = common::succeeded(&out);
     assert!(!stdout.trim().is_empty());
     for k in ["load", "prefill", "tok/s", "decode"] {
         assert!(stderr.contains(k), "stderr lacks {k}: {stderr}");
@@ -145,11 +141,7 @@ fn server_gen_writes_a_checkpoint_that_generates_and_benches() {
         .arg(&st)
         .output()
         .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
+    let (stdout, _) = common::succeeded(&out);
     for k in [
         "active per token",
         "all-global",
@@ -387,11 +379,7 @@ fn generate_and_screen_print_json_that_validates() {
         .arg("Tell me about Paris.")
         .output()
         .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
+    let (stdout, _) = common::succeeded(&out);
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
     assert_eq!(
@@ -433,11 +421,7 @@ fn generate_and_screen_print_json_that_validates() {
         ])
         .output()
         .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
+    let (stdout, _) = common::succeeded(&out);
     let d: afm::fusion::ScreenDescription = serde_json::from_str(&stdout).unwrap();
     assert!(
         d.buttons.len() <= 8 && d.title.chars().count() <= 60,

@@ -512,11 +512,7 @@ fn bench_serve_reports_the_model_step_beside_the_server() {
         .arg(&gguf)
         .output()
         .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
+    let (stdout, _) = common::succeeded(&out);
     assert!(stdout.contains("model step alone"), "{stdout}");
     let rows: Vec<&str> = stdout
         .lines()

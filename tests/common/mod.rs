@@ -16,6 +16,15 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     afm::lm::testing::smollm2_gguf_or_skip()
 }
 
+/// The stdout and stderr of a finished command, after asserting that it succeeded (with
+/// its stderr as the failure message).
+pub fn succeeded(out: &std::process::Output) -> (String, String) {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    (stdout, stderr)
+}
+
 pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
     afm::lm::testing::read_f32_file(path).unwrap()
 }
