@@ -3,13 +3,18 @@
 //! quantized per 32-value block (Q8_1 against Q4_1, Q8_0 against Q8_0) and dot products are
 //! integer within a block, scaled in f32. candle 0.11 runs Q4_1 with a scalar loop; these
 //! kernels use AVX2 or AVX-512 VNNI (detected at run time, scalar fallback elsewhere) and
-//! split output rows over candle's CPU pool.
+//! split output rows over candle's CPU pool. On AVX-512 VNNI CPUs the matrices are stored
+//! with 16 rows interleaved ([`groups`]), so that one vector instruction serves 16 rows and
+//! a batch's extra activation rows cost little more than their products (`AFM_Q4_GROUPS=0`
+//! keeps the row layout, to compare).
 
 use crate::error::{LmError, Result};
 use crate::isa::Isa;
 use candle_core::{Device, Tensor};
 use half::f16;
 use std::sync::Mutex;
+
+mod groups;
 
 const QK: usize = 32;
 
@@ -44,6 +49,21 @@ pub struct QMatrix {
     qs: Vec<u8>,
     d: Vec<u16>,
     m: Vec<u16>,
+    /// Rows `0 .. rows / 16 * 16` are interleaved in groups of 16 ([`groups`]) for the
+    /// AVX-512 VNNI kernels; the rows after them keep the row layout. Grouped Q8_0 keeps
+    /// its row-blocks' weight sums in `m`.
+    grouped: bool,
+}
+
+/// Whether new matrices take the grouped layout: on CPUs with AVX-512 VNNI at kernel
+/// level [`Isa::Avx512`], unless `AFM_Q4_GROUPS=0` (the row layout, to compare the two).
+fn use_groups() -> bool {
+    static U: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *U.get_or_init(|| {
+        crate::isa::level() == Isa::Avx512
+            && groups::GroupKernels::avx512().is_some()
+            && std::env::var("AFM_Q4_GROUPS").map_or(true, |v| v.trim() != "0")
+    })
 }
 
 #[inline(always)]
@@ -208,7 +228,51 @@ impl QMatrix {
             qs,
             d,
             m,
-        })
+            grouped: false,
+        }
+        .with_groups(use_groups()))
+    }
+
+    /// This matrix in the grouped layout (`true`, at least 16 rows) or the row layout; the
+    /// values are the same.
+    fn with_groups(mut self, on: bool) -> Self {
+        let on = on && self.rows >= groups::G;
+        if on == self.grouped {
+            return self;
+        }
+        let nb = self.cols / QK;
+        let (kind, rows) = (self.kind, self.rows);
+        if on {
+            if kind == QKind::Q8_0 {
+                self.m = groups::q8_sums(&self.qs);
+            }
+            groups::interleave(kind, &mut self.qs, &mut self.d, &mut self.m, rows, nb);
+        } else {
+            groups::deinterleave(kind, &mut self.qs, &mut self.d, &mut self.m, rows, nb);
+            if kind == QKind::Q8_0 {
+                self.m = vec![];
+            }
+        }
+        self.grouped = on;
+        self
+    }
+
+    /// Rows held in groups (0 in the row layout).
+    fn grouped_rows(&self) -> usize {
+        if self.grouped {
+            self.rows / groups::G * groups::G
+        } else {
+            0
+        }
+    }
+
+    /// Row `r`'s block `bi` (index `r * nb + b`) as in the row layout: quants, `d`, `m`.
+    fn block(&self, r: usize, b: usize) -> (&[u8], u16, u16) {
+        let nb = self.cols / QK;
+        let qb = self.kind.qs_bytes();
+        let bi = r * nb + b;
+        let m = self.m.get(bi).copied().unwrap_or(0);
+        (&self.qs[bi * qb..(bi + 1) * qb], self.d[bi], m)
     }
 
     pub fn kind(&self) -> QKind {
@@ -229,7 +293,6 @@ impl QMatrix {
     /// `ids.len() = t` -> `(t, cols)`.
     pub fn rows_f32(&self, ids: &[u32]) -> Result<Tensor> {
         let nb = self.cols / QK;
-        let qb = self.kind.qs_bytes();
         let mut out = vec![0f32; ids.len() * self.cols];
         for (o, &id) in out.chunks_mut(self.cols).zip(ids) {
             let id = id as usize;
@@ -240,12 +303,19 @@ impl QMatrix {
                 });
             }
             for b in 0..nb {
-                let bi = id * nb + b;
-                let q = &self.qs[bi * qb..(bi + 1) * qb];
+                let grouped;
+                let (q, d, m) = if id < self.grouped_rows() {
+                    let (q, d, m) =
+                        groups::block_of(self.kind, &self.qs, &self.d, &self.m, nb, id, b);
+                    grouped = q;
+                    (&grouped[..], d, m)
+                } else {
+                    self.block(id, b)
+                };
                 let o = &mut o[b * QK..(b + 1) * QK];
                 match self.kind {
                     QKind::Q4_1 => {
-                        let (d, m) = (h(self.d[bi]), h(self.m[bi]));
+                        let (d, m) = (h(d), h(m));
                         for j in 0..16 {
                             o[j] = (q[j] & 0xF) as f32 * d + m;
                             o[j + 16] = (q[j] >> 4) as f32 * d + m;
@@ -253,7 +323,7 @@ impl QMatrix {
                     }
                     QKind::Q8_0 => {
                         for j in 0..QK {
-                            o[j] = q[j] as i8 as f32 * h(self.d[bi]);
+                            o[j] = q[j] as i8 as f32 * h(d);
                         }
                     }
                 }
@@ -285,21 +355,59 @@ impl QMatrix {
 
     /// `(m, cols) @ W^T -> (m, rows)` on slices.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_with(x, m, kernels(self.cols / QK))
+        let gk = groups::GroupKernels::avx512().unwrap_or_else(groups::GroupKernels::portable);
+        self.matmul_with(x, m, kernels(self.cols / QK), gk)
     }
 
-    fn matmul_with(&self, x: &[f32], m: usize, kern: Kernels) -> Vec<f32> {
-        let act = Act::new(x, m, self.cols, kern.pairs && self.kind == QKind::Q4_1);
+    /// `kern` for rows in the row layout, `gk` for grouped rows.
+    fn matmul_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        kern: Kernels,
+        gk: groups::GroupKernels,
+    ) -> Vec<f32> {
         let mut out = vec![0f32; m * self.rows];
+        let split = self.grouped_rows();
+        if split == 0 {
+            let act = Act::new(x, m, self.cols, kern.pairs && self.kind == QKind::Q4_1);
+            self.rows_matmul(&kern, &act, 0, m, &mut out);
+            return out;
+        }
+        // the group kernels read the activations unpaired; so must the tail's
+        let act = Act::new(x, m, self.cols, false);
+        let (rows, cols) = (self.rows, self.cols);
+        let ng = split / groups::G;
+        let (kind, qs, d, mm) = (self.kind, &self.qs, &self.d, &self.m);
+        if kind == QKind::Q8_0 {
+            let fl = groups::flipped(&act);
+            groups::matmul(gk, kind, qs, d, mm, ng, rows, cols, &fl, m, &mut out);
+        } else {
+            groups::matmul(gk, kind, qs, d, mm, ng, rows, cols, &act, m, &mut out);
+        }
+        if split < self.rows {
+            let tail = if kern.pairs {
+                kernels_for(Isa::Avx2Vnni, cols / QK)
+            } else {
+                kern
+            };
+            self.rows_matmul(&tail, &act, split, m, &mut out);
+        }
+        out
+    }
+
+    /// Rows `from..` (row layout) into `out` (`(m, rows)`).
+    fn rows_matmul(&self, kern: &Kernels, act: &Act, from: usize, m: usize, out: &mut [f32]) {
         // Work items are groups of 4 weight rows; the pool hands out runs of them.
-        let groups = self.rows.div_ceil(4);
+        let groups = (self.rows - from).div_ceil(4);
+        assert_eq!(out.len(), m * self.rows);
         let ptr = SharedOut(out.as_mut_ptr());
         let ptr = &ptr;
         par_ranges(groups, |range| {
-            let r0 = range.start * 4;
-            let r1 = (range.end * 4).min(self.rows);
+            let r0 = from + range.start * 4;
+            let r1 = (from + range.end * 4).min(self.rows);
             let mut tile = vec![0f32; (r1 - r0) * m];
-            self.tile(&kern, &act, r0, r1 - r0, m, &mut tile);
+            self.tile(kern, act, r0, r1 - r0, m, &mut tile);
             for i in 0..m {
                 for r in r0..r1 {
                     // SAFETY: rows r0..r1 belong to this task alone, and i * rows + r is
@@ -308,7 +416,6 @@ impl QMatrix {
                 }
             }
         });
-        out
     }
 
     /// Rows `r0..r0+nr` against all `m` activation rows into `o` (`(nr, m)`).
@@ -384,6 +491,7 @@ impl QMatrix {
     }
 
     fn row(&self, r: usize) -> WRow<'_> {
+        debug_assert!(r >= self.grouped_rows(), "row {r} is in a group");
         let nb = self.cols / QK;
         let qb = self.kind.qs_bytes();
         WRow {
@@ -895,24 +1003,30 @@ impl QMatrix {
         {
             return None;
         }
+        // in the row layout, then grouped again as the first one is
+        let rows: Vec<QMatrix> = ms.iter().map(|m| (*m).clone().with_groups(false)).collect();
         let cat = |f: fn(&QMatrix) -> &[u8]| {
-            ms.iter()
+            rows.iter()
                 .flat_map(|m| f(m).iter().copied())
                 .collect::<Vec<_>>()
         };
         let catf = |f: fn(&QMatrix) -> &[u16]| {
-            ms.iter()
+            rows.iter()
                 .flat_map(|m| f(m).iter().copied())
                 .collect::<Vec<_>>()
         };
-        Some(QMatrix {
-            kind: first.kind,
-            rows: ms.iter().map(|m| m.rows).sum(),
-            cols: first.cols,
-            qs: cat(|m| &m.qs),
-            d: catf(|m| &m.d),
-            m: catf(|m| &m.m),
-        })
+        Some(
+            QMatrix {
+                kind: first.kind,
+                rows: ms.iter().map(|m| m.rows).sum(),
+                cols: first.cols,
+                qs: cat(|m| &m.qs),
+                d: catf(|m| &m.d),
+                m: catf(|m| &m.m),
+                grouped: false,
+            }
+            .with_groups(first.grouped),
+        )
     }
 }
 
@@ -973,7 +1087,9 @@ mod tests {
                 assert!(d < 5e-3, "{kind:?} rows {rows} m {m}: {d}");
                 // every kernel family this CPU has agrees with the scalar reference
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                let sc = ours.matmul_with(&xs, m, scalar_kernels());
+                let ours = ours.with_groups(false);
+                let pg = groups::GroupKernels::portable();
+                let sc = ours.matmul_with(&xs, m, scalar_kernels(), pg);
                 let mut families: Vec<(String, Kernels)> = Isa::supported()
                     .map(|i| (format!("{i:?}"), kernels_for(i, cols / QK)))
                     .collect();
@@ -992,7 +1108,7 @@ mod tests {
                     ));
                 }
                 for (name, k) in families {
-                    let got = ours.matmul_with(&xs, m, k);
+                    let got = ours.matmul_with(&xs, m, k, pg);
                     for (g, s) in got.iter().zip(&sc) {
                         // the 256-bit kernels sum in the portable order: bit for bit
                         let tol = if k.pairs { 1e-4 * (1.0 + s.abs()) } else { 0.0 };
@@ -1023,6 +1139,104 @@ mod tests {
                     .to_scalar()
                     .unwrap();
                 assert!(d < 1e-6, "{kind:?} rows: {d}");
+            }
+        }
+    }
+
+    fn qmat(kind: QKind, rows: usize, cols: usize, seed: u32) -> QMatrix {
+        let w = Tensor::from_vec(data(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+        let dt = match kind {
+            QKind::Q4_1 => GgmlDType::Q4_1,
+            QKind::Q8_0 => GgmlDType::Q8_0,
+        };
+        let q = QTensor::quantize(&w, dt).unwrap();
+        QMatrix::new(kind, rows, cols, q.data().unwrap().to_vec()).unwrap()
+    }
+
+    fn q4_1(rows: usize, cols: usize, seed: u32) -> QMatrix {
+        qmat(QKind::Q4_1, rows, cols, seed)
+    }
+
+    /// The grouped layout holds the same matrix: its kernels (portable and, where the CPU
+    /// has it, AVX-512 VNNI, bit for bit the same) give the row layout's scalar results to
+    /// rounding, the tail rows past the last group included; rows read back exactly; the
+    /// permutation round-trips.
+    #[test]
+    fn grouped_layout_equals_the_row_layout() {
+        for (kind, (rows, cols, m)) in [QKind::Q4_1, QKind::Q8_0].into_iter().flat_map(|k| {
+            [
+                (16, 32, 1),
+                (16, 64, 5),
+                (17, 96, 3),
+                (33, 128, 4),
+                (48, 64, 9),
+                (70, 160, 2),
+                (64, 576, 8),
+            ]
+            .map(|s| (k, s))
+        }) {
+            let plain = qmat(kind, rows, cols, 3).with_groups(false);
+            let grouped = plain.clone().with_groups(true);
+            assert!(grouped.grouped && grouped.grouped_rows() == rows / 16 * 16);
+            assert_ne!(plain.qs, grouped.qs, "rows {rows}: the permutation moved nothing");
+            let back = grouped.clone().with_groups(false);
+            assert!(back.qs == plain.qs && back.d == plain.d && back.m == plain.m);
+            let rows_b = plain.storage_bytes() + if kind == QKind::Q8_0 { 2 * plain.d.len() } else { 0 };
+            assert_eq!(grouped.storage_bytes(), rows_b, "{kind:?}: the weight sums are counted");
+            let ids: Vec<u32> = (0..rows as u32).collect();
+            let (a, b) = (plain.rows_f32(&ids).unwrap(), grouped.rows_f32(&ids).unwrap());
+            assert_eq!(
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+            let xs = data(m * cols, 11);
+            let pg = groups::GroupKernels::portable();
+            let want = plain.matmul_with(&xs, m, scalar_kernels(), pg);
+            let port = grouped.matmul_with(&xs, m, scalar_kernels(), pg);
+            for (g, w) in port.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{kind:?} rows {rows} m {m}: grouped {g} vs rows {w}"
+                );
+            }
+            if let Some(fast) = groups::GroupKernels::avx512() {
+                for k in [scalar_kernels(), kernels(cols / QK)] {
+                    let got = grouped.matmul_with(&xs, m, k, fast);
+                    let tail = grouped.grouped_rows();
+                    for (i, (g, p)) in got.iter().zip(&port).enumerate() {
+                        // group rows bit for bit; tail rows by the row kernels' own order
+                        if i % rows < tail {
+                            assert_eq!(g.to_bits(), p.to_bits(), "{kind:?} {rows} {m} at {i}");
+                        } else {
+                            assert!((g - p).abs() <= 1e-4 * (1.0 + p.abs()));
+                        }
+                    }
+                }
+                assert_eq!(grouped.matmul(&xs, m).len(), m * rows);
+            }
+        }
+    }
+
+    #[test]
+    fn concat_rows_of_grouped_matrices_equals_separate_matmuls() {
+        let (a, b) = (
+            q4_1(24, 64, 1).with_groups(true),
+            q4_1(16, 64, 2).with_groups(true),
+        );
+        let x = data(3 * 64, 9);
+        let ab = QMatrix::concat_rows(&[&a, &b]).unwrap();
+        assert!(ab.grouped && ab.grouped_rows() == 32);
+        let ab = ab.matmul(&x, 3);
+        let (ya, yb) = (
+            a.with_groups(false).matmul(&x, 3),
+            b.with_groups(false).matmul(&x, 3),
+        );
+        for i in 0..3 {
+            for (g, w) in ab[i * 40..i * 40 + 24].iter().zip(&ya[i * 24..i * 24 + 24]) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()));
+            }
+            for (g, w) in ab[i * 40 + 24..i * 40 + 40].iter().zip(&yb[i * 16..i * 16 + 16]) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()));
             }
         }
     }
