@@ -55,15 +55,12 @@ pub struct QMatrix {
     grouped: bool,
 }
 
-/// Whether new matrices take the grouped layout: on CPUs with AVX-512 VNNI at kernel
-/// level [`Isa::Avx512`], unless `AFM_Q4_GROUPS=0` (the row layout, to compare the two).
-fn use_groups() -> bool {
-    static U: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *U.get_or_init(|| {
-        crate::isa::level() == Isa::Avx512
-            && groups::GroupKernels::avx512().is_some()
-            && std::env::var("AFM_Q4_GROUPS").map_or(true, |v| v.trim() != "0")
-    })
+/// Whether new matrices of `kind` take the grouped layout ([`groups::grouped_at`] the kernel
+/// level), unless `AFM_Q4_GROUPS=0` (the row layout, to compare the two).
+fn use_groups(kind: QKind) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("AFM_Q4_GROUPS").is_ok_and(|v| v.trim() == "0"));
+    !off && groups::grouped_at(kind, crate::isa::level())
 }
 
 #[inline(always)]
@@ -230,7 +227,7 @@ impl QMatrix {
             m,
             grouped: false,
         }
-        .with_groups(use_groups()))
+        .with_groups(use_groups(kind)))
     }
 
     /// This matrix in the grouped layout (`true`, at least 16 rows) or the row layout; the
@@ -355,7 +352,7 @@ impl QMatrix {
 
     /// `(m, cols) @ W^T -> (m, rows)` on slices.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let gk = groups::GroupKernels::avx512().unwrap_or_else(groups::GroupKernels::portable);
+        let gk = groups::GroupKernels::at(crate::isa::level());
         self.matmul_with(x, m, kernels(self.cols / QK), gk)
     }
 
@@ -1199,7 +1196,8 @@ mod tests {
                     "{kind:?} rows {rows} m {m}: grouped {g} vs rows {w}"
                 );
             }
-            if let Some(fast) = groups::GroupKernels::avx512() {
+            let simd = [groups::GroupKernels::avx512(), groups::GroupKernels::avx2()];
+            for fast in simd.into_iter().flatten() {
                 for k in [scalar_kernels(), kernels(cols / QK)] {
                     let got = grouped.matmul_with(&xs, m, k, fast);
                     let tail = grouped.grouped_rows();

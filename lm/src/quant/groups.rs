@@ -268,6 +268,44 @@ impl GroupKernels {
         }
         None
     }
+
+    /// The AVX2 kernels (`vpmaddubsw`, Q4_1 only; Q8_0 groups run the portable definition)
+    /// where the CPU has AVX2, FMA and F16C (else `None`).
+    pub(super) fn avx2() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::detected() >= crate::isa::Isa::Avx2 {
+            return Some(Self {
+                k1: simd256::kernel::<1>,
+                k2: simd256::kernel::<2>,
+                k3: simd256::kernel::<3>,
+                k4: simd256::kernel::<4>,
+            });
+        }
+        None
+    }
+
+    /// The fastest kernels at kernel level `isa` (capped to what the CPU runs).
+    pub(super) fn at(isa: crate::isa::Isa) -> Self {
+        use crate::isa::Isa;
+        let fast = match isa.min(crate::isa::detected()) {
+            Isa::Avx512 => Self::avx512(),
+            Isa::Avx2 | Isa::Avx2Vnni => Self::avx2(),
+            Isa::Portable => None,
+        };
+        fast.unwrap_or_else(Self::portable)
+    }
+}
+
+/// Whether matrices of `kind` are grouped at kernel level `isa`: Q4_1 from AVX2 up, Q8_0
+/// only with AVX-512 VNNI (AVX2's `vpmaddubsw` would saturate on the biased activations, so
+/// Q8_0 keeps the row layout and its sign-trick kernels there).
+pub(super) fn grouped_at(kind: QKind, isa: crate::isa::Isa) -> bool {
+    use crate::isa::Isa;
+    let isa = isa.min(crate::isa::detected());
+    match kind {
+        QKind::Q4_1 => isa >= Isa::Avx2,
+        QKind::Q8_0 => isa == Isa::Avx512,
+    }
 }
 
 /// A raw output pointer shared by tasks that write disjoint elements.
@@ -456,6 +494,88 @@ mod simd {
         for (o, a) in out.iter_mut().zip(acc) {
             // + 0 as the portable definition adds its (absent) min term: -0 becomes +0
             _mm512_storeu_ps(o.as_mut_ptr(), _mm512_add_ps(a, _mm512_setzero_ps()));
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd256 {
+    use super::{Act, Group, QKind, G, QK};
+    use std::arch::x86_64::*;
+
+    pub fn kernel<const C: usize>(w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [[f32; G]; C] {
+        if w.kind == QKind::Q8_0 {
+            return super::scalar::<C>(w, a, c0, cols);
+        }
+        let nb = cols / QK;
+        assert!(
+            w.qs.len() == nb * 16 * G
+                && w.d.len() == nb * G
+                && w.m.len() == nb * G
+                && a.qs.len() >= (c0 + C) * cols
+                && a.d.len() >= (c0 + C) * nb
+                && a.s.len() >= (c0 + C) * nb
+        );
+        let mut out = [[0f32; G]; C];
+        for half in 0..2 {
+            // SAFETY: `GroupKernels::avx2` hands out this kernel only when the CPU has AVX2,
+            // FMA and F16C; the assert keeps every load below inside the slices.
+            let o = unsafe { q4_1::<C>(nb, w, a, c0, cols, half) };
+            for (oc, h) in out.iter_mut().zip(o) {
+                oc[half * 8..half * 8 + 8].copy_from_slice(&h);
+            }
+        }
+        out
+    }
+
+    /// Rows `8 * half .. 8 * half + 8` of a Q4_1 group: per block and activation row, the
+    /// eight `vpmaddubsw` products of the 32 values summed in i16 (at most 8 * 2 * 15 * 127
+    /// = 30,480: no saturation; activations lie in -127..=127), widened by one `vpmaddwd`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1<const C: usize>(
+        nb: usize,
+        w: Group<'_>,
+        a: &Act,
+        c0: usize,
+        cols: usize,
+        half: usize,
+    ) -> [[f32; 8]; C] {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); C];
+        let mut accm = [_mm256_setzero_ps(); C];
+        let q = w.qs.as_ptr();
+        for b in 0..nb {
+            let base = q.add(b * 16 * G + half * 32);
+            let mut t = [_mm256_setzero_si256(); C];
+            for l in 0..4 {
+                let v = _mm256_loadu_si256(base.add(l * 64) as *const __m256i);
+                let lo = _mm256_and_si256(v, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for (c, tc) in t.iter_mut().enumerate() {
+                    let y = a.qs.as_ptr().add((c0 + c) * cols + b * QK) as *const i32;
+                    let ylo = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(2 * l)));
+                    let yhi = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(2 * l + 1)));
+                    *tc = _mm256_add_epi16(*tc, _mm256_maddubs_epi16(lo, ylo));
+                    *tc = _mm256_add_epi16(*tc, _mm256_maddubs_epi16(hi, yhi));
+                }
+            }
+            let at = b * G + half * 8;
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
+            let mw = _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(at) as *const __m128i));
+            for c in 0..C {
+                let col = c0 + c;
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t[c], ones));
+                let dx = _mm256_set1_ps(*a.d.get_unchecked(col * nb + b));
+                acc[c] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, dx), acc[c]);
+                let sx = _mm256_set1_ps(*a.s.get_unchecked(col * nb + b));
+                accm[c] = _mm256_fmadd_ps(mw, sx, accm[c]);
+            }
+        }
+        let mut out = [[0f32; 8]; C];
+        for (o, (a, m)) in out.iter_mut().zip(acc.into_iter().zip(accm)) {
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(a, m));
         }
         out
     }
