@@ -353,11 +353,10 @@ pub(super) fn matmul(
                 m: &mm[g * nb * G..(g + 1) * nb * G],
             };
             let put = |c: usize, v: &[f32; G]| {
-                for (i, x) in v.iter().enumerate() {
-                    // SAFETY: row g * G + i belongs to this task's group alone; c < m, so
-                    // the index is inside `out` (m * rows), which outlives the region.
-                    unsafe { *ptr.0.add(c * rows + g * G + i) = *x };
-                }
+                // SAFETY: rows g * G .. g * G + G belong to this task's group alone, and
+                // c < m, so the 16 floats at c * rows + g * G lie inside `out` (m * rows),
+                // which outlives the region and is not read meanwhile.
+                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), ptr.0.add(c * rows + g * G), G) };
             };
             let mut c = 0;
             while c + 4 <= m {
