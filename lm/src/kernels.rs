@@ -172,11 +172,6 @@ pub struct AttendBlock {
 pub unsafe fn attend_block(b: AttendBlock, mask: impl Fn(usize, &mut [f32])) {
     let (rows, n, hd) = (b.rows, b.keys, b.head_dim);
     let (q, q_stride, k, kv_stride, scale) = (b.q, b.q_stride, b.k, b.kv_stride, b.scale);
-    if rows <= SMALL_ROWS {
-        // SAFETY: passed on from the caller.
-        unsafe { small::attend(b, mask) };
-        return;
-    }
     let scores = |s: &mut [f32]| {
         // SAFETY: the caller vouches for q and k; s holds rows*n floats.
         unsafe {
@@ -205,115 +200,6 @@ pub unsafe fn attend_block(b: AttendBlock, mask: impl Fn(usize, &mut [f32])) {
     };
     // SAFETY: passed on from the caller.
     unsafe { attend_block_with(b, scores, mask, None) }
-}
-
-/// Query rows up to which [`attend_block`] multiplies directly instead of by gemm: a decode
-/// step has one row per sequence and head, and the gemm's set-up for a `1 x keys` product
-/// costs more than the product (~10% of a 4-sequence decode step, by `perf`).
-const SMALL_ROWS: usize = 4;
-
-/// Attention for a few query rows by direct dot products and row updates.
-mod small {
-    use super::AttendBlock;
-
-    /// `sum_k a[k] * b[k]` in 16 independent lanes (which LLVM vectorises), summed pairwise.
-    ///
-    /// # Safety
-    /// `a` and `b` must be valid for `n` reads.
-    #[inline(always)]
-    unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
-        let mut acc = [0f32; 16];
-        let mut i = 0;
-        while i + 16 <= n {
-            for (l, x) in acc.iter_mut().enumerate() {
-                // SAFETY: i + l < n.
-                unsafe { *x += *a.add(i + l) * *b.add(i + l) };
-            }
-            i += 16;
-        }
-        let mut w = 16;
-        while w > 1 {
-            w /= 2;
-            for l in 0..w {
-                acc[l] += acc[l + w];
-            }
-        }
-        let mut s = acc[0];
-        while i < n {
-            // SAFETY: i < n.
-            unsafe { s += *a.add(i) * *b.add(i) };
-            i += 1;
-        }
-        s
-    }
-
-    /// The body of [`attend`], compiled twice (baseline and AVX2): the same operations in
-    /// the same order, so both give the same numbers.
-    ///
-    /// # Safety
-    /// As [`super::attend_block`].
-    #[inline(always)]
-    unsafe fn body(b: &AttendBlock, mask: &dyn Fn(usize, &mut [f32]), s: &mut Vec<f32>) {
-        let (rows, n, hd) = (b.rows, b.keys, b.head_dim);
-        s.clear();
-        s.resize(n.max(1), 0.0);
-        for i in 0..rows {
-            // SAFETY (whole loop): query row i, key and value rows j < n, and output row i
-            // lie where the caller's block describes them; the output row is this thread's.
-            let qi = unsafe { b.q.add(i * b.q_stride) };
-            for (j, sj) in s[..n].iter_mut().enumerate() {
-                *sj = b.scale * unsafe { dot(qi, b.k.add(j * b.kv_stride), hd) };
-            }
-            mask(i, &mut s[..n]);
-            let f = if b.normalise_output {
-                super::exp_shifted_in_place(&mut s[..n])
-            } else {
-                super::softmax_in_place(&mut s[..n]);
-                1.0
-            };
-            let out = unsafe { std::slice::from_raw_parts_mut(b.out.add(i * b.out_stride), hd) };
-            out.fill(0.0);
-            for (j, &p) in s[..n].iter().enumerate() {
-                let vj = unsafe { std::slice::from_raw_parts(b.v.add(j * b.kv_stride), hd) };
-                for (o, &v) in out.iter_mut().zip(vj) {
-                    *o += p * v;
-                }
-            }
-            if b.normalise_output {
-                out.iter_mut().for_each(|o| *o *= f);
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn body_avx2(b: &AttendBlock, mask: &dyn Fn(usize, &mut [f32]), s: &mut Vec<f32>) {
-        // SAFETY: passed on from the caller.
-        unsafe { body(b, mask, s) }
-    }
-
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-
-    /// [`super::attend_block`] for at most [`super::SMALL_ROWS`] rows.
-    ///
-    /// # Safety
-    /// As [`super::attend_block`].
-    pub unsafe fn attend(b: AttendBlock, mask: impl Fn(usize, &mut [f32])) {
-        BUF.with(|buf| {
-            let s = &mut *buf.borrow_mut();
-            #[cfg(target_arch = "x86_64")]
-            if crate::isa::level() >= crate::isa::Isa::Avx2 {
-                // SAFETY: the CPU has AVX2 (`isa::level` never exceeds what CPUID reports);
-                // the block is passed on from the caller.
-                unsafe { body_avx2(&b, &mask, s) };
-                return;
-            }
-            // SAFETY: passed on from the caller.
-            unsafe { body(&b, &mask, s) }
-        })
-    }
 }
 
 /// The weighted sum of values for [`attend_block_with`]: given the `rows x keys`
@@ -507,8 +393,8 @@ mod tests {
 
     #[test]
     fn causal_attention_equals_a_naive_loop() {
-        // 70 prefill rows after 5 cached keys (gemm), one decode row and 2-4 rows (direct
-        // products), at head widths with and without a 16-lane tail
+        // 70 prefill rows after 5 cached keys, one decode row and 3-5 rows, at several
+        // head widths
         for (t, start, hd) in [
             (70usize, 5usize, 8usize),
             (1, 74, 8),
