@@ -113,21 +113,7 @@ pub(super) fn interleave(
     rows: usize,
     nb: usize,
 ) {
-    let q = qb(kind);
-    for g in 0..rows / G {
-        let base = g * G * nb;
-        let src_q = qs[base * q..(base + G * nb) * q].to_vec();
-        let src_d = d[base..base + G * nb].to_vec();
-        let src_m = m[base..base + G * nb].to_vec();
-        for b in 0..nb {
-            let dst = &mut qs[(base + b * G) * q..(base + (b + 1) * G) * q];
-            for i in 0..G {
-                put_block(kind, dst, i, &src_q[(i * nb + b) * q..(i * nb + b + 1) * q]);
-                d[base + b * G + i] = src_d[i * nb + b];
-                m[base + b * G + i] = src_m[i * nb + b];
-            }
-        }
-    }
+    permute(kind, (qs, d, m), rows, nb, true)
 }
 
 /// The inverse of [`interleave`].
@@ -139,19 +125,38 @@ pub(super) fn deinterleave(
     rows: usize,
     nb: usize,
 ) {
+    permute(kind, (qs, d, m), rows, nb, false)
+}
+
+/// Each group's arrays from the row layout into the group layout (`to_groups`) or back.
+fn permute(
+    kind: QKind,
+    (qs, d, m): (&mut [u8], &mut [u16], &mut [u16]),
+    rows: usize,
+    nb: usize,
+    to_groups: bool,
+) {
     let q = qb(kind);
     for g in 0..rows / G {
         let base = g * G * nb;
         let src_q = qs[base * q..(base + G * nb) * q].to_vec();
         let src_d = d[base..base + G * nb].to_vec();
         let src_m = m[base..base + G * nb].to_vec();
-        for i in 0..G {
-            for b in 0..nb {
-                let blk = get_block(kind, &src_q[b * G * q..(b + 1) * G * q], i);
-                let o = (base + i * nb + b) * q;
-                qs[o..o + q].copy_from_slice(&blk[..q]);
-                d[base + i * nb + b] = src_d[b * G + i];
-                m[base + i * nb + b] = src_m[b * G + i];
+        for b in 0..nb {
+            for i in 0..G {
+                // block b of the group's row i: its index in either layout
+                let (by_row, by_group) = (i * nb + b, b * G + i);
+                if to_groups {
+                    let dst = &mut qs[(base + b * G) * q..(base + (b + 1) * G) * q];
+                    put_block(kind, dst, i, &src_q[by_row * q..(by_row + 1) * q]);
+                    d[base + by_group] = src_d[by_row];
+                    m[base + by_group] = src_m[by_row];
+                } else {
+                    let blk = get_block(kind, &src_q[b * G * q..(b + 1) * G * q], i);
+                    qs[(base + by_row) * q..(base + by_row + 1) * q].copy_from_slice(&blk[..q]);
+                    d[base + by_row] = src_d[by_group];
+                    m[base + by_row] = src_m[by_group];
+                }
             }
         }
     }
