@@ -1000,7 +1000,7 @@ impl QMatrix {
         {
             return None;
         }
-        // in the row layout, then grouped again as the first one is
+        // in the row layout, then grouped again if any part was (a part may be too small)
         let rows: Vec<QMatrix> = ms.iter().map(|m| (*m).clone().with_groups(false)).collect();
         let cat = |f: fn(&QMatrix) -> &[u8]| {
             rows.iter()
@@ -1022,7 +1022,7 @@ impl QMatrix {
                 m: catf(|m| &m.m),
                 grouped: false,
             }
-            .with_groups(first.grouped),
+            .with_groups(ms.iter().any(|m| m.grouped)),
         )
     }
 }

@@ -63,6 +63,9 @@ pub struct Request {
     pub opts: GenerateOptions,
     /// `response_format`: the JSON Schema the answer must follow (guided generation).
     pub schema: Option<Value>,
+    /// The request named a `seed`: it is prefilled cold, never from the prefix cache, so
+    /// the same request with the same seed gives the same text.
+    pub seeded: bool,
 }
 
 pub enum RawPart {
@@ -227,6 +230,7 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<Request, ApiError> {
     let min_p = num(&v, "min_p")?.unwrap_or(0.0) as f32;
     let top_k = uint(&v, "top_k")?.unwrap_or(0) as usize;
     let repetition_penalty = num(&v, "repetition_penalty")?.unwrap_or(1.0) as f32;
+    let seeded = v.get("seed").is_some_and(|s| !s.is_null());
     let seed = uint(&v, "seed")?.unwrap_or(0);
     for k in ["frequency_penalty", "presence_penalty"] {
         if num(&v, k)?.is_some_and(|x| x != 0.0) {
@@ -279,6 +283,7 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<Request, ApiError> {
             ..Default::default()
         },
         schema,
+        seeded,
     })
 }
 

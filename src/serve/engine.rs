@@ -119,6 +119,9 @@ pub struct Job {
     /// `response_format`: the compiled schema the answer follows.
     pub guide: Option<afm::lm::guided::Guide>,
     pub events: UnboundedSender<Event>,
+    /// Prefill without the prefix cache (a request with a `seed`): reused K/V was summed in
+    /// a prefill of another length, so a sampled token can differ from a cold start.
+    pub cold: bool,
 }
 
 struct Running {
@@ -249,7 +252,7 @@ fn admit(model: &Model, prefixes: &mut PrefixCache, job: Job) -> Option<Running>
     let text_only = text_only(&job.messages);
     let started = guarded(|| {
         let (ids, embeds) = model.prepare(&job.messages)?;
-        let prefix = if text_only {
+        let prefix = if text_only && !job.cold {
             prefixes.lookup(&ids)
         } else {
             None

@@ -185,6 +185,7 @@ async fn chat(
         opts: req.opts,
         guide,
         events: tx,
+        cold: req.seeded,
     };
     {
         let jobs = s.jobs.lock().unwrap_or_else(|e| e.into_inner());

@@ -48,7 +48,8 @@ pub(crate) struct ServeArgs {
     /// a new prompt departs from one of them (the chat template's system prompt, earlier
     /// turns). Off by default: the reused positions were computed in a prefill of another
     /// length, whose float sums differ, so greedy answers can differ at near-ties from a
-    /// cold start (as with llama.cpp's prompt cache).
+    /// cold start (as with llama.cpp's prompt cache). Requests with a `seed` are always
+    /// prefilled cold, so that a seed reproduces its text.
     #[arg(long, value_name = "MB")]
     prefix_cache: Option<usize>,
 }
