@@ -1175,13 +1175,28 @@ mod tests {
             let plain = qmat(kind, rows, cols, 3).with_groups(false);
             let grouped = plain.clone().with_groups(true);
             assert!(grouped.grouped && grouped.grouped_rows() == rows / 16 * 16);
-            assert_ne!(plain.qs, grouped.qs, "rows {rows}: the permutation moved nothing");
+            assert_ne!(
+                plain.qs, grouped.qs,
+                "rows {rows}: the permutation moved nothing"
+            );
             let back = grouped.clone().with_groups(false);
             assert!(back.qs == plain.qs && back.d == plain.d && back.m == plain.m);
-            let rows_b = plain.storage_bytes() + if kind == QKind::Q8_0 { 2 * plain.d.len() } else { 0 };
-            assert_eq!(grouped.storage_bytes(), rows_b, "{kind:?}: the weight sums are counted");
+            let rows_b = plain.storage_bytes()
+                + if kind == QKind::Q8_0 {
+                    2 * plain.d.len()
+                } else {
+                    0
+                };
+            assert_eq!(
+                grouped.storage_bytes(),
+                rows_b,
+                "{kind:?}: the weight sums are counted"
+            );
             let ids: Vec<u32> = (0..rows as u32).collect();
-            let (a, b) = (plain.rows_f32(&ids).unwrap(), grouped.rows_f32(&ids).unwrap());
+            let (a, b) = (
+                plain.rows_f32(&ids).unwrap(),
+                grouped.rows_f32(&ids).unwrap(),
+            );
             assert_eq!(
                 a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -1233,7 +1248,10 @@ mod tests {
             for (g, w) in ab[i * 40..i * 40 + 24].iter().zip(&ya[i * 24..i * 24 + 24]) {
                 assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()));
             }
-            for (g, w) in ab[i * 40 + 24..i * 40 + 40].iter().zip(&yb[i * 16..i * 16 + 16]) {
+            for (g, w) in ab[i * 40 + 24..i * 40 + 40]
+                .iter()
+                .zip(&yb[i * 16..i * 16 + 16])
+            {
                 assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()));
             }
         }

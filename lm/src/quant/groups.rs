@@ -64,7 +64,8 @@ fn put_block(kind: QKind, dst: &mut [u8], i: usize, blk: &[u8]) {
         }
         QKind::Q8_0 => {
             for l in 0..8 {
-                dst[l * 4 * G + i * 4..l * 4 * G + i * 4 + 4].copy_from_slice(&blk[4 * l..4 * l + 4]);
+                dst[l * 4 * G + i * 4..l * 4 * G + i * 4 + 4]
+                    .copy_from_slice(&blk[4 * l..4 * l + 4]);
             }
         }
     }
@@ -89,7 +90,8 @@ fn get_block(kind: QKind, src: &[u8], i: usize) -> [u8; 32] {
         }
         QKind::Q8_0 => {
             for l in 0..8 {
-                out[4 * l..4 * l + 4].copy_from_slice(&src[l * 4 * G + i * 4..l * 4 * G + i * 4 + 4]);
+                out[4 * l..4 * l + 4]
+                    .copy_from_slice(&src[l * 4 * G + i * 4..l * 4 * G + i * 4 + 4]);
             }
         }
     }
@@ -208,7 +210,12 @@ pub(super) fn flipped(a: &Act) -> Act {
 /// bit: per row and block the exact integer dot product of the 32 values, added as
 /// `(d_w * d_x).mul_add(dot, acc)`; for Q4_1 the mins as `m.mul_add(s, acc_m)`; the
 /// result `acc + acc_m`.
-pub(super) fn scalar<const C: usize>(w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [[f32; G]; C] {
+pub(super) fn scalar<const C: usize>(
+    w: Group<'_>,
+    a: &Act,
+    c0: usize,
+    cols: usize,
+) -> [[f32; G]; C] {
     let nb = cols / QK;
     let q = qb(w.kind);
     let mut out = [[0f32; G]; C];
@@ -361,7 +368,9 @@ pub(super) fn matmul(
                 // SAFETY: rows g * G .. g * G + G belong to this task's group alone, and
                 // c < m, so the 16 floats at c * rows + g * G lie inside `out` (m * rows),
                 // which outlives the region and is not read meanwhile.
-                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), ptr.0.add(c * rows + g * G), G) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), ptr.0.add(c * rows + g * G), G)
+                };
             };
             let mut c = 0;
             while c + 4 <= m {
@@ -371,8 +380,14 @@ pub(super) fn matmul(
                 c += 4;
             }
             match m - c {
-                3 => (k.k3)(w, act, c, cols).iter().enumerate().for_each(|(j, v)| put(c + j, v)),
-                2 => (k.k2)(w, act, c, cols).iter().enumerate().for_each(|(j, v)| put(c + j, v)),
+                3 => (k.k3)(w, act, c, cols)
+                    .iter()
+                    .enumerate()
+                    .for_each(|(j, v)| put(c + j, v)),
+                2 => (k.k2)(w, act, c, cols)
+                    .iter()
+                    .enumerate()
+                    .for_each(|(j, v)| put(c + j, v)),
                 1 => put(c, &(k.k1)(w, act, c, cols)[0]),
                 _ => {}
             }
