@@ -248,6 +248,20 @@ pub(super) fn scalar<const C: usize>(
     out
 }
 
+/// Panics unless group `w` (`cols` wide) and activation rows `c0 .. c0 + c` hold every value
+/// a SIMD kernel reads: the bound its `unsafe` loads rely on.
+fn check_bounds(w: &Group<'_>, a: &Act, c0: usize, c: usize, cols: usize) {
+    let nb = cols / QK;
+    assert!(
+        w.qs.len() == nb * w.kind.qs_bytes() * G
+            && w.d.len() == nb * G
+            && w.m.len() == nb * G
+            && a.qs.len() >= (c0 + c) * cols
+            && a.d.len() >= (c0 + c) * nb
+            && a.s.len() >= (c0 + c) * nb
+    );
+}
+
 /// The kernels for groups: 1, 2, 3 and 4 activation rows at a time.
 #[derive(Clone, Copy)]
 pub(super) struct GroupKernels {
@@ -402,14 +416,7 @@ mod simd {
 
     pub fn kernel<const C: usize>(w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [[f32; G]; C] {
         let nb = cols / QK;
-        assert!(
-            w.qs.len() == nb * w.kind.qs_bytes() * G
-                && w.d.len() == nb * G
-                && w.m.len() == nb * G
-                && a.qs.len() >= (c0 + C) * cols
-                && a.d.len() >= (c0 + C) * nb
-                && a.s.len() >= (c0 + C) * nb
-        );
+        super::check_bounds(&w, a, c0, C, cols);
         // SAFETY: `GroupKernels::avx512` hands out this kernel only when the CPU has
         // AVX-512 F/BW/VL/VNNI with AVX2/FMA/F16C (`Isa::Avx512`); the assert keeps every
         // load below inside the slices.
@@ -419,6 +426,28 @@ mod simd {
                 QKind::Q8_0 => q8_0::<C>(nb, w, a, c0, cols),
             }
         }
+    }
+
+    /// One block's 32 products for the group's 16 rows: `x[k]` holds values `4k .. 4k + 4` of
+    /// every row, `y` the activation row's 32 bytes; two chains of four `vpdpbusd`, so the
+    /// products of one row need not wait on each other. `vpdpbusd` takes unsigned bytes
+    /// first: the weights for Q4_1 (`ACT_FIRST` false), the biased activations for Q8_0.
+    ///
+    /// # Safety
+    /// `y` must be valid for 32 bytes; the caller runs with AVX-512 F/VNNI.
+    #[inline(always)]
+    unsafe fn block_dot<const ACT_FIRST: bool>(x: &[__m512i; 8], y: *const i32) -> __m512i {
+        let mut s = [_mm512_setzero_si512(); 2];
+        for k in 0..8 {
+            // SAFETY: k < 8, so the 4 bytes at y + 4k lie in the 32 the caller vouches for.
+            let v = _mm512_set1_epi32(unsafe { std::ptr::read_unaligned(y.add(k)) });
+            s[k % 2] = if ACT_FIRST {
+                _mm512_dpbusd_epi32(s[k % 2], v, x[k])
+            } else {
+                _mm512_dpbusd_epi32(s[k % 2], x[k], v)
+            };
+        }
+        _mm512_add_epi32(s[0], s[1])
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
@@ -447,16 +476,7 @@ mod simd {
             for c in 0..C {
                 let col = c0 + c;
                 let y = a.qs.as_ptr().add(col * cols + b * QK) as *const i32;
-                // two chains of four: the products of one row need not wait on each other
-                let mut s0 = zero;
-                let mut s1 = zero;
-                for l in 0..4 {
-                    let lo = _mm512_set1_epi32(std::ptr::read_unaligned(y.add(2 * l)));
-                    let hi = _mm512_set1_epi32(std::ptr::read_unaligned(y.add(2 * l + 1)));
-                    s0 = _mm512_dpbusd_epi32(s0, x[2 * l], lo);
-                    s1 = _mm512_dpbusd_epi32(s1, x[2 * l + 1], hi);
-                }
-                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                let dot = _mm512_cvtepi32_ps(block_dot::<false>(&x, y));
                 let dx = _mm512_set1_ps(*a.d.get_unchecked(col * nb + b));
                 acc[c] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, dx), acc[c]);
                 let sx = _mm512_set1_ps(*a.s.get_unchecked(col * nb + b));
@@ -496,15 +516,7 @@ mod simd {
             for c in 0..C {
                 let col = c0 + c;
                 let y = a.qs.as_ptr().add(col * cols + b * QK) as *const i32;
-                let mut s0 = zero;
-                let mut s1 = zero;
-                for l in 0..4 {
-                    let lo = _mm512_set1_epi32(std::ptr::read_unaligned(y.add(2 * l)));
-                    let hi = _mm512_set1_epi32(std::ptr::read_unaligned(y.add(2 * l + 1)));
-                    s0 = _mm512_dpbusd_epi32(s0, lo, x[2 * l]);
-                    s1 = _mm512_dpbusd_epi32(s1, hi, x[2 * l + 1]);
-                }
-                let dot = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias);
+                let dot = _mm512_sub_epi32(block_dot::<true>(&x, y), bias);
                 let dx = _mm512_set1_ps(*a.d.get_unchecked(col * nb + b));
                 acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, dx), acc[c]);
             }
@@ -528,14 +540,7 @@ mod simd256 {
             return super::scalar::<C>(w, a, c0, cols);
         }
         let nb = cols / QK;
-        assert!(
-            w.qs.len() == nb * 16 * G
-                && w.d.len() == nb * G
-                && w.m.len() == nb * G
-                && a.qs.len() >= (c0 + C) * cols
-                && a.d.len() >= (c0 + C) * nb
-                && a.s.len() >= (c0 + C) * nb
-        );
+        super::check_bounds(&w, a, c0, C, cols);
         let mut out = [[0f32; G]; C];
         for half in 0..2 {
             // SAFETY: `GroupKernels::avx2` hands out this kernel only when the CPU has AVX2,
