@@ -56,8 +56,8 @@ pub fn lowbit_meta(
 pub fn lowbit_payload(m: &LowBitMatrix) -> Vec<u8> {
     let (qs, d) = m.parts();
     let mut out = Vec::with_capacity(qs.len() + 2 * d.len());
-    out.extend_from_slice(qs);
-    for s in d {
+    out.extend_from_slice(&qs);
+    for s in d.iter() {
         out.extend_from_slice(&s.to_le_bytes());
     }
     out

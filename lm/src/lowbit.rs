@@ -31,12 +31,20 @@
 //!
 //! so that one broadcast load and one per-lane shift put 64 (or 32) values in natural order.
 //! Scales: `kp / group` f16 per row, row-major. The GGUF form is in [`crate::gguf_write`].
+//!
+//! Where the CPU has AVX2 or AVX-512 VNNI, matrices are kept in memory with 16 rows
+//! interleaved ([`groups`]: the same codes and scales, permuted at load), so that one vector
+//! instruction serves 16 rows and no row ends in a horizontal sum; `AFM_LOWBIT_GROUPS=0`
+//! keeps the row layout, to compare. [`LowBitMatrix::parts`] always gives the row layout.
 
 use crate::error::{LmError, Result};
 use crate::par::par_ranges;
 use candle_core::{Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
+use std::borrow::Cow;
+
+mod groups;
 
 /// Inputs per activation block (and the smallest weight group).
 pub const BLOCK: usize = 32;
@@ -54,6 +62,17 @@ pub struct LowBitMatrix {
     kp: usize,
     qs: Vec<u8>,
     d: Vec<u16>,
+    /// Rows `0 .. rows / 16 * 16` in the group layout ([`groups`]).
+    grouped: bool,
+}
+
+/// Whether new matrices take the group layout: at kernel level AVX2 and up, unless
+/// `AFM_LOWBIT_GROUPS=0`.
+fn use_groups() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off =
+        *OFF.get_or_init(|| std::env::var("AFM_LOWBIT_GROUPS").is_ok_and(|v| v.trim() == "0"));
+    !off && crate::isa::level() >= crate::isa::Isa::Avx2
 }
 
 #[inline(always)]
@@ -134,7 +153,7 @@ impl LowBitMatrix {
                 "{bits}-bit matrix scale {bad} is not finite"
             )));
         }
-        Ok(Self {
+        let mut m = Self {
             bits,
             group,
             rows,
@@ -142,7 +161,52 @@ impl LowBitMatrix {
             kp,
             qs,
             d,
-        })
+            grouped: false,
+        };
+        m.set_grouped(use_groups());
+        Ok(m)
+    }
+
+    /// Puts the whole groups of 16 rows in the group layout (`true`) or the row layout.
+    fn set_grouped(&mut self, on: bool) {
+        if on != self.grouped {
+            let meta = self.gmeta();
+            groups::permute(&meta, &mut self.qs, &mut self.d, self.rows, on);
+            self.grouped = on;
+        }
+    }
+
+    fn gmeta(&self) -> groups::Meta {
+        groups::Meta {
+            bits: self.bits,
+            nb: self.kp / BLOCK,
+            gpb: self.group / BLOCK,
+            kp: self.kp,
+        }
+    }
+
+    /// Rows in whole groups of the group layout (0 in the row layout).
+    fn grouped_rows(&self) -> usize {
+        if self.grouped {
+            self.rows / groups::G * groups::G
+        } else {
+            0
+        }
+    }
+
+    /// Row `r` in the row layout: packed codes and scales.
+    fn row_parts(&self, r: usize) -> (Cow<'_, [u8]>, Cow<'_, [u16]>) {
+        if r < self.grouped_rows() {
+            let (codes, d) = groups::row_of(&self.gmeta(), &self.qs, &self.d, r);
+            let pb = PAIR * self.bits as usize / 8;
+            let mut qs = vec![0u8; self.kp * self.bits as usize / 8];
+            for (p, out) in qs.chunks_exact_mut(pb).enumerate() {
+                pack_pair(self.bits, &codes[p * PAIR..(p + 1) * PAIR], out);
+            }
+            return (Cow::Owned(qs), Cow::Owned(d));
+        }
+        let w = self.row(r);
+        (Cow::Borrowed(w.qs), Cow::Borrowed(w.d))
     }
 
     /// Post-training quantization of a row-major `(rows, cols)` f32 matrix: per group, the
@@ -247,9 +311,15 @@ impl LowBitMatrix {
         (self.rows, self.cols)
     }
 
-    /// The packed codes and the f16 scale bits (the GGUF payload).
-    pub fn parts(&self) -> (&[u8], &[u16]) {
-        (&self.qs, &self.d)
+    /// The packed codes and the f16 scale bits in the row layout of the module docs (the
+    /// GGUF payload).
+    pub fn parts(&self) -> (Cow<'_, [u8]>, Cow<'_, [u16]>) {
+        if !self.grouped {
+            return (Cow::Borrowed(&self.qs), Cow::Borrowed(&self.d));
+        }
+        let mut m = self.clone();
+        m.set_grouped(false);
+        (Cow::Owned(m.qs), Cow::Owned(m.d))
     }
 
     /// Bytes of codes and scales.
@@ -265,13 +335,10 @@ impl LowBitMatrix {
 
     fn rows_vec(&self, ids: &[usize]) -> Vec<f32> {
         let c = offset(self.bits);
-        let rb = self.kp * self.bits as usize / 8;
         let pb = PAIR * self.bits as usize / 8;
-        let ng = self.kp / self.group;
         let mut out = vec![0f32; ids.len() * self.cols];
         for (o, &r) in out.chunks_mut(self.cols.max(1)).zip(ids) {
-            let q = &self.qs[r * rb..(r + 1) * rb];
-            let d = &self.d[r * ng..(r + 1) * ng];
+            let (q, d) = self.row_parts(r);
             for (j, o) in o.iter_mut().enumerate() {
                 let p = &q[(j / PAIR) * pb..(j / PAIR + 1) * pb];
                 *o = h(d[j / self.group]) * (code(self.bits, p, j % PAIR) as f32 - c);
@@ -308,6 +375,15 @@ impl LowBitMatrix {
         {
             return None;
         }
+        if ms.iter().any(|m| m.grouped) {
+            let parts: Vec<_> = ms.iter().map(|m| m.parts()).collect();
+            let rows = ms.iter().map(|m| m.rows).sum();
+            let qs = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
+            let d = parts.iter().flat_map(|p| p.1.iter().copied()).collect();
+            let mut m = Self::from_parts(f.bits, f.group, rows, f.cols, qs, d).ok()?;
+            m.set_grouped(true);
+            return Some(m);
+        }
         Some(LowBitMatrix {
             bits: f.bits,
             group: f.group,
@@ -316,6 +392,7 @@ impl LowBitMatrix {
             kp: f.kp,
             qs: ms.iter().flat_map(|m| m.qs.iter().copied()).collect(),
             d: ms.iter().flat_map(|m| m.d.iter().copied()).collect(),
+            grouped: false,
         })
     }
 
@@ -328,12 +405,27 @@ impl LowBitMatrix {
         assert_eq!(x.len(), m * self.cols, "low-bit matmul input size");
         let act = Act::new(x, m, self.cols, self.kp, self.group);
         let mut out = vec![0f32; m * self.rows];
-        let groups = self.rows.div_ceil(4);
+        let full = self.grouped_rows();
+        if full > 0 {
+            groups::matmul(
+                kern.groups,
+                &self.gmeta(),
+                &self.qs,
+                &self.d,
+                full / groups::G,
+                self.rows,
+                &act,
+                m,
+                &mut out,
+            );
+        }
+        // the rows in the row layout: all of them, or those past the last whole group
+        let quads = (self.rows - full).div_ceil(4);
         let ptr = SharedOut(out.as_mut_ptr());
         let ptr = &ptr;
-        par_ranges(groups, |range| {
-            let r0 = range.start * 4;
-            let r1 = (range.end * 4).min(self.rows);
+        par_ranges(quads, |range| {
+            let r0 = full + range.start * 4;
+            let r1 = (full + range.end * 4).min(self.rows);
             let mut tile = vec![0f32; (r1 - r0) * m];
             self.tile(&kern, &act, r0, r1 - r0, m, &mut tile);
             for i in 0..m {
@@ -355,7 +447,9 @@ impl LowBitMatrix {
         }
     }
 
+    /// Row `r` in the row layout (a row past the last whole group when grouped).
     fn row(&self, r: usize) -> WRow<'_> {
+        debug_assert!(r >= self.grouped_rows());
         let rb = self.kp * self.bits as usize / 8;
         let ng = self.kp / self.group;
         WRow {
@@ -562,6 +656,8 @@ struct Kernels {
     k11: K11,
     k41: K41,
     k14: K14,
+    /// For the rows in the group layout.
+    groups: groups::GroupKernels,
 }
 
 /// Which kernel family [`LowBitMatrix::matmul`] runs on this CPU.
@@ -590,6 +686,7 @@ fn kernels() -> Kernels {
                 k11: simd::k512::<1, 1>,
                 k41: simd::k512::<4, 1>,
                 k14: simd::k512::<1, 4>,
+                groups: groups::GroupKernels::at(crate::isa::level()),
             };
         }
         if simd::available() {
@@ -597,6 +694,7 @@ fn kernels() -> Kernels {
                 k11: simd::k256::<1, 1>,
                 k41: simd::k256::<4, 1>,
                 k14: simd::k256::<1, 4>,
+                groups: groups::GroupKernels::at(crate::isa::level()),
             };
         }
     }
@@ -608,6 +706,7 @@ fn scalar_kernels() -> Kernels {
         k11: scalar::<1, 1>,
         k41: scalar::<4, 1>,
         k14: scalar::<1, 4>,
+        groups: groups::GroupKernels::portable(),
     }
 }
 
@@ -960,12 +1059,14 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         {
             if simd::available() {
+                let g = groups::GroupKernels::avx2().unwrap();
                 v.push((
                     "avx2",
                     Kernels {
                         k11: simd::k256_plain::<1, 1>,
                         k41: simd::k256_plain::<4, 1>,
                         k14: simd::k256_plain::<1, 4>,
+                        groups: g,
                     },
                 ));
                 v.push((
@@ -974,6 +1075,7 @@ mod tests {
                         k11: simd::k256::<1, 1>,
                         k41: simd::k256::<4, 1>,
                         k14: simd::k256::<1, 4>,
+                        groups: g,
                     },
                 ));
             }
@@ -984,6 +1086,7 @@ mod tests {
                         k11: simd::k512::<1, 1>,
                         k41: simd::k512::<4, 1>,
                         k14: simd::k512::<1, 4>,
+                        groups: groups::GroupKernels::avx512().unwrap(),
                     },
                 ));
             }
@@ -991,9 +1094,10 @@ mod tests {
         v
     }
 
-    /// Every kernel family this CPU has, on ragged shapes (widths that are not multiples of
-    /// 64 or of the group, row counts and batch sizes that leave tails), against the
-    /// definition.
+    /// Every kernel family this CPU has, in both layouts, on ragged shapes (widths that are
+    /// not multiples of 64 or of the group, row counts that leave rows past the last group of
+    /// 16, batch sizes that leave tails), against the definition; and the group layout's SIMD
+    /// kernels equal its portable definition bit for bit.
     #[test]
     fn kernels_match_the_definition_on_ragged_shapes() {
         for (bits, group) in [(2, 32), (2, 64), (2, 128), (4, 32), (4, 64)] {
@@ -1003,20 +1107,98 @@ mod tests {
                 (200, 13, 4),
                 (576, 7, 9),
                 (64, 1, 3),
+                (576, 35, 1),
+                (128, 48, 2),
+                (320, 33, 3),
+                (64, 16, 7),
             ] {
                 let w = randn(rows * cols, 1 + cols as u64);
                 let x = randn(m * cols, 7 + rows as u64);
-                let q = LowBitMatrix::quantize(&w, rows, cols, bits, group, None).unwrap();
+                let mut q = LowBitMatrix::quantize(&w, rows, cols, bits, group, None).unwrap();
                 let want = definition(&q, &x, m);
                 let scale = want.iter().fold(0f64, |a, v| a.max(v.abs())).max(1.0);
-                for (name, k) in families() {
-                    let got = q.matmul_with(&x, m, k);
-                    for (g, e) in got.iter().zip(&want) {
-                        assert!(
-                            ((*g as f64) - e).abs() < 2e-5 * scale,
-                            "{bits}-bit g{group} {name} ({rows},{cols}) m {m}: {g} vs {e}"
-                        );
+                for grouped in [false, true] {
+                    q.set_grouped(grouped);
+                    let portable = q.matmul_with(&x, m, scalar_kernels());
+                    for (name, k) in families() {
+                        let got = q.matmul_with(&x, m, k);
+                        for (g, e) in got.iter().zip(&want) {
+                            assert!(
+                                ((*g as f64) - e).abs() < 2e-5 * scale,
+                                "{bits}-bit g{group} {name} grouped {grouped} ({rows},{cols}) \
+                                 m {m}: {g} vs {e}"
+                            );
+                        }
+                        if grouped {
+                            // the grouped rows: bit for bit
+                            let n = rows / groups::G * groups::G;
+                            for i in 0..m {
+                                assert_eq!(
+                                    got[i * rows..i * rows + n],
+                                    portable[i * rows..i * rows + n],
+                                    "{bits}-bit g{group} {name} ({rows},{cols}) m {m}"
+                                );
+                            }
+                        }
                     }
+                }
+            }
+        }
+    }
+
+    /// The group layout is a permutation: the row-layout parts, the dequantized matrix and
+    /// the embedding rows are unchanged by it, and so is a concatenation of grouped matrices.
+    #[test]
+    fn the_group_layout_round_trips() {
+        for (bits, group, rows, cols) in [(2, 32, 37, 96), (4, 32, 48, 576), (2, 64, 16, 200)] {
+            let w = randn(rows * cols, 11);
+            let mut q = LowBitMatrix::quantize(&w, rows, cols, bits, group, None).unwrap();
+            q.set_grouped(false);
+            let (qs, d) = q.parts();
+            let (qs, d) = (qs.into_owned(), d.into_owned());
+            let deq = q.dequantize();
+            let emb = q
+                .rows_f32(&[0, 13, (rows - 1) as u32])
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            q.set_grouped(true);
+            assert!(q.grouped && rows >= groups::G);
+            assert_ne!(q.qs, qs, "grouped bytes differ from the row layout");
+            let (gq, gd) = q.parts();
+            assert_eq!((gq.as_ref(), gd.as_ref()), (qs.as_slice(), d.as_slice()));
+            assert_eq!(q.dequantize(), deq);
+            let e2 = q
+                .rows_f32(&[0, 13, (rows - 1) as u32])
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_eq!(e2, emb);
+            q.set_grouped(false);
+            assert_eq!(
+                (q.qs.as_slice(), q.d.as_slice()),
+                (qs.as_slice(), d.as_slice())
+            );
+            // a concatenation of a grouped and a row-layout matrix multiplies as the two do
+            let mut a = q.clone();
+            a.set_grouped(true);
+            let b =
+                LowBitMatrix::quantize(&randn(21 * cols, 12), 21, cols, bits, group, None).unwrap();
+            let mut b = b;
+            b.set_grouped(false);
+            let c = LowBitMatrix::concat_rows(&[&a, &b]).unwrap();
+            assert!(c.grouped);
+            let x = randn(3 * cols, 13);
+            let (ya, yb, yc) = (a.matmul(&x, 3), b.matmul(&x, 3), c.matmul(&x, 3));
+            for i in 0..3 {
+                let both: Vec<f32> = ya[i * rows..(i + 1) * rows]
+                    .iter()
+                    .chain(&yb[i * 21..(i + 1) * 21])
+                    .copied()
+                    .collect();
+                let got = &yc[i * (rows + 21)..(i + 1) * (rows + 21)];
+                for (g, e) in got.iter().zip(&both) {
+                    assert!((g - e).abs() < 1e-4 * e.abs().max(1.0), "{g} vs {e}");
                 }
             }
         }
@@ -1029,8 +1211,9 @@ mod tests {
         let w = randn(rows * cols, 3);
         let q = LowBitMatrix::quantize(&w, rows, cols, 2, 32, None).unwrap();
         let d = q.dequantize();
+        let scales = q.parts().1.into_owned();
         for (g, chunk) in d.chunks(32).enumerate() {
-            let s = h(q.d[g]);
+            let s = h(scales[g]);
             for v in chunk {
                 let k = v / s;
                 assert!(

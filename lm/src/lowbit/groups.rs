@@ -1,0 +1,514 @@
+//! 2-bit and 4-bit matrices with rows interleaved in groups of [`G`], for the AVX-512 VNNI
+//! and AVX2 kernels.
+//!
+//! In the row layout ([`super::LowBitMatrix`]) each weight row's product with an activation
+//! row ends in a vector that is scaled per pair of blocks and summed horizontally, and the
+//! 2-bit codes of a pair (16 bytes) are few next to that work. Here 16 weight rows share each
+//! 512-bit register: lane `i` of a `vpdpbusd` holds row `i`'s integer dot product of one
+//! 32-value block (8 instructions against broadcast activation bytes), and one convert +
+//! one FMA scales the 16 rows' block sums at once (their 16 scales are one vector). The
+//! grid offset comes off at the end through the activation group sums, as in the row layout.
+//!
+//! # Layout
+//! The same codes and scales as the row layout, permuted. Rows `0 .. rows / G * G` form
+//! groups; rows past the last whole group keep the row layout at their usual offsets. Group
+//! `g`, block `b` (32 values) holds [`block_bytes`] code bytes at `(g * nb + b) *
+//! block_bytes`, made of eight 4-byte lanes per row: lane `v` (`0..8`) of row `i` holds
+//! values `4v .. 4v + 4` (byte `t` value `4v + t`), stored
+//! * 2-bit: in load `v / 4` (64 bytes each), bits `2 (v % 4)`: byte `(v / 4) * 64 + 4i + t`;
+//! * 4-bit: in load `v / 2`, nibble `v % 2`: byte `(v / 2) * 64 + 4i + t` (Q4_1's grouped
+//!   form, [`crate::quant`]).
+//!
+//! So a 64-byte load, shifted and masked, gives four values of all 16 rows, one lane per row.
+//! The scales of weight group `s` of the 16 rows sit at `(g * ng + s) * G + i` (`ng` scales
+//! per row).
+
+use super::{code, offset, pack_pair, Act, BLOCK, PAIR};
+use crate::par::par_ranges;
+
+/// Rows per group: one 512-bit lane of 4 bytes per row.
+pub(super) const G: usize = 16;
+
+/// Code bytes of one group's block: 32 values of 16 rows.
+pub(super) fn block_bytes(bits: u32) -> usize {
+    4 * bits as usize * G
+}
+
+/// Where value `k` (`0..32`) of row `i` lies in a group's block: byte offset and bit shift.
+#[inline(always)]
+fn place(bits: u32, i: usize, k: usize) -> (usize, u32) {
+    let (v, t) = (k / 4, k % 4);
+    if bits == 2 {
+        ((v / 4) * 4 * G + i * 4 + t, 2 * (v % 4) as u32)
+    } else {
+        ((v / 2) * 4 * G + i * 4 + t, 4 * (v % 2) as u32)
+    }
+}
+
+/// Value `k` of row `i` of a group's block.
+#[inline(always)]
+fn grouped_code(bits: u32, blk: &[u8], i: usize, k: usize) -> u8 {
+    let (o, sh) = place(bits, i, k);
+    (blk[o] >> sh) & ((1u8 << bits) - 1)
+}
+
+/// The shape facts the kernels need.
+#[derive(Clone, Copy)]
+pub(super) struct Meta {
+    pub bits: u32,
+    /// 32-value blocks per (padded) row.
+    pub nb: usize,
+    /// Blocks per weight group.
+    pub gpb: usize,
+    /// The padded row width (`nb * 32`).
+    pub kp: usize,
+}
+
+impl Meta {
+    fn ng(&self) -> usize {
+        self.nb / self.gpb
+    }
+}
+
+/// Row-layout codes and scales to the group layout (`to_groups`) or back, for the first
+/// `rows / G * G` rows; the tail rows are left as they are.
+pub(super) fn permute(m: &Meta, qs: &mut [u8], d: &mut [u16], rows: usize, to_groups: bool) {
+    let rb = m.kp * m.bits as usize / 8;
+    let pb = PAIR * m.bits as usize / 8;
+    let bb = block_bytes(m.bits);
+    let ng = m.ng();
+    let mut codes = vec![0u8; m.kp];
+    for g in 0..rows / G {
+        let qsg = &mut qs[g * G * rb..(g + 1) * G * rb];
+        let dg = &mut d[g * G * ng..(g + 1) * G * ng];
+        let (src_q, src_d) = (qsg.to_vec(), dg.to_vec());
+        if to_groups {
+            qsg.fill(0);
+        }
+        for i in 0..G {
+            if to_groups {
+                let row = &src_q[i * rb..(i + 1) * rb];
+                for b in 0..m.nb {
+                    for k in 0..BLOCK {
+                        let c = code(m.bits, &row[(b / 2) * pb..], (b % 2) * BLOCK + k);
+                        let (o, sh) = place(m.bits, i, k);
+                        qsg[b * bb + o] |= c << sh;
+                    }
+                }
+                for s in 0..ng {
+                    dg[s * G + i] = src_d[i * ng + s];
+                }
+            } else {
+                for b in 0..m.nb {
+                    for k in 0..BLOCK {
+                        codes[b * BLOCK + k] =
+                            grouped_code(m.bits, &src_q[b * bb..(b + 1) * bb], i, k);
+                    }
+                }
+                for (p, out) in qsg[i * rb..(i + 1) * rb].chunks_exact_mut(pb).enumerate() {
+                    pack_pair(m.bits, &codes[p * PAIR..(p + 1) * PAIR], out);
+                }
+                for s in 0..ng {
+                    dg[i * ng + s] = src_d[s * G + i];
+                }
+            }
+        }
+    }
+}
+
+/// Row `r`'s codes (`kp` of them, one per byte) and scales, read from the group layout; `r`
+/// must lie in a whole group.
+pub(super) fn row_of(m: &Meta, qs: &[u8], d: &[u16], r: usize) -> (Vec<u8>, Vec<u16>) {
+    let (g, i) = (r / G, r % G);
+    let bb = block_bytes(m.bits);
+    let ng = m.ng();
+    let base = g * m.nb * bb;
+    let codes = (0..m.kp)
+        .map(|j| {
+            let b = j / BLOCK;
+            grouped_code(
+                m.bits,
+                &qs[base + b * bb..base + (b + 1) * bb],
+                i,
+                j % BLOCK,
+            )
+        })
+        .collect();
+    let scales = (0..ng).map(|s| d[(g * ng + s) * G + i]).collect();
+    (codes, scales)
+}
+
+/// One group's arrays: codes `(nb, block_bytes)` and scales `(ng, G)`.
+#[derive(Clone, Copy)]
+pub(super) struct Group<'a> {
+    pub qs: &'a [u8],
+    pub d: &'a [u16],
+}
+
+/// A group's 16 rows against activation rows `c0 .. c0 + C`: `out[c][i]` is row `i`.
+pub(super) type GroupKernel<const C: usize> = fn(&Meta, Group<'_>, &Act, usize) -> [[f32; G]; C];
+
+/// The portable definition, in the order of the SIMD kernels so that they agree bit for bit:
+/// per row and block the exact integer dot product of the 32 values, added as
+/// `(s_w * d_x).mul_add(dot, acc)`; at each weight group's first block the offset term
+/// `s_w.mul_add(sg, corr)`; the result `(-c).mul_add(corr, acc)`.
+pub(super) fn scalar<const C: usize>(m: &Meta, w: Group<'_>, a: &Act, c0: usize) -> [[f32; G]; C] {
+    let bb = block_bytes(m.bits);
+    let ng = m.ng();
+    let mut out = [[0f32; G]; C];
+    for (c, o) in out.iter_mut().enumerate() {
+        let col = c0 + c;
+        let y = &a.qs[col * m.kp..(col + 1) * m.kp];
+        for (i, oi) in o.iter_mut().enumerate() {
+            let (mut acc, mut corr) = (0f32, 0f32);
+            for b in 0..m.nb {
+                let blk = &w.qs[b * bb..(b + 1) * bb];
+                let dot: i32 = (0..BLOCK)
+                    .map(|k| grouped_code(m.bits, blk, i, k) as i32 * y[b * BLOCK + k] as i32)
+                    .sum();
+                let s = b / m.gpb;
+                let dw = super::h(w.d[s * G + i]);
+                acc = (dw * a.d[col * m.nb + b]).mul_add(dot as f32, acc);
+                if b % m.gpb == 0 {
+                    corr = dw.mul_add(a.sg[col * ng + s], corr);
+                }
+            }
+            *oi = (-offset(m.bits)).mul_add(corr, acc);
+        }
+    }
+    out
+}
+
+/// Panics unless group `w` and activation rows `c0 .. c0 + c` hold every value a SIMD kernel
+/// reads: the bound its `unsafe` loads rely on.
+fn check_bounds(m: &Meta, w: &Group<'_>, a: &Act, c0: usize, c: usize) {
+    assert!(
+        (m.bits == 2 || m.bits == 4)
+            && m.gpb >= 1
+            && m.nb.is_multiple_of(m.gpb)
+            && m.kp == m.nb * BLOCK
+            && w.qs.len() == m.nb * block_bytes(m.bits)
+            && w.d.len() == m.ng() * G
+            && a.qs.len() >= (c0 + c) * m.kp
+            && a.d.len() >= (c0 + c) * m.nb
+            && a.sg.len() >= (c0 + c) * m.ng()
+    );
+}
+
+/// The kernels for groups: 1, 2, 3 and 4 activation rows at a time.
+#[derive(Clone, Copy)]
+pub(super) struct GroupKernels {
+    pub k1: GroupKernel<1>,
+    pub k2: GroupKernel<2>,
+    pub k3: GroupKernel<3>,
+    pub k4: GroupKernel<4>,
+}
+
+impl GroupKernels {
+    pub(super) fn portable() -> Self {
+        Self {
+            k1: scalar::<1>,
+            k2: scalar::<2>,
+            k3: scalar::<3>,
+            k4: scalar::<4>,
+        }
+    }
+
+    /// The AVX-512 VNNI kernels where the CPU has them (else `None`).
+    pub(super) fn avx512() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::detected() == crate::isa::Isa::Avx512 {
+            return Some(Self {
+                k1: simd::kernel::<1>,
+                k2: simd::kernel::<2>,
+                k3: simd::kernel::<3>,
+                k4: simd::kernel::<4>,
+            });
+        }
+        None
+    }
+
+    /// The AVX2 kernels (`vpmaddubsw`) where the CPU has AVX2, FMA and F16C (else `None`).
+    pub(super) fn avx2() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::detected() >= crate::isa::Isa::Avx2 {
+            return Some(Self {
+                k1: simd256::kernel::<1>,
+                k2: simd256::kernel::<2>,
+                k3: simd256::kernel::<3>,
+                k4: simd256::kernel::<4>,
+            });
+        }
+        None
+    }
+
+    /// The fastest kernels at kernel level `isa` (capped to what the CPU runs).
+    pub(super) fn at(isa: crate::isa::Isa) -> Self {
+        use crate::isa::Isa;
+        let fast = match isa.min(crate::isa::detected()) {
+            Isa::Avx512 => Self::avx512(),
+            Isa::Avx2 | Isa::Avx2Vnni => Self::avx2(),
+            Isa::Portable => None,
+        };
+        fast.unwrap_or_else(Self::portable)
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+struct Out(*mut f32);
+// SAFETY: used only in `matmul`, where every task writes the outputs of its own groups' rows,
+// disjoint from every other task's, in a buffer that outlives the parallel region.
+unsafe impl Sync for Out {}
+
+/// `(m, cols) @ W^T` for the grouped rows `0 .. groups * G` into `out` (`(n, rows)` for `n`
+/// activation rows), the groups split over the pool.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul(
+    k: GroupKernels,
+    meta: &Meta,
+    qs: &[u8],
+    d: &[u16],
+    groups: usize,
+    rows: usize,
+    act: &Act,
+    n: usize,
+    out: &mut [f32],
+) {
+    let (bb, ng) = (block_bytes(meta.bits), meta.ng());
+    assert!(
+        groups * G <= rows
+            && qs.len() >= groups * meta.nb * bb
+            && d.len() >= groups * ng * G
+            && act.qs.len() == n * meta.kp
+            && act.d.len() == n * meta.nb
+            && act.sg.len() == n * ng
+            && out.len() == n * rows
+    );
+    let ptr = Out(out.as_mut_ptr());
+    let ptr = &ptr;
+    par_ranges(groups, |range| {
+        for g in range {
+            let w = Group {
+                qs: &qs[g * meta.nb * bb..(g + 1) * meta.nb * bb],
+                d: &d[g * ng * G..(g + 1) * ng * G],
+            };
+            let put = |c: usize, v: &[f32; G]| {
+                // SAFETY: rows g * G .. g * G + G belong to this task's group alone, and
+                // c < n, so the 16 floats at c * rows + g * G lie inside `out` (n * rows),
+                // which outlives the region and is not read meanwhile.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), ptr.0.add(c * rows + g * G), G)
+                };
+            };
+            let mut c = 0;
+            while c + 4 <= n {
+                for (j, v) in (k.k4)(meta, w, act, c).iter().enumerate() {
+                    put(c + j, v);
+                }
+                c += 4;
+            }
+            match n - c {
+                3 => (k.k3)(meta, w, act, c)
+                    .iter()
+                    .enumerate()
+                    .for_each(|(j, v)| put(c + j, v)),
+                2 => (k.k2)(meta, w, act, c)
+                    .iter()
+                    .enumerate()
+                    .for_each(|(j, v)| put(c + j, v)),
+                1 => put(c, &(k.k1)(meta, w, act, c)[0]),
+                _ => {}
+            }
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{block_bytes, offset, Act, Group, Meta, BLOCK, G};
+    use std::arch::x86_64::*;
+
+    pub fn kernel<const C: usize>(m: &Meta, w: Group<'_>, a: &Act, c0: usize) -> [[f32; G]; C] {
+        super::check_bounds(m, &w, a, c0, C);
+        // SAFETY: `GroupKernels::avx512` hands out this kernel only when the CPU has
+        // AVX-512 F/BW/VL/VNNI with AVX2/FMA/F16C (`Isa::Avx512`); `check_bounds` keeps
+        // every load below inside the slices.
+        unsafe {
+            if m.bits == 2 {
+                lowbit::<C, 2>(m, w, a, c0)
+            } else {
+                lowbit::<C, 4>(m, w, a, c0)
+            }
+        }
+    }
+
+    /// A block's eight lanes of 4 values for the 16 rows (module docs of the layout).
+    ///
+    /// # Safety
+    /// `p` must be valid for `block_bytes(B)` bytes; the caller runs with AVX-512 F/BW.
+    #[inline(always)]
+    unsafe fn unpack<const B: u32>(p: *const u8) -> [__m512i; 8] {
+        let mut x = [_mm512_setzero_si512(); 8];
+        // SAFETY: every load lies in the `block_bytes(B)` the caller vouches for.
+        unsafe {
+            if B == 2 {
+                let mask = _mm512_set1_epi8(3);
+                for l in 0..2 {
+                    let v = _mm512_loadu_si512(p.add(l * 64) as *const _);
+                    x[4 * l] = _mm512_and_si512(v, mask);
+                    x[4 * l + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), mask);
+                    x[4 * l + 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                    x[4 * l + 3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), mask);
+                }
+            } else {
+                let mask = _mm512_set1_epi8(0x0F);
+                for l in 0..4 {
+                    let v = _mm512_loadu_si512(p.add(l * 64) as *const _);
+                    x[2 * l] = _mm512_and_si512(v, mask);
+                    x[2 * l + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                }
+            }
+        }
+        x
+    }
+
+    /// One block's 32 products for the 16 rows against the activation bytes at `y`, in two
+    /// chains of four `vpdpbusd` (unsigned codes first).
+    ///
+    /// # Safety
+    /// `y` must be valid for 32 bytes; the caller runs with AVX-512 F/VNNI.
+    #[inline(always)]
+    unsafe fn block_dot(x: &[__m512i; 8], y: *const i32) -> __m512i {
+        let mut s = [_mm512_setzero_si512(); 2];
+        for k in 0..8 {
+            // SAFETY: k < 8, so the 4 bytes at y + 4k lie in the 32 the caller vouches for.
+            let v = _mm512_set1_epi32(unsafe { std::ptr::read_unaligned(y.add(k)) });
+            s[k % 2] = _mm512_dpbusd_epi32(s[k % 2], x[k], v);
+        }
+        _mm512_add_epi32(s[0], s[1])
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    unsafe fn lowbit<const C: usize, const B: u32>(
+        m: &Meta,
+        w: Group<'_>,
+        a: &Act,
+        c0: usize,
+    ) -> [[f32; G]; C] {
+        let (bb, ng) = (block_bytes(B), m.nb / m.gpb);
+        let mut acc = [_mm512_setzero_ps(); C];
+        let mut corr = [_mm512_setzero_ps(); C];
+        for b in 0..m.nb {
+            let x = unpack::<B>(w.qs.as_ptr().add(b * bb));
+            let s = b / m.gpb;
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.d.as_ptr().add(s * G) as *const _));
+            for c in 0..C {
+                let col = c0 + c;
+                let y = a.qs.as_ptr().add(col * m.kp + b * BLOCK) as *const i32;
+                let dot = _mm512_cvtepi32_ps(block_dot(&x, y));
+                let dx = _mm512_set1_ps(*a.d.get_unchecked(col * m.nb + b));
+                acc[c] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, dx), acc[c]);
+                if b % m.gpb == 0 {
+                    let sg = _mm512_set1_ps(*a.sg.get_unchecked(col * ng + s));
+                    corr[c] = _mm512_fmadd_ps(dw, sg, corr[c]);
+                }
+            }
+        }
+        let c = _mm512_set1_ps(offset(B));
+        let mut out = [[0f32; G]; C];
+        for (o, (a, k)) in out.iter_mut().zip(acc.into_iter().zip(corr)) {
+            _mm512_storeu_ps(o.as_mut_ptr(), _mm512_fnmadd_ps(c, k, a));
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd256 {
+    use super::{block_bytes, offset, Act, Group, Meta, BLOCK, G};
+    use std::arch::x86_64::*;
+
+    pub fn kernel<const C: usize>(m: &Meta, w: Group<'_>, a: &Act, c0: usize) -> [[f32; G]; C] {
+        super::check_bounds(m, &w, a, c0, C);
+        let mut out = [[0f32; G]; C];
+        for half in 0..2 {
+            // SAFETY: `GroupKernels::avx2` hands out this kernel only when the CPU has AVX2,
+            // FMA and F16C; `check_bounds` keeps every load below inside the slices.
+            let o = unsafe {
+                if m.bits == 2 {
+                    lowbit::<C, 2>(m, w, a, c0, half)
+                } else {
+                    lowbit::<C, 4>(m, w, a, c0, half)
+                }
+            };
+            for (oc, h) in out.iter_mut().zip(o) {
+                oc[half * 8..half * 8 + 8].copy_from_slice(&h);
+            }
+        }
+        out
+    }
+
+    /// Rows `8 * half .. 8 * half + 8` of a group: per block and activation row, the eight
+    /// `vpmaddubsw` products of the 32 values summed in i16 (at most 8 * 2 * 15 * 127 =
+    /// 30,480: no saturation; activations lie in -127..=127), widened by one `vpmaddwd`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lowbit<const C: usize, const B: u32>(
+        m: &Meta,
+        w: Group<'_>,
+        a: &Act,
+        c0: usize,
+        half: usize,
+    ) -> [[f32; 8]; C] {
+        let (bb, ng) = (block_bytes(B), m.nb / m.gpb);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); C];
+        let mut corr = [_mm256_setzero_ps(); C];
+        for b in 0..m.nb {
+            let base = w.qs.as_ptr().add(b * bb + half * 32);
+            let mut x = [_mm256_setzero_si256(); 8];
+            if B == 2 {
+                let mask = _mm256_set1_epi8(3);
+                for l in 0..2 {
+                    let v = _mm256_loadu_si256(base.add(l * 64) as *const __m256i);
+                    x[4 * l] = _mm256_and_si256(v, mask);
+                    x[4 * l + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
+                    x[4 * l + 2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    x[4 * l + 3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask);
+                }
+            } else {
+                let mask = _mm256_set1_epi8(0x0F);
+                for l in 0..4 {
+                    let v = _mm256_loadu_si256(base.add(l * 64) as *const __m256i);
+                    x[2 * l] = _mm256_and_si256(v, mask);
+                    x[2 * l + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                }
+            }
+            let s = b / m.gpb;
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                w.d.as_ptr().add(s * G + half * 8) as *const __m128i
+            ));
+            for c in 0..C {
+                let col = c0 + c;
+                let y = a.qs.as_ptr().add(col * m.kp + b * BLOCK) as *const i32;
+                let mut t = _mm256_setzero_si256();
+                for (v, xv) in x.iter().enumerate() {
+                    let yv = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(v)));
+                    t = _mm256_add_epi16(t, _mm256_maddubs_epi16(*xv, yv));
+                }
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t, ones));
+                let dx = _mm256_set1_ps(*a.d.get_unchecked(col * m.nb + b));
+                acc[c] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, dx), acc[c]);
+                if b % m.gpb == 0 {
+                    let sg = _mm256_set1_ps(*a.sg.get_unchecked(col * ng + s));
+                    corr[c] = _mm256_fmadd_ps(dw, sg, corr[c]);
+                }
+            }
+        }
+        let c = _mm256_set1_ps(offset(B));
+        let mut out = [[0f32; 8]; C];
+        for (o, (a, k)) in out.iter_mut().zip(acc.into_iter().zip(corr)) {
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_fnmadd_ps(c, k, a));
+        }
+        out
+    }
+}
