@@ -624,10 +624,10 @@ pub(crate) fn find_llama(flag: &Option<PathBuf>, env: &str, name: &str) -> Optio
     p.exists().then_some(p)
 }
 
-/// llama-bench's medians over `runs` repetitions: prefill of `n_prompt` tokens from an empty
+/// llama-bench's samples over `runs` repetitions, in seconds for our token counts: prefill of `n_prompt` tokens from an empty
 /// context, and decode of `n_gen` tokens after `n_prompt` tokens of context (`-d`), as afm's
 /// decode runs after the prompt.
-fn run_llama_bench(
+pub(crate) fn run_llama_bench(
     exe: &std::path::Path,
     model: &std::path::Path,
     threads: usize,

@@ -267,7 +267,9 @@ pub(crate) fn cmd_device_gen(a: &DeviceGenArgs) -> Result<()> {
 pub(crate) struct QuantBenchArgs {
     /// One checkpoint to measure, repeatable: `LABEL=afm:PATH` (afm; add `:kv8` for the
     /// 8-bit KV cache, `:kv16` for full precision, `:lora=FILE` for an adapter) or
-    /// `LABEL=llama:PATH` (llama.cpp through llama-cpp-python).
+    /// `LABEL=llama:PATH` (llama.cpp through llama-cpp-python), or `LABEL=llama-bench:PATH`
+    /// (speed only, from llama.cpp's own `llama-bench`: prefill of the prompt's length from
+    /// an empty context, decode after as many tokens of context, fastest of `--speed-runs`).
     #[arg(long = "run", required = true)]
     runs: Vec<String>,
     /// A text file for perplexity (e.g. runs/text/luke.txt from scripts/fetch_kjv_text.sh);
@@ -296,6 +298,10 @@ pub(crate) struct QuantBenchArgs {
     /// Python with llama-cpp-python for `llama:` runs.
     #[arg(long, default_value = "python3")]
     python: String,
+    /// llama.cpp's `llama-bench` for `llama-bench:` runs (default: `$AFM_LLAMA_BENCH`, else
+    /// `target/llama.cpp/bin/llama-bench` if present).
+    #[arg(long)]
+    llama_bench: Option<PathBuf>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -419,13 +425,13 @@ struct RunSpec {
 }
 
 fn parse_run(s: &str) -> Result<RunSpec> {
-    let (label, rest) = s
-        .split_once('=')
-        .with_context(|| format!("--run `{s}`: expected LABEL=afm:PATH or LABEL=llama:PATH"))?;
+    let (label, rest) = s.split_once('=').with_context(|| {
+        format!("--run `{s}`: expected LABEL=afm:PATH, LABEL=llama:PATH or LABEL=llama-bench:PATH")
+    })?;
     let mut parts = rest.split(':');
     let engine = parts.next().unwrap_or("").to_string();
-    if engine != "afm" && engine != "llama" {
-        bail!("--run `{s}`: engine `{engine}` (afm or llama)");
+    if !matches!(engine.as_str(), "afm" | "llama" | "llama-bench") {
+        bail!("--run `{s}`: engine `{engine}` (afm, llama or llama-bench)");
     }
     let path = PathBuf::from(parts.next().unwrap_or(""));
     let (mut kv, mut lora) = (None, None);
@@ -437,7 +443,7 @@ fn parse_run(s: &str) -> Result<RunSpec> {
             _ => bail!("--run `{s}`: unknown option `{p}` (kv8, kv16, lora=FILE)"),
         }
     }
-    if engine == "llama" && (kv.is_some() || lora.is_some()) {
+    if engine != "afm" && (kv.is_some() || lora.is_some()) {
         bail!("--run `{s}`: kv8 / lora apply to afm runs");
     }
     Ok(RunSpec {
@@ -520,6 +526,7 @@ pub(crate) fn bench_quant(a: &QuantBenchArgs, threads: usize) -> Result<()> {
             .map(|i| (i * 7919 + 13) % vocab_floor)
             .collect(),
     };
+    let n_prompt = prompt.len();
     let input = serde_json::to_string(&WorkerInput {
         calibration: calibration_ids(tok.as_ref()),
         text: text.clone(),
@@ -541,6 +548,33 @@ pub(crate) fn bench_quant(a: &QuantBenchArgs, threads: usize) -> Result<()> {
     let mut reports = Vec::new();
     for r in &runs {
         eprintln!("measuring {} ({})...", r.label, r.path.display());
+        if r.engine == "llama-bench" {
+            let exe = crate::bench::find_llama(&a.llama_bench, "AFM_LLAMA_BENCH", "llama-bench")
+                .context(
+                    "a llama-bench: run needs llama.cpp's llama-bench (--llama-bench, \
+                     $AFM_LLAMA_BENCH, or scripts/build_llamacpp.sh)",
+                )?;
+            let (p, d) = crate::bench::run_llama_bench(
+                &exe,
+                &r.path,
+                threads,
+                n_prompt,
+                a.new_tokens,
+                a.speed_runs.max(1),
+            )
+            .with_context(|| format!("run {}", r.label))?;
+            let fastest = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+            reports.push(QuantReport {
+                label: r.label.clone(),
+                engine: "llama-bench".into(),
+                bytes: std::fs::metadata(&r.path).map(|m| m.len()).unwrap_or(0),
+                prefill_tok_s: n_prompt as f64 / fastest(&p),
+                decode_tok_s: a.new_tokens as f64 / fastest(&d),
+                kv: "-".into(),
+                ..Default::default()
+            });
+            continue;
+        }
         let mut cmd = if r.engine == "afm" {
             let mut c = Command::new(&exe);
             c.arg("--threads")
@@ -586,12 +620,21 @@ pub(crate) fn bench_quant(a: &QuantBenchArgs, threads: usize) -> Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &reports {
         println!(
-            "| {} | {} | {:.1} | {:.2} | {:.0} | {} | {:.1} | {:.1} | {:.2}x | {} |",
+            "| {} | {} | {:.1} | {} | {} | {} | {:.1} | {:.1} | {:.2}x | {} |",
             r.label,
             r.engine,
             mb(r.bytes),
-            r.load_s,
-            r.peak_rss_kb as f64 / 1024.0,
+            // llama-bench runs report speed only
+            if r.engine == "llama-bench" {
+                "-".into()
+            } else {
+                format!("{:.2}", r.load_s)
+            },
+            if r.engine == "llama-bench" {
+                "-".into()
+            } else {
+                format!("{:.0}", r.peak_rss_kb as f64 / 1024.0)
+            },
             r.ppl.map_or("-".into(), |p| format!("{p:.3}")),
             r.prefill_tok_s,
             r.decode_tok_s,

@@ -345,14 +345,20 @@ impl Attention {
             n.forward_inplace(&mut q)?;
         }
         let scale = 1.0 / (hd as f32).sqrt();
+        if let Some((&p, kv)) = pos.iter().zip(kvs).find(|(&p, kv)| p >= kv.len()) {
+            return Err(LmError::Invalid(format!(
+                "query at position {p} but only {} keys are cached",
+                kv.len()
+            )));
+        }
+        if kvs.iter().all(|kv| kv.int8_slices().is_none()) {
+            // f32 caches: every (sequence, head) in one parallel region
+            let slices: Vec<(&[f32], &[f32])> = kvs.iter().map(|kv| kv.slices()).collect();
+            let out = crate::kernels::decode_attention(&q, pos, &slices, h, kvh, hd, scale);
+            return self.o_proj.forward(&out, b);
+        }
         let mut out = Vec::with_capacity(q.len());
         for ((qi, &p), kv) in q.chunks_exact(h * hd).zip(pos).zip(kvs) {
-            if p >= kv.len() {
-                return Err(LmError::Invalid(format!(
-                    "query at position {p} but only {} keys are cached",
-                    kv.len()
-                )));
-            }
             out.extend(match kv.int8_slices() {
                 Some((k8, v8, ks, vs)) => {
                     crate::kv8::causal_attention_i8(qi, &[p], k8, v8, ks, vs, h, kvh, hd, scale)

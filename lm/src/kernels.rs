@@ -346,9 +346,102 @@ pub fn causal_attention(
     out
 }
 
+/// One decode row per sequence, each attending to its own K/V (continuous batching): row
+/// `i` at position `pos[i]` sees keys `0..=pos[i]` of `kv[i]`. The same [`attend_block`] per
+/// (row, head) as [`causal_attention`] computes for each sequence alone, so the numbers are
+/// the same; all `(row, head)` tasks share one parallel region instead of one per sequence.
+///
+/// # Shapes
+/// `q: (b, heads * hd)` (roped), `kv[i]: (n_i, kv_heads * hd)` each -> `(b, heads * hd)`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    q: &[f32],
+    pos: &[usize],
+    kv: &[(&[f32], &[f32])],
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let b = pos.len();
+    let (qw, kw) = (heads * hd, kv_heads * hd);
+    assert!(q.len() == b * qw && kv.len() == b);
+    for ((k, v), &p) in kv.iter().zip(pos) {
+        assert!(k.len() == v.len() && (p + 1) * kw <= k.len());
+    }
+    let rep = heads / kv_heads;
+    let mut out = vec![0f32; b * qw];
+    let optr = OutPtr(out.as_mut_ptr());
+    let optr = &optr;
+    par_ranges(b * heads, |range| {
+        for task in range {
+            let (i, head) = (task / heads, task % heads);
+            let g = head / rep;
+            let (k, v) = kv[i];
+            // SAFETY: q row i at column head*hd lies in q (b rows of qw); k and v rows
+            // 0..=pos[i] at column g*hd (row stride kw) lie in kv[i] (asserted above); the
+            // output (row i, columns head*hd..+hd) belongs to this task alone and `out`
+            // outlives the loop.
+            unsafe {
+                attend_block(
+                    AttendBlock {
+                        q: q.as_ptr().add(i * qw + head * hd),
+                        q_stride: qw,
+                        k: k.as_ptr().add(g * hd),
+                        v: v.as_ptr().add(g * hd),
+                        kv_stride: kw,
+                        out: optr.0.add(i * qw + head * hd),
+                        out_stride: qw,
+                        rows: 1,
+                        keys: pos[i] + 1,
+                        head_dim: hd,
+                        scale,
+                        normalise_output: false,
+                    },
+                    |_, _| {},
+                );
+            }
+        }
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The batched decode attention equals each sequence's own causal attention, bit for bit.
+    #[test]
+    fn decode_attention_equals_each_sequence_alone() {
+        let (heads, kvh, hd) = (9, 3, 64);
+        let f = |i: usize, s: f32| (i as f32 * s).sin() * 0.7;
+        let lens = [1usize, 24, 75, 130];
+        let kv: Vec<(Vec<f32>, Vec<f32>)> = lens
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| {
+                let k = (0..n * kvh * hd).map(|i| f(i + j, 0.71)).collect();
+                let v = (0..n * kvh * hd).map(|i| f(i + 3 * j, 1.13)).collect();
+                (k, v)
+            })
+            .collect();
+        let q: Vec<f32> = (0..lens.len() * heads * hd).map(|i| f(i, 0.37)).collect();
+        let pos: Vec<usize> = lens.iter().map(|n| n - 1).collect();
+        let refs: Vec<(&[f32], &[f32])> = kv
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        let got = decode_attention(&q, &pos, &refs, heads, kvh, hd, 0.125);
+        for (i, (k, v)) in kv.iter().enumerate() {
+            let qi = &q[i * heads * hd..(i + 1) * heads * hd];
+            let want = causal_attention(qi, &pos[i..i + 1], k, v, heads, kvh, hd, 0.125);
+            assert_eq!(
+                &got[i * heads * hd..(i + 1) * heads * hd],
+                want.as_slice(),
+                "row {i}"
+            );
+        }
+    }
 
     #[test]
     fn round_small_equals_round_ties_even() {

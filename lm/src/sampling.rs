@@ -87,6 +87,13 @@ impl Sampler {
             return Err(LmError::Invalid("empty logits".into()));
         }
         let p = &self.params;
+        if p.temperature == 0.0 && p.repetition_penalty == 1.0 {
+            // greedy without a penalty: no copy of the row
+            if logits.iter().any(|x| x.is_nan()) {
+                return Err(LmError::Invalid("the model produced NaN logits".into()));
+            }
+            return Ok(argmax(logits));
+        }
         let mut logits = logits.to_vec();
         if p.repetition_penalty != 1.0 {
             let from = history.len().saturating_sub(p.repeat_last_n);

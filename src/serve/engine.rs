@@ -122,17 +122,28 @@ pub struct Job {
     /// Prefill without the prefix cache (a request with a `seed`): reused K/V was summed in
     /// a prefill of another length, so a sampled token can differ from a cold start.
     pub cold: bool,
+    /// The client streams (SSE): text is sent at every step. Otherwise it is sent once, with
+    /// the end, so that a step wakes no HTTP task (on a machine with as many cores as model
+    /// threads, each wake-up delays the step).
+    pub stream: bool,
 }
 
 struct Running {
     seq: Sequence,
     events: UnboundedSender<Event>,
+    stream: bool,
 }
 
 impl Running {
-    /// Sends a step's output; false when the client is gone or the job has finished.
+    /// Sends a step's output (a non-streaming job's text only at its end, the sequence keeps
+    /// it); false when the client is gone or the job has finished.
     fn deliver(&mut self, out: StepOutput) -> bool {
-        if !out.text.is_empty() && self.events.send(Event::Text(out.text)).is_err() {
+        let text = match (self.stream, out.stop.is_some()) {
+            (true, _) => out.text,
+            (false, true) => self.seq.text().to_string(),
+            (false, false) => String::new(),
+        };
+        if !text.is_empty() && self.events.send(Event::Text(text)).is_err() {
             self.seq.cancel();
             return false;
         }
@@ -276,6 +287,7 @@ fn admit(model: &Model, prefixes: &mut PrefixCache, job: Job) -> Option<Running>
             let mut r = Running {
                 seq,
                 events: job.events,
+                stream: job.stream,
             };
             r.deliver(first).then_some(r)
         }

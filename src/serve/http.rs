@@ -186,6 +186,7 @@ async fn chat(
         guide,
         events: tx,
         cold: req.seeded,
+        stream: req.stream,
     };
     {
         let jobs = s.jobs.lock().unwrap_or_else(|e| e.into_inner());
