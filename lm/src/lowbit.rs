@@ -375,7 +375,11 @@ impl LowBitMatrix {
         {
             return None;
         }
-        if ms.iter().any(|m| m.grouped) {
+        let aligned = ms[..ms.len() - 1]
+            .iter()
+            .all(|m| m.rows.is_multiple_of(groups::G));
+        if ms.iter().any(|m| m.grouped) && !(aligned && ms.iter().all(|m| m.grouped)) {
+            // regroup the row layout of the whole (the groups of the parts do not line up)
             let parts: Vec<_> = ms.iter().map(|m| m.parts()).collect();
             let rows = ms.iter().map(|m| m.rows).sum();
             let qs = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
@@ -392,7 +396,10 @@ impl LowBitMatrix {
             kp: f.kp,
             qs: ms.iter().flat_map(|m| m.qs.iter().copied()).collect(),
             d: ms.iter().flat_map(|m| m.d.iter().copied()).collect(),
-            grouped: false,
+            // all in the row layout, or all grouped with whole groups before the last part
+            // (then the groups and the last part's tail rows follow one another as in the
+            // group layout of the whole)
+            grouped: f.grouped,
         })
     }
 
@@ -1188,6 +1195,21 @@ mod tests {
             b.set_grouped(false);
             let c = LowBitMatrix::concat_rows(&[&a, &b]).unwrap();
             assert!(c.grouped);
+            // grouped parts with whole groups: their bytes concatenated are the whole's
+            // group layout, equal to regrouping the row layout of the whole
+            let mut b16 =
+                LowBitMatrix::quantize(&randn(32 * cols, 14), 32, cols, bits, group, None).unwrap();
+            b16.set_grouped(true);
+            let mut a2 = a.clone();
+            if rows % groups::G == 0 {
+                let fast = LowBitMatrix::concat_rows(&[&b16, &a2]).unwrap();
+                a2.set_grouped(false);
+                b16.set_grouped(false);
+                let mut slow = LowBitMatrix::concat_rows(&[&b16, &a2]).unwrap();
+                slow.set_grouped(true);
+                assert!(fast.grouped);
+                assert_eq!((&fast.qs, &fast.d), (&slow.qs, &slow.d));
+            }
             let x = randn(3 * cols, 13);
             let (ya, yb, yc) = (a.matmul(&x, 3), b.matmul(&x, 3), c.matmul(&x, 3));
             for i in 0..3 {
