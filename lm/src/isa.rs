@@ -211,3 +211,72 @@ mod tests {
         assert!(describe_cpu().contains("kernels: "));
     }
 }
+
+/// The kernel set of a group layout (16 interleaved weight rows; `quant::groups`,
+/// `lowbit::groups`): declares `GroupKernels` (the kernels for 1, 2, 3 and 4 activation rows,
+/// of the invoking module's type `$kernel<C>`) with its constructors from the invoking
+/// module's `scalar::<C>` (portable), `simd::kernel::<C>` (AVX-512 VNNI) and
+/// `simd256::kernel::<C>` (AVX2), and `at(level)`: the fastest at a kernel level.
+macro_rules! group_kernels {
+    ($kernel:ident) => {
+        /// The kernels for groups: 1, 2, 3 and 4 activation rows at a time.
+        #[derive(Clone, Copy)]
+        pub(super) struct GroupKernels {
+            k1: $kernel<1>,
+            k2: $kernel<2>,
+            k3: $kernel<3>,
+            k4: $kernel<4>,
+        }
+
+        impl GroupKernels {
+            pub(super) fn portable() -> Self {
+                Self {
+                    k1: scalar::<1>,
+                    k2: scalar::<2>,
+                    k3: scalar::<3>,
+                    k4: scalar::<4>,
+                }
+            }
+
+            /// The AVX-512 VNNI kernels where the CPU has them (else `None`).
+            pub(super) fn avx512() -> Option<Self> {
+                #[cfg(target_arch = "x86_64")]
+                if crate::isa::detected() == crate::isa::Isa::Avx512 {
+                    return Some(Self {
+                        k1: simd::kernel::<1>,
+                        k2: simd::kernel::<2>,
+                        k3: simd::kernel::<3>,
+                        k4: simd::kernel::<4>,
+                    });
+                }
+                None
+            }
+
+            /// The AVX2 kernels where the CPU has AVX2, FMA and F16C (else `None`).
+            pub(super) fn avx2() -> Option<Self> {
+                #[cfg(target_arch = "x86_64")]
+                if crate::isa::detected() >= crate::isa::Isa::Avx2 {
+                    return Some(Self {
+                        k1: simd256::kernel::<1>,
+                        k2: simd256::kernel::<2>,
+                        k3: simd256::kernel::<3>,
+                        k4: simd256::kernel::<4>,
+                    });
+                }
+                None
+            }
+
+            /// The fastest kernels at kernel level `isa` (capped to what the CPU runs).
+            pub(super) fn at(isa: crate::isa::Isa) -> Self {
+                use crate::isa::Isa;
+                let fast = match isa.min(crate::isa::detected()) {
+                    Isa::Avx512 => Self::avx512(),
+                    Isa::Avx2 | Isa::Avx2Vnni => Self::avx2(),
+                    Isa::Portable => None,
+                };
+                fast.unwrap_or_else(Self::portable)
+            }
+        }
+    };
+}
+pub(crate) use group_kernels;

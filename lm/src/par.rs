@@ -365,6 +365,54 @@ pub fn par_ranges(n: usize, f: impl Fn(Range<usize>) + Sync) {
     pool().run(n, &f);
 }
 
+/// A raw output pointer shared by the tasks of [`row_groups`], which write disjoint elements.
+struct GroupOut(*mut f32);
+// SAFETY: only used in `row_groups`, where every task writes the outputs of its own groups'
+// rows, disjoint from every other task's, in a buffer that outlives the parallel region.
+unsafe impl Sync for GroupOut {}
+
+/// The parallel driver of the kernels that compute `G` interleaved weight rows at once
+/// (`quant::groups`, `lowbit::groups`): the groups `0..groups` are split over the pool, and
+/// for each group `g` and each run of at most 4 activation rows `c0 .. c0 + n`, `f(g, c0, n)`
+/// returns the group's `G` outputs for each of those rows (entries past `n` unused), written
+/// to `out[(c0 + j) * rows + g * G ..][..G]`.
+///
+/// # Shapes
+/// `out: (m, rows)`, `groups * G <= rows`.
+pub(crate) fn row_groups<const G: usize>(
+    groups: usize,
+    rows: usize,
+    m: usize,
+    out: &mut [f32],
+    f: impl Fn(usize, usize, usize) -> [[f32; G]; 4] + Sync,
+) {
+    assert!(groups * G <= rows && out.len() == m * rows);
+    let ptr = GroupOut(out.as_mut_ptr());
+    let ptr = &ptr;
+    par_ranges(groups, |range| {
+        for g in range {
+            let mut c0 = 0;
+            while c0 < m {
+                let n = (m - c0).min(4);
+                for (j, v) in f(g, c0, n)[..n].iter().enumerate() {
+                    // SAFETY: rows g * G .. g * G + G belong to this task's group alone and
+                    // c0 + j < m, so the G floats at (c0 + j) * rows + g * G lie inside `out`
+                    // (m * rows, asserted), which outlives the region and is not read
+                    // meanwhile.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            v.as_ptr(),
+                            ptr.0.add((c0 + j) * rows + g * G),
+                            G,
+                        )
+                    };
+                }
+                c0 += n;
+            }
+        }
+    });
+}
+
 /// Splits `out` into `chunk`-long pieces and runs `f(index, piece)` on each, in parallel.
 pub fn par_chunks_mut<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     if chunk == 0 || out.is_empty() {

@@ -24,7 +24,6 @@
 //! per row).
 
 use super::{code, offset, pack_pair, Act, BLOCK, PAIR};
-use crate::par::par_ranges;
 
 /// Rows per group: one 512-bit lane of 4 bytes per row.
 pub(super) const G: usize = 16;
@@ -195,73 +194,25 @@ fn check_bounds(m: &Meta, w: &Group<'_>, a: &Act, c0: usize, c: usize) {
     );
 }
 
-/// The kernels for groups: 1, 2, 3 and 4 activation rows at a time.
-#[derive(Clone, Copy)]
-pub(super) struct GroupKernels {
-    pub k1: GroupKernel<1>,
-    pub k2: GroupKernel<2>,
-    pub k3: GroupKernel<3>,
-    pub k4: GroupKernel<4>,
-}
+crate::isa::group_kernels!(GroupKernel);
 
 impl GroupKernels {
-    pub(super) fn portable() -> Self {
-        Self {
-            k1: scalar::<1>,
-            k2: scalar::<2>,
-            k3: scalar::<3>,
-            k4: scalar::<4>,
+    /// Activation rows `c0 .. c0 + n` (`n` in 1..=4) against group `w`; entries past `n`
+    /// are zero.
+    fn run(&self, m: &Meta, w: Group<'_>, a: &Act, c0: usize, n: usize) -> [[f32; G]; 4] {
+        let mut r = [[0f32; G]; 4];
+        match n {
+            4 => r = (self.k4)(m, w, a, c0),
+            3 => r[..3].copy_from_slice(&(self.k3)(m, w, a, c0)),
+            2 => r[..2].copy_from_slice(&(self.k2)(m, w, a, c0)),
+            _ => r[0] = (self.k1)(m, w, a, c0)[0],
         }
-    }
-
-    /// The AVX-512 VNNI kernels where the CPU has them (else `None`).
-    pub(super) fn avx512() -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        if crate::isa::detected() == crate::isa::Isa::Avx512 {
-            return Some(Self {
-                k1: simd::kernel::<1>,
-                k2: simd::kernel::<2>,
-                k3: simd::kernel::<3>,
-                k4: simd::kernel::<4>,
-            });
-        }
-        None
-    }
-
-    /// The AVX2 kernels (`vpmaddubsw`) where the CPU has AVX2, FMA and F16C (else `None`).
-    pub(super) fn avx2() -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        if crate::isa::detected() >= crate::isa::Isa::Avx2 {
-            return Some(Self {
-                k1: simd256::kernel::<1>,
-                k2: simd256::kernel::<2>,
-                k3: simd256::kernel::<3>,
-                k4: simd256::kernel::<4>,
-            });
-        }
-        None
-    }
-
-    /// The fastest kernels at kernel level `isa` (capped to what the CPU runs).
-    pub(super) fn at(isa: crate::isa::Isa) -> Self {
-        use crate::isa::Isa;
-        let fast = match isa.min(crate::isa::detected()) {
-            Isa::Avx512 => Self::avx512(),
-            Isa::Avx2 | Isa::Avx2Vnni => Self::avx2(),
-            Isa::Portable => None,
-        };
-        fast.unwrap_or_else(Self::portable)
+        r
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint elements.
-struct Out(*mut f32);
-// SAFETY: used only in `matmul`, where every task writes the outputs of its own groups' rows,
-// disjoint from every other task's, in a buffer that outlives the parallel region.
-unsafe impl Sync for Out {}
-
-/// `(m, cols) @ W^T` for the grouped rows `0 .. groups * G` into `out` (`(n, rows)` for `n`
-/// activation rows), the groups split over the pool.
+/// `(n, cols) @ W^T` for the grouped rows `0 .. groups * G` into `out` (`(n, rows)`), the
+/// groups split over the pool ([`crate::par::row_groups`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul(
     k: GroupKernels,
@@ -284,42 +235,12 @@ pub(super) fn matmul(
             && act.sg.len() == n * ng
             && out.len() == n * rows
     );
-    let ptr = Out(out.as_mut_ptr());
-    let ptr = &ptr;
-    par_ranges(groups, |range| {
-        for g in range {
-            let w = Group {
-                qs: &qs[g * meta.nb * bb..(g + 1) * meta.nb * bb],
-                d: &d[g * ng * G..(g + 1) * ng * G],
-            };
-            let put = |c: usize, v: &[f32; G]| {
-                // SAFETY: rows g * G .. g * G + G belong to this task's group alone, and
-                // c < n, so the 16 floats at c * rows + g * G lie inside `out` (n * rows),
-                // which outlives the region and is not read meanwhile.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(v.as_ptr(), ptr.0.add(c * rows + g * G), G)
-                };
-            };
-            let mut c = 0;
-            while c + 4 <= n {
-                for (j, v) in (k.k4)(meta, w, act, c).iter().enumerate() {
-                    put(c + j, v);
-                }
-                c += 4;
-            }
-            match n - c {
-                3 => (k.k3)(meta, w, act, c)
-                    .iter()
-                    .enumerate()
-                    .for_each(|(j, v)| put(c + j, v)),
-                2 => (k.k2)(meta, w, act, c)
-                    .iter()
-                    .enumerate()
-                    .for_each(|(j, v)| put(c + j, v)),
-                1 => put(c, &(k.k1)(meta, w, act, c)[0]),
-                _ => {}
-            }
-        }
+    crate::par::row_groups::<G>(groups, rows, n, out, |g, c0, c| {
+        let w = Group {
+            qs: &qs[g * meta.nb * bb..(g + 1) * meta.nb * bb],
+            d: &d[g * ng * G..(g + 1) * ng * G],
+        };
+        k.run(meta, w, act, c0, c)
     });
 }
 

@@ -26,7 +26,6 @@
 //! the integer dot product: `sum (x + 128) q - 128 sum q = sum x q`, exactly.
 
 use super::{Act, QKind, QK};
-use crate::par::par_ranges;
 
 /// Rows per group: one 512-bit lane of 4 bytes per row.
 pub(super) const G: usize = 16;
@@ -262,65 +261,7 @@ fn check_bounds(w: &Group<'_>, a: &Act, c0: usize, c: usize, cols: usize) {
     );
 }
 
-/// The kernels for groups: 1, 2, 3 and 4 activation rows at a time.
-#[derive(Clone, Copy)]
-pub(super) struct GroupKernels {
-    k1: GroupKernel<1>,
-    k2: GroupKernel<2>,
-    k3: GroupKernel<3>,
-    k4: GroupKernel<4>,
-}
-
-impl GroupKernels {
-    pub(super) fn portable() -> Self {
-        Self {
-            k1: scalar::<1>,
-            k2: scalar::<2>,
-            k3: scalar::<3>,
-            k4: scalar::<4>,
-        }
-    }
-
-    /// The AVX-512 VNNI kernels where the CPU has them (else `None`).
-    pub(super) fn avx512() -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        if crate::isa::detected() == crate::isa::Isa::Avx512 {
-            return Some(Self {
-                k1: simd::kernel::<1>,
-                k2: simd::kernel::<2>,
-                k3: simd::kernel::<3>,
-                k4: simd::kernel::<4>,
-            });
-        }
-        None
-    }
-
-    /// The AVX2 kernels (`vpmaddubsw`, Q4_1 only; Q8_0 groups run the portable definition)
-    /// where the CPU has AVX2, FMA and F16C (else `None`).
-    pub(super) fn avx2() -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        if crate::isa::detected() >= crate::isa::Isa::Avx2 {
-            return Some(Self {
-                k1: simd256::kernel::<1>,
-                k2: simd256::kernel::<2>,
-                k3: simd256::kernel::<3>,
-                k4: simd256::kernel::<4>,
-            });
-        }
-        None
-    }
-
-    /// The fastest kernels at kernel level `isa` (capped to what the CPU runs).
-    pub(super) fn at(isa: crate::isa::Isa) -> Self {
-        use crate::isa::Isa;
-        let fast = match isa.min(crate::isa::detected()) {
-            Isa::Avx512 => Self::avx512(),
-            Isa::Avx2 | Isa::Avx2Vnni => Self::avx2(),
-            Isa::Portable => None,
-        };
-        fast.unwrap_or_else(Self::portable)
-    }
-}
+crate::isa::group_kernels!(GroupKernel);
 
 /// Whether matrices of `kind` are grouped at kernel level `isa`: Q4_1 from AVX2 up, Q8_0
 /// only with AVX-512 VNNI (AVX2's `vpmaddubsw` would saturate on the biased activations, so
@@ -334,14 +275,24 @@ pub(super) fn grouped_at(kind: QKind, isa: crate::isa::Isa) -> bool {
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint elements.
-struct Out(*mut f32);
-// SAFETY: used only in `matmul`, where every task writes the outputs of its own groups'
-// rows, disjoint from every other task's, in a buffer that outlives the parallel region.
-unsafe impl Sync for Out {}
+impl GroupKernels {
+    /// Activation rows `c0 .. c0 + n` (`n` in 1..=4) against group `w`; entries past `n`
+    /// are zero.
+    fn run(&self, w: Group<'_>, a: &Act, c0: usize, n: usize, cols: usize) -> [[f32; G]; 4] {
+        let mut r = [[0f32; G]; 4];
+        match n {
+            4 => r = (self.k4)(w, a, c0, cols),
+            3 => r[..3].copy_from_slice(&(self.k3)(w, a, c0, cols)),
+            2 => r[..2].copy_from_slice(&(self.k2)(w, a, c0, cols)),
+            _ => r[0] = (self.k1)(w, a, c0, cols)[0],
+        }
+        r
+    }
+}
 
 /// `(m, cols) @ W^T` for the grouped rows `0 .. groups * G` into `out` (`(m, rows)`), the
-/// groups split over the pool. `act` holds the activations in the plain (unpaired) layout.
+/// groups split over the pool ([`crate::par::row_groups`]). `act` holds the activations in
+/// the plain (unpaired) layout.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul(
     k: GroupKernels,
@@ -368,44 +319,14 @@ pub(super) fn matmul(
             && act.s.len() == m * nb
             && out.len() == m * rows
     );
-    let ptr = Out(out.as_mut_ptr());
-    let ptr = &ptr;
-    par_ranges(groups, |range| {
-        for g in range {
-            let w = Group {
-                kind,
-                qs: &qs[g * nb * q * G..(g + 1) * nb * q * G],
-                d: &d[g * nb * G..(g + 1) * nb * G],
-                m: &mm[g * nb * G..(g + 1) * nb * G],
-            };
-            let put = |c: usize, v: &[f32; G]| {
-                // SAFETY: rows g * G .. g * G + G belong to this task's group alone, and
-                // c < m, so the 16 floats at c * rows + g * G lie inside `out` (m * rows),
-                // which outlives the region and is not read meanwhile.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(v.as_ptr(), ptr.0.add(c * rows + g * G), G)
-                };
-            };
-            let mut c = 0;
-            while c + 4 <= m {
-                for (j, v) in (k.k4)(w, act, c, cols).iter().enumerate() {
-                    put(c + j, v);
-                }
-                c += 4;
-            }
-            match m - c {
-                3 => (k.k3)(w, act, c, cols)
-                    .iter()
-                    .enumerate()
-                    .for_each(|(j, v)| put(c + j, v)),
-                2 => (k.k2)(w, act, c, cols)
-                    .iter()
-                    .enumerate()
-                    .for_each(|(j, v)| put(c + j, v)),
-                1 => put(c, &(k.k1)(w, act, c, cols)[0]),
-                _ => {}
-            }
-        }
+    crate::par::row_groups::<G>(groups, rows, m, out, |g, c0, n| {
+        let w = Group {
+            kind,
+            qs: &qs[g * nb * q * G..(g + 1) * nb * q * G],
+            d: &d[g * nb * G..(g + 1) * nb * G],
+            m: &mm[g * nb * G..(g + 1) * nb * G],
+        };
+        k.run(w, act, c0, n, cols)
     });
 }
 
