@@ -246,21 +246,24 @@ impl Attention {
     }
 }
 
-/// One decode step of `b` independent sequences (continuous batching): the projections run
-/// on the `b` rows at once, so their weights are read once per step; each row attends to its
-/// own sequence's cache.
+/// Many independent sequences in one pass (continuous batching): sequence `i` runs
+/// `counts[i]` consecutive rows (one for a decode step, a prompt's rows for a prefill), the
+/// projections run on all rows at once, so their weights are read once for the whole batch,
+/// and each sequence's rows attend causally to its own cache.
 impl Attention {
-    /// A block-1 layer: row `i` (at position `pos[i]`) appends its K/V to `kvs[i]` and
-    /// attends over it.
+    /// A block-1 layer: the rows of sequence `i` (at positions `pos[..]`, in order) append
+    /// their K/V to `kvs[i]` and attend over it.
     ///
     /// # Shapes
-    /// `x: (b, hidden)` (already normed), `pos.len() == kvs.len() == b` -> `(b, hidden)`.
+    /// `x: (n, hidden)` (already normed), `pos.len() == n == counts.iter().sum()`,
+    /// `kvs.len() == counts.len()` -> `(n, hidden)`.
     ///
     /// `fake_quant` as in [`Attention::forward_own`].
     pub fn forward_own_batch(
         &self,
         x: &[f32],
         pos: &[usize],
+        counts: &[usize],
         rope: &Rope,
         kvs: &mut [&mut LayerKv],
         fake_quant: bool,
@@ -270,24 +273,25 @@ impl Attention {
                 "forward_own_batch on a KV-reuse layer".into(),
             ));
         }
-        let b = pos.len();
-        if kvs.len() != b {
-            return Err(LmError::Invalid(format!(
-                "{b} rows for {} caches",
-                kvs.len()
-            )));
-        }
-        let qkv = self.proj.forward(x, b)?;
+        check_segments(pos.len(), counts, kvs.len())?;
+        let n = pos.len();
+        let qkv = self.proj.forward(x, n)?;
         let (qd, kvd) = (
             self.n_heads * self.head_dim,
             self.n_kv_heads * self.head_dim,
         );
-        let mut q = Vec::with_capacity(b * qd);
-        for ((row, &p), kv) in qkv.chunks_exact(qd + 2 * kvd).zip(pos).zip(kvs.iter_mut()) {
-            q.extend_from_slice(&row[..qd]);
-            let mut k = row[qd..qd + kvd].to_vec();
-            let mut v = row[qd + kvd..].to_vec();
-            rope.apply(&mut k, self.n_kv_heads, &[p])?;
+        let w = qd + 2 * kvd;
+        let mut q = Vec::with_capacity(n * qd);
+        let mut first = 0;
+        for (&c, kv) in counts.iter().zip(kvs.iter_mut()) {
+            let mut k = Vec::with_capacity(c * kvd);
+            let mut v = Vec::with_capacity(c * kvd);
+            for row in qkv[first * w..(first + c) * w].chunks_exact(w) {
+                q.extend_from_slice(&row[..qd]);
+                k.extend_from_slice(&row[qd..qd + kvd]);
+                v.extend_from_slice(&row[qd + kvd..]);
+            }
+            rope.apply(&mut k, self.n_kv_heads, &pos[first..first + c])?;
             if let Some(n) = &self.k_norm {
                 n.forward_inplace(&mut k)?;
             }
@@ -296,19 +300,23 @@ impl Attention {
                 fake_quant_i8(&mut v, vs);
             }
             kv.append(&k, &v)?;
+            first += c;
         }
         let kvs: Vec<&LayerKv> = kvs.iter().map(|k| &**k).collect();
-        self.attend_batch(q, pos, rope, &kvs)
+        self.attend_batch(q, pos, counts, rope, &kvs)
     }
 
-    /// A block-2 (KV-reuse) layer: row `i` attends to `kvs[i]`, another layer's cache.
+    /// A block-2 (KV-reuse) layer: the rows of sequence `i` attend to `kvs[i]`, another
+    /// layer's cache.
     ///
     /// # Shapes
-    /// `x: (b, hidden)` (already normed) -> `(b, hidden)`.
+    /// `x: (n, hidden)` (already normed), `pos.len() == n == counts.iter().sum()` ->
+    /// `(n, hidden)`.
     pub fn forward_shared_batch(
         &self,
         x: &[f32],
         pos: &[usize],
+        counts: &[usize],
         rope: &Rope,
         kvs: &[&LayerKv],
     ) -> Result<Vec<f32>> {
@@ -317,60 +325,74 @@ impl Attention {
                 "forward_shared_batch on a layer with its own K/V".into(),
             ));
         }
+        check_segments(pos.len(), counts, kvs.len())?;
         let q = self.proj.forward(x, pos.len())?;
-        self.attend_batch(q, pos, rope, kvs)
+        self.attend_batch(q, pos, counts, rope, kvs)
     }
 
-    /// One query row per sequence, each against its own cache, then one output projection.
+    /// Each sequence's query rows against its own cache, then one output projection.
     ///
     /// # Shapes
-    /// `q: (b, heads * head_dim) -> (b, hidden)`.
+    /// `q: (n, heads * head_dim) -> (n, hidden)`.
     fn attend_batch(
         &self,
         mut q: Vec<f32>,
         pos: &[usize],
+        counts: &[usize],
         rope: &Rope,
         kvs: &[&LayerKv],
     ) -> Result<Vec<f32>> {
         let (h, hd, kvh) = (self.n_heads, self.head_dim, self.n_kv_heads);
-        let b = pos.len();
-        if kvs.len() != b {
-            return Err(LmError::Invalid(format!(
-                "{b} rows for {} caches",
-                kvs.len()
-            )));
-        }
+        let n = pos.len();
+        check_segments(n, counts, kvs.len())?;
         rope.apply(&mut q, h, pos)?;
         if let Some(n) = &self.q_norm {
             n.forward_inplace(&mut q)?;
         }
         let scale = 1.0 / (hd as f32).sqrt();
-        if let Some((&p, kv)) = pos.iter().zip(kvs).find(|(&p, kv)| p >= kv.len()) {
-            return Err(LmError::Invalid(format!(
-                "query at position {p} but only {} keys are cached",
-                kv.len()
-            )));
+        let mut first = 0;
+        for (&c, kv) in counts.iter().zip(kvs) {
+            if let Some(&p) = pos[first..first + c].iter().find(|&&p| p >= kv.len()) {
+                return Err(LmError::Invalid(format!(
+                    "query at position {p} but only {} keys are cached",
+                    kv.len()
+                )));
+            }
+            first += c;
         }
-        if kvs.iter().all(|kv| kv.int8_slices().is_none()) {
-            // f32 caches: every (sequence, head) in one parallel region
+        if counts.iter().all(|&c| c == 1) && kvs.iter().all(|kv| kv.int8_slices().is_none()) {
+            // decode step, f32 caches: every (sequence, head) in one parallel region
             let slices: Vec<(&[f32], &[f32])> = kvs.iter().map(|kv| kv.slices()).collect();
             let out = crate::kernels::decode_attention(&q, pos, &slices, h, kvh, hd, scale);
-            return self.o_proj.forward(&out, b);
+            return self.o_proj.forward(&out, n);
         }
         let mut out = Vec::with_capacity(q.len());
-        for ((qi, &p), kv) in q.chunks_exact(h * hd).zip(pos).zip(kvs) {
+        let mut first = 0;
+        for (&c, kv) in counts.iter().zip(kvs) {
+            let (qi, p) = (&q[first * h * hd..(first + c) * h * hd], &pos[first..first + c]);
             out.extend(match kv.int8_slices() {
                 Some((k8, v8, ks, vs)) => {
-                    crate::kv8::causal_attention_i8(qi, &[p], k8, v8, ks, vs, h, kvh, hd, scale)
+                    crate::kv8::causal_attention_i8(qi, p, k8, v8, ks, vs, h, kvh, hd, scale)
                 }
                 None => {
                     let (ks, vs) = kv.slices();
-                    crate::kernels::causal_attention(qi, &[p], ks, vs, h, kvh, hd, scale)
+                    crate::kernels::causal_attention(qi, p, ks, vs, h, kvh, hd, scale)
                 }
             });
+            first += c;
         }
-        self.o_proj.forward(&out, b)
+        self.o_proj.forward(&out, n)
     }
+}
+
+/// `n` rows split into one run of `counts[i] >= 1` rows per cache.
+fn check_segments(n: usize, counts: &[usize], caches: usize) -> Result<()> {
+    if counts.len() != caches || counts.contains(&0) || counts.iter().sum::<usize>() != n {
+        return Err(LmError::Invalid(format!(
+            "{n} rows in runs of {counts:?} for {caches} caches: each cache needs a run of at least one row, and the runs must cover the rows"
+        )));
+    }
+    Ok(())
 }
 
 /// `x <- clip(round(x / s), -128, 127) * s`, in f32 (round half to even, as torch).

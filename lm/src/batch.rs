@@ -1,9 +1,11 @@
-//! Continuous batching: many generations advance together, one decode step for all of them
-//! per model call ([`DeviceModel::forward_batch`]), so each step reads the weights once for
+//! Continuous batching: many generations advance together, one model pass for all of them
+//! per step ([`DeviceModel::forward_segments`]), so each step reads the weights once for
 //! the whole batch. A [`Sequence`] is one generation's state between steps (sampler, stop
-//! rules, text stream, cache); sequences join after their own prefill and leave when they
-//! stop, at any step. Each sequence's tokens are exactly what [`crate::generate`] gives for
-//! the same request (tested).
+//! rules, text stream, cache); sequences join at any step, either already prefilled
+//! ([`Sequence::start`]) or with their prompt still to run ([`Sequence::pending`]: the
+//! next [`step`] prefills it in the same pass as the others' decode step), and leave when
+//! they stop. Each sequence's tokens are exactly what [`crate::generate`] gives for the
+//! same request (tested).
 
 use crate::cache::Cache;
 use crate::device_model::DeviceModel;
@@ -36,6 +38,9 @@ pub struct Sequence {
     stop: Option<StopReason>,
     /// Guided generation: the tokens the grammar allows ([`crate::guided`]).
     guide: Option<Guide>,
+    /// The prompt rows still to be prefilled ([`Sequence::pending`]); `None` once the
+    /// prompt has run.
+    prefill: Option<Tensor>,
 }
 
 /// What one step gave a sequence: new text (possibly empty: held back, or an incomplete
@@ -95,6 +100,32 @@ impl Sequence {
         guide: Option<Guide>,
         prefix: Option<Cache>,
     ) -> Result<(Self, StepOutput)> {
+        let mut s = Self::pending(model, tok, embeds, history, opts, guide, prefix)?;
+        let rows = s.prefill.take().ok_or_else(|| {
+            LmError::Invalid("a new sequence without prompt rows".into())
+        })?;
+        let logits = model.forward_embeds(&rows, &mut s.cache, &LogitsFor::Last)?;
+        let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+        let out = s.push_logits(tok, &row)?;
+        Ok((s, out))
+    }
+
+    /// A sequence whose prompt has not run yet: checked (length, cached prefix) but not
+    /// prefilled. The next [`step`] prefills it in the same pass as the other sequences'
+    /// decode step and samples its first token (what [`Self::start_cached`] gives, one
+    /// pass later). Arguments as for [`Self::start_cached`].
+    ///
+    /// # Shapes
+    /// `embeds: (t, hidden)`.
+    pub fn pending<M: LanguageModel + ?Sized>(
+        model: &M,
+        tok: &Tokenizer,
+        embeds: &Tensor,
+        history: &[u32],
+        opts: &GenerateOptions,
+        guide: Option<Guide>,
+        prefix: Option<Cache>,
+    ) -> Result<Self> {
         let t = embeds.dim(0)?;
         let context = model.info().context_length;
         if t >= context {
@@ -104,7 +135,7 @@ impl Sequence {
                 reserved: 1,
             });
         }
-        let (mut cache, done) = match prefix {
+        let (cache, done) = match prefix {
             Some(c) => {
                 let p = c.seq_len();
                 if p >= t {
@@ -114,14 +145,13 @@ impl Sequence {
                 }
                 (c, p)
             }
-            None => (model.new_cache(), 0),
+            None => {
+                if t == 0 {
+                    return Err(LmError::Invalid("an empty prompt".into()));
+                }
+                (model.new_cache(), 0)
+            }
         };
-        let logits = model.forward_embeds(
-            &embeds.narrow(0, done, t - done)?,
-            &mut cache,
-            &LogitsFor::Last,
-        )?;
-        let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let mut s = Self {
             sampler: Sampler::new(opts.sampling.clone())?,
             stop_ids: tok
@@ -143,12 +173,18 @@ impl Sequence {
             next: None,
             stop: None,
             guide,
+            prefill: Some(embeds.narrow(0, done, t - done)?),
         };
         if s.guide.is_some() {
             s.opts.stop_strings.clear();
         }
-        let out = s.push_logits(tok, &row)?;
-        Ok((s, out))
+        Ok(s)
+    }
+
+    /// Whether the prompt still has to run (a [`Self::pending`] sequence before its first
+    /// [`step`]).
+    pub fn is_pending(&self) -> bool {
+        self.prefill.is_some()
     }
 
     /// The token the next step feeds; `None` once the sequence has stopped.
@@ -190,6 +226,7 @@ impl Sequence {
     /// Stops the sequence (e.g. its client went away).
     pub fn cancel(&mut self) {
         self.next = None;
+        self.prefill = None;
         self.stop.get_or_insert(StopReason::Cancelled);
     }
 
@@ -273,18 +310,17 @@ impl Sequence {
     }
 }
 
-/// One decode step for every running sequence in `seqs` (those with a
-/// [`Sequence::next_token`]): one [`DeviceModel::forward_batch`] call, then each samples its
-/// next token. Returns one output per sequence of `seqs`, in order (empty text and no stop
-/// for a sequence that had already stopped). On a model error no sequence advances.
+/// One pass of the model for every sequence in `seqs` that has work: a running sequence
+/// ([`Sequence::next_token`]) decodes one token, a [`Sequence::pending`] one runs its prompt
+/// and samples its first token, all in one [`DeviceModel::forward_segments`] call (the
+/// weights are read once for all of them). Returns one output per sequence of `seqs`, in
+/// order (empty text and no stop for a sequence that had already stopped). On a model error
+/// no sequence advances (pending ones stay pending).
 pub fn step(
     model: &DeviceModel,
     tok: &Tokenizer,
     seqs: &mut [&mut Sequence],
 ) -> Result<Vec<StepOutput>> {
-    let running: Vec<usize> = (0..seqs.len())
-        .filter(|&i| seqs[i].next.is_some())
-        .collect();
     let mut outs = vec![
         StepOutput {
             text: String::new(),
@@ -292,20 +328,49 @@ pub fn step(
         };
         seqs.len()
     ];
-    if running.is_empty() {
+    // decoding sequences first (their rows embedded in one call), then the prompts
+    let decoding: Vec<usize> = (0..seqs.len())
+        .filter(|&i| seqs[i].prefill.is_none() && seqs[i].next.is_some())
+        .collect();
+    let prefilling: Vec<usize> = (0..seqs.len())
+        .filter(|&i| seqs[i].prefill.is_some())
+        .collect();
+    if decoding.is_empty() && prefilling.is_empty() {
         return Ok(outs);
     }
-    let ids: Vec<u32> = running.iter().map(|&i| seqs[i].next.unwrap_or(0)).collect();
-    let logits = {
-        let mut caches: Vec<&mut Cache> = seqs
-            .iter_mut()
-            .filter(|s| s.next.is_some())
-            .map(|s| &mut s.cache)
+    let order: Vec<usize> = decoding.iter().chain(&prefilling).copied().collect();
+    let mut parts = Vec::with_capacity(1 + prefilling.len());
+    let mut counts = vec![1; decoding.len()];
+    if !decoding.is_empty() {
+        let ids: Vec<u32> = decoding
+            .iter()
+            .map(|&i| seqs[i].next.unwrap_or(0))
             .collect();
-        model.forward_batch(&ids, &mut caches)?
+        parts.push(model.embed_tokens(&ids)?);
+    }
+    for &i in &prefilling {
+        if let Some(rows) = &seqs[i].prefill {
+            counts.push(rows.dim(0)?);
+            parts.push(rows.clone());
+        }
+    }
+    let embeds = if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        Tensor::cat(&parts, 0)?
+    };
+    let logits = {
+        let mut by_index: Vec<Option<&mut Cache>> =
+            seqs.iter_mut().map(|s| Some(&mut s.cache)).collect();
+        let mut caches: Vec<&mut Cache> = order
+            .iter()
+            .filter_map(|&i| by_index[i].take())
+            .collect();
+        model.forward_segments(&embeds, &counts, &mut caches)?
     };
     let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-    for (&i, row) in running.iter().zip(rows) {
+    for (&i, row) in order.iter().zip(rows) {
+        seqs[i].prefill = None;
         outs[i] = seqs[i].push_logits(tok, &row)?;
     }
     Ok(outs)

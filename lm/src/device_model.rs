@@ -451,7 +451,7 @@ impl LanguageModel for DeviceModel {
     }
 }
 
-/// Continuous batching: one decode step of many sequences (module `crate::batch`).
+/// Continuous batching: many sequences in one pass (module `crate::batch`).
 impl DeviceModel {
     /// Runs token `ids[i]` at position `caches[i].seq_len()` of sequence `i`, for every
     /// sequence at once: each projection is one matmul over the `b` rows (the weights are
@@ -461,30 +461,69 @@ impl DeviceModel {
     /// # Shapes
     /// `ids.len() == caches.len() == b` -> `(b, vocab)`.
     pub fn forward_batch(&self, ids: &[u32], caches: &mut [&mut Cache]) -> Result<Tensor> {
-        let b = ids.len();
-        if b == 0 || caches.len() != b {
+        if ids.is_empty() || caches.len() != ids.len() {
             return Err(LmError::Invalid(format!(
-                "a batch step needs one cache per token ({b} tokens, {} caches)",
+                "a batch step needs one cache per token ({} tokens, {} caches)",
+                ids.len(),
                 caches.len()
             )));
         }
-        for c in caches.iter() {
+        let embeds = self.embed_tokens(ids)?;
+        self.forward_segments(&embeds, &vec![1; ids.len()], caches)
+    }
+
+    /// Many sequences in one pass, each continuing its own cache: sequence `i` runs the next
+    /// `counts[i]` rows of `embeds` (one for a decode step, the rest of a prompt for a
+    /// prefill), at positions `caches[i].seq_len()..`. The projections run on all rows at
+    /// once; each sequence attends causally to its own cache. Appends to every cache and
+    /// returns the logits of each sequence's last row (what [`LanguageModel::forward_embeds`]
+    /// with [`LogitsFor::Last`] gives for that sequence alone). On error every cache is
+    /// rolled back.
+    ///
+    /// # Shapes
+    /// `embeds: (n, hidden)`, `counts.len() == caches.len() == b`, `counts.iter().sum() == n`
+    /// -> `(b, vocab)`.
+    pub fn forward_segments(
+        &self,
+        embeds: &Tensor,
+        counts: &[usize],
+        caches: &mut [&mut Cache],
+    ) -> Result<Tensor> {
+        let b = counts.len();
+        let (n, h) = embeds.dims2()?;
+        if b == 0 || caches.len() != b || counts.contains(&0) || counts.iter().sum::<usize>() != n
+        {
+            return Err(LmError::Invalid(format!(
+                "a batched pass needs one cache and at least one row per sequence ({n} rows in runs of {counts:?}, {} caches)",
+                caches.len()
+            )));
+        }
+        if h != self.info.hidden_size {
+            return Err(LmError::Invalid(format!(
+                "input embeddings have width {h}, the model's hidden size is {}",
+                self.info.hidden_size
+            )));
+        }
+        for (c, &t) in caches.iter().zip(counts) {
             if c.num_layers() != self.layers.len() {
                 return Err(LmError::Invalid("cache was made for another model".into()));
             }
-            if c.seq_len() + 1 > self.info.context_length {
+            if c.seq_len() + t > self.info.context_length {
                 return Err(LmError::PromptTooLong {
-                    tokens: c.seq_len() + 1,
+                    tokens: c.seq_len() + t,
                     context: self.info.context_length,
                     reserved: 0,
                 });
             }
         }
         let starts: Vec<usize> = caches.iter().map(|c| c.seq_len()).collect();
-        let out = self.run_batch(ids, caches, &starts);
+        let out = self.run_batch(embeds, counts, caches, &starts);
         match out {
             Ok(l) => {
-                caches.iter_mut().for_each(|c| c.advance(1));
+                caches
+                    .iter_mut()
+                    .zip(counts)
+                    .for_each(|(c, &t)| c.advance(t));
                 Ok(l)
             }
             Err(e) => {
@@ -496,11 +535,31 @@ impl DeviceModel {
         }
     }
 
-    fn run_batch(&self, ids: &[u32], caches: &mut [&mut Cache], pos: &[usize]) -> Result<Tensor> {
-        let b = ids.len();
+    fn run_batch(
+        &self,
+        embeds: &Tensor,
+        counts: &[usize],
+        caches: &mut [&mut Cache],
+        starts: &[usize],
+    ) -> Result<Tensor> {
+        let b = counts.len();
         let h = self.info.hidden_size;
         let b1 = self.cfg.num_block1_layers();
-        let mut x: Vec<f32> = self.embed_tokens(ids)?.flatten_all()?.to_vec1()?;
+        let pos: Vec<usize> = counts
+            .iter()
+            .zip(starts)
+            .flat_map(|(&t, &s)| s..s + t)
+            .collect();
+        let n = pos.len();
+        // the last row of each sequence: the one whose logits are returned
+        let last: Vec<usize> = counts
+            .iter()
+            .scan(0, |end, &t| {
+                *end += t;
+                Some(*end - 1)
+            })
+            .collect();
+        let mut x: Vec<f32> = embeds.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let mut hn = vec![0f32; x.len()];
         let add = |x: &mut [f32], y: &[f32]| x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
         for (i, layer) in self.layers[..b1].iter().enumerate() {
@@ -517,15 +576,35 @@ impl DeviceModel {
                 &mut x,
                 &layer.attn.forward_own_batch(
                     &hn,
-                    pos,
+                    &pos,
+                    counts,
                     &self.rope,
                     &mut kvs,
                     self.kv_mode != KvMode::Full,
                 )?,
             );
             layer.post_norm.forward_into(&x, &mut hn)?;
-            add(&mut x, &layer.mlp.forward(&hn, b)?);
+            add(&mut x, &layer.mlp.forward(&hn, n)?);
         }
+        let select = |x: &[f32]| -> Vec<f32> {
+            if last.len() == n {
+                return x.to_vec();
+            }
+            last.iter()
+                .flat_map(|&r| x[r * h..(r + 1) * h].iter().copied())
+                .collect()
+        };
+        // Block 2 writes no cache: with the shortcut it runs only the rows whose logits are
+        // returned (as `run` does).
+        let (mut x, pos2, counts2) = if self.prefill_shortcut {
+            (
+                select(&x),
+                last.iter().map(|&r| pos[r]).collect::<Vec<_>>(),
+                vec![1; b],
+            )
+        } else {
+            (x, pos.clone(), counts.to_vec())
+        };
         if b1 < self.layers.len() {
             let shared = caches
                 .iter()
@@ -535,17 +614,26 @@ impl DeviceModel {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let rows = pos2.len();
+            let mut hn = vec![0f32; x.len()];
             for layer in &self.layers[b1..] {
                 layer.input_norm.forward_into(&x, &mut hn)?;
                 add(
                     &mut x,
-                    &layer
-                        .attn
-                        .forward_shared_batch(&hn, pos, &self.rope, &shared)?,
+                    &layer.attn.forward_shared_batch(
+                        &hn,
+                        &pos2,
+                        &counts2,
+                        &self.rope,
+                        &shared,
+                    )?,
                 );
                 layer.post_norm.forward_into(&x, &mut hn)?;
-                add(&mut x, &layer.mlp.forward(&hn, b)?);
+                add(&mut x, &layer.mlp.forward(&hn, rows)?);
             }
+        }
+        if !self.prefill_shortcut {
+            x = select(&x);
         }
         debug_assert_eq!(x.len(), b * h);
         crate::model::output_logits(&self.norm, &self.lm_head, x, b, self.info.vocab_size)

@@ -30,6 +30,24 @@ fn cfg() -> LmConfig {
     }
 }
 
+/// The AFM on-device layout (KV sharing 5:3, QK-norm, 8-bit KV) and plain llama.
+fn layouts() -> [LmConfig; 2] {
+    let mut llama = cfg();
+    llama.qk_norm = false;
+    llama.kv_quant = false;
+    llama.rope_interleaved = false;
+    [cfg().with_block_ratio(5, 3).unwrap(), llama]
+}
+
+/// A random-weight model of `c`, seeded.
+fn model(c: &LmConfig, seed: u64) -> DeviceModel {
+    DeviceModel::from_source(
+        &WeightSource::from_tensors(random_tensors(c, seed).unwrap()),
+        c.clone(),
+    )
+    .unwrap()
+}
+
 fn prompt(n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 37 + 11 + salt) % 256).collect()
 }
@@ -38,13 +56,7 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
 /// sequences of different lengths, four steps, each compared with its own one-token step.
 #[test]
 fn batched_step_matches_single_steps() {
-    for c in [cfg().with_block_ratio(5, 3).unwrap(), {
-        let mut c = cfg();
-        c.qk_norm = false;
-        c.kv_quant = false;
-        c.rope_interleaved = false;
-        c
-    }] {
+    for c in layouts() {
         let m = DeviceModel::from_source(
             &WeightSource::from_tensors(random_tensors(&c, 3).unwrap()),
             c.clone(),
@@ -83,12 +95,7 @@ fn batched_step_matches_single_steps() {
 
 #[test]
 fn batched_step_refuses_bad_input_and_rolls_back() {
-    let c = cfg();
-    let m = DeviceModel::from_source(
-        &WeightSource::from_tensors(random_tensors(&c, 3).unwrap()),
-        c.clone(),
-    )
-    .unwrap();
+    let m = model(&cfg(), 3);
     let (mut a, mut b) = (m.new_cache(), m.new_cache());
     m.forward_tokens(&[1, 2, 3], &mut a, &LogitsFor::Last)
         .unwrap();
@@ -112,6 +119,90 @@ fn batched_step_refuses_bad_input_and_rolls_back() {
         .unwrap_err();
     assert!(e.to_string().contains("64"), "{e}");
     assert_eq!(a.seq_len(), 3);
+}
+
+/// Prefill and decode in one pass: a fresh prompt, a prompt continuing a cache and a decode
+/// row, run together, give each sequence the logits (and the cache) of its own pass, then a
+/// batched decode step on the three caches agrees too. Both layouts, as above.
+#[test]
+fn segments_match_each_sequence_alone() {
+    for c in layouts() {
+        let m = model(&c, 5);
+        // sequence 0 decodes after 9 positions, 1 prefills 7 from nothing, 2 prefills 4 after 5
+        let (p0, p2) = (prompt(9, 1), prompt(5, 2));
+        let mut caches = vec![m.new_cache(), m.new_cache(), m.new_cache()];
+        m.forward_tokens(&p0, &mut caches[0], &LogitsFor::Last)
+            .unwrap();
+        m.forward_tokens(&p2, &mut caches[2], &LogitsFor::Last)
+            .unwrap();
+        let mut single = caches.clone();
+        let rows = [vec![17u32], prompt(7, 3), prompt(4, 4)];
+        let embeds: Vec<_> = rows.iter().map(|r| m.embed_tokens(r).unwrap()).collect();
+        let all = candle_core::Tensor::cat(&embeds, 0).unwrap();
+        let got = {
+            let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+            m.forward_segments(&all, &[1, 7, 4], &mut refs).unwrap()
+        };
+        assert_eq!(got.dims(), &[3, 256]);
+        let mut worst = 0f32;
+        for i in 0..3 {
+            let want = m
+                .forward_embeds(&embeds[i], &mut single[i], &LogitsFor::Last)
+                .unwrap();
+            worst = worst.max(
+                afm_lm::testing::max_abs_diff(&got.narrow(0, i, 1).unwrap(), &want).unwrap(),
+            );
+            assert_eq!(caches[i].seq_len(), single[i].seq_len());
+        }
+        assert_eq!(
+            caches.iter().map(|c| c.seq_len()).collect::<Vec<_>>(),
+            [10, 7, 9]
+        );
+        // the caches hold what each sequence's own pass put there
+        let ids = [3u32, 4, 5];
+        let got = {
+            let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+            m.forward_batch(&ids, &mut refs).unwrap()
+        };
+        for i in 0..3 {
+            let want = m
+                .forward_tokens(&[ids[i]], &mut single[i], &LogitsFor::Last)
+                .unwrap();
+            worst = worst.max(
+                afm_lm::testing::max_abs_diff(&got.narrow(0, i, 1).unwrap(), &want).unwrap(),
+            );
+        }
+        println!("max |segments - alone| = {worst:e}");
+        assert!(worst < 1e-4, "{worst}");
+    }
+}
+
+/// Runs that do not cover the rows, an empty run, a run past the context: refused, and no
+/// cache moves.
+#[test]
+fn segments_refuse_bad_runs_and_roll_back() {
+    let m = model(&cfg(), 3);
+    let (mut a, mut b) = (m.new_cache(), m.new_cache());
+    m.forward_tokens(&[1, 2, 3], &mut a, &LogitsFor::Last)
+        .unwrap();
+    let e5 = m.embed_tokens(&prompt(5, 0)).unwrap();
+    for counts in [&[2usize, 2][..], &[5, 0], &[1, 2, 2], &[6, 1]] {
+        let e = m
+            .forward_segments(&e5, counts, &mut [&mut a, &mut b])
+            .unwrap_err();
+        assert!(e.to_string().contains("runs of"), "{counts:?}: {e}");
+    }
+    let long = m.embed_tokens(&prompt(66, 0)).unwrap();
+    let e = m
+        .forward_segments(&long, &[62, 4], &mut [&mut a, &mut b])
+        .unwrap_err();
+    assert!(e.to_string().contains("65"), "{e}");
+    assert_eq!((a.seq_len(), b.seq_len()), (3, 0));
+    assert_eq!(a.layer(0).unwrap().len(), 3);
+    // and the caches still work
+    m.forward_segments(&e5, &[2, 3], &mut [&mut a, &mut b])
+        .unwrap();
+    assert_eq!((a.seq_len(), b.seq_len()), (5, 3));
 }
 
 /// Real SmolLM2: four chat requests (greedy, sampled with seeds, a stop string, a token
@@ -208,6 +299,36 @@ fn batched_generation_equals_generate_on_smollm2() {
         texts[2]
     );
     assert_eq!(seqs[3].stop(), Some(afm_lm::StopReason::MaxTokens));
+
+    // The same requests joining with their prompts still to run: each is prefilled in the
+    // same pass as the running ones' decode step (two join at once, then two more).
+    let mut seqs: Vec<Sequence> = Vec::new();
+    let mut texts: Vec<String> = Vec::new();
+    for pair in [0..2, 2..4] {
+        for k in pair {
+            let e = m.embed_tokens(&prompts[k]).unwrap();
+            let s = Sequence::pending(m, tok, &e, &prompts[k], &reqs[k].1, None, None).unwrap();
+            assert!(s.is_pending());
+            seqs.push(s);
+            texts.push(String::new());
+        }
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        for (t, out) in texts.iter_mut().zip(step(m, tok, &mut refs).unwrap()) {
+            t.push_str(&out.text);
+        }
+        assert!(seqs.iter().all(|s| !s.is_pending()));
+    }
+    while seqs.iter().any(|s| s.next_token().is_some()) {
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        for (t, out) in texts.iter_mut().zip(step(m, tok, &mut refs).unwrap()) {
+            t.push_str(&out.text);
+        }
+    }
+    for ((s, t), w) in seqs.iter().zip(&texts).zip(&want) {
+        assert_eq!(s.ids(), &w.ids[..], "joined pending");
+        assert_eq!(t, &w.text);
+        assert_eq!(s.stop(), Some(w.stats.stop));
+    }
 }
 
 /// Total variation distance between the softmax distributions of two logit rows.

@@ -37,6 +37,10 @@ pub struct ServeBench {
     /// Measure afm only.
     #[arg(long)]
     pub no_reference: bool,
+    /// Rounds of measurement: each round measures every stream count once, in turn (so a
+    /// host whose speed drifts moves all counts alike); the table gives each count's median.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
     /// Run `afm serve` with `--prefix-cache 64` (llama-server keeps its prompt cache on).
     #[arg(long)]
     pub prefix_cache: bool,
@@ -103,6 +107,22 @@ fn measure(base: &str, n: usize, a: &ServeBench) -> Result<(f64, usize)> {
             .sum()
     })?;
     Ok((total as f64 / t0.elapsed().as_secs_f64(), total))
+}
+
+/// `a.repeat` rounds of [`measure`] over every stream count in turn; each count's median.
+fn rounds(url: &str, a: &ServeBench, who: &str) -> Result<Vec<f64>> {
+    let mut got: Vec<Vec<f64>> = vec![Vec::new(); a.streams.len()];
+    for _ in 0..a.repeat.max(1) {
+        for (&n, g) in a.streams.iter().zip(got.iter_mut()) {
+            let (tps, toks) = measure(url, n, a)?;
+            eprintln!("  {who} {n} streams: {tps:7.1} tok/s ({toks} tokens)");
+            g.push(tps);
+        }
+    }
+    Ok(got
+        .iter_mut()
+        .map(|g| crate::bench::median(g))
+        .collect())
 }
 
 fn start_afm(model: &PathBuf, threads: usize, prefix_cache: bool) -> Result<(Proc, String)> {
@@ -280,10 +300,8 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
             &url,
             &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
         )?;
-        for &n in &a.streams {
-            let (tps, toks) = measure(&url, n, a)?;
-            eprintln!("  afm       {n} streams: {tps:7.1} tok/s ({toks} tokens)");
-            rows.push((n, tps, None));
+        for (n, tps) in a.streams.iter().zip(rounds(&url, a, "afm      ")?) {
+            rows.push((*n, tps, None));
         }
     }
     let server = if a.no_reference {
@@ -305,23 +323,19 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
             &url,
             &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
         )?;
-        for r in rows.iter_mut() {
-            let (tps, toks) = measure(&url, r.0, a)?;
-            eprintln!(
-                "  llama.cpp {} streams: {tps:7.1} tok/s ({toks} tokens)",
-                r.0
-            );
+        for (r, tps) in rows.iter_mut().zip(rounds(&url, a, "llama.cpp")?) {
             r.2 = Some(tps);
         }
     }
     let single = rows.iter().find(|r| r.0 == 1).map(|r| r.1);
     println!(
-        "afm serve vs {reference}, {}, {} new tokens x {} requests per stream, {threads} threads",
+        "afm serve vs {reference}, {}, {} new tokens x {} requests per stream, median of {} rounds, {threads} threads",
         model
             .file_name()
             .map_or("".into(), |f| f.to_string_lossy().into_owned()),
         a.max_tokens,
-        a.requests
+        a.requests,
+        a.repeat.max(1)
     );
     println!("{}", cpu_line());
     println!("| streams | afm tok/s | vs afm 1 stream | model step alone tok/s | vs 1 sequence | llama.cpp tok/s | afm / llama.cpp |");

@@ -1,10 +1,11 @@
 //! The model thread of `afm serve`: one loaded model, continuous batching.
 //!
-//! Requests arrive as [`Job`]s on a channel. The thread prefills a new job (its images
-//! encoded first, through the pipeline's image cache), then runs one decode step for every
-//! running job at once ([`afm::lm::batch::step`]: the weights are read once per step for the
-//! whole batch), sends each job's new text to its own event channel, and lets jobs join and
-//! leave at any step. A job whose client went away (its channel closed) is dropped at the
+//! Requests arrive as [`Job`]s on a channel. The thread admits every job waiting (its
+//! images encoded first, through the pipeline's image cache; its prompt checked), then runs
+//! one model pass for every job at once ([`afm::lm::batch::step`]: the new jobs' prompts are
+//! prefilled in the same pass as the running jobs' decode step, so the weights are read once
+//! for all of them and no running job waits for another's prefill), sends each job's new
+//! text to its own event channel, and lets jobs join and leave at any step. A job whose client went away (its channel closed) is dropped at the
 //! next step. A failing job gets an error event; the others go on.
 
 use afm::fusion::{ChatMessage, Part, Vlm};
@@ -132,6 +133,9 @@ struct Running {
     seq: Sequence,
     events: UnboundedSender<Event>,
     stream: bool,
+    /// A text-only prompt's ids, kept until its prefill has run so that its K/V can enter
+    /// the prefix cache.
+    prefix_key: Option<Vec<u32>>,
 }
 
 impl Running {
@@ -254,8 +258,10 @@ fn text_only(messages: &[MessageIn]) -> bool {
         .all(|m| m.parts.iter().all(|p| matches!(p, PartIn::Text(_))))
 }
 
-/// Prefills a job (from the prefix cache where its prompt allows); `Some` when it keeps
-/// running after its first token.
+/// Admits a job: its images encoded, its prompt checked and set up to run from the prefix
+/// cache where its prompt allows. The prompt itself runs in the next step, in the same pass
+/// as the other jobs' decode step. `None` when the job failed (its client has the error) or
+/// its client is gone.
 fn admit(model: &Model, prefixes: &mut PrefixCache, job: Job) -> Option<Running> {
     if job.events.is_closed() {
         return None;
@@ -268,7 +274,7 @@ fn admit(model: &Model, prefixes: &mut PrefixCache, job: Job) -> Option<Running>
         } else {
             None
         };
-        let (seq, first) = Sequence::start_cached(
+        let seq = Sequence::pending(
             model.lm(),
             model.tokenizer(),
             &embeds,
@@ -277,20 +283,15 @@ fn admit(model: &Model, prefixes: &mut PrefixCache, job: Job) -> Option<Running>
             job.guide,
             prefix,
         )?;
-        if text_only {
-            prefixes.insert(&ids, seq.cache());
-        }
-        Ok((seq, first))
+        Ok((seq, text_only.then_some(ids)))
     });
     match started {
-        Ok((seq, first)) => {
-            let mut r = Running {
-                seq,
-                events: job.events,
-                stream: job.stream,
-            };
-            r.deliver(first).then_some(r)
-        }
+        Ok((seq, prefix_key)) => Some(Running {
+            seq,
+            events: job.events,
+            stream: job.stream,
+            prefix_key,
+        }),
         Err(e) => {
             let _ = job.events.send(Event::Error(crate::error_line(&e)));
             None
@@ -313,6 +314,7 @@ pub fn run(model: &Model, jobs: Receiver<Job>, max_batch: usize, mut prefixes: P
                 Err(_) => return,
             }
         }
+        // every job waiting now joins this step (its prompt runs beside the others' decode)
         while open && running.len() < max_batch {
             match jobs.try_recv() {
                 Ok(j) => running.extend(admit(model, &mut prefixes, j)),
@@ -329,6 +331,11 @@ pub fn run(model: &Model, jobs: Receiver<Job>, max_batch: usize, mut prefixes: P
             Ok(outs) => {
                 let mut keep = Vec::with_capacity(running.len());
                 for (mut r, out) in running.drain(..).zip(outs) {
+                    if let Some(ids) = r.prefix_key.take() {
+                        // the cache holds the prompt and the first token's K/V is not in
+                        // it yet: exactly the prompt's positions
+                        prefixes.insert(&ids, r.seq.cache());
+                    }
                     if r.deliver(out) {
                         keep.push(r);
                     }
