@@ -343,8 +343,8 @@ impl Attention {
         kvs: &[&LayerKv],
     ) -> Result<Vec<f32>> {
         let (h, hd, kvh) = (self.n_heads, self.head_dim, self.n_kv_heads);
+        // the runs were checked by the two callers
         let n = pos.len();
-        check_segments(n, counts, kvs.len())?;
         rope.apply(&mut q, h, pos)?;
         if let Some(n) = &self.q_norm {
             n.forward_inplace(&mut q)?;
@@ -369,7 +369,10 @@ impl Attention {
         let mut out = Vec::with_capacity(q.len());
         let mut first = 0;
         for (&c, kv) in counts.iter().zip(kvs) {
-            let (qi, p) = (&q[first * h * hd..(first + c) * h * hd], &pos[first..first + c]);
+            let (qi, p) = (
+                &q[first * h * hd..(first + c) * h * hd],
+                &pos[first..first + c],
+            );
             out.extend(match kv.int8_slices() {
                 Some((k8, v8, ks, vs)) => {
                     crate::kv8::causal_attention_i8(qi, p, k8, v8, ks, vs, h, kvh, hd, scale)
@@ -385,9 +388,13 @@ impl Attention {
     }
 }
 
-/// `n` rows split into one run of `counts[i] >= 1` rows per cache.
-fn check_segments(n: usize, counts: &[usize], caches: usize) -> Result<()> {
-    if counts.len() != caches || counts.contains(&0) || counts.iter().sum::<usize>() != n {
+/// `n` rows split into one run of `counts[i] >= 1` rows per cache (at least one cache).
+pub(crate) fn check_segments(n: usize, counts: &[usize], caches: usize) -> Result<()> {
+    if counts.is_empty()
+        || counts.len() != caches
+        || counts.contains(&0)
+        || counts.iter().sum::<usize>() != n
+    {
         return Err(LmError::Invalid(format!(
             "{n} rows in runs of {counts:?} for {caches} caches: each cache needs a run of at least one row, and the runs must cover the rows"
         )));

@@ -101,9 +101,10 @@ impl Sequence {
         prefix: Option<Cache>,
     ) -> Result<(Self, StepOutput)> {
         let mut s = Self::pending(model, tok, embeds, history, opts, guide, prefix)?;
-        let rows = s.prefill.take().ok_or_else(|| {
-            LmError::Invalid("a new sequence without prompt rows".into())
-        })?;
+        let rows = s
+            .prefill
+            .take()
+            .ok_or_else(|| LmError::Invalid("a new sequence without prompt rows".into()))?;
         let logits = model.forward_embeds(&rows, &mut s.cache, &LogitsFor::Last)?;
         let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let out = s.push_logits(tok, &row)?;
@@ -362,10 +363,8 @@ pub fn step(
     let logits = {
         let mut by_index: Vec<Option<&mut Cache>> =
             seqs.iter_mut().map(|s| Some(&mut s.cache)).collect();
-        let mut caches: Vec<&mut Cache> = order
-            .iter()
-            .filter_map(|&i| by_index[i].take())
-            .collect();
+        let mut caches: Vec<&mut Cache> =
+            order.iter().filter_map(|&i| by_index[i].take()).collect();
         model.forward_segments(&embeds, &counts, &mut caches)?
     };
     let rows: Vec<Vec<f32>> = logits.to_vec2()?;

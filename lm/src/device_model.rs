@@ -489,15 +489,8 @@ impl DeviceModel {
         counts: &[usize],
         caches: &mut [&mut Cache],
     ) -> Result<Tensor> {
-        let b = counts.len();
         let (n, h) = embeds.dims2()?;
-        if b == 0 || caches.len() != b || counts.contains(&0) || counts.iter().sum::<usize>() != n
-        {
-            return Err(LmError::Invalid(format!(
-                "a batched pass needs one cache and at least one row per sequence ({n} rows in runs of {counts:?}, {} caches)",
-                caches.len()
-            )));
-        }
+        crate::attention::check_segments(n, counts, caches.len())?;
         if h != self.info.hidden_size {
             return Err(LmError::Invalid(format!(
                 "input embeddings have width {h}, the model's hidden size is {}",
@@ -620,13 +613,9 @@ impl DeviceModel {
                 layer.input_norm.forward_into(&x, &mut hn)?;
                 add(
                     &mut x,
-                    &layer.attn.forward_shared_batch(
-                        &hn,
-                        &pos2,
-                        &counts2,
-                        &self.rope,
-                        &shared,
-                    )?,
+                    &layer
+                        .attn
+                        .forward_shared_batch(&hn, &pos2, &counts2, &self.rope, &shared)?,
                 );
                 layer.post_norm.forward_into(&x, &mut hn)?;
                 add(&mut x, &layer.mlp.forward(&hn, rows)?);

@@ -149,9 +149,8 @@ fn segments_match_each_sequence_alone() {
             let want = m
                 .forward_embeds(&embeds[i], &mut single[i], &LogitsFor::Last)
                 .unwrap();
-            worst = worst.max(
-                afm_lm::testing::max_abs_diff(&got.narrow(0, i, 1).unwrap(), &want).unwrap(),
-            );
+            worst = worst
+                .max(afm_lm::testing::max_abs_diff(&got.narrow(0, i, 1).unwrap(), &want).unwrap());
             assert_eq!(caches[i].seq_len(), single[i].seq_len());
         }
         assert_eq!(
@@ -168,9 +167,8 @@ fn segments_match_each_sequence_alone() {
             let want = m
                 .forward_tokens(&[ids[i]], &mut single[i], &LogitsFor::Last)
                 .unwrap();
-            worst = worst.max(
-                afm_lm::testing::max_abs_diff(&got.narrow(0, i, 1).unwrap(), &want).unwrap(),
-            );
+            worst = worst
+                .max(afm_lm::testing::max_abs_diff(&got.narrow(0, i, 1).unwrap(), &want).unwrap());
         }
         println!("max |segments - alone| = {worst:e}");
         assert!(worst < 1e-4, "{worst}");
