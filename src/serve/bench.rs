@@ -119,10 +119,7 @@ fn rounds(url: &str, a: &ServeBench, who: &str) -> Result<Vec<f64>> {
             g.push(tps);
         }
     }
-    Ok(got
-        .iter_mut()
-        .map(|g| crate::bench::median(g))
-        .collect())
+    Ok(got.iter_mut().map(|g| crate::bench::median(g)).collect())
 }
 
 fn start_afm(model: &PathBuf, threads: usize, prefix_cache: bool) -> Result<(Proc, String)> {
