@@ -370,14 +370,7 @@ impl DeviceModel {
             layer.post_norm.forward_into(&x, &mut hn)?;
             add(&mut x, &layer.mlp.forward(&hn, t)?);
         }
-        let select = |x: &[f32]| -> Vec<f32> {
-            if rows.len() == t {
-                return x.to_vec();
-            }
-            rows.iter()
-                .flat_map(|&r| x[r * h..(r + 1) * h].iter().copied())
-                .collect()
-        };
+        let select = |x: &[f32]| gather_rows(x, &rows, h);
         // Block 2 only needs the rows whose logits are asked for.
         let (mut x, pos2) = if self.prefill_shortcut {
             (select(&x), rows.iter().map(|&r| start + r).collect())
@@ -579,14 +572,7 @@ impl DeviceModel {
             layer.post_norm.forward_into(&x, &mut hn)?;
             add(&mut x, &layer.mlp.forward(&hn, n)?);
         }
-        let select = |x: &[f32]| -> Vec<f32> {
-            if last.len() == n {
-                return x.to_vec();
-            }
-            last.iter()
-                .flat_map(|&r| x[r * h..(r + 1) * h].iter().copied())
-                .collect()
-        };
+        let select = |x: &[f32]| gather_rows(x, &last, h);
         // Block 2 writes no cache: with the shortcut it runs only the rows whose logits are
         // returned (as `run` does).
         let (mut x, pos2, counts2) = if self.prefill_shortcut {
@@ -627,4 +613,15 @@ impl DeviceModel {
         debug_assert_eq!(x.len(), b * h);
         crate::model::output_logits(&self.norm, &self.lm_head, x, b, self.info.vocab_size)
     }
+}
+
+/// Rows `rows` of the row-major `x` (rows of width `h`), in that order; all of `x` when
+/// `rows` is every row.
+fn gather_rows(x: &[f32], rows: &[usize], h: usize) -> Vec<f32> {
+    if rows.len() * h == x.len() {
+        return x.to_vec();
+    }
+    rows.iter()
+        .flat_map(|&r| x[r * h..(r + 1) * h].iter().copied())
+        .collect()
 }
