@@ -70,6 +70,10 @@ pub struct PerceiveArgs {
     /// A `vision/` export (stage 1) to start the encoder from (default: fresh weights).
     #[arg(long)]
     pub vision: Option<PathBuf>,
+    /// A stage-1b `heads.safetensors` to start the heads from (default: fresh heads); its
+    /// heads must have this config's shapes.
+    #[arg(long)]
+    pub init_heads: Option<PathBuf>,
     /// Do not train: write the export from the run's last checkpoint (a run stopped early).
     #[arg(long)]
     pub export_now: bool,
@@ -572,14 +576,17 @@ fn train_perceive(a: &PerceiveArgs) -> Result<()> {
         return Ok(());
     }
     let (easy, easy_eval) = open_easy_vqa(a.run.no_easy_vqa)?;
-    let params = perceive::init_params(&cfg, a.vision.as_deref())?;
+    let params = perceive::init_params(&cfg, a.vision.as_deref(), a.init_heads.as_deref())?;
     eprintln!(
         "stage 1b, perceive and read: {:.2} M parameters (encoder{}); {} epochs x {} steps of {} views, eval on {} held-out batches and {} screens per epoch",
         params.num_params() as f64 / 1e6,
         match &a.vision {
             Some(v) => format!(" from {}", v.display()),
             None => " fresh".into(),
-        },
+        } + &a
+            .init_heads
+            .as_ref()
+            .map_or(String::new(), |h| format!(", heads from {}", h.display())),
         cfg.epochs,
         cfg.steps_per_epoch,
         cfg.batch_size,
@@ -592,6 +599,7 @@ fn train_perceive(a: &PerceiveArgs) -> Result<()> {
         &cfg,
         &a.run.out,
         a.vision.as_deref(),
+        a.init_heads.as_deref(),
         easy.as_ref(),
         easy_eval.as_ref(),
         a.run.max_steps,

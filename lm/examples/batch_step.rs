@@ -2,22 +2,28 @@
 //! sequences, long enough to profile (`perf record`).
 //!
 //! ```text
-//! cargo run --release -p afm-lm --example batch_step -- MODEL.gguf [SEQUENCES] [STEPS]
+//! cargo run --release -p afm-lm --example batch_step -- MODEL.gguf [SEQUENCES] [STEPS] [KV_BITS]
 //! ```
 //!
 //! Each sequence is prefilled with the same 24-token prompt; then `STEPS` (default 200)
-//! batched steps run, and the tokens per second of the steps are printed.
-use afm_lm::{DeviceModel, LanguageModel, LogitsFor};
+//! batched steps run, and the tokens per second of the steps are printed. `KV_BITS` 8 keeps
+//! the K/V cache in int8 (scales calibrated as `--kv 8` does), 16 in f32 (the default).
+use afm_lm::{Checkpoint, LanguageModel, LogitsFor};
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args().skip(1).collect();
     let Some(path) = a.first() else {
-        return Err("usage: batch_step MODEL.gguf [SEQUENCES] [STEPS]".into());
+        return Err("usage: batch_step MODEL.gguf [SEQUENCES] [STEPS] [KV_BITS]".into());
     };
     let n: usize = a.get(1).map(|s| s.parse()).transpose()?.unwrap_or(4);
     let steps: usize = a.get(2).map(|s| s.parse()).transpose()?.unwrap_or(200);
-    let m = DeviceModel::load(std::path::Path::new(path))?;
+    let mut ck = Checkpoint::load_with(std::path::Path::new(path), &Default::default())?;
+    if let Some(bits) = a.get(3).map(|s| s.parse::<u32>()).transpose()? {
+        let cal = ck.tokenizer.encode(afm_lm::kv8::CALIBRATION_TEXT)?;
+        ck.model.apply_kv_bits(bits, &cal)?;
+    }
+    let m = &ck.model;
     let prompt: Vec<u32> = (0..24u32).map(|i| 100 + 37 * i).collect();
     let mut caches = Vec::with_capacity(n);
     for _ in 0..n {

@@ -44,6 +44,11 @@ pub struct ServeBench {
     /// Run `afm serve` with `--prefix-cache 64` (llama-server keeps its prompt cache on).
     #[arg(long)]
     pub prefix_cache: bool,
+    /// K/V cache precision of afm (both the server and the model step alone): 8 stores
+    /// int8 with calibrated per-layer scales (the paper's 8-bit cache), 16 full precision.
+    /// llama-server keeps its default f16 cache.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(8..=16))]
+    pub kv: Option<u32>,
 }
 
 const PROMPTS: &[&str] = &[
@@ -122,7 +127,12 @@ fn rounds(url: &str, a: &ServeBench, who: &str) -> Result<Vec<f64>> {
     Ok(got.iter_mut().map(|g| crate::bench::median(g)).collect())
 }
 
-fn start_afm(model: &PathBuf, threads: usize, prefix_cache: bool) -> Result<(Proc, String)> {
+fn start_afm(
+    model: &PathBuf,
+    threads: usize,
+    prefix_cache: bool,
+    kv: Option<u32>,
+) -> Result<(Proc, String)> {
     let mut c = Command::new(std::env::current_exe()?)
         .args([
             "--threads",
@@ -137,6 +147,11 @@ fn start_afm(model: &PathBuf, threads: usize, prefix_cache: bool) -> Result<(Pro
         .args(
             prefix_cache
                 .then_some(["--prefix-cache", "64"])
+                .into_iter()
+                .flatten(),
+        )
+        .args(
+            kv.map(|b| ["--kv".to_string(), b.to_string()])
                 .into_iter()
                 .flatten(),
         )
@@ -239,9 +254,14 @@ fn start_llama(a: &ServeBench, model: &PathBuf, threads: usize) -> Result<(Proc,
 /// The model's own batched decode step ([`afm::lm::DeviceModel::forward_batch`]), in
 /// process, without HTTP, scheduling or sampling: tokens per second with `n` sequences of a
 /// 24-token prompt, over 32 steps (median of 3). Its scaling is the most the server's can be.
-fn model_step_tps(model: &std::path::Path, streams: &[usize]) -> Result<Vec<f64>> {
-    use afm::lm::{DeviceModel, LanguageModel, LogitsFor};
-    let m = DeviceModel::load(model)?;
+fn model_step_tps(model: &std::path::Path, streams: &[usize], kv: Option<u32>) -> Result<Vec<f64>> {
+    use afm::lm::{LanguageModel, LogitsFor};
+    let mut ck = afm::lm::Checkpoint::load_with(model, &Default::default())?;
+    if let Some(bits) = kv {
+        let cal = ck.tokenizer.encode(afm::lm::kv8::CALIBRATION_TEXT)?;
+        ck.model.apply_kv_bits(bits, &cal)?;
+    }
+    let m = &ck.model;
     let prompt: Vec<u32> = (0..24u32).map(|i| 100 + 37 * i).collect();
     let mut out = vec![];
     for &n in streams {
@@ -286,13 +306,13 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
         model.display(),
         cpu_line()
     );
-    let steps = model_step_tps(&model, &a.streams)?;
+    let steps = model_step_tps(&model, &a.streams, a.kv)?;
     for (n, t) in a.streams.iter().zip(&steps) {
         eprintln!("  afm model step alone, {n} sequences: {t:7.1} tok/s");
     }
     let mut rows: Vec<(usize, f64, Option<f64>)> = Vec::new();
     {
-        let (_p, url) = start_afm(&model, threads, a.prefix_cache)?;
+        let (_p, url) = start_afm(&model, threads, a.prefix_cache, a.kv)?;
         post(
             &url,
             &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),

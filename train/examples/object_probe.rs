@@ -85,7 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = PerceiveConfig::afm_tiny();
     cfg.vision = afm_vision::VisionConfig::from_file(&dir.join("config.json"))?;
     cfg.sources = vec![ViewSource::Scene];
-    let enc = init_params(&cfg, Some(dir))?.with_prefix("vision.");
+    let enc = init_params(&cfg, Some(dir), None)?.with_prefix("vision.");
     let (ftr, str_, ctr) = groups(&cfg, &enc, Split::Train, 0, ntr)?;
     // later training-split scenes (the training sizes, unseen images) and the held-out split
     // (other canvas sizes and larger shapes)

@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut cfg = PerceiveConfig::afm_tiny();
     cfg.vision = afm_vision::VisionConfig::from_file(&run.join("vision/config.json"))?;
-    let enc = init_params(&cfg, Some(&run.join("vision")))?.with_prefix("vision.");
+    let enc = init_params(&cfg, Some(&run.join("vision")), None)?.with_prefix("vision.");
     let heads: HashMap<String, candle_core::Tensor> =
         candle_core::safetensors::load(run.join("heads.safetensors"), &candle_core::Device::Cpu)?;
     for (name, src) in [

@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         objects: 2.0,
         ..LossWeights::none()
     };
-    let params = init_params(&cfg, Some(dir))?;
+    let params = init_params(&cfg, Some(dir), None)?;
     let adamw = AdamWConfig {
         lr,
         weight_decay: 0.0,

@@ -49,7 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         chars: 2.0,
         ..LossWeights::none()
     };
-    let params = init_params(&cfg, init)?;
+    let params = init_params(&cfg, init, None)?;
     let adamw = AdamWConfig {
         lr,
         weight_decay: 0.0,

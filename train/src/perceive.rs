@@ -884,8 +884,13 @@ pub fn init_heads(d: usize, prefix: &str, seed: u64) -> Result<HashMap<String, T
 }
 
 /// Initial parameters: the ViT under `vision.` (from `init` — a `vision/` export — or fresh as
-/// in stage 1) and the heads under `head.`.
-pub fn init_params(cfg: &PerceiveConfig, init: Option<&Path>) -> Result<Params> {
+/// in stage 1) and the heads under `head.` (from `heads` — a stage-1b `heads.safetensors`,
+/// every head with this config's shape — or fresh).
+pub fn init_params(
+    cfg: &PerceiveConfig,
+    init: Option<&Path>,
+    heads: Option<&Path>,
+) -> Result<Params> {
     cfg.validate()?;
     let fresh = crate::pretrain::init_params(
         &crate::pretrain::PretrainConfig {
@@ -918,7 +923,26 @@ pub fn init_params(cfg: &PerceiveConfig, init: Option<&Path>) -> Result<Params> 
         };
         m.extend(t.into_iter().map(|(k, v)| (format!("vision.{k}"), v)));
     }
-    m.extend(init_heads(cfg.vision.hidden_size, "head.", cfg.seed + 1)?);
+    let mut fresh_heads = init_heads(cfg.vision.hidden_size, "head.", cfg.seed + 1)?;
+    if let Some(file) = heads {
+        let bad = |what: String| TrainError::Invalid(format!("{}: {what}", file.display()));
+        let stored = candle_core::safetensors::load(file, &Device::Cpu)
+            .map_err(|e| bad(format!("cannot read the heads ({e})")))?;
+        for (name, t) in fresh_heads.iter_mut() {
+            let got = stored
+                .get(name)
+                .ok_or_else(|| bad(format!("has no `{name}` (not a stage-1b heads file?)")))?;
+            if got.dims() != t.dims() {
+                return Err(bad(format!(
+                    "`{name}` is {:?}, this config's head is {:?}",
+                    got.dims(),
+                    t.dims()
+                )));
+            }
+            *t = got.to_dtype(DType::F32)?;
+        }
+    }
+    m.extend(fresh_heads);
     Ok(Params::from_tensors(m)?)
 }
 
@@ -1496,20 +1520,22 @@ pub fn evaluate(
     Ok((mean_metrics(&ms), read))
 }
 
-/// Runs (or resumes) a stage-1b run; `init`: a `vision/` export to start the encoder from
-/// (ignored when resuming: the checkpoint has the weights).
+/// Runs (or resumes) a stage-1b run; `init`: a `vision/` export to start the encoder from,
+/// `heads`: a `heads.safetensors` to start the heads from (both ignored when resuming: the
+/// checkpoint has the weights).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     cfg: &PerceiveConfig,
     dir: &Path,
     init: Option<&Path>,
+    heads: Option<&Path>,
     easy: Option<&EasyVqa>,
     easy_eval: Option<&EasyVqa>,
     until: Option<usize>,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<RunState> {
     cfg.validate()?;
-    let params = init_params(cfg, init)?;
+    let params = init_params(cfg, init, heads)?;
     let spec = LoopSpec {
         dir,
         state_file: "perceive.json",
@@ -1601,7 +1627,7 @@ pub fn probe(
     on_progress: &mut dyn FnMut(&str),
 ) -> Result<ProbeReport> {
     let t0 = Instant::now();
-    let enc = init_params(cfg, Some(encoder_dir))?.with_prefix("vision.");
+    let enc = init_params(cfg, Some(encoder_dir), None)?.with_prefix("vision.");
     let chunk = cfg.batch_size.max(1);
     let feats_of =
         |split: Split, n: usize, say: &mut dyn FnMut(&str)| -> Result<Vec<(Tensor, Batch)>> {
@@ -1683,7 +1709,7 @@ pub fn probe(
 /// `afm train perceive --export-now` does): for a run stopped early on purpose. The export
 /// records nothing of the schedule; `perceive.json` keeps the step it came from.
 pub fn export_checkpoint(cfg: &PerceiveConfig, dir: &Path) -> Result<(PathBuf, usize)> {
-    let params = init_params(cfg, None)?;
+    let params = init_params(cfg, None, None)?;
     let ck = dir.join("checkpoint.safetensors");
     let opt = crate::optim::load_checkpoint(&ck, &params, cfg.adamw)?;
     Ok((export(cfg, &params, dir)?, opt.step as usize))

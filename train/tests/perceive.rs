@@ -88,7 +88,7 @@ fn tiny_run_resumes_and_exports_a_loadable_encoder() {
     let dir = std::env::temp_dir().join(format!("afm-perceive-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let cfg = PerceiveConfig::test_tiny();
-    let st = perceive::run(&cfg, &dir, None, None, None, Some(2), &mut |_| {}).unwrap();
+    let st = perceive::run(&cfg, &dir, None, None, None, None, Some(2), &mut |_| {}).unwrap();
     assert_eq!(st.step, 2);
     assert!(!dir.join("vision").exists());
     // a run stopped early can still be exported from its checkpoint
@@ -97,7 +97,7 @@ fn tiny_run_resumes_and_exports_a_loadable_encoder() {
     afm_vision::VisionEncoder::load(&out).unwrap();
     std::fs::remove_dir_all(&out).unwrap();
     let mut resumed = false;
-    let st = perceive::run(&cfg, &dir, None, None, None, None, &mut |e| {
+    let st = perceive::run(&cfg, &dir, None, None, None, None, None, &mut |e| {
         if let perceive::Event::Resumed { step } = e {
             resumed = *step == 2;
         }
@@ -302,6 +302,7 @@ fn a_stem_run_starts_from_a_plain_encoder_and_exports_what_it_trained() {
         None,
         None,
         None,
+        None,
         Some(1),
         &mut |_| {},
     )
@@ -310,7 +311,7 @@ fn a_stem_run_starts_from_a_plain_encoder_and_exports_what_it_trained() {
     // the same encoder with a stem: everything but the patch embedding carries over
     let mut cfg = PerceiveConfig::test_tiny();
     cfg.vision.stem = Some(vec![8, 16]);
-    let p = perceive::init_params(&cfg, Some(&plain_dir)).unwrap();
+    let p = perceive::init_params(&cfg, Some(&plain_dir), None).unwrap();
     let plain_t =
         afm_vision::weights::VisionWeights::from_files(&[&plain_dir.join("model.safetensors")])
             .unwrap();
@@ -340,6 +341,7 @@ fn a_stem_run_starts_from_a_plain_encoder_and_exports_what_it_trained() {
         &cfg,
         &dir,
         Some(&plain_dir),
+        None,
         None,
         None,
         Some(2),
@@ -452,4 +454,66 @@ fn ctc_reading_learns_to_spell_the_strings_from_free_logits() {
             assert_eq!(&got, text);
         }
     }
+}
+
+/// A run started from an export's `heads.safetensors` starts from those heads (not fresh
+/// ones); a heads file of another width, or without a head, is refused with its name.
+#[test]
+fn heads_carry_over_from_an_export_and_a_mismatched_file_is_refused() {
+    use candle_core::{DType, Device, Tensor};
+    let base = std::env::temp_dir().join(format!("afm-perceive-heads-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let cfg = PerceiveConfig::test_tiny();
+    perceive::run(
+        &cfg,
+        &base.join("a"),
+        None,
+        None,
+        None,
+        None,
+        Some(2),
+        &mut |_| {},
+    )
+    .unwrap();
+    let (vision, _) = perceive::export_checkpoint(&cfg, &base.join("a")).unwrap();
+    let heads = base.join("a").join("heads.safetensors");
+    let stored = candle_core::safetensors::load(&heads, &Device::Cpu).unwrap();
+    let p = perceive::init_params(&cfg, Some(&vision), Some(&heads)).unwrap();
+    let fresh = perceive::init_params(&cfg, Some(&vision), None).unwrap();
+    let vals = |t: &Tensor| -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for name in ["head.colour.weight", "head.chars.bias", "head.role.weight"] {
+        let got = vals(&p.tensors()[name]);
+        assert_eq!(got, vals(&stored[name]), "{name} did not carry over");
+        assert_ne!(
+            got,
+            vals(&fresh.tensors()[name]),
+            "{name}: trained equals fresh"
+        );
+    }
+    // another width: refused, naming the head and both shapes
+    let mut wide = PerceiveConfig::test_tiny();
+    wide.vision.hidden_size = 64;
+    wide.vision.intermediate_size = 128;
+    let e = perceive::init_params(&wide, None, Some(&heads))
+        .err()
+        .expect("a heads file of width 32 for an encoder of width 64")
+        .to_string();
+    assert!(
+        e.contains("head.") && e.contains("32") && e.contains("64"),
+        "{e}"
+    );
+    // a file without the heads (the encoder's weights): refused, naming the missing head
+    let e = perceive::init_params(&cfg, None, Some(&vision.join("model.safetensors")))
+        .err()
+        .expect("not a heads file")
+        .to_string();
+    assert!(e.contains("has no `head."), "{e}");
+    std::fs::remove_dir_all(&base).ok();
 }
