@@ -46,6 +46,11 @@ pub(crate) struct QuantizeArgs {
     /// Tokens of --calibrate used (the first ones).
     #[arg(long, default_value_t = 4096)]
     calibrate_tokens: usize,
+    /// With --weights 2: projection kinds kept in Q4_1 instead (comma-separated: q, k, v, o,
+    /// gate, up, down), a mixed file as llama.cpp's Q2_K keeps V and down projections at
+    /// higher precision; e.g. `--q4 v,down`.
+    #[arg(long, value_name = "PROJECTIONS")]
+    q4: Option<String>,
 }
 
 fn mb(b: u64) -> f64 {
@@ -76,6 +81,12 @@ pub(crate) fn cmd_quantize(a: &QuantizeArgs) -> Result<()> {
         kv: a.kv,
         group: a.group,
         importance: a.calibrate.is_some(),
+        q4_projections: match &a.q4 {
+            Some(t) => afm::lm::quantize::projection_mask(
+                &afm::lm::lora::parse_targets(t).context("--q4")?,
+            ),
+            None => 0,
+        },
     };
     spec.validate()?;
     let tok = tokenizer_of(&a.input);
@@ -129,6 +140,11 @@ pub(crate) fn cmd_quantize(a: &QuantizeArgs) -> Result<()> {
         )
     })?;
     let w = match a.weights {
+        2 if a.q4.is_some() => format!(
+            "2-bit grid, a scale per {}, with {} in Q4_1",
+            a.group,
+            a.q4.as_deref().unwrap_or_default()
+        ),
         2 => format!("2-bit grid, a scale per {}", a.group),
         4 => "Q4_1".into(),
         8 => "Q8_0".into(),
@@ -221,6 +237,7 @@ pub(crate) fn cmd_device_gen(a: &DeviceGenArgs) -> Result<()> {
         kv: a.kv,
         group: a.group,
         importance: false,
+        q4_projections: 0,
     };
     spec.validate()?;
     let extra = match &a.tokenizer {

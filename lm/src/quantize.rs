@@ -12,6 +12,7 @@ use crate::config::LmConfig;
 use crate::error::{LmError, Result};
 use crate::gguf_write::{ggml_bytes, lowbit_key, lowbit_payload, write_gguf_streaming, TensorSpec};
 use crate::load::{config_from_gguf, CheckpointFiles};
+use crate::lora::LoraTarget;
 use crate::lowbit::LowBitMatrix;
 use crate::weights::{gguf_name, WeightSource};
 use candle_core::quantized::gguf_file::Value;
@@ -52,6 +53,10 @@ pub struct QuantizeSpec {
     /// input column `j` weighs `E[x_j^2]` ([`crate::diff_model::DiffLm::input_importance`]
     /// over the calibration tokens). Plain dense checkpoints only (no KV sharing).
     pub importance: bool,
+    /// Projection kinds kept in Q4_1 when `weights` is 2 (a mixed file, as llama.cpp's Q2_K
+    /// keeps its V and down projections at higher precision): bit `i` is
+    /// [`LoraTarget::ALL`]`[i]` (q, k, v, o, gate, up, down); 0 = every projection 2-bit.
+    pub q4_projections: u8,
 }
 
 impl Default for QuantizeSpec {
@@ -62,8 +67,25 @@ impl Default for QuantizeSpec {
             kv: 8,
             group: crate::lowbit::DEFAULT_GROUP,
             importance: false,
+            q4_projections: 0,
         }
     }
+}
+
+/// The [`QuantizeSpec::q4_projections`] mask of a target list.
+pub fn projection_mask(targets: &[LoraTarget]) -> u8 {
+    targets.iter().fold(0, |m, t| {
+        m | LoraTarget::ALL
+            .iter()
+            .position(|a| a == t)
+            .map_or(0, |i| 1 << i)
+    })
+}
+
+/// The projection kind of a tensor name (`model.layers.3.mlp.down_proj.weight` -> down).
+fn projection_of(name: &str) -> Option<LoraTarget> {
+    let proj = name.strip_suffix(".weight")?.rsplit('.').next()?;
+    LoraTarget::ALL.into_iter().find(|t| t.proj() == proj)
 }
 
 impl QuantizeSpec {
@@ -71,6 +93,18 @@ impl QuantizeSpec {
     pub fn validate(&self) -> Result<()> {
         self.weight_format()?;
         self.embedding_format()?;
+        if self.q4_projections != 0 && self.weights != 2 {
+            return Err(LmError::Invalid(format!(
+                "--q4 keeps projections in Q4_1 beside 2-bit ones: it needs --weights 2 (got {})",
+                self.weights
+            )));
+        }
+        if self.q4_projections >= 1 << LoraTarget::ALL.len() {
+            return Err(LmError::Invalid(format!(
+                "q4_projections {:#b} names more than the seven projection kinds",
+                self.q4_projections
+            )));
+        }
         if self.kv != 8 && self.kv != 16 {
             return Err(LmError::Invalid(format!(
                 "--kv {}: expected 8 or 16",
@@ -427,7 +461,12 @@ pub fn quantize_checkpoint(
     for (name, dims, role) in &list {
         let fmt = match role {
             Role::Embedding => spec.embedding_format()?,
-            Role::Projection => spec.weight_format()?,
+            Role::Projection => match projection_of(name) {
+                Some(t) if spec.q4_projections & projection_mask(&[t]) != 0 => {
+                    TensorFormat::Ggml(GgmlDType::Q4_1)
+                }
+                _ => spec.weight_format()?,
+            },
             Role::Vector => TensorFormat::F32,
         };
         let (s, m, f) = spec_of(&gguf_name(name), dims, fmt);
@@ -526,7 +565,12 @@ pub fn write_random_gguf(
     for (name, dims, role) in &list {
         let fmt = match role {
             Role::Embedding => spec.embedding_format()?,
-            Role::Projection => spec.weight_format()?,
+            Role::Projection => match projection_of(name) {
+                Some(t) if spec.q4_projections & projection_mask(&[t]) != 0 => {
+                    TensorFormat::Ggml(GgmlDType::Q4_1)
+                }
+                _ => spec.weight_format()?,
+            },
             Role::Vector => TensorFormat::F32,
         };
         let (s, m, f) = spec_of(&gguf_name(name), dims, fmt);
@@ -610,6 +654,74 @@ mod tests {
         (e / n).sqrt()
     }
 
+    /// `q4_projections` keeps the named projection kinds in Q4_1 beside 2-bit ones: the file
+    /// says so tensor by tensor, loads, and is nearer the f32 model than the all-2-bit file;
+    /// the option is refused without 2-bit weights.
+    #[test]
+    fn mixed_files_keep_the_named_projections_in_q4_1() {
+        let dir = std::env::temp_dir().join(format!("afm-quantize-mix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = tiny();
+        let t = crate::random::random_tensors(&cfg, 7).unwrap();
+        crate::random::write_safetensors(&dir, &cfg, &t).unwrap();
+        let ids: Vec<u32> = (0..12).map(|i| (i * 29 % 160) as u32).collect();
+        let logits = |m: &crate::DeviceModel| -> Vec<f32> {
+            let mut c = m.new_cache();
+            m.forward_tokens(&ids, &mut c, &LogitsFor::All)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let want = logits(&crate::DeviceModel::load(&dir).unwrap());
+        let all2 = QuantizeSpec {
+            weights: 2,
+            embeddings: 32,
+            kv: 16,
+            group: 32,
+            importance: false,
+            q4_projections: 0,
+        };
+        let mixed = QuantizeSpec {
+            q4_projections: projection_mask(&[LoraTarget::V, LoraTarget::Down]),
+            ..all2
+        };
+        let (p2, pm) = (dir.join("all2.gguf"), dir.join("mixed.gguf"));
+        quantize_checkpoint(&dir, &p2, &all2, &[]).unwrap();
+        let r = quantize_checkpoint(&dir, &pm, &mixed, &[]).unwrap();
+        assert!(r.bytes_out > std::fs::metadata(&p2).unwrap().len());
+        let mut f = std::fs::File::open(&pm).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        for (name, proj, q4) in [
+            ("model.layers.0.self_attn.v_proj.weight", "v", true),
+            ("model.layers.2.mlp.down_proj.weight", "down", true),
+            ("model.layers.0.self_attn.q_proj.weight", "q", false),
+            ("model.layers.1.mlp.up_proj.weight", "up", false),
+        ] {
+            let gg = gguf_name(name);
+            let info = &content.tensor_infos[&gg];
+            assert_eq!(info.ggml_dtype == GgmlDType::Q4_1, q4, "{proj}: {info:?}");
+            assert_eq!(
+                content.metadata.contains_key(&lowbit_key(&gg)),
+                !q4,
+                "{proj}"
+            );
+        }
+        let (e2, em) = (
+            rel(&logits(&crate::DeviceModel::load(&p2).unwrap()), &want),
+            rel(&logits(&crate::DeviceModel::load(&pm).unwrap()), &want),
+        );
+        assert!(em < e2, "mixed {em} vs all 2-bit {e2}");
+        let bad = QuantizeSpec {
+            weights: 4,
+            ..mixed
+        };
+        let err = quantize_checkpoint(&dir, &dir.join("x.gguf"), &bad, &[]).unwrap_err();
+        assert!(err.to_string().contains("--weights 2"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     /// A safetensors model quantized to each format loads from its one GGUF and computes
     /// what its own dequantized weights compute; 8-bit formats stay near the f32 model.
     #[test]
@@ -647,6 +759,7 @@ mod tests {
                 kv,
                 group: 32,
                 importance: false,
+                q4_projections: 0,
             };
             let r = quantize_checkpoint(&dir, &out, &spec, &cal).unwrap();
             assert!(r.bytes_out > 0 && r.params > 0);
@@ -810,6 +923,7 @@ mod tests {
             kv: 16,
             group: 32,
             importance: true,
+            q4_projections: 0,
         };
         let out = dir.join("imp.gguf");
         quantize_checkpoint(&dir, &out, &spec, &ids).unwrap();

@@ -160,6 +160,7 @@ mod tests {
             kv: 16,
             group: 32,
             importance: false,
+            q4_projections: 0,
         };
         afm_lm::quantize::quantize_checkpoint(&dir, &q, &spec, &[]).unwrap();
         let ids: Vec<u32> = (0..400).map(|i| ((i * 37 + i / 7) % 96) as u32).collect();
