@@ -691,6 +691,15 @@ pub(crate) struct LoraRecoverArgs {
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Save the run's state every this many steps (to OUT with the extension
+    /// `.ckpt.safetensors`, beside a `.ckpt.json` of its settings): the same command run
+    /// again goes on from there.
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: usize,
+    /// Stop after this many steps of the run (counted over the whole run), keeping the
+    /// checkpoint; the adapter so far is written to OUT.
+    #[arg(long)]
+    max_steps: Option<usize>,
 }
 
 pub(crate) fn cmd_lora_recover(a: &LoraRecoverArgs) -> Result<()> {
@@ -710,7 +719,13 @@ pub(crate) fn cmd_lora_recover(a: &LoraRecoverArgs) -> Result<()> {
         seq: a.seq,
         lr: a.lr,
         seed: a.seed,
+        checkpoint: Some(a.out.with_extension("ckpt.safetensors")),
+        checkpoint_every: a.checkpoint_every,
+        max_steps: a.max_steps,
     };
+    if let Some(ck) = cfg.checkpoint.as_ref().filter(|p| p.exists()) {
+        eprintln!("resuming from {}", ck.display());
+    }
     let t0 = Instant::now();
     let mut ema: Option<f64> = None;
     let ad = afm_train::lora_recover::recover(&a.student, &a.teacher, &ids, &cfg, |s, l| {

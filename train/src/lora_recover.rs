@@ -31,6 +31,15 @@ pub struct RecoverConfig {
     /// Peak learning rate (linear warm-up over the first 10% of the steps, then cosine).
     pub lr: f64,
     pub seed: u64,
+    /// Where the run keeps its state (adapter, optimizer, step) every `checkpoint_every`
+    /// steps, beside a `.json` of its settings; a run that finds its checkpoint there goes
+    /// on from it (the same windows as an uninterrupted run), and refuses one made with
+    /// other settings, another student or another text. `None`: not resumable.
+    pub checkpoint: Option<std::path::PathBuf>,
+    pub checkpoint_every: usize,
+    /// Stop after this step (counted from 0 over the whole run), leaving the checkpoint for a
+    /// later run to go on from (`--max-steps`); the returned adapter is the one so far.
+    pub max_steps: Option<usize>,
 }
 
 impl Default for RecoverConfig {
@@ -41,8 +50,34 @@ impl Default for RecoverConfig {
             seq: 256,
             lr: 1e-3,
             seed: 0,
+            checkpoint: None,
+            checkpoint_every: 10,
+            max_steps: None,
         }
     }
+}
+
+/// What a checkpoint must match to be resumed (`{checkpoint}.json`).
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct RunKey {
+    student_sha256: String,
+    /// sha256 of the text's token ids (little-endian u32s).
+    text_sha256: String,
+    steps: usize,
+    seq: usize,
+    lr: f64,
+    seed: u64,
+    rank: usize,
+    alpha: f32,
+}
+
+fn ids_sha256(ids: &[u32]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for i in ids {
+        h.update(i.to_le_bytes());
+    }
+    format!("{:x}", h.finalize())
 }
 
 fn opt_err(e: crate::optim::OptimError) -> LmError {
@@ -98,10 +133,61 @@ pub fn recover(
         },
     )
     .map_err(opt_err)?;
+    let key = RunKey {
+        student_sha256: sha.clone(),
+        text_sha256: ids_sha256(ids),
+        steps: cfg.steps,
+        seq: cfg.seq,
+        lr: cfg.lr,
+        seed: cfg.seed,
+        rank: cfg.lora.rank,
+        alpha: cfg.lora.alpha,
+    };
+    let mut start = 0;
+    if let Some(ck) = cfg.checkpoint.as_deref().filter(|p| p.exists()) {
+        let kp = ck.with_extension("json");
+        let bad =
+            |why: String| LmError::Invalid(format!("cannot resume from {}: {why}", ck.display()));
+        let stored: RunKey = serde_json::from_slice(
+            &std::fs::read(&kp).map_err(|e| bad(format!("{} ({e})", kp.display())))?,
+        )
+        .map_err(|e| {
+            bad(format!(
+                "{} is not a recovery run's settings ({e})",
+                kp.display()
+            ))
+        })?;
+        if stored != key {
+            return Err(bad(format!(
+                "it was made with other settings, student or text ({stored:?}; this run: {key:?}); \
+                 delete it to start again"
+            )));
+        }
+        opt = crate::optim::load_checkpoint(ck, &params, opt.cfg).map_err(opt_err)?;
+        start = (opt.step as usize).min(cfg.steps);
+    }
+    let save = |params: &Params, opt: &AdamW| -> Result<()> {
+        if let Some(ck) = &cfg.checkpoint {
+            let json =
+                serde_json::to_vec_pretty(&key).map_err(|e| LmError::Invalid(e.to_string()))?;
+            std::fs::write(ck.with_extension("json"), json).map_err(|source| LmError::Io {
+                path: ck.with_extension("json"),
+                source,
+            })?;
+            crate::optim::save_checkpoint(ck, params, opt).map_err(opt_err)?;
+        }
+        Ok(())
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    // the windows of the steps already done, so that a resumed run sees what an
+    // uninterrupted one would
+    for _ in 0..start {
+        rng.random_range(0..ids.len() - cfg.seq);
+    }
     let v = dlm.config().vocab_size;
     let warm = (cfg.steps / 10).max(1);
-    for step in 0..cfg.steps {
+    let end = cfg.max_steps.map_or(cfg.steps, |m| m.min(cfg.steps));
+    for step in start..end {
         let at = rng.random_range(0..ids.len() - cfg.seq);
         let w = &ids[at..at + cfg.seq];
         // teacher distribution of positions 0..seq-1 (each predicts the next token)
@@ -126,6 +212,9 @@ pub fn recover(
         };
         opt.step(&params, &grads, lr).map_err(opt_err)?;
         log(step, loss);
+        if (step + 1) % cfg.checkpoint_every.max(1) == 0 || step + 1 == end {
+            save(&params, &opt)?;
+        }
     }
     dlm.lora_adapter()
 }
@@ -173,6 +262,7 @@ mod tests {
             seq: 32,
             lr: 3e-3,
             seed: 1,
+            ..Default::default()
         };
         let mut losses = vec![];
         let ad = recover(&q, &dir, &ids, &rc, |_, l| losses.push(l)).unwrap();
@@ -231,6 +321,60 @@ mod tests {
             },
         );
         assert!(other.is_err());
+        // resumable: stopped after 15 steps and run again, the adapter equals the
+        // uninterrupted run's; a checkpoint of other settings is refused
+        let ck = dir.join("ck.safetensors");
+        let resumable = RecoverConfig {
+            checkpoint: Some(ck.clone()),
+            checkpoint_every: 4,
+            ..rc.clone()
+        };
+        recover(
+            &q,
+            &dir,
+            &ids,
+            &RecoverConfig {
+                max_steps: Some(15),
+                ..resumable.clone()
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        let mut steps_run = vec![];
+        let resumed = recover(&q, &dir, &ids, &resumable, |s, _| steps_run.push(s)).unwrap();
+        assert_eq!(steps_run, (15..40).collect::<Vec<_>>());
+        let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+        ad.save(&a).unwrap();
+        resumed.save(&b).unwrap();
+        let (ta, tb) = (
+            candle_core::safetensors::load(&a, &Device::Cpu).unwrap(),
+            candle_core::safetensors::load(&b, &Device::Cpu).unwrap(),
+        );
+        assert_eq!(ta.len(), tb.len());
+        let worst = ta
+            .iter()
+            .map(|(k, x)| {
+                let d = (x - &tb[k]).unwrap().abs().unwrap().max_all().unwrap();
+                let m = x.abs().unwrap().max_all().unwrap();
+                d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-12)
+            })
+            .fold(0f32, f32::max);
+        // the same steps on the same windows: equal up to the threads' summation order
+        assert!(
+            worst < 1e-4,
+            "resumed adapter differs by {worst} of a tensor's max"
+        );
+        let other = RecoverConfig {
+            lr: 1e-3,
+            ..resumable
+        };
+        let e = recover(&q, &dir, &ids, &other, |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot resume") && e.contains("other settings"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }
