@@ -648,6 +648,16 @@ mod tests {
         .unwrap()
     }
 
+    /// The logits of every position of `ids`, from a fresh cache, flattened.
+    fn all_logits(m: &crate::DeviceModel, ids: &[u32]) -> Vec<f32> {
+        m.forward_tokens(ids, &mut m.new_cache(), &LogitsFor::All)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     fn rel(a: &[f32], b: &[f32]) -> f32 {
         let e: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
         let n: f32 = b.iter().map(|x| x * x).sum();
@@ -665,15 +675,7 @@ mod tests {
         let t = crate::random::random_tensors(&cfg, 7).unwrap();
         crate::random::write_safetensors(&dir, &cfg, &t).unwrap();
         let ids: Vec<u32> = (0..12).map(|i| (i * 29 % 160) as u32).collect();
-        let logits = |m: &crate::DeviceModel| -> Vec<f32> {
-            let mut c = m.new_cache();
-            m.forward_tokens(&ids, &mut c, &LogitsFor::All)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
+        let logits = |m: &crate::DeviceModel| all_logits(m, &ids);
         let want = logits(&crate::DeviceModel::load(&dir).unwrap());
         let all2 = QuantizeSpec {
             weights: 2,
@@ -733,15 +735,7 @@ mod tests {
         crate::random::write_safetensors(&dir, &cfg, &t).unwrap();
         let f32_model = crate::DeviceModel::load(&dir).unwrap();
         let ids: Vec<u32> = (0..12).map(|i| (i * 13 % 160) as u32).collect();
-        let logits = |m: &crate::DeviceModel| -> Vec<f32> {
-            let mut c = m.new_cache();
-            m.forward_tokens(&ids, &mut c, &LogitsFor::All)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
+        let logits = |m: &crate::DeviceModel| all_logits(m, &ids);
         let want = logits(&f32_model);
         let cal: Vec<u32> = (0..40).map(|i| (i * 7 % 160) as u32).collect();
         // (weights, embeddings, kv, bound on the distance to the f32 model when it is tight)
