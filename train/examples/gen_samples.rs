@@ -5,7 +5,8 @@
 //! ```
 //!
 //! For each split (train, held_out) and kind (screen, scene) it writes N samples starting at
-//! index START (default 4 from 0) as `<kind>_<split>_<index>.png`, and one JSON object per
+//! index START (default 4 from 0) as `<kind>_<split>_<index>.png` (and N glyph sheets of the
+//! training split, `glyphs_train_<index>.png`), and one JSON object per
 //! sample (caption, questions, ground truth; no pixels) to `OUT_DIR/labels.jsonl`. When the
 //! easy-VQA data is present (`scripts/fetch_easy_vqa.sh`) the first N test images are added.
 
@@ -41,6 +42,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 count += 1;
             }
         }
+    }
+    // glyph sheets (a reading curriculum's views) exist in the training split only
+    for i in start..start + n {
+        let s = afm_train::glyphs::sheet(i, 0, (18.0, 48.0));
+        write(&s, format!("glyphs_train_{i}.png"))?;
+        count += 1;
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = easy_vqa::data_dir(&root);

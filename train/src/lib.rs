@@ -69,6 +69,7 @@ pub mod ctc;
 pub mod easy_vqa;
 pub mod eval;
 pub mod font;
+pub mod glyphs;
 pub mod linprobe;
 pub mod lora_recover;
 pub mod optim;
@@ -226,6 +227,8 @@ impl Rect {
 pub enum Truth {
     Screen(Box<screens::ScreenTruth>),
     Scene(scenes::SceneTruth),
+    /// A glyph sheet ([`glyphs`]): its lines of text.
+    Glyphs(Vec<screens::TextItem>),
     EasyVqa {
         /// Image id in the easy-VQA folder (`images/<id>.png`).
         image_id: u32,

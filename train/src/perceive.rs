@@ -184,6 +184,9 @@ pub enum ViewSource {
     Screen,
     /// An easy-VQA image (a scene when easy-VQA is absent).
     EasyVqa,
+    /// A glyph sheet ([`crate::glyphs`]) in the training split; a screen crop around a string
+    /// in the held-out split, so that the probe's reading figures stay those of screens.
+    Glyphs,
 }
 
 /// A stage-1b run's settings (`perceive.json` keeps them; a resumed run must match).
@@ -215,6 +218,9 @@ pub struct PerceiveConfig {
     /// size), instead of the overview or a native tile.
     #[serde(default)]
     pub scene_scale: Option<(f32, f32)>,
+    /// Em sizes of glyph sheets' text, px (`glyphs` views; default 18-48).
+    #[serde(default)]
+    pub glyph_px: Option<(f32, f32)>,
 }
 
 impl PerceiveConfig {
@@ -250,6 +256,7 @@ impl PerceiveConfig {
             text_only: false,
             sources: vec![],
             scene_scale: None,
+            glyph_px: None,
         }
     }
 
@@ -285,6 +292,7 @@ impl PerceiveConfig {
             text_only: false,
             sources: vec![],
             scene_scale: None,
+            glyph_px: None,
         }
     }
 
@@ -314,6 +322,13 @@ impl PerceiveConfig {
         }
         if !(self.adamw.lr > 0.0 && self.adamw.lr.is_finite()) {
             return Err(TrainError::Invalid("`adamw.lr` must be positive".into()));
+        }
+        if let Some((lo, hi)) = self.glyph_px {
+            if !(lo >= 6.0 && lo <= hi && hi <= 80.0) {
+                return Err(TrainError::Invalid(format!(
+                    "`glyph_px` ({lo}, {hi}) must satisfy 6 <= lo <= hi <= 80"
+                )));
+            }
         }
         if let Some((lo, hi)) = self.scene_scale {
             if !(lo > 0.1 && hi >= lo && hi < 8.0) {
@@ -704,12 +719,26 @@ fn string_labels(role: u32, it: &TextItem, view: &View, l: &mut Labels) {
     }
 }
 
+/// A glyph sheet's labels: every line's characters, and role `message` under them.
+fn glyph_labels(lines: &[TextItem], view: &View, l: &mut Labels) {
+    let message = ROLES.iter().position(|r| *r == "message").unwrap_or(0) as u32;
+    for it in lines {
+        string_labels(message, it, view, l);
+    }
+    for p in 0..GRID * GRID {
+        if (0..SLOTS).any(|k| l.chars[p * SLOTS + k] != 0) {
+            l.role[p] = message;
+        }
+    }
+}
+
 /// Labels of a sample seen through `view`.
 pub fn labels(sample: &Sample, view: &View) -> Labels {
     let mut l = Labels::empty();
     match &sample.truth {
         Truth::Scene(t) => scene_labels(&sample.image, t, view, &mut l),
         Truth::Screen(t) => screen_labels(t, view, &mut l),
+        Truth::Glyphs(lines) => glyph_labels(lines, view, &mut l),
         Truth::EasyVqa { colour, shape, .. } => easy_labels(
             &sample.image,
             colour.as_deref(),
@@ -768,22 +797,28 @@ pub fn view_for(
             ^ (((split == Split::HeldOut) as u64) << 63),
     );
     let (src, idx) = if !cfg.sources.is_empty() {
-        let n = cfg.sources.len() as u64;
-        let code = match cfg.sources[(j % n) as usize] {
+        // held-out glyph views are screen crops: the same held-out views as a run with
+        // `screen_text` in their place
+        let eff: Vec<ViewSource> = cfg
+            .sources
+            .iter()
+            .map(|&x| match x {
+                ViewSource::Glyphs if split == Split::HeldOut => ViewSource::ScreenText,
+                x => x,
+            })
+            .collect();
+        let n = eff.len() as u64;
+        let this = eff[(j % n) as usize];
+        let code = match this {
             ViewSource::Scene => 0,
             ViewSource::ScreenText => 1,
             ViewSource::Screen => 3,
             ViewSource::EasyVqa => 4,
+            ViewSource::Glyphs => 5,
         };
         // the k-th view of a source takes that source's k-th image
-        let k = (0..j % n)
-            .filter(|&i| cfg.sources[i as usize] == cfg.sources[(j % n) as usize])
-            .count() as u64;
-        let per_cycle = cfg
-            .sources
-            .iter()
-            .filter(|&&x| x == cfg.sources[(j % n) as usize])
-            .count() as u64;
+        let k = (0..j % n).filter(|&i| eff[i as usize] == this).count() as u64;
+        let per_cycle = eff.iter().filter(|&&x| x == this).count() as u64;
         (code, (j / n) * per_cycle + k)
     } else if cfg.text_only {
         (1 + j % 2, j / 2)
@@ -792,7 +827,7 @@ pub fn view_for(
     };
     let scale = |rng: &mut ChaCha8Rng| rng.random_range(cfg.scale_range.0..=cfg.scale_range.1);
     Ok(match (src, easy) {
-        (0, _) | (4.., None) => {
+        (0, _) | (4, None) | (6.., _) => {
             let s = generate(
                 SynthKind::Scene,
                 split,
@@ -845,6 +880,14 @@ pub fn view_for(
                 crop_around(&mut rng, w, h, sc, None)
             };
             (s, v)
+        }
+        (5, _) => {
+            let px = cfg.glyph_px.unwrap_or((18.0, 48.0));
+            let s = crate::glyphs::sheet(idx, cfg.seed, px);
+            (
+                s,
+                View::overview(crate::glyphs::SHEET, crate::glyphs::SHEET),
+            )
         }
         (_, Some(e)) => {
             let s = e.get((idx % e.len() as u64) as usize)?;

@@ -517,3 +517,56 @@ fn heads_carry_over_from_an_export_and_a_mismatched_file_is_refused() {
     assert!(e.contains("has no `head."), "{e}");
     std::fs::remove_dir_all(&base).ok();
 }
+
+/// Glyph sheets: training views are sheets whose character targets spell every line; a
+/// held-out view of that source is the screen crop a `screen_text` run would see, so the
+/// probe's reading figures are those of screens; a bad em range is refused by name.
+#[test]
+fn glyph_views_spell_their_lines_and_hold_out_screens() {
+    use afm_train::perceive::ViewSource;
+    let glyphs = PerceiveConfig {
+        sources: vec![ViewSource::Glyphs, ViewSource::Scene],
+        glyph_px: Some((16.0, 44.0)),
+        ..PerceiveConfig::afm_tiny()
+    };
+    let screens = PerceiveConfig {
+        sources: vec![ViewSource::ScreenText, ViewSource::Scene],
+        ..glyphs.clone()
+    };
+    let (mut lines, mut spelled, mut chars) = (0, 0, 0);
+    for j in 0..8u64 {
+        let (s, v) = view_for(&glyphs, 2 * j, Split::Train, None).unwrap();
+        let Truth::Glyphs(items) = &s.truth else {
+            panic!("training view {j} is not a glyph sheet")
+        };
+        let l = labels(&s, &v);
+        chars += l.chars.iter().filter(|&&c| c != 0).count();
+        for (_, text, row, first, last) in &l.strings {
+            lines += 1;
+            if read_row(&l.chars, *row, *first, *last) == *text {
+                spelled += 1;
+            }
+        }
+        assert!(l.strings.len() <= items.len());
+        let (h, hv) = view_for(&glyphs, 2 * j, Split::HeldOut, None).unwrap();
+        let (e, ev) = view_for(&screens, 2 * j, Split::HeldOut, None).unwrap();
+        assert!(matches!(h.truth, Truth::Screen(_)), "held-out view {j}");
+        assert_eq!(h.image, e.image, "held-out view {j}");
+        assert_eq!(hv, ev, "held-out view {j}");
+    }
+    assert!(chars > 8 * 30, "{chars} characters in 8 sheets");
+    // lines are drawn whole inside the sheet: nearly all read back from their targets (a
+    // line whose middle sits on a patch row's edge may lose a character to the next row)
+    assert!(
+        spelled * 10 >= lines * 9,
+        "{spelled} of {lines} lines spelled"
+    );
+    let e = PerceiveConfig {
+        glyph_px: Some((50.0, 20.0)),
+        ..glyphs
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("glyph_px"), "{e}");
+}
