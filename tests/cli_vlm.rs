@@ -247,6 +247,15 @@ fn screen_describes_a_screenshot() {
         stderr.contains("3 tiles") && stderr.contains("decode"),
         "{stderr}"
     );
+    // `--json`: the typed description, valid even from random weights (guided generation)
+    for img in ["wide.png", "sample.png"] {
+        let out = run("screen", &["--json", s(&fixture().join(img))]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{stderr}");
+        let d: afm::fusion::ScreenDescription = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{img}: not a screen description ({e}): {stdout}"));
+        assert!(d.buttons.len() <= 8, "{d:?}");
+    }
 }
 
 #[test]
