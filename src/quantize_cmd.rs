@@ -700,6 +700,10 @@ pub(crate) struct LoraRecoverArgs {
     /// checkpoint; the adapter so far is written to OUT.
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Start from this adapter (an earlier recovery's output for the same student, same
+    /// rank and alpha) instead of a zero one: another schedule on top of a finished run.
+    #[arg(long)]
+    init: Option<PathBuf>,
 }
 
 pub(crate) fn cmd_lora_recover(a: &LoraRecoverArgs) -> Result<()> {
@@ -722,6 +726,7 @@ pub(crate) fn cmd_lora_recover(a: &LoraRecoverArgs) -> Result<()> {
         checkpoint: Some(a.out.with_extension("ckpt.safetensors")),
         checkpoint_every: a.checkpoint_every,
         max_steps: a.max_steps,
+        init: a.init.clone(),
     };
     if let Some(ck) = cfg.checkpoint.as_ref().filter(|p| p.exists()) {
         eprintln!("resuming from {}", ck.display());

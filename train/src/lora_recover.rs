@@ -40,6 +40,10 @@ pub struct RecoverConfig {
     /// Stop after this step (counted from 0 over the whole run), leaving the checkpoint for a
     /// later run to go on from (`--max-steps`); the returned adapter is the one so far.
     pub max_steps: Option<usize>,
+    /// Start from this adapter (an earlier recovery's output for the same student, with this
+    /// run's rank and alpha) instead of a zero-initialised one: a new schedule on top of a
+    /// finished run (`--init`).
+    pub init: Option<std::path::PathBuf>,
 }
 
 impl Default for RecoverConfig {
@@ -53,6 +57,7 @@ impl Default for RecoverConfig {
             checkpoint: None,
             checkpoint_every: 10,
             max_steps: None,
+            init: None,
         }
     }
 }
@@ -69,6 +74,9 @@ struct RunKey {
     seed: u64,
     rank: usize,
     alpha: f32,
+    /// sha256 of the `--init` adapter file, if any.
+    #[serde(default)]
+    init_sha256: Option<String>,
 }
 
 fn ids_sha256(ids: &[u32]) -> String {
@@ -112,7 +120,32 @@ pub fn recover(
         )));
     }
     let sha = afm_lm::lora::checkpoint_sha256(student)?;
-    let init = LoraAdapter::random(&dlm.lora_sites(), cfg.lora.clone(), &sha, cfg.seed, 0.0)?;
+    let (init, init_sha256) = match &cfg.init {
+        None => (
+            LoraAdapter::random(&dlm.lora_sites(), cfg.lora.clone(), &sha, cfg.seed, 0.0)?,
+            None,
+        ),
+        Some(p) => {
+            let a = LoraAdapter::load(p)?;
+            // bound to this student (the same check as loading it for inference)
+            a.check_base(&sha)?;
+            let (r, al) = (a.config().rank, a.config().alpha);
+            if r != cfg.lora.rank || al != cfg.lora.alpha {
+                return Err(LmError::Invalid(format!(
+                    "--init {}: rank {r} and alpha {al}, but this run asks for rank {} and alpha {}",
+                    p.display(),
+                    cfg.lora.rank,
+                    cfg.lora.alpha
+                )));
+            }
+            let bytes = std::fs::read(p).map_err(|source| LmError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            use sha2::{Digest, Sha256};
+            (a, Some(format!("{:x}", Sha256::digest(&bytes))))
+        }
+    };
     dlm.attach_lora(&init)?;
     let mut params = Params::default();
     params
@@ -142,6 +175,7 @@ pub fn recover(
         seed: cfg.seed,
         rank: cfg.lora.rank,
         alpha: cfg.lora.alpha,
+        init_sha256,
     };
     let mut start = 0;
     if let Some(ck) = cfg.checkpoint.as_deref().filter(|p| p.exists()) {
@@ -312,6 +346,44 @@ mod tests {
             k1 < 0.7 * k0,
             "KL to the teacher {k0} -> {k1} (losses {losses:?})"
         );
+        // --init: a new run starts where the finished one ended, not from zero; an adapter
+        // of another rank is refused by name
+        let mut first = vec![];
+        recover(
+            &q,
+            &dir,
+            &ids,
+            &RecoverConfig {
+                init: Some(lp.clone()),
+                steps: 1,
+                ..rc.clone()
+            },
+            |_, l| first.push(l),
+        )
+        .unwrap();
+        assert!(
+            first[0] < 0.7 * losses[0],
+            "initialised run starts at {} (zero adapter: {})",
+            first[0],
+            losses[0]
+        );
+        let e = recover(
+            &q,
+            &dir,
+            &ids,
+            &RecoverConfig {
+                init: Some(lp.clone()),
+                lora: LoraConfig {
+                    rank: 4,
+                    ..Default::default()
+                },
+                ..rc.clone()
+            },
+            |_, _| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--init") && e.contains("rank 8"), "{e}");
         // bound to the quantized file, refused on the f32 one
         let other = DeviceModel::load_with(
             &dir,
