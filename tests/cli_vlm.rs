@@ -765,3 +765,57 @@ fn afm_tiny_takes_a_lora_adapter_bound_to_its_language_model() {
     assert!(e.contains(&other) && e.contains(&sha), "{e}");
     std::fs::remove_dir_all(&export).ok();
 }
+
+/// `afm ask --schema`: from random weights the answer is JSON that keeps the schema (enum,
+/// integer range, array counts, string lengths); a budget too small for a whole object is a
+/// clear error that says to raise it, never a truncated answer.
+#[test]
+fn ask_with_a_schema_prints_json_that_keeps_it() {
+    let d = image_dir("ask-schema", &[]);
+    let sf = d.join("answer.json");
+    std::fs::write(
+        &sf,
+        r#"{"type":"object","properties":{
+            "colour":{"type":"string","enum":["red","green","blue"]},
+            "count":{"type":"integer","minimum":0,"maximum":9},
+            "tags":{"type":"array","items":{"type":"string","maxLength":8},"minItems":1,"maxItems":2}},
+            "required":["colour","count","tags"]}"#,
+    )
+    .unwrap();
+    for img in ["sample.png", "wide.png"] {
+        let out = afm()
+            .args(["ask", "--model"])
+            .arg(fixture())
+            .args([
+                "--max-tokens",
+                "96",
+                "--schema",
+                s(&sf),
+                s(&d.join(img)),
+                "what?",
+            ])
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{stderr}");
+        let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(
+            ["red", "green", "blue"].contains(&v["colour"].as_str().unwrap()),
+            "{v}"
+        );
+        assert!(v["count"].as_u64().is_some_and(|c| c <= 9), "{v}");
+        let tags = v["tags"].as_array().unwrap();
+        assert!((1..=2).contains(&tags.len()), "{v}");
+        assert!(
+            tags.iter()
+                .all(|t| t.as_str().unwrap().chars().count() <= 8),
+            "{v}"
+        );
+    }
+    let out = run(
+        "ask",
+        &["--schema", s(&sf), s(&d.join("sample.png")), "what?"],
+    );
+    assert_clean_failure(&out, &["max_tokens"]);
+    std::fs::remove_dir_all(&d).ok();
+}
