@@ -475,3 +475,36 @@ fn a_closed_stdout_pipe_ends_quietly() {
         );
     }
 }
+
+/// `afm bench guided` runs end to end on SmolLM2 and prints its figures, the within-run mask
+/// share among them (a smoke test: no speed is asserted).
+#[test]
+fn bench_guided_prints_its_figures() {
+    let Some(model) = common::smollm2_gguf() else {
+        return;
+    };
+    let out = afm()
+        .args([
+            "--threads",
+            "2",
+            "bench",
+            "guided",
+            "--runs",
+            "1",
+            "--new-tokens",
+            "8",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    let (stdout, _) = common::succeeded(&out);
+    for line in [
+        "mask per token",
+        "decode, unconstrained:",
+        "decode, guided (JSON Schema):",
+        "within the guided runs: the mask adds",
+    ] {
+        assert!(stdout.contains(line), "{stdout}");
+    }
+}

@@ -138,12 +138,7 @@ pub fn recover(
                     cfg.lora.alpha
                 )));
             }
-            let bytes = std::fs::read(p).map_err(|source| LmError::Io {
-                path: p.clone(),
-                source,
-            })?;
-            use sha2::{Digest, Sha256};
-            (a, Some(format!("{:x}", Sha256::digest(&bytes))))
+            (a, Some(afm_lm::lora::file_sha256(p)?))
         }
     };
     dlm.attach_lora(&init)?;
