@@ -45,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // glyph sheets (a reading curriculum's views) exist in the training split only
     for i in start..start + n {
-        let s = afm_train::glyphs::sheet(i, 0, (18.0, 48.0));
+        let s = afm_train::glyphs::sheet(i, 0, afm_train::glyphs::DEFAULT_PX);
         write(&s, format!("glyphs_train_{i}.png"))?;
         count += 1;
     }

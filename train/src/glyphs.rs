@@ -24,6 +24,9 @@ use rand_chacha::ChaCha8Rng;
 /// Side of a sheet: one encoder view.
 pub const SHEET: u32 = 224;
 
+/// Em sizes of a sheet's text, px, when a run does not set `glyph_px`.
+pub const DEFAULT_PX: (f32, f32) = (18.0, 48.0);
+
 const PUNCT: &[u8] = b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
 
 /// One random "word": 1-8 characters, mostly letters.

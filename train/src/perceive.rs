@@ -218,7 +218,7 @@ pub struct PerceiveConfig {
     /// size), instead of the overview or a native tile.
     #[serde(default)]
     pub scene_scale: Option<(f32, f32)>,
-    /// Em sizes of glyph sheets' text, px (`glyphs` views; default 18-48).
+    /// Em sizes of glyph sheets' text, px (`glyphs` views; default [`crate::glyphs::DEFAULT_PX`]).
     #[serde(default)]
     pub glyph_px: Option<(f32, f32)>,
 }
@@ -882,7 +882,7 @@ pub fn view_for(
             (s, v)
         }
         (5, _) => {
-            let px = cfg.glyph_px.unwrap_or((18.0, 48.0));
+            let px = cfg.glyph_px.unwrap_or(crate::glyphs::DEFAULT_PX);
             let s = crate::glyphs::sheet(idx, cfg.seed, px);
             (
                 s,
