@@ -32,6 +32,35 @@ pub enum TrainCmd {
     /// Quality recovery of a quantized language model (`afm quantize --kv 16` output): a
     /// LoRA adapter trained briefly to match the unquantized teacher on a text.
     LoraRecover(crate::quantize_cmd::LoraRecoverArgs),
+    /// The text-line reader: a small convolutional recogniser trained with CTC on lines cut
+    /// from generated screens and lines drawn alone; reads held-out screens' strings after
+    /// every epoch. Writes `reader/` (config.json, f16 model.safetensors).
+    Reader(ReaderArgs),
+}
+
+#[derive(Args)]
+pub struct ReaderArgs {
+    /// Run directory (an existing run there is resumed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Settings: a preset (`afm-tiny`, `test-tiny`) or a config JSON file (a run's own
+    /// `reader.json` works too).
+    #[arg(long, default_value = "afm-tiny")]
+    pub config: String,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub steps_per_epoch: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Stop after this many steps in all (resume later with the same command).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Do not train: write the export from the run's last checkpoint.
+    #[arg(long)]
+    pub export_now: bool,
 }
 
 #[derive(Args)]
@@ -224,6 +253,7 @@ pub fn cmd_train(cmd: TrainCmd) -> Result<()> {
         TrainCmd::Perceive(a) => train_perceive(&a),
         TrainCmd::Probe(a) => train_probe(&a),
         TrainCmd::LoraRecover(a) => crate::quantize_cmd::cmd_lora_recover(&a),
+        TrainCmd::Reader(a) => train_reader(&a),
     }
 }
 
@@ -632,6 +662,104 @@ fn train_perceive(a: &PerceiveArgs) -> Result<()> {
             }
         },
     )?;
+    progress.finish(st.step, !st.history.is_empty())
+}
+
+fn train_reader(a: &ReaderArgs) -> Result<()> {
+    use afm_train::reader_train::{self, ReaderTrainConfig};
+    keep_freed_memory();
+    let run = RunArgs {
+        out: a.out.clone(),
+        config: a.config.clone(),
+        epochs: a.epochs,
+        steps_per_epoch: a.steps_per_epoch,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        max_steps: a.max_steps,
+        lm: None,
+        no_easy_vqa: true,
+    };
+    let cfg = run.settings(
+        &[
+            (
+                "afm-tiny",
+                ReaderTrainConfig::afm_tiny as fn() -> ReaderTrainConfig,
+            ),
+            ("test-tiny", ReaderTrainConfig::test_tiny),
+        ],
+        "/config",
+        "a reader config",
+        |c| {
+            (
+                &mut c.epochs,
+                &mut c.steps_per_epoch,
+                &mut c.batch_size,
+                &mut c.adamw.lr,
+            )
+        },
+    )?;
+    cfg.validate()?;
+    if a.export_now {
+        let (dir, step) = reader_train::export_checkpoint(&cfg, &a.out)
+            .with_context(|| format!("exporting {}", a.out.display()))?;
+        eprintln!(
+            "reader of step {step} of {} written to {}",
+            cfg.total_steps(),
+            dir.display()
+        );
+        return Ok(());
+    }
+    let n = reader_train::init_params(&cfg.model, cfg.seed)?.num_params();
+    eprintln!(
+        "text-line reader: {:.2} M parameters; {} epochs x {} steps of {} lines, {} held-out screens read per epoch",
+        n as f64 / 1e6,
+        cfg.epochs,
+        cfg.steps_per_epoch,
+        cfg.batch_size,
+        cfg.eval_screens
+    );
+    let mut progress = Progress::new(cfg.total_steps(), a.max_steps, "reader");
+    let st = reader_train::run(&cfg, &a.out, a.max_steps, &mut |e| {
+        if let Some(r) = progress.event(e) {
+            let f = &r.read;
+            progress.say(format!(
+                "epoch {}: train loss {:.3}; held-out titles {}/{}, buttons {}/{} read exactly ({:.1}%; unseen words {}/{}), strings {}/{}, character error rate {:.2}% ({:.0} s so far)",
+                r.epoch,
+                r.train_loss,
+                f.titles_exact,
+                f.titles,
+                f.buttons_exact,
+                f.buttons,
+                100.0 * f.titles_buttons_exact(),
+                f.unseen_exact,
+                f.unseen,
+                f.strings_exact,
+                f.strings,
+                100.0 * f.cer,
+                r.seconds
+            ));
+            for (want, got) in &f.examples {
+                progress.say(format!("  read {want:?} as {got:?}"));
+            }
+            let g = &r.found;
+            progress.say(format!(
+                "  end to end (lines found, then read): titles {}/{}, buttons {}/{} ({:.1}%; unseen words {}/{}), strings {}/{}, character error rate {:.2}%",
+                g.titles_exact,
+                g.titles,
+                g.buttons_exact,
+                g.buttons,
+                100.0 * g.titles_buttons_exact(),
+                g.unseen_exact,
+                g.unseen,
+                g.strings_exact,
+                g.strings,
+                100.0 * g.cer
+            ));
+            for (want, got) in &g.examples {
+                progress.say(format!("  found and read {want:?} as {got:?}"));
+            }
+        }
+    })?;
     progress.finish(st.step, !st.history.is_empty())
 }
 

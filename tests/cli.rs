@@ -508,3 +508,74 @@ fn bench_guided_prints_its_figures() {
         assert!(stdout.contains(line), "{stdout}");
     }
 }
+
+/// `afm train reader`: a test-tiny run stops, resumes, reports the held-out reads (at each
+/// string's box and end to end through the line finder) and writes a `reader/` export that
+/// loads and reads; a config that does not fit its own layers is refused by field.
+#[test]
+fn train_reader_runs_stops_resumes_and_exports() {
+    let dir = std::env::temp_dir().join(format!("afm-cli-train-reader-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let train = |extra: &[&str]| {
+        let out = afm()
+            .args([
+                "--threads",
+                "2",
+                "train",
+                "reader",
+                "--config",
+                "test-tiny",
+                "--out",
+            ])
+            .arg(&dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let first = train(&["--max-steps", "2"]);
+    assert!(first.contains("stopped at step 2 of 3"), "{first}");
+    let second = train(&[]);
+    assert!(second.contains("resumed at step 2"), "{second}");
+    assert!(second.contains("epoch 1: train loss"), "{second}");
+    assert!(
+        second.contains("end to end (lines found, then read)"),
+        "{second}"
+    );
+    assert!(second.contains("reader written to"), "{second}");
+    let reader = afm_vision::reader::TextReader::from_dir(&dir.join("reader")).unwrap();
+    let img = afm_vision::image::RgbImage::from_pixel(40, 12, afm_vision::image::Rgb([9, 9, 9]));
+    // a flat region has nothing to read: an empty string, not an error
+    let read = reader
+        .read(
+            &img,
+            &[afm_vision::reader::Region {
+                x: 0,
+                y: 0,
+                w: 40,
+                h: 12,
+            }],
+        )
+        .unwrap();
+    assert_eq!(read, vec![String::new()]);
+    let bad = dir.join("bad.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reader.json")).unwrap()).unwrap();
+    cfg["config"]["model"]["height"] = serde_json::json!(20);
+    std::fs::write(&bad, cfg.to_string()).unwrap();
+    let out = afm()
+        .args(["train", "reader", "--config"])
+        .arg(&bad)
+        .arg("--out")
+        .arg(dir.join("other"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("`height`"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

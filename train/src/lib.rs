@@ -77,6 +77,7 @@ pub mod perceive;
 pub mod pretrain;
 pub mod prompt;
 pub mod raster;
+pub mod reader_train;
 pub mod runloop;
 pub mod scenes;
 pub mod screens;

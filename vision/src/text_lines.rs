@@ -1,0 +1,282 @@
+//! Finding lines of text in a screenshot, for the text-line reader ([`crate::reader`]).
+//!
+//! Screens draw text on flat grounds: a glyph is a small, dense cluster of strong luminance
+//! steps, while the outlines of fields, buttons and windows are long, thin and sparse. So:
+//! 1. edge pixels: luminance steps of at least `edge` (0-255) to the right or below, less
+//!    straight runs of `max_run` px or more across or down (rules and the sides of boxes,
+//!    which would otherwise join the glyphs that touch them);
+//! 2. 8-connected components of edge pixels; a component is kept when it is no taller than
+//!    `max_height` px, dense (edge pixels cover at least `min_fill` of its box: a rectangle's
+//!    outline covers an eighth of it or less, a glyph a quarter or more) or smaller than
+//!    10 x 10 px, and not a thin upright (at most a quarter as wide as tall, `bar_height` px
+//!    or taller:
+//!    the side of a box, which would join the text inside it to its neighbours; a glyph
+//!    like I or l dropped here still lies in the margin the reader adds around its line);
+//! 3. kept components merge into lines: vertical extents overlapping by at least half the
+//!    smaller one, horizontal gap at most `gap` x the line height;
+//! 4. a line is kept when at least `min_height` px tall and wider than half its height.
+//!
+//! No learning and no font knowledge: the same rule for any face, size and theme. What it
+//! finds is a box per line, not a role; the reader reads each box.
+
+use crate::reader::Region;
+use image::RgbImage;
+
+/// The finder's thresholds (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LineFinder {
+    pub edge: f32,
+    pub max_run: u32,
+    pub bar_height: u32,
+    pub max_height: u32,
+    pub min_height: u32,
+    pub min_fill: f32,
+    pub gap: f32,
+}
+
+impl Default for LineFinder {
+    fn default() -> Self {
+        Self {
+            edge: 28.0,
+            max_run: 30,
+            bar_height: 8,
+            max_height: 48,
+            min_height: 5,
+            min_fill: 0.2,
+            gap: 0.9,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Boxy {
+    x0: u32,
+    y0: u32,
+    x1: u32,
+    y1: u32,
+}
+
+impl Boxy {
+    fn h(&self) -> u32 {
+        self.y1 - self.y0 + 1
+    }
+    fn w(&self) -> u32 {
+        self.x1 - self.x0 + 1
+    }
+}
+
+impl LineFinder {
+    /// Boxes of the lines of text in `img`, top to bottom then left to right; each box is
+    /// the union of its glyphs' edge pixels (tight; the reader adds its own margin).
+    pub fn find(&self, img: &RgbImage) -> Vec<Region> {
+        let (w, h) = img.dimensions();
+        let (w, h) = (w as usize, h as usize);
+        if w < 2 || h < 2 {
+            return vec![];
+        }
+        let lum: Vec<f32> = img
+            .pixels()
+            .map(|p| 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32)
+            .collect();
+        let mut edge = vec![false; w * h];
+        for y in 0..h {
+            for x in 0..w {
+                let v = lum[y * w + x];
+                let r = if x + 1 < w {
+                    (lum[y * w + x + 1] - v).abs()
+                } else {
+                    0.0
+                };
+                let d = if y + 1 < h {
+                    (lum[(y + 1) * w + x] - v).abs()
+                } else {
+                    0.0
+                };
+                edge[y * w + x] = r.max(d) >= self.edge;
+            }
+        }
+        // rules and borders: straight runs of `max_run` edge pixels or more, across or down
+        let max_run = self.max_run as usize;
+        let mut clear = vec![false; w * h];
+        for y in 0..h {
+            let mut x = 0;
+            while x < w {
+                let x0 = x;
+                while x < w && edge[y * w + x] {
+                    x += 1;
+                }
+                if x - x0 >= max_run {
+                    clear[y * w + x0..y * w + x]
+                        .iter_mut()
+                        .for_each(|c| *c = true);
+                }
+                x += 1;
+            }
+        }
+        for x in 0..w {
+            let mut y = 0;
+            while y < h {
+                let y0 = y;
+                while y < h && edge[y * w + x] {
+                    y += 1;
+                }
+                if y - y0 >= max_run {
+                    (y0..y).for_each(|yy| clear[yy * w + x] = true);
+                }
+                y += 1;
+            }
+        }
+        for (e, c) in edge.iter_mut().zip(&clear) {
+            *e &= !c;
+        }
+        // 8-connected components by an explicit stack
+        let mut seen = vec![false; w * h];
+        let mut comps: Vec<Boxy> = vec![];
+        let mut stack = vec![];
+        for start in 0..w * h {
+            if !edge[start] || seen[start] {
+                continue;
+            }
+            seen[start] = true;
+            stack.push(start);
+            let (sx, sy) = ((start % w) as u32, (start / w) as u32);
+            let mut b = Boxy {
+                x0: sx,
+                y0: sy,
+                x1: sx,
+                y1: sy,
+            };
+            let mut pixels: Vec<usize> = vec![];
+            while let Some(i) = stack.pop() {
+                pixels.push(i);
+                let (x, y) = ((i % w) as i64, (i / w) as i64);
+                b.x0 = b.x0.min(x as u32);
+                b.x1 = b.x1.max(x as u32);
+                b.y0 = b.y0.min(y as u32);
+                b.y1 = b.y1.max(y as u32);
+                for dy in -1..=1i64 {
+                    for dx in -1..=1i64 {
+                        let (nx, ny) = (x + dx, y + dy);
+                        if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
+                            continue;
+                        }
+                        let j = ny as usize * w + nx as usize;
+                        if edge[j] && !seen[j] {
+                            seen[j] = true;
+                            stack.push(j);
+                        }
+                    }
+                }
+            }
+            let fill = pixels.len() as f32 / (b.w() * b.h()) as f32;
+            let small = b.w() < 10 && b.h() < 10;
+            // a thin upright: the side of a box (or an I, l or |, which the reader still
+            // sees in the margin of the line around it)
+            let bar = 4 * b.w() <= b.h() && b.h() >= self.bar_height;
+            if b.h() <= self.max_height && !bar && (small || fill >= self.min_fill) {
+                comps.push(b);
+            }
+        }
+        // merge into lines: repeatedly join a component to the first line it fits
+        comps.sort_by_key(|b| (b.x0, b.y0));
+        let mut lines: Vec<Boxy> = vec![];
+        for c in comps {
+            let fit = lines.iter_mut().rev().find(|l| {
+                let ov = (l.y1.min(c.y1) as i64 - l.y0.max(c.y0) as i64 + 1).max(0) as f32;
+                let lh = l.h().max(c.h()) as f32;
+                let gap = c.x0 as f32 - l.x1 as f32;
+                ov >= 0.5 * l.h().min(c.h()) as f32 && gap <= self.gap * lh && gap >= -lh
+            });
+            match fit {
+                Some(l) => {
+                    l.x0 = l.x0.min(c.x0);
+                    l.x1 = l.x1.max(c.x1);
+                    l.y0 = l.y0.min(c.y0);
+                    l.y1 = l.y1.max(c.y1);
+                }
+                None => lines.push(c),
+            }
+        }
+        let mut out: Vec<Region> = lines
+            .into_iter()
+            .filter(|l| l.h() >= self.min_height && l.h() <= self.max_height && 2 * l.w() > l.h())
+            .map(|l| Region {
+                x: l.x0,
+                y: l.y0,
+                w: l.w(),
+                h: l.h(),
+            })
+            .collect();
+        out.sort_by_key(|r| (r.y + r.h / 2, r.x));
+        out
+    }
+}
+
+/// A region grown by `mx` px left and right and `my` px above and below, clipped to a
+/// `w x h` image.
+pub fn grow(r: Region, mx: u32, my: u32, w: u32, h: u32) -> Region {
+    let x0 = r.x.saturating_sub(mx);
+    let y0 = r.y.saturating_sub(my);
+    let x1 = (r.x + r.w + mx).min(w);
+    let y1 = (r.y + r.h + my).min(h);
+    Region {
+        x: x0,
+        y: y0,
+        w: x1.saturating_sub(x0),
+        h: y1.saturating_sub(y0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two "words" of dense blobs on one row, a rectangle outline and a far blob on another:
+    /// the words merge into one line, the outline is not text.
+    #[test]
+    fn blobs_merge_into_lines_and_outlines_are_dropped() {
+        let mut img = RgbImage::from_pixel(200, 100, image::Rgb([240, 240, 240]));
+        let ink = image::Rgb([20, 20, 20]);
+        let mut blob = |x0: u32, y0: u32| {
+            for y in y0..y0 + 10 {
+                for x in x0..x0 + 6 {
+                    if (x + y) % 3 != 0 {
+                        img.put_pixel(x, y, ink);
+                    }
+                }
+            }
+        };
+        for x in [10, 18, 26, 40, 48] {
+            blob(x, 10);
+        }
+        blob(150, 10);
+        // an outline 120 x 20
+        let mut img2 = img.clone();
+        for x in 10..130 {
+            img2.put_pixel(x, 60, ink);
+            img2.put_pixel(x, 80, ink);
+        }
+        for y in 60..=80 {
+            img2.put_pixel(10, y, ink);
+            img2.put_pixel(129, y, ink);
+        }
+        let lines = LineFinder::default().find(&img2);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].x <= 10 && lines[0].x + lines[0].w >= 53,
+            "{lines:?}"
+        );
+        assert!(lines[1].x >= 149, "{lines:?}");
+        assert!(lines.iter().all(|l| l.y < 30));
+    }
+
+    #[test]
+    fn tiny_and_flat_images_have_no_lines() {
+        assert!(LineFinder::default()
+            .find(&RgbImage::from_pixel(1, 1, image::Rgb([0, 0, 0])))
+            .is_empty());
+        assert!(LineFinder::default()
+            .find(&RgbImage::from_pixel(50, 40, image::Rgb([9, 9, 9])))
+            .is_empty());
+    }
+}
