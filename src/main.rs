@@ -50,6 +50,9 @@ enum Cmd {
     Ask(vlm_cmd::AskArgs),
     /// Describe a screenshot (window title, controls, their text); streams like `ask`.
     Screen(vlm_cmd::ScreenArgs),
+    /// Read the text of screenshots: every line found, read by the default model's text
+    /// reader (no language model), with its box.
+    Read(vlm_cmd::ReadArgs),
     /// Measure the quality bars on the held-out split (easy-VQA, screenshot titles and
     /// buttons, scene colours and counts) with the default model or `--model DIR`.
     Eval(eval_cmd::EvalArgs),
@@ -420,6 +423,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Caption(a) => vlm_cmd::cmd_caption(a),
         Cmd::Ask(a) => vlm_cmd::cmd_ask(a),
         Cmd::Screen(a) => vlm_cmd::cmd_screen(a),
+        Cmd::Read(a) => vlm_cmd::cmd_read(a),
         Cmd::Bench(bench::BenchCmd::Lm(a)) => {
             let model = match &a.model {
                 Some(p) => p.clone(),

@@ -1,6 +1,7 @@
 //! The default models, wherever the binary or the program using the library runs.
 //!
-//! * `afm-tiny` (vision encoder, adapter and LoRA adapter of its language model, 37 MB): its files are embedded in the library with
+//! * `afm-tiny` (vision encoder, adapter, LoRA adapter of its language model and text-line
+//!   reader, 38 MB): its files are embedded in the library with
 //!   `include_bytes!`, so `cargo install`, a copied binary and the examples caption without the
 //!   source tree. On first use they are written once to the data directory
 //!   ([`data_dir`]`/afm-tiny-<sha256 prefix>/`) because the loaders read directories; a new
@@ -43,6 +44,14 @@ const AFM_TINY_FILES: &[(&str, &[u8])] = &[
     (
         "vision/model.safetensors",
         include_bytes!("../assets/afm-tiny/vision/model.safetensors"),
+    ),
+    (
+        "reader/config.json",
+        include_bytes!("../assets/afm-tiny/reader/config.json"),
+    ),
+    (
+        "reader/model.safetensors",
+        include_bytes!("../assets/afm-tiny/reader/model.safetensors"),
     ),
     ("README.md", include_bytes!("../assets/afm-tiny/README.md")),
 ];

@@ -691,3 +691,103 @@ pub(crate) fn cmd_screen(a: ScreenArgs) -> Result<()> {
     };
     answer(&a.common, &a.image, None, output)
 }
+
+#[derive(Args)]
+pub struct ReadArgs {
+    /// Images (screenshots) whose text to read.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// An afm-tiny export with a `reader/`, or a `reader/` directory itself (default: the
+    /// embedded afm-tiny's reader).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// One JSON object per image: `{"file", "lines": [{"text", "x", "y", "w", "h", "boxed"}]}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One line read by `afm read`.
+#[derive(Serialize)]
+struct ReadLineJson<'a> {
+    text: &'a str,
+    x: u32,
+    y: u32,
+    w: u32,
+    h: u32,
+    /// In a snug box of its own ground (a button-like control).
+    boxed: bool,
+}
+
+/// `afm read`: the text-line finder and reader alone, no language model: every line of text
+/// in each image, top to bottom, with its box.
+pub fn cmd_read(a: ReadArgs) -> Result<()> {
+    let dir = match &a.model {
+        Some(d) => d.clone(),
+        None => afm::models::afm_tiny_dir()?,
+    };
+    // a reader directory holds model.safetensors; an afm-tiny export holds it in reader/
+    let rdir = if dir.join("model.safetensors").is_file() {
+        dir.clone()
+    } else {
+        dir.join("reader")
+    };
+    if !rdir.join("config.json").is_file() {
+        bail!(
+            "--model {}: no text reader there (expected reader/config.json and reader/model.safetensors, as `afm train reader` writes)",
+            dir.display()
+        );
+    }
+    let sr = afm::fusion::vlm::ScreenReader {
+        reader: afm::vision::reader::TextReader::from_dir(&rdir)
+            .with_context(|| format!("loading the text reader from {}", rdir.display()))?,
+        finder: afm::vision::text_lines::LineFinder::default(),
+    };
+    let mut out = std::io::stdout().lock();
+    for path in &a.images {
+        let img = load_image(path, &ImageLimits::default())?;
+        let t0 = Instant::now();
+        let lines = sr
+            .read_lines(&img)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if a.json {
+            let l: Vec<ReadLineJson> = lines
+                .iter()
+                .map(|l| ReadLineJson {
+                    text: &l.text,
+                    x: l.region.x,
+                    y: l.region.y,
+                    w: l.region.w,
+                    h: l.region.h,
+                    boxed: l.boxed,
+                })
+                .collect();
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"file": path.display().to_string(), "lines": l})
+            )?;
+        } else {
+            writeln!(out, "{}:", path.display())?;
+            for l in &lines {
+                let r = l.region;
+                writeln!(
+                    out,
+                    "  {:>4},{:<4} {:>4}x{:<3} {}{}",
+                    r.x,
+                    r.y,
+                    r.w,
+                    r.h,
+                    if l.boxed { "[box] " } else { "" },
+                    l.text
+                )?;
+            }
+        }
+        eprintln!(
+            "{}: {} lines read in {:.2} s",
+            path.display(),
+            lines.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

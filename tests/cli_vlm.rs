@@ -819,3 +819,64 @@ fn ask_with_a_schema_prints_json_that_keeps_it() {
     assert_clean_failure(&out, &["max_tokens"]);
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// An export with a text reader (`reader/`, here the committed trained reader) reads the
+/// image's lines into the prompt: the same caption request on a screenshot gets a longer
+/// prompt than without it; `afm read` prints the lines with the reader alone (real weights:
+/// the screenshot's button and field text are read exactly).
+#[test]
+fn a_reader_in_the_export_puts_the_image_text_in_the_prompt() {
+    let Some((export, gguf)) = afm_tiny_export("reader") else {
+        return;
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let screen = root.join("assets/images/screen.png");
+    let prompt_tokens = |export: &Path| {
+        let out = run_tiny(export, &gguf, "caption", &["--json", s(&screen)]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0]["prompt_tokens"].as_u64().unwrap()
+    };
+    let without = prompt_tokens(&export);
+    let src = root.join("assets/stages/reader-2026-12-04/reader");
+    std::fs::create_dir_all(export.join("reader")).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), export.join("reader").join(f)).unwrap();
+    }
+    let with = prompt_tokens(&export);
+    assert!(with > without + 20, "prompt tokens {without} -> {with}");
+    let out = afm()
+        .args(["read", "--json", "--model"])
+        .arg(&export)
+        .arg(&screen)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lines: Vec<&str> = v["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    for want in ["Set Up", "Norway", "Emma Evans", "275 MB"] {
+        assert!(lines.contains(&want), "{want:?} not in {lines:?}");
+    }
+    let boxed: Vec<&Value> = v["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["boxed"] == true)
+        .collect();
+    assert_eq!(boxed.len(), 1, "{boxed:?}");
+    assert_eq!(boxed[0]["text"], "Set Up");
+    // a directory without a reader is one line naming what is missing
+    let out = afm()
+        .args(["read", "--model"])
+        .arg(root.join("assets/stages/afm-tiny-v12-2026-12-04"))
+        .arg(&screen)
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, &["no text reader there"]);
+    std::fs::remove_dir_all(&export).ok();
+}

@@ -289,7 +289,16 @@ impl Vlm<DeviceModel> {
         }
         verify_lm(lm, &cfg.lm)?;
         let ck = Checkpoint::load(lm)?;
-        Self::afm_tiny(cfg, encoder, adapter, ck.model, ck.tokenizer)
+        let mut vlm = Self::afm_tiny(cfg, encoder, adapter, ck.model, ck.tokenizer)?;
+        // an export with a text reader (`reader/`) reads every image's text into the prompt
+        let rdir = dir.join("reader");
+        if rdir.join("config.json").exists() {
+            vlm.set_reader(Some(crate::vlm::ScreenReader {
+                reader: afm_vision::reader::TextReader::from_dir(&rdir)?,
+                finder: afm_vision::text_lines::LineFinder::default(),
+            }));
+        }
+        Ok(vlm)
     }
 }
 
@@ -344,7 +353,7 @@ impl<M: LanguageModel> Vlm<M> {
             tokenizer.add_eos_id(eot);
         }
         let processor = cfg.processor()?;
-        Vlm::new(VlmParts {
+        let vlm = Vlm::new(VlmParts {
             model_type: MODEL_TYPE.into(),
             lm,
             encoder,
@@ -356,6 +365,7 @@ impl<M: LanguageModel> Vlm<M> {
             image_token_id: cfg.image_placeholder_id,
             caption_prompt: cfg.caption_prompt.clone(),
             screen_prompt: cfg.caption_prompt,
-        })
+        })?;
+        Ok(vlm)
     }
 }

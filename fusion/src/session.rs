@@ -95,6 +95,7 @@ impl<M: LanguageModel> Vlm<M> {
                                     embeds: Tensor::zeros((0, 1), DType::F32, &Device::Cpu)?,
                                     encode_secs: 0.0,
                                     from_cache: false,
+                                    text: None,
                                 })));
                             }
                         }

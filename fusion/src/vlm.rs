@@ -55,6 +55,63 @@ pub struct EncodedImage {
     /// Time the encoder and adapter took (0 when served from the cache).
     pub encode_secs: f64,
     pub from_cache: bool,
+    /// The image's text, found and read by the pipeline's text reader (top to bottom), when
+    /// it has one ([`Vlm::set_reader`]); the prompt carries it after the image.
+    pub text: Option<Vec<ReadLine>>,
+}
+
+/// One line of text read in an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadLine {
+    pub text: String,
+    /// Where it is (the finder's tight box), px.
+    pub region: afm_vision::reader::Region,
+    /// It sits in a snug box of its own ground (a button-like control).
+    pub boxed: bool,
+}
+
+/// A text reader and the line finder it reads from ([`Vlm::set_reader`]).
+pub struct ScreenReader {
+    pub reader: afm_vision::reader::TextReader,
+    pub finder: afm_vision::text_lines::LineFinder,
+}
+
+impl ScreenReader {
+    /// Every line of text found in `img`, read, top to bottom (empty reads dropped).
+    pub fn read_lines(&self, img: &RgbImage) -> Result<Vec<ReadLine>> {
+        let found = self.finder.find(img);
+        let boxes: Vec<_> = found
+            .iter()
+            .map(|r| afm_vision::text_lines::reading_box(*r, img.width(), img.height()))
+            .collect();
+        let read = self.reader.read(img, &boxes)?;
+        Ok(found
+            .into_iter()
+            .zip(read)
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(region, text)| ReadLine {
+                boxed: afm_vision::text_lines::snug_box(img, region),
+                text,
+                region,
+            })
+            .collect())
+    }
+}
+
+/// The prompt text that follows an image whose lines were read: `Text in the image:` then
+/// each line quoted, those in a snug box marked `button`, separated by `; `.
+pub fn text_block(lines: &[ReadLine]) -> String {
+    let items: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            if l.boxed {
+                format!("button \"{}\"", l.text)
+            } else {
+                format!("\"{}\"", l.text)
+            }
+        })
+        .collect();
+    format!("Text in the image: {}.\n", items.join("; "))
 }
 
 /// A piece of a chat message.
@@ -172,6 +229,7 @@ pub struct Vlm<M: LanguageModel> {
     caption_prompt: String,
     screen_prompt: String,
     images: ImageCache<EncodedImage>,
+    reader: Option<ScreenReader>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FusionError + '_ {
@@ -421,7 +479,19 @@ impl<M: LanguageModel> Vlm<M> {
             caption_prompt: p.caption_prompt,
             screen_prompt: p.screen_prompt,
             images: ImageCache::default(),
+            reader: None,
         })
+    }
+
+    /// Reads the text of every image encoded from now on and puts it in the prompt after
+    /// the image ([`text_block`]); `None` stops. Clears the image cache.
+    pub fn set_reader(&mut self, reader: Option<ScreenReader>) {
+        self.reader = reader;
+        self.images.clear();
+    }
+
+    pub fn reader(&self) -> Option<&ScreenReader> {
+        self.reader.as_ref()
     }
 
     /// `"idefics3"`, `"afm-tiny"`, ...
@@ -507,17 +577,23 @@ impl<M: LanguageModel> Vlm<M> {
                 embeds: e.embeds.clone(),
                 encode_secs: 0.0,
                 from_cache: true,
+                text: e.text.clone(),
             }));
         }
         let t0 = Instant::now();
         let plan = self.plan(img.width(), img.height(), max_image_tokens)?;
         let pixels = self.processor.pixel_values(img, &plan)?;
         let embeds = self.embed_pixels(&pixels)?.to_dtype(DType::F32)?;
+        let text = match &self.reader {
+            Some(r) => Some(r.read_lines(img)?),
+            None => None,
+        };
         let enc = Arc::new(EncodedImage {
             plan,
             embeds,
             encode_secs: t0.elapsed().as_secs_f64(),
             from_cache: false,
+            text,
         });
         self.images.insert(key, enc.clone());
         Ok(enc)
@@ -558,6 +634,9 @@ impl<M: LanguageModel> Vlm<M> {
                                 Part::Image(e) => {
                                     content.push_str(&self.processor.prompt_expansion(&e.plan));
                                     content.push('\n');
+                                    if let Some(lines) = e.text.as_ref().filter(|l| !l.is_empty()) {
+                                        content.push_str(&text_block(lines));
+                                    }
                                 }
                             }
                         }

@@ -1,7 +1,8 @@
 //! The line finder on held-out screens: how many titles, buttons and strings have a found
 //! line matched to them, and (with a reader export) how many are read exactly end to end.
-//! Usage: find_lines SCREENS [READER_DIR] [DUMP.png]
-use afm_train::reader_train::{match_found, read_found_held_out, screen_strings};
+//! Usage: find_lines SCREENS [READER_DIR|-] [DUMP.png] [train|held_out]
+//! (develop the finder on the training split; the held-out figure is the probe)
+use afm_train::reader_train::{match_found, read_found, screen_strings};
 use afm_train::{generate, Split, SynthKind, Truth};
 use afm_vision::reader::TextReader;
 use afm_vision::text_lines::LineFinder;
@@ -11,9 +12,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let n: u64 = args.get(1).map_or(Ok(60), |s| s.parse())?;
     let finder = LineFinder::default();
+    let split = match args.get(4).map(String::as_str) {
+        Some("train") => Split::Train,
+        _ => Split::HeldOut,
+    };
     let (mut tb, mut tb_found, mut all, mut all_found, mut lines) = (0, 0, 0, 0, 0);
     for i in 0..n {
-        let s = generate(SynthKind::Screen, Split::HeldOut, i);
+        let s = generate(SynthKind::Screen, split, i);
         let Truth::Screen(t) = &s.truth else { continue };
         let found = finder.find(&s.image);
         lines += found.len();
@@ -45,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for r in found.iter().filter(|r| r.y > 80 && r.y < 160) {
                 println!("  found {r:?}");
             }
-            if let Some(p) = args.get(3) {
+            if let Some(p) = args.get(3).filter(|p| !p.is_empty()) {
                 let mut img = s.image.clone();
                 for r in &found {
                     for x in r.x..r.x + r.w {
@@ -57,12 +62,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    println!("{n} {} screens:", split.name());
     println!(
-        "{n} held-out screens: {lines} lines found; titles and buttons with a found line {tb_found}/{tb}, all strings {all_found}/{all}"
+        "   {lines} lines found; titles and buttons with a found line {tb_found}/{tb}, all strings {all_found}/{all}"
     );
     if let Some(dir) = args.get(2).filter(|d| !d.is_empty() && *d != "-") {
         let reader = TextReader::from_dir(Path::new(dir))?;
-        let f = read_found_held_out(&reader, n as usize)?;
+        let f = read_found(&reader, split, n as usize)?;
         println!(
             "end to end: titles {}/{}, buttons {}/{} read exactly ({:.1}%; unseen words {}/{}), strings {}/{}, character error rate {:.2}%",
             f.titles_exact, f.titles, f.buttons_exact, f.buttons, 100.0 * f.titles_buttons_exact(),

@@ -118,6 +118,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 /// A stage-2 run's settings (`adapter.json` keeps them; a resumed run must match).
@@ -210,6 +211,30 @@ pub struct AdapterTrainConfig {
     /// `None`: the language model stays as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraTrain>,
+    /// A text reader (`afm train reader`'s `reader/`): every image's text is found and read
+    /// and put in the prompt after the image, exactly as the pipeline does at inference when
+    /// the export holds a reader ([`afm_fusion::vlm::text_block`]). `None`: no text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_text: Option<PathBuf>,
+}
+
+/// The text readers of runs, loaded once per directory.
+fn screen_reader(dir: &Path) -> Result<Arc<afm_fusion::vlm::ScreenReader>> {
+    static READERS: OnceLock<Mutex<HashMap<PathBuf, Arc<afm_fusion::vlm::ScreenReader>>>> =
+        OnceLock::new();
+    let mut m = READERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = m.get(dir) {
+        return Ok(r.clone());
+    }
+    let r = Arc::new(afm_fusion::vlm::ScreenReader {
+        reader: afm_vision::reader::TextReader::from_dir(dir)?,
+        finder: afm_vision::text_lines::LineFinder::default(),
+    });
+    m.insert(dir.to_path_buf(), r.clone());
+    Ok(r)
 }
 
 /// LoRA settings of a stage-2 run (`lora` in its JSON).
@@ -374,6 +399,7 @@ impl AdapterTrainConfig {
             lm_loss: true,
             tiling: None,
             lora: None,
+            read_text: None,
         }
     }
 
@@ -410,6 +436,7 @@ impl AdapterTrainConfig {
             lm_loss: true,
             tiling: None,
             lora: None,
+            read_text: None,
         }
     }
 
@@ -964,9 +991,23 @@ pub fn batch(
             with_caption,
             if train { cfg.qa_per_sequence } else { 1 },
         )?;
+        // the image's text, as the pipeline puts it before the first question
+        let first = match &cfg.read_text {
+            Some(dir) => {
+                let lines = screen_reader(dir)?.read_lines(&s.image)?;
+                let block = if lines.is_empty() {
+                    String::new()
+                } else {
+                    afm_fusion::vlm::text_block(&lines)
+                };
+                format!("{block}{}", turns[0].0)
+            }
+            None => turns[0].0.clone(),
+        };
         let qa: Vec<(&str, &str)> = turns
             .iter()
-            .map(|(q, a, _)| (q.as_str(), a.as_str()))
+            .enumerate()
+            .map(|(i, (q, a, _))| (if i == 0 { first.as_str() } else { q.as_str() }, a.as_str()))
             .collect();
         let seq = |n: usize| {
             if cfg.isolate_turns {

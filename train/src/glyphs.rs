@@ -30,7 +30,7 @@ pub const DEFAULT_PX: (f32, f32) = (18.0, 48.0);
 const PUNCT: &[u8] = b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
 
 /// One random "word": 1-8 characters, mostly letters.
-fn random_word(rng: &mut ChaCha8Rng) -> String {
+pub(crate) fn random_word(rng: &mut ChaCha8Rng) -> String {
     let n = rng.random_range(1..=8);
     (0..n)
         .map(|_| {

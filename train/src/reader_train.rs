@@ -222,25 +222,6 @@ fn labels_of(text: &str) -> Vec<u32> {
     text.chars().map(class_of).collect()
 }
 
-fn random_word(rng: &mut ChaCha8Rng) -> String {
-    const PUNCT: &[u8] = b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
-    let n = rng.random_range(1..=8);
-    (0..n)
-        .map(|_| {
-            let r: f32 = rng.random();
-            if r < 0.45 {
-                rng.random_range(b'a'..=b'z') as char
-            } else if r < 0.75 {
-                rng.random_range(b'A'..=b'Z') as char
-            } else if r < 0.88 {
-                rng.random_range(b'0'..=b'9') as char
-            } else {
-                PUNCT[rng.random_range(0..PUNCT.len())] as char
-            }
-        })
-        .collect()
-}
-
 /// One line drawn alone (see the module docs).
 fn synth_line(cfg: &ReaderTrainConfig, rng: &mut ChaCha8Rng) -> Option<Line> {
     let lum = |c: [u8; 3]| (299 * c[0] as i32 + 587 * c[1] as i32 + 114 * c[2] as i32) / 1000;
@@ -260,7 +241,7 @@ fn synth_line(cfg: &ReaderTrainConfig, rng: &mut ChaCha8Rng) -> Option<Line> {
             if rng.random_bool(0.5) {
                 words[rng.random_range(0..words.len())].to_string()
             } else {
-                random_word(rng)
+                crate::glyphs::random_word(rng)
             }
         })
         .collect::<Vec<_>>()
@@ -462,6 +443,41 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// Counts one string's read into `f` (titles and buttons also into their slices and
+/// examples) and its edit distance into `errs` / `chars`.
+fn tally(
+    f: &mut ReadFigures,
+    role: &str,
+    want: &str,
+    got: String,
+    errs: &mut usize,
+    chars: &mut usize,
+) {
+    let exact = got == want;
+    f.strings += 1;
+    f.strings_exact += usize::from(exact);
+    *errs += edit_distance(want, &got);
+    *chars += want.chars().count();
+    match role {
+        "title" => {
+            f.titles += 1;
+            f.titles_exact += usize::from(exact);
+        }
+        "button" => {
+            f.buttons += 1;
+            f.buttons_exact += usize::from(exact);
+        }
+        _ => return,
+    }
+    if vocab::has_held_out_word(want) {
+        f.unseen += 1;
+        f.unseen_exact += usize::from(exact);
+    }
+    if f.examples.len() < 6 && (!exact || f.examples.len() < 2) {
+        f.examples.push((want.to_string(), got));
+    }
+}
+
 /// Reads every string of held-out screens `0..n` at its own box ([`eval_box`]).
 pub fn read_held_out(reader: &TextReader, n: usize) -> Result<ReadFigures> {
     let mut f = ReadFigures {
@@ -479,33 +495,7 @@ pub fn read_held_out(reader: &TextReader, n: usize) -> Result<ReadFigures> {
         let regions: Vec<Region> = items.iter().map(|(_, it)| eval_box(&s.image, it)).collect();
         let read = reader.read(&s.image, &regions)?;
         for ((role, it), got) in items.iter().zip(read) {
-            let exact = got == it.text;
-            f.strings += 1;
-            f.strings_exact += usize::from(exact);
-            errs += edit_distance(&it.text, &got);
-            chars += it.text.chars().count();
-            let tb = match *role {
-                "title" => {
-                    f.titles += 1;
-                    f.titles_exact += usize::from(exact);
-                    true
-                }
-                "button" => {
-                    f.buttons += 1;
-                    f.buttons_exact += usize::from(exact);
-                    true
-                }
-                _ => false,
-            };
-            if tb {
-                if vocab::has_held_out_word(&it.text) {
-                    f.unseen += 1;
-                    f.unseen_exact += usize::from(exact);
-                }
-                if f.examples.len() < 6 && (!exact || f.examples.len() < 2) {
-                    f.examples.push((it.text.clone(), got));
-                }
-            }
+            tally(&mut f, role, &it.text, got, &mut errs, &mut chars);
         }
     }
     f.cer = errs as f64 / chars.max(1) as f64;
@@ -550,6 +540,12 @@ pub fn found_box(img: &RgbImage, r: Region) -> Region {
 /// counts as read wrong, all its characters as errors). `strings` counts every string;
 /// `examples` holds titles and buttons.
 pub fn read_found_held_out(reader: &TextReader, n: usize) -> Result<ReadFigures> {
+    read_found(reader, Split::HeldOut, n)
+}
+
+/// [`read_found_held_out`] on screens `0..n` of either split (the training split is where the
+/// finder is developed).
+pub fn read_found(reader: &TextReader, split: Split, n: usize) -> Result<ReadFigures> {
     let finder = LineFinder::default();
     let mut f = ReadFigures {
         screens: n,
@@ -558,7 +554,7 @@ pub fn read_found_held_out(reader: &TextReader, n: usize) -> Result<ReadFigures>
     let (mut errs, mut chars) = (0usize, 0usize);
     let samples: Vec<_> = (0..n as u64)
         .into_par_iter()
-        .map(|i| generate(SynthKind::Screen, Split::HeldOut, i))
+        .map(|i| generate(SynthKind::Screen, split, i))
         .collect();
     for s in &samples {
         let Truth::Screen(t) = &s.truth else { continue };
@@ -569,33 +565,7 @@ pub fn read_found_held_out(reader: &TextReader, n: usize) -> Result<ReadFigures>
             let got = match_found(&it.rect, &found)
                 .map(|k| read[k].clone())
                 .unwrap_or_default();
-            let exact = got == it.text;
-            f.strings += 1;
-            f.strings_exact += usize::from(exact);
-            errs += edit_distance(&it.text, &got);
-            chars += it.text.chars().count();
-            let tb = match role {
-                "title" => {
-                    f.titles += 1;
-                    f.titles_exact += usize::from(exact);
-                    true
-                }
-                "button" => {
-                    f.buttons += 1;
-                    f.buttons_exact += usize::from(exact);
-                    true
-                }
-                _ => false,
-            };
-            if tb {
-                if vocab::has_held_out_word(&it.text) {
-                    f.unseen += 1;
-                    f.unseen_exact += usize::from(exact);
-                }
-                if f.examples.len() < 6 && (!exact || f.examples.len() < 2) {
-                    f.examples.push((it.text.clone(), got));
-                }
-            }
+            tally(&mut f, role, &it.text, got, &mut errs, &mut chars);
         }
     }
     f.cer = errs as f64 / chars.max(1) as f64;

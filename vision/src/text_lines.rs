@@ -66,7 +66,8 @@ impl Boxy {
 }
 
 impl LineFinder {
-    /// Boxes of the lines of text in `img`, top to bottom then left to right; each box is
+    /// Boxes of the lines of text in `img` in reading order (rows top to bottom, each left to
+    /// right); each box is
     /// the union of its glyphs' edge pixels (tight; the reader adds its own margin).
     pub fn find(&self, img: &RgbImage) -> Vec<Region> {
         let (w, h) = img.dimensions();
@@ -197,7 +198,7 @@ impl LineFinder {
                 None => lines.push(c),
             }
         }
-        let mut out: Vec<Region> = lines
+        let out: Vec<Region> = lines
             .into_iter()
             .filter(|l| l.h() >= self.min_height && l.h() <= self.max_height && 2 * l.w() > l.h())
             .map(|l| Region {
@@ -207,9 +208,31 @@ impl LineFinder {
                 h: l.h(),
             })
             .collect();
-        out.sort_by_key(|r| (r.y + r.h / 2, r.x));
-        out
+        reading_order(out)
     }
+}
+
+/// Lines in reading order: rows top to bottom (a line whose middle lies within the current
+/// row's extent joins it), each row left to right.
+fn reading_order(mut lines: Vec<Region>) -> Vec<Region> {
+    lines.sort_by_key(|r| (r.y + r.h / 2, r.x));
+    let mut rows: Vec<(u32, u32, Vec<Region>)> = vec![];
+    for r in lines {
+        let mid = r.y + r.h / 2;
+        match rows.last_mut() {
+            Some((y0, y1, row)) if mid >= *y0 && mid <= *y1 => {
+                *y1 = (*y1).max(r.y + r.h);
+                row.push(r);
+            }
+            _ => rows.push((r.y, r.y + r.h, vec![r])),
+        }
+    }
+    rows.into_iter()
+        .flat_map(|(_, _, mut row)| {
+            row.sort_by_key(|r| r.x);
+            row
+        })
+        .collect()
 }
 
 /// A region grown by `mx` px left and right and `my` px above and below, clipped to a
@@ -225,6 +248,67 @@ pub fn grow(r: Region, mx: u32, my: u32, w: u32, h: u32) -> Region {
         w: x1.saturating_sub(x0),
         h: y1.saturating_sub(y0),
     }
+}
+
+/// The box the reader reads for a found line (a tight ink box): a third of its height more
+/// left and right, a fifth above and below.
+pub fn reading_box(r: Region, w: u32, h: u32) -> Region {
+    grow(r, r.h.div_ceil(3), r.h.div_ceil(5), w, h)
+}
+
+fn lum_at(img: &RgbImage, x: u32, y: u32) -> [f32; 3] {
+    let p = img.get_pixel(x, y).0;
+    [p[0] as f32, p[1] as f32, p[2] as f32]
+}
+
+fn dist(a: [f32; 3], b: [f32; 3]) -> f32 {
+    (0..3).map(|i| (a[i] - b[i]).abs()).fold(0.0, f32::max)
+}
+
+/// Whether a found line sits in a snug box of its own ground, as a button's label does:
+/// going out from the line's margin left, right, up and down along its middle, the ground
+/// (the colour just outside the margin) ends within 2.5 line heights sideways and 1.2 above
+/// and below, about as far on each side (the label is centred), and where it ends the colour
+/// is about the same on all four sides (the box's edge or what is around it). A field's text
+/// is left-aligned in a wide box, a menu's word has other words beside it, so neither is.
+pub fn snug_box(img: &RgbImage, r: Region) -> bool {
+    let (w, h) = img.dimensions();
+    let lh = r.h.max(1) as i64;
+    let m = (lh / 4).max(2);
+    let (cx, cy) = ((r.x + r.w / 2) as i64, (r.y + r.h / 2) as i64);
+    let (x0, x1) = (r.x as i64 - m, (r.x + r.w) as i64 - 1 + m);
+    let (y0, y1) = (r.y as i64 - m, (r.y + r.h) as i64 - 1 + m);
+    if x0 < 0 || y0 < 0 || x1 >= w as i64 || y1 >= h as i64 {
+        return false;
+    }
+    let ground = lum_at(img, x0 as u32, cy as u32);
+    // steps from (x, y) along (dx, dy) until the colour leaves the ground: (steps, colour)
+    let walk = |x: i64, y: i64, dx: i64, dy: i64, limit: i64| -> Option<(i64, [f32; 3])> {
+        for k in 0..=limit {
+            let (px, py) = (x + dx * k, y + dy * k);
+            if px < 0 || py < 0 || px >= w as i64 || py >= h as i64 {
+                return None;
+            }
+            let c = lum_at(img, px as u32, py as u32);
+            if dist(c, ground) > 24.0 {
+                return Some((k, c));
+            }
+        }
+        None
+    };
+    let side = 5 * lh / 2;
+    let up = 6 * lh / 5;
+    let (Some(l), Some(rt), Some(u), Some(d)) = (
+        walk(x0, cy, -1, 0, side),
+        walk(x1, cy, 1, 0, side),
+        walk(cx, y0, 0, -1, up),
+        walk(cx, y1, 0, 1, up),
+    ) else {
+        return false;
+    };
+    let centred = (l.0 - rt.0).abs() <= lh / 2 + 3 && (u.0 - d.0).abs() <= lh / 3 + 2;
+    let same_edge = [rt.1, u.1, d.1].iter().all(|c| dist(*c, l.1) <= 40.0);
+    centred && same_edge
 }
 
 #[cfg(test)]
@@ -268,6 +352,52 @@ mod tests {
         );
         assert!(lines[1].x >= 149, "{lines:?}");
         assert!(lines.iter().all(|l| l.y < 30));
+    }
+
+    /// A label centred in a filled box is boxed; the same label on open ground, or at the
+    /// left of a wide box, is not.
+    #[test]
+    fn snug_boxes_are_told_from_fields_and_open_text() {
+        let ground = image::Rgb([40, 40, 50]);
+        let fill = image::Rgb([120, 90, 210]);
+        let mut img = RgbImage::from_pixel(300, 120, ground);
+        // a button 60 x 24 at (20, 20), label 30 x 10 centred in it
+        for y in 20..44 {
+            for x in 20..80 {
+                img.put_pixel(x, y, fill);
+            }
+        }
+        // a field 200 x 24 at (20, 70), label 30 x 10 at its left
+        for y in 70..94 {
+            for x in 20..220 {
+                img.put_pixel(x, y, fill);
+            }
+        }
+        let label = Region {
+            x: 35,
+            y: 27,
+            w: 30,
+            h: 10,
+        };
+        assert!(snug_box(&img, label));
+        assert!(!snug_box(
+            &img,
+            Region {
+                x: 28,
+                y: 77,
+                w: 30,
+                h: 10
+            }
+        ));
+        assert!(!snug_box(
+            &img,
+            Region {
+                x: 240,
+                y: 27,
+                w: 30,
+                h: 10
+            }
+        ));
     }
 
     #[test]
