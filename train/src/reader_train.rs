@@ -478,8 +478,11 @@ fn tally(
     }
 }
 
-/// Reads every string of held-out screens `0..n` at its own box ([`eval_box`]).
-pub fn read_held_out(reader: &TextReader, n: usize) -> Result<ReadFigures> {
+/// Screens `0..n` of `split`, each string scored by what `read_one` gives for it (one read
+/// per string of [`screen_strings`], in its order).
+type ReadOne<'a> = dyn Fn(&RgbImage, &[(&'static str, &TextItem)]) -> Result<Vec<String>> + 'a;
+
+fn score_screens(split: Split, n: usize, read_one: &ReadOne) -> Result<ReadFigures> {
     let mut f = ReadFigures {
         screens: n,
         ..Default::default()
@@ -487,19 +490,26 @@ pub fn read_held_out(reader: &TextReader, n: usize) -> Result<ReadFigures> {
     let (mut errs, mut chars) = (0usize, 0usize);
     let samples: Vec<_> = (0..n as u64)
         .into_par_iter()
-        .map(|i| generate(SynthKind::Screen, Split::HeldOut, i))
+        .map(|i| generate(SynthKind::Screen, split, i))
         .collect();
     for s in &samples {
         let Truth::Screen(t) = &s.truth else { continue };
         let items = screen_strings(t);
-        let regions: Vec<Region> = items.iter().map(|(_, it)| eval_box(&s.image, it)).collect();
-        let read = reader.read(&s.image, &regions)?;
+        let read = read_one(&s.image, &items)?;
         for ((role, it), got) in items.iter().zip(read) {
             tally(&mut f, role, &it.text, got, &mut errs, &mut chars);
         }
     }
     f.cer = errs as f64 / chars.max(1) as f64;
     Ok(f)
+}
+
+/// Reads every string of held-out screens `0..n` at its own box ([`eval_box`]).
+pub fn read_held_out(reader: &TextReader, n: usize) -> Result<ReadFigures> {
+    score_screens(Split::HeldOut, n, &|img, items| {
+        let regions: Vec<Region> = items.iter().map(|(_, it)| eval_box(img, it)).collect();
+        Ok(reader.read(img, &regions)?)
+    })
 }
 
 /// The found line that stands for a string: the one whose box overlaps the string's own box
@@ -526,13 +536,7 @@ pub fn match_found(item: &crate::Rect, found: &[Region]) -> Option<usize> {
 /// The margin the reader's input gets around a found line (tight ink box): a third of its
 /// height left and right, a fifth above and below.
 pub fn found_box(img: &RgbImage, r: Region) -> Region {
-    afm_vision::text_lines::grow(
-        r,
-        r.h.div_ceil(3),
-        r.h.div_ceil(5),
-        img.width(),
-        img.height(),
-    )
+    afm_vision::text_lines::reading_box(r, img.width(), img.height())
 }
 
 /// Held-out screens `0..n` read end to end: lines found by [`LineFinder`], each read, and
@@ -547,29 +551,19 @@ pub fn read_found_held_out(reader: &TextReader, n: usize) -> Result<ReadFigures>
 /// finder is developed).
 pub fn read_found(reader: &TextReader, split: Split, n: usize) -> Result<ReadFigures> {
     let finder = LineFinder::default();
-    let mut f = ReadFigures {
-        screens: n,
-        ..Default::default()
-    };
-    let (mut errs, mut chars) = (0usize, 0usize);
-    let samples: Vec<_> = (0..n as u64)
-        .into_par_iter()
-        .map(|i| generate(SynthKind::Screen, split, i))
-        .collect();
-    for s in &samples {
-        let Truth::Screen(t) = &s.truth else { continue };
-        let found = finder.find(&s.image);
-        let boxes: Vec<Region> = found.iter().map(|r| found_box(&s.image, *r)).collect();
-        let read = reader.read(&s.image, &boxes)?;
-        for (role, it) in screen_strings(t) {
-            let got = match_found(&it.rect, &found)
-                .map(|k| read[k].clone())
-                .unwrap_or_default();
-            tally(&mut f, role, &it.text, got, &mut errs, &mut chars);
-        }
-    }
-    f.cer = errs as f64 / chars.max(1) as f64;
-    Ok(f)
+    score_screens(split, n, &|img, items| {
+        let found = finder.find(img);
+        let boxes: Vec<Region> = found.iter().map(|r| found_box(img, *r)).collect();
+        let read = reader.read(img, &boxes)?;
+        Ok(items
+            .iter()
+            .map(|(_, it)| {
+                match_found(&it.rect, &found)
+                    .map(|k| read[k].clone())
+                    .unwrap_or_default()
+            })
+            .collect())
+    })
 }
 
 /// One epoch's report.
