@@ -845,6 +845,39 @@ fn a_reader_in_the_export_puts_the_image_text_in_the_prompt() {
     }
     let with = prompt_tokens(&export);
     assert!(with > without + 20, "prompt tokens {without} -> {with}");
+    // a session (here `ask --schema`) renders the same text after the image
+    let schema = export.join("answer.schema.json");
+    std::fs::write(&schema, r#"{"enum": ["a", "b"]}"#).unwrap();
+    let session_prompt = |export: &Path| {
+        let out = run_tiny(
+            export,
+            &gguf,
+            "ask",
+            &[
+                "--schema",
+                s(&schema),
+                s(&screen),
+                "What does the button say?",
+            ],
+        );
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let n: u64 = err
+            .split("prompt ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no prompt figure in {err}"));
+        n
+    };
+    let with_session = session_prompt(&export);
+    std::fs::rename(export.join("reader"), export.join("reader-off")).unwrap();
+    let without_session = session_prompt(&export);
+    std::fs::rename(export.join("reader-off"), export.join("reader")).unwrap();
+    assert!(
+        with_session > without_session + 20,
+        "session prompt tokens {without_session} -> {with_session}"
+    );
     let out = afm()
         .args(["read", "--json", "--model"])
         .arg(&export)

@@ -2,7 +2,9 @@
 //! [`afm_lm::Session`] runs it with images as prompt attachments.
 //!
 //! Rendering needs only each image's plan (its size and the processor's budget): the
-//! prompt's image tokens are known before anything is encoded. An image is encoded (or taken
+//! prompt's image tokens are known before anything is encoded. With a text reader
+//! ([`Vlm::set_reader`]) the prompt also carries each image's text, so rendering encodes the
+//! image (once: the encoding and its text stay in the pipeline's image cache). An image is encoded (or taken
 //! from the pipeline's image cache) only when its positions are not in the session's K/V
 //! cache, so a follow-up question about the same image runs neither the encoder nor the
 //! prefill of the earlier turns.
@@ -90,12 +92,24 @@ impl<M: LanguageModel> Vlm<M> {
                                 let plan =
                                     self.plan(a.width, a.height, a.max_tokens).map_err(lm_err)?;
                                 images.push((a.key.clone(), plan.image_tokens));
+                                // with a text reader the prompt carries the image's text, so
+                                // rendering needs the image itself (encoded once, cached)
+                                let text = match self.reader() {
+                                    Some(_) => {
+                                        let img = attachment_pixels(a)?;
+                                        self.encode_image(&img, a.max_tokens)
+                                            .map_err(lm_err)?
+                                            .text
+                                            .clone()
+                                    }
+                                    None => None,
+                                };
                                 parts.push(Part::Image(Arc::new(EncodedImage {
                                     plan,
                                     embeds: Tensor::zeros((0, 1), DType::F32, &Device::Cpu)?,
                                     encode_secs: 0.0,
                                     from_cache: false,
-                                    text: None,
+                                    text,
                                 })));
                             }
                         }
