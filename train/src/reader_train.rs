@@ -22,7 +22,7 @@ use crate::runloop::{
 use crate::screens::{ScreenTruth, TextItem};
 use crate::{generate, vocab, Split, SynthKind, Truth};
 use afm_vision::reader::{
-    batch_lines, class_of, greedy_decode, line_pixels, ReaderConfig, Region, TextReader, CLASSES,
+    batch_lines, class_of, greedy_decode, line_pixels, ReaderConfig, Region, TextReader,
 };
 use afm_vision::text_lines::LineFinder;
 use afm_vision::weights::VisionWeights;
@@ -668,11 +668,7 @@ pub fn read_lines(reader: &TextReader, lines: &[Line]) -> Result<Vec<String>> {
             let row: Vec<f32> = y.get(i)?.flatten_all()?.to_vec1()?;
             Ok(greedy_decode(&row, steps[i]))
         })
-        .collect::<Result<_>>()
-        .map(|v: Vec<String>| {
-            let _ = CLASSES;
-            v
-        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -524,7 +524,6 @@ impl TextReader {
     pub fn read_pixels(&self, lines: &[(Vec<f32>, usize)]) -> Result<Vec<String>> {
         let height = self.cfg.height;
         let maxw = self.cfg.max_width;
-        let mut out = Vec::with_capacity(lines.len());
         // shortest first so that a batch pads little
         let mut order: Vec<usize> = (0..lines.len()).collect();
         order.sort_by_key(|&i| lines[i].1);
@@ -562,8 +561,7 @@ impl TextReader {
                 join_pieces(&parts, lines[i].1, maxw)
             };
         }
-        out.extend(texts);
-        Ok(out)
+        Ok(texts)
     }
 
     /// Reads each region of `img` (see [`line_pixels`]); a region with nothing to read gives

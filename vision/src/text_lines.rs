@@ -100,32 +100,10 @@ impl LineFinder {
         let max_run = self.max_run as usize;
         let mut clear = vec![false; w * h];
         for y in 0..h {
-            let mut x = 0;
-            while x < w {
-                let x0 = x;
-                while x < w && edge[y * w + x] {
-                    x += 1;
-                }
-                if x - x0 >= max_run {
-                    clear[y * w + x0..y * w + x]
-                        .iter_mut()
-                        .for_each(|c| *c = true);
-                }
-                x += 1;
-            }
+            mark_runs(&edge, &mut clear, y * w, 1, w, max_run);
         }
         for x in 0..w {
-            let mut y = 0;
-            while y < h {
-                let y0 = y;
-                while y < h && edge[y * w + x] {
-                    y += 1;
-                }
-                if y - y0 >= max_run {
-                    (y0..y).for_each(|yy| clear[yy * w + x] = true);
-                }
-                y += 1;
-            }
+            mark_runs(&edge, &mut clear, x, w, h, max_run);
         }
         for (e, c) in edge.iter_mut().zip(&clear) {
             *e &= !c;
@@ -209,6 +187,29 @@ impl LineFinder {
             })
             .collect();
         reading_order(out)
+    }
+}
+
+/// Marks in `clear` every run of `min_run` or more set pixels of `edge` along the line of
+/// `len` pixels starting at `start`, `stride` apart (a row: stride 1; a column: the width).
+fn mark_runs(
+    edge: &[bool],
+    clear: &mut [bool],
+    start: usize,
+    stride: usize,
+    len: usize,
+    min_run: usize,
+) {
+    let mut k = 0;
+    while k < len {
+        let k0 = k;
+        while k < len && edge[start + k * stride] {
+            k += 1;
+        }
+        if k - k0 >= min_run {
+            (k0..k).for_each(|j| clear[start + j * stride] = true);
+        }
+        k += 1;
     }
 }
 
