@@ -216,6 +216,13 @@ pub struct AdapterTrainConfig {
     /// the export holds a reader ([`afm_fusion::vlm::text_block`]). `None`: no text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_text: Option<PathBuf>,
+    /// Run each step's batch as micro-batches of at most this many examples and sum their
+    /// gradients, each weighted by its share of the batch's answer tokens (of its turns with
+    /// `loss_per_turn`) ([`step_grads`]): the same update as the whole batch at once, in the
+    /// memory of a micro-batch. Screens with their read text are long sequences: a batch of 8
+    /// at once outgrew 24 GiB. `None`: the whole batch at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch: Option<usize>,
 }
 
 /// The text readers of runs, loaded once per directory.
@@ -400,6 +407,7 @@ impl AdapterTrainConfig {
             tiling: None,
             lora: None,
             read_text: None,
+            micro_batch: None,
         }
     }
 
@@ -437,6 +445,7 @@ impl AdapterTrainConfig {
             tiling: None,
             lora: None,
             read_text: None,
+            micro_batch: None,
         }
     }
 
@@ -506,6 +515,21 @@ impl AdapterTrainConfig {
             return Err(TrainError::Invalid(
                 "`tiling` and `caption_slots` do not go together (the slot targets are per image, the tokens per view)".into(),
             ));
+        }
+        if let Some(m) = self.micro_batch {
+            if m == 0 {
+                return Err(TrainError::Invalid(
+                    "`micro_batch` must be at least 1".into(),
+                ));
+            }
+            if m < self.batch_size
+                && (self.caption_slots.is_some()
+                    || self.common_token_weight.is_some_and(|w| w > 0.0))
+            {
+                return Err(TrainError::Invalid(
+                    "`micro_batch` splits the batch, but `caption_slots` and `common_token_weight` are losses over the whole batch: unset them or `micro_batch`".into(),
+                ));
+            }
         }
         self.processor()?;
         if let Some(c) = &self.caption_slots {
@@ -944,6 +968,23 @@ pub struct Batch {
     pub categories: Vec<Option<QaCategory>>,
     /// Each image's caption (the caption-slot targets' source).
     pub captions: Vec<String>,
+}
+
+impl Batch {
+    /// Examples `range` of the batch, with their views.
+    pub fn part(&self, range: std::ops::Range<usize>) -> Result<Batch> {
+        let at: usize = self.view_counts[..range.start].iter().sum();
+        let n: usize = self.view_counts[range.clone()].iter().sum();
+        Ok(Batch {
+            pixels: self.pixels.narrow(0, at, n)?,
+            view_counts: self.view_counts[range.clone()].to_vec(),
+            examples: self.examples[range.clone()].to_vec(),
+            questions: self.questions[range.clone()].to_vec(),
+            answers: self.answers[range.clone()].to_vec(),
+            categories: self.categories[range.clone()].to_vec(),
+            captions: self.captions[range].to_vec(),
+        })
+    }
 }
 
 /// The first training example of step `step` (counted from 0 over all epochs):
@@ -1595,9 +1636,19 @@ pub fn run_with(
                 easy,
             )?;
             let data_s = t0.elapsed().as_secs_f64();
-            let loss = step_loss(cfg, &trainable, lm, &fmt, &b, slots.as_ref())?;
+            let (loss, grads) = match cfg.micro_batch.filter(|&m| m < b.examples.len()) {
+                Some(m) => {
+                    let (l, g) = step_grads(cfg, &trainable, lm, &fmt, &b, m)?;
+                    (l, Some(g))
+                }
+                None => (
+                    step_loss(cfg, &trainable, lm, &fmt, &b, slots.as_ref())?,
+                    None,
+                ),
+            };
             Ok(StepLoss {
                 loss,
+                grads,
                 examples: cfg.batch_size,
                 data_s,
             })
@@ -1668,6 +1719,59 @@ pub fn step_loss(
         });
     }
     loss.ok_or_else(|| TrainError::Invalid("the run has no loss (config `lm_loss`)".into()))
+}
+
+/// What [`sequence_loss_weighted`] averages over in `examples`: their answer tokens, or with
+/// `per_turn` their turns (runs of answer tokens).
+pub fn loss_units(examples: &[Example], per_turn: bool) -> usize {
+    examples
+        .iter()
+        .map(|e| {
+            let m = &e.loss[1.min(e.loss.len())..];
+            if per_turn {
+                m.iter()
+                    .enumerate()
+                    .filter(|&(k, &x)| x && (k == 0 || !m[k - 1]))
+                    .count()
+            } else {
+                m.iter().filter(|&&x| x).count()
+            }
+        })
+        .sum()
+}
+
+/// The gradients of one batch's [`step_loss`], run as micro-batches of `micro` examples
+/// (config `micro_batch`): each micro-batch's gradients weighted by its share of the batch's
+/// [`loss_units`], so that their sum is the whole batch's gradient (the loss is a mean over
+/// those units). Only each micro-batch's graph is alive at a time. Returns the batch loss (a
+/// scalar without graph) and the summed gradients of `trainable`'s parameters.
+pub fn step_grads(
+    cfg: &AdapterTrainConfig,
+    trainable: &Trainable,
+    lm: &FrozenLm,
+    fmt: &PromptFormat,
+    b: &Batch,
+    micro: usize,
+) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+    let total = loss_units(&b.examples, cfg.loss_per_turn);
+    if total == 0 {
+        return Err(TrainError::Invalid("the batch has no target tokens".into()));
+    }
+    let (mut sum, mut loss) = (None, 0f64);
+    let n = b.examples.len();
+    for start in (0..n).step_by(micro.max(1)) {
+        let part = b.part(start..(start + micro).min(n))?;
+        let units = loss_units(&part.examples, cfg.loss_per_turn);
+        if units == 0 {
+            continue;
+        }
+        let w = units as f64 / total as f64;
+        let l = step_loss(cfg, trainable, lm, fmt, &part, None)?;
+        loss += w * l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        trainable.params.accumulate(&mut sum, l.backward()?, w)?;
+    }
+    let grads = sum.ok_or_else(|| TrainError::Invalid("the batch has no target tokens".into()))?;
+    Ok((Tensor::new(loss as f32, &Device::Cpu)?, grads))
 }
 
 /// The share of the image tokens' energy that the batch's views have in common: the mean

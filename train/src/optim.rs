@@ -57,6 +57,41 @@ impl Params {
             .collect()
     }
 
+    /// Adds `weight` times the variables' gradients in `part` (one micro-batch's backward
+    /// pass) into `sum`: gradient accumulation, so that a batch too large for memory runs as
+    /// micro-batches whose weighted gradients sum to the whole batch's. `sum` is `None`
+    /// before the first part, which then becomes it (scaled).
+    pub fn accumulate(
+        &self,
+        sum: &mut Option<GradStore>,
+        mut part: GradStore,
+        weight: f64,
+    ) -> Result<()> {
+        match sum {
+            None => {
+                for v in self.vars.values() {
+                    if let Some(g) = part.remove(v.as_tensor()) {
+                        part.insert(v.as_tensor(), (g * weight)?);
+                    }
+                }
+                *sum = Some(part);
+            }
+            Some(s) => {
+                for v in self.vars.values() {
+                    if let Some(g) = part.get(v.as_tensor()) {
+                        let g = (g * weight)?;
+                        let total = match s.remove(v.as_tensor()) {
+                            Some(a) => (a + g)?,
+                            None => g,
+                        };
+                        s.insert(v.as_tensor(), total);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Adds variables that live elsewhere too (a [`afm_lm::DiffLm`]'s LoRA factors): the
     /// optimizer then updates the very storage the model reads. A name already present is
     /// an error.

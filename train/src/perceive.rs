@@ -1607,6 +1607,7 @@ pub fn run(
             let f = patch_features(&cfg.vision, &params.with_prefix("vision."), &b.pixels)?;
             let lg = head_logits(&f, &all, "head.")?;
             Ok(StepLoss {
+                grads: None,
                 loss: loss(&cfg.weights, &lg, &b.labels)?,
                 examples: cfg.batch_size,
                 data_s,

@@ -562,6 +562,7 @@ pub fn run(
             let data_s = t0.elapsed().as_secs_f64();
             let (loss, _) = contrastive_loss(cfg, &params, &px, &tx)?;
             Ok(StepLoss {
+                grads: None,
                 loss,
                 examples: cfg.batch_size,
                 data_s,

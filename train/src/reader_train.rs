@@ -611,6 +611,7 @@ pub fn run(
             let data_s = t0.elapsed().as_secs_f64();
             let reader = reader_of(&cfg.model, &params)?;
             Ok(StepLoss {
+                grads: None,
                 loss: ctc_loss(&reader, &lines)?,
                 examples: lines.len(),
                 data_s,

@@ -11,6 +11,7 @@
 
 use crate::optim::{load_checkpoint, save_checkpoint, AdamW, AdamWConfig, Params};
 use crate::pretrain::{Result, TrainError};
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -82,6 +83,10 @@ pub struct EpochEnd {
 /// One training step's loss (scalar, with its graph) and batch facts.
 pub struct StepLoss {
     pub loss: Tensor,
+    /// The step's gradients when the step computed them itself (micro-batches accumulated
+    /// by [`crate::optim::Params::accumulate`]; `loss` is then their weighted loss, without
+    /// a graph). `None`: the loop runs `loss.backward()`.
+    pub grads: Option<GradStore>,
     pub examples: usize,
     /// Seconds spent making the batch.
     pub data_s: f64,
@@ -184,6 +189,7 @@ where
         let t0 = Instant::now();
         let StepLoss {
             loss,
+            grads,
             examples,
             data_s,
         } = step_loss(st.step)?;
@@ -194,7 +200,10 @@ where
                 st.step
             )));
         }
-        let grads = loss.backward()?;
+        let grads = match grads {
+            Some(g) => g,
+            None => loss.backward()?,
+        };
         let lr = lr_at(spec.adamw.lr, spec.warmup_steps, total, st.step);
         opt.step(params, &grads, lr)?;
         drop(grads);

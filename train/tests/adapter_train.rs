@@ -6,9 +6,9 @@ mod common;
 
 use afm_fusion::VisionAdapter;
 use afm_train::adapter_train::{
-    batch, common_token_share, load_export, pick, pick_turns, run, sequence_loss,
-    sequence_loss_weighted, step_loss, turn_weights, AdapterTrainConfig, Event, FrozenLm,
-    Trainable,
+    batch, common_token_share, load_export, loss_units, pick, pick_turns, run, sequence_loss,
+    sequence_loss_weighted, step_grads, step_loss, turn_weights, AdapterTrainConfig, Event,
+    FrozenLm, Trainable,
 };
 use afm_train::optim::AdamW;
 use afm_train::prompt::{PromptFormat, CAPTION_PROMPT};
@@ -728,4 +728,76 @@ fn train_sources_take_only_those_images_in_turn() {
         .to_string()
         .contains("train_sources"));
     assert!(serde_json::from_str::<Vec<Source>>(r#"["photos"]"#).is_err());
+}
+
+#[test]
+fn micro_batches_give_the_whole_batch_gradient() {
+    let lm = common::frozen_lm("tiny-random");
+    for per_turn in [false, true] {
+        let cfg = AdapterTrainConfig {
+            output_norm_gain: Some(lm.token_embedding_rms().unwrap()),
+            loss_per_turn: per_turn,
+            ..AdapterTrainConfig::test_tiny()
+        };
+        let fmt = PromptFormat::new(&lm.tokenizer, &cfg.image_placeholder).unwrap();
+        let tr = Trainable::init(&cfg, 32, None).unwrap();
+        let b = batch(&cfg, &fmt, Split::Train, 0, cfg.batch_size, None).unwrap();
+        assert!(b.examples.len() >= 3);
+        // the examples differ in length, so equal weights per micro-batch would be wrong
+        let units: Vec<usize> = b
+            .examples
+            .iter()
+            .map(|e| loss_units(std::slice::from_ref(e), per_turn))
+            .collect();
+        // answer tokens differ between examples; turns do not (2 each), but micro-batches of
+        // 2 split the 3 examples 2 + 1, so a plain mean of micro-batch losses would be wrong
+        assert!(per_turn || units.iter().any(|&u| u != units[0]), "{units:?}");
+        let whole = step_loss(&cfg, &tr, &lm, &fmt, &b, None).unwrap();
+        let want_loss = whole.to_scalar::<f32>().unwrap();
+        let want = whole.backward().unwrap();
+        for micro in [1, 2] {
+            let (loss, got) = step_grads(&cfg, &tr, &lm, &fmt, &b, micro).unwrap();
+            let loss = loss.to_scalar::<f32>().unwrap();
+            assert!(
+                (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+                "per_turn {per_turn}, micro {micro}: loss {loss} against {want_loss} (units {units:?})"
+            );
+            // differences relative to the largest gradient of all (the attention key biases'
+            // true gradient is 0, so theirs are rounding noise)
+            let (mut worst, mut scale) = (0f32, 0f32);
+            for n in tr.params.names() {
+                let p = tr.params.get(n).unwrap();
+                let (a, g) = (want.get(p), got.get(p));
+                assert_eq!(a.is_some(), g.is_some(), "{n}: gradient in one only");
+                let (Some(a), Some(g)) = (a, g) else { continue };
+                let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                scale = a.iter().fold(scale, |m, x| m.max(x.abs()));
+                worst = a.iter().zip(&g).fold(worst, |m, (x, y)| m.max((x - y).abs()));
+            }
+            let worst = worst / scale;
+            println!("per_turn {per_turn}, micro {micro}: loss {loss} (whole {want_loss}), worst relative gradient difference {worst:e}");
+            assert!(worst < 1e-4, "per_turn {per_turn}, micro {micro}: {worst}");
+        }
+    }
+    // micro-batches cannot split the losses over the whole batch, and 0 is refused
+    let bad = AdapterTrainConfig {
+        micro_batch: Some(0),
+        ..AdapterTrainConfig::test_tiny()
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("micro_batch"));
+    let bad = AdapterTrainConfig {
+        micro_batch: Some(1),
+        common_token_weight: Some(0.1),
+        ..AdapterTrainConfig::test_tiny()
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("common_token_weight"));
 }
