@@ -751,7 +751,10 @@ fn micro_batches_give_the_whole_batch_gradient() {
             .collect();
         // answer tokens differ between examples; turns do not (2 each), but micro-batches of
         // 2 split the 3 examples 2 + 1, so a plain mean of micro-batch losses would be wrong
-        assert!(per_turn || units.iter().any(|&u| u != units[0]), "{units:?}");
+        assert!(
+            per_turn || units.iter().any(|&u| u != units[0]),
+            "{units:?}"
+        );
         let whole = step_loss(&cfg, &tr, &lm, &fmt, &b, None).unwrap();
         let want_loss = whole.to_scalar::<f32>().unwrap();
         let want = whole.backward().unwrap();
@@ -773,7 +776,10 @@ fn micro_batches_give_the_whole_batch_gradient() {
                 let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 scale = a.iter().fold(scale, |m, x| m.max(x.abs()));
-                worst = a.iter().zip(&g).fold(worst, |m, (x, y)| m.max((x - y).abs()));
+                worst = a
+                    .iter()
+                    .zip(&g)
+                    .fold(worst, |m, (x, y)| m.max((x - y).abs()));
             }
             let worst = worst / scale;
             println!("per_turn {per_turn}, micro {micro}: loss {loss} (whole {want_loss}), worst relative gradient difference {worst:e}");
