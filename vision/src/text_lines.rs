@@ -110,7 +110,7 @@ impl LineFinder {
         }
         // 8-connected components by an explicit stack
         let mut seen = vec![false; w * h];
-        let mut comps: Vec<Boxy> = vec![];
+        let (mut comps, mut solids): (Vec<Boxy>, Vec<Boxy>) = (vec![], vec![]);
         let mut stack = vec![];
         for start in 0..w * h {
             if !edge[start] || seen[start] {
@@ -152,14 +152,20 @@ impl LineFinder {
             // a thin upright: the side of a box (or an I, l or |, which the reader still
             // sees in the margin of the line around it)
             let bar = 4 * b.w() <= b.h() && b.h() >= self.bar_height;
-            if b.h() <= self.max_height
-                && !bar
-                && (small || fill >= self.min_fill)
-                && !solid_square(img, b)
-            {
-                comps.push(b);
+            if b.h() <= self.max_height && !bar && (small || fill >= self.min_fill) {
+                if solid_square(img, b) {
+                    solids.push(b);
+                } else {
+                    comps.push(b);
+                }
             }
         }
+        // what is drawn inside a solid square (an icon's inner mark) is part of it
+        comps.retain(|c| {
+            !solids
+                .iter()
+                .any(|s| c.x0 >= s.x0 && c.x1 <= s.x1 && c.y0 >= s.y0 && c.y1 <= s.y1)
+        });
         // merge into lines: repeatedly join a component to the first line it fits
         comps.sort_by_key(|b| (b.x0, b.y0));
         let mut lines: Vec<Boxy> = vec![];
