@@ -701,7 +701,8 @@ pub struct ReadArgs {
     /// embedded afm-tiny's reader).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// One JSON object per image: `{"file", "lines": [{"text", "x", "y", "w", "h", "boxed"}]}`.
+    /// One JSON object per image: `{"file", "lines": [{"text", "x", "y", "w", "h", "boxed",
+    /// "highlighted"}]}`.
     #[arg(long)]
     pub json: bool,
 }
@@ -716,6 +717,7 @@ struct ReadLineJson<'a> {
     h: u32,
     /// In a snug box of its own ground (a button-like control).
     boxed: bool,
+    highlighted: bool,
 }
 
 /// `afm read`: the text-line finder and reader alone, no language model: every line of text
@@ -759,6 +761,7 @@ pub fn cmd_read(a: ReadArgs) -> Result<()> {
                     w: l.region.w,
                     h: l.region.h,
                     boxed: l.boxed,
+                    highlighted: l.highlighted,
                 })
                 .collect();
             writeln!(
@@ -777,7 +780,11 @@ pub fn cmd_read(a: ReadArgs) -> Result<()> {
                     r.y,
                     r.w,
                     r.h,
-                    if l.boxed { "[box] " } else { "" },
+                    match (l.highlighted, l.boxed) {
+                        (true, _) => "[box, highlighted] ",
+                        (false, true) => "[box] ",
+                        _ => "",
+                    },
                     l.text
                 )?;
             }

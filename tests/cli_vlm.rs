@@ -903,6 +903,8 @@ fn a_reader_in_the_export_puts_the_image_text_in_the_prompt() {
         .collect();
     assert_eq!(boxed.len(), 1, "{boxed:?}");
     assert_eq!(boxed[0]["text"], "Set Up");
+    // the lone button is filled in the accent colour: the highlighted one
+    assert_eq!(boxed[0]["highlighted"], true, "{boxed:?}");
     // a directory without a reader is one line naming what is missing
     let out = afm()
         .args(["read", "--model"])

@@ -68,6 +68,11 @@ pub struct ReadLine {
     pub region: afm_vision::reader::Region,
     /// It sits in a snug box of its own ground (a button-like control).
     pub boxed: bool,
+    /// The boxed line whose box stands out from its surroundings clearly more than any
+    /// other's ([`afm_vision::text_lines::snug_box_contrast`]: by 40 or more of 255), or the
+    /// only boxed line when its box stands out by 80 or more: the highlighted (default)
+    /// button, drawn filled in an accent colour.
+    pub highlighted: bool,
 }
 
 /// A text reader and the line finder it reads from ([`Vlm::set_reader`]).
@@ -85,26 +90,60 @@ impl ScreenReader {
             .map(|r| afm_vision::text_lines::reading_box(*r, img.width(), img.height()))
             .collect();
         let read = self.reader.read(img, &boxes)?;
-        Ok(found
+        let lines: Vec<(ReadLine, Option<f32>)> = found
             .into_iter()
             .zip(read)
             .filter(|(_, t)| !t.is_empty())
-            .map(|(region, text)| ReadLine {
-                boxed: afm_vision::text_lines::snug_box(img, region),
-                text,
-                region,
+            .map(|(region, text)| {
+                let contrast = afm_vision::text_lines::snug_box_contrast(img, region);
+                let line = ReadLine {
+                    boxed: contrast.is_some(),
+                    highlighted: false,
+                    text,
+                    region,
+                };
+                (line, contrast)
+            })
+            .collect();
+        let contrasts: Vec<Option<f32>> = lines.iter().map(|(_, c)| *c).collect();
+        let top = highlighted_line(&contrasts);
+        Ok(lines
+            .into_iter()
+            .enumerate()
+            .map(|(i, (mut l, _))| {
+                l.highlighted = top == Some(i);
+                l
             })
             .collect())
     }
 }
 
+/// Which of the lines is the highlighted button ([`ReadLine::highlighted`]), given each
+/// line's [`afm_vision::text_lines::snug_box_contrast`] (`None`: not boxed).
+pub fn highlighted_line(contrasts: &[Option<f32>]) -> Option<usize> {
+    let mut c: Vec<(usize, f32)> = contrasts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some((i, (*c)?)))
+        .collect();
+    c.sort_by(|a, b| b.1.total_cmp(&a.1));
+    match c.as_slice() {
+        [a] if a.1 >= 80.0 => Some(a.0),
+        [a, b, ..] if a.1 - b.1 >= 40.0 => Some(a.0),
+        _ => None,
+    }
+}
+
 /// The prompt text that follows an image whose lines were read: `Text in the image:` then
-/// each line quoted, those in a snug box marked `button`, separated by `; `.
+/// each line quoted, those in a snug box marked `button` (the highlighted one `highlighted
+/// button`), separated by `; `.
 pub fn text_block(lines: &[ReadLine]) -> String {
     let items: Vec<String> = lines
         .iter()
         .map(|l| {
-            if l.boxed {
+            if l.highlighted {
+                format!("highlighted button \"{}\"", l.text)
+            } else if l.boxed {
                 format!("button \"{}\"", l.text)
             } else {
                 format!("\"{}\"", l.text)
@@ -866,4 +905,43 @@ pub fn splice<M: LanguageModel + ?Sized>(
         }
     }
     Ok(Tensor::cat(&pieces, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_highlighted_button_stands_out_clearly_or_alone() {
+        // an accent button beside two plain ones, not-boxed lines between
+        assert_eq!(
+            highlighted_line(&[None, Some(15.0), Some(150.0), None, Some(20.0)]),
+            Some(2)
+        );
+        // two buttons that stand out alike: neither
+        assert_eq!(highlighted_line(&[Some(150.0), Some(130.0)]), None);
+        // a lone button: only a filled one
+        assert_eq!(highlighted_line(&[None, Some(120.0)]), Some(1));
+        assert_eq!(highlighted_line(&[None, Some(20.0)]), None);
+        assert_eq!(highlighted_line(&[None, None]), None);
+        let line = |text: &str, boxed: bool, highlighted: bool| ReadLine {
+            text: text.into(),
+            region: afm_vision::reader::Region {
+                x: 0,
+                y: 0,
+                w: 10,
+                h: 10,
+            },
+            boxed,
+            highlighted,
+        };
+        assert_eq!(
+            text_block(&[
+                line("Save", false, false),
+                line("Cancel", true, false),
+                line("OK", true, true)
+            ]),
+            "Text in the image: \"Save\"; button \"Cancel\"; highlighted button \"OK\".\n"
+        );
+    }
 }

@@ -323,6 +323,14 @@ fn dist(a: [f32; 3], b: [f32; 3]) -> f32 {
 /// is about the same on all four sides (the box's edge or what is around it). A field's text
 /// is left-aligned in a wide box, a menu's word has other words beside it, so neither is.
 pub fn snug_box(img: &RgbImage, r: Region) -> bool {
+    snug_box_contrast(img, r).is_some()
+}
+
+/// [`snug_box`] with how much the box stands out: `None` when the line is not in a snug box,
+/// else the largest channel difference between the box's ground and what lies 3 px beyond
+/// its edge on the left (past a 1-px border and its anti-aliasing). A filled accent button on
+/// a window is high; a plain button, drawn in about the window's colour, is low.
+pub fn snug_box_contrast(img: &RgbImage, r: Region) -> Option<f32> {
     let (w, h) = img.dimensions();
     let lh = r.h.max(1) as i64;
     let m = (lh / 4).max(2);
@@ -330,36 +338,75 @@ pub fn snug_box(img: &RgbImage, r: Region) -> bool {
     let (x0, x1) = (r.x as i64 - m, (r.x + r.w) as i64 - 1 + m);
     let (y0, y1) = (r.y as i64 - m, (r.y + r.h) as i64 - 1 + m);
     if x0 < 0 || y0 < 0 || x1 >= w as i64 || y1 >= h as i64 {
-        return false;
+        return None;
     }
-    let ground = lum_at(img, x0 as u32, cy as u32);
-    // steps from (x, y) along (dx, dy) until the colour leaves the ground: (steps, colour)
-    let walk = |x: i64, y: i64, dx: i64, dy: i64, limit: i64| -> Option<(i64, [f32; 3])> {
-        for k in 0..=limit {
-            let (px, py) = (x + dx * k, y + dy * k);
-            if px < 0 || py < 0 || px >= w as i64 || py >= h as i64 {
-                return None;
-            }
-            let c = lum_at(img, px as u32, py as u32);
-            if dist(c, ground) > 24.0 {
-                return Some((k, c));
-            }
+    // the ground: the per-channel median of the four margin points (one may fall on an I or
+    // l that the finder left out of the line)
+    let samples =
+        [(x0, cy), (x1, cy), (cx, y0), (cx, y1)].map(|(x, y)| lum_at(img, x as u32, y as u32));
+    let mut ground = [0f32; 3];
+    for (c, g) in ground.iter_mut().enumerate() {
+        let mut v = samples.map(|p| p[c]);
+        v.sort_by(f32::total_cmp);
+        *g = 0.5 * (v[1] + v[2]);
+    }
+    let off = |x: i64, y: i64| -> Option<[f32; 3]> {
+        if x < 0 || y < 0 || x >= w as i64 || y >= h as i64 {
+            return None;
         }
-        None
+        let c = lum_at(img, x as u32, y as u32);
+        Some(c).filter(|c| dist(*c, ground) > 24.0)
     };
+    // steps from (x, y) along (dx, dy) until the colour leaves the ground: (steps, colour).
+    // Within the first `skip` steps, a stroke of up to 3 px with ground after it is a glyph
+    // the finder left out (the I of "Install"), stepped over.
+    let walk =
+        |x: i64, y: i64, dx: i64, dy: i64, limit: i64, skip: i64| -> Option<(i64, [f32; 3])> {
+            let mut k = 0;
+            while k <= limit {
+                let (px, py) = (x + dx * k, y + dy * k);
+                if px < 0 || py < 0 || px >= w as i64 || py >= h as i64 {
+                    return None;
+                }
+                if let Some(c) = off(px, py) {
+                    let back = (1..=3).find(|j| {
+                        let (qx, qy) = (px + dx * j, py + dy * j);
+                        qx >= 0
+                            && qy >= 0
+                            && qx < w as i64
+                            && qy < h as i64
+                            && off(qx, qy).is_none()
+                    });
+                    match back {
+                        Some(j) if k < skip => k += j,
+                        _ => return Some((k, c)),
+                    }
+                } else {
+                    k += 1;
+                }
+            }
+            None
+        };
     let side = 5 * lh / 2;
     let up = 6 * lh / 5;
     let (Some(l), Some(rt), Some(u), Some(d)) = (
-        walk(x0, cy, -1, 0, side),
-        walk(x1, cy, 1, 0, side),
-        walk(cx, y0, 0, -1, up),
-        walk(cx, y1, 0, 1, up),
+        walk(x0, cy, -1, 0, side, lh / 2),
+        walk(x1, cy, 1, 0, side, lh / 2),
+        walk(cx, y0, 0, -1, up, 0),
+        walk(cx, y1, 0, 1, up, 0),
     ) else {
-        return false;
+        return None;
     };
     let centred = (l.0 - rt.0).abs() <= lh / 2 + 3 && (u.0 - d.0).abs() <= lh / 3 + 2;
     let same_edge = [rt.1, u.1, d.1].iter().all(|c| dist(*c, l.1) <= 40.0);
-    centred && same_edge
+    if !(centred && same_edge) {
+        return None;
+    }
+    let beyond = x0 - l.0 - 3;
+    if beyond < 0 {
+        return None;
+    }
+    Some(dist(ground, lum_at(img, beyond as u32, cy as u32)))
 }
 
 #[cfg(test)]
@@ -489,6 +536,33 @@ mod tests {
             h: 10,
         };
         assert!(snug_box(&img, label));
+        // the filled button stands out by its fill against the window (160 in blue)
+        assert_eq!(snug_box_contrast(&img, label), Some(160.0));
+        // an I left out of the line, in its margin, is stepped over: still a snug box
+        let mut with_i = img.clone();
+        for y in 25..38 {
+            with_i.put_pixel(33, y, image::Rgb([240, 240, 240]));
+            with_i.put_pixel(32, y, image::Rgb([240, 240, 240]));
+        }
+        assert_eq!(snug_box_contrast(&with_i, label), Some(160.0));
+        // a plain button 60 x 24 at (120, 20): about the window's colour, a lighter border
+        for y in 20..44u32 {
+            for x in 120..180u32 {
+                let edge = x == 120 || x == 179 || y == 20 || y == 43;
+                let c = if edge { [90, 90, 100] } else { [52, 52, 62] };
+                img.put_pixel(x, y, image::Rgb(c));
+            }
+        }
+        let plain = snug_box_contrast(
+            &img,
+            Region {
+                x: 135,
+                y: 27,
+                w: 30,
+                h: 10,
+            },
+        );
+        assert_eq!(plain, Some(12.0));
         assert!(!snug_box(
             &img,
             Region {
