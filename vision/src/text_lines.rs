@@ -350,8 +350,9 @@ pub fn snug_box_contrast(img: &RgbImage, r: Region) -> Option<f32> {
         v.sort_by(f32::total_cmp);
         *g = 0.5 * (v[1] + v[2]);
     }
+    let inside = |x: i64, y: i64| x >= 0 && y >= 0 && x < w as i64 && y < h as i64;
     let off = |x: i64, y: i64| -> Option<[f32; 3]> {
-        if x < 0 || y < 0 || x >= w as i64 || y >= h as i64 {
+        if !inside(x, y) {
             return None;
         }
         let c = lum_at(img, x as u32, y as u32);
@@ -365,17 +366,13 @@ pub fn snug_box_contrast(img: &RgbImage, r: Region) -> Option<f32> {
             let mut k = 0;
             while k <= limit {
                 let (px, py) = (x + dx * k, y + dy * k);
-                if px < 0 || py < 0 || px >= w as i64 || py >= h as i64 {
+                if !inside(px, py) {
                     return None;
                 }
                 if let Some(c) = off(px, py) {
                     let back = (1..=3).find(|j| {
                         let (qx, qy) = (px + dx * j, py + dy * j);
-                        qx >= 0
-                            && qy >= 0
-                            && qx < w as i64
-                            && qy < h as i64
-                            && off(qx, qy).is_none()
+                        inside(qx, qy) && off(qx, qy).is_none()
                     });
                     match back {
                         Some(j) if k < skip => k += j,
