@@ -53,6 +53,10 @@ const AFM_TINY_FILES: &[(&str, &[u8])] = &[
         "reader/model.safetensors",
         include_bytes!("../assets/afm-tiny/reader/model.safetensors"),
     ),
+    (
+        "reader/shapes.json",
+        include_bytes!("../assets/afm-tiny/reader/shapes.json"),
+    ),
     ("README.md", include_bytes!("../assets/afm-tiny/README.md")),
 ];
 

@@ -720,6 +720,19 @@ struct ReadLineJson<'a> {
     highlighted: bool,
 }
 
+/// One object found by `afm read` (in an image with no text, when the reader has
+/// `shapes.json`).
+#[derive(Serialize)]
+struct ObjectJson<'a> {
+    colour: &'a str,
+    shape: &'a str,
+    rgb: [u8; 3],
+    x: u32,
+    y: u32,
+    w: u32,
+    h: u32,
+}
+
 /// `afm read`: the text-line finder and reader alone, no language model: every line of text
 /// in each image, top to bottom, with its box.
 pub fn cmd_read(a: ReadArgs) -> Result<()> {
@@ -739,11 +752,8 @@ pub fn cmd_read(a: ReadArgs) -> Result<()> {
             dir.display()
         );
     }
-    let sr = afm::fusion::vlm::ScreenReader {
-        reader: afm::vision::reader::TextReader::from_dir(&rdir)
-            .with_context(|| format!("loading the text reader from {}", rdir.display()))?,
-        finder: afm::vision::text_lines::LineFinder::default(),
-    };
+    let sr = afm::fusion::vlm::ScreenReader::from_dir(&rdir)
+        .with_context(|| format!("loading the text reader from {}", rdir.display()))?;
     let mut out = std::io::stdout().lock();
     for path in &a.images {
         let img = load_image(path, &ImageLimits::default())?;
@@ -751,6 +761,19 @@ pub fn cmd_read(a: ReadArgs) -> Result<()> {
         let lines = sr
             .read_lines(&img)
             .with_context(|| format!("reading {}", path.display()))?;
+        let objects = sr.read_objects(&img, &lines);
+        let objects_json: Vec<ObjectJson> = objects
+            .iter()
+            .map(|o| ObjectJson {
+                colour: o.colour,
+                shape: &o.shape,
+                rgb: o.rgb,
+                x: o.region.x,
+                y: o.region.y,
+                w: o.region.w,
+                h: o.region.h,
+            })
+            .collect();
         if a.json {
             let l: Vec<ReadLineJson> = lines
                 .iter()
@@ -767,7 +790,7 @@ pub fn cmd_read(a: ReadArgs) -> Result<()> {
             writeln!(
                 out,
                 "{}",
-                serde_json::json!({"file": path.display().to_string(), "lines": l})
+                serde_json::json!({"file": path.display().to_string(), "lines": l, "objects": objects_json})
             )?;
         } else {
             writeln!(out, "{}:", path.display())?;
@@ -788,11 +811,19 @@ pub fn cmd_read(a: ReadArgs) -> Result<()> {
                     l.text
                 )?;
             }
+            for o in &objects_json {
+                writeln!(
+                    out,
+                    "  {:>4},{:<4} {:>4}x{:<3} [object] {} {} (#{:02x}{:02x}{:02x})",
+                    o.x, o.y, o.w, o.h, o.colour, o.shape, o.rgb[0], o.rgb[1], o.rgb[2]
+                )?;
+            }
         }
         eprintln!(
-            "{}: {} lines read in {:.2} s",
+            "{}: {} lines read, {} objects found in {:.2} s",
             path.display(),
             lines.len(),
+            objects.len(),
             t0.elapsed().as_secs_f64()
         );
     }

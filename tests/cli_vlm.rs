@@ -915,3 +915,69 @@ fn a_reader_in_the_export_puts_the_image_text_in_the_prompt() {
     assert_clean_failure(&out, &["no text reader there"]);
     std::fs::remove_dir_all(&export).ok();
 }
+
+/// The committed reader directory's object finder (`shapes.json`, fitted on training
+/// pictures by `fit_shapes`) names the README's scene exactly: three purple hexagons and three
+/// brown circles, no text lines; a screenshot has text, so no objects; a damaged
+/// `shapes.json` is a one-line error naming the file.
+#[test]
+fn afm_read_names_the_objects_of_a_picture_without_text() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let reader = root.join("assets/stages/reader-2026-12-04/reader");
+    let read = |dir: &Path, img: &str| {
+        afm()
+            .args(["read", "--json", "--model"])
+            .arg(dir)
+            .arg(root.join("assets/images").join(img))
+            .output()
+            .unwrap()
+    };
+    let out = read(&reader, "scene.png");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["lines"].as_array().unwrap().len(), 0, "{v}");
+    let mut objects: Vec<String> = v["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            format!(
+                "{} {}",
+                o["colour"].as_str().unwrap(),
+                o["shape"].as_str().unwrap()
+            )
+        })
+        .collect();
+    objects.sort();
+    assert_eq!(
+        objects,
+        [
+            "brown circle",
+            "brown circle",
+            "brown circle",
+            "purple hexagon",
+            "purple hexagon",
+            "purple hexagon"
+        ],
+        "{v}"
+    );
+    let out = read(&reader, "screen.png");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["lines"].as_array().unwrap().len() > 3, "{v}");
+    assert_eq!(v["objects"].as_array().unwrap().len(), 0, "{v}");
+    // the shipped default carries the same classes
+    assert_eq!(
+        std::fs::read(reader.join("shapes.json")).unwrap(),
+        std::fs::read(root.join("assets/afm-tiny/reader/shapes.json")).unwrap()
+    );
+    let bad = std::env::temp_dir().join(format!("afm-bad-shapes-{}", std::process::id()));
+    std::fs::create_dir_all(&bad).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(reader.join(f), bad.join(f)).unwrap();
+    }
+    std::fs::write(bad.join("shapes.json"), r#"{"grid": 12, "classes": []}"#).unwrap();
+    let out = read(&bad, "scene.png");
+    assert_clean_failure(&out, &["shapes.json", "no classes"]);
+    std::fs::remove_dir_all(&bad).ok();
+}

@@ -293,10 +293,7 @@ impl Vlm<DeviceModel> {
         // an export with a text reader (`reader/`) reads every image's text into the prompt
         let rdir = dir.join("reader");
         if rdir.join("config.json").exists() {
-            vlm.set_reader(Some(crate::vlm::ScreenReader {
-                reader: afm_vision::reader::TextReader::from_dir(&rdir)?,
-                finder: afm_vision::text_lines::LineFinder::default(),
-            }));
+            vlm.set_reader(Some(crate::vlm::ScreenReader::from_dir(&rdir)?));
         }
         Ok(vlm)
     }

@@ -94,15 +94,15 @@ impl<M: LanguageModel> Vlm<M> {
                                 images.push((a.key.clone(), plan.image_tokens));
                                 // with a text reader the prompt carries the image's text, so
                                 // rendering needs the image itself (encoded once, cached)
-                                let text = match self.reader() {
+                                let (text, objects) = match self.reader() {
                                     Some(_) => {
                                         let img = attachment_pixels(a)?;
-                                        self.encode_image(&img, a.max_tokens)
-                                            .map_err(lm_err)?
-                                            .text
-                                            .clone()
+                                        let e = self
+                                            .encode_image(&img, a.max_tokens)
+                                            .map_err(lm_err)?;
+                                        (e.text.clone(), e.objects.clone())
                                     }
-                                    None => None,
+                                    None => (None, Vec::new()),
                                 };
                                 parts.push(Part::Image(Arc::new(EncodedImage {
                                     plan,
@@ -110,6 +110,7 @@ impl<M: LanguageModel> Vlm<M> {
                                     encode_secs: 0.0,
                                     from_cache: false,
                                     text,
+                                    objects,
                                 })));
                             }
                         }

@@ -58,6 +58,9 @@ pub struct EncodedImage {
     /// The image's text, found and read by the pipeline's text reader (top to bottom), when
     /// it has one ([`Vlm::set_reader`]); the prompt carries it after the image.
     pub text: Option<Vec<ReadLine>>,
+    /// The flat-coloured objects found in it when it has no text and the reader has an
+    /// object finder ([`ScreenReader::objects`]); empty otherwise.
+    pub objects: Vec<afm_vision::objects::SeenObject>,
 }
 
 /// One line of text read in an image.
@@ -75,13 +78,45 @@ pub struct ReadLine {
     pub highlighted: bool,
 }
 
-/// A text reader and the line finder it reads from ([`Vlm::set_reader`]).
+/// A text reader and the line finder it reads from ([`Vlm::set_reader`]), and, for
+/// pictures without text, an object finder.
 pub struct ScreenReader {
     pub reader: afm_vision::reader::TextReader,
     pub finder: afm_vision::text_lines::LineFinder,
+    /// Names the flat-coloured objects of a picture with no text (`shapes.json` in the
+    /// reader's directory).
+    pub objects: Option<afm_vision::objects::ObjectFinder>,
 }
 
 impl ScreenReader {
+    /// The reader of an export's `reader/` directory (`config.json`, `model.safetensors`,
+    /// and `shapes.json` when it has an object finder).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let shapes = dir.join("shapes.json");
+        Ok(Self {
+            reader: afm_vision::reader::TextReader::from_dir(dir)?,
+            finder: afm_vision::text_lines::LineFinder::default(),
+            objects: if shapes.exists() {
+                Some(afm_vision::objects::ObjectFinder::from_dir(dir)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// The objects of a picture with no text lines (`lines` empty), when there is an object
+    /// finder; empty otherwise.
+    pub fn read_objects(
+        &self,
+        img: &RgbImage,
+        lines: &[ReadLine],
+    ) -> Vec<afm_vision::objects::SeenObject> {
+        match &self.objects {
+            Some(f) if lines.is_empty() => f.find(img),
+            _ => Vec::new(),
+        }
+    }
+
     /// Every line of text found in `img`, read, top to bottom (empty reads dropped).
     pub fn read_lines(&self, img: &RgbImage) -> Result<Vec<ReadLine>> {
         let found = self.finder.find(img);
@@ -151,6 +186,41 @@ pub fn text_block(lines: &[ReadLine]) -> String {
         })
         .collect();
     format!("Text in the image: {}.\n", items.join("; "))
+}
+
+/// The prompt text that follows an image whose objects were found: `Objects in the image, 6
+/// in all: 3 purple hexagons; 3 brown circles.` (groups of one colour and shape, in order of
+/// first appearance, counts as digits).
+pub fn object_block(objects: &[afm_vision::objects::SeenObject]) -> String {
+    let items: Vec<String> = afm_vision::objects::groups(objects)
+        .into_iter()
+        .map(|(n, colour, shape)| {
+            let noun = if n == 1 {
+                shape.to_string()
+            } else {
+                afm_vision::objects::plural(shape)
+            };
+            format!("{n} {colour} {noun}")
+        })
+        .collect();
+    format!(
+        "Objects in the image, {} in all: {}.\n",
+        objects.len(),
+        items.join("; ")
+    )
+}
+
+/// What the prompt carries after an image: its text ([`text_block`]) when it has any, else
+/// its objects ([`object_block`]) when any were found, else nothing.
+pub fn image_block(
+    lines: Option<&[ReadLine]>,
+    objects: &[afm_vision::objects::SeenObject],
+) -> String {
+    match lines {
+        Some(l) if !l.is_empty() => text_block(l),
+        _ if !objects.is_empty() => object_block(objects),
+        _ => String::new(),
+    }
 }
 
 /// A piece of a chat message.
@@ -617,15 +687,20 @@ impl<M: LanguageModel> Vlm<M> {
                 encode_secs: 0.0,
                 from_cache: true,
                 text: e.text.clone(),
+                objects: e.objects.clone(),
             }));
         }
         let t0 = Instant::now();
         let plan = self.plan(img.width(), img.height(), max_image_tokens)?;
         let pixels = self.processor.pixel_values(img, &plan)?;
         let embeds = self.embed_pixels(&pixels)?.to_dtype(DType::F32)?;
-        let text = match &self.reader {
-            Some(r) => Some(r.read_lines(img)?),
-            None => None,
+        let (text, objects) = match &self.reader {
+            Some(r) => {
+                let lines = r.read_lines(img)?;
+                let objects = r.read_objects(img, &lines);
+                (Some(lines), objects)
+            }
+            None => (None, Vec::new()),
         };
         let enc = Arc::new(EncodedImage {
             plan,
@@ -633,6 +708,7 @@ impl<M: LanguageModel> Vlm<M> {
             encode_secs: t0.elapsed().as_secs_f64(),
             from_cache: false,
             text,
+            objects,
         });
         self.images.insert(key, enc.clone());
         Ok(enc)
@@ -673,9 +749,7 @@ impl<M: LanguageModel> Vlm<M> {
                                 Part::Image(e) => {
                                     content.push_str(&self.processor.prompt_expansion(&e.plan));
                                     content.push('\n');
-                                    if let Some(lines) = e.text.as_ref().filter(|l| !l.is_empty()) {
-                                        content.push_str(&text_block(lines));
-                                    }
+                                    content.push_str(&image_block(e.text.as_deref(), &e.objects));
                                 }
                             }
                         }
@@ -943,5 +1017,46 @@ mod tests {
             ]),
             "Text in the image: \"Save\"; button \"Cancel\"; highlighted button \"OK\".\n"
         );
+    }
+    #[test]
+    fn the_prompt_carries_text_or_else_objects_grouped_and_counted() {
+        let r = afm_vision::reader::Region {
+            x: 0,
+            y: 0,
+            w: 10,
+            h: 10,
+        };
+        let obj = |colour: &'static str, shape: &str| afm_vision::objects::SeenObject {
+            colour,
+            rgb: [0; 3],
+            shape: shape.into(),
+            region: r,
+            area: 100,
+        };
+        let objects = [
+            obj("purple", "hexagon"),
+            obj("brown", "circle"),
+            obj("purple", "hexagon"),
+            obj("blue", "box"),
+        ];
+        assert_eq!(
+            object_block(&objects),
+            "Objects in the image, 4 in all: 2 purple hexagons; 1 brown circle; 1 blue box.\n"
+        );
+        let lines = [ReadLine {
+            text: "OK".into(),
+            region: r,
+            boxed: false,
+            highlighted: false,
+        }];
+        // text wins; objects only for a picture without text; nothing for neither
+        assert_eq!(
+            image_block(Some(&lines), &objects),
+            "Text in the image: \"OK\".\n"
+        );
+        assert_eq!(image_block(Some(&[]), &objects), object_block(&objects));
+        assert_eq!(image_block(None, &objects), object_block(&objects));
+        assert_eq!(image_block(Some(&[]), &[]), "");
+        assert_eq!(image_block(None, &[]), "");
     }
 }

@@ -16,10 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("held_out") => Split::HeldOut,
         _ => Split::Train,
     };
-    let sr = afm_fusion::vlm::ScreenReader {
-        reader: afm_vision::reader::TextReader::from_dir(Path::new(dir))?,
-        finder: afm_vision::text_lines::LineFinder::default(),
-    };
+    let sr = afm_fusion::vlm::ScreenReader::from_dir(Path::new(dir))?;
     let (mut screens, mut right, mut none, mut wrong, mut lone) = (0, 0, 0, 0, 0);
     for i in 0..n {
         let s = generate(SynthKind::Screen, split, i);

@@ -236,10 +236,7 @@ fn screen_reader(dir: &Path) -> Result<Arc<afm_fusion::vlm::ScreenReader>> {
     if let Some(r) = m.get(dir) {
         return Ok(r.clone());
     }
-    let r = Arc::new(afm_fusion::vlm::ScreenReader {
-        reader: afm_vision::reader::TextReader::from_dir(dir)?,
-        finder: afm_vision::text_lines::LineFinder::default(),
-    });
+    let r = Arc::new(afm_fusion::vlm::ScreenReader::from_dir(dir)?);
     m.insert(dir.to_path_buf(), r.clone());
     Ok(r)
 }
@@ -1035,12 +1032,10 @@ pub fn batch(
         // the image's text, as the pipeline puts it before the first question
         let first = match &cfg.read_text {
             Some(dir) => {
-                let lines = screen_reader(dir)?.read_lines(&s.image)?;
-                let block = if lines.is_empty() {
-                    String::new()
-                } else {
-                    afm_fusion::vlm::text_block(&lines)
-                };
+                let r = screen_reader(dir)?;
+                let lines = r.read_lines(&s.image)?;
+                let objects = r.read_objects(&s.image, &lines);
+                let block = afm_fusion::vlm::image_block(Some(&lines), &objects);
                 format!("{block}{}", turns[0].0)
             }
             None => turns[0].0.clone(),

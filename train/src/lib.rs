@@ -81,6 +81,7 @@ pub mod reader_train;
 pub mod runloop;
 pub mod scenes;
 pub mod screens;
+pub mod shape_fit;
 pub mod spread;
 pub mod vocab;
 

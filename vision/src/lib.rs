@@ -11,6 +11,7 @@ pub mod embeddings;
 pub mod error;
 pub mod image_io;
 pub mod kernels;
+pub mod objects;
 pub mod preprocess;
 pub mod random;
 pub mod reader;
