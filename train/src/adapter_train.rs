@@ -187,6 +187,13 @@ pub struct AdapterTrainConfig {
     /// ([`crate::pretrain::example`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_sources: Option<Vec<Source>>,
+    /// The share of training sequences (0-1) whose first turn is the image's caption (a
+    /// screenshot's caption is its description, what `afm screen` answers); the rest pick
+    /// their first turn among the caption and the questions as before ([`pick_turns`]),
+    /// where a screen's caption is one of a dozen candidates. Decided per example by a hash
+    /// of its number. `None`: no extra captions (runs before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_share: Option<f32>,
     /// Training step `s` takes images `data_offset + s * batch_size ..`: a continued stage
     /// starts past the images its parent saw instead of repeating them. Held-out batches do
     /// not move. `0` (runs before this field existed): from the first image.
@@ -398,6 +405,7 @@ impl AdapterTrainConfig {
             common_token_weight: None,
             train_categories: None,
             train_sources: None,
+            caption_share: None,
             data_offset: 0,
             caption_slots: None,
             lm_loss: true,
@@ -436,6 +444,7 @@ impl AdapterTrainConfig {
             common_token_weight: None,
             train_categories: None,
             train_sources: None,
+            caption_share: None,
             data_offset: 0,
             caption_slots: None,
             lm_loss: true,
@@ -502,6 +511,13 @@ impl AdapterTrainConfig {
                 "`data_offset` {} plus this run's {last} training examples passes 2^56, the generator's image index space",
                 self.data_offset
             )));
+        }
+        if let Some(p) = self.caption_share {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(TrainError::Invalid(format!(
+                    "`caption_share` is {p}: it is a share of the training sequences, from 0 to 1"
+                )));
+            }
         }
         if self.train_categories.as_ref().is_some_and(|c| c.is_empty()) {
             return Err(TrainError::Invalid(
@@ -916,6 +932,12 @@ pub fn pick(
     Ok(pick_turns(sample, j, with_caption, 1)?.swap_remove(0))
 }
 
+/// Whether training example `j` starts with its caption under `caption_share`
+/// ([`AdapterTrainConfig::caption_share`]): a hash of `j` below the share.
+pub fn caption_first(share: Option<f32>, j: u64) -> bool {
+    share.is_some_and(|p| ((mix(j ^ 0xca97_1011) % 10_000) as f32) < p * 10_000.0)
+}
+
 /// The turns of example `j`: up to `max` of the sample's questions (and its caption, when
 /// `with_caption` and not empty), each at most once. The first is the one numbered
 /// `mix(j) % n` of the `n` candidates ([`pick`]); the rest follow in an order shuffled by
@@ -1023,12 +1045,21 @@ pub fn batch(
                 s.qa.retain(|q| cats.contains(&q.category));
             }
         }
-        let turns = pick_turns(
+        let mut turns = pick_turns(
             &s,
             j,
             with_caption,
             if train { cfg.qa_per_sequence } else { 1 },
         )?;
+        if train
+            && with_caption
+            && caption_first(cfg.caption_share, j)
+            && !s.caption.trim().is_empty()
+        {
+            turns.retain(|t| t.2.is_some());
+            turns.insert(0, (CAPTION_PROMPT.to_string(), s.caption.clone(), None));
+            turns.truncate(cfg.qa_per_sequence.max(1));
+        }
         // the image's text, as the pipeline puts it before the first question
         let first = match &cfg.read_text {
             Some(dir) => {

@@ -293,8 +293,10 @@ pub fn example_of(src: Source, idx: u64, split: Split, easy: Option<&EasyVqa>) -
     })
 }
 
-/// Example `j` drawn only from `sources`, in turn: source `sources[j % k]`, its sample
-/// `j / k` (`k = sources.len()`, at least 1).
+/// Example `j` drawn only from `sources`, in turn: source `sources[j % k]` (`k =
+/// sources.len()`, at least 1). A source named once takes its sample `j / k`; one named `n`
+/// times takes `n` new samples per round (`(j / k) * n` plus its place among its own slots),
+/// so `[scene, scene, screen, easy_vqa]` gives half of the examples to scenes, none repeated.
 pub fn example_from(
     sources: &[Source],
     j: u64,
@@ -305,7 +307,19 @@ pub fn example_from(
     if k == 0 {
         return Err(TrainError::Invalid("no training source named".into()));
     }
-    example_of(sources[(j % k) as usize], j / k, split, easy)
+    let (src, idx) = source_index(sources, j);
+    example_of(src, idx, split, easy)
+}
+
+/// Which source example `j` of [`example_from`] comes from, and that source's sample index.
+/// `sources` is not empty.
+fn source_index(sources: &[Source], j: u64) -> (Source, u64) {
+    let k = sources.len() as u64;
+    let slot = (j % k) as usize;
+    let src = sources[slot];
+    let per = sources.iter().filter(|s| **s == src).count() as u64;
+    let rank = sources[..slot].iter().filter(|s| **s == src).count() as u64;
+    (src, (j / k) * per + rank)
 }
 
 /// Normalised `(3, s, s)` pixels of a sample (bicubic resize, mean 0.5, std 0.5).
@@ -608,4 +622,33 @@ pub fn write_vision(vision: &VisionConfig, params: &Params, dir: &Path) -> Resul
         .collect();
     candle_core::safetensors::save(&t, out.join("model.safetensors"))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+
+    #[test]
+    fn a_source_named_twice_takes_two_new_samples_per_round() {
+        use Source::*;
+        let src = [Scene, Scene, Screen, EasyVqa];
+        let got: Vec<(Source, u64)> = (0..8).map(|j| source_index(&src, j)).collect();
+        assert_eq!(
+            got,
+            [
+                (Scene, 0),
+                (Scene, 1),
+                (Screen, 0),
+                (EasyVqa, 0),
+                (Scene, 2),
+                (Scene, 3),
+                (Screen, 1),
+                (EasyVqa, 1)
+            ]
+        );
+        // each source named once: sample j / k, as before
+        let src = [Scene, Screen, EasyVqa];
+        assert_eq!(source_index(&src, 7), (Screen, 2));
+        assert!(example_from(&[], 0, Split::Train, None).is_err());
+    }
 }

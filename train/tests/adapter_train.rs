@@ -649,6 +649,45 @@ fn train_categories_keep_only_those_questions_and_no_caption() {
 }
 
 #[test]
+fn caption_share_starts_that_share_of_sequences_with_the_caption() {
+    use afm_train::adapter_train::caption_first;
+    // the hash picks about the share asked for, and none or all at 0 and 1
+    let n = (0..4000u64)
+        .filter(|&j| caption_first(Some(0.5), j))
+        .count();
+    assert!((1800..2200).contains(&n), "{n} of 4000");
+    assert_eq!(
+        (0..500u64).filter(|&j| caption_first(Some(0.0), j)).count(),
+        0
+    );
+    assert_eq!(
+        (0..500u64).filter(|&j| caption_first(Some(1.0), j)).count(),
+        500
+    );
+    assert_eq!((0..500u64).filter(|&j| caption_first(None, j)).count(), 0);
+    let mut cfg = AdapterTrainConfig::test_tiny();
+    cfg.caption_share = Some(1.0);
+    cfg.validate().unwrap();
+    let tok = common::tokenizer();
+    let fmt = PromptFormat::new(&tok, &cfg.image_placeholder).unwrap();
+    // every training sequence starts with the caption prompt and trains the caption
+    let b = batch(&cfg, &fmt, Split::Train, 0, 4, None).unwrap();
+    for (i, e) in b.examples.iter().enumerate() {
+        assert_eq!(b.categories[i], None, "sequence {i} starts with a question");
+        assert_eq!(b.questions[i], CAPTION_PROMPT, "sequence {i}");
+        assert_eq!(b.answers[i], b.captions[i], "sequence {i}");
+        let text = tok.decode(&e.ids, false).unwrap();
+        assert!(text.contains(&b.captions[i]), "sequence {i}: {text}");
+    }
+    // held-out batches ask one question as before
+    let h = batch(&cfg, &fmt, Split::HeldOut, 0, 4, None).unwrap();
+    assert!(h.categories.iter().all(|c| c.is_some()));
+    cfg.caption_share = Some(1.5);
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("caption_share"), "{e}");
+}
+
+#[test]
 fn train_sources_take_only_those_images_in_turn() {
     use afm_train::pretrain::{example_of, Source};
     let mut cfg = AdapterTrainConfig::test_tiny();
