@@ -16,13 +16,22 @@ use std::collections::BTreeMap;
 
 /// The components of a picture with the shape and colour each one covers, when known:
 /// `(source, shape, colour, features)`.
-pub fn labelled(s: &Sample) -> Vec<(&'static str, String, Option<String>, Vec<f32>, [u8; 3])> {
-    let Some(g) = ground(&s.image) else {
-        return Vec::new();
-    };
-    let Some(cs) = components(&s.image, g) else {
-        return Vec::new();
-    };
+pub fn labelled(s: &Sample) -> Vec<Labelled> {
+    label(s, &found(s))
+}
+
+/// One labelled component: `(source, shape, colour, features, median colour)`.
+pub type Labelled = (&'static str, String, Option<String>, Vec<f32>, [u8; 3]);
+
+/// The finder's components of a picture (none without a plain ground or with too many).
+fn found(s: &Sample) -> Vec<afm_vision::objects::Component> {
+    ground(&s.image)
+        .and_then(|g| components(&s.image, g))
+        .unwrap_or_default()
+}
+
+/// `cs`, the components of `s`, labelled ([`labelled`]).
+fn label(s: &Sample, cs: &[afm_vision::objects::Component]) -> Vec<Labelled> {
     match &s.truth {
         Truth::Scene(t) => cs
             .iter()
@@ -117,14 +126,12 @@ pub struct FinderScore {
 pub fn score(classes: &ShapeClasses, samples: impl Iterator<Item = Sample>) -> FinderScore {
     let mut sc = FinderScore::default();
     for s in samples {
+        let cs = found(&s);
         if let Truth::Scene(t) = &s.truth {
             sc.pictures += 1;
-            let found = ground(&s.image)
-                .and_then(|g| components(&s.image, g))
-                .map_or(0, |c| c.len());
-            sc.pictures_counted += usize::from(found == t.shapes.len());
+            sc.pictures_counted += usize::from(cs.len() == t.shapes.len());
         }
-        for (_, shape, colour, f, rgb) in labelled(&s) {
+        for (_, shape, colour, f, rgb) in label(&s, &cs) {
             sc.objects += 1;
             let said = classes.classify(&f);
             if said == shape {
