@@ -197,16 +197,7 @@ impl VisionConfig {
     /// Reads a `config.json`: a bare vision config, or one nested under `vision_config`
     /// (SiglipConfig, Idefics3/SmolVLM).
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| VisionError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| VisionError::BadFile {
-                path: path.to_path_buf(),
-                format: "config.json",
-                reason: e.to_string(),
-            })?;
+        let v: serde_json::Value = crate::error::read_json(path, "config.json")?;
         let v = v.get("vision_config").cloned().unwrap_or(v);
         let cfg: VisionConfig = serde_json::from_value(v).map_err(|e| VisionError::BadFile {
             path: path.to_path_buf(),

@@ -48,3 +48,20 @@ impl VisionError {
         }
     }
 }
+
+/// Reads a JSON file into `T`: an unreadable file is [`VisionError::Io`], text that does
+/// not parse as `T` is [`VisionError::BadFile`] naming `format`.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    format: &'static str,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| VisionError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| VisionError::BadFile {
+        path: path.to_path_buf(),
+        format,
+        reason: e.to_string(),
+    })
+}

@@ -215,16 +215,13 @@ pub struct ShapeClasses {
 impl ShapeClasses {
     /// Loads and checks `shapes.json`.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| VisionError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let format = "shape classes JSON";
         let bad = |reason: String| VisionError::BadFile {
             path: path.to_path_buf(),
-            format: "shape classes JSON",
+            format,
             reason,
         };
-        let s: ShapeClasses = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let s: ShapeClasses = crate::error::read_json(path, format)?;
         if s.grid != GRID {
             return Err(bad(format!("grid {} (this build uses {GRID})", s.grid)));
         }

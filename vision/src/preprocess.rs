@@ -114,16 +114,7 @@ impl Preprocess {
     /// `do_rescale` / `rescale_factor`, `do_normalize` / `image_mean` / `image_std`. Absent
     /// fields take SigLIP's defaults; a field of the wrong type is an error naming it.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| VisionError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| VisionError::BadFile {
-                path: path.to_path_buf(),
-                format: "preprocessor_config.json",
-                reason: e.to_string(),
-            })?;
+        let v: serde_json::Value = crate::error::read_json(path, "preprocessor_config.json")?;
         Self::from_json(&v)
     }
 

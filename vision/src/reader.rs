@@ -123,15 +123,7 @@ impl ReaderConfig {
 
     /// Reads and validates `path` (a `config.json`).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| VisionError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let c: Self = serde_json::from_str(&text).map_err(|e| VisionError::BadFile {
-            path: path.to_path_buf(),
-            format: "reader config.json",
-            reason: e.to_string(),
-        })?;
+        let c: Self = crate::error::read_json(path, "reader config.json")?;
         c.validate()?;
         Ok(c)
     }
