@@ -758,10 +758,9 @@ pub fn cmd_read(a: ReadArgs) -> Result<()> {
     for path in &a.images {
         let img = load_image(path, &ImageLimits::default())?;
         let t0 = Instant::now();
-        let lines = sr
-            .read_lines(&img)
+        let (lines, objects) = sr
+            .read(&img)
             .with_context(|| format!("reading {}", path.display()))?;
-        let objects = sr.read_objects(&img, &lines);
         let objects_json: Vec<ObjectJson> = objects
             .iter()
             .map(|o| ObjectJson {

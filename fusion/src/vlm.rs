@@ -104,17 +104,31 @@ impl ScreenReader {
         })
     }
 
-    /// The objects of a picture with no text lines (`lines` empty), when there is an object
-    /// finder; empty otherwise.
-    pub fn read_objects(
+    /// What the pipeline reads off an image: its lines of text, or its flat-coloured objects
+    /// (when there is an object finder) when it has no text.
+    ///
+    /// A small flat shape can look like a glyph to the line finder: a dark triangle reads as
+    /// "A", a star's point as ",". So the object finder runs on every image, and the image
+    /// is taken for a picture of objects, its lines dropped, when every line lies inside an
+    /// object's box (a whole small shape, or a part of one) and no object reaches the image's edge (a window's bars
+    /// and panes do). Otherwise its lines are all kept and no objects are given.
+    pub fn read(
         &self,
         img: &RgbImage,
-        lines: &[ReadLine],
-    ) -> Vec<afm_vision::objects::SeenObject> {
-        match &self.objects {
-            Some(f) if lines.is_empty() => f.find(img),
-            _ => Vec::new(),
-        }
+    ) -> Result<(Vec<ReadLine>, Vec<afm_vision::objects::SeenObject>)> {
+        let lines = self.read_lines(img)?;
+        let Some(f) = &self.objects else {
+            return Ok((lines, Vec::new()));
+        };
+        let objects = f.find(img);
+        let regions: Vec<_> = lines.iter().map(|l| l.region).collect();
+        let boxes: Vec<_> = objects.iter().map(|o| o.region).collect();
+        let picture = is_picture(&regions, &boxes, img.width(), img.height());
+        Ok(if picture {
+            (Vec::new(), objects)
+        } else {
+            (lines, Vec::new())
+        })
     }
 
     /// Every line of text found in `img`, read, top to bottom (empty reads dropped).
@@ -151,6 +165,67 @@ impl ScreenReader {
             })
             .collect())
     }
+}
+
+/// How far (px) a line's box may stick out of an object's box and still be taken for that
+/// object ([`ScreenReader::read`]).
+pub const SHAPE_LINE_MARGIN: u32 = 2;
+
+/// Most objects one misread "line" may stand for ([`is_picture`]): two or three small shapes
+/// side by side read as one line ("0 Q"). A line over more objects is taken for a word,
+/// whose glyphs the object finder saw as objects.
+pub const SHAPES_PER_LINE: usize = 3;
+
+/// Whether an image whose line finder gave the boxes `lines` and whose object finder gave
+/// the boxes `objects` is a picture of objects (see [`ScreenReader::read`]): no object
+/// reaches within [`SHAPE_LINE_MARGIN`] px of the image's edge, and every line is made of
+/// objects: it meets 1 to [`SHAPES_PER_LINE`] objects' boxes, lies inside their joint box
+/// (within the margin), and either covers a quarter of that box (whole shapes read as
+/// glyphs) or each of those objects is small, at most 1/16 of the image (a star's point read
+/// as a comma). No lines and no objects: true (nothing to read either way).
+pub fn is_picture(
+    lines: &[afm_vision::reader::Region],
+    objects: &[afm_vision::reader::Region],
+    width: u32,
+    height: u32,
+) -> bool {
+    let m = SHAPE_LINE_MARGIN;
+    let off_edge = |r: &afm_vision::reader::Region| {
+        r.x > m && r.y > m && r.x + r.w + m < width && r.y + r.h + m < height
+    };
+    let image_area = width as u64 * height as u64;
+    objects.iter().all(off_edge)
+        && lines
+            .iter()
+            .all(|l| made_of_objects(*l, objects, image_area))
+}
+
+/// `a` is made of the objects whose boxes it meets (see [`is_picture`]).
+fn made_of_objects(
+    a: afm_vision::reader::Region,
+    objects: &[afm_vision::reader::Region],
+    image_area: u64,
+) -> bool {
+    type R = afm_vision::reader::Region;
+    let meets = |b: &R| a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h;
+    let met: Vec<&R> = objects.iter().filter(|b| meets(b)).collect();
+    if met.is_empty() || met.len() > SHAPES_PER_LINE {
+        return false;
+    }
+    let (x0, y0) = (
+        met.iter().map(|b| b.x).min().unwrap_or(0),
+        met.iter().map(|b| b.y).min().unwrap_or(0),
+    );
+    let (x1, y1) = (
+        met.iter().map(|b| b.x + b.w).max().unwrap_or(0),
+        met.iter().map(|b| b.y + b.h).max().unwrap_or(0),
+    );
+    let m = SHAPE_LINE_MARGIN;
+    let inside = a.x + m >= x0 && a.y + m >= y0 && a.x + a.w <= x1 + m && a.y + a.h <= y1 + m;
+    let area = |w: u32, h: u32| w as u64 * h as u64;
+    let whole = 4 * area(a.w, a.h) >= area(x1 - x0, y1 - y0);
+    let small = met.iter().all(|b| 16 * area(b.w, b.h) <= image_area);
+    inside && (whole || small)
 }
 
 /// Which of the lines is the highlighted button ([`ReadLine::highlighted`]), given each
@@ -696,8 +771,7 @@ impl<M: LanguageModel> Vlm<M> {
         let embeds = self.embed_pixels(&pixels)?.to_dtype(DType::F32)?;
         let (text, objects) = match &self.reader {
             Some(r) => {
-                let lines = r.read_lines(img)?;
-                let objects = r.read_objects(img, &lines);
+                let (lines, objects) = r.read(img)?;
                 (Some(lines), objects)
             }
             None => (None, Vec::new()),
@@ -1018,6 +1092,40 @@ mod tests {
             "Text in the image: \"Save\"; button \"Cancel\"; highlighted button \"OK\".\n"
         );
     }
+    #[test]
+    fn shapes_read_as_glyphs_make_a_picture_but_text_on_panes_stays_text() {
+        use afm_vision::reader::Region;
+        let r = |x, y, w, h| Region { x, y, w, h };
+        let (w, h) = (320, 256);
+        // a small dark triangle read as "A": the line fills the triangle's box
+        let triangle = r(84, 10, 33, 33);
+        assert!(is_picture(&[r(86, 12, 28, 25)], &[triangle], w, h));
+        // a star's point read as ",": a small line inside a small object
+        let star = r(270, 25, 45, 45);
+        assert!(is_picture(&[r(291, 31, 7, 7)], &[triangle, star], w, h));
+        // no text at all, objects found: a picture; neither: nothing to read either way
+        assert!(is_picture(&[], &[triangle], w, h));
+        assert!(is_picture(&[], &[], w, h));
+        // a line on open ground, beside the shapes: text
+        assert!(!is_picture(&[r(86, 12, 28, 25), r(150, 200, 60, 12)], &[triangle], w, h));
+        // two small shapes side by side read as one line ("0 Q"): a picture
+        let (a, b) = (r(84, 128, 24, 24), r(112, 126, 25, 25));
+        assert!(is_picture(&[r(84, 127, 52, 22)], &[a, b], w, h));
+        // a word whose four glyphs are each an object: text
+        let glyphs: Vec<Region> = (0..4).map(|i| r(100 + 22 * i, 100, 20, 24)).collect();
+        assert!(!is_picture(&[r(100, 100, 86, 24)], &glyphs, w, h));
+        // a short line on a large pane (more than 1/16 of the image, line under a quarter)
+        let pane = r(40, 40, 200, 150);
+        assert!(!is_picture(&[r(50, 50, 60, 12)], &[pane], w, h));
+        // a maximised window: bars and panes reach the edge, so their lines stay text even
+        // when each lies in a small box
+        let (bw, bh) = (1024, 640);
+        let title_bar = r(1, 1, 1022, 32);
+        assert!(!is_picture(&[r(44, 10, 155, 14)], &[title_bar], bw, bh));
+        // a line that sticks out of the object's box by more than the margin: text
+        assert!(!is_picture(&[r(80, 12, 40, 25)], &[triangle], w, h));
+    }
+
     #[test]
     fn the_prompt_carries_text_or_else_objects_grouped_and_counted() {
         let r = afm_vision::reader::Region {

@@ -1064,8 +1064,7 @@ pub fn batch(
         let first = match &cfg.read_text {
             Some(dir) => {
                 let r = screen_reader(dir)?;
-                let lines = r.read_lines(&s.image)?;
-                let objects = r.read_objects(&s.image, &lines);
+                let (lines, objects) = r.read(&s.image)?;
                 let block = afm_fusion::vlm::image_block(Some(&lines), &objects);
                 format!("{block}{}", turns[0].0)
             }
