@@ -1,6 +1,7 @@
 //! Describe a screenshot as a typed value: window title, buttons, fields with their values,
-//! list items and the selected one. Decoding follows the type's JSON Schema, so the output
-//! always parses (`afm screen --json` prints the same).
+//! list items and the selected one. It always parses (`afm screen --json` prints the same):
+//! SmolVLM decodes under the type's JSON Schema; afm-tiny, the default, writes the sentences
+//! it was trained on, which are put in the type's slots.
 //!
 //!     cargo run --release --example screen -- assets/images/screen.png
 

@@ -126,7 +126,8 @@ pub(crate) struct ScreenArgs {
     /// A screenshot.
     image: PathBuf,
     /// Print a typed description as JSON (title, buttons, fields with values, list items,
-    /// selected item), always valid: generated under its JSON Schema.
+    /// selected item), always valid: generated under its JSON Schema (SmolVLM), or afm-tiny's
+    /// sentences put in its slots.
     #[arg(long)]
     json: bool,
     #[command(flatten)]

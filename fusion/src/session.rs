@@ -18,7 +18,7 @@ use image::RgbImage;
 use std::ops::Range;
 use std::sync::Arc;
 
-fn lm_err(e: crate::FusionError) -> LmError {
+pub(crate) fn lm_err(e: crate::FusionError) -> LmError {
     match e {
         crate::FusionError::Lm(e) => e,
         other => LmError::Model(Box::new(other)),
