@@ -426,7 +426,11 @@ fn generate_and_screen_print_json_that_validates() {
     // afm-tiny describes it in sentences, put in the slots: the title and the one real
     // button are read exactly (it also takes the status text "Idle" for a button)
     assert_eq!(d.title, "Ignore Rule", "{d:?}");
-    assert_eq!(d.buttons.first().map(|b| b.label.as_str()), Some("Set Up"), "{d:?}");
+    assert_eq!(
+        d.buttons.first().map(|b| b.label.as_str()),
+        Some("Set Up"),
+        "{d:?}"
+    );
     assert!(d.buttons.len() <= 8, "{d:?}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -73,11 +73,17 @@ fn readme_main_command_captions_the_sample() {
     for group in ["three purple hexagons", "three brown circles"] {
         assert!(c.contains(group), "{group:?} not in {caption:?}");
     }
+    // and nothing that is not there: left free, v20 and v21 added "and a purple triangle";
+    // the caption of a picture is now decoded under a grammar of the found groups
+    // (`afm::fusion::grounded`)
+    for shape in ["triangle", "square", "star", "diamond", "rectangle"] {
+        assert!(!c.contains(shape), "{shape:?} in {caption:?}");
+    }
 }
 
 /// `afm eval` on the shipped model over the first 40 held-out questions per bar. The floors
-/// sit well below what the shipped v17 scores there (easy-VQA 37/40, titles and buttons 33/40,
-/// scene colour and count 34/40; 85.0% / 86.0% / 75.5% over 200 questions, model card) and
+/// sit well below what the shipped v21 scores there (easy-VQA 38/40, titles and buttons 35/40,
+/// scene colour and count 36/40; 91.0% / 89.5% / 86.0% over 200 questions, model card) and
 /// above what a constant answer or a model without its text reader and object finder scores
 /// (scenes 26.5%, titles 2% before them); they catch a broken pipeline (wrong preprocessing,
 /// placeholders, weights, a reader or finder that is not loaded), not a change of a few
@@ -119,12 +125,12 @@ fn eval_of_the_shipped_model_stays_above_its_floor() {
         b["score"]["correct"].as_f64().unwrap() / 40.0
     };
     if with_easy {
-        assert!(frac("easy_vqa") >= 0.40, "{stdout}");
+        assert!(frac("easy_vqa") >= 0.60, "{stdout}");
     }
-    assert!(frac("scene_colour_count") >= 0.50, "{stdout}");
-    assert!(frac("titles_buttons") >= 0.50, "{stdout}");
+    assert!(frac("scene_colour_count") >= 0.65, "{stdout}");
+    assert!(frac("titles_buttons") >= 0.65, "{stdout}");
     frac("other");
-    // the image tokens differ between images (0.282 over 283 images at 200 per bar with v17; a
+    // the image tokens differ between images (0.315 over 283 images at 200 per bar with v21; a
     // collapse onto one set of tokens gives 0)
     let spread = v["image_token_spread"]["value"].as_f64().unwrap();
     assert!(spread > 0.04, "image-token spread {spread}: {stdout}");

@@ -23,6 +23,7 @@ pub mod afm_tiny;
 pub mod config;
 pub mod connector;
 pub mod error;
+pub mod grounded;
 pub mod image_cache;
 pub mod image_processor;
 pub mod model_dir;

@@ -70,7 +70,11 @@ impl ScreenDescription {
                     d.title = bound(t, 60);
                 }
             } else if sentence.starts_with("There is one button") {
-                d.buttons = quoted.iter().take(1).map(|l| button(bound(l, 24))).collect();
+                d.buttons = quoted
+                    .iter()
+                    .take(1)
+                    .map(|l| button(bound(l, 24)))
+                    .collect();
             } else if sentence.starts_with("The buttons are") {
                 // the list ends where ", with \"X\" highlighted" begins
                 let end = sentence.find(", with \"").unwrap_or(sentence.len());
@@ -255,14 +259,23 @@ mod tests {
 
     #[test]
     fn broken_or_foreign_text_gives_empty_slots_within_bounds() {
-        for text in ["", "Hello.", "A window titled \"unclosed", "\"\"\"", "titled \"\"."] {
+        for text in [
+            "",
+            "Hello.",
+            "A window titled \"unclosed",
+            "\"\"\"",
+            "titled \"\".",
+        ] {
             let d = ScreenDescription::from_sentences(text);
             assert!(d.title.is_empty() && d.buttons.is_empty(), "{text}: {d:?}");
         }
         let long = format!(
             "A window titled \"{}\". The buttons are {}.",
             "x".repeat(100),
-            (0..12).map(|i| format!("\"b{i}\"")).collect::<Vec<_>>().join(", ")
+            (0..12)
+                .map(|i| format!("\"b{i}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let d = ScreenDescription::from_sentences(&long);
         assert_eq!(d.title.chars().count(), 60);

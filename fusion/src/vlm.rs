@@ -962,13 +962,21 @@ impl<M: LanguageModel> Vlm<M> {
         })
     }
 
-    /// A caption of an image ([`Self::caption_prompt`]).
+    /// A caption of an image ([`Self::caption_prompt`]). With a text reader and an object
+    /// list (afm-tiny on a picture), decoded under [`crate::grounded::caption_grammar`].
     pub fn caption(
         &self,
         img: &RgbImage,
         opts: &AskOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
+        // afm-tiny on a picture of objects: the caption names what the finder found
+        // ([`crate::grounded`])
+        if self.reader.is_some() {
+            if let Some(a) = self.grounded_caption(img, opts, on_text)? {
+                return Ok(a);
+            }
+        }
         self.ask(img, &self.caption_prompt, opts, on_text)
     }
 
@@ -1107,7 +1115,12 @@ mod tests {
         assert!(is_picture(&[], &[triangle], w, h));
         assert!(is_picture(&[], &[], w, h));
         // a line on open ground, beside the shapes: text
-        assert!(!is_picture(&[r(86, 12, 28, 25), r(150, 200, 60, 12)], &[triangle], w, h));
+        assert!(!is_picture(
+            &[r(86, 12, 28, 25), r(150, 200, 60, 12)],
+            &[triangle],
+            w,
+            h
+        ));
         // two small shapes side by side read as one line ("0 Q"): a picture
         let (a, b) = (r(84, 128, 24, 24), r(112, 126, 25, 25));
         assert!(is_picture(&[r(84, 127, 52, 22)], &[a, b], w, h));

@@ -810,6 +810,37 @@ impl<'m, C: ChatModel + ?Sized> Session<'m, C> {
         }
     }
 
+    /// Answers with free text that follows a Lark `grammar` (llguidance's dialect), streaming
+    /// each new piece to `on_text`. An invalid grammar is an error before anything runs; the
+    /// turn ends when the grammar is complete.
+    pub fn respond_to_grammar_streaming(
+        &mut self,
+        prompt: impl Into<Prompt>,
+        grammar: &str,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Response> {
+        let mut guide = self.guides()?.lark(grammar)?;
+        let n0 = self.transcript.entries.len();
+        self.transcript.entries.push(Entry::Prompt {
+            segments: prompt.into().segments,
+        });
+        match self.step(Some(&mut guide), on_text) {
+            Ok(s) => {
+                self.transcript.entries.push(Entry::Response {
+                    text: s.text.clone(),
+                });
+                Ok(Response {
+                    text: s.text,
+                    stats: s.stats,
+                })
+            }
+            Err(e) => {
+                self.transcript.entries.truncate(n0);
+                Err(e)
+            }
+        }
+    }
+
     /// Answers with a value of `T`, decoded under `T`'s JSON Schema ([`schema_for`]).
     pub fn respond_as<T: DeserializeOwned + schemars::JsonSchema>(
         &mut self,

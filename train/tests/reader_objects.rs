@@ -23,7 +23,10 @@ fn scenes_of_both_splits_are_read_as_their_objects_not_as_text() {
             };
             let (lines, objects) = r.read(&s.image).unwrap();
             let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-            assert!(texts.is_empty(), "{split:?} scene {i}: read as text {texts:?}");
+            assert!(
+                texts.is_empty(),
+                "{split:?} scene {i}: read as text {texts:?}"
+            );
             assert_eq!(
                 objects.len(),
                 t.shapes.len(),
@@ -42,8 +45,15 @@ fn screens_of_both_splits_are_read_as_text_not_as_objects() {
         for i in 0..30 {
             let s = generate(SynthKind::Screen, split, i);
             let (lines, objects) = r.read(&s.image).unwrap();
-            assert!(objects.is_empty(), "{split:?} screen {i}: objects {objects:?}");
-            assert!(lines.len() >= 3, "{split:?} screen {i}: {} lines", lines.len());
+            assert!(
+                objects.is_empty(),
+                "{split:?} screen {i}: objects {objects:?}"
+            );
+            assert!(
+                lines.len() >= 3,
+                "{split:?} screen {i}: {} lines",
+                lines.len()
+            );
         }
     }
 }
