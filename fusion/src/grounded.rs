@@ -28,17 +28,18 @@ const BACKGROUND_COLOURS: &[&str] = &[
     "brown", "cream", "beige", "lavender", "teal", "cyan",
 ];
 
-/// `two` .. `twelve`, else the digits.
+/// `two` .. `nine`, else the digits (as the training captions count).
 fn number_word(n: usize) -> String {
-    const W: [&str; 11] = [
-        "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    const W: [&str; 8] = [
+        "two", "three", "four", "five", "six", "seven", "eight", "nine",
     ];
     W.get(n.wrapping_sub(2))
         .map_or(n.to_string(), |w| w.to_string())
 }
 
-/// `a red circle`, `an orange star`, `three purple hexagons`.
-fn group_phrase(n: usize, colour: &str, shape: &str) -> String {
+/// `a red circle`, `an orange star`, `three purple hexagons`: how a caption names a group
+/// of `n` (at least 1) shapes of one colour. The scene generator's captions use it too.
+pub fn group_phrase(n: usize, colour: &str, shape: &str) -> String {
     if n == 1 {
         let article = if colour.starts_with(['a', 'e', 'i', 'o', 'u']) {
             "an"
@@ -281,6 +282,7 @@ mod tests {
             group_phrase(4, "red", "box"),
             format!("four red {}", plural("box"))
         );
+        assert_eq!(group_phrase(9, "red", "star"), "nine red stars");
         assert_eq!(group_phrase(13, "red", "star"), "13 red stars");
         assert_eq!(orders(3).len(), 6);
         assert_eq!(orders(0), vec![Vec::<usize>::new()]);

@@ -226,15 +226,6 @@ fn draw_shape(img: &mut RgbImage, s: &SceneShape) {
     }
 }
 
-fn number_word(n: usize) -> String {
-    const W: [&str; 10] = [
-        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-    ];
-    W.get(n)
-        .map(|s| s.to_string())
-        .unwrap_or_else(|| n.to_string())
-}
-
 fn article(word: &str) -> &'static str {
     if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
         "an"
@@ -245,11 +236,8 @@ fn article(word: &str) -> &'static str {
 
 /// A group of identical shapes, e.g. "three red circles" or "an orange star".
 fn group_phrase(n: usize, c: Colour, k: ShapeKind) -> String {
-    if n == 1 {
-        format!("{} {} {}", article(c.name()), c.name(), k.name())
-    } else {
-        format!("{} {} {}", number_word(n), c.name(), k.plural())
-    }
+    // one definition for the captions trained on and the grammar they are decoded under
+    afm_fusion::grounded::group_phrase(n, c.name(), k.name())
 }
 
 fn capitalise(s: &str) -> String {
