@@ -181,8 +181,9 @@ impl<M: LanguageModel> Vlm<M> {
     /// A typed description of a screenshot, decoded under [`ScreenDescription`]'s schema
     /// (always valid). A model with a text reader (afm-tiny) instead writes its description
     /// in the sentences it was trained on, put in the schema's slots
-    /// ([`ScreenDescription::from_sentences`]). `opts.max_tokens` is raised to [`ScreenDescription::MAX_TOKENS`] when
-    /// lower; `max_image_tokens` is the image budget (`None`: full resolution).
+    /// ([`ScreenDescription::from_sentences`]). `opts.max_tokens` is raised to
+    /// [`ScreenDescription::MAX_TOKENS`] when lower; `max_image_tokens` is the image budget
+    /// (`None`: full resolution).
     pub fn describe_screen_typed(
         &self,
         img: &RgbImage,

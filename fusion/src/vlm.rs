@@ -110,8 +110,9 @@ impl ScreenReader {
     /// A small flat shape can look like a glyph to the line finder: a dark triangle reads as
     /// "A", a star's point as ",". So the object finder runs on every image, and the image
     /// is taken for a picture of objects, its lines dropped, when every line lies inside an
-    /// object's box (a whole small shape, or a part of one) and no object reaches the image's edge (a window's bars
-    /// and panes do). Otherwise its lines are all kept and no objects are given.
+    /// object's box (a whole small shape, or a part of one) and no object reaches the
+    /// image's edge (a window's bars and panes do), as [`is_picture`] decides. Otherwise its
+    /// lines are all kept and no objects are given.
     pub fn read(
         &self,
         img: &RgbImage,

@@ -595,6 +595,15 @@ struct Step {
     stats: TurnStats,
 }
 
+impl From<Step> for Response {
+    fn from(s: Step) -> Self {
+        Response {
+            text: s.text,
+            stats: s.stats,
+        }
+    }
+}
+
 impl<'m, C: ChatModel + ?Sized> Session<'m, C> {
     pub fn new(model: &'m C) -> Self {
         Self::from_transcript(model, Transcript::default())
@@ -784,19 +793,27 @@ impl<'m, C: ChatModel + ?Sized> Session<'m, C> {
         prompt: impl Into<Prompt>,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Response> {
+        self.text_turn(prompt.into(), |s| {
+            if s.tools.is_empty() {
+                s.step(None, on_text).map(Response::from)
+            } else {
+                s.tool_loop(on_text)
+            }
+        })
+    }
+
+    /// One turn answered in text: `prompt` joins the transcript, `run` answers it, and the
+    /// answer joins the transcript too; on an error the transcript is as it was.
+    fn text_turn(
+        &mut self,
+        prompt: Prompt,
+        run: impl FnOnce(&mut Self) -> Result<Response>,
+    ) -> Result<Response> {
         let n0 = self.transcript.entries.len();
         self.transcript.entries.push(Entry::Prompt {
-            segments: prompt.into().segments,
+            segments: prompt.segments,
         });
-        let r = if self.tools.is_empty() {
-            self.step(None, on_text).map(|s| Response {
-                text: s.text,
-                stats: s.stats,
-            })
-        } else {
-            self.tool_loop(on_text)
-        };
-        match r {
+        match run(self) {
             Ok(r) => {
                 self.transcript.entries.push(Entry::Response {
                     text: r.text.clone(),
@@ -820,25 +837,9 @@ impl<'m, C: ChatModel + ?Sized> Session<'m, C> {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Response> {
         let mut guide = self.guides()?.lark(grammar)?;
-        let n0 = self.transcript.entries.len();
-        self.transcript.entries.push(Entry::Prompt {
-            segments: prompt.into().segments,
-        });
-        match self.step(Some(&mut guide), on_text) {
-            Ok(s) => {
-                self.transcript.entries.push(Entry::Response {
-                    text: s.text.clone(),
-                });
-                Ok(Response {
-                    text: s.text,
-                    stats: s.stats,
-                })
-            }
-            Err(e) => {
-                self.transcript.entries.truncate(n0);
-                Err(e)
-            }
-        }
+        self.text_turn(prompt.into(), |s| {
+            s.step(Some(&mut guide), on_text).map(Response::from)
+        })
     }
 
     /// Answers with a value of `T`, decoded under `T`'s JSON Schema ([`schema_for`]).
