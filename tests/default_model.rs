@@ -79,6 +79,60 @@ fn readme_main_command_captions_the_sample() {
     for shape in ["triangle", "square", "star", "diamond", "rectangle"] {
         assert!(!c.contains(shape), "{shape:?} in {caption:?}");
     }
+    // the background, when named, is the one measured (it is pale green)
+    if c.contains("background") {
+        assert!(c.contains("on a pale green background"), "{caption:?}");
+    }
+}
+
+/// Issue 15's bar: `afm screen assets/images/screen.png` names the title and every button
+/// exactly, and no other button (the truth is the screenshot's label in
+/// `assets/images/labels.jsonl`). Left free, v21 added a button "Erase" and took the title and
+/// the button for checkboxes; a screenshot's description is now decoded under a grammar of
+/// the lines its reader read (`afm::fusion::grounded_screen`).
+#[test]
+fn afm_screen_names_the_title_and_every_button() {
+    let Some(gguf) = common::smollm2_gguf() else {
+        return;
+    };
+    let labels =
+        std::fs::read_to_string(common::root().join("assets/images/labels.jsonl")).unwrap();
+    let label: Value = labels
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["file"] == "screen.png")
+        .unwrap();
+    let truth = &label["truth"]["screen"];
+    let title = truth["title"]["text"].as_str().unwrap();
+    let mut buttons: Vec<&str> = truth["buttons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["label"]["text"].as_str().unwrap())
+        .collect();
+    buttons.sort();
+    let home = std::env::temp_dir().join("afm-default-model-no-cache");
+    for json in [false, true] {
+        let mut c = afm();
+        c.env("AFM_SMOLLM2_GGUF", &gguf)
+            .env("AFM_HOME", &home)
+            .arg("screen");
+        if json {
+            c.arg("--json");
+        }
+        let out = c.arg("assets/images/screen.png").output().unwrap();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{stderr}");
+        let d = if json {
+            serde_json::from_str::<afm::fusion::ScreenDescription>(&stdout).unwrap()
+        } else {
+            afm::fusion::ScreenDescription::from_sentences(&stdout)
+        };
+        assert_eq!(d.title, title, "{stdout}");
+        let mut named: Vec<&str> = d.buttons.iter().map(|b| b.label.as_str()).collect();
+        named.sort();
+        assert_eq!(named, buttons, "{stdout}");
+    }
 }
 
 /// `afm eval` on the shipped model over the first 40 held-out questions per bar. The floors

@@ -90,7 +90,8 @@ fn screen_describes_the_screenshot() {
     };
     let d: afm::fusion::ScreenDescription = serde_json::from_str(&out).expect("typed JSON");
     assert_eq!(d.title, "Ignore Rule", "{out}");
-    assert!(d.buttons.iter().any(|b| b.label == "Set Up"), "{out}");
+    let buttons: Vec<&str> = d.buttons.iter().map(|b| b.label.as_str()).collect();
+    assert_eq!(buttons, ["Set Up"], "{out}");
     assert!(err.contains("image tokens"), "{err}");
 }
 

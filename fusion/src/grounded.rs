@@ -11,7 +11,7 @@
 //! but every group it names comes from the list, each once, with the list's count.
 
 use crate::session::attachment;
-use crate::vlm::{Answer, AskOptions, Vlm};
+use crate::vlm::{Answer, AskOptions, EncodedImage, Vlm};
 use afm_lm::generate::{Generation, GenerationStats};
 use afm_lm::{GenerationOptions, LanguageModel, Prompt, Session};
 use afm_vision::objects::{groups, plural, SeenObject};
@@ -60,7 +60,7 @@ fn capitalise(s: &str) -> String {
 }
 
 /// `a, b and c`.
-fn join_and(items: &[String]) -> String {
+pub(crate) fn join_and(items: &[String]) -> String {
     match items {
         [] => String::new(),
         [one] => one.clone(),
@@ -69,7 +69,7 @@ fn join_and(items: &[String]) -> String {
 }
 
 /// Every order of `0..n`.
-fn orders(n: usize) -> Vec<Vec<usize>> {
+pub(crate) fn orders(n: usize) -> Vec<Vec<usize>> {
     if n == 0 {
         return vec![Vec::new()];
     }
@@ -86,7 +86,7 @@ fn orders(n: usize) -> Vec<Vec<usize>> {
 
 /// A Lark string literal of `s` (no character of a caption needs more than `"` and `\`
 /// escaped).
-fn lit(s: &str) -> String {
+pub(crate) fn lit(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
@@ -96,7 +96,11 @@ fn lit(s: &str) -> String {
 /// where the two are different single shapes of the list, named as the generator's captions
 /// name them (the shape alone when it is the only one of its kind, else colour and shape). `None`
 /// when no objects were found.
-pub fn caption_grammar(objects: &[SeenObject]) -> Option<String> {
+///
+/// `ground` is the name of the picture's background when it was measured
+/// ([`afm_vision::objects::ground_name`]): the caption may then name only that one (`on a pale
+/// green background.`). `None`: any of the basic names, light, pale or dark.
+pub fn caption_grammar(objects: &[SeenObject], ground: Option<&str>) -> Option<String> {
     let g = groups(objects);
     if g.is_empty() {
         return None;
@@ -127,16 +131,31 @@ pub fn caption_grammar(objects: &[SeenObject]) -> Option<String> {
             }
         })
         .collect();
+    let background = match ground {
+        Some(name) => {
+            let article = if name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            lit(&format!(" on {article} {name} background."))
+        }
+        None => "\" on a \" tone? colour \" background.\"".to_string(),
+    };
     let mut grammar = format!(
         "start: list end\n\
-         end: \".\" | \" on a \" tone? colour \" background.\"{}\n\
-         list: {}\n\
-         tone: \"light \" | \"pale \" | \"dark \"\n\
-         colour: {}\n",
+         end: \".\" | {background}{}\n\
+         list: {}\n",
         if refs.len() >= 2 { " place?" } else { "" },
         lists.iter().map(|l| lit(l)).collect::<Vec<_>>().join(" | "),
-        backgrounds.join(" | "),
     );
+    if ground.is_none() {
+        grammar.push_str(&format!(
+            "tone: \"light \" | \"pale \" | \"dark \"\n\
+             colour: {}\n",
+            backgrounds.join(" | ")
+        ));
+    }
     if refs.len() >= 2 {
         // every ordered pair of two different shapes
         let mut pairs = Vec::new();
@@ -168,21 +187,37 @@ impl<M: LanguageModel> Vlm<M> {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> crate::Result<Option<Answer>> {
         let enc = self.encode_image(img, opts.max_image_tokens)?;
-        let Some(grammar) = caption_grammar(&enc.objects) else {
+        let ground = afm_vision::objects::ground(img).map(afm_vision::objects::ground_name);
+        let Some(grammar) = caption_grammar(&enc.objects, ground.as_deref()) else {
             return Ok(None);
         };
+        self.answer_under_grammar(img, &enc, self.caption_prompt(), &grammar, opts, on_text)
+            .map(Some)
+    }
+
+    /// `request` about `img` (already encoded as `enc`), answered under the Lark `grammar`
+    /// in a fresh session, streaming each piece to `on_text`.
+    pub(crate) fn answer_under_grammar(
+        &self,
+        img: &RgbImage,
+        enc: &EncodedImage,
+        request: &str,
+        grammar: &str,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> crate::Result<Answer> {
         let mut s = Session::new(self);
         s.options = GenerationOptions::from_generate_options(&opts.generate);
         let p = Prompt::default()
             .image(attachment(img).with_max_tokens(opts.max_image_tokens))
-            .then(self.caption_prompt().to_string());
-        let r = s.respond_to_grammar_streaming(p, &grammar, on_text)?;
+            .then(request.to_string());
+        let r = s.respond_to_grammar_streaming(p, grammar, on_text)?;
         let ids = self.tokenizer().encode(&r.text)?;
-        Ok(Some(Answer {
+        Ok(Answer {
             generation: Generation {
                 text: r.text,
                 ids,
-                // the session keeps no logits; nothing reads them from a caption
+                // the session keeps no logits; nothing reads them from a grounded answer
                 first_logits: Vec::new(),
                 stats: GenerationStats {
                     prompt_tokens: r.stats.prompt_tokens,
@@ -196,13 +231,35 @@ impl<M: LanguageModel> Vlm<M> {
             encode_secs: enc.encode_secs,
             image_from_cache: enc.from_cache,
             prompt_tokens: r.stats.prompt_tokens,
-        }))
+        })
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use afm_lm::guided::GuideFactory;
+    use afm_lm::Tokenizer;
+
+    /// Whether `grammar` takes `text` whole.
+    pub(crate) fn accepts(grammar: &str, text: &str) -> bool {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/hf_tiny_idefics3");
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let vocab = tok.inner().get_vocab_size(true);
+        let eos = tok.eos_ids().to_vec();
+        let f = GuideFactory::new(&tok, vocab, &eos).unwrap();
+        let mut guide = f.lark(grammar).unwrap();
+        let enc = tok.inner().encode(text, false).unwrap();
+        for &id in enc.get_ids() {
+            let bytes = tok.decode(&[id], false).unwrap();
+            if guide.consume(id, bytes.as_bytes()).is_err() {
+                return false;
+            }
+        }
+        guide.is_accepting()
+    }
+
     use afm_vision::reader::Region;
 
     fn obj(colour: &'static str, shape: &str) -> SeenObject {
@@ -222,7 +279,7 @@ mod tests {
 
     #[test]
     fn the_grammar_names_every_found_group_once_in_any_order() {
-        assert!(caption_grammar(&[]).is_none());
+        assert!(caption_grammar(&[], None).is_none());
         let o = [
             obj("purple", "hexagon"),
             obj("brown", "circle"),
@@ -231,7 +288,7 @@ mod tests {
             obj("purple", "hexagon"),
             obj("brown", "circle"),
         ];
-        let g = caption_grammar(&o).unwrap();
+        let g = caption_grammar(&o, None).unwrap();
         assert!(
             g.contains("\"Three purple hexagons and three brown circles\""),
             "{g}"
@@ -250,7 +307,34 @@ mod tests {
             obj("black", "square"),
             obj("black", "square"),
         ];
-        let g = caption_grammar(&o).unwrap();
+        let g = caption_grammar(&o, Some("pale green")).unwrap();
+        // a measured background is the only one the caption may name
+        assert!(
+            g.contains("end: \".\" | \" on a pale green background.\" place?"),
+            "{g}"
+        );
+        assert!(!g.contains("colour:"), "{g}");
+        assert!(accepts(
+            &g,
+            "Two black squares, a green star, a green diamond and an orange star on a pale \
+             green background. The diamond is below the green star."
+        ));
+        assert!(accepts(
+            &g,
+            "An orange star, a green diamond, a green star and two black squares."
+        ));
+        for bad in [
+            // the wrong background, a count changed, a group left out, a shape added
+            "Two black squares, a green star, a green diamond and an orange star on a white \
+             background.",
+            "Three black squares, a green star, a green diamond and an orange star.",
+            "Two black squares, a green star and a green diamond.",
+            "Two black squares, a green star, a green diamond, an orange star and a red circle.",
+        ] {
+            assert!(!accepts(&g, bad), "{bad}");
+        }
+        let g2 = caption_grammar(&o, Some("orange")).unwrap();
+        assert!(g2.contains("\" on an orange background.\""), "{g2}");
         let list = g.lines().find(|l| l.starts_with("list: ")).unwrap();
         assert_eq!(list.matches(" | ").count() + 1, 24, "{g}");
         assert!(

@@ -24,6 +24,7 @@ pub mod config;
 pub mod connector;
 pub mod error;
 pub mod grounded;
+pub mod grounded_screen;
 pub mod image_cache;
 pub mod image_processor;
 pub mod model_dir;

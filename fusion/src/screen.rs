@@ -93,7 +93,11 @@ impl ScreenDescription {
                     })
                     .collect();
             } else if sentence.starts_with("A list shows") {
-                d.list_items = quoted.iter().take(8).map(|t| bound(t, 40)).collect();
+                d.list_items = list_items(sentence)
+                    .iter()
+                    .take(8)
+                    .map(|t| bound(t, 40))
+                    .collect();
             } else if sentence.ends_with("is selected") && quoted.len() == 1 {
                 d.selected_item = Some(bound(quoted[0], 40));
             }
@@ -149,6 +153,28 @@ fn quoted_after(s: &str, from: usize) -> Option<&str> {
     Some(&rest[a..a + b])
 }
 
+/// The items of `A list shows 3 items: Oslo, Rome and Lima` (the generator's sentence names
+/// them unquoted; quoted items are taken as quoted).
+fn list_items(sentence: &str) -> Vec<&str> {
+    let Some(colon) = sentence.find(':') else {
+        return Vec::new();
+    };
+    let rest = sentence[colon + 1..].trim();
+    let quoted = quoted_in(rest);
+    if !quoted.is_empty() {
+        return quoted;
+    }
+    let (init, last) = match rest.rfind(" and ") {
+        Some(k) => (&rest[..k], Some(&rest[k + " and ".len()..])),
+        None => (rest, None),
+    };
+    init.split(", ")
+        .chain(last)
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
 /// `(label, value)` of each `Label containing "value"` in a text-field sentence.
 fn fields(sentence: &str) -> Vec<(&str, &str)> {
     let Some(colon) = sentence.find(':') else {
@@ -180,7 +206,8 @@ const SENTENCE_TOKENS: usize = 256;
 impl<M: LanguageModel> Vlm<M> {
     /// A typed description of a screenshot, decoded under [`ScreenDescription`]'s schema
     /// (always valid). A model with a text reader (afm-tiny) instead writes its description
-    /// in the sentences it was trained on, put in the schema's slots
+    /// in the sentences it was trained on ([`Vlm::describe_screen`], under the grammar of
+    /// [`crate::grounded_screen`]), put in the schema's slots
     /// ([`ScreenDescription::from_sentences`]). `opts.max_tokens` is raised to
     /// [`ScreenDescription::MAX_TOKENS`] when lower; `max_image_tokens` is the image budget
     /// (`None`: full resolution).
@@ -228,8 +255,8 @@ mod tests {
         let d = ScreenDescription::from_sentences(
             "A maximised window titled \"Backup v2.1\" with the menus File and Edit. It has 2 \
              text fields: Size containing \"275 MB\" and Name containing \"Emma. Evans\". \
-             Checkbox: \"Name\" (unchecked). A list shows 3 items: \"Oslo\", \"Rome\" and \
-             \"Lima\". \"Rome\" is selected. The buttons are \"Set Up\", \"Help\" and \
+             Checkbox: \"Name\" (unchecked). A list shows 3 items: Oslo, Rome and Lima. \
+             \"Rome\" is selected. The buttons are \"Set Up\", \"Help\" and \
              \"Cancel\", with \"Set Up\" highlighted. The status bar reads \"Idle\".",
         );
         assert_eq!(d.title, "Backup v2.1");
@@ -256,6 +283,13 @@ mod tests {
         assert_eq!(d.fields.len(), 3);
         assert_eq!(d.fields[2].label, "Country");
         assert!(d.list_items.is_empty() && d.selected_item.is_none());
+        // quoted items are taken as quoted; a one-item list
+        let d = ScreenDescription::from_sentences(
+            "A window titled \"T\". A list shows 2 items: \"Oslo, Norway\" and \"Rome\".",
+        );
+        assert_eq!(d.list_items, ["Oslo, Norway", "Rome"]);
+        let d = ScreenDescription::from_sentences("A list shows 1 item: Lima.");
+        assert_eq!(d.list_items, ["Lima"]);
     }
 
     #[test]

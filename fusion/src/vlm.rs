@@ -964,7 +964,9 @@ impl<M: LanguageModel> Vlm<M> {
     }
 
     /// A caption of an image ([`Self::caption_prompt`]). With a text reader and an object
-    /// list (afm-tiny on a picture), decoded under [`crate::grounded::caption_grammar`].
+    /// list (afm-tiny on a picture), decoded under [`crate::grounded::caption_grammar`]; with
+    /// a text reader that read lines (afm-tiny on a screenshot, whose caption is its
+    /// description), under [`crate::grounded_screen::screen_grammar`].
     pub fn caption(
         &self,
         img: &RgbImage,
@@ -976,6 +978,11 @@ impl<M: LanguageModel> Vlm<M> {
         if self.reader.is_some() {
             if let Some(a) = self.grounded_caption(img, opts, on_text)? {
                 return Ok(a);
+            }
+            if self.screen_prompt == self.caption_prompt {
+                if let Some(a) = self.grounded_screen(img, opts, on_text)? {
+                    return Ok(a);
+                }
             }
         }
         self.ask(img, &self.caption_prompt, opts, on_text)
@@ -1004,13 +1011,20 @@ impl<M: LanguageModel> Vlm<M> {
 
     /// A description of a screenshot ([`Self::screen_prompt`]; afm-tiny's is its caption
     /// prompt: it learnt screenshot descriptions as captions), at the processor's full
-    /// resolution unless the caller sets a budget.
+    /// resolution unless the caller sets a budget. With a text reader that read lines
+    /// (afm-tiny on a screenshot), decoded under
+    /// [`crate::grounded_screen::screen_grammar`].
     pub fn describe_screen(
         &self,
         img: &RgbImage,
         opts: &AskOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
+        if self.reader.is_some() {
+            if let Some(a) = self.grounded_screen(img, opts, on_text)? {
+                return Ok(a);
+            }
+        }
         self.ask(img, &self.screen_prompt, opts, on_text)
     }
 }

@@ -393,6 +393,35 @@ pub fn colour_name(rgb: [u8; 3]) -> &'static str {
         .map_or("gray", |r| r.0)
 }
 
+/// The name of a flat ground colour (a picture's background), as captions name it: near
+/// white `white`; a pale colour by its hue, `light gray`, `cream` (yellowish), `pale green`,
+/// `pale blue`, `lavender` (violet) or `pale pink`; a darker one by its basic colour term
+/// ([`colour_name`]), `dark ` before it when it is deep (CIELAB lightness under 35).
+pub fn ground_name(rgb: [u8; 3]) -> String {
+    let [l, a, b] = lab(rgb);
+    let chroma = a.hypot(b);
+    if l >= 80.0 {
+        if chroma < 4.0 {
+            return if l >= 98.0 { "white" } else { "light gray" }.to_string();
+        }
+        let hue = b.atan2(a).to_degrees().rem_euclid(360.0);
+        return match hue {
+            h if (45.0..115.0).contains(&h) => "cream",
+            h if (115.0..200.0).contains(&h) => "pale green",
+            h if (200.0..290.0).contains(&h) => "pale blue",
+            h if (290.0..345.0).contains(&h) => "lavender",
+            _ => "pale pink",
+        }
+        .to_string();
+    }
+    let name = colour_name(rgb);
+    if l < 35.0 && name != "black" {
+        format!("dark {name}")
+    } else {
+        name.to_string()
+    }
+}
+
 /// English plural of a shape name.
 pub fn plural(noun: &str) -> String {
     if noun.ends_with('s') || noun.ends_with('x') || noun.ends_with("sh") || noun.ends_with("ch") {
@@ -425,6 +454,24 @@ mod tests {
             if (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2) <= r * r {
                 *p = Rgb(c);
             }
+        }
+    }
+
+    #[test]
+    fn grounds_are_named_by_lightness_and_hue() {
+        for (name, rgb) in [
+            ("white", [255, 255, 255]),
+            ("light gray", [235, 235, 235]),
+            ("cream", [250, 243, 224]),
+            ("pale blue", [225, 236, 250]),
+            ("pale green", [228, 245, 228]),
+            ("lavender", [240, 232, 252]),
+            ("pale pink", [252, 228, 232]),
+            ("blue", [40, 90, 200]),
+            ("dark green", [0, 70, 0]),
+            ("black", [5, 5, 5]),
+        ] {
+            assert_eq!(ground_name(rgb), name, "{rgb:?}");
         }
     }
 

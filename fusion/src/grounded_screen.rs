@@ -1,0 +1,406 @@
+//! Grounded screen descriptions: afm-tiny's description of a screenshot, decoded under a
+//! grammar built from the lines its text reader read, so that every text it quotes or names
+//! is one it read, and its buttons are exactly the lines the reader found in boxes.
+//!
+//! afm-tiny's language model describes a screenshot in the sentences it was trained on (the
+//! screen generator's `describe`): `A dialog titled "Ignore Rule". It has 3 text fields: Size
+//! containing "275 MB", ... There is one button, "Set Up". The status bar reads "Idle".`
+//! Free, it sometimes names a button that is not there ("Erase") or calls the title a
+//! checkbox. Under [`screen_grammar`] it still chooses which line is the title, which are
+//! fields, values, checkboxes, list items, the message and the status, and whether each
+//! sentence is there at all; but
+//! * every quoted or named text is a line the reader read, the title one of the lines not in
+//!   a box, and no sentence but the buttons' uses the title or a boxed line;
+//! * the buttons are the boxed lines ([`crate::vlm::ReadLine::boxed`]), each once, in any
+//!   order (the reader's order past [`MAX_ORDERED_BUTTONS`]), and only the line the reader
+//!   found highlighted may be called highlighted. When no line is boxed, the buttons are
+//!   1-4 of the other lines.
+
+use crate::grounded::{join_and, lit, orders};
+use crate::vlm::{Answer, AskOptions, ReadLine, Vlm};
+use afm_lm::LanguageModel;
+use image::RgbImage;
+
+/// Most boxed lines whose every order the grammar offers (5! = 120 orders); with more, the
+/// reader's order (top to bottom) is the only one.
+pub const MAX_ORDERED_BUTTONS: usize = 5;
+
+/// Most text fields, checkboxes, list items and menus one sentence may name (the schema's
+/// and the generator's bounds).
+const MAX_ITEMS: usize = 6;
+
+/// Most buttons named when the reader found no boxed line.
+const MAX_UNBOXED_BUTTONS: usize = 4;
+
+/// `a, b and c` over grammar terms: `x_1 ", " x_2 " and " x_3`, for `k` copies of `term`.
+fn listed(term: &str, k: usize) -> String {
+    match k {
+        0 => String::new(),
+        1 => term.to_string(),
+        _ => {
+            let mut parts = vec![term.to_string(); k - 1].join(" \", \" ");
+            parts.push_str(&format!(" \" and \" {term}"));
+            parts
+        }
+    }
+}
+
+/// `1 item` / `3 items`, as the generator counts.
+fn counted(k: usize, one: &str, many: &str) -> String {
+    if k == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{k} {many}")
+    }
+}
+
+/// The grammar (llguidance's Lark) of a description of a screenshot whose reader read
+/// `lines` (module docs). `None` when fewer than two different lines were read: a screenshot
+/// has at least a title and a button, and a lone line is more often a shape read as a glyph
+/// (an easy-VQA triangle read as "A"), whose caption is better left free.
+pub fn screen_grammar(lines: &[ReadLine]) -> Option<String> {
+    let mut texts: Vec<&str> = Vec::new();
+    for l in lines {
+        if !l.text.is_empty() && !texts.contains(&l.text.as_str()) {
+            texts.push(&l.text);
+        }
+    }
+    if texts.len() < 2 {
+        return None;
+    }
+    let is_boxed = |t: &str| lines.iter().any(|l| l.text == t && l.boxed);
+    let boxed: Vec<&str> = texts.iter().copied().filter(|t| is_boxed(t)).collect();
+    let plain: Vec<&str> = texts.iter().copied().filter(|t| !is_boxed(t)).collect();
+    let highlighted: Option<&str> = lines
+        .iter()
+        .find(|l| l.highlighted && l.boxed)
+        .map(|l| l.text.as_str());
+    let quoted = |t: &str| lit(&format!("\"{t}\""));
+
+    let mut g = String::new();
+    // the title: a line not in a box (any line when all are)
+    let titles: Vec<&str> = if plain.is_empty() {
+        texts.clone()
+    } else {
+        plain.clone()
+    };
+    let heads: Vec<String> = (0..titles.len()).map(|i| format!("head{i}")).collect();
+    g.push_str(&format!("start: {}\n", heads.join(" | ")));
+    g.push_str("how: \"A \" | \"A maximised \"\nkind: \"window\" | \"dialog\"\n");
+    g.push_str("check: \" (checked)\" | \" (unchecked)\"\n");
+    g.push_str(&buttons_rules(&boxed, highlighted));
+    for (i, title) in titles.iter().enumerate() {
+        // what the other sentences may use: the lines that are neither the title nor boxed
+        let others: Vec<&str> = plain.iter().copied().filter(|t| t != title).collect();
+        let q = format!("q{i}");
+        let w = format!("w{i}");
+        let has_others = !others.is_empty();
+        if has_others {
+            g.push_str(&format!(
+                "{q}: {}\n{w}: {}\n",
+                others
+                    .iter()
+                    .map(|t| quoted(t))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                others
+                    .iter()
+                    .map(|t| lit(t))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            ));
+        }
+        let n = others.len().min(MAX_ITEMS);
+        let mut body = Vec::new();
+        if has_others {
+            // `with the menus File and Edit`
+            let menus: Vec<String> = (1..=n.min(4)).map(|k| listed(&w, k)).collect();
+            g.push_str(&format!(
+                "menus{i}: \" with the menus \" ({})\n",
+                menus.join(" | ")
+            ));
+            // `It says "..."`
+            g.push_str(&format!("message{i}: \" It says \" {q} \".\"\n"));
+            // `It has 2 text fields: Size containing "275 MB" and Name containing "Ann".`
+            g.push_str(&format!("field{i}: {w} \" containing \" {q}\n"));
+            let fields: Vec<String> = (1..=n)
+                .map(|k| {
+                    format!(
+                        "{} {}",
+                        lit(&format!(
+                            " It has {}: ",
+                            counted(k, "text field", "text fields")
+                        )),
+                        listed(&format!("field{i}"), k)
+                    )
+                })
+                .collect();
+            g.push_str(&format!("fields{i}: ({}) \".\"\n", fields.join(" | ")));
+            // `Checkboxes: "A" (checked) and "B" (unchecked).`
+            g.push_str(&format!("box{i}: {q} check\n"));
+            let mut checks = vec![format!("\" Checkbox: \" box{i}")];
+            checks.extend(
+                (2..=n).map(|k| format!("\" Checkboxes: \" {}", listed(&format!("box{i}"), k))),
+            );
+            g.push_str(&format!("checks{i}: ({}) \".\"\n", checks.join(" | ")));
+            // `A list shows 3 items: Oslo, Rome and Lima. "Rome" is selected.`
+            let lists: Vec<String> = (1..=n)
+                .map(|k| {
+                    format!(
+                        "{} {}",
+                        lit(&format!(" A list shows {}: ", counted(k, "item", "items"))),
+                        listed(&w, k)
+                    )
+                })
+                .collect();
+            g.push_str(&format!(
+                "list{i}: ({}) \".\" (\" \" {q} \" is selected.\")?\n",
+                lists.join(" | ")
+            ));
+            g.push_str(&format!(
+                "status{i}: \" The status bar reads \" {q} \".\"\n"
+            ));
+            body.extend([
+                format!("message{i}?"),
+                format!("fields{i}?"),
+                format!("checks{i}?"),
+                format!("list{i}?"),
+            ]);
+        }
+        body.push(if boxed.is_empty() {
+            format!("unboxed{i}")
+        } else {
+            "buttons".to_string()
+        });
+        if has_others {
+            body.push(format!("status{i}?"));
+        }
+        if boxed.is_empty() {
+            g.push_str(&unboxed_rules(i, &others, title));
+        }
+        g.push_str(&format!(
+            "head{i}: how kind {}{} \".\" {}\n",
+            lit(&format!(" titled \"{title}\"")),
+            if has_others {
+                format!(" menus{i}?")
+            } else {
+                String::new()
+            },
+            body.join(" ")
+        ));
+    }
+    Some(g)
+}
+
+/// The `buttons` rule over the boxed lines (empty: none).
+fn buttons_rules(boxed: &[&str], highlighted: Option<&str>) -> String {
+    let quoted = |t: &str| format!("\"{t}\"");
+    match boxed {
+        [] => String::new(),
+        [one] => format!(
+            "buttons: {}\n",
+            lit(&format!(" There is one button, {}.", quoted(one)))
+        ),
+        _ => {
+            let lists: Vec<String> = if boxed.len() <= MAX_ORDERED_BUTTONS {
+                orders(boxed.len())
+                    .into_iter()
+                    .map(|o| {
+                        let q: Vec<String> = o.iter().map(|&k| quoted(boxed[k])).collect();
+                        lit(&join_and(&q))
+                    })
+                    .collect()
+            } else {
+                let q: Vec<String> = boxed.iter().map(|t| quoted(t)).collect();
+                vec![lit(&join_and(&q))]
+            };
+            let hl: Vec<String> = match highlighted {
+                Some(h) => vec![lit(&format!(", with {} highlighted", quoted(h)))],
+                None => boxed
+                    .iter()
+                    .map(|b| lit(&format!(", with {} highlighted", quoted(b))))
+                    .collect(),
+            };
+            format!(
+                "buttons: \" The buttons are \" ({}) ({})? \".\"\n",
+                lists.join(" | "),
+                hl.join(" | ")
+            )
+        }
+    }
+}
+
+/// The `unboxed{i}` rule: 1-4 buttons among the lines (the title's branch `i`) when the
+/// reader found no boxed line.
+fn unboxed_rules(i: usize, others: &[&str], title: &str) -> String {
+    let pool: Vec<&str> = if others.is_empty() {
+        vec![title]
+    } else {
+        others.to_vec()
+    };
+    let b = format!("b{i}");
+    let mut g = format!(
+        "{b}: {}\n",
+        pool.iter()
+            .map(|t| lit(&format!("\"{t}\"")))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let mut alts = vec![format!("\" There is one button, \" {b} \".\"")];
+    for k in 2..=pool.len().min(MAX_UNBOXED_BUTTONS) {
+        alts.push(format!(
+            "\" The buttons are \" {} (\", with \" {b} \" highlighted\")? \".\"",
+            listed(&b, k)
+        ));
+    }
+    g.push_str(&format!("unboxed{i}: {}\n", alts.join(" | ")));
+    g
+}
+
+impl<M: LanguageModel> Vlm<M> {
+    /// [`Vlm::describe_screen`] of a screenshot whose lines were read, decoded under
+    /// [`screen_grammar`] (module docs). `None` when it has no grammar (fewer than two
+    /// different lines read).
+    pub(crate) fn grounded_screen(
+        &self,
+        img: &RgbImage,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> crate::Result<Option<Answer>> {
+        let enc = self.encode_image(img, opts.max_image_tokens)?;
+        let Some(grammar) = enc.text.as_deref().and_then(screen_grammar) else {
+            return Ok(None);
+        };
+        self.answer_under_grammar(img, &enc, self.screen_prompt(), &grammar, opts, on_text)
+            .map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grounded::tests::accepts;
+    use afm_vision::reader::Region;
+
+    fn line(text: &str, boxed: bool, highlighted: bool) -> ReadLine {
+        ReadLine {
+            text: text.into(),
+            region: Region {
+                x: 0,
+                y: 0,
+                w: 1,
+                h: 1,
+            },
+            boxed,
+            highlighted,
+        }
+    }
+
+    /// What the reader read off `assets/images/screen.png`.
+    fn screen_png() -> Vec<ReadLine> {
+        let mut l: Vec<ReadLine> = [
+            "Ignore Rule",
+            "C1",
+            "X",
+            "Size",
+            "275 MB",
+            "Name",
+            "Emma Evans",
+            "Country",
+            "Norway",
+        ]
+        .iter()
+        .map(|t| line(t, false, false))
+        .collect();
+        l.push(line("Set Up", true, true));
+        l.push(line("Idle", false, false));
+        l
+    }
+
+    #[test]
+    fn the_description_quotes_only_read_lines_and_names_the_boxed_ones_as_buttons() {
+        assert!(screen_grammar(&[]).is_none());
+        assert!(screen_grammar(&[line("A", false, false)]).is_none());
+        assert!(screen_grammar(&[line("A", false, false), line("A", true, false)]).is_none());
+        let g = screen_grammar(&screen_png()).unwrap();
+        // the truth of screen.png, as the generator writes it
+        let truth = "A dialog titled \"Ignore Rule\". It has 3 text fields: Size containing \
+                     \"275 MB\", Name containing \"Emma Evans\" and Country containing \
+                     \"Norway\". There is one button, \"Set Up\". The status bar reads \"Idle\".";
+        assert!(accepts(&g, truth), "{g}");
+        assert!(accepts(
+            &g,
+            "A window titled \"Ignore Rule\". There is one button, \"Set Up\"."
+        ));
+        // a button that was not read, a second button, an unboxed line as a button
+        for bad in [
+            "A dialog titled \"Ignore Rule\". The buttons are \"Set Up\" and \"Erase\".",
+            "A dialog titled \"Ignore Rule\". The buttons are \"Set Up\" and \"Idle\".",
+            "A dialog titled \"Ignore Rule\". There is one button, \"Idle\".",
+            // no button sentence
+            "A dialog titled \"Ignore Rule\". The status bar reads \"Idle\".",
+            // the title or the button as a checkbox
+            "A dialog titled \"Ignore Rule\". Checkbox: \"Ignore Rule\" (checked). There is \
+             one button, \"Set Up\".",
+            "A dialog titled \"Ignore Rule\". Checkbox: \"Set Up\" (checked). There is one \
+             button, \"Set Up\".",
+            // a boxed line as the title, a text not read
+            "A dialog titled \"Set Up\". There is one button, \"Set Up\".",
+            "A dialog titled \"Backup\". There is one button, \"Set Up\".",
+        ] {
+            assert!(!accepts(&g, bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn several_buttons_any_order_and_only_the_highlighted_one_highlighted() {
+        let lines = [
+            line("Export", false, false),
+            line("Oslo", false, false),
+            line("Rome", false, false),
+            line("OK", true, true),
+            line("Cancel", true, false),
+        ];
+        let g = screen_grammar(&lines).unwrap();
+        for good in [
+            "A window titled \"Export\". The buttons are \"OK\" and \"Cancel\".",
+            "A window titled \"Export\". The buttons are \"Cancel\" and \"OK\", with \"OK\" \
+             highlighted.",
+            "A maximised window titled \"Export\" with the menus Oslo and Rome. A list shows \
+             2 items: Oslo and Rome. \"Rome\" is selected. The buttons are \"OK\" and \
+             \"Cancel\".",
+        ] {
+            assert!(accepts(&g, good), "{good}\n{g}");
+        }
+        for bad in [
+            "A window titled \"Export\". There is one button, \"OK\".",
+            "A window titled \"Export\". The buttons are \"OK\", \"Cancel\" and \"OK\".",
+            "A window titled \"Export\". The buttons are \"OK\" and \"Cancel\", with \
+             \"Cancel\" highlighted.",
+        ] {
+            assert!(!accepts(&g, bad), "{bad}");
+        }
+        // no boxed line: the buttons come from the other lines
+        let lines = [
+            line("Export", false, false),
+            line("OK", false, false),
+            line("Cancel", false, false),
+        ];
+        let g = screen_grammar(&lines).unwrap();
+        assert!(accepts(
+            &g,
+            "A window titled \"Export\". The buttons are \"OK\" and \"Cancel\"."
+        ));
+        assert!(!accepts(
+            &g,
+            "A window titled \"Export\". There is one button, \"Export\"."
+        ));
+        // quotes in a read line are escaped in the grammar
+        let g =
+            screen_grammar(&[line("Say \"hi\"", false, false), line("Go", true, false)]).unwrap();
+        assert!(accepts(
+            &g,
+            "A window titled \"Say \"hi\"\". There is one button, \"Go\"."
+        ));
+    }
+}
