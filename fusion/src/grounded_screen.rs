@@ -11,10 +11,10 @@
 //! sentence is there at all; but
 //! * every quoted or named text is a line the reader read, the title one of the lines not in
 //!   a box, and no sentence but the buttons' uses the title or a boxed line;
-//! * the buttons are the boxed lines ([`crate::vlm::ReadLine::boxed`]), each once, in any
-//!   order (the reader's order past [`MAX_ORDERED_BUTTONS`]), and only the line the reader
-//!   found highlighted may be called highlighted. When no line is boxed, the buttons are
-//!   1-4 of the other lines.
+//! * the buttons are the boxed lines ([`crate::vlm::ReadLine::boxed`]) and the lines in a
+//!   boxed line's row, each once, in any order (the reader's order past
+//!   [`MAX_ORDERED_BUTTONS`]), and only the line the reader found highlighted may be called
+//!   highlighted. When no line is boxed, the buttons are 1-4 of the other lines.
 
 use crate::grounded::{join_and, lit, orders};
 use crate::vlm::{Answer, AskOptions, ReadLine, Vlm};
@@ -68,7 +68,11 @@ pub fn screen_grammar(lines: &[ReadLine]) -> Option<String> {
     if texts.len() < 2 {
         return None;
     }
-    let is_boxed = |t: &str| lines.iter().any(|l| l.text == t && l.boxed);
+    let is_boxed = |t: &str| {
+        lines
+            .iter()
+            .any(|l| l.text == t && (l.boxed || beside_a_button(l, lines)))
+    };
     let boxed: Vec<&str> = texts.iter().copied().filter(|t| is_boxed(t)).collect();
     let plain: Vec<&str> = texts.iter().copied().filter(|t| !is_boxed(t)).collect();
     let highlighted: Option<&str> = lines
@@ -192,6 +196,20 @@ pub fn screen_grammar(lines: &[ReadLine]) -> Option<String> {
     Some(g)
 }
 
+/// Whether `l`, not boxed itself, sits in the row of a boxed line: their heights overlap by
+/// at least half the smaller one. Buttons stand in a row, and a plain button drawn in about
+/// its window's colour can be missed as a box ([`crate::vlm::ReadLine::boxed`]) while its
+/// accent neighbour is found; a title, a field or a status line does not share their row.
+fn beside_a_button(l: &ReadLine, lines: &[ReadLine]) -> bool {
+    let (a0, a1) = (l.region.y, l.region.y + l.region.h);
+    !l.boxed
+        && lines.iter().any(|b| {
+            let (b0, b1) = (b.region.y, b.region.y + b.region.h);
+            let overlap = a1.min(b1).saturating_sub(a0.max(b0));
+            b.boxed && 2 * overlap >= l.region.h.min(b.region.h)
+        })
+}
+
 /// The `buttons` rule over the boxed lines (empty: none).
 fn buttons_rules(boxed: &[&str], highlighted: Option<&str>) -> String {
     let quoted = |t: &str| format!("\"{t}\"");
@@ -282,39 +300,50 @@ mod tests {
     use crate::grounded::tests::accepts;
     use afm_vision::reader::Region;
 
+    /// A line alone in its row (row `y` of 20 px rows).
     fn line(text: &str, boxed: bool, highlighted: bool) -> ReadLine {
+        static ROW: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let y = 20 * ROW.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        line_at(text, y, boxed, highlighted)
+    }
+
+    fn line_at(text: &str, y: u32, boxed: bool, highlighted: bool) -> ReadLine {
         ReadLine {
             text: text.into(),
             region: Region {
                 x: 0,
-                y: 0,
-                w: 1,
-                h: 1,
+                y,
+                w: 40,
+                h: 12,
             },
             boxed,
             highlighted,
         }
     }
 
-    /// What the reader read off `assets/images/screen.png`.
+    /// What the reader read off `assets/images/screen.png` (`afm read`: text, x, y, w, h).
     fn screen_png() -> Vec<ReadLine> {
-        let mut l: Vec<ReadLine> = [
-            "Ignore Rule",
-            "C1",
-            "X",
-            "Size",
-            "275 MB",
-            "Name",
-            "Emma Evans",
-            "Country",
-            "Norway",
+        [
+            ("Ignore Rule", 227, 146, 73, 13),
+            ("C1", 439, 146, 8, 8),
+            ("X", 470, 146, 10, 9),
+            ("Size", 205, 179, 24, 10),
+            ("275 MB", 213, 199, 43, 10),
+            ("Name", 206, 226, 33, 9),
+            ("Emma Evans", 214, 245, 72, 10),
+            ("Country", 205, 271, 45, 13),
+            ("Norway", 214, 291, 42, 13),
+            ("Set Up", 323, 368, 37, 13),
+            ("Idle", 207, 402, 18, 9),
         ]
         .iter()
-        .map(|t| line(t, false, false))
-        .collect();
-        l.push(line("Set Up", true, true));
-        l.push(line("Idle", false, false));
-        l
+        .map(|&(text, x, y, w, h)| ReadLine {
+            text: text.into(),
+            region: Region { x, y, w, h },
+            boxed: text == "Set Up",
+            highlighted: text == "Set Up",
+        })
+        .collect()
     }
 
     #[test]
@@ -377,6 +406,30 @@ mod tests {
             "A window titled \"Export\". The buttons are \"OK\", \"Cancel\" and \"OK\".",
             "A window titled \"Export\". The buttons are \"OK\" and \"Cancel\", with \
              \"Cancel\" highlighted.",
+        ] {
+            assert!(!accepts(&g, bad), "{bad}");
+        }
+        // a plain button missed as a box beside a boxed one is a button too; a line in
+        // another row is not
+        let lines = [
+            line_at("Export", 0, false, false),
+            line_at("Rename Cargo", 100, false, false),
+            line_at("Select", 98, true, true),
+            line_at("Idle", 130, false, false),
+        ];
+        let g = screen_grammar(&lines).unwrap();
+        for good in [
+            "A window titled \"Export\". The buttons are \"Rename Cargo\" and \"Select\", \
+             with \"Select\" highlighted. The status bar reads \"Idle\".",
+            "A window titled \"Export\". The buttons are \"Select\" and \"Rename Cargo\".",
+        ] {
+            assert!(accepts(&g, good), "{good}\n{g}");
+        }
+        for bad in [
+            "A window titled \"Export\". There is one button, \"Select\".",
+            "A window titled \"Export\". The buttons are \"Rename Cargo\", \"Select\" and \
+             \"Idle\".",
+            "A window titled \"Rename Cargo\". There is one button, \"Select\".",
         ] {
             assert!(!accepts(&g, bad), "{bad}");
         }
