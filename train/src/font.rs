@@ -1,5 +1,8 @@
-//! Text rendering with the embedded DejaVu fonts (Debian's `fonts-dejavu-core` 2.37, Bitstream
-//! Vera licence, see `assets/fonts/LICENSE-DejaVu.txt`).
+//! Text rendering with the embedded fonts: DejaVu (Debian's `fonts-dejavu-core` 2.37, Bitstream
+//! Vera licence, see `assets/fonts/LICENSE-DejaVu.txt`), which every generated screen uses, and
+//! Liberation (Debian's `fonts-liberation2` 2.1.5) and Noto (`fonts-noto-core` 20201225), both
+//! SIL OFL 1.1 (`assets/fonts/LICENSE-Liberation.txt`, `LICENSE-Noto.txt`), which only the
+//! reader's lines drawn alone use when a run asks for them.
 //!
 //! The fonts are parsed once per process ([`LazyLock`]); glyphs are rasterised with anti-aliased
 //! coverage by `ab_glyph` and blended onto an [`RgbImage`]. Sizes are em sizes in pixels (the
@@ -9,16 +12,21 @@ use std::sync::LazyLock;
 
 use ab_glyph::{point, Font, FontRef, GlyphId, PxScale, ScaleFont};
 use image::RgbImage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{raster, Rect, Rgb};
 
 static SANS_TTF: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 static SANS_BOLD_TTF: &[u8] = include_bytes!("../assets/fonts/DejaVuSans-Bold.ttf");
 static MONO_TTF: &[u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
+static LIBERATION_SANS_TTF: &[u8] = include_bytes!("../assets/fonts/LiberationSans-Regular.ttf");
+static LIBERATION_SANS_BOLD_TTF: &[u8] = include_bytes!("../assets/fonts/LiberationSans-Bold.ttf");
+static LIBERATION_SERIF_TTF: &[u8] = include_bytes!("../assets/fonts/LiberationSerif-Regular.ttf");
+static NOTO_SANS_TTF: &[u8] = include_bytes!("../assets/fonts/NotoSans-Regular.ttf");
+static NOTO_SERIF_TTF: &[u8] = include_bytes!("../assets/fonts/NotoSerif-Regular.ttf");
 
 /// One of the embedded typefaces.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Face {
     /// DejaVu Sans.
@@ -27,12 +35,43 @@ pub enum Face {
     SansBold,
     /// DejaVu Sans Mono.
     Mono,
+    /// Liberation Sans (metric-compatible with Arial).
+    LiberationSans,
+    /// Liberation Sans Bold.
+    LiberationSansBold,
+    /// Liberation Serif (metric-compatible with Times New Roman).
+    LiberationSerif,
+    /// Noto Sans.
+    NotoSans,
+    /// Noto Serif.
+    NotoSerif,
+}
+
+impl Face {
+    /// The faces every generated screen draws with.
+    pub const DEJAVU: [Face; 3] = [Face::Sans, Face::SansBold, Face::Mono];
+    /// Every embedded face.
+    pub const ALL: [Face; 8] = [
+        Face::Sans,
+        Face::SansBold,
+        Face::Mono,
+        Face::LiberationSans,
+        Face::LiberationSansBold,
+        Face::LiberationSerif,
+        Face::NotoSans,
+        Face::NotoSerif,
+    ];
 }
 
 struct Fonts {
     sans: FontRef<'static>,
     bold: FontRef<'static>,
     mono: FontRef<'static>,
+    liberation_sans: FontRef<'static>,
+    liberation_sans_bold: FontRef<'static>,
+    liberation_serif: FontRef<'static>,
+    noto_sans: FontRef<'static>,
+    noto_serif: FontRef<'static>,
 }
 
 static FONTS: LazyLock<Fonts> = LazyLock::new(|| {
@@ -44,6 +83,11 @@ static FONTS: LazyLock<Fonts> = LazyLock::new(|| {
         sans: parse(SANS_TTF, "DejaVuSans.ttf"),
         bold: parse(SANS_BOLD_TTF, "DejaVuSans-Bold.ttf"),
         mono: parse(MONO_TTF, "DejaVuSansMono.ttf"),
+        liberation_sans: parse(LIBERATION_SANS_TTF, "LiberationSans-Regular.ttf"),
+        liberation_sans_bold: parse(LIBERATION_SANS_BOLD_TTF, "LiberationSans-Bold.ttf"),
+        liberation_serif: parse(LIBERATION_SERIF_TTF, "LiberationSerif-Regular.ttf"),
+        noto_sans: parse(NOTO_SANS_TTF, "NotoSans-Regular.ttf"),
+        noto_serif: parse(NOTO_SERIF_TTF, "NotoSerif-Regular.ttf"),
     }
 });
 
@@ -53,6 +97,11 @@ fn font(face: Face) -> &'static FontRef<'static> {
         Face::Sans => &f.sans,
         Face::SansBold => &f.bold,
         Face::Mono => &f.mono,
+        Face::LiberationSans => &f.liberation_sans,
+        Face::LiberationSansBold => &f.liberation_sans_bold,
+        Face::LiberationSerif => &f.liberation_serif,
+        Face::NotoSans => &f.noto_sans,
+        Face::NotoSerif => &f.noto_serif,
     }
 }
 
@@ -169,7 +218,7 @@ mod tests {
 
     #[test]
     fn embedded_fonts_parse_and_measure() {
-        for face in [Face::Sans, Face::SansBold, Face::Mono] {
+        for face in Face::ALL {
             let m = metrics(face, 16.0);
             assert!(m.ascent > 12.0 && m.ascent < 18.0, "{face:?} {m:?}");
             assert!(m.cap_height > 9.0 && m.cap_height < 14.0, "{face:?} {m:?}");

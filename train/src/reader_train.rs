@@ -56,6 +56,14 @@ pub struct ReaderTrainConfig {
     /// Held-out screens read after every epoch.
     pub eval_screens: usize,
     pub seed: u64,
+    /// Faces of the lines drawn alone; empty: the generator's three DejaVu faces
+    /// ([`Face::DEJAVU`]).
+    #[serde(default)]
+    pub synth_faces: Vec<Face>,
+    /// Start from this reader export (`reader/`: `config.json`, `model.safetensors`), whose
+    /// config must be `model`, instead of fresh parameters.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
 }
 
 impl ReaderTrainConfig {
@@ -77,6 +85,8 @@ impl ReaderTrainConfig {
             synth_px: (8.0, 30.0),
             eval_screens: 120,
             seed: 17,
+            synth_faces: Vec::new(),
+            init: None,
         }
     }
 
@@ -157,6 +167,47 @@ pub fn init_params(cfg: &ReaderConfig, seed: u64) -> Result<Params> {
     Ok(Params::from_tensors(m)?)
 }
 
+/// The parameters a run starts from: the reader export `cfg.init` when set (its
+/// `config.json` must equal `cfg.model`, its tensors every name and shape of it), else fresh
+/// ([`init_params`]).
+pub fn start_params(cfg: &ReaderTrainConfig) -> Result<Params> {
+    let Some(dir) = &cfg.init else {
+        return init_params(&cfg.model, cfg.seed);
+    };
+    let bad = |why: String| TrainError::Invalid(format!("reader init {}: {why}", dir.display()));
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| bad(format!("{}: {e}", cfg_path.display())))?;
+    let model: ReaderConfig =
+        serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", cfg_path.display())))?;
+    if model != cfg.model {
+        return Err(bad(format!(
+            "its config {model:?} is not the run's model {:?}",
+            cfg.model
+        )));
+    }
+    let loaded = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+    let mut m = HashMap::new();
+    for (name, shape) in cfg.model.weight_shapes() {
+        let key = format!("reader.{name}");
+        let t = loaded
+            .get(&key)
+            .ok_or_else(|| bad(format!("no tensor {key}")))?;
+        if t.dims() != shape.as_slice() {
+            return Err(bad(format!("{key} is {:?}, not {shape:?}", t.dims())));
+        }
+        m.insert(key, t.to_dtype(DType::F32)?);
+    }
+    if loaded.len() != m.len() {
+        return Err(bad(format!(
+            "{} tensors, the model has {}",
+            loaded.len(),
+            m.len()
+        )));
+    }
+    Ok(Params::from_tensors(m)?)
+}
+
 /// The reader over the current parameter values (the graph reaches them in training).
 pub fn reader_of(cfg: &ReaderConfig, params: &Params) -> Result<TextReader> {
     Ok(TextReader::load(
@@ -232,7 +283,12 @@ fn synth_line(cfg: &ReaderTrainConfig, rng: &mut ChaCha8Rng) -> Option<Line> {
             break (bg, fg);
         }
     };
-    let face = [Face::Sans, Face::SansBold, Face::Mono][rng.random_range(0..3)];
+    let faces: &[Face] = if cfg.synth_faces.is_empty() {
+        &Face::DEJAVU
+    } else {
+        &cfg.synth_faces
+    };
+    let face = faces[rng.random_range(0..faces.len())];
     let em = rng.random_range(cfg.synth_px.0..=cfg.synth_px.1);
     let words = vocab::ui_words();
     let n = rng.random_range(1..=5);
@@ -590,7 +646,7 @@ pub fn run(
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<RunState> {
     cfg.validate()?;
-    let params = init_params(&cfg.model, cfg.seed)?;
+    let params = start_params(cfg)?;
     let spec = LoopSpec {
         dir,
         state_file: "reader.json",
@@ -652,7 +708,7 @@ pub fn export(cfg: &ReaderTrainConfig, params: &Params, dir: &Path) -> Result<Pa
 
 /// The export of a run stopped early: its last checkpoint's parameters.
 pub fn export_checkpoint(cfg: &ReaderTrainConfig, dir: &Path) -> Result<(PathBuf, usize)> {
-    let params = init_params(&cfg.model, cfg.seed)?;
+    let params = start_params(cfg)?;
     let opt =
         crate::optim::load_checkpoint(&dir.join("checkpoint.safetensors"), &params, cfg.adamw)?;
     Ok((export(cfg, &params, dir)?, opt.step as usize))
@@ -689,6 +745,56 @@ mod tests {
             assert!(!labels.is_empty());
             assert!(w.div_ceil(4) >= ctc::min_steps(labels));
         }
+    }
+
+    #[test]
+    fn a_run_starts_from_a_reader_export_or_refuses_it() {
+        let dir = std::env::temp_dir().join(format!("afm-reader-init-{}", std::process::id()));
+        let cfg = ReaderTrainConfig::test_tiny();
+        let fresh = init_params(&cfg.model, 5).unwrap();
+        let out = export(&cfg, &fresh, &dir).unwrap();
+        let from = ReaderTrainConfig {
+            init: Some(out.clone()),
+            ..cfg.clone()
+        };
+        let p = start_params(&from).unwrap();
+        for (k, v) in fresh.tensors() {
+            let got = p.get(&k).unwrap();
+            let d = (got - &v).unwrap().abs().unwrap().max_all().unwrap();
+            // stored in f16
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-2, "{k}");
+        }
+        // another model's export is refused, naming the directory
+        let other = ReaderTrainConfig {
+            model: ReaderConfig {
+                hidden: 24,
+                ..cfg.model.clone()
+            },
+            init: Some(out.clone()),
+            ..cfg.clone()
+        };
+        let e = start_params(&other).err().unwrap().to_string();
+        assert!(
+            e.contains("reader init") && e.contains("not the run's model"),
+            "{e}"
+        );
+        // lines drawn alone in other faces: the batch changes, the default one does not
+        let faces = ReaderTrainConfig {
+            synth_faces: vec![Face::LiberationSerif, Face::NotoSans],
+            screen_share: 0.0,
+            ..cfg.clone()
+        };
+        let plain = ReaderTrainConfig {
+            screen_share: 0.0,
+            ..cfg.clone()
+        };
+        let dejavu = ReaderTrainConfig {
+            synth_faces: Face::DEJAVU.to_vec(),
+            ..plain.clone()
+        };
+        assert_eq!(batch(&plain, 3), batch(&dejavu, 3));
+        assert_ne!(batch(&plain, 3), batch(&faces, 3));
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
