@@ -214,9 +214,11 @@ pub struct Region {
 }
 
 /// One line cut out of an image and normalised for the reader: luminance, inverted when the
-/// ground is darker than the text (the ground is the median of the crop's border), stretched
-/// so that the ground is 1 and the darkest 2% of pixels 0, and resized (bilinear) to
-/// `height` rows keeping the aspect ratio. Returns the pixels (row-major) and the width.
+/// text is lighter than the ground (the ground is the median of the crop's border; the text
+/// is lighter when the lightest 2% of pixels lie farther above the ground than the darkest 2%
+/// below it: white on an orange button as well as on a dark window), stretched so that the
+/// ground is 1 and the darkest 2% of pixels 0, and resized (bilinear) to `height` rows
+/// keeping the aspect ratio. Returns the pixels (row-major) and the width.
 /// `None` when the region is empty or holds no contrast (a flat crop has nothing to read).
 ///
 /// # Shapes
@@ -242,15 +244,21 @@ pub fn line_pixels(img: &RgbImage, r: Region, height: usize) -> Option<(Vec<f32>
         .collect();
     border.sort_by(f32::total_cmp);
     let bg = border[border.len() / 2];
-    if bg < 0.5 {
+    let mut sorted = lum.clone();
+    sorted.sort_by(f32::total_cmp);
+    let n = sorted.len();
+    let (dark, light) = (sorted[(n * 2 / 100).min(n - 1)], sorted[n * 98 / 100]);
+    let invert = light - bg > bg - dark;
+    if invert {
         for v in &mut lum {
             *v = 1.0 - *v;
         }
     }
-    let ground = if bg < 0.5 { 1.0 - bg } else { bg };
-    let mut sorted = lum.clone();
-    sorted.sort_by(f32::total_cmp);
-    let ink = sorted[(sorted.len() * 2 / 100).min(sorted.len() - 1)];
+    let (ground, ink) = if invert {
+        (1.0 - bg, 1.0 - light)
+    } else {
+        (bg, dark)
+    };
     if ground - ink < 0.04 {
         return None;
     }
@@ -671,6 +679,30 @@ mod tests {
         // the ground reads 1 (light), the bar's middle 0 (dark)
         assert!((px[0] - 1.0).abs() < 1e-5);
         assert!(px[16 * 128 + 64] < 0.05, "{}", px[16 * 128 + 64]);
+        // the text's side of the ground decides, not the ground's lightness: white on an
+        // orange button (ground luminance 0.58) and black on a dark gray (0.24) both come out
+        // as dark text on a light ground
+        for (ground, ink) in [([224, 128, 58], [255, 255, 255]), ([60, 60, 60], [0, 0, 0])] {
+            let mut img = RgbImage::from_pixel(40, 10, image::Rgb(ground));
+            for y in 3..7 {
+                for x in 10..30 {
+                    img.put_pixel(x, y, image::Rgb(ink));
+                }
+            }
+            let r = Region {
+                x: 0,
+                y: 0,
+                w: 40,
+                h: 10,
+            };
+            let (px, _) = line_pixels(&img, r, 32).unwrap();
+            assert!((px[0] - 1.0).abs() < 1e-5, "{ground:?}: {}", px[0]);
+            assert!(
+                px[16 * 128 + 64] < 0.05,
+                "{ground:?}: {}",
+                px[16 * 128 + 64]
+            );
+        }
         // a flat region has nothing to read
         let flat = RgbImage::from_pixel(20, 10, image::Rgb([90, 90, 90]));
         assert!(line_pixels(
