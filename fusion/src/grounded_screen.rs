@@ -9,8 +9,9 @@
 //! checkbox. Under [`screen_grammar`] it still chooses which line is the title, which are
 //! fields, values, checkboxes, list items, the message and the status, and whether each
 //! sentence is there at all; but
-//! * every quoted or named text is a line the reader read, the title one of the lines not in
-//!   a box, and no sentence but the buttons' uses the title or a boxed line;
+//! * every quoted or named text is a line the reader read, the title one of the first
+//!   [`MAX_TITLES`] lines not in a box, and no sentence but the buttons' uses the title or a
+//!   boxed line;
 //! * the buttons are the boxed lines ([`crate::vlm::ReadLine::boxed`]) and the lines in a
 //!   boxed line's row, each once, in any order (the reader's order past
 //!   [`MAX_ORDERED_BUTTONS`]), and only the line the reader found highlighted may be called
@@ -20,6 +21,11 @@ use crate::grounded::{join_and, lit, orders};
 use crate::vlm::{Answer, AskOptions, ReadLine, Vlm};
 use afm_lm::LanguageModel;
 use image::RgbImage;
+
+/// Most lines the title is chosen from: the first lines not in a box, top to bottom (a title
+/// is at the top of its window or page). Each is a branch of the grammar, so this also keeps
+/// the grammar of a page with hundreds of lines small.
+pub const MAX_TITLES: usize = 12;
 
 /// Most boxed lines whose every order the grammar offers (5! = 120 orders); with more, the
 /// reader's order (top to bottom) is the only one.
@@ -82,12 +88,12 @@ pub fn screen_grammar(lines: &[ReadLine]) -> Option<String> {
     let quoted = |t: &str| lit(&format!("\"{t}\""));
 
     let mut g = String::new();
-    // the title: a line not in a box (any line when all are)
-    let titles: Vec<&str> = if plain.is_empty() {
-        texts.clone()
-    } else {
-        plain.clone()
-    };
+    // the title: one of the first lines not in a box (of any line when all are)
+    let titles: Vec<&str> = if plain.is_empty() { &texts } else { &plain }
+        .iter()
+        .copied()
+        .take(MAX_TITLES)
+        .collect();
     let heads: Vec<String> = (0..titles.len()).map(|i| format!("head{i}")).collect();
     g.push_str(&format!("start: {}\n", heads.join(" | ")));
     g.push_str("how: \"A \" | \"A maximised \"\nkind: \"window\" | \"dialog\"\n");
@@ -447,6 +453,19 @@ mod tests {
         assert!(!accepts(
             &g,
             "A window titled \"Export\". There is one button, \"Export\"."
+        ));
+        // a page of many lines: the title comes from the first ones, and the grammar stays
+        // small enough to compile
+        let many: Vec<ReadLine> = (0..300)
+            .map(|k| line_at(&format!("Line {k}"), 20 * k, false, false))
+            .chain([line_at("Go", 7000, true, false)])
+            .collect();
+        let g = screen_grammar(&many).unwrap();
+        assert_eq!(g.matches("head").count(), 2 * MAX_TITLES, "{}", g.len());
+        assert!(accepts(&g, "A window titled \"Line 3\". It has 1 text field: Line 200 containing \"Line 299\". There is one button, \"Go\"."));
+        assert!(!accepts(
+            &g,
+            "A window titled \"Line 12\". There is one button, \"Go\"."
         ));
         // quotes in a read line are escaped in the grammar
         let g =
