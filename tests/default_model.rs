@@ -133,6 +133,25 @@ fn afm_screen_names_the_title_and_every_button() {
         named.sort();
         assert_eq!(named, buttons, "{stdout}");
     }
+    // the caption of a screenshot is its description, and reports the encoding it did (it
+    // reported 0 ms when the image was encoded once to choose the grammar, then again from
+    // the cache)
+    let out = afm()
+        .env("AFM_SMOLLM2_GGUF", &gguf)
+        .env("AFM_HOME", &home)
+        .args(["caption", "--jsonl", "assets/images/screen.png"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap();
+    assert!(
+        v["caption"]
+            .as_str()
+            .unwrap()
+            .contains("There is one button, \"Set Up\"."),
+        "{v}"
+    );
+    assert!(v["encode_ms"].as_f64().unwrap() > 0.0, "{v}");
 }
 
 /// `afm eval` on the shipped model over the first 40 held-out questions per bar. The floors

@@ -177,24 +177,14 @@ pub fn caption_grammar(objects: &[SeenObject], ground: Option<&str>) -> Option<S
     Some(grammar)
 }
 
-impl<M: LanguageModel> Vlm<M> {
-    /// [`Vlm::caption`] of a picture whose objects were found, decoded under
-    /// [`caption_grammar`] (module docs). `None` when the image has no object list.
-    pub(crate) fn grounded_caption(
-        &self,
-        img: &RgbImage,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> crate::Result<Option<Answer>> {
-        let enc = self.encode_image(img, opts.max_image_tokens)?;
-        let ground = afm_vision::objects::ground(img).map(afm_vision::objects::ground_name);
-        let Some(grammar) = caption_grammar(&enc.objects, ground.as_deref()) else {
-            return Ok(None);
-        };
-        self.answer_under_grammar(img, &enc, self.caption_prompt(), &grammar, opts, on_text)
-            .map(Some)
-    }
+/// The grammar of `img`'s caption when its objects were found (`enc.objects`):
+/// [`caption_grammar`] of them and of its measured background. `None` without objects.
+pub(crate) fn picture_grammar(img: &RgbImage, enc: &EncodedImage) -> Option<String> {
+    let ground = afm_vision::objects::ground(img).map(afm_vision::objects::ground_name);
+    caption_grammar(&enc.objects, ground.as_deref())
+}
 
+impl<M: LanguageModel> Vlm<M> {
     /// `request` about `img` (already encoded as `enc`), answered under the Lark `grammar`
     /// in a fresh session, streaming each piece to `on_text`.
     pub(crate) fn answer_under_grammar(

@@ -18,9 +18,7 @@
 //!   highlighted. When no line is boxed, the buttons are 1-4 of the other lines.
 
 use crate::grounded::{join_and, lit, orders};
-use crate::vlm::{Answer, AskOptions, ReadLine, Vlm};
-use afm_lm::LanguageModel;
-use image::RgbImage;
+use crate::vlm::ReadLine;
 
 /// Most lines the title is chosen from: the first lines not in a box, top to bottom (a title
 /// is at the top of its window or page). Each is a branch of the grammar, so this also keeps
@@ -279,25 +277,6 @@ fn unboxed_rules(i: usize, others: &[&str], title: &str) -> String {
     }
     g.push_str(&format!("unboxed{i}: {}\n", alts.join(" | ")));
     g
-}
-
-impl<M: LanguageModel> Vlm<M> {
-    /// [`Vlm::describe_screen`] of a screenshot whose lines were read, decoded under
-    /// [`screen_grammar`] (module docs). `None` when it has no grammar (fewer than two
-    /// different lines read).
-    pub(crate) fn grounded_screen(
-        &self,
-        img: &RgbImage,
-        opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> crate::Result<Option<Answer>> {
-        let enc = self.encode_image(img, opts.max_image_tokens)?;
-        let Some(grammar) = enc.text.as_deref().and_then(screen_grammar) else {
-            return Ok(None);
-        };
-        self.answer_under_grammar(img, &enc, self.screen_prompt(), &grammar, opts, on_text)
-            .map(Some)
-    }
 }
 
 #[cfg(test)]

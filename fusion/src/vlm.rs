@@ -43,6 +43,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::grounded_screen::screen_grammar;
+
 /// The placeholder a multimodal chat template writes where an image goes.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
 
@@ -941,6 +943,18 @@ impl<M: LanguageModel> Vlm<M> {
             ));
         }
         let enc = self.encode_image(img, opts.max_image_tokens)?;
+        self.ask_encoded(enc, question, opts, on_text)
+    }
+
+    /// [`Self::ask`] about an image already encoded (so that the answer reports the
+    /// encoding of this request, not a cache hit of it).
+    fn ask_encoded(
+        &self,
+        enc: Arc<EncodedImage>,
+        question: &str,
+        opts: &AskOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Answer> {
         let msgs = [ChatMessage::user(vec![
             Part::Image(enc.clone()),
             Part::Text(question.to_string()),
@@ -973,19 +987,23 @@ impl<M: LanguageModel> Vlm<M> {
         opts: &AskOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        // afm-tiny on a picture of objects: the caption names what the finder found
-        // ([`crate::grounded`])
-        if self.reader.is_some() {
-            if let Some(a) = self.grounded_caption(img, opts, on_text)? {
-                return Ok(a);
+        let enc = self.encode_image(img, opts.max_image_tokens)?;
+        // afm-tiny: a picture's caption names what the object finder found
+        // ([`crate::grounded`]), a screenshot's what the reader read
+        // ([`crate::grounded_screen`], when its screen request is its caption request)
+        let grammar = self.reader.as_ref().and_then(|_| {
+            crate::grounded::picture_grammar(img, &enc).or_else(|| {
+                (self.screen_prompt == self.caption_prompt)
+                    .then(|| enc.text.as_deref().and_then(screen_grammar))
+                    .flatten()
+            })
+        });
+        match grammar {
+            Some(g) => {
+                self.answer_under_grammar(img, &enc, &self.caption_prompt, &g, opts, on_text)
             }
-            if self.screen_prompt == self.caption_prompt {
-                if let Some(a) = self.grounded_screen(img, opts, on_text)? {
-                    return Ok(a);
-                }
-            }
+            None => self.ask_encoded(enc, &self.caption_prompt, opts, on_text),
         }
-        self.ask(img, &self.caption_prompt, opts, on_text)
     }
 
     /// Captions many images with this one loaded model, in order. Each image's failure is
@@ -1020,12 +1038,15 @@ impl<M: LanguageModel> Vlm<M> {
         opts: &AskOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        if self.reader.is_some() {
-            if let Some(a) = self.grounded_screen(img, opts, on_text)? {
-                return Ok(a);
-            }
+        let enc = self.encode_image(img, opts.max_image_tokens)?;
+        let grammar = self
+            .reader
+            .as_ref()
+            .and_then(|_| enc.text.as_deref().and_then(screen_grammar));
+        match grammar {
+            Some(g) => self.answer_under_grammar(img, &enc, &self.screen_prompt, &g, opts, on_text),
+            None => self.ask_encoded(enc, &self.screen_prompt, opts, on_text),
         }
-        self.ask(img, &self.screen_prompt, opts, on_text)
     }
 }
 
