@@ -1,8 +1,11 @@
 //! Small CPU kernels shared by the language and vision models: a vectorisable `exp`, a row
-//! softmax, and a blocked causal attention for prefill on gemm.
+//! softmax, the language models' causal attention (one row at a time, `rows`), and a blocked
+//! attention on gemm for the vision encoder and the int8 K/V cache.
 
 use crate::par::par_ranges;
 use std::cell::RefCell;
+
+mod rows;
 
 /// `x` rounded to the nearest integer, ties to even, for `|x| < 2^22` (an int8 quantizer's
 /// `v * 127 / amax`): adding and subtracting 1.5 * 2^23 lets the FPU's default rounding do
@@ -284,9 +287,11 @@ pub unsafe fn attend_block_with(
 
 /// Causal multi-head attention with grouped K/V heads: query row `i` (at absolute position
 /// `pos[i]`, ascending) attends to keys `0..=pos[i]`; query head `j * (heads / kv_heads) + r`
-/// uses K/V head `j`. Work is split into `(head, block of 64 rows)` tasks on candle's pool;
-/// each is one [`attend_block`] (scores, causal cut, softmax, weighted sum of values) through
-/// a per-thread score buffer.
+/// uses K/V head `j`. Work is split into `(head, block of 64 rows)` tasks on our pool; each
+/// row is one `rows::attend_row` over its own keys (scores, softmax, weighted sum of values)
+/// through a per-thread score buffer: the arithmetic of a row does not depend on the other
+/// rows, so a prefill and a run of decode steps compute the same numbers (test
+/// `prefill_rows_equal_decode_rows`).
 ///
 /// # Shapes
 /// `q: (t, heads * hd)` (roped), `k, v: (n_keys, kv_heads * hd)` -> `(t, heads * hd)`.
@@ -311,44 +316,42 @@ pub fn causal_attention(
     let optr = OutPtr(out.as_mut_ptr());
     let optr = &optr;
     par_ranges(heads * nblk, |range| {
-        for task in range {
-            let (head, blk) = (task / nblk, task % nblk);
-            let g = head / rep;
-            let r0 = blk * QBLOCK;
-            let rows = QBLOCK.min(t - r0);
-            // keys any row of the block sees (positions ascend)
-            let n = pos[r0..r0 + rows].iter().max().map_or(0, |&p| p + 1);
-            // SAFETY: q rows r0..r0+rows at column head*hd (row stride qw) lie in q; k and
-            // v rows 0..n at column g*hd (row stride kw) lie in k and v (n <= n_keys); the
-            // output block (rows r0.., columns head*hd.., row stride qw) belongs to this
-            // (head, blk) task alone and `out` outlives the loop.
-            unsafe {
-                attend_block(
-                    AttendBlock {
-                        q: q.as_ptr().add(r0 * qw + head * hd),
-                        q_stride: qw,
-                        k: k.as_ptr().add(g * hd),
-                        v: v.as_ptr().add(g * hd),
-                        kv_stride: kw,
-                        out: optr.0.add(r0 * qw + head * hd),
-                        out_stride: qw,
-                        rows,
-                        keys: n,
-                        head_dim: hd,
+        SCORES.with(|buf| {
+            let (scores, _) = &mut *buf.borrow_mut();
+            for task in range {
+                let (head, blk) = (task / nblk, task % nblk);
+                let g = head / rep;
+                let r0 = blk * QBLOCK;
+                for r in r0..(r0 + QBLOCK).min(t) {
+                    let n = pos[r] + 1;
+                    if scores.len() < n {
+                        scores.resize(n, 0.0);
+                    }
+                    // SAFETY: row r, columns head*hd..+hd of the output belong to this
+                    // (head, blk) task alone, and `out` (t * qw floats) outlives the loop.
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(optr.0.add(r * qw + head * hd), hd)
+                    };
+                    rows::attend_row(
+                        &q[r * qw + head * hd..][..hd],
+                        &k[g * hd..],
+                        &v[g * hd..],
+                        kw,
+                        n,
                         scale,
-                        normalise_output: false,
-                    },
-                    |i, row| row[pos[r0 + i] + 1..].fill(f32::NEG_INFINITY),
-                );
+                        scores,
+                        o,
+                    );
+                }
             }
-        }
+        });
     });
     out
 }
 
 /// One decode row per sequence, each attending to its own K/V (continuous batching): row
-/// `i` at position `pos[i]` sees keys `0..=pos[i]` of `kv[i]`. The same [`attend_block`] per
-/// (row, head) as [`causal_attention`] computes for each sequence alone, so the numbers are
+/// `i` at position `pos[i]` sees keys `0..=pos[i]` of `kv[i]`. The same `rows::attend_row`
+/// per (row, head) as [`causal_attention`] computes for each sequence alone, so the numbers are
 /// the same; all `(row, head)` tasks share one parallel region instead of one per sequence.
 ///
 /// # Shapes
@@ -373,35 +376,63 @@ pub fn decode_attention(
     let mut out = vec![0f32; b * qw];
     let optr = OutPtr(out.as_mut_ptr());
     let optr = &optr;
-    par_ranges(b * heads, |range| {
-        for task in range {
-            let (i, head) = (task / heads, task % heads);
-            let g = head / rep;
-            let (k, v) = kv[i];
-            // SAFETY: q row i at column head*hd lies in q (b rows of qw); k and v rows
-            // 0..=pos[i] at column g*hd (row stride kw) lie in kv[i] (asserted above); the
-            // output (row i, columns head*hd..+hd) belongs to this task alone and `out`
-            // outlives the loop.
-            unsafe {
-                attend_block(
-                    AttendBlock {
-                        q: q.as_ptr().add(i * qw + head * hd),
-                        q_stride: qw,
-                        k: k.as_ptr().add(g * hd),
-                        v: v.as_ptr().add(g * hd),
-                        kv_stride: kw,
-                        out: optr.0.add(i * qw + head * hd),
-                        out_stride: qw,
-                        rows: 1,
-                        keys: pos[i] + 1,
-                        head_dim: hd,
+    if b >= 2 && std::env::var_os("AFM_ATT_ROWS").is_none() {
+        // one task per sequence, its heads together (`rows::attend_seq`)
+        par_ranges(b, |range| {
+            SCORES.with(|buf| {
+                let (scores, _) = &mut *buf.borrow_mut();
+                for i in range {
+                    let (k, v) = kv[i];
+                    let n = pos[i] + 1;
+                    if scores.len() < heads * n {
+                        scores.resize(heads * n, 0.0);
+                    }
+                    // SAFETY: row i of the output belongs to this task alone, and `out`
+                    // (b * qw floats) outlives the loop.
+                    let o = unsafe { std::slice::from_raw_parts_mut(optr.0.add(i * qw), qw) };
+                    rows::attend_seq(
+                        &q[i * qw..][..qw],
+                        k,
+                        v,
+                        heads,
+                        kv_heads,
+                        n,
                         scale,
-                        normalise_output: false,
-                    },
-                    |_, _| {},
+                        scores,
+                        o,
+                    );
+                }
+            });
+        });
+        return out;
+    }
+    par_ranges(b * heads, |range| {
+        SCORES.with(|buf| {
+            let (scores, _) = &mut *buf.borrow_mut();
+            for task in range {
+                let (i, head) = (task / heads, task % heads);
+                let g = head / rep;
+                let (k, v) = kv[i];
+                let n = pos[i] + 1;
+                if scores.len() < n {
+                    scores.resize(n, 0.0);
+                }
+                // SAFETY: row i, columns head*hd..+hd of the output belong to this task
+                // alone, and `out` (b * qw floats) outlives the loop.
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(optr.0.add(i * qw + head * hd), hd) };
+                rows::attend_row(
+                    &q[i * qw + head * hd..][..hd],
+                    &k[g * hd..],
+                    &v[g * hd..],
+                    kw,
+                    n,
+                    scale,
+                    scores,
+                    o,
                 );
             }
-        }
+        });
     });
     out
 }
@@ -440,6 +471,39 @@ mod tests {
                 want.as_slice(),
                 "row {i}"
             );
+        }
+    }
+
+    /// Every row of a prefill computes what a decode step at that row's position computes
+    /// over the same keys, bit for bit, at every head width (multiples of 8 take the SIMD
+    /// path, 20 the portable one), and for key counts around the groups of eight.
+    #[test]
+    fn prefill_rows_equal_decode_rows() {
+        for (t, start, hd) in [
+            (70usize, 5usize, 64usize),
+            (17, 0, 8),
+            (9, 3, 20),
+            (30, 100, 128),
+        ] {
+            let (heads, kvh) = (6, 2);
+            let n_keys = start + t;
+            let f = |i: usize, s: f32| (i as f32 * s).sin() * 0.9;
+            let q: Vec<f32> = (0..t * heads * hd).map(|i| f(i, 0.37)).collect();
+            let k: Vec<f32> = (0..n_keys * kvh * hd).map(|i| f(i, 0.71)).collect();
+            let v: Vec<f32> = (0..n_keys * kvh * hd).map(|i| f(i, 1.13)).collect();
+            let pos: Vec<usize> = (start..start + t).collect();
+            let all = causal_attention(&q, &pos, &k, &v, heads, kvh, hd, 0.3);
+            for i in 0..t {
+                let qi = &q[i * heads * hd..(i + 1) * heads * hd];
+                let one = causal_attention(qi, &pos[i..i + 1], &k, &v, heads, kvh, hd, 0.3);
+                let got = &all[i * heads * hd..(i + 1) * heads * hd];
+                assert!(
+                    got.iter()
+                        .zip(&one)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "t = {t}, hd = {hd}, row {i}"
+                );
+            }
         }
     }
 

@@ -151,7 +151,90 @@ unsafe impl Sync for SharedOut {}
 
 /// ggml's x86 `quantize_row_q8_1` / `q8_0`: per block `d = amax / 127` (stored as f16),
 /// `q = round_half_even(x * 127 / amax)`, and `s = d * sum(q)` (stored as f16).
+///
+/// On AVX2 (chosen at run time) eight values at a time: elementwise IEEE products and the
+/// same rounding, an order-free maximum and an integer sum, so the bytes and scales are the
+/// definition's (test `quantize_row_is_the_same_at_every_level`); a block holding a NaN or
+/// an infinity takes the definition itself. One value at a time (the baseline x86-64
+/// target), this was a serial 1.6 ns per value between the parallel products of a 4-row
+/// decode step.
 fn quantize_row_q8(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::level() >= Isa::Avx2 {
+        // SAFETY: the level is at least AVX2, so the CPU has AVX2 and FMA.
+        return unsafe { quantize_row_q8_avx2(x, qs, d, s) };
+    }
+    quantize_row_q8_body(x, qs, d, s)
+}
+
+/// [`quantize_row_q8`] on AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_q8_avx2(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = x.len() / QK;
+    assert!(qs.len() >= nb * QK && d.len() >= nb && s.len() >= nb);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let magic = _mm256_set1_ps(12_582_912.0);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for b in 0..nb {
+        let xb = &x[b * QK..(b + 1) * QK];
+        // SAFETY: xb holds 32 floats: four loads of 8.
+        let v: [__m256; 4] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * i)) });
+        let mut m = _mm256_and_ps(v[0], abs_mask);
+        for vi in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_and_ps(*vi, abs_mask));
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats into an array of 8.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+        let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+        let nan = v.iter().fold(0, |n, vi| {
+            n | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(*vi, *vi))
+        });
+        if nan != 0 || !amax.is_finite() {
+            // a NaN (which the lanes' maximum need not order as the definition does) or an
+            // infinity: the definition, for this block
+            quantize_row_q8_body(
+                xb,
+                &mut qs[b * QK..(b + 1) * QK],
+                &mut d[b..b + 1],
+                &mut s[b..b + 1],
+            );
+            continue;
+        }
+        let db = amax / 127.0;
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|i| {
+            let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v[i], id), magic), magic);
+            _mm256_cvtps_epi32(r)
+        });
+        let sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let mut sums = [0i32; 8];
+        // SAFETY: 8 ints into an array of 8.
+        unsafe { _mm256_storeu_si256(sums.as_mut_ptr() as *mut __m256i, sum8) };
+        let sum: i32 = sums.iter().sum();
+        // i32 -> i16 -> i8 packs interleave 128-bit lanes; the permutation restores the order
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            ),
+            order,
+        );
+        // SAFETY: qs holds nb * 32 bytes (asserted), 32 of them from b * 32.
+        unsafe { _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK) as *mut __m256i, bytes) };
+        d[b] = f16::from_f32(db).to_f32();
+        s[b] = f16::from_f32(db * sum as f32).to_f32();
+    }
+}
+
+/// The definition, one value at a time.
+fn quantize_row_q8_body(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32]) {
     for (b, xb) in x.chunks_exact(QK).enumerate() {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let db = amax / 127.0;
@@ -1040,6 +1123,47 @@ mod tests {
                     * 2.0
             })
             .collect()
+    }
+
+    /// The activation quantizer on AVX2 computes the same bytes and scales as the definition
+    /// (one value at a time), zeros, ties, tiny values, NaNs and infinities included.
+    #[test]
+    fn quantize_row_is_the_same_at_every_level() {
+        let mut x = data(32 * 40, 7);
+        for (i, v) in x.iter_mut().enumerate() {
+            match i % 97 {
+                0 => *v = 0.0,
+                1 => *v *= 1e-30,
+                2 => *v = 0.5,
+                3 => *v *= 1e6,
+                _ => {}
+            }
+        }
+        x[32..64].fill(0.0);
+        x[100] = f32::NAN;
+        x[130] = f32::INFINITY;
+        x[170] = f32::NEG_INFINITY;
+        x[200] = f32::NAN;
+        x[201] = 3.0;
+        x[64..96]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, v)| *v = j as f32 - 16.0);
+        let nb = x.len() / QK;
+        let (mut q1, mut d1, mut s1) = (vec![0u8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+        quantize_row_q8(&x, &mut q1, &mut d1, &mut s1);
+        // the definition, one value at a time
+        let (mut q0, mut d0, mut s0) = (vec![0u8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+        quantize_row_q8_body(&x, &mut q0, &mut d0, &mut s0);
+        assert_eq!(q1, q0);
+        assert_eq!(
+            d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            d0.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            s0.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     /// Our kernels (every tile shape, SIMD and scalar) against candle's own implementation of
