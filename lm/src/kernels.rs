@@ -29,7 +29,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const LO: f32 = -87.336_55;
     let xc = x.clamp(LO, 88.722_83);
-    let n = (xc * LOG2E + 0.5).floor();
+    let n = floor_small(xc * LOG2E + 0.5);
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = fmadd(1.987_569_1e-4, r, 1.398_2e-3);
     let p = fmadd(p, r, 8.333_452e-3);
@@ -43,6 +43,20 @@ pub fn exp(x: f32) -> f32 {
         0.0
     } else {
         v
+    }
+}
+
+/// `floor(y)` for `|y| < 2^22` by [`round_small`] and a compare: on the baseline x86-64
+/// target (no SSE4.1) `f32::floor` is a `floorf` call per value, which kept [`exp`] and so
+/// the softmax scalar. Equal to `floor` on that range (test; `-0.0` gives `+0.0`, the same
+/// `n` for [`exp`]), NaN stays NaN.
+#[inline(always)]
+fn floor_small(y: f32) -> f32 {
+    let t = round_small(y);
+    if t > y {
+        t - 1.0
+    } else {
+        t
     }
 }
 
@@ -354,6 +368,10 @@ pub fn causal_attention(
 /// per (row, head) as [`causal_attention`] computes for each sequence alone, so the numbers are
 /// the same; all `(row, head)` tasks share one parallel region instead of one per sequence.
 ///
+/// With two or more rows each task is one sequence with all its heads (`rows::attend_seq`:
+/// its K/V rows read front to back, the same numbers); `AFM_ATT_ROWS=1` keeps one task per
+/// (row, head), to compare.
+///
 /// # Shapes
 /// `q: (b, heads * hd)` (roped), `kv[i]: (n_i, kv_heads * hd)` each -> `(b, heads * hd)`.
 #[allow(clippy::too_many_arguments)]
@@ -505,6 +523,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn floor_small_equals_floor() {
+        let mut ys: Vec<f32> = vec![0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 2.5, -2.5, 127.0, -128.0];
+        ys.extend((0..400_000).map(|i| (i as f32 - 200_000.0) * 0.000_731));
+        ys.extend((0..2000).map(|i| i as f32 * 0.5 - 500.0));
+        for y in ys {
+            // as values (-0.0 gives +0.0, which `exp` treats alike)
+            assert_eq!(floor_small(y), y.floor(), "{y}");
+        }
+        assert!(floor_small(f32::NAN).is_nan());
     }
 
     #[test]

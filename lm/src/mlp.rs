@@ -54,11 +54,75 @@ impl Mlp {
     pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
         let gu = self.gate_up.forward(x, t)?;
         let inner = self.gate_up.outs()[0];
-        let mut h = Vec::with_capacity(t * inner);
-        for row in gu.chunks_exact(2 * inner) {
+        let mut h = vec![0f32; t * inner];
+        for (row, hr) in gu.chunks_exact(2 * inner).zip(h.chunks_exact_mut(inner)) {
             let (g, u) = row.split_at(inner);
-            h.extend(g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+            silu_mul(g, u, hr);
         }
         self.down.forward(&h, t)
+    }
+}
+
+/// `h = silu(g) * u = g / (1 + exp(-g)) * u`, with [`crate::kernels::exp`] (plain arithmetic
+/// that vectorises; compiled for AVX2 where the CPU has it, the same numbers). With the
+/// C library's `expf`, one value at a time, this was about a twentieth of a 4-sequence decode
+/// step, run on one thread while the other waited.
+///
+/// # Shapes
+/// `g, u, h: (inner)`.
+fn silu_mul(g: &[f32], u: &[f32], h: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::level() >= crate::isa::Isa::Avx2 {
+        // SAFETY: the level is at least AVX2, so the CPU has AVX2 and FMA.
+        return unsafe { silu_mul_avx2(g, u, h) };
+    }
+    silu_mul_body(g, u, h)
+}
+
+/// [`silu_mul`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_avx2(g: &[f32], u: &[f32], h: &mut [f32]) {
+    silu_mul_body(g, u, h)
+}
+
+#[inline(always)]
+fn silu_mul_body(g: &[f32], u: &[f32], h: &mut [f32]) {
+    for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+        *h = g / (1.0 + crate::kernels::exp(-g)) * u;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SiLU at every level gives the same numbers as the plain loop, and stays within a
+    /// few units in the last place of the C library's `expf` version.
+    #[test]
+    fn silu_mul_is_the_same_at_every_level_and_close_to_libm() {
+        let g: Vec<f32> = (0..3001)
+            .map(|i| (i as f32 - 1500.0) * 0.0137)
+            .chain([-100.0, 100.0, 0.0, -0.0])
+            .collect();
+        let u: Vec<f32> = (0..g.len()).map(|i| ((i as f32) * 0.77).sin()).collect();
+        let mut fast = vec![0f32; g.len()];
+        silu_mul(&g, &u, &mut fast);
+        let mut plain = vec![0f32; g.len()];
+        silu_mul_body(&g, &u, &mut plain);
+        assert_eq!(
+            fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        for ((&f, &g), &u) in fast.iter().zip(&g).zip(&u) {
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!(
+                (f - want).abs() <= 4.0 * f32::EPSILON * want.abs().max(1e-30),
+                "{g}: {f} vs {want}"
+            );
+        }
     }
 }
