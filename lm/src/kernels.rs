@@ -394,7 +394,10 @@ pub fn decode_attention(
     let mut out = vec![0f32; b * qw];
     let optr = OutPtr(out.as_mut_ptr());
     let optr = &optr;
-    if b >= 2 && std::env::var_os("AFM_ATT_ROWS").is_none() {
+    static PER_ROW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let per_row =
+        *PER_ROW.get_or_init(|| std::env::var_os("AFM_ATT_ROWS").is_some_and(|v| v == "1"));
+    if b >= 2 && !per_row {
         // one task per sequence, its heads together (`rows::attend_seq`)
         par_ranges(b, |range| {
             SCORES.with(|buf| {

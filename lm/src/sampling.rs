@@ -164,13 +164,21 @@ impl Sampler {
 
 /// Index of the largest value (the first one on ties, as llama.cpp and torch do).
 pub fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
+    // the definition: the first index whose value no later one exceeds (NaNs are passed
+    // over, unless the first value is NaN, which nothing exceeds)
+    if xs.first().is_none_or(|x| x.is_nan()) {
+        return 0;
     }
-    best as u32
+    // in two vectorised passes: the largest value, then the first chunk holding it
+    let mx = crate::kernels::max_of(xs, f32::NEG_INFINITY, |x| x);
+    let mut chunks = xs.chunks(16).enumerate();
+    chunks
+        .find_map(|(c, ch)| {
+            ch.iter()
+                .any(|&x| x == mx)
+                .then(|| 16 * c + ch.iter().position(|&x| x == mx).unwrap_or(0))
+        })
+        .unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -188,6 +196,40 @@ mod tests {
     fn greedy_takes_argmax_and_first_on_ties() {
         let mut s = Sampler::new(params(0.0)).unwrap();
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]).unwrap(), 1);
+    }
+
+    /// The vectorised argmax is the definition (first index that no later value exceeds),
+    /// with ties, NaNs, infinities and signed zeros.
+    #[test]
+    fn argmax_is_the_first_largest() {
+        let naive = |xs: &[f32]| {
+            let mut best = 0;
+            for (i, &x) in xs.iter().enumerate() {
+                if x > xs[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut cases: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![f32::NAN, 5.0, 1.0],
+            vec![1.0, f32::NAN, 5.0, 5.0],
+            vec![f32::NEG_INFINITY; 40],
+            vec![-0.0, 0.0, -1.0],
+            vec![-1.0, 0.0, -0.0],
+            vec![2.0, f32::INFINITY, 3.0, f32::INFINITY],
+        ];
+        for n in [1usize, 15, 16, 17, 33, 1000, 49152] {
+            cases.push(
+                (0..n)
+                    .map(|i| ((i * 7919 % 1013) as f32 * 0.01).sin().round())
+                    .collect(),
+            );
+        }
+        for xs in cases {
+            assert_eq!(argmax(&xs), naive(&xs), "{:?}", &xs[..xs.len().min(8)]);
+        }
     }
 
     #[test]
