@@ -253,8 +253,15 @@ fn start_llama(a: &ServeBench, model: &PathBuf, threads: usize) -> Result<(Proc,
 
 /// The model's own batched decode step ([`afm::lm::DeviceModel::forward_batch`]), in
 /// process, without HTTP, scheduling or sampling: tokens per second with `n` sequences of a
-/// 24-token prompt, over 32 steps (median of 3). Its scaling is the most the server's can be.
-fn model_step_tps(model: &std::path::Path, streams: &[usize], kv: Option<u32>) -> Result<Vec<f64>> {
+/// 40-token prompt (about what the bench's chat prompts render to), over `steps` steps (the
+/// requests' new tokens, so the steps cover the positions a served request does; attention
+/// grows with them), median of 3. Its scaling is the most the server's can be.
+fn model_step_tps(
+    model: &std::path::Path,
+    streams: &[usize],
+    kv: Option<u32>,
+    steps: usize,
+) -> Result<Vec<f64>> {
     use afm::lm::{LanguageModel, LogitsFor};
     let mut ck = afm::lm::Checkpoint::load_with(model, &Default::default())?;
     if let Some(bits) = kv {
@@ -262,7 +269,7 @@ fn model_step_tps(model: &std::path::Path, streams: &[usize], kv: Option<u32>) -
         ck.model.apply_kv_bits(bits, &cal)?;
     }
     let m = &ck.model;
-    let prompt: Vec<u32> = (0..24u32).map(|i| 100 + 37 * i).collect();
+    let prompt: Vec<u32> = (0..40u32).map(|i| 100 + 37 * i).collect();
     let mut out = vec![];
     for &n in streams {
         let mut times = vec![];
@@ -276,13 +283,13 @@ fn model_step_tps(model: &std::path::Path, streams: &[usize], kv: Option<u32>) -
                 .collect::<Result<Vec<_>>>()?;
             let ids: Vec<u32> = (0..n as u32).map(|i| 200 + i).collect();
             let t0 = Instant::now();
-            for _ in 0..32 {
+            for _ in 0..steps {
                 let mut refs: Vec<&mut afm::lm::Cache> = caches.iter_mut().collect();
                 m.forward_batch(&ids, &mut refs)?;
             }
             times.push(t0.elapsed().as_secs_f64());
         }
-        out.push((n * 32) as f64 / crate::bench::median(&mut times));
+        out.push((n * steps) as f64 / crate::bench::median(&mut times));
     }
     Ok(out)
 }
@@ -306,7 +313,7 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
         model.display(),
         cpu_line()
     );
-    let steps = model_step_tps(&model, &a.streams, a.kv)?;
+    let steps = model_step_tps(&model, &a.streams, a.kv, a.max_tokens.max(1))?;
     for (n, t) in a.streams.iter().zip(&steps) {
         eprintln!("  afm model step alone, {n} sequences: {t:7.1} tok/s");
     }
