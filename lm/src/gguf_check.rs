@@ -226,7 +226,7 @@ pub fn tensor_bytes(info: &TensorInfo) -> Option<u64> {
         elems = elems.checked_mul(d as u64)?;
     }
     let block = info.ggml_dtype.block_size() as u64;
-    if block == 0 || elems % block != 0 {
+    if block == 0 || !elems.is_multiple_of(block) {
         return None;
     }
     (elems / block).checked_mul(info.ggml_dtype.type_size() as u64)

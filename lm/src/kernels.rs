@@ -180,8 +180,9 @@ pub struct AttendBlock {
 
 /// One block of single-head attention: scores `scale * q k^T` by a single-threaded gemm into
 /// a per-thread buffer, `mask(row, scores)` to adjust each row (add a key mask, cut the
-/// causal future to `-inf`), a row softmax, then `out = p v` by a second gemm. The blocked
-/// attention of both the language models and the vision encoder is made of these.
+/// causal future to `-inf`), a row softmax, then `out = p v` by a second gemm. The vision
+/// encoder's blocked attention is made of these (and, through [`attend_block_with`], the
+/// int8 K/V cache's); the language models' f32 attention is `rows`.
 ///
 /// # Safety
 /// Every pointer of `b` must be valid for the rows, columns and strides it describes, and no
@@ -364,13 +365,12 @@ pub fn causal_attention(
 }
 
 /// One decode row per sequence, each attending to its own K/V (continuous batching): row
-/// `i` at position `pos[i]` sees keys `0..=pos[i]` of `kv[i]`. The same `rows::attend_row`
-/// per (row, head) as [`causal_attention`] computes for each sequence alone, so the numbers are
-/// the same; all `(row, head)` tasks share one parallel region instead of one per sequence.
-///
-/// With two or more rows each task is one sequence with all its heads (`rows::attend_seq`:
-/// its K/V rows read front to back, the same numbers); `AFM_ATT_ROWS=1` keeps one task per
-/// (row, head), to compare.
+/// `i` at position `pos[i]` sees keys `0..=pos[i]` of `kv[i]`, with the numbers
+/// [`causal_attention`] computes for each sequence alone, in one parallel region for all.
+/// With at least as many rows as pool threads, each task is one sequence with all its heads
+/// (`rows::attend_seq`: its K/V rows read front to back); with fewer, one task per (row,
+/// head) (`rows::attend_row`), so every thread has work. `AFM_ATT_ROWS=1` keeps the
+/// per-(row, head) tasks, to compare.
 ///
 /// # Shapes
 /// `q: (b, heads * hd)` (roped), `kv[i]: (n_i, kv_heads * hd)` each -> `(b, heads * hd)`.
@@ -397,7 +397,7 @@ pub fn decode_attention(
     static PER_ROW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let per_row =
         *PER_ROW.get_or_init(|| std::env::var_os("AFM_ATT_ROWS").is_some_and(|v| v == "1"));
-    if b >= 2 && !per_row {
+    if b >= crate::par::threads().max(2) && !per_row {
         // one task per sequence, its heads together (`rows::attend_seq`)
         par_ranges(b, |range| {
             SCORES.with(|buf| {
@@ -465,33 +465,36 @@ mod tests {
     /// The batched decode attention equals each sequence's own causal attention, bit for bit.
     #[test]
     fn decode_attention_equals_each_sequence_alone() {
-        let (heads, kvh, hd) = (9, 3, 64);
-        let f = |i: usize, s: f32| (i as f32 * s).sin() * 0.7;
-        let lens = [1usize, 24, 75, 130];
-        let kv: Vec<(Vec<f32>, Vec<f32>)> = lens
-            .iter()
-            .enumerate()
-            .map(|(j, &n)| {
-                let k = (0..n * kvh * hd).map(|i| f(i + j, 0.71)).collect();
-                let v = (0..n * kvh * hd).map(|i| f(i + 3 * j, 1.13)).collect();
-                (k, v)
-            })
-            .collect();
-        let q: Vec<f32> = (0..lens.len() * heads * hd).map(|i| f(i, 0.37)).collect();
-        let pos: Vec<usize> = lens.iter().map(|n| n - 1).collect();
-        let refs: Vec<(&[f32], &[f32])> = kv
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
-        let got = decode_attention(&q, &pos, &refs, heads, kvh, hd, 0.125);
-        for (i, (k, v)) in kv.iter().enumerate() {
-            let qi = &q[i * heads * hd..(i + 1) * heads * hd];
-            let want = causal_attention(qi, &pos[i..i + 1], k, v, heads, kvh, hd, 0.125);
-            assert_eq!(
-                &got[i * heads * hd..(i + 1) * heads * hd],
-                want.as_slice(),
-                "row {i}"
-            );
+        // 64: one group of columns; 128: two; 72: a short second group; 20: the portable path
+        for hd in [64usize, 128, 72, 20] {
+            let (heads, kvh) = (9, 3);
+            let f = |i: usize, s: f32| (i as f32 * s).sin() * 0.7;
+            let lens = [1usize, 24, 75, 130];
+            let kv: Vec<(Vec<f32>, Vec<f32>)> = lens
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| {
+                    let k = (0..n * kvh * hd).map(|i| f(i + j, 0.71)).collect();
+                    let v = (0..n * kvh * hd).map(|i| f(i + 3 * j, 1.13)).collect();
+                    (k, v)
+                })
+                .collect();
+            let q: Vec<f32> = (0..lens.len() * heads * hd).map(|i| f(i, 0.37)).collect();
+            let pos: Vec<usize> = lens.iter().map(|n| n - 1).collect();
+            let refs: Vec<(&[f32], &[f32])> = kv
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .collect();
+            let got = decode_attention(&q, &pos, &refs, heads, kvh, hd, 0.125);
+            for (i, (k, v)) in kv.iter().enumerate() {
+                let qi = &q[i * heads * hd..(i + 1) * heads * hd];
+                let want = causal_attention(qi, &pos[i..i + 1], k, v, heads, kvh, hd, 0.125);
+                let g = &got[i * heads * hd..(i + 1) * heads * hd];
+                assert!(
+                    g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "hd {hd}, row {i}"
+                );
+            }
         }
     }
 

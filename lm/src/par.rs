@@ -263,7 +263,7 @@ impl Pool {
                 return t.elapsed();
             }
             i += 1;
-            if i % 64 != 0 || t.elapsed() < WAIT_SPIN {
+            if !i.is_multiple_of(64) || t.elapsed() < WAIT_SPIN {
                 std::hint::spin_loop();
                 continue;
             }
@@ -293,7 +293,7 @@ fn worker(sh: Arc<Shared>, me: usize) {
                 break;
             }
             i += 1;
-            if i % 32 != 0 {
+            if !i.is_multiple_of(32) {
                 std::hint::spin_loop();
                 continue;
             }

@@ -208,7 +208,7 @@ unsafe fn quantize_row_q8_avx2(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut 
             continue;
         }
         let db = amax / 127.0;
-        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let id = _mm256_set1_ps(inverse_scale(amax));
         let q: [__m256i; 4] = std::array::from_fn(|i| {
             let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v[i], id), magic), magic);
             _mm256_cvtps_epi32(r)
@@ -233,12 +233,25 @@ unsafe fn quantize_row_q8_avx2(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut 
     }
 }
 
+/// `127 / amax`, or 0 when that is not finite: a zero block, and a block so small
+/// (`amax < 127 / f32::MAX`) that the quotient overflows, whose `d` is 0 in f16 anyway (an
+/// infinite factor made every byte saturate, and the sum of such bytes overflow).
+#[inline(always)]
+fn inverse_scale(amax: f32) -> f32 {
+    let id = 127.0 / amax;
+    if amax != 0.0 && id.is_finite() {
+        id
+    } else {
+        0.0
+    }
+}
+
 /// The definition, one value at a time.
 fn quantize_row_q8_body(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32]) {
     for (b, xb) in x.chunks_exact(QK).enumerate() {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let db = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let id = inverse_scale(amax);
         let mut sum = 0i32;
         for (j, v) in xb.iter().enumerate() {
             let q = crate::kernels::round_small(v * id) as i32;
@@ -1126,7 +1139,8 @@ mod tests {
     }
 
     /// The activation quantizer on AVX2 computes the same bytes and scales as the definition
-    /// (one value at a time), zeros, ties, tiny values, NaNs and infinities included.
+    /// (one value at a time), zeros, ties, tiny values (down to blocks whose `127 / amax`
+    /// overflows), NaNs and infinities included.
     #[test]
     fn quantize_row_is_the_same_at_every_level() {
         let mut x = data(32 * 40, 7);
@@ -1145,6 +1159,11 @@ mod tests {
         x[170] = f32::NEG_INFINITY;
         x[200] = f32::NAN;
         x[201] = 3.0;
+        // a block so small that 127 / amax overflows
+        x[224..256]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, v)| *v = (j as f32 - 15.5) * 1e-39);
         x[64..96]
             .iter_mut()
             .enumerate()

@@ -174,8 +174,7 @@ pub fn argmax(xs: &[f32]) -> u32 {
     let mut chunks = xs.chunks(16).enumerate();
     chunks
         .find_map(|(c, ch)| {
-            ch.iter()
-                .any(|&x| x == mx)
+            ch.contains(&mx)
                 .then(|| 16 * c + ch.iter().position(|&x| x == mx).unwrap_or(0))
         })
         .unwrap_or(0) as u32

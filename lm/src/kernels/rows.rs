@@ -1,7 +1,8 @@
 //! The language models' attention, one query row at a time: the same arithmetic for a
 //! decode step's single row and for every row of a prefill, so a K/V cache filled by decode
 //! steps and one filled by a prefill hold the same numbers, and a continued conversation
-//! answers as a fresh run of the whole transcript does (`lm/tests/session.rs`).
+//! answers as a fresh run of the whole transcript does (`lm/tests/session.rs`). This is the
+//! f32 cache's attention; an int8 cache (`--kv 8`) has its own (`crate::kv8`).
 //!
 //! Per row: scores `scale * q k_j` for the row's keys `0..n`, a softmax over exactly those
 //! `n` scores, then `sum_j p_j v_j` in key order. The scores are computed eight keys at a
@@ -48,8 +49,7 @@ pub(crate) fn attend_row(
         return;
     }
     for (j, sj) in s.iter_mut().enumerate() {
-        let kj = &k[j * stride..][..hd];
-        *sj = q.iter().zip(kj).fold(0f32, |a, (x, y)| a + x * y) * scale;
+        *sj = dot_lanes(q, &k[j * stride..][..hd]) * scale;
     }
     super::softmax_in_place(s);
     out.fill(0.0);
@@ -127,12 +127,32 @@ pub(crate) fn attend_seq(
     }
 }
 
+/// `q . k` in 8 lanes and a fixed tree, then the tail in order: the portable path's dot
+/// product (deterministic, and it vectorises, where one ordered sum does not).
+fn dot_lanes(q: &[f32], k: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (mut qc, mut kc) = (q.chunks_exact(8), k.chunks_exact(8));
+    for (a, b) in (&mut qc).zip(&mut kc) {
+        for i in 0..8 {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    let mut sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (x, y) in qc.remainder().iter().zip(kc.remainder()) {
+        sum += x * y;
+    }
+    sum
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
     /// Eight keys' 8-lane sums reduced to one vector of eight dot products, the same tree
     /// for every key: `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`.
+    ///
+    /// # Safety
+    /// The caller runs with AVX.
     #[inline(always)]
     unsafe fn reduce8(a: &[__m256; 8]) -> __m256 {
         let t01 = _mm256_hadd_ps(a[0], a[1]);
@@ -172,18 +192,7 @@ mod avx2 {
         while j < n {
             let m = (n - j).min(8);
             // SAFETY: keys j .. j + m lie in k (caller's contract).
-            let acc = unsafe {
-                if m == 8 {
-                    key_sums(qp, kp.add(j * stride), stride, chunks, 8)
-                } else {
-                    key_sums(qp, kp.add(j * stride), stride, chunks, m)
-                }
-            };
-            // SAFETY: AVX2 (this function's features).
-            let r = _mm256_mul_ps(unsafe { reduce8(&acc) }, sc);
-            let mut lanes = [0f32; 8];
-            // SAFETY: 8 floats into an array of 8.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), r) };
+            let lanes = unsafe { score_group(qp, kp.add(j * stride), stride, chunks, m, sc) };
             s[j..j + m].copy_from_slice(&lanes[..m]);
             j += 8;
         }
@@ -202,6 +211,33 @@ mod avx2 {
                 }
             }
             c0 += 8;
+        }
+    }
+
+    /// `scale * q . k_t` for keys `t < m` (`m <= 8`) at `k`, by [`key_sums`] and [`reduce8`]:
+    /// the one formula of a score, whatever the kernel; lanes from `m` on are not scores.
+    ///
+    /// # Safety
+    /// As [`key_sums`].
+    #[inline(always)]
+    unsafe fn score_group(
+        q: *const f32,
+        k: *const f32,
+        stride: usize,
+        chunks: usize,
+        m: usize,
+        scale: __m256,
+    ) -> [f32; 8] {
+        // SAFETY: passed on; AVX2 is the caller's.
+        unsafe {
+            let acc = if m == 8 {
+                key_sums(q, k, stride, chunks, 8)
+            } else {
+                key_sums(q, k, stride, chunks, m)
+            };
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_mul_ps(reduce8(&acc), scale));
+            lanes
         }
     }
 
@@ -285,8 +321,9 @@ mod avx2 {
             }
         }
     }
-    /// Keys per block of the weighted sum: the block's value rows stay in L1 while every
-    /// head reads them.
+
+    /// Keys per block of the weighted sum: the block's value rows are read by every head
+    /// while they are in L1 (16 rows of `kv_heads * hd` floats: 12 kB for SmolLM2-135M).
     const KEY_BLOCK: usize = 16;
 
     /// [`super::attend_seq`] on AVX2 + FMA: per head and key the same operations as
@@ -318,21 +355,12 @@ mod avx2 {
         while j < n {
             let m = (n - j).min(8);
             for h in 0..heads {
-                let kg = kp.add(j * kw + (h / rep) * hd);
-                let qh = qp.add(h * hd);
-                // SAFETY: keys j .. j + m of head h / rep lie in k (caller's contract).
-                let acc = unsafe {
-                    if m == 8 {
-                        key_sums(qh, kg, kw, chunks, 8)
-                    } else {
-                        key_sums(qh, kg, kw, chunks, m)
-                    }
+                // SAFETY: head h's query lies in q, and keys j .. j + m of K/V head h / rep
+                // (columns (h / rep) hd ..) lie in k (caller's contract).
+                let lanes = unsafe {
+                    let (qh, kg) = (qp.add(h * hd), kp.add(j * kw + (h / rep) * hd));
+                    score_group(qh, kg, kw, chunks, m, sc)
                 };
-                // SAFETY: AVX2 (this function's features).
-                let r = _mm256_mul_ps(unsafe { reduce8(&acc) }, sc);
-                let mut lanes = [0f32; 8];
-                // SAFETY: 8 floats into an array of 8.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), r) };
                 s[h * n + j..h * n + j + m].copy_from_slice(&lanes[..m]);
             }
             j += 8;
