@@ -14,7 +14,8 @@
 //! continuous-batching step.
 //!
 //! The level is [`crate::isa::level`]: AVX2 + FMA when the head width is a multiple of 8,
-//! else the portable loop (keys one after another, products summed in order).
+//! else the portable loop (keys one after another, each key's products in 8 lanes and a
+//! fixed tree).
 
 /// Attention of one query row over keys `0..n`, written to `out`.
 ///
