@@ -339,9 +339,6 @@ pub fn causal_attention(
                 let r0 = blk * QBLOCK;
                 for r in r0..(r0 + QBLOCK).min(t) {
                     let n = pos[r] + 1;
-                    if scores.len() < n {
-                        scores.resize(n, 0.0);
-                    }
                     // SAFETY: row r, columns head*hd..+hd of the output belong to this
                     // (head, blk) task alone, and `out` (t * qw floats) outlives the loop.
                     let o = unsafe {
@@ -405,9 +402,6 @@ pub fn decode_attention(
                 for i in range {
                     let (k, v) = kv[i];
                     let n = pos[i] + 1;
-                    if scores.len() < heads * n {
-                        scores.resize(heads * n, 0.0);
-                    }
                     // SAFETY: row i of the output belongs to this task alone, and `out`
                     // (b * qw floats) outlives the loop.
                     let o = unsafe { std::slice::from_raw_parts_mut(optr.0.add(i * qw), qw) };
@@ -435,9 +429,6 @@ pub fn decode_attention(
                 let g = head / rep;
                 let (k, v) = kv[i];
                 let n = pos[i] + 1;
-                if scores.len() < n {
-                    scores.resize(n, 0.0);
-                }
                 // SAFETY: row i, columns head*hd..+hd of the output belong to this task
                 // alone, and `out` (b * qw floats) outlives the loop.
                 let o =

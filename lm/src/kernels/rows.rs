@@ -21,7 +21,7 @@
 ///
 /// # Shapes
 /// `q: (hd)`; key and value `j` at `k[j * stride..][..hd]`, `v[j * stride..][..hd]`;
-/// `scores: (>= n)` scratch; `out: (hd)`.
+/// `scores`: scratch, grown to `n` when shorter; `out: (hd)`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_row(
     q: &[f32],
@@ -30,17 +30,19 @@ pub(crate) fn attend_row(
     stride: usize,
     n: usize,
     scale: f32,
-    scores: &mut [f32],
+    scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let hd = q.len();
     assert!(
         n >= 1
             && out.len() == hd
-            && scores.len() >= n
             && k.len() >= (n - 1) * stride + hd
             && v.len() >= (n - 1) * stride + hd
     );
+    if scores.len() < n {
+        scores.resize(n, 0.0);
+    }
     let s = &mut scores[..n];
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8) && crate::isa::level() >= crate::isa::Isa::Avx2 {
@@ -68,8 +70,8 @@ pub(crate) fn attend_row(
 /// the reads wait on memory).
 ///
 /// # Shapes
-/// `q: (heads * hd)`; `k, v: (>= n, kv_heads * hd)` (row-major); `scores: (>= heads * n)`
-/// scratch; `out: (heads * hd)`.
+/// `q: (heads * hd)`; `k, v: (>= n, kv_heads * hd)` (row-major); `scores`: scratch, grown
+/// to `heads * n` when shorter; `out: (heads * hd)`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_seq(
     q: &[f32],
@@ -79,7 +81,7 @@ pub(crate) fn attend_seq(
     kv_heads: usize,
     n: usize,
     scale: f32,
-    scores: &mut [f32],
+    scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let hd = q.len() / heads;
@@ -89,10 +91,12 @@ pub(crate) fn attend_seq(
             && heads.is_multiple_of(kv_heads)
             && q.len() == heads * hd
             && out.len() == q.len()
-            && scores.len() >= heads * n
             && k.len() >= n * kw
             && v.len() >= n * kw
     );
+    if scores.len() < heads * n {
+        scores.resize(heads * n, 0.0);
+    }
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8) && crate::isa::level() >= crate::isa::Isa::Avx2 {
         // SAFETY: the level is at least AVX2 (AVX2 and FMA detected); the slices' lengths
