@@ -144,9 +144,9 @@ struct GenerateArgs {
     #[arg(long)]
     lora: Option<PathBuf>,
     /// K/V cache precision: 8 = int8 with per-layer scales (the checkpoint's, or calibrated
-    /// on a built-in text at load), 16 = full precision. Default: as the checkpoint says
-    /// (8-bit when it stores KV scales).
-    #[arg(long, value_name = "8|16")]
+    /// on a built-in text at load), 16 = f16, 32 = f32. Default: as the checkpoint says
+    /// (8-bit when it stores KV scales, else f32).
+    #[arg(long, value_name = "8|16|32")]
     kv: Option<u32>,
     #[command(flatten)]
     sampling: SamplingArgs,

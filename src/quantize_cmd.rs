@@ -31,7 +31,8 @@ pub(crate) struct QuantizeArgs {
     #[arg(long, default_value_t = 4)]
     embeddings: u32,
     /// 8 = store per-layer K/V scales (the checkpoint's, or calibrated on a built-in text),
-    /// so the model runs with the 8-bit KV cache; 16 = full-precision K/V.
+    /// so the model runs with the 8-bit KV cache; 16 = no K/V scales (the model runs with
+    /// an f32 cache, or f16 / int8 with `--kv 16` / `--kv 8` at run time).
     #[arg(long, default_value_t = 8)]
     kv: u32,
     /// Inputs per scale of the 2-bit weights (32, 64, 128 or 256).
@@ -283,7 +284,7 @@ pub(crate) fn cmd_device_gen(a: &DeviceGenArgs) -> Result<()> {
 #[derive(Args)]
 pub(crate) struct QuantBenchArgs {
     /// One checkpoint to measure, repeatable: `LABEL=afm:PATH` (afm; add `:kv8` for the
-    /// 8-bit KV cache, `:kv16` for full precision, `:lora=FILE` for an adapter) or
+    /// 8-bit KV cache, `:kv16` for f16, `:kv32` for f32, `:lora=FILE` for an adapter) or
     /// `LABEL=llama:PATH` (llama.cpp through llama-cpp-python), or `LABEL=llama-bench:PATH`
     /// (speed only, from llama.cpp's own `llama-bench`: prefill of the prompt's length from
     /// an empty context, decode after as many tokens of context, fastest of `--speed-runs`).
@@ -456,8 +457,9 @@ fn parse_run(s: &str) -> Result<RunSpec> {
         match p {
             "kv8" => kv = Some(8),
             "kv16" => kv = Some(16),
+            "kv32" => kv = Some(32),
             _ if p.starts_with("lora=") => lora = Some(PathBuf::from(&p[5..])),
-            _ => bail!("--run `{s}`: unknown option `{p}` (kv8, kv16, lora=FILE)"),
+            _ => bail!("--run `{s}`: unknown option `{p}` (kv8, kv16, kv32, lora=FILE)"),
         }
     }
     if engine != "afm" && (kv.is_some() || lora.is_some()) {

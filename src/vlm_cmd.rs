@@ -70,10 +70,14 @@ pub(crate) struct ModelArgs {
     #[arg(long, value_name = "FILE")]
     lora: Option<PathBuf>,
     /// The language model's K/V cache: 8 = int8 with per-layer scales (the checkpoint's, or
-    /// calibrated on a built-in text at load), 16 = full precision. Default: as the
-    /// checkpoint says.
-    #[arg(long, value_name = "8|16")]
+    /// calibrated on a built-in text at load), 16 = f16, 32 = f32. Default: as the
+    /// checkpoint says (8-bit when it stores KV scales, else f32); `afm serve`: 16 unless
+    /// the checkpoint stores KV scales.
+    #[arg(long, value_name = "8|16|32")]
     kv: Option<u32>,
+    /// Set by `afm serve`: without `--kv`, f16 K/V unless the checkpoint stores KV scales.
+    #[arg(skip)]
+    pub(crate) prefer_f16_kv: bool,
 }
 
 /// Flags shared by `caption`, `ask` and `screen`.
@@ -174,6 +178,8 @@ impl ModelArgs {
             if bits == 8 {
                 eprintln!("KV cache: 8-bit, scales {from}");
             }
+        } else if self.prefer_f16_kv && ck.model.prefer_f16_kv() {
+            eprintln!("KV cache: f16 (--kv 32 keeps f32)");
         }
         Ok(ck)
     }
@@ -290,6 +296,8 @@ impl ModelArgs {
             if bits == 8 {
                 eprintln!("KV cache: 8-bit, scales {from}");
             }
+        } else if self.prefer_f16_kv && vlm.prefer_lm_f16_kv() {
+            eprintln!("KV cache: f16 (--kv 32 keeps f32)");
         }
         Ok((vlm, t0.elapsed().as_secs_f64()))
     }

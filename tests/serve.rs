@@ -158,6 +158,12 @@ fn text_server_routes_limits_and_openai_client() {
         "--max-concurrent",
         "2",
     ]);
+    // without --kv a server keeps f16 K/V (the GGUF stores no 8-bit KV scales)
+    assert!(
+        s.log.lock().unwrap().contains("KV cache: f16"),
+        "{}",
+        s.log.lock().unwrap()
+    );
     let (st, body) = s.http("GET", "/health", b"");
     assert_eq!(st, 200, "{body}");
     assert!(body.contains("\"ok\""), "{body}");

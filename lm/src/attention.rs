@@ -233,15 +233,7 @@ impl Attention {
             )));
         }
         let scale = 1.0 / (hd as f32).sqrt();
-        let out = match kv.int8_slices() {
-            Some((k8, v8, ks, vs)) => {
-                crate::kv8::causal_attention_i8(&q, pos, k8, v8, ks, vs, h, kvh, hd, scale)
-            }
-            None => {
-                let (ks, vs) = kv.slices();
-                crate::kernels::causal_attention(&q, pos, ks, vs, h, kvh, hd, scale)
-            }
-        };
+        let out = layer_attention(&q, pos, kv, h, kvh, hd, scale);
         self.o_proj.forward(&out, t)
     }
 }
@@ -360,11 +352,19 @@ impl Attention {
             }
             first += c;
         }
-        if counts.iter().all(|&c| c == 1) && kvs.iter().all(|kv| kv.int8_slices().is_none()) {
-            // decode step, f32 caches: every (sequence, head) in one parallel region
-            let slices: Vec<(&[f32], &[f32])> = kvs.iter().map(|kv| kv.slices()).collect();
-            let out = crate::kernels::decode_attention(&q, pos, &slices, h, kvh, hd, scale);
-            return self.o_proj.forward(&out, n);
+        if counts.iter().all(|&c| c == 1) {
+            // decode step, f32 or f16 caches: every sequence in one parallel region
+            let f16: Option<Vec<_>> = kvs.iter().map(|kv| kv.f16_slices()).collect();
+            if let Some(slices) = f16 {
+                let out = crate::kernels::decode_attention(&q, pos, &slices, h, kvh, hd, scale);
+                return self.o_proj.forward(&out, n);
+            }
+            let plain = |kv: &&LayerKv| kv.int8_slices().is_none() && kv.f16_slices().is_none();
+            if kvs.iter().all(plain) {
+                let slices: Vec<(&[f32], &[f32])> = kvs.iter().map(|kv| kv.slices()).collect();
+                let out = crate::kernels::decode_attention(&q, pos, &slices, h, kvh, hd, scale);
+                return self.o_proj.forward(&out, n);
+            }
         }
         let mut out = Vec::with_capacity(q.len());
         let mut first = 0;
@@ -373,19 +373,36 @@ impl Attention {
                 &q[first * h * hd..(first + c) * h * hd],
                 &pos[first..first + c],
             );
-            out.extend(match kv.int8_slices() {
-                Some((k8, v8, ks, vs)) => {
-                    crate::kv8::causal_attention_i8(qi, p, k8, v8, ks, vs, h, kvh, hd, scale)
-                }
-                None => {
-                    let (ks, vs) = kv.slices();
-                    crate::kernels::causal_attention(qi, p, ks, vs, h, kvh, hd, scale)
-                }
-            });
+            out.extend(layer_attention(qi, p, kv, h, kvh, hd, scale));
             first += c;
         }
         self.o_proj.forward(&out, n)
     }
+}
+
+/// Causal attention of query rows `q` (at positions `pos`) over one layer's cache, in the
+/// cache's own precision (int8, f16 or f32).
+///
+/// # Shapes
+/// `q: (t, heads * hd)` (roped) -> `(t, heads * hd)`.
+#[allow(clippy::too_many_arguments)]
+fn layer_attention(
+    q: &[f32],
+    pos: &[usize],
+    kv: &LayerKv,
+    h: usize,
+    kvh: usize,
+    hd: usize,
+    scale: f32,
+) -> Vec<f32> {
+    if let Some((k8, v8, ks, vs)) = kv.int8_slices() {
+        return crate::kv8::causal_attention_i8(q, pos, k8, v8, ks, vs, h, kvh, hd, scale);
+    }
+    if let Some((k, v)) = kv.f16_slices() {
+        return crate::kernels::causal_attention(q, pos, k, v, h, kvh, hd, scale);
+    }
+    let (k, v) = kv.slices();
+    crate::kernels::causal_attention(q, pos, k, v, h, kvh, hd, scale)
 }
 
 /// `n` rows split into one run of `counts[i] >= 1` rows per cache (at least one cache).

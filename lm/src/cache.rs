@@ -4,8 +4,9 @@
 use crate::error::{LmError, Result};
 use candle_core::{Device, Tensor};
 
-/// Keys and values of one attention layer, in f32 or (with [`LayerKv::new_int8`]) in int8
-/// with one key scale and one value scale for the layer ([`crate::kv8`]).
+/// Keys and values of one attention layer: in f32, in f16 ([`LayerKv::new_f16`]: half the
+/// bytes, as llama.cpp keeps its cache), or in int8 ([`LayerKv::new_int8`]) with one key
+/// scale and one value scale for the layer ([`crate::kv8`]).
 ///
 /// # Shapes
 /// `k`, `v`: `(len, kv_heads, head_dim)` row-major, one row appended per position.
@@ -13,6 +14,10 @@ use candle_core::{Device, Tensor};
 pub struct LayerKv {
     k: Vec<f32>,
     v: Vec<f32>,
+    /// The f16 store (`f16` set); `k`, `v` then stay empty.
+    k16: Vec<half::f16>,
+    v16: Vec<half::f16>,
+    f16: bool,
     /// The int8 store: codes and the (key, value) scales; `k`, `v` then stay empty.
     k8: Vec<i8>,
     v8: Vec<i8>,
@@ -31,6 +36,9 @@ impl LayerKv {
         Self {
             k: Vec::new(),
             v: Vec::new(),
+            k16: Vec::new(),
+            v16: Vec::new(),
+            f16: false,
             k8: Vec::new(),
             v8: Vec::new(),
             scales: None,
@@ -50,7 +58,27 @@ impl LayerKv {
         }
     }
 
-    /// The (key, value) scales of an int8 layer, `None` for f32.
+    /// An f16 layer: every key and value rounded to the nearest f16 as it is appended. A
+    /// finite value beyond f16's range (|x| > 65504) is an error, never an infinity.
+    pub fn new_f16(width: usize, max_len: usize) -> Self {
+        Self {
+            f16: true,
+            ..Self::new(width, max_len)
+        }
+    }
+
+    /// The valid f16 keys and values, each `(len, kv_heads * head_dim)`; `None` for an f32
+    /// or int8 layer.
+    pub fn f16_slices(&self) -> Option<(&[half::f16], &[half::f16])> {
+        self.f16.then(|| {
+            (
+                &self.k16[..self.len * self.width],
+                &self.v16[..self.len * self.width],
+            )
+        })
+    }
+
+    /// The (key, value) scales of an int8 layer, `None` for f32 and f16.
     pub fn int8_scales(&self) -> Option<(f32, f32)> {
         self.scales
     }
@@ -88,6 +116,9 @@ impl LayerKv {
         if self.scales.is_some() {
             self.k8.drain(..n * self.width);
             self.v8.drain(..n * self.width);
+        } else if self.f16 {
+            self.k16.drain(..n * self.width);
+            self.v16.drain(..n * self.width);
         } else {
             self.k.drain(..n * self.width);
             self.v.drain(..n * self.width);
@@ -129,6 +160,19 @@ impl LayerKv {
         if let Some((ks, vs)) = self.scales {
             crate::kv8::quantize_into(k, ks, &mut self.k8);
             crate::kv8::quantize_into(v, vs, &mut self.v8);
+        } else if self.f16 {
+            if let Some(x) = k
+                .iter()
+                .chain(v)
+                .find(|x| x.is_finite() && x.abs() > 65504.0)
+            {
+                return Err(LmError::Invalid(format!(
+                    "K/V value {x:e} is beyond the f16 cache's range (|x| <= 65504); \
+                     keep the cache in f32 (`--kv 32`)"
+                )));
+            }
+            self.k16.extend(k.iter().map(|&x| half::f16::from_f32(x)));
+            self.v16.extend(v.iter().map(|&x| half::f16::from_f32(x)));
         } else {
             self.k.extend_from_slice(k);
             self.v.extend_from_slice(v);
@@ -138,9 +182,9 @@ impl LayerKv {
     }
 
     /// The valid keys and values of an f32 layer, each `(len, kv_heads * head_dim)`; empty
-    /// for an int8 layer (see [`LayerKv::int8_slices`]).
+    /// for an f16 or int8 layer (see [`LayerKv::f16_slices`], [`LayerKv::int8_slices`]).
     pub fn slices(&self) -> (&[f32], &[f32]) {
-        if self.scales.is_some() {
+        if self.scales.is_some() || self.f16 {
             return (&[], &[]);
         }
         (
@@ -150,14 +194,18 @@ impl LayerKv {
     }
 
     /// Copies of the keys and values as f32 tensors `(len, kv_heads * head_dim)`
-    /// (inspection; an int8 layer is dequantized).
+    /// (inspection; an int8 layer is dequantized, an f16 one widened).
     pub fn kv(&self) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.int8_slices() {
-            Some((k, v, ks, vs)) => (
+        let (k, v) = match (self.int8_slices(), self.f16_slices()) {
+            (Some((k, v, ks, vs)), _) => (
                 k.iter().map(|&x| x as f32 * ks).collect(),
                 v.iter().map(|&x| x as f32 * vs).collect(),
             ),
-            None => {
+            (None, Some((k, v))) => (
+                k.iter().map(|x| x.to_f32()).collect(),
+                v.iter().map(|x| x.to_f32()).collect(),
+            ),
+            (None, None) => {
                 let (k, v) = self.slices();
                 (k.to_vec(), v.to_vec())
             }
@@ -178,14 +226,18 @@ impl LayerKv {
         self.len = self.len.min(len - self.first);
         self.k.truncate(self.len * self.width);
         self.v.truncate(self.len * self.width);
+        self.k16.truncate(self.len * self.width);
+        self.v16.truncate(self.len * self.width);
         self.k8.truncate(self.len * self.width);
         self.v8.truncate(self.len * self.width);
     }
 
-    /// Bytes per stored value: 4 (f32) or 1 (int8).
+    /// Bytes per stored value: 4 (f32), 2 (f16) or 1 (int8).
     pub fn bytes_per_value(&self) -> usize {
         if self.scales.is_some() {
             1
+        } else if self.f16 {
+            2
         } else {
             4
         }
@@ -198,7 +250,10 @@ impl LayerKv {
 
     /// Bytes allocated, including spare capacity.
     pub fn allocated_bytes(&self) -> usize {
-        (self.k.capacity() + self.v.capacity()) * 4 + self.k8.capacity() + self.v8.capacity()
+        (self.k.capacity() + self.v.capacity()) * 4
+            + (self.k16.capacity() + self.v16.capacity()) * 2
+            + self.k8.capacity()
+            + self.v8.capacity()
     }
 }
 
@@ -241,6 +296,18 @@ impl Cache {
                         None => LayerKv::new(w, max_len),
                     })
                 })
+                .collect(),
+            seq_len: 0,
+            max_len,
+        }
+    }
+
+    /// As [`Cache::new`], every layer stored in f16 ([`LayerKv::new_f16`]).
+    pub fn new_f16(kv_width: &[Option<usize>], max_len: usize) -> Self {
+        Self {
+            layers: kv_width
+                .iter()
+                .map(|w| w.map(|w| LayerKv::new_f16(w, max_len)))
                 .collect(),
             seq_len: 0,
             max_len,
@@ -331,6 +398,44 @@ mod tests {
         assert_eq!(l.used_bytes(), 2 * 70 * 8 * 4);
         l.truncate(10);
         assert_eq!((l.len(), l.slices().0.len()), (10, 80));
+    }
+
+    #[test]
+    fn f16_layers_round_each_value_and_refuse_what_f16_cannot_hold() {
+        let mut l = LayerKv::new_f16(4, 50);
+        // 0.1 is not an f16: stored as its nearest f16
+        l.append(&[0.1, -2.0, 65504.0, 1e-3], &[3.0, 0.1, -65504.0, 7.0])
+            .unwrap();
+        let (k, v) = l.f16_slices().unwrap();
+        assert_eq!(k[0], half::f16::from_f32(0.1));
+        assert_ne!(k[0].to_f32(), 0.1);
+        assert_eq!((k[2].to_f32(), v[2].to_f32()), (65504.0, -65504.0));
+        assert_eq!(l.slices().0.len(), 0, "no f32 store");
+        assert!(l.int8_slices().is_none());
+        assert_eq!((l.bytes_per_value(), l.used_bytes()), (2, 2 * 4 * 2));
+        // beyond f16's range: an error that names it, and nothing appended
+        let e = l.append(&[1.0, 70000.0, 0.0, 0.0], &[0.0; 4]).unwrap_err();
+        assert!(e.to_string().contains("f16"), "{e}");
+        let e = l.append(&[0.0; 4], &[0.0, 0.0, -1e6, 0.0]).unwrap_err();
+        assert!(e.to_string().contains("--kv 32"), "{e}");
+        assert_eq!(l.len(), 1);
+        for i in 1..10 {
+            l.append(&[i as f32; 4], &[i as f32; 4]).unwrap();
+        }
+        let (kt, _) = l.kv().unwrap();
+        assert_eq!(kt.dims(), &[10, 4]);
+        assert_eq!(
+            kt.to_vec2::<f32>().unwrap()[0][0],
+            half::f16::from_f32(0.1).to_f32()
+        );
+        l.drop_before(6);
+        assert_eq!((l.first(), l.len()), (6, 4));
+        assert_eq!(l.f16_slices().unwrap().0[0].to_f32(), 6.0);
+        l.truncate(8);
+        assert_eq!((l.len(), l.f16_slices().unwrap().1.len()), (2, 8));
+        let c = Cache::new_f16(&[Some(4), None, Some(4)], 10);
+        assert_eq!(c.kv_layers(), 2);
+        assert!(c.layer(0).unwrap().f16_slices().is_some());
     }
 
     #[test]

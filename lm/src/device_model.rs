@@ -92,8 +92,19 @@ pub enum KvMode {
     Checkpoint,
     /// int8 with these per-layer (key, value) scales (`None` for layers without K/V).
     Int8(Vec<Option<(f32, f32)>>),
-    /// f32, without the checkpoint's 8-bit rounding (`--kv 16`: full precision).
+    /// f32, without the checkpoint's 8-bit rounding (`--kv 32`: full precision).
     Full,
+    /// f16, without the checkpoint's 8-bit rounding (`--kv 16`: half the bytes of f32, as
+    /// llama.cpp keeps its cache; every key and value rounded to the nearest f16).
+    F16,
+}
+
+impl KvMode {
+    /// Whether K/V go through the checkpoint's 8-bit rounding (stored in int8, or rounded
+    /// in an f32 cache); `Full` and `F16` keep the projections' values.
+    fn rounds_to_8_bits(&self) -> bool {
+        matches!(self, KvMode::Checkpoint | KvMode::Int8(_))
+    }
 }
 
 impl DeviceModel {
@@ -207,7 +218,7 @@ impl DeviceModel {
 
     /// The run-time `--kv` option: 8 stores K/V in int8 with the checkpoint's scales, or,
     /// when it has none, with scales calibrated on `calibration` ([`Self::calibrate_kv_scales`]);
-    /// 16 keeps full precision (f32, without the checkpoint's 8-bit rounding). Returns
+    /// 16 stores f16 and 32 f32 (both without the checkpoint's 8-bit rounding). Returns
     /// where the scales came from (`"checkpoint"`, `"calibrated"`, or `"none"`).
     pub fn apply_kv_bits(&mut self, bits: u32, calibration: &[u32]) -> Result<&'static str> {
         match bits {
@@ -222,11 +233,27 @@ impl DeviceModel {
                 }
             }
             16 => {
+                self.set_kv_mode(KvMode::F16)?;
+                Ok("none")
+            }
+            32 => {
                 self.set_kv_mode(KvMode::Full)?;
                 Ok("none")
             }
-            b => Err(LmError::Invalid(format!("--kv {b}: expected 8 or 16"))),
+            b => Err(LmError::Invalid(format!(
+                "--kv {b}: expected 8 (int8), 16 (f16) or 32 (f32)"
+            ))),
         }
+    }
+
+    /// f16 K/V ([`KvMode::F16`]) unless the mode was set already or the checkpoint stores
+    /// 8-bit KV scales (its int8 cache then stays): `afm serve`'s default, where the cache's
+    /// bytes are most of what each added stream costs. Returns whether new caches are f16.
+    pub fn prefer_f16_kv(&mut self) -> bool {
+        if self.kv_mode == KvMode::Checkpoint && self.stored_kv_scales().is_none() {
+            self.kv_mode = KvMode::F16;
+        }
+        self.kv_mode == KvMode::F16
     }
 
     pub fn config(&self) -> &LmConfig {
@@ -360,7 +387,7 @@ impl DeviceModel {
                 .layer_mut(i)
                 .ok_or_else(|| LmError::Invalid(format!("cache has no K/V slot for layer {i}")))?;
             layer.input_norm.forward_into(&x, &mut hn)?;
-            let fake_quant = self.kv_mode != KvMode::Full;
+            let fake_quant = self.kv_mode.rounds_to_8_bits();
             add(
                 &mut x,
                 &layer
@@ -422,6 +449,9 @@ impl LanguageModel for DeviceModel {
             KvMode::Checkpoint => self.stored_kv_scales(),
             KvMode::Int8(s) => Some(s.clone()),
             KvMode::Full => None,
+            KvMode::F16 => {
+                return Cache::new_f16(&self.kv_widths(), self.info.context_length);
+            }
         };
         match scales {
             Some(s) => Cache::new_int8(&self.kv_widths(), &s, self.info.context_length),
@@ -566,7 +596,7 @@ impl DeviceModel {
                     counts,
                     &self.rope,
                     &mut kvs,
-                    self.kv_mode != KvMode::Full,
+                    self.kv_mode.rounds_to_8_bits(),
                 )?,
             );
             layer.post_norm.forward_into(&x, &mut hn)?;

@@ -6,6 +6,7 @@ use crate::par::par_ranges;
 use std::cell::RefCell;
 
 mod rows;
+pub use rows::KvElem;
 
 /// `x` rounded to the nearest integer, ties to even, for `|x| < 2^22` (an int8 quantizer's
 /// `v * 127 / amax`): adding and subtracting 1.5 * 2^23 lets the FPU's default rounding do
@@ -309,13 +310,14 @@ pub unsafe fn attend_block_with(
 /// `prefill_rows_equal_decode_rows`).
 ///
 /// # Shapes
-/// `q: (t, heads * hd)` (roped), `k, v: (n_keys, kv_heads * hd)` -> `(t, heads * hd)`.
+/// `q: (t, heads * hd)` (roped), `k, v: (n_keys, kv_heads * hd)` (f32 or f16) ->
+/// `(t, heads * hd)`.
 #[allow(clippy::too_many_arguments)]
-pub fn causal_attention(
+pub fn causal_attention<T: KvElem>(
     q: &[f32],
     pos: &[usize],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     heads: usize,
     kv_heads: usize,
     hd: usize,
@@ -372,10 +374,10 @@ pub fn causal_attention(
 /// # Shapes
 /// `q: (b, heads * hd)` (roped), `kv[i]: (n_i, kv_heads * hd)` each -> `(b, heads * hd)`.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attention(
+pub fn decode_attention<T: KvElem>(
     q: &[f32],
     pos: &[usize],
-    kv: &[(&[f32], &[f32])],
+    kv: &[(&[T], &[T])],
     heads: usize,
     kv_heads: usize,
     hd: usize,
@@ -519,6 +521,51 @@ mod tests {
                     "t = {t}, hd = {hd}, row {i}"
                 );
             }
+        }
+    }
+
+    /// An f16 cache's attention is the f32 attention over the widened values, bit for bit,
+    /// in a prefill and in a batched decode step (the kernels widen as they load, and the
+    /// arithmetic after is the same); and it differs from attention over the unrounded f32
+    /// values, so the f16 store is really read.
+    #[test]
+    fn f16_attention_is_f32_attention_over_the_widened_values() {
+        use half::f16;
+        for hd in [64usize, 72, 20] {
+            let (heads, kvh, n) = (6, 2, 53);
+            let f = |i: usize, s: f32| (i as f32 * s).sin() * 0.9;
+            let k: Vec<f32> = (0..n * kvh * hd).map(|i| f(i, 0.71)).collect();
+            let v: Vec<f32> = (0..n * kvh * hd).map(|i| f(i, 1.13)).collect();
+            let (k16, v16): (Vec<f16>, Vec<f16>) = (
+                k.iter().map(|&x| f16::from_f32(x)).collect(),
+                v.iter().map(|&x| f16::from_f32(x)).collect(),
+            );
+            let (kw, vw): (Vec<f32>, Vec<f32>) = (
+                k16.iter().map(|x| x.to_f32()).collect(),
+                v16.iter().map(|x| x.to_f32()).collect(),
+            );
+            let same =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            let t = 30;
+            let q: Vec<f32> = (0..t * heads * hd).map(|i| f(i, 0.37)).collect();
+            let pos: Vec<usize> = (n - t..n).collect();
+            let got = causal_attention(&q, &pos, &k16, &v16, heads, kvh, hd, 0.3);
+            let want = causal_attention(&q, &pos, &kw, &vw, heads, kvh, hd, 0.3);
+            assert!(same(&got, &want), "prefill, hd {hd}");
+            let raw = causal_attention(&q, &pos, &k, &v, heads, kvh, hd, 0.3);
+            assert!(!same(&got, &raw), "hd {hd}: the f16 rounding must show");
+            // a decode step of four sequences (per-sequence and per-(row, head) tasks alike)
+            let b = 4;
+            let qd = &q[..b * heads * hd];
+            let pd: Vec<usize> = (0..b).map(|i| n - 1 - 7 * i).collect();
+            let got =
+                decode_attention(qd, &pd, &vec![(&k16[..], &v16[..]); b], heads, kvh, hd, 0.3);
+            let want = decode_attention(qd, &pd, &vec![(&kw[..], &vw[..]); b], heads, kvh, hd, 0.3);
+            assert!(same(&got, &want), "decode, hd {hd}");
+            let q1 = &q[..heads * hd];
+            let got = decode_attention(q1, &pd[..1], &[(&k16[..], &v16[..])], heads, kvh, hd, 0.3);
+            let want = decode_attention(q1, &pd[..1], &[(&kw[..], &vw[..])], heads, kvh, hd, 0.3);
+            assert!(same(&got, &want), "decode of one row, hd {hd}");
         }
     }
 

@@ -45,10 +45,18 @@ pub struct ServeBench {
     #[arg(long)]
     pub prefix_cache: bool,
     /// K/V cache precision of afm (both the server and the model step alone): 8 stores
-    /// int8 with calibrated per-layer scales (the paper's 8-bit cache), 16 full precision.
-    /// llama-server keeps its default f16 cache.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(8..=16))]
+    /// int8 with calibrated per-layer scales (the paper's 8-bit cache), 16 f16 (`afm
+    /// serve`'s default, as llama-server's), 32 f32.
+    #[arg(long, value_parser = kv_bits)]
     pub kv: Option<u32>,
+}
+
+/// `--kv`: 8, 16 or 32.
+fn kv_bits(s: &str) -> Result<u32, String> {
+    match s {
+        "8" | "16" | "32" => Ok(s.parse().unwrap_or_default()),
+        _ => Err(format!("`{s}`: expected 8 (int8), 16 (f16) or 32 (f32)")),
+    }
 }
 
 const PROMPTS: &[&str] = &[
@@ -261,14 +269,24 @@ fn model_step_tps(
     streams: &[usize],
     kv: Option<u32>,
     steps: usize,
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, &'static str)> {
     use afm::lm::{LanguageModel, LogitsFor};
     let mut ck = afm::lm::Checkpoint::load_with(model, &Default::default())?;
     if let Some(bits) = kv {
         let cal = ck.tokenizer.encode(afm::lm::kv8::CALIBRATION_TEXT)?;
         ck.model.apply_kv_bits(bits, &cal)?;
+    } else {
+        // as `afm serve` without --kv
+        ck.model.prefer_f16_kv();
     }
     let m = &ck.model;
+    let kv_name = match m.kv_mode() {
+        afm::lm::KvMode::F16 => "f16",
+        afm::lm::KvMode::Full => "f32",
+        afm::lm::KvMode::Int8(_) => "int8",
+        afm::lm::KvMode::Checkpoint if m.stored_kv_scales().is_some() => "int8",
+        afm::lm::KvMode::Checkpoint => "f32",
+    };
     let prompt: Vec<u32> = (0..40u32).map(|i| 100 + 37 * i).collect();
     let mut out = vec![];
     for &n in streams {
@@ -291,7 +309,7 @@ fn model_step_tps(
         }
         out.push((n * steps) as f64 / crate::bench::median(&mut times));
     }
-    Ok(out)
+    Ok((out, kv_name))
 }
 
 /// The CPU model and the kernels' ISA level ([`afm::lm::isa::describe_cpu`]).
@@ -313,7 +331,7 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
         model.display(),
         cpu_line()
     );
-    let steps = model_step_tps(&model, &a.streams, a.kv, a.max_tokens.max(1))?;
+    let (steps, kv_name) = model_step_tps(&model, &a.streams, a.kv, a.max_tokens.max(1))?;
     for (n, t) in a.streams.iter().zip(&steps) {
         eprintln!("  afm model step alone, {n} sequences: {t:7.1} tok/s");
     }
@@ -353,7 +371,7 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
     }
     let single = rows.iter().find(|r| r.0 == 1).map(|r| r.1);
     println!(
-        "afm serve vs {reference}, {}, {} new tokens x {} requests per stream, median of {} rounds, {threads} threads",
+        "afm serve (K/V {kv_name}) vs {reference}, {}, {} new tokens x {} requests per stream, median of {} rounds, {threads} threads",
         model
             .file_name()
             .map_or("".into(), |f| f.to_string_lossy().into_owned()),

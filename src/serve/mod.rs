@@ -110,7 +110,10 @@ async fn shutdown_signal() {
     eprintln!("afm serve: shutting down (finishing requests in flight)");
 }
 
-pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
+pub(crate) fn cmd_serve(mut a: ServeArgs) -> Result<()> {
+    // f16 K/V by default, as llama-server keeps its cache: half the bytes every added
+    // stream's attention reads per step
+    a.model.prefer_f16_kv = true;
     anyhow::ensure!(a.max_batch >= 1, "--max-batch must be at least 1");
     anyhow::ensure!(a.max_concurrent >= 1, "--max-concurrent must be at least 1");
     anyhow::ensure!(a.max_tokens >= 1, "--max-tokens must be at least 1");

@@ -2,7 +2,9 @@
 //! decode step's single row and for every row of a prefill, so a K/V cache filled by decode
 //! steps and one filled by a prefill hold the same numbers, and a continued conversation
 //! answers as a fresh run of the whole transcript does (`lm/tests/session.rs`). This is the
-//! f32 cache's attention; an int8 cache (`--kv 8`) has its own (`crate::kv8`).
+//! attention of the f32 and f16 caches (`--kv 32`, `--kv 16`: [`KvElem`]; an f16 key or
+//! value is widened to f32 as it is loaded, and everything after is the f32 arithmetic); an
+//! int8 cache (`--kv 8`) has its own (`crate::kv8`).
 //!
 //! Per row: scores `scale * q k_j` for the row's keys `0..n`, a softmax over exactly those
 //! `n` scores, then `sum_j p_j v_j` in key order. The scores are computed eight keys at a
@@ -17,16 +19,60 @@
 //! else the portable loop (keys one after another, each key's products in 8 lanes and a
 //! fixed tree).
 
+/// An element of a K/V cache the row kernels read: f32, or f16 (half the bytes a decode
+/// step reads from memory; the kernels widen each value to f32 as it is loaded).
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// The value as f32 (exact: f16 widens without rounding).
+    fn get(self) -> f32;
+
+    /// Eight consecutive values widened to f32.
+    ///
+    /// # Safety
+    /// Eight elements at `p` are readable; the CPU has AVX2 and F16C (`Isa::Avx2`).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: eight floats at p (caller's contract); AVX is part of the caller's level.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: eight f16 (16 bytes) at p (caller's contract); F16C is part of the
+        // caller's level. `vcvtph2ps` widens exactly, as `f16::to_f32` does.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
 /// Attention of one query row over keys `0..n`, written to `out`.
 ///
 /// # Shapes
 /// `q: (hd)`; key and value `j` at `k[j * stride..][..hd]`, `v[j * stride..][..hd]`;
 /// `scores`: scratch, grown to `n` when shorter; `out: (hd)`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_row(
+pub(crate) fn attend_row<T: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     stride: usize,
     n: usize,
     scale: f32,
@@ -46,8 +92,8 @@ pub(crate) fn attend_row(
     let s = &mut scores[..n];
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8) && crate::isa::level() >= crate::isa::Isa::Avx2 {
-        // SAFETY: the level is at least AVX2 (AVX2 and FMA detected); the slices' lengths
-        // were asserted for n keys of width hd at this stride.
+        // SAFETY: the level is at least AVX2 (AVX2, FMA and F16C detected); the slices'
+        // lengths were asserted for n keys of width hd at this stride.
         unsafe { avx2::attend_row(q, k, v, stride, n, scale, s, out) };
         return;
     }
@@ -58,7 +104,7 @@ pub(crate) fn attend_row(
     out.fill(0.0);
     for (j, &p) in s.iter().enumerate() {
         for (o, x) in out.iter_mut().zip(&v[j * stride..][..hd]) {
-            *o += p * x;
+            *o += p * x.get();
         }
     }
 }
@@ -73,10 +119,10 @@ pub(crate) fn attend_row(
 /// `q: (heads * hd)`; `k, v: (>= n, kv_heads * hd)` (row-major); `scores`: scratch, grown
 /// to `heads * n` when shorter; `out: (heads * hd)`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_seq(
+pub(crate) fn attend_seq<T: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     heads: usize,
     kv_heads: usize,
     n: usize,
@@ -99,8 +145,8 @@ pub(crate) fn attend_seq(
     }
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8) && crate::isa::level() >= crate::isa::Isa::Avx2 {
-        // SAFETY: the level is at least AVX2 (AVX2 and FMA detected); the slices' lengths
-        // were asserted for n rows of kv_heads * hd at that stride.
+        // SAFETY: the level is at least AVX2 (AVX2, FMA and F16C detected); the slices'
+        // lengths were asserted for n rows of kv_heads * hd at that stride.
         unsafe {
             avx2::attend_seq(
                 q,
@@ -134,23 +180,24 @@ pub(crate) fn attend_seq(
 
 /// `q . k` in 8 lanes and a fixed tree, then the tail in order: the portable path's dot
 /// product (deterministic, and it vectorises, where one ordered sum does not).
-fn dot_lanes(q: &[f32], k: &[f32]) -> f32 {
+fn dot_lanes<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (mut qc, mut kc) = (q.chunks_exact(8), k.chunks_exact(8));
     for (a, b) in (&mut qc).zip(&mut kc) {
         for i in 0..8 {
-            acc[i] += a[i] * b[i];
+            acc[i] += a[i] * b[i].get();
         }
     }
     let mut sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     for (x, y) in qc.remainder().iter().zip(kc.remainder()) {
-        sum += x * y;
+        sum += x * y.get();
     }
     sum
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::KvElem;
     use std::arch::x86_64::*;
 
     /// Eight keys' 8-lane sums reduced to one vector of eight dot products, the same tree
@@ -175,14 +222,15 @@ mod avx2 {
     /// [`super::attend_row`] on AVX2 + FMA.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `q.len()` is a multiple of 8 and the slices hold `n`
-    /// keys and values of width `q.len()` at `stride`, `s.len() == n`, `out.len() == q.len()`.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must have AVX2, FMA and F16C; `q.len()` is a multiple of 8 and the slices
+    /// hold `n` keys and values of width `q.len()` at `stride`, `s.len() == n`,
+    /// `out.len() == q.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attend_row(
+    pub(super) unsafe fn attend_row<T: KvElem>(
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[T],
+        v: &[T],
         stride: usize,
         n: usize,
         scale: f32,
@@ -225,9 +273,9 @@ mod avx2 {
     /// # Safety
     /// As [`key_sums`].
     #[inline(always)]
-    unsafe fn score_group(
+    unsafe fn score_group<T: KvElem>(
         q: *const f32,
-        k: *const f32,
+        k: *const T,
         stride: usize,
         chunks: usize,
         m: usize,
@@ -250,12 +298,12 @@ mod avx2 {
     /// key (zero past `m`), chunk after chunk.
     ///
     /// # Safety
-    /// AVX2 + FMA; `q` holds `8 * chunks` floats, and `m` keys of that width at `stride` lie
-    /// at `k`.
+    /// AVX2 + FMA + F16C; `q` holds `8 * chunks` floats, and `m` keys of that width at
+    /// `stride` lie at `k`.
     #[inline(always)]
-    unsafe fn key_sums(
+    unsafe fn key_sums<T: KvElem>(
         q: *const f32,
-        k: *const f32,
+        k: *const T,
         stride: usize,
         chunks: usize,
         m: usize,
@@ -267,7 +315,7 @@ mod avx2 {
                 let qc = _mm256_loadu_ps(q.add(8 * c));
                 for (t, a) in acc.iter_mut().enumerate() {
                     if t < m {
-                        let kc = _mm256_loadu_ps(k.add(t * stride + 8 * c));
+                        let kc = T::load8(k.add(t * stride + 8 * c));
                         *a = _mm256_fmadd_ps(qc, kc, *a);
                     }
                 }
@@ -279,10 +327,10 @@ mod avx2 {
     /// `out[..8 w] = sum_j p[j] v_j[..8 w]` (`w <= 8` chunks of 8), in key order.
     ///
     /// # Safety
-    /// AVX2 + FMA; `p.len()` values of `8 w` floats at `stride` lie at `v`, and `out` holds
-    /// `8 w` floats.
+    /// AVX2 + FMA + F16C; `p.len()` values of `8 w` elements at `stride` lie at `v`, and
+    /// `out` holds `8 w` floats.
     #[inline(always)]
-    unsafe fn weighted(p: &[f32], v: *const f32, stride: usize, out: *mut f32, w: usize) {
+    unsafe fn weighted<T: KvElem>(p: &[f32], v: *const T, stride: usize, out: *mut f32, w: usize) {
         // SAFETY: passed on.
         unsafe { weighted_from(p, v, stride, out, w, false) }
     }
@@ -292,9 +340,9 @@ mod avx2 {
     /// # Safety
     /// As [`weighted`].
     #[inline(always)]
-    unsafe fn weighted_from(
+    unsafe fn weighted_from<T: KvElem>(
         p: &[f32],
-        v: *const f32,
+        v: *const T,
         stride: usize,
         out: *mut f32,
         w: usize,
@@ -314,7 +362,7 @@ mod avx2 {
             for (c, a) in acc.iter_mut().enumerate() {
                 if c < w {
                     // SAFETY: value j, chunk c < w (caller's contract).
-                    let x = unsafe { _mm256_loadu_ps(v.add(j * stride + 8 * c)) };
+                    let x = unsafe { T::load8(v.add(j * stride + 8 * c)) };
                     *a = _mm256_fmadd_ps(pv, x, *a);
                 }
             }
@@ -337,14 +385,15 @@ mod avx2 {
     /// not round them).
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `hd = q.len() / heads` is a multiple of 8, `k` and
-    /// `v` hold `n` rows of `kv_heads * hd`, `s.len() == heads * n`, `out.len() == q.len()`.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must have AVX2, FMA and F16C; `hd = q.len() / heads` is a multiple of 8, `k`
+    /// and `v` hold `n` rows of `kv_heads * hd`, `s.len() == heads * n`,
+    /// `out.len() == q.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attend_seq(
+    pub(super) unsafe fn attend_seq<T: KvElem>(
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[T],
+        v: &[T],
         heads: usize,
         kv_heads: usize,
         n: usize,
