@@ -6,7 +6,9 @@
 #
 # Usage: scripts/build_llamacpp.sh [OUT_DIR]      (default: target/llama.cpp)
 # Env:   PYTHON (default python3; needs pip), LLAMA_CPP_PYTHON_VERSION (default 0.3.36),
-#        JOBS (default: number of CPUs).
+#        JOBS (default: number of CPUs), LLAMA_ISA (default native; `avx2` builds for AVX2 +
+#        FMA + F16C without AVX-512, the AVX2 class on an AVX-512 machine, to set beside
+#        `AFM_ISA=avx2`), LLAMA_TARGETS (space-separated, default all five below).
 # Needs a C/C++ compiler; cmake is taken from PATH, else installed from PyPI into OUT_DIR/venv.
 # Prints the bin directory last; `afm bench lm --llama-bench OUT_DIR/bin/llama-bench`.
 # `llama-completion` is the one-shot command line that llama.cpp called `llama-cli` until late
@@ -24,6 +26,15 @@ OUT=$(cd "$OUT" && pwd)
 # llama-perplexity: Q2_K / Q4_K next to afm's formats (`scripts/bench_llamacpp_ppl.py`);
 # llama-server: the serving comparison (`afm bench serve`).
 TARGETS=(llama-bench llama-completion llama-quantize llama-perplexity llama-server)
+if [ -n "${LLAMA_TARGETS:-}" ]; then
+  read -r -a TARGETS <<< "$LLAMA_TARGETS"
+fi
+case "${LLAMA_ISA:-native}" in
+  native) ISA_FLAGS=(-DGGML_NATIVE=ON) ;;
+  avx2) ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                   -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF) ;;
+  *) echo "LLAMA_ISA=${LLAMA_ISA}: expected native or avx2" >&2; exit 2 ;;
+esac
 have=1
 for t in "${TARGETS[@]}"; do [ -x "$OUT/bin/$t" ] || have=0; done
 if [ "$have" = 1 ]; then
@@ -53,7 +64,7 @@ fi
 
 BUILD="$OUT/build"
 "$CMAKE" -S "$SRC/vendor/llama.cpp" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release \
-  -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
+  "${ISA_FLAGS[@]}" -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >&2
 "$CMAKE" --build "$BUILD" --config Release -j "$JOBS" --target "${TARGETS[@]}" >&2
 mkdir -p "$OUT/bin"

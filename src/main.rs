@@ -291,9 +291,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if let Some(bits) = a.kv {
         let cal = ck.tokenizer.encode(afm::lm::kv8::CALIBRATION_TEXT)?;
         let from = ck.model.apply_kv_bits(bits, &cal)?;
-        if bits == 8 {
-            eprintln!("KV cache: 8-bit, scales {from}");
-        }
+        report_kv(bits, from);
     }
     generate_with(
         &a,
@@ -401,6 +399,16 @@ fn default_sigpipe() {
 /// An error and its causes on one line (`context: cause: cause`), leaving out a cause whose
 /// text the line already holds (the library errors print their source in their own message
 /// and also return it from `source()`).
+/// Tells the user which K/V precision `--kv BITS` chose (`from`: where int8 scales came
+/// from, [`afm::lm::DeviceModel::apply_kv_bits`]).
+pub(crate) fn report_kv(bits: u32, from: &str) {
+    match bits {
+        8 => eprintln!("KV cache: 8-bit, scales {from}"),
+        16 => eprintln!("KV cache: f16"),
+        _ => eprintln!("KV cache: f32"),
+    }
+}
+
 pub(crate) fn error_line(e: &anyhow::Error) -> String {
     let mut s = String::new();
     for cause in e.chain() {

@@ -31,8 +31,8 @@ pub(crate) struct QuantizeArgs {
     #[arg(long, default_value_t = 4)]
     embeddings: u32,
     /// 8 = store per-layer K/V scales (the checkpoint's, or calibrated on a built-in text),
-    /// so the model runs with the 8-bit KV cache; 16 = no K/V scales (the model runs with
-    /// an f32 cache, or f16 / int8 with `--kv 16` / `--kv 8` at run time).
+    /// so the model runs with the 8-bit KV cache; 16 (or 32) = no K/V scales (the model runs
+    /// with an f32 cache, or f16 / int8 with `--kv 16` / `--kv 8` at run time).
     #[arg(long, default_value_t = 8)]
     kv: u32,
     /// Inputs per scale of the 2-bit weights (32, 64, 128 or 256).
@@ -157,7 +157,7 @@ pub(crate) fn cmd_quantize(a: &QuantizeArgs) -> Result<()> {
         b => format!("F{b}"),
     };
     let kv = match r.kv_scales {
-        "none" => "full precision".to_string(),
+        "none" => "no KV scales (f32 at run time; `--kv 16` / `--kv 8` for f16 / int8)".to_string(),
         s => format!("8-bit, scales {s}"),
     };
     println!(
@@ -217,7 +217,7 @@ pub(crate) struct DeviceGenArgs {
     /// As `afm quantize --embeddings` (4, 8, 16, 32).
     #[arg(long, default_value_t = 4)]
     embeddings: u32,
-    /// 8: store K/V scales (the 8-bit KV cache); 16: none.
+    /// 8: store K/V scales (the 8-bit KV cache); 16 (or 32): none.
     #[arg(long, default_value_t = 8)]
     kv: u32,
     #[arg(long, default_value_t = afm::lm::lowbit::DEFAULT_GROUP)]
@@ -392,7 +392,14 @@ pub(crate) fn quant_worker(model: &Path, kv: Option<u32>, lora: Option<PathBuf>)
         },
     )?;
     let kv_desc = match kv {
-        Some(b) => format!("{b}-bit ({})", m.apply_kv_bits(b, &inp.calibration)?),
+        Some(b) => {
+            let from = m.apply_kv_bits(b, &inp.calibration)?;
+            match b {
+                8 => format!("8-bit ({from})"),
+                16 => "f16".into(),
+                _ => "f32".into(),
+            }
+        }
         None => match m.stored_kv_scales() {
             Some(_) => "8-bit (checkpoint)".into(),
             None => "f32".into(),

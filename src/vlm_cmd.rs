@@ -175,9 +175,7 @@ impl ModelArgs {
         if let Some(bits) = self.kv {
             let cal = ck.tokenizer.encode(afm::lm::kv8::CALIBRATION_TEXT)?;
             let from = ck.model.apply_kv_bits(bits, &cal)?;
-            if bits == 8 {
-                eprintln!("KV cache: 8-bit, scales {from}");
-            }
+            crate::report_kv(bits, from);
         } else if self.prefer_f16_kv && ck.model.prefer_f16_kv() {
             eprintln!("KV cache: f16 (--kv 32 keeps f32)");
         }
@@ -293,9 +291,7 @@ impl ModelArgs {
         vlm.set_lm_int8(self.int8)?;
         if let Some(bits) = self.kv {
             let from = vlm.set_lm_kv_bits(bits)?;
-            if bits == 8 {
-                eprintln!("KV cache: 8-bit, scales {from}");
-            }
+            crate::report_kv(bits, from);
         } else if self.prefer_f16_kv && vlm.prefer_lm_f16_kv() {
             eprintln!("KV cache: f16 (--kv 32 keeps f32)");
         }

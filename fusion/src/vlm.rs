@@ -469,15 +469,15 @@ impl Vlm<DeviceModel> {
         Ok(())
     }
 
-    /// The language model's K/V precision ([`DeviceModel::apply_kv_bits`]: 8 = int8 with the
-    /// checkpoint's scales or scales calibrated on afm's calibration text, 16 = f16, 32 =
-    /// f32); returns where the scales came from.
     /// f16 K/V for the language model unless its checkpoint stores 8-bit KV scales
     /// ([`DeviceModel::prefer_f16_kv`]); returns whether new caches are f16.
     pub fn prefer_lm_f16_kv(&mut self) -> bool {
         self.lm.prefer_f16_kv()
     }
 
+    /// The language model's K/V precision ([`DeviceModel::apply_kv_bits`]: 8 = int8 with the
+    /// checkpoint's scales or scales calibrated on afm's calibration text, 16 = f16, 32 =
+    /// f32); returns where the scales came from.
     pub fn set_lm_kv_bits(&mut self, bits: u32) -> Result<&'static str> {
         let cal = self
             .tokenizer

@@ -153,7 +153,8 @@ impl Attention {
     /// `x: (t, hidden)` (already normed), `pos.len() == t` -> `(t, hidden)`.
     ///
     /// `fake_quant`: apply the checkpoint's 8-bit K/V rounding when the cache is f32 (an
-    /// int8 cache always rounds); `false` keeps full-precision K/V (`--kv 16`).
+    /// int8 cache always rounds); `false` keeps the projections' values (`--kv 16` stores
+    /// them in f16, `--kv 32` in f32).
     pub fn forward_own(
         &self,
         x: &[f32],

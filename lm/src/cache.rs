@@ -59,7 +59,8 @@ impl LayerKv {
     }
 
     /// An f16 layer: every key and value rounded to the nearest f16 as it is appended. A
-    /// finite value beyond f16's range (|x| > 65504) is an error, never an infinity.
+    /// finite value beyond f16's range (one that would round to infinity, |x| >= 65520) is
+    /// an error, never an infinity; the engine of `afm serve` then fails that request alone.
     pub fn new_f16(width: usize, max_len: usize) -> Self {
         Self {
             f16: true,
@@ -161,13 +162,11 @@ impl LayerKv {
             crate::kv8::quantize_into(k, ks, &mut self.k8);
             crate::kv8::quantize_into(v, vs, &mut self.v8);
         } else if self.f16 {
-            if let Some(x) = k
-                .iter()
-                .chain(v)
-                .find(|x| x.is_finite() && x.abs() > 65504.0)
-            {
+            // finite values that would round to infinity (|x| >= 65520)
+            let overflows = |x: &&f32| x.is_finite() && half::f16::from_f32(**x).is_infinite();
+            if let Some(x) = k.iter().chain(v).find(overflows) {
                 return Err(LmError::Invalid(format!(
-                    "K/V value {x:e} is beyond the f16 cache's range (|x| <= 65504); \
+                    "K/V value {x:e} is beyond the f16 cache's range (|x| < 65520); \
                      keep the cache in f32 (`--kv 32`)"
                 )));
             }
@@ -414,11 +413,15 @@ mod tests {
         assert!(l.int8_slices().is_none());
         assert_eq!((l.bytes_per_value(), l.used_bytes()), (2, 2 * 4 * 2));
         // beyond f16's range: an error that names it, and nothing appended
-        let e = l.append(&[1.0, 70000.0, 0.0, 0.0], &[0.0; 4]).unwrap_err();
+        let e = l.append(&[1.0, 65520.0, 0.0, 0.0], &[0.0; 4]).unwrap_err();
         assert!(e.to_string().contains("f16"), "{e}");
         let e = l.append(&[0.0; 4], &[0.0, 0.0, -1e6, 0.0]).unwrap_err();
         assert!(e.to_string().contains("--kv 32"), "{e}");
         assert_eq!(l.len(), 1);
+        // 65519 rounds to 65504: kept
+        l.append(&[65519.0, 0.0, 0.0, 0.0], &[0.0; 4]).unwrap();
+        assert_eq!(l.f16_slices().unwrap().0[4].to_f32(), 65504.0);
+        l.truncate(1);
         for i in 1..10 {
             l.append(&[i as f32; 4], &[i as f32; 4]).unwrap();
         }

@@ -554,10 +554,11 @@ mod tests {
             assert!(same(&got, &want), "prefill, hd {hd}");
             let raw = causal_attention(&q, &pos, &k, &v, heads, kvh, hd, 0.3);
             assert!(!same(&got, &raw), "hd {hd}: the f16 rounding must show");
-            // a decode step of four sequences (per-sequence and per-(row, head) tasks alike)
-            let b = 4;
+            // a decode step of at least as many sequences as threads (one task per sequence)
+            // and of one (a task per (row, head))
+            let b = crate::par::threads().clamp(4, t);
             let qd = &q[..b * heads * hd];
-            let pd: Vec<usize> = (0..b).map(|i| n - 1 - 7 * i).collect();
+            let pd: Vec<usize> = (0..b).map(|i| n - 1 - 7 * (i % 7)).collect();
             let got =
                 decode_attention(qd, &pd, &vec![(&k16[..], &v16[..]); b], heads, kvh, hd, 0.3);
             let want = decode_attention(qd, &pd, &vec![(&kw[..], &vw[..]); b], heads, kvh, hd, 0.3);

@@ -62,7 +62,8 @@ pub struct KvCalibration {
 }
 
 impl KvCalibration {
-    /// Folds in the K/V of every layer of `cache` (f32 layers only).
+    /// Folds in the K/V of every layer of `cache` (f32 and f16 layers; an int8 layer's
+    /// values are its scales' multiples and add nothing).
     pub fn observe(&mut self, cache: &crate::cache::Cache) {
         let n = cache.num_layers();
         if self.amax.len() < n {
@@ -70,10 +71,20 @@ impl KvCalibration {
         }
         for (i, slot) in self.amax.iter_mut().enumerate().take(n) {
             if let Some(l) = cache.layer(i) {
-                let (k, v) = l.slices();
-                let m = |x: &[f32]| x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let (mk, mv) = match l.f16_slices() {
+                    Some((k, v)) => {
+                        let m =
+                            |x: &[half::f16]| x.iter().fold(0f32, |a, v| a.max(v.to_f32().abs()));
+                        (m(k), m(v))
+                    }
+                    None => {
+                        let (k, v) = l.slices();
+                        let m = |x: &[f32]| x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        (m(k), m(v))
+                    }
+                };
                 let (a, b) = slot.unwrap_or((0.0, 0.0));
-                *slot = Some((a.max(m(k)), b.max(m(v))));
+                *slot = Some((a.max(mk), b.max(mv)));
             }
         }
     }

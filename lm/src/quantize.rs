@@ -45,7 +45,8 @@ pub struct QuantizeSpec {
     pub weights: u32,
     /// 4, 8, 16 or 32 bits for the embedding table (and an untied output head).
     pub embeddings: u32,
-    /// 8 (int8 KV cache with stored scales) or 16 (full precision).
+    /// 8 (int8 KV cache with stored scales) or 16 (no KV scales stored: the cache's
+    /// precision is chosen at run time, f32 unless `--kv 16` / `--kv 8`); 32 is taken as 16.
     pub kv: u32,
     /// Inputs per scale of the 2-bit weights ([`crate::lowbit::DEFAULT_GROUP`]).
     pub group: usize,
@@ -105,9 +106,9 @@ impl QuantizeSpec {
                 self.q4_projections
             )));
         }
-        if self.kv != 8 && self.kv != 16 {
+        if ![8, 16, 32].contains(&self.kv) {
             return Err(LmError::Invalid(format!(
-                "--kv {}: expected 8 or 16",
+                "--kv {}: expected 8 (store KV scales) or 16 / 32 (none)",
                 self.kv
             )));
         }

@@ -593,6 +593,11 @@ impl ServerAttention {
         if let Some(n) = &self.k_norm {
             n.forward_inplace(&mut k)?;
         }
+        if kv.f16_slices().is_some() || kv.int8_slices().is_some() {
+            return Err(LmError::Invalid(
+                "the server model keeps its K/V in f32: this cache is f16 or int8".into(),
+            ));
+        }
         if pos.first().is_some_and(|&p| p != kv.end()) {
             return Err(LmError::Invalid(format!(
                 "pass starts at position {} but the layer cache ends at {}",

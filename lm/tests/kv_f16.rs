@@ -132,6 +132,52 @@ fn f16_batched_step_equals_single_steps_and_prefill_equals_decode() {
     }
 }
 
+/// One batched step over caches of different precisions (f16, f32 and the checkpoint's
+/// int8) gives each sequence what its own step gives.
+#[test]
+fn a_batch_of_f16_f32_and_int8_caches_equals_single_steps() {
+    let c = LmConfig {
+        kv_quant: true,
+        ..cfg(true)
+    };
+    let m8 = model(&c);
+    let mut m16 = m8.clone();
+    m16.apply_kv_bits(16, &[]).unwrap();
+    let mut m32 = m8.clone();
+    m32.apply_kv_bits(32, &[]).unwrap();
+    let kinds = [&m16, &m32, &m8];
+    let mut single: Vec<_> = kinds.iter().map(|m| m.new_cache()).collect();
+    let mut batched: Vec<_> = kinds.iter().map(|m| m.new_cache()).collect();
+    assert_eq!(
+        batched
+            .iter()
+            .map(|c| c.layer(0).unwrap().bytes_per_value())
+            .collect::<Vec<_>>(),
+        [2, 4, 1]
+    );
+    for (i, m) in kinds.iter().enumerate() {
+        let p = prompt(6 + 5 * i, i as u32);
+        m.forward_tokens(&p, &mut single[i], &LogitsFor::Last)
+            .unwrap();
+        m.forward_tokens(&p, &mut batched[i], &LogitsFor::Last)
+            .unwrap();
+    }
+    for s in 0..3u32 {
+        let ids: Vec<u32> = (0..3u32).map(|i| (i * 53 + s * 7 + 1) % 256).collect();
+        let mut refs: Vec<&mut _> = batched.iter_mut().collect();
+        // one model runs both (each cache keeps its own precision; this checkpoint's 8-bit
+        // rounding applies to the f16 and f32 caches' values in both runs alike)
+        let got = m8.forward_batch(&ids, &mut refs).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            let want = m8
+                .forward_tokens(&[id], &mut single[i], &LogitsFor::Last)
+                .unwrap();
+            let d = diff(&got.i(i..i + 1).unwrap(), &want);
+            assert!(d < 1e-4, "step {s}, cache {i}: {d}");
+        }
+    }
+}
+
 #[test]
 fn serving_prefers_f16_unless_the_checkpoint_stores_kv_scales() {
     let mut plain = model(&cfg(false));

@@ -143,7 +143,8 @@ fn kv_quantisation_is_visible_in_the_fixture() {
 
 /// The 8-bit KV cache proper (keys and values stored as int8 with the fixture's per-layer
 /// scales, which tamm's `KVQuantizer` computed): a quarter of the f32 cache's bytes and the
-/// same logits as tamm, in prefill and token by token; `--kv 16` turns the rounding off.
+/// same logits as tamm, in prefill and token by token; `--kv 32` (f32) and `--kv 16` (f16)
+/// turn the rounding off.
 #[test]
 fn int8_kv_cache_matches_tamms_kv_quantizer() {
     let mut m = model();
@@ -188,11 +189,13 @@ fn int8_kv_cache_matches_tamms_kv_quantizer() {
     }
     println!("tamm AFMTextV7, int8 KV cache token by token: max |diff| = {worst:e}");
     assert!(worst < TOL, "{worst}");
-    // --kv 16: full precision, so no longer tamm's quantised model
-    assert_eq!(m.apply_kv_bits(16, &[]).unwrap(), "none");
-    let got = m
-        .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::All)
-        .unwrap();
-    assert!(max_diff(&got, &want) > 100.0 * TOL);
+    // --kv 32 (f32) and --kv 16 (f16): no 8-bit rounding, so no longer tamm's quantised model
+    for bits in [32, 16] {
+        assert_eq!(m.apply_kv_bits(bits, &[]).unwrap(), "none");
+        let got = m
+            .forward_tokens(&ids, &mut m.new_cache(), &LogitsFor::All)
+            .unwrap();
+        assert!(max_diff(&got, &want) > 100.0 * TOL, "--kv {bits}");
+    }
     assert!(m.apply_kv_bits(4, &[]).is_err());
 }

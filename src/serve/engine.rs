@@ -5,8 +5,9 @@
 //! one model pass for every job at once ([`afm::lm::batch::step`]: the new jobs' prompts are
 //! prefilled in the same pass as the running jobs' decode step, so the weights are read once
 //! for all of them and no running job waits for another's prefill), sends each job's new
-//! text to its own event channel, and lets jobs join and leave at any step. A job whose client went away (its channel closed) is dropped at the
-//! next step. A failing job gets an error event; the others go on.
+//! text to its own event channel, and lets jobs join and leave at any step. A job whose
+//! client went away (its channel closed) is dropped at the next step. When a pass fails,
+//! each job runs that step alone: a failing job gets an error event; the others go on.
 
 use afm::fusion::{ChatMessage, Part, Vlm};
 use afm::lm::batch::{step, Sequence, StepOutput};
@@ -299,6 +300,42 @@ fn admit(model: &Model, prefixes: &mut PrefixCache, job: Job) -> Option<Running>
     }
 }
 
+/// One model pass for every running job ([`step`]), each job's output or error. When the
+/// pass fails and rolled every cache back, each job runs the step alone, so only the job
+/// whose input fails (an f16 cache's out-of-range value, a cache that does not fit the
+/// model) gets an error; a failure after the pass (some jobs already took their token)
+/// fails them all.
+fn run_step(model: &Model, running: &mut [Running]) -> Vec<Result<StepOutput>> {
+    let before: Vec<(usize, usize)> = running
+        .iter()
+        .map(|r| (r.seq.cache().seq_len(), r.seq.ids().len()))
+        .collect();
+    let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
+    match guarded(|| Ok(step(model.lm(), model.tokenizer(), &mut seqs)?)) {
+        Ok(outs) => outs.into_iter().map(Ok).collect(),
+        Err(e)
+            if running.len() == 1
+                || running
+                    .iter()
+                    .zip(&before)
+                    .any(|(r, b)| (r.seq.cache().seq_len(), r.seq.ids().len()) != *b) =>
+        {
+            let msg = crate::error_line(&e);
+            running
+                .iter()
+                .map(|_| Err(anyhow::anyhow!("{msg}")))
+                .collect()
+        }
+        Err(_) => running
+            .iter_mut()
+            .map(|r| {
+                guarded(|| Ok(step(model.lm(), model.tokenizer(), &mut [&mut r.seq])?))
+                    .map(|mut o| o.remove(0))
+            })
+            .collect(),
+    }
+}
+
 /// The model thread's loop (module docs); returns when the job channel closes and every
 /// running job has finished.
 pub fn run(model: &Model, jobs: Receiver<Job>, max_batch: usize, mut prefixes: PrefixCache) {
@@ -326,29 +363,26 @@ pub fn run(model: &Model, jobs: Receiver<Job>, max_batch: usize, mut prefixes: P
         if running.is_empty() {
             continue;
         }
-        let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
-        match guarded(|| Ok(step(model.lm(), model.tokenizer(), &mut seqs)?)) {
-            Ok(outs) => {
-                let mut keep = Vec::with_capacity(running.len());
-                for (mut r, out) in running.drain(..).zip(outs) {
-                    if let Some(ids) = r.prefix_key.take() {
-                        // the cache holds the prompt and the first token's K/V is not in
-                        // it yet: exactly the prompt's positions
-                        prefixes.insert(&ids, r.seq.cache());
-                    }
-                    if r.deliver(out) {
-                        keep.push(r);
-                    }
+        let outs = run_step(model, &mut running);
+        let mut keep = Vec::with_capacity(running.len());
+        for (mut r, out) in running.drain(..).zip(outs) {
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => {
+                    let _ = r.events.send(Event::Error(crate::error_line(&e)));
+                    continue;
                 }
-                running = keep;
+            };
+            if let Some(ids) = r.prefix_key.take() {
+                // the cache holds the prompt and the first token's K/V is not in it yet:
+                // exactly the prompt's positions
+                prefixes.insert(&ids, r.seq.cache());
             }
-            Err(e) => {
-                let msg = crate::error_line(&e);
-                for r in running.drain(..) {
-                    let _ = r.events.send(Event::Error(msg.clone()));
-                }
+            if r.deliver(out) {
+                keep.push(r);
             }
         }
+        running = keep;
     }
 }
 
@@ -424,6 +458,77 @@ mod tests {
         let mut off = PrefixCache::new(0);
         off.insert(&a, &cache(12));
         assert!(off.lookup(&a).is_none());
+    }
+
+    /// A job whose step fails (here: a prefix cache made for another model, one layer of
+    /// width 8) gets the error alone; the jobs beside it take the tokens they take alone.
+    #[test]
+    fn a_failing_job_fails_alone_and_the_others_go_on() {
+        let Some(gguf) = afm::lm::testing::smollm2_gguf_or_skip() else {
+            return;
+        };
+        let model =
+            Model::Text(afm::lm::Checkpoint::load_with(&gguf, &Default::default()).unwrap());
+        let opts = GenerateOptions {
+            max_new_tokens: 4,
+            ..Default::default()
+        };
+        let job = |text: &str, prefix: Option<Cache>| {
+            let msg = MessageIn {
+                role: "user".into(),
+                parts: vec![PartIn::Text(text.into())],
+            };
+            let (ids, embeds) = model.prepare(&[msg]).unwrap();
+            let seq = Sequence::pending(
+                model.lm(),
+                model.tokenizer(),
+                &embeds,
+                &ids,
+                &opts,
+                None,
+                prefix,
+            )
+            .unwrap();
+            let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+            let r = Running {
+                seq,
+                events,
+                stream: true,
+                prefix_key: None,
+            };
+            (r, rx)
+        };
+        let questions = ["Name a colour.", "Name an animal."];
+        let mut alone = Vec::new();
+        for q in questions {
+            let (r, _rx) = job(q, None);
+            let mut rs = vec![r];
+            let mut text = String::new();
+            for _ in 0..3 {
+                text.push_str(&run_step(&model, &mut rs).remove(0).unwrap().text);
+            }
+            alone.push(text);
+        }
+        let (a, _ra) = job(questions[0], None);
+        let (bad, _rb) = job("Name a fruit.", Some(Cache::new(&[Some(8)], 100)));
+        let (c, _rc) = job(questions[1], None);
+        let mut rs = vec![a, bad, c];
+        let outs = run_step(&model, &mut rs);
+        let e = outs[1].as_ref().map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("another model"), "{e}");
+        let mut texts: Vec<String> = outs
+            .into_iter()
+            .filter_map(|o| o.ok().map(|o| o.text))
+            .collect();
+        assert_eq!(texts.len(), 2);
+        rs.remove(1);
+        for _ in 0..2 {
+            for (t, o) in texts.iter_mut().zip(run_step(&model, &mut rs)) {
+                t.push_str(&o.unwrap().text);
+            }
+        }
+        assert_eq!(texts, alone);
+        assert!(!texts[0].is_empty());
     }
 
     #[test]

@@ -21,7 +21,7 @@
 
 /// An element of a K/V cache the row kernels read: f32, or f16 (half the bytes a decode
 /// step reads from memory; the kernels widen each value to f32 as it is loaded).
-pub trait KvElem: Copy + Send + Sync + 'static {
+pub trait KvElem: Copy + Send + Sync + 'static + sealed::Sealed {
     /// The value as f32 (exact: f16 widens without rounding).
     fn get(self) -> f32;
 
@@ -31,6 +31,13 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     /// Eight elements at `p` are readable; the CPU has AVX2 and F16C (`Isa::Avx2`).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+mod sealed {
+    /// Only this module's element types are K/V elements (their `load8` is trusted).
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
 }
 
 impl KvElem for f32 {
@@ -219,7 +226,7 @@ mod avx2 {
         )
     }
 
-    /// [`super::attend_row`] on AVX2 + FMA.
+    /// [`super::attend_row`] on AVX2 + FMA + F16C.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C; `q.len()` is a multiple of 8 and the slices
@@ -379,7 +386,7 @@ mod avx2 {
     /// while they are in L1 (16 rows of `kv_heads * hd` floats: 12 kB for SmolLM2-135M).
     const KEY_BLOCK: usize = 16;
 
-    /// [`super::attend_seq`] on AVX2 + FMA: per head and key the same operations as
+    /// [`super::attend_seq`] on AVX2 + FMA + F16C: per head and key the same operations as
     /// [`attend_row`] (the same `key_sums` and `reduce8`, the same softmax, the weighted sum
     /// in key order; its running sums are kept in `out` between blocks of keys, which does
     /// not round them).
