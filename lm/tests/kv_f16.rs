@@ -7,25 +7,47 @@ use afm_lm::weights::WeightSource;
 use afm_lm::{DeviceModel, KvMode, LanguageModel, LmConfig, LogitsFor};
 use candle_core::{IndexOp, Tensor};
 
-fn cfg(kv_quant: bool) -> LmConfig {
+/// `afm_lm::testing::tiny_llama` with 8 layers; `afm` adds QK-norm, interleaved RoPE and
+/// stored 8-bit KV scales.
+fn cfg(afm: bool) -> LmConfig {
     LmConfig {
-        vocab_size: 256,
-        hidden_size: 64,
         intermediate_size: 160,
         num_hidden_layers: 8,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
-        head_dim: None,
-        rms_norm_eps: 1e-5,
         rope_theta: 500000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_id: None,
-        num_kv_reuse_layers: 0,
-        qk_norm: kv_quant,
-        rope_interleaved: kv_quant,
-        kv_quant,
+        qk_norm: afm,
+        rope_interleaved: afm,
+        kv_quant: afm,
+        ..afm_lm::testing::tiny_llama()
+    }
+}
+
+/// Prefills `prompts[i]` into both `single[i]` and `batched[i]`, then runs `steps` batched
+/// steps and checks each sequence's logits against its own single-sequence step.
+fn batched_equals_single(
+    m: &DeviceModel,
+    prompts: &[Vec<u32>],
+    single: &mut [afm_lm::Cache],
+    batched: &mut [afm_lm::Cache],
+    steps: u32,
+) {
+    for (i, p) in prompts.iter().enumerate() {
+        m.forward_tokens(p, &mut single[i], &LogitsFor::Last)
+            .unwrap();
+        m.forward_tokens(p, &mut batched[i], &LogitsFor::Last)
+            .unwrap();
+    }
+    let n = prompts.len() as u32;
+    for s in 0..steps {
+        let ids: Vec<u32> = (0..n).map(|i| (i * 91 + s * 13 + 5) % 256).collect();
+        let mut refs: Vec<&mut _> = batched.iter_mut().collect();
+        let got = m.forward_batch(&ids, &mut refs).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            let want = m
+                .forward_tokens(&[id], &mut single[i], &LogitsFor::Last)
+                .unwrap();
+            let d = diff(&got.i(i..i + 1).unwrap(), &want);
+            assert!(d < 1e-4, "step {s}, sequence {i}: {d}");
+        }
     }
 }
 
@@ -108,27 +130,10 @@ fn f16_batched_step_equals_single_steps_and_prefill_equals_decode() {
         }
         // three sequences in one batched step against their own steps
         let lens = [5usize, 17, 1];
+        let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(lens[i], i as u32)).collect();
         let mut single: Vec<_> = lens.iter().map(|_| m.new_cache()).collect();
         let mut batched: Vec<_> = lens.iter().map(|_| m.new_cache()).collect();
-        for (i, &n) in lens.iter().enumerate() {
-            let p = prompt(n, i as u32);
-            m.forward_tokens(&p, &mut single[i], &LogitsFor::Last)
-                .unwrap();
-            m.forward_tokens(&p, &mut batched[i], &LogitsFor::Last)
-                .unwrap();
-        }
-        for s in 0..3u32 {
-            let ids: Vec<u32> = (0..3u32).map(|i| (i * 91 + s * 13 + 5) % 256).collect();
-            let mut refs: Vec<&mut _> = batched.iter_mut().collect();
-            let got = m.forward_batch(&ids, &mut refs).unwrap();
-            for (i, &id) in ids.iter().enumerate() {
-                let want = m
-                    .forward_tokens(&[id], &mut single[i], &LogitsFor::Last)
-                    .unwrap();
-                let d = diff(&got.i(i..i + 1).unwrap(), &want);
-                assert!(d < 1e-4, "step {s}, sequence {i}: {d}");
-            }
-        }
+        batched_equals_single(&m, &prompts, &mut single, &mut batched, 3);
     }
 }
 
@@ -155,27 +160,10 @@ fn a_batch_of_f16_f32_and_int8_caches_equals_single_steps() {
             .collect::<Vec<_>>(),
         [2, 4, 1]
     );
-    for (i, m) in kinds.iter().enumerate() {
-        let p = prompt(6 + 5 * i, i as u32);
-        m.forward_tokens(&p, &mut single[i], &LogitsFor::Last)
-            .unwrap();
-        m.forward_tokens(&p, &mut batched[i], &LogitsFor::Last)
-            .unwrap();
-    }
-    for s in 0..3u32 {
-        let ids: Vec<u32> = (0..3u32).map(|i| (i * 53 + s * 7 + 1) % 256).collect();
-        let mut refs: Vec<&mut _> = batched.iter_mut().collect();
-        // one model runs both (each cache keeps its own precision; this checkpoint's 8-bit
-        // rounding applies to the f16 and f32 caches' values in both runs alike)
-        let got = m8.forward_batch(&ids, &mut refs).unwrap();
-        for (i, &id) in ids.iter().enumerate() {
-            let want = m8
-                .forward_tokens(&[id], &mut single[i], &LogitsFor::Last)
-                .unwrap();
-            let d = diff(&got.i(i..i + 1).unwrap(), &want);
-            assert!(d < 1e-4, "step {s}, cache {i}: {d}");
-        }
-    }
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(6 + 5 * i, i as u32)).collect();
+    // one model runs both (each cache keeps its own precision; this checkpoint's 8-bit
+    // rounding applies to the f16 and f32 caches' values in both runs alike)
+    batched_equals_single(&m8, &prompts, &mut single, &mut batched, 3);
 }
 
 #[test]
