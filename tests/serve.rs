@@ -525,11 +525,21 @@ fn bench_serve_reports_the_model_step_beside_the_server() {
         .filter(|l| l.starts_with("| 1 |") || l.starts_with("| 2 |"))
         .collect();
     assert_eq!(rows.len(), 2, "{stdout}");
-    // the model-step column holds a positive rate in every row
+    // the model-step column holds a positive rate in every row, and the last column the
+    // range of the per-round ratios to one stream (exactly 1 for one stream)
     for r in rows {
         let cells: Vec<&str> = r.split('|').map(str::trim).collect();
         let step: f64 = cells[4].parse().unwrap_or_else(|_| panic!("{r}"));
         assert!(step > 0.0, "{r}");
+        let (lo, hi) = cells[8]
+            .strip_suffix('x')
+            .and_then(|c| c.split_once('-'))
+            .unwrap_or_else(|| panic!("{r}"));
+        let (lo, hi): (f64, f64) = (lo.parse().unwrap(), hi.parse().unwrap());
+        assert!(lo > 0.0 && lo <= hi, "{r}");
+        if cells[1] == "1" {
+            assert_eq!((lo, hi), (1.0, 1.0), "{r}");
+        }
     }
 }
 

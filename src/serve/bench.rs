@@ -3,7 +3,9 @@
 //! `scripts/build_llamacpp.sh`, with one slot per stream and continuous batching), or, when
 //! that binary is absent, llama-cpp-python's `llama_cpp.server`, on the same GGUF, in one run. Both servers get the same requests over
 //! loopback (non-streaming, greedy, `max_tokens` each); the figure is completion tokens over
-//! wall time for all streams together.
+//! wall time for all streams together. The last column gives the range, over the rounds, of
+//! each round's afm figure against the same round's one stream: how much one run's scaling
+//! moves on a noisy host.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -122,8 +124,9 @@ fn measure(base: &str, n: usize, a: &ServeBench) -> Result<(f64, usize)> {
     Ok((total as f64 / t0.elapsed().as_secs_f64(), total))
 }
 
-/// `a.repeat` rounds of [`measure`] over every stream count in turn; each count's median.
-fn rounds(url: &str, a: &ServeBench, who: &str) -> Result<Vec<f64>> {
+/// `a.repeat` rounds of [`measure`] over every stream count in turn: each count's median,
+/// and every round's figure (`[count][round]`).
+fn rounds(url: &str, a: &ServeBench, who: &str) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
     let mut got: Vec<Vec<f64>> = vec![Vec::new(); a.streams.len()];
     for _ in 0..a.repeat.max(1) {
         for (&n, g) in a.streams.iter().zip(got.iter_mut()) {
@@ -132,7 +135,19 @@ fn rounds(url: &str, a: &ServeBench, who: &str) -> Result<Vec<f64>> {
             g.push(tps);
         }
     }
-    Ok(got.iter_mut().map(|g| crate::bench::median(g)).collect())
+    let medians = got.iter_mut().map(|g| crate::bench::median(g)).collect();
+    Ok((medians, got))
+}
+
+/// The smallest and largest ratio of a count's figure to the 1-stream figure of the same
+/// round (`None` without a 1-stream count): how far one run's scaling moves between rounds.
+fn per_round_range(streams: &[usize], all: &[Vec<f64>], n: usize) -> Option<(f64, f64)> {
+    let one = &all[streams.iter().position(|&s| s == 1)?];
+    let this = &all[streams.iter().position(|&s| s == n)?];
+    let r: Vec<f64> = this.iter().zip(one).map(|(t, o)| t / o).collect();
+    let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (!r.is_empty()).then_some((lo, hi))
 }
 
 fn start_afm(
@@ -336,15 +351,18 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
         eprintln!("  afm model step alone, {n} sequences: {t:7.1} tok/s");
     }
     let mut rows: Vec<(usize, f64, Option<f64>)> = Vec::new();
+    let afm_rounds: Vec<Vec<f64>>;
     {
         let (_p, url) = start_afm(&model, threads, a.prefix_cache, a.kv)?;
         post(
             &url,
             &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
         )?;
-        for (n, tps) in a.streams.iter().zip(rounds(&url, a, "afm      ")?) {
+        let (medians, all) = rounds(&url, a, "afm      ")?;
+        for (n, tps) in a.streams.iter().zip(medians) {
             rows.push((*n, tps, None));
         }
+        afm_rounds = all;
     }
     let server = if a.no_reference {
         None
@@ -365,7 +383,7 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
             &url,
             &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
         )?;
-        for (r, tps) in rows.iter_mut().zip(rounds(&url, a, "llama.cpp")?) {
+        for (r, tps) in rows.iter_mut().zip(rounds(&url, a, "llama.cpp")?.0) {
             r.2 = Some(tps);
         }
     }
@@ -380,8 +398,8 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
         a.repeat.max(1)
     );
     println!("{}", cpu_line());
-    println!("| streams | afm tok/s | vs afm 1 stream | model step alone tok/s | vs 1 sequence | llama.cpp tok/s | afm / llama.cpp |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| streams | afm tok/s | vs afm 1 stream | model step alone tok/s | vs 1 sequence | llama.cpp tok/s | afm / llama.cpp | vs 1 stream, per round |");
+    println!("|---|---|---|---|---|---|---|---|");
     let step1 = a
         .streams
         .iter()
@@ -390,11 +408,13 @@ pub fn bench_serve(a: &ServeBench, threads: usize) -> Result<()> {
         .map(|r| *r.1);
     for ((n, afm, llama), step) in rows.iter().zip(&steps) {
         println!(
-            "| {n} | {afm:.1} | {} | {step:.1} | {} | {} | {} |",
+            "| {n} | {afm:.1} | {} | {step:.1} | {} | {} | {} | {} |",
             single.map_or("-".into(), |s| format!("{:.2}x", afm / s)),
             step1.map_or("-".into(), |s| format!("{:.2}x", step / s)),
             llama.map_or("-".into(), |l| format!("{l:.1}")),
             llama.map_or("-".into(), |l| format!("{:.2}x", afm / l)),
+            per_round_range(&a.streams, &afm_rounds, *n)
+                .map_or("-".into(), |(lo, hi)| format!("{lo:.2}-{hi:.2}x")),
         );
     }
     Ok(())
