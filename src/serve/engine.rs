@@ -165,7 +165,21 @@ impl Running {
     }
 }
 
-/// A panic inside the model code becomes an error (the thread and the other jobs go on).
+/// A panic caught by [`guarded`]: the model code stopped half-way, so the caches it was
+/// writing may hold rows their lengths do not count.
+#[derive(Debug)]
+struct Panicked(String);
+
+impl std::fmt::Display for Panicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "internal error (panic: {})", self.0)
+    }
+}
+
+impl std::error::Error for Panicked {}
+
+/// A panic inside the model code becomes an error ([`Panicked`]; the thread and the other
+/// jobs go on).
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
@@ -175,7 +189,7 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown".into());
-            bail!("internal error (panic: {msg})")
+            Err(Panicked(msg).into())
         }
     }
 }
@@ -303,8 +317,8 @@ fn admit(model: &Model, prefixes: &mut PrefixCache, job: Job) -> Option<Running>
 /// One model pass for every running job ([`step`]), each job's output or error. When the
 /// pass fails and rolled every cache back, each job runs the step alone, so only the job
 /// whose input fails (an f16 cache's out-of-range value, a cache that does not fit the
-/// model) gets an error; a failure after the pass (some jobs already took their token)
-/// fails them all.
+/// model) gets an error; a panic (the caches may be half-written) or a failure after the
+/// pass (some jobs already took their token) fails them all.
 fn run_step(model: &Model, running: &mut [Running]) -> Vec<Result<StepOutput>> {
     let before: Vec<(usize, usize)> = running
         .iter()
@@ -315,6 +329,7 @@ fn run_step(model: &Model, running: &mut [Running]) -> Vec<Result<StepOutput>> {
         Ok(outs) => outs.into_iter().map(Ok).collect(),
         Err(e)
             if running.len() == 1
+                || e.is::<Panicked>()
                 || running
                     .iter()
                     .zip(&before)
@@ -529,6 +544,17 @@ mod tests {
         }
         assert_eq!(texts, alone);
         assert!(!texts[0].is_empty());
+    }
+
+    /// A panic in the model code is an error of its own kind (a failed step is then not
+    /// run again job by job: the caches may be half-written).
+    #[test]
+    fn a_panic_becomes_an_error_that_names_it() {
+        let e = guarded::<()>(|| panic!("boom")).unwrap_err();
+        assert!(e.is::<Panicked>(), "{e}");
+        assert_eq!(e.to_string(), "internal error (panic: boom)");
+        let e = guarded::<()>(|| bail!("plain")).unwrap_err();
+        assert!(!e.is::<Panicked>());
     }
 
     #[test]
