@@ -1,6 +1,6 @@
 //! Small CPU kernels shared by the language and vision models: a vectorisable `exp`, a row
-//! softmax, the language models' causal attention (one row at a time, `rows`), and a blocked
-//! attention on gemm for the vision encoder and the int8 K/V cache.
+//! softmax, the language models' causal attention (one row at a time, `rows`, for f32, f16
+//! and int8 caches), and a blocked attention on gemm for the vision encoder.
 
 use crate::par::par_ranges;
 use std::cell::RefCell;
@@ -182,8 +182,7 @@ pub struct AttendBlock {
 /// One block of single-head attention: scores `scale * q k^T` by a single-threaded gemm into
 /// a per-thread buffer, `mask(row, scores)` to adjust each row (add a key mask, cut the
 /// causal future to `-inf`), a row softmax, then `out = p v` by a second gemm. The vision
-/// encoder's blocked attention is made of these (and, through [`attend_block_with`], the
-/// int8 K/V cache's); the language models' f32 attention is `rows`.
+/// encoder's blocked attention is made of these; the language models' attention is `rows`.
 ///
 /// # Safety
 /// Every pointer of `b` must be valid for the rows, columns and strides it describes, and no

@@ -2,9 +2,10 @@
 //! decode step's single row and for every row of a prefill, so a K/V cache filled by decode
 //! steps and one filled by a prefill hold the same numbers, and a continued conversation
 //! answers as a fresh run of the whole transcript does (`lm/tests/session.rs`). This is the
-//! attention of the f32 and f16 caches (`--kv 32`, `--kv 16`: [`KvElem`]; an f16 key or
-//! value is widened to f32 as it is loaded, and everything after is the f32 arithmetic); an
-//! int8 cache (`--kv 8`) has its own (`crate::kv8`).
+//! attention of every cache of the language models (`--kv 32`, `--kv 16`, `--kv 8`:
+//! [`KvElem`]): an f16 key or value, or an int8 code, is widened to f32 as it is loaded, and
+//! everything after is the f32 arithmetic (an int8 cache's scales are applied around the
+//! kernel, `crate::kv8::causal_attention_i8`).
 //!
 //! Per row: scores `scale * q k_j` for the row's keys `0..n`, a softmax over exactly those
 //! `n` scores, then `sum_j p_j v_j` in key order. The scores are computed eight keys at a
@@ -19,8 +20,9 @@
 //! else the portable loop (keys one after another, each key's products in 8 lanes and a
 //! fixed tree).
 
-/// An element of a K/V cache the row kernels read: f32, or f16 (half the bytes a decode
-/// step reads from memory; the kernels widen each value to f32 as it is loaded).
+/// An element of a K/V cache the row kernels read: f32, f16 (half the bytes a decode step
+/// reads from memory) or an int8 code (a quarter; its scales are applied by the caller);
+/// the kernels widen each value to f32 as it is loaded.
 pub trait KvElem: Copy + Send + Sync + 'static + sealed::Sealed {
     /// The value as f32 (exact: f16 widens without rounding).
     fn get(self) -> f32;
@@ -38,6 +40,7 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
+    impl Sealed for i8 {}
 }
 
 impl KvElem for f32 {
@@ -67,6 +70,22 @@ impl KvElem for half::f16 {
         // SAFETY: eight f16 (16 bytes) at p (caller's contract); F16C is part of the
         // caller's level. `vcvtph2ps` widens exactly, as `f16::to_f32` does.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
+impl KvElem for i8 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self as f32
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const i8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: eight bytes at p (caller's contract); AVX2 is part of the caller's level.
+        // Sign-extended to i32 and converted: exact, as `i8 as f32`.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
     }
 }
 
