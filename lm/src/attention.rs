@@ -360,16 +360,15 @@ impl Attention {
                 let out = crate::kernels::decode_attention(&q, pos, &slices, h, kvh, hd, scale);
                 return self.o_proj.forward(&out, n);
             }
-            // int8 caches with the same scales (one model's): codes in, scales applied
-            // around the kernel as `kv8::causal_attention_i8` applies them
+            // int8 caches with the same scales (one model's)
             let i8s: Option<Vec<_>> = kvs.iter().map(|kv| kv.int8_slices()).collect();
             if let Some(i8s) = i8s {
                 let (ks, vs) = (i8s[0].2, i8s[0].3);
                 if i8s.iter().all(|s| (s.2, s.3) == (ks, vs)) {
                     let slices: Vec<(&[i8], &[i8])> = i8s.iter().map(|s| (s.0, s.1)).collect();
-                    let mut out =
-                        crate::kernels::decode_attention(&q, pos, &slices, h, kvh, hd, scale * ks);
-                    out.iter_mut().for_each(|x| *x *= vs);
+                    let out = crate::kv8::decode_attention_i8(
+                        &q, pos, &slices, ks, vs, h, kvh, hd, scale,
+                    );
                     return self.o_proj.forward(&out, n);
                 }
             }

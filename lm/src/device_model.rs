@@ -256,6 +256,16 @@ impl DeviceModel {
         self.kv_mode == KvMode::F16
     }
 
+    /// How new caches store K/V (what `new_cache` builds): `"int8"`, `"f16"` or `"f32"`.
+    pub fn kv_store_name(&self) -> &'static str {
+        match &self.kv_mode {
+            KvMode::F16 => "f16",
+            KvMode::Int8(_) => "int8",
+            KvMode::Checkpoint if self.stored_kv_scales().is_some() => "int8",
+            KvMode::Checkpoint | KvMode::Full => "f32",
+        }
+    }
+
     pub fn config(&self) -> &LmConfig {
         &self.cfg
     }

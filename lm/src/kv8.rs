@@ -134,6 +134,30 @@ pub fn causal_attention_i8(
     out
 }
 
+/// [`crate::kernels::decode_attention`] over int8 caches that share one pair of scales (one
+/// model's), with the scales applied as [`causal_attention_i8`] applies them: each row the
+/// same numbers as that function gives its sequence alone.
+///
+/// # Shapes
+/// `q: (b, heads * hd)` (roped), `kv[i]: (n_i, kv_heads * hd)` each -> `(b, heads * hd)`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_i8(
+    q: &[f32],
+    pos: &[usize],
+    kv: &[(&[i8], &[i8])],
+    k_scale: f32,
+    v_scale: f32,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let mut out =
+        crate::kernels::decode_attention(q, pos, kv, heads, kv_heads, hd, scale * k_scale);
+    out.iter_mut().for_each(|x| *x *= v_scale);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -169,17 +169,21 @@ fn a_batch_of_f16_f32_and_int8_caches_equals_single_steps() {
 #[test]
 fn serving_prefers_f16_unless_the_checkpoint_stores_kv_scales() {
     let mut plain = model(&cfg(false));
+    assert_eq!(plain.kv_store_name(), "f32");
     assert!(plain.prefer_f16_kv());
     assert_eq!(plain.new_cache().layer(0).unwrap().bytes_per_value(), 2);
+    assert_eq!(plain.kv_store_name(), "f16");
     // a checkpoint with 8-bit KV scales keeps its int8 cache
     let mut scaled = model(&cfg(true));
     assert!(!scaled.prefer_f16_kv());
     assert_eq!(scaled.new_cache().layer(0).unwrap().bytes_per_value(), 1);
+    assert_eq!(scaled.kv_store_name(), "int8");
     // and a mode set explicitly stays
     let mut f32 = model(&cfg(false));
     f32.apply_kv_bits(32, &[]).unwrap();
     assert!(!f32.prefer_f16_kv());
     assert_eq!(f32.new_cache().layer(0).unwrap().bytes_per_value(), 4);
+    assert_eq!(f32.kv_store_name(), "f32");
     let e = f32.apply_kv_bits(4, &[]).unwrap_err().to_string();
     assert!(e.contains("16 (f16)") && e.contains("32 (f32)"), "{e}");
 }

@@ -295,13 +295,7 @@ fn model_step_tps(
         ck.model.prefer_f16_kv();
     }
     let m = &ck.model;
-    let kv_name = match m.kv_mode() {
-        afm::lm::KvMode::F16 => "f16",
-        afm::lm::KvMode::Full => "f32",
-        afm::lm::KvMode::Int8(_) => "int8",
-        afm::lm::KvMode::Checkpoint if m.stored_kv_scales().is_some() => "int8",
-        afm::lm::KvMode::Checkpoint => "f32",
-    };
+    let kv_name = m.kv_store_name();
     let prompt: Vec<u32> = (0..40u32).map(|i| 100 + 37 * i).collect();
     let mut out = vec![];
     for &n in streams {
