@@ -194,6 +194,10 @@ fn set_threads(n: Option<usize>) -> Result<()> {
             .num_threads(n)
             .build_global()
             .context("setting up the thread pool")?;
+    } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // The default (the physical cores), resolved once: unset, candle works it out again
+        // from /proc/cpuinfo on every call that asks, some per matmul.
+        std::env::set_var("RAYON_NUM_THREADS", afm::lm::par::threads().to_string());
     }
     Ok(())
 }

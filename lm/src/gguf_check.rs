@@ -22,7 +22,7 @@ pub fn check_header<R: Read + Seek>(r: &mut R) -> Result<(), String> {
     let start = r.stream_position().map_err(|e| e.to_string())?;
     let size = r.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
     r.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
-    let mut w = Walker { r, size };
+    let mut w = Walker { r, size, pos: start };
     let res = w.header();
     // candle reads from the start again
     w.r.seek(SeekFrom::Start(start))
@@ -46,21 +46,30 @@ impl From<std::io::Error> for Stop {
     }
 }
 
+/// Reads the header in order, counting its position itself, so that a buffered reader is
+/// never asked to seek (which would drop its buffer) except past a long value.
 struct Walker<'a, R> {
     r: &'a mut R,
     size: u64,
+    pos: u64,
 }
 
 impl<R: Read + Seek> Walker<'_, R> {
+    fn read(&mut self, b: &mut [u8]) -> Result<(), Stop> {
+        self.r.read_exact(b)?;
+        self.pos += b.len() as u64;
+        Ok(())
+    }
+
     fn u32(&mut self) -> Result<u32, Stop> {
         let mut b = [0u8; 4];
-        self.r.read_exact(&mut b)?;
+        self.read(&mut b)?;
         Ok(u32::from_le_bytes(b))
     }
 
     fn u64(&mut self) -> Result<u64, Stop> {
         let mut b = [0u8; 8];
-        self.r.read_exact(&mut b)?;
+        self.read(&mut b)?;
         Ok(u64::from_le_bytes(b))
     }
 
@@ -73,15 +82,24 @@ impl<R: Read + Seek> Walker<'_, R> {
     }
 
     fn remaining(&mut self) -> Result<u64, Stop> {
-        Ok(self.size.saturating_sub(self.r.stream_position()?))
+        Ok(self.size.saturating_sub(self.pos))
     }
 
     fn skip(&mut self, n: u64) -> Result<(), Stop> {
         if n > self.remaining()? {
             return Err(Stop::Structural);
         }
-        let n = i64::try_from(n).map_err(|_| Stop::Structural)?;
-        self.r.seek(SeekFrom::Current(n))?;
+        if n <= 1 << 16 {
+            // within what a buffer holds: read past it rather than seek
+            let got = std::io::copy(&mut self.r.by_ref().take(n), &mut std::io::sink())?;
+            if got != n {
+                return Err(Stop::Structural);
+            }
+        } else {
+            let d = i64::try_from(n).map_err(|_| Stop::Structural)?;
+            self.r.seek(SeekFrom::Current(d))?;
+        }
+        self.pos += n;
         Ok(())
     }
 
@@ -96,13 +114,13 @@ impl<R: Read + Seek> Walker<'_, R> {
             return Ok(None);
         }
         let mut b = vec![0u8; n as usize];
-        self.r.read_exact(&mut b)?;
+        self.read(&mut b)?;
         Ok(Some(b))
     }
 
     fn header(&mut self) -> Result<(), Stop> {
         let mut magic = [0u8; 4];
-        self.r.read_exact(&mut magic)?;
+        self.read(&mut magic)?;
         if &magic != b"GGUF" && &magic != b"FUGG" {
             return Err(Stop::Structural);
         }
@@ -120,7 +138,7 @@ impl<R: Read + Seek> Walker<'_, R> {
                 let a = match ty {
                     0 | 1 => {
                         let mut b = [0u8; 1];
-                        self.r.read_exact(&mut b)?;
+                        self.read(&mut b)?;
                         if ty == 1 {
                             b[0] as i8 as i64
                         } else {
@@ -129,7 +147,7 @@ impl<R: Read + Seek> Walker<'_, R> {
                     }
                     2 | 3 => {
                         let mut b = [0u8; 2];
-                        self.r.read_exact(&mut b)?;
+                        self.read(&mut b)?;
                         if ty == 3 {
                             i16::from_le_bytes(b) as i64
                         } else {

@@ -122,9 +122,12 @@ pub fn pool() -> &'static Pool {
 }
 
 /// Threads the pool uses, the caller included: `RAYON_NUM_THREADS` (what `--threads` sets)
-/// or the physical cores.
+/// or the physical cores, read once. (candle's `get_num_threads` parses `/proc/cpuinfo` on
+/// every call when the variable is unset; the batched attention asks once per layer, which
+/// cost a decode step about a fifth of its time.)
 pub fn threads() -> usize {
-    candle_core::utils::get_num_threads().max(1)
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
 /// Jobs of more than one item given to the pool since the process started (its

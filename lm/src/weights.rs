@@ -66,9 +66,17 @@ impl WeightSource {
             format: "GGUF",
             reason,
         };
-        // candle divides by `general.alignment` and trusts the tensor dims: check both
-        crate::gguf_check::check_header(&mut file).map_err(bad)?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| bad(e.to_string()))?;
+        // candle divides by `general.alignment` and trusts the tensor dims: check both. The
+        // header is read through a buffer: unbuffered, its many small fields (a vocabulary of
+        // 49,152 strings) took some 900,000 system calls, most of a CLI start; candle asks for the
+        // position before every string, which [`Counted`] answers without a call.
+        let mut header = Counted {
+            inner: std::io::BufReader::with_capacity(1 << 16, &mut file),
+            pos: 0,
+        };
+        crate::gguf_check::check_header(&mut header).map_err(bad)?;
+        let content = gguf_file::Content::read(&mut header).map_err(|e| bad(e.to_string()))?;
+        drop(header);
         let size = file
             .metadata()
             .map_err(|source| LmError::Io {
@@ -429,6 +437,36 @@ pub fn gguf_name(hf: &str) -> String {
 mod tests {
     use super::gguf_name;
 
+    /// The counted reader reports the position a plain cursor does, through reads, short
+    /// and long skips and absolute seeks.
+    #[test]
+    fn counted_reader_keeps_the_position() {
+        use std::io::{Cursor, Read, Seek, SeekFrom};
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut plain = Cursor::new(&data[..]);
+        let mut counted = super::Counted {
+            inner: std::io::BufReader::with_capacity(1 << 10, Cursor::new(&data[..])),
+            pos: 0,
+        };
+        let steps = [
+            SeekFrom::Current(0),
+            SeekFrom::Current(3),
+            SeekFrom::Current(5000),
+            SeekFrom::Start(17),
+            SeekFrom::Current(-9),
+            SeekFrom::End(-400),
+            SeekFrom::Start(150_000),
+        ];
+        for (i, s) in steps.into_iter().enumerate() {
+            let (mut a, mut b) = (vec![0u8; 13 * i + 1], vec![0u8; 13 * i + 1]);
+            plain.read_exact(&mut a).unwrap();
+            counted.read_exact(&mut b).unwrap();
+            assert_eq!(a, b, "step {i}");
+            assert_eq!(plain.seek(s).unwrap(), counted.seek(s).unwrap(), "step {i}");
+            assert_eq!(plain.stream_position().unwrap(), counted.stream_position().unwrap());
+        }
+    }
+
     #[test]
     fn hf_names_map_to_llama_cpp_names() {
         assert_eq!(
@@ -461,5 +499,30 @@ mod tests {
             gguf_name("model.tracks.1.layers.2.mlp.gate_proj.weight"),
             "trk.1.blk.2.ffn_gate.weight"
         );
+    }
+}
+
+/// A buffered reader that knows its position: `stream_position` (a `seek` of 0) is answered
+/// from a count instead of an `lseek`.
+struct Counted<R> {
+    inner: std::io::BufReader<R>,
+    pos: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: std::io::Read + std::io::Seek> std::io::Seek for Counted<R> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        if to == std::io::SeekFrom::Current(0) {
+            return Ok(self.pos);
+        }
+        self.pos = self.inner.seek(to)?;
+        Ok(self.pos)
     }
 }
