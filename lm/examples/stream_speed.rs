@@ -12,7 +12,9 @@ use std::time::Instant;
 
 fn matrix(kind: QKind, rows: usize, cols: usize, seed: usize) -> QMatrix {
     let nbytes = rows * cols / 32 * kind.block_bytes();
-    let mut data: Vec<u8> = (0..nbytes).map(|i| ((i + seed) * 7919 % 251) as u8).collect();
+    let mut data: Vec<u8> = (0..nbytes)
+        .map(|i| ((i + seed) * 7919 % 251) as u8)
+        .collect();
     for blk in data.chunks_exact_mut(kind.block_bytes()) {
         blk[0..2].copy_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
         if kind == QKind::Q4_1 {

@@ -22,7 +22,11 @@ pub fn check_header<R: Read + Seek>(r: &mut R) -> Result<(), String> {
     let start = r.stream_position().map_err(|e| e.to_string())?;
     let size = r.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
     r.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
-    let mut w = Walker { r, size, pos: start };
+    let mut w = Walker {
+        r,
+        size,
+        pos: start,
+    };
     let res = w.header();
     // candle reads from the start again
     w.r.seek(SeekFrom::Start(start))

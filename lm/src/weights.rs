@@ -463,7 +463,10 @@ mod tests {
             counted.read_exact(&mut b).unwrap();
             assert_eq!(a, b, "step {i}");
             assert_eq!(plain.seek(s).unwrap(), counted.seek(s).unwrap(), "step {i}");
-            assert_eq!(plain.stream_position().unwrap(), counted.stream_position().unwrap());
+            assert_eq!(
+                plain.stream_position().unwrap(),
+                counted.stream_position().unwrap()
+            );
         }
     }
 
