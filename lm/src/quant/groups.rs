@@ -509,6 +509,13 @@ mod simd256 {
         let mut accm = [_mm256_setzero_ps(); C];
         let q = w.qs.as_ptr();
         for b in 0..nb {
+            if half == 0 {
+                // as the AVX-512 kernel; the second half finds the group's bytes in L1
+                let ahead = q.wrapping_add((b + super::PREFETCH_BLOCKS) * 16 * G);
+                for l in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64) as *const i8);
+                }
+            }
             let base = q.add(b * 16 * G + half * 32);
             let mut t = [_mm256_setzero_si256(); C];
             for l in 0..4 {
