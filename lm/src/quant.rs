@@ -50,8 +50,8 @@ pub struct QMatrix {
     d: Vec<u16>,
     m: Vec<u16>,
     /// Rows `0 .. rows / 16 * 16` are interleaved in groups of 16 ([`groups`]) for the
-    /// AVX-512 VNNI kernels; the rows after them keep the row layout. Grouped Q8_0 keeps
-    /// its row-blocks' weight sums in `m`.
+    /// AVX-512 VNNI and AVX2 kernels; the rows after them keep the row layout. Grouped Q8_0
+    /// keeps its row-blocks' weight sums in `m` (read by the AVX-512 kernel only).
     grouped: bool,
 }
 
@@ -1379,6 +1379,47 @@ mod tests {
                     }
                 }
                 assert_eq!(grouped.matmul(&xs, m).len(), m * rows);
+            }
+        }
+    }
+
+    /// A Q8_0 weight of -128 (no quantizer writes it, a file may hold it) against
+    /// activations at +-127: every group kernel gives the portable definition's numbers bit
+    /// for bit (AVX2's sign trick takes `|-128|` as the unsigned byte 128, without
+    /// saturating), and those equal the exact sum.
+    #[test]
+    fn q8_0_extremes_give_exact_products_in_every_group_kernel() {
+        let (rows, cols, m) = (32usize, 64usize, 3usize);
+        let nb = cols / QK;
+        let mut data = Vec::with_capacity(rows * nb * 34);
+        for r in 0..rows {
+            for b in 0..nb {
+                data.extend_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+                data.extend((0..32).map(|k| match (r + b + k) % 4 {
+                    0 | 1 => 0x80u8, // -128
+                    2 => 127,
+                    _ => (k as u8).wrapping_mul(37),
+                }));
+            }
+        }
+        let w = QMatrix::new(QKind::Q8_0, rows, cols, data)
+            .unwrap()
+            .with_groups(true);
+        // +-1 quantize to +-127 exactly (the row's largest magnitude)
+        let xs: Vec<f32> = (0..m * cols)
+            .map(|i| if (i / 3) % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let port = w.matmul_with(&xs, m, scalar_kernels(), groups::GroupKernels::portable());
+        let plain = w.clone().with_groups(false);
+        let exact = plain.matmul_with(&xs, m, scalar_kernels(), groups::GroupKernels::portable());
+        for (g, e) in port.iter().zip(&exact) {
+            assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{g} vs {e}");
+        }
+        let simd = [groups::GroupKernels::avx512(), groups::GroupKernels::avx2()];
+        for fast in simd.into_iter().flatten() {
+            let got = w.matmul_with(&xs, m, scalar_kernels(), fast);
+            for (i, (g, p)) in got.iter().zip(&port).enumerate() {
+                assert_eq!(g.to_bits(), p.to_bits(), "at {i}: {g} vs {p}");
             }
         }
     }

@@ -1,5 +1,5 @@
 //! Q4_1 and Q8_0 weights with rows interleaved in groups of [`G`], for the AVX-512 VNNI
-//! kernels.
+//! kernels (and the AVX2 ones, which take the 16 rows as two halves of 8).
 //!
 //! In the row layout ([`super::QMatrix`]) every product of one weight row with one activation
 //! row ends in a 16-lane vector that is scaled (`d_w * d_x` per pair of blocks) and summed
@@ -270,16 +270,12 @@ crate::isa::group_kernels!(GroupKernel);
 /// 3.6 -> 3.0 ms; the 1-row time unchanged).
 const PREFETCH_BLOCKS: usize = 8;
 
-/// Whether matrices of `kind` are grouped at kernel level `isa`: Q4_1 from AVX2 up, Q8_0
-/// only with AVX-512 VNNI (AVX2's `vpmaddubsw` would saturate on the biased activations, so
-/// Q8_0 keeps the row layout and its sign-trick kernels there).
+/// Whether matrices of `kind` are grouped at kernel level `isa`: both kinds from AVX2 up
+/// (AVX2's Q8_0 kernel takes the sign trick, `|w| * sign(y, w)`, as the row kernels do:
+/// `vpmaddubsw` would saturate on the biased activations).
 pub(super) fn grouped_at(kind: QKind, isa: crate::isa::Isa) -> bool {
-    use crate::isa::Isa;
-    let isa = isa.min(crate::isa::detected());
-    match kind {
-        QKind::Q4_1 => isa >= Isa::Avx2,
-        QKind::Q8_0 => isa == Isa::Avx512,
-    }
+    let _ = kind;
+    isa.min(crate::isa::detected()) >= crate::isa::Isa::Avx2
 }
 
 impl GroupKernels {
@@ -474,16 +470,18 @@ mod simd256 {
     use std::arch::x86_64::*;
 
     pub fn kernel<const C: usize>(w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [[f32; G]; C] {
-        if w.kind == QKind::Q8_0 {
-            return super::scalar::<C>(w, a, c0, cols);
-        }
         let nb = cols / QK;
         super::check_bounds(&w, a, c0, C, cols);
         let mut out = [[0f32; G]; C];
         for half in 0..2 {
             // SAFETY: `GroupKernels::avx2` hands out this kernel only when the CPU has AVX2,
             // FMA and F16C; the assert keeps every load below inside the slices.
-            let o = unsafe { q4_1::<C>(nb, w, a, c0, cols, half) };
+            let o = unsafe {
+                match w.kind {
+                    QKind::Q4_1 => q4_1::<C>(nb, w, a, c0, cols, half),
+                    QKind::Q8_0 => q8_0::<C>(nb, w, a, c0, cols, half),
+                }
+            };
             for (oc, h) in out.iter_mut().zip(o) {
                 oc[half * 8..half * 8 + 8].copy_from_slice(&h);
             }
@@ -545,6 +543,66 @@ mod simd256 {
         let mut out = [[0f32; 8]; C];
         for (o, (a, m)) in out.iter_mut().zip(acc.into_iter().zip(accm)) {
             _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(a, m));
+        }
+        out
+    }
+
+    /// Rows `8 * half .. 8 * half + 8` of a Q8_0 group. The activations come biased (`x +
+    /// 128`, [`super::flipped`], for the AVX-512 kernel): each block's 32 bytes are unbiased
+    /// into `y` first. Per load `l` (values `4l .. 4l + 4` of the 8 rows) and activation row,
+    /// `vpmaddubsw(|w|, sign(y, w))` gives each row's products `w * y` in pairs (at most 2 *
+    /// 128 * 127 = 32,512: no saturation, also for a weight of -128, whose `|w|` is 128 as
+    /// an unsigned byte), and `vpmaddwd` by ones adds each row's four into its lane: the
+    /// exact integer dot product, scaled as the portable definition does.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0<const C: usize>(
+        nb: usize,
+        w: Group<'_>,
+        a: &Act,
+        c0: usize,
+        cols: usize,
+        half: usize,
+    ) -> [[f32; 8]; C] {
+        let ones = _mm256_set1_epi16(1);
+        let bias = _mm256_set1_epi8(-128);
+        let mut acc = [_mm256_setzero_ps(); C];
+        let q = w.qs.as_ptr();
+        for b in 0..nb {
+            if half == 0 {
+                let ahead = q.wrapping_add((b + super::PREFETCH_BLOCKS) * 32 * G);
+                for l in 0..8 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64) as *const i8);
+                }
+            }
+            // the activation rows' block, unbiased
+            let mut y = [[0i32; 8]; C];
+            for (c, yc) in y.iter_mut().enumerate() {
+                let p = a.qs.as_ptr().add((c0 + c) * cols + b * QK) as *const __m256i;
+                let v = _mm256_xor_si256(_mm256_loadu_si256(p), bias);
+                _mm256_storeu_si256(yc.as_mut_ptr() as *mut __m256i, v);
+            }
+            let base = q.add(b * 32 * G + half * 32);
+            let mut t = [_mm256_setzero_si256(); C];
+            for l in 0..8 {
+                let v = _mm256_loadu_si256(base.add(l * 64) as *const __m256i);
+                let av = _mm256_sign_epi8(v, v);
+                for (tc, yc) in t.iter_mut().zip(&y) {
+                    let yv = _mm256_set1_epi32(yc[l]);
+                    let p = _mm256_maddubs_epi16(av, _mm256_sign_epi8(yv, v));
+                    *tc = _mm256_add_epi32(*tc, _mm256_madd_epi16(p, ones));
+                }
+            }
+            let at = b * G + half * 8;
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
+            for c in 0..C {
+                let dx = _mm256_set1_ps(*a.d.get_unchecked((c0 + c) * nb + b));
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[c]), _mm256_mul_ps(dw, dx), acc[c]);
+            }
+        }
+        let mut out = [[0f32; 8]; C];
+        for (o, a) in out.iter_mut().zip(acc) {
+            // + 0 as the portable definition adds its (absent) min term: -0 becomes +0
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(a, _mm256_setzero_ps()));
         }
         out
     }
