@@ -196,7 +196,11 @@ fn set_threads(n: Option<usize>) -> Result<()> {
             .context("setting up the thread pool")?;
     } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // The default (the physical cores), resolved once: unset, candle works it out again
-        // from /proc/cpuinfo on every call that asks, some per matmul.
+        // from /proc/cpuinfo on every call that asks, some per matmul. rayon's own pool is
+        // built first, so that it keeps its default (the logical CPUs), as before.
+        rayon::ThreadPoolBuilder::new()
+            .build_global()
+            .context("setting up the thread pool")?;
         std::env::set_var("RAYON_NUM_THREADS", afm::lm::par::threads().to_string());
     }
     Ok(())

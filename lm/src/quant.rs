@@ -376,8 +376,12 @@ impl QMatrix {
         (self.rows, self.cols)
     }
 
+    /// The bytes a product reads: quants, scales, Q4_1's mins, and grouped Q8_0's weight
+    /// sums where the AVX-512 kernel reads them (the AVX2 and portable kernels do not, so
+    /// they are not counted there: the bandwidth limit would come out too low).
     pub fn storage_bytes(&self) -> usize {
-        self.qs.len() + 2 * (self.d.len() + self.m.len())
+        let sums_read = self.kind == QKind::Q4_1 || crate::isa::level() == Isa::Avx512;
+        self.qs.len() + 2 * (self.d.len() + if sums_read { self.m.len() } else { 0 })
     }
 
     /// Dequantizes the given rows (embedding lookup).
@@ -1335,7 +1339,7 @@ mod tests {
             let back = grouped.clone().with_groups(false);
             assert!(back.qs == plain.qs && back.d == plain.d && back.m == plain.m);
             let rows_b = plain.storage_bytes()
-                + if kind == QKind::Q8_0 {
+                + if kind == QKind::Q8_0 && crate::isa::level() == Isa::Avx512 {
                     2 * plain.d.len()
                 } else {
                     0

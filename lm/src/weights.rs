@@ -70,9 +70,13 @@ impl WeightSource {
         // header is read through a buffer: unbuffered, its many small fields (a vocabulary of
         // 49,152 strings) took some 900,000 system calls, most of a CLI start; candle asks for the
         // position before every string, which [`Counted`] answers without a call.
+        let pos = std::io::Seek::stream_position(&mut file).map_err(|source| LmError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut header = Counted {
             inner: std::io::BufReader::with_capacity(1 << 16, &mut file),
-            pos: 0,
+            pos,
         };
         crate::gguf_check::check_header(&mut header).map_err(bad)?;
         let content = gguf_file::Content::read(&mut header).map_err(|e| bad(e.to_string()))?;
@@ -433,6 +437,31 @@ pub fn gguf_name(hf: &str) -> String {
     hf.to_string()
 }
 
+/// A buffered reader that knows its position: `stream_position` (a `seek` of 0) is answered
+/// from a count instead of an `lseek`. `pos` starts at the inner reader's position.
+struct Counted<R> {
+    inner: std::io::BufReader<R>,
+    pos: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: std::io::Read + std::io::Seek> std::io::Seek for Counted<R> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        if to == std::io::SeekFrom::Current(0) {
+            return Ok(self.pos);
+        }
+        self.pos = self.inner.seek(to)?;
+        Ok(self.pos)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::gguf_name;
@@ -502,30 +531,5 @@ mod tests {
             gguf_name("model.tracks.1.layers.2.mlp.gate_proj.weight"),
             "trk.1.blk.2.ffn_gate.weight"
         );
-    }
-}
-
-/// A buffered reader that knows its position: `stream_position` (a `seek` of 0) is answered
-/// from a count instead of an `lseek`.
-struct Counted<R> {
-    inner: std::io::BufReader<R>,
-    pos: u64,
-}
-
-impl<R: std::io::Read> std::io::Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl<R: std::io::Read + std::io::Seek> std::io::Seek for Counted<R> {
-    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
-        if to == std::io::SeekFrom::Current(0) {
-            return Ok(self.pos);
-        }
-        self.pos = self.inner.seek(to)?;
-        Ok(self.pos)
     }
 }
