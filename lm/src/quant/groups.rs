@@ -270,6 +270,20 @@ crate::isa::group_kernels!(GroupKernel);
 /// 3.6 -> 3.0 ms; the 1-row time unchanged).
 const PREFETCH_BLOCKS: usize = 8;
 
+/// Prefetches block `b + PREFETCH_BLOCKS` of the group quants at `q` (`bb` bytes per block)
+/// into L1. Past the group's end that is the next group's bytes, or nothing of use.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead(q: *const u8, b: usize, bb: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let ahead = q.wrapping_add((b + PREFETCH_BLOCKS) * bb);
+    for l in (0..bb).step_by(64) {
+        // SAFETY: a prefetch never faults and changes nothing but timing, whatever the
+        // address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8) };
+    }
+}
+
 /// Whether matrices of `kind` are grouped at kernel level `isa`: both kinds from AVX2 up
 /// (AVX2's Q8_0 kernel takes the sign trick, `|w| * sign(y, w)`, as the row kernels do:
 /// `vpmaddubsw` would saturate on the biased activations).
@@ -389,12 +403,7 @@ mod simd {
         let q = w.qs.as_ptr();
         for b in 0..nb {
             let base = q.add(b * 16 * G);
-            // past the group's end this reads the next group's bytes, or none (a prefetch
-            // never faults)
-            let ahead = base.wrapping_add(super::PREFETCH_BLOCKS * 16 * G);
-            for l in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64) as *const i8);
-            }
+            super::prefetch_ahead(q, b, 16 * G);
             let mut x = [zero; 8];
             for l in 0..4 {
                 let v = _mm512_loadu_si512(base.add(l * 64) as *const _);
@@ -433,10 +442,7 @@ mod simd {
         let q = w.qs.as_ptr();
         for b in 0..nb {
             let base = q.add(b * 32 * G);
-            let ahead = base.wrapping_add(super::PREFETCH_BLOCKS * 32 * G);
-            for l in 0..8 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64) as *const i8);
-            }
+            super::prefetch_ahead(q, b, 32 * G);
             let mut x = [zero; 8];
             for (l, xl) in x.iter_mut().enumerate() {
                 *xl = _mm512_loadu_si512(base.add(l * 64) as *const _);
@@ -508,11 +514,8 @@ mod simd256 {
         let q = w.qs.as_ptr();
         for b in 0..nb {
             if half == 0 {
-                // as the AVX-512 kernel; the second half finds the group's bytes in L1
-                let ahead = q.wrapping_add((b + super::PREFETCH_BLOCKS) * 16 * G);
-                for l in 0..4 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64) as *const i8);
-                }
+                // the second half finds the group's bytes in L1
+                super::prefetch_ahead(q, b, 16 * G);
             }
             let base = q.add(b * 16 * G + half * 32);
             let mut t = [_mm256_setzero_si256(); C];
@@ -569,10 +572,7 @@ mod simd256 {
         let q = w.qs.as_ptr();
         for b in 0..nb {
             if half == 0 {
-                let ahead = q.wrapping_add((b + super::PREFETCH_BLOCKS) * 32 * G);
-                for l in 0..8 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64) as *const i8);
-                }
+                super::prefetch_ahead(q, b, 32 * G);
             }
             // the activation rows' block, unbiased
             let mut y = [[0i32; 8]; C];
