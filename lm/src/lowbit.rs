@@ -411,39 +411,42 @@ impl LowBitMatrix {
     fn matmul_with(&self, x: &[f32], m: usize, kern: Kernels) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "low-bit matmul input size");
         let act = Act::new(x, m, self.cols, self.kp, self.group);
-        let mut out = vec![0f32; m * self.rows];
         let full = self.grouped_rows();
-        if full > 0 {
-            groups::matmul(
-                kern.groups,
-                &self.gmeta(),
-                &self.qs,
-                &self.d,
-                full / groups::G,
-                self.rows,
-                &act,
-                m,
-                &mut out,
-            );
-        }
-        // the rows in the row layout: all of them, or those past the last whole group
-        let quads = (self.rows - full).div_ceil(4);
-        let ptr = SharedOut(out.as_mut_ptr());
-        let ptr = &ptr;
-        par_ranges(quads, |range| {
-            let r0 = full + range.start * 4;
-            let r1 = (full + range.end * 4).min(self.rows);
-            let mut tile = vec![0f32; (r1 - r0) * m];
-            self.tile(&kern, &act, r0, r1 - r0, m, &mut tile);
-            for i in 0..m {
-                for r in r0..r1 {
-                    // SAFETY: rows r0..r1 belong to this task alone, and i * rows + r is
-                    // inside `out` (length m * rows), which outlives the parallel region.
-                    unsafe { *ptr.0.add(i * self.rows + r) = tile[(r - r0) * m + i] };
-                }
+        let fill = |out: &mut [std::mem::MaybeUninit<f32>]| {
+            if full > 0 {
+                groups::matmul(
+                    kern.groups,
+                    &self.gmeta(),
+                    &self.qs,
+                    &self.d,
+                    full / groups::G,
+                    self.rows,
+                    &act,
+                    m,
+                    out,
+                );
             }
-        });
-        out
+            // the rows in the row layout: all of them, or those past the last whole group
+            let quads = (self.rows - full).div_ceil(4);
+            let ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+            let ptr = &ptr;
+            par_ranges(quads, |range| {
+                let r0 = full + range.start * 4;
+                let r1 = (full + range.end * 4).min(self.rows);
+                let mut tile = vec![0f32; (r1 - r0) * m];
+                self.tile(&kern, &act, r0, r1 - r0, m, &mut tile);
+                for i in 0..m {
+                    for r in r0..r1 {
+                        // SAFETY: rows r0..r1 belong to this task alone, and i * rows + r is
+                        // inside `out` (length m * rows), which outlives the parallel region.
+                        unsafe { *ptr.0.add(i * self.rows + r) = tile[(r - r0) * m + i] };
+                    }
+                }
+            });
+        };
+        // SAFETY: `fill` writes every element: the grouped rows `0..full` for every
+        // activation row (`groups::matmul`), then every (row, activation row) past them.
+        unsafe { crate::par::filled(m * self.rows, fill) }
     }
 
     fn meta(&self) -> Meta {

@@ -223,7 +223,7 @@ pub(super) fn matmul(
     rows: usize,
     act: &Act,
     n: usize,
-    out: &mut [f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     let (bb, ng) = (block_bytes(meta.bits), meta.ng());
     assert!(

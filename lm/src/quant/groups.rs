@@ -322,7 +322,7 @@ pub(super) fn matmul(
     cols: usize,
     act: &Act,
     m: usize,
-    out: &mut [f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
 ) {
     let nb = cols / QK;
     let q = qb(kind);
