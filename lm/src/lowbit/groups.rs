@@ -352,6 +352,17 @@ mod simd256 {
     pub fn kernel<const C: usize>(m: &Meta, w: Group<'_>, a: &Act, c0: usize) -> [[f32; G]; C] {
         super::check_bounds(m, &w, a, c0, C);
         let mut out = [[0f32; G]; C];
+        if C == 1 {
+            // SAFETY: as below.
+            out[0] = unsafe {
+                if m.bits == 2 {
+                    lowbit1::<2>(m, w, a, c0)
+                } else {
+                    lowbit1::<4>(m, w, a, c0)
+                }
+            };
+            return out;
+        }
         for half in 0..2 {
             // SAFETY: `GroupKernels::avx2` hands out this kernel only when the CPU has AVX2,
             // FMA and F16C; `check_bounds` keeps every load below inside the slices.
@@ -365,6 +376,77 @@ mod simd256 {
             for (oc, h) in out.iter_mut().zip(o) {
                 oc[half * 8..half * 8 + 8].copy_from_slice(&h);
             }
+        }
+        out
+    }
+
+    /// Field `shift` (a multiple of 2 below 8) of every byte of `v`, under `mask`.
+    ///
+    /// # Safety
+    /// The caller runs with AVX2.
+    #[inline(always)]
+    unsafe fn field(v: __m256i, shift: u32, mask: __m256i) -> __m256i {
+        match shift {
+            0 => _mm256_and_si256(v, mask),
+            2 => _mm256_and_si256(_mm256_srli_epi16::<2>(v), mask),
+            4 => _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
+            _ => _mm256_and_si256(_mm256_srli_epi16::<6>(v), mask),
+        }
+    }
+
+    /// [`lowbit`] for one activation row (a decode step), both halves of the group in one
+    /// pass: each broadcast of 4 activation bytes serves all 16 rows, and each code vector
+    /// is unpacked as it is used. At one row the kernel is bound by its vector operations
+    /// (the codes are few next to the work), and per block this saves eight broadcasts, a
+    /// scale broadcast and the second pass's loop. The same operations per lane as
+    /// [`lowbit`] (exact integer sums, then the same float steps): the same bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lowbit1<const B: u32>(m: &Meta, w: Group<'_>, a: &Act, c0: usize) -> [f32; G] {
+        let (bb, ng) = (block_bytes(B), m.nb / m.gpb);
+        // 64-byte loads per block, and values per byte
+        let (loads, per) = if B == 2 { (2, 4) } else { (4, 2) };
+        let mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut corr = [_mm256_setzero_ps(); 2];
+        for b in 0..m.nb {
+            let base = w.qs.as_ptr().add(b * bb);
+            let y = a.qs.as_ptr().add(c0 * m.kp + b * BLOCK) as *const i32;
+            let mut t = [_mm256_setzero_si256(); 2];
+            for l in 0..loads {
+                let v = [
+                    _mm256_loadu_si256(base.add(l * 64) as *const __m256i),
+                    _mm256_loadu_si256(base.add(l * 64 + 32) as *const __m256i),
+                ];
+                for k in 0..per {
+                    let yv = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(l * per + k)));
+                    for (th, &vh) in t.iter_mut().zip(&v) {
+                        let x = field(vh, B * k as u32, mask);
+                        *th = _mm256_add_epi16(*th, _mm256_maddubs_epi16(x, yv));
+                    }
+                }
+            }
+            let s = b / m.gpb;
+            let dx = _mm256_set1_ps(*a.d.get_unchecked(c0 * m.nb + b));
+            for h in 0..2 {
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                    w.d.as_ptr().add(s * G + h * 8) as *const __m128i
+                ));
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t[h], ones));
+                acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, dx), acc[h]);
+                if b % m.gpb == 0 {
+                    let sg = _mm256_set1_ps(*a.sg.get_unchecked(c0 * ng + s));
+                    corr[h] = _mm256_fmadd_ps(dw, sg, corr[h]);
+                }
+            }
+        }
+        let c = _mm256_set1_ps(offset(B));
+        let mut out = [0f32; G];
+        for h in 0..2 {
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(h * 8),
+                _mm256_fnmadd_ps(c, corr[h], acc[h]),
+            );
         }
         out
     }
