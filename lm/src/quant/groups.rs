@@ -479,6 +479,16 @@ mod simd256 {
         let nb = cols / QK;
         super::check_bounds(&w, a, c0, C, cols);
         let mut out = [[0f32; G]; C];
+        if C == 1 {
+            // SAFETY: as below.
+            out[0] = unsafe {
+                match w.kind {
+                    QKind::Q4_1 => q4_1_one(nb, w, a, c0, cols),
+                    QKind::Q8_0 => q8_0_one(nb, w, a, c0, cols),
+                }
+            };
+            return out;
+        }
         for half in 0..2 {
             // SAFETY: `GroupKernels::avx2` hands out this kernel only when the CPU has AVX2,
             // FMA and F16C; the assert keeps every load below inside the slices.
@@ -491,6 +501,92 @@ mod simd256 {
             for (oc, h) in out.iter_mut().zip(o) {
                 oc[half * 8..half * 8 + 8].copy_from_slice(&h);
             }
+        }
+        out
+    }
+
+    /// [`q4_1`] for one activation row (a decode step), both halves of the group in one
+    /// pass: each broadcast of activation bytes and scales serves all 16 rows. The same
+    /// operations per lane (exact integer sums, then the same float steps): the same bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_one(nb: usize, w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [f32; G] {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut accm = [_mm256_setzero_ps(); 2];
+        let q = w.qs.as_ptr();
+        for b in 0..nb {
+            super::prefetch_ahead(q, b, 16 * G);
+            let base = q.add(b * 16 * G);
+            let y = a.qs.as_ptr().add(c0 * cols + b * QK) as *const i32;
+            let mut t = [_mm256_setzero_si256(); 2];
+            for l in 0..4 {
+                let ylo = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(2 * l)));
+                let yhi = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(2 * l + 1)));
+                for (h, th) in t.iter_mut().enumerate() {
+                    let v = _mm256_loadu_si256(base.add(l * 64 + h * 32) as *const __m256i);
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    *th = _mm256_add_epi16(*th, _mm256_maddubs_epi16(lo, ylo));
+                    *th = _mm256_add_epi16(*th, _mm256_maddubs_epi16(hi, yhi));
+                }
+            }
+            let dx = _mm256_set1_ps(*a.d.get_unchecked(c0 * nb + b));
+            let sx = _mm256_set1_ps(*a.s.get_unchecked(c0 * nb + b));
+            for h in 0..2 {
+                let at = b * G + h * 8;
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
+                let mw = _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(at) as *const __m128i));
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t[h], ones));
+                acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, dx), acc[h]);
+                accm[h] = _mm256_fmadd_ps(mw, sx, accm[h]);
+            }
+        }
+        let mut out = [0f32; G];
+        for h in 0..2 {
+            _mm256_storeu_ps(out.as_mut_ptr().add(h * 8), _mm256_add_ps(acc[h], accm[h]));
+        }
+        out
+    }
+
+    /// [`q8_0`] for one activation row, both halves of the group in one pass (as
+    /// [`q4_1_one`]); the same bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_one(nb: usize, w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [f32; G] {
+        let ones = _mm256_set1_epi16(1);
+        let bias = _mm256_set1_epi8(-128);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let q = w.qs.as_ptr();
+        for b in 0..nb {
+            super::prefetch_ahead(q, b, 32 * G);
+            let p = a.qs.as_ptr().add(c0 * cols + b * QK) as *const __m256i;
+            let mut y = [0i32; 8];
+            let yb = _mm256_xor_si256(_mm256_loadu_si256(p), bias);
+            _mm256_storeu_si256(y.as_mut_ptr() as *mut __m256i, yb);
+            let base = q.add(b * 32 * G);
+            let mut t = [_mm256_setzero_si256(); 2];
+            for (l, &yl) in y.iter().enumerate() {
+                let yv = _mm256_set1_epi32(yl);
+                for (h, th) in t.iter_mut().enumerate() {
+                    let v = _mm256_loadu_si256(base.add(l * 64 + h * 32) as *const __m256i);
+                    let pr = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(yv, v));
+                    *th = _mm256_add_epi32(*th, _mm256_madd_epi16(pr, ones));
+                }
+            }
+            let dx = _mm256_set1_ps(*a.d.get_unchecked(c0 * nb + b));
+            for h in 0..2 {
+                let at = b * G + h * 8;
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
+                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[h]), _mm256_mul_ps(dw, dx), acc[h]);
+            }
+        }
+        let mut out = [0f32; G];
+        for h in 0..2 {
+            // + 0 as the portable definition adds its (absent) min term: -0 becomes +0
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(h * 8),
+                _mm256_add_ps(acc[h], _mm256_setzero_ps()),
+            );
         }
         out
     }
