@@ -1121,6 +1121,8 @@ mod tests {
                 (128, 48, 2),
                 (320, 33, 3),
                 (64, 16, 7),
+                // runs of 4 rows, then one from row 4 (the one-row kernels at c0 > 0)
+                (96, 32, 5),
             ] {
                 let w = randn(rows * cols, 1 + cols as u64);
                 let x = randn(m * cols, 7 + rows as u64);

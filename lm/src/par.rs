@@ -372,12 +372,19 @@ pub fn par_ranges(n: usize, f: impl Fn(Range<usize>) + Sync) {
 /// A `len`-long vector filled by `fill`, which gets its uninitialised storage and must
 /// write every element: outputs that are wholly overwritten are not zeroed first (glibc's
 /// `memset` of each matmul output was ~5% of a four-sequence decode step on AMD Zen 4).
+/// In the crate's unit tests the storage starts as NaN, so that an element `fill` misses
+/// shows in the kernels' bit-for-bit comparisons.
 ///
 /// # Safety
 /// `fill` must initialise all `len` elements unless it panics.
-pub(crate) unsafe fn filled<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+pub(crate) unsafe fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
-    fill(&mut v.spare_capacity_mut()[..len]);
+    let spare = &mut v.spare_capacity_mut()[..len];
+    #[cfg(test)]
+    spare.iter_mut().for_each(|e| {
+        e.write(f32::NAN);
+    });
+    fill(spare);
     // SAFETY: the capacity is at least len, and the caller's `fill` has initialised the
     // first len elements.
     unsafe { v.set_len(len) };

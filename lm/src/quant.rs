@@ -108,21 +108,15 @@ impl Act {
         // every byte and scale is overwritten below: a dropped Act of the same size is
         // reused as it is (a fresh one was allocated and zeroed per matmul, ~2% of a
         // four-sequence decode step in glibc's calloc and memset)
-        let mut a = ACT_SPARES
-            .try_with(|sp| {
-                let mut sp = sp.borrow_mut();
-                let i = sp.iter().position(|b| b.0.len() == m * k)?;
-                let (qs, d, s) = sp.swap_remove(i);
-                Some(Act { qs, d, s, nb })
-            })
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| Act {
+        let mut a = match take_spare(m * k) {
+            Some((qs, d, s)) => Act { qs, d, s, nb },
+            None => Act {
                 qs: vec![0; m * k],
                 d: vec![0.0; m * nb],
                 s: vec![0.0; m * nb],
                 nb,
-            });
+            },
+        };
         if m < 8 {
             for (((q, d), s), xr) in
                 a.qs.chunks_mut(k)
@@ -157,15 +151,30 @@ impl Act {
 type ActBuffers = (Vec<u8>, Vec<f32>, Vec<f32>);
 
 thread_local! {
-    /// Dropped activation buffers, for [`Act::quantize`] to reuse (at most [`ACT_SPARES_MAX`]).
+    /// Dropped activation buffers, for [`Act::quantize`] and [`groups::flipped`] to reuse
+    /// (at most [`ACT_SPARES_MAX`], each of at most [`ACT_SPARE_BYTES`] activation bytes:
+    /// decode-sized; a long prompt's buffers are freed).
     static ACT_SPARES: std::cell::RefCell<Vec<ActBuffers>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 const ACT_SPARES_MAX: usize = 4;
+const ACT_SPARE_BYTES: usize = 64 * 1024;
+
+/// A spare whose byte buffer is `len` long (its scales and sums then are `len / 32`).
+pub(super) fn take_spare(len: usize) -> Option<ActBuffers> {
+    ACT_SPARES
+        .try_with(|sp| {
+            let mut sp = sp.try_borrow_mut().ok()?;
+            let i = sp.iter().position(|b| b.0.len() == len)?;
+            Some(sp.swap_remove(i))
+        })
+        .ok()
+        .flatten()
+}
 
 impl Drop for Act {
     fn drop(&mut self) {
-        if self.qs.is_empty() {
+        if self.qs.is_empty() || self.qs.len() > ACT_SPARE_BYTES {
             return;
         }
         let b = (
@@ -518,6 +527,9 @@ impl QMatrix {
         kern: Kernels,
         gk: groups::GroupKernels,
     ) -> Vec<f32> {
+        // the activation rows are quantized into reused buffers: a short `x` would leave
+        // another product's bytes in them
+        assert_eq!(x.len(), m * self.cols, "matmul input size");
         let split = self.grouped_rows();
         let fill = |out: &mut [MaybeUninit<f32>]| {
             if split == 0 {

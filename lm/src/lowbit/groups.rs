@@ -353,7 +353,9 @@ mod simd256 {
         super::check_bounds(m, &w, a, c0, C);
         let mut out = [[0f32; G]; C];
         if C == 1 {
-            // SAFETY: as below.
+            // SAFETY: `GroupKernels::avx2` hands out this kernel only when the CPU has AVX2,
+            // FMA and F16C; `check_bounds` (one activation row from c0) keeps every load of
+            // `lowbit1` inside the slices.
             out[0] = unsafe {
                 if m.bits == 2 {
                     lowbit1::<2>(m, w, a, c0)
@@ -400,6 +402,9 @@ mod simd256 {
     /// (the codes are few next to the work), and per block this saves eight broadcasts, a
     /// scale broadcast and the second pass's loop. The same operations per lane as
     /// [`lowbit`] (exact integer sums, then the same float steps): the same bits.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C, and `check_bounds(m, &w, a, c0, 1)` must hold.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lowbit1<const B: u32>(m: &Meta, w: Group<'_>, a: &Act, c0: usize) -> [f32; G] {
         let (bb, ng) = (block_bytes(B), m.nb / m.gpb);

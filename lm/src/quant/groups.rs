@@ -197,12 +197,14 @@ pub(super) type GroupKernel<const C: usize> = fn(Group<'_>, &Act, usize, usize) 
 
 /// Activations as the Q8_0 group kernels read them: each byte `x + 128` (unsigned).
 pub(super) fn flipped(a: &Act) -> Act {
-    Act {
-        qs: a.qs.iter().map(|&q| q ^ 0x80).collect(),
-        d: a.d.clone(),
-        s: a.s.clone(),
-        nb: a.nb,
-    }
+    let (mut qs, mut d, mut s) = super::take_spare(a.qs.len()).unwrap_or_default();
+    qs.clear();
+    qs.extend(a.qs.iter().map(|&q| q ^ 0x80));
+    d.clear();
+    d.extend_from_slice(&a.d);
+    s.clear();
+    s.extend_from_slice(&a.s);
+    Act { qs, d, s, nb: a.nb }
 }
 
 /// The portable definition, in the order of the SIMD kernels so that the two agree bit for
@@ -480,7 +482,9 @@ mod simd256 {
         super::check_bounds(&w, a, c0, C, cols);
         let mut out = [[0f32; G]; C];
         if C == 1 {
-            // SAFETY: as below.
+            // SAFETY: `GroupKernels::avx2` hands out this kernel only when the CPU has AVX2,
+            // FMA and F16C; `check_bounds` (one activation row from c0) keeps every load of
+            // the one-row kernels inside the slices.
             out[0] = unsafe {
                 match w.kind {
                     QKind::Q4_1 => q4_1_one(nb, w, a, c0, cols),
@@ -508,6 +512,10 @@ mod simd256 {
     /// [`q4_1`] for one activation row (a decode step), both halves of the group in one
     /// pass: each broadcast of activation bytes and scales serves all 16 rows. The same
     /// operations per lane (exact integer sums, then the same float steps): the same bits.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C, and `check_bounds(&w, a, c0, 1, cols)` must
+    /// hold.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_1_one(nb: usize, w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [f32; G] {
         let mask = _mm256_set1_epi8(0x0F);
@@ -551,6 +559,9 @@ mod simd256 {
 
     /// [`q8_0`] for one activation row, both halves of the group in one pass (as
     /// [`q4_1_one`]); the same bits.
+    ///
+    /// # Safety
+    /// As [`q4_1_one`].
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q8_0_one(nb: usize, w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [f32; G] {
         let ones = _mm256_set1_epi16(1);
