@@ -180,10 +180,10 @@ impl LayerKv {
             if overflowed(k, &self.k16[k0..]) || overflowed(v, &self.v16[v0..]) {
                 let x = k
                     .iter()
-                    .chain(v)
-                    .find(|x| x.is_finite() && half::f16::from_f32(**x).is_infinite())
-                    .copied()
-                    .unwrap_or(f32::INFINITY);
+                    .zip(&self.k16[k0..])
+                    .chain(v.iter().zip(&self.v16[v0..]))
+                    .find(|(x, h)| x.is_finite() && h.is_infinite())
+                    .map_or(f32::INFINITY, |(x, _)| *x);
                 self.k16.truncate(k0);
                 self.v16.truncate(v0);
                 return Err(LmError::Invalid(format!(

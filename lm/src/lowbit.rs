@@ -38,7 +38,6 @@
 //! keeps the row layout, to compare. [`LowBitMatrix::parts`] always gives the row layout.
 
 use crate::error::{LmError, Result};
-use crate::par::par_ranges;
 use candle_core::{Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
@@ -427,21 +426,8 @@ impl LowBitMatrix {
                 );
             }
             // the rows in the row layout: all of them, or those past the last whole group
-            let quads = (self.rows - full).div_ceil(4);
-            let ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
-            let ptr = &ptr;
-            par_ranges(quads, |range| {
-                let r0 = full + range.start * 4;
-                let r1 = (full + range.end * 4).min(self.rows);
-                let mut tile = vec![0f32; (r1 - r0) * m];
-                self.tile(&kern, &act, r0, r1 - r0, m, &mut tile);
-                for i in 0..m {
-                    for r in r0..r1 {
-                        // SAFETY: rows r0..r1 belong to this task alone, and i * rows + r is
-                        // inside `out` (length m * rows), which outlives the parallel region.
-                        unsafe { *ptr.0.add(i * self.rows + r) = tile[(r - r0) * m + i] };
-                    }
-                }
+            crate::par::row_tiles(full, self.rows, m, out, |r0, nr, o| {
+                self.tile(&kern, &act, r0, nr, m, o)
             });
         };
         // SAFETY: `fill` writes every element: the grouped rows `0..full` for every
@@ -625,12 +611,6 @@ impl Act {
         a
     }
 }
-
-/// A raw output pointer shared by tasks that write disjoint elements.
-struct SharedOut(*mut f32);
-// SAFETY: only used in `LowBitMatrix::matmul_with`, where every task writes a disjoint set of
-// indices (its own weight rows) of a buffer that outlives the parallel region.
-unsafe impl Sync for SharedOut {}
 
 /// What the kernels need to know about the matrix.
 struct Meta {

@@ -391,10 +391,12 @@ pub(crate) unsafe fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>
     v
 }
 
-/// A raw output pointer shared by the tasks of [`row_groups`], which write disjoint elements.
+/// A raw output pointer shared by the tasks of [`row_groups`] and [`row_tiles`], which write
+/// disjoint elements.
 struct GroupOut(*mut f32);
-// SAFETY: only used in `row_groups`, where every task writes the outputs of its own groups'
-// rows, disjoint from every other task's, in a buffer that outlives the parallel region.
+// SAFETY: only used in `row_groups` and `row_tiles`, where every task writes the outputs of
+// its own weight rows, disjoint from every other task's, in a buffer that outlives the
+// parallel region.
 unsafe impl Sync for GroupOut {}
 
 /// The parallel driver of the kernels that compute `G` interleaved weight rows at once
@@ -435,6 +437,38 @@ pub(crate) fn row_groups<const G: usize>(
                     };
                 }
                 c0 += n;
+            }
+        }
+    });
+}
+
+/// The parallel driver of the row-layout kernels (`quant`, `lowbit`): weight rows `from..rows`
+/// in runs of 4 over the pool; `tile(r0, nr, o)` computes rows `r0 .. r0 + nr` against all
+/// `m` activation rows into `o` (`(nr, m)`), which is written to `out`. Every element of
+/// those rows is written; `out` need not be initialised.
+///
+/// # Shapes
+/// `out: (m, rows)`.
+pub(crate) fn row_tiles(
+    from: usize,
+    rows: usize,
+    m: usize,
+    out: &mut [MaybeUninit<f32>],
+    tile: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    assert!(from <= rows && out.len() == m * rows);
+    let ptr = GroupOut(out.as_mut_ptr().cast::<f32>());
+    let ptr = &ptr;
+    par_ranges((rows - from).div_ceil(4), |range| {
+        let r0 = from + range.start * 4;
+        let r1 = (from + range.end * 4).min(rows);
+        let mut t = vec![0f32; (r1 - r0) * m];
+        tile(r0, r1 - r0, &mut t);
+        for i in 0..m {
+            for r in r0..r1 {
+                // SAFETY: rows r0..r1 belong to this task alone, and i * rows + r is inside
+                // `out` (m * rows, asserted), which outlives the parallel region.
+                unsafe { *ptr.0.add(i * rows + r) = t[(r - r0) * m + i] };
             }
         }
     });

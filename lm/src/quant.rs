@@ -197,12 +197,6 @@ impl Drop for Act {
 use crate::par::par_ranges;
 use std::mem::MaybeUninit;
 
-/// A raw output pointer shared by tasks that write disjoint elements.
-struct SharedOut(*mut f32);
-// SAFETY: only used in `QMatrix::matmul`, where every task writes a disjoint set of indices
-// (its own weight rows) of a buffer that outlives the parallel region.
-unsafe impl Sync for SharedOut {}
-
 /// ggml's x86 `quantize_row_q8_1` / `q8_0`: per block `d = amax / 127` (stored as f16),
 /// `q = round_half_even(x * 127 / amax)`, and `s = d * sum(q)` (stored as f16).
 ///
@@ -572,23 +566,8 @@ impl QMatrix {
         m: usize,
         out: &mut [MaybeUninit<f32>],
     ) {
-        // Work items are groups of 4 weight rows; the pool hands out runs of them.
-        let groups = (self.rows - from).div_ceil(4);
-        assert_eq!(out.len(), m * self.rows);
-        let ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
-        let ptr = &ptr;
-        par_ranges(groups, |range| {
-            let r0 = from + range.start * 4;
-            let r1 = (from + range.end * 4).min(self.rows);
-            let mut tile = vec![0f32; (r1 - r0) * m];
-            self.tile(kern, act, r0, r1 - r0, m, &mut tile);
-            for i in 0..m {
-                for r in r0..r1 {
-                    // SAFETY: rows r0..r1 belong to this task alone, and i * rows + r is
-                    // inside `out` (length m * rows), which outlives the parallel region.
-                    unsafe { *ptr.0.add(i * self.rows + r) = tile[(r - r0) * m + i] };
-                }
-            }
+        crate::par::row_tiles(from, self.rows, m, out, |r0, nr, o| {
+            self.tile(kern, act, r0, nr, m, o)
         });
     }
 
