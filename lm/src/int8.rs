@@ -28,7 +28,7 @@
 //! with zeros to a multiple of 4, channels with zero rows to a multiple of 32.
 
 use crate::isa::Isa;
-use crate::kernels::{max_of, small_int};
+use crate::kernels::{max_of, round_small, small_int};
 use rayon::prelude::*;
 
 /// The thread pool the kernel splits its work over: the one the caller's other kernels use,
@@ -122,7 +122,11 @@ pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usiz
         for (i, s) in sc.iter_mut().enumerate() {
             let (r, g) = (task * rows_per_task + i / ng, i % ng);
             let (k0, k1) = ((g * group).min(inp), ((g + 1) * group).min(inp));
-            let amax = max_of(&x[r * inp + k0..r * inp + k1], 0.0, f32::abs);
+            let xs = &x[r * inp + k0..r * inp + k1];
+            let amax = crate::isa::vectorized(
+                #[inline(always)]
+                || max_of(xs, 0.0, f32::abs),
+            );
             // a NaN or infinite input makes the row's output NaN, as in f32
             *s = if amax.is_finite() {
                 amax / 127.0
@@ -140,14 +144,27 @@ pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usiz
                 let s = scale_ref[r * ng + g];
                 if s > 0.0 {
                     let inv = 1.0 / s;
-                    for (d, &v) in qg.iter_mut().zip(xg) {
-                        // round half away from zero, as `f32::round`, in a form that
-                        // vectorises (`round` is a library call on baseline x86-64, and
-                        // `as i32` is done lane by lane: see `small_int`)
-                        let t = (v * inv).clamp(-127.0, 127.0);
-                        let r = (t + 0.5f32.copysign(t)).trunc();
-                        *d = small_int(r).wrapping_add(128) as u8;
-                    }
+                    crate::isa::vectorized(
+                        #[inline(always)]
+                        || {
+                            for (d, &v) in qg.iter_mut().zip(xg) {
+                                // round half away from zero, as `f32::round`, in a form
+                                // that vectorises: `round` and `trunc` are library calls on
+                                // baseline x86-64 (no SSE4.1), and `as i32` is done lane by
+                                // lane (see `small_int`). Ties to even, then ties moved
+                                // away from zero (`t - r` is exact here; adding 0.5 first
+                                // would round 0.49999997 + 0.5 up to 1)
+                                let t = (v * inv).clamp(-127.0, 127.0);
+                                let r = round_small(t);
+                                let r = if (t - r).abs() == 0.5 {
+                                    t + 0.5f32.copysign(t)
+                                } else {
+                                    r
+                                };
+                                *d = small_int(r).wrapping_add(128) as u8;
+                            }
+                        },
+                    )
                 }
             }
         }
@@ -593,6 +610,31 @@ mod tests {
             }
         }
         y
+    }
+
+    /// The quantiser rounds half away from zero (`f32::round`) at every vector width,
+    /// ties and signed zeros included: with a row maximum of 127 the scale is 1, so each
+    /// value is its own rounding input.
+    #[test]
+    fn quantiser_rounds_as_f32_round() {
+        let mut x: Vec<f32> = (0..=508).map(|i| i as f32 * 0.5 - 127.0).collect();
+        x.extend([
+            -0.0,
+            0.0,
+            0.499_999_97,
+            -0.499_999_97,
+            126.499_99,
+            -126.5,
+            1e-30,
+        ]);
+        x.extend((0..3000).map(|i| ((i * 7919 % 2531) as f32 - 1265.0) * 0.1003));
+        let x: Vec<f32> = x.into_iter().map(|v| v.clamp(-127.0, 127.0)).collect();
+        let inp = x.len();
+        let q = quantize_rows(Pool::Inline, &x, 1, inp, inp);
+        assert_eq!(q.scale[0], 1.0);
+        for (k, &v) in x.iter().enumerate() {
+            assert_eq!(q.q[k] as i32 - 128, v.round() as i32, "{v}");
+        }
     }
 
     #[test]

@@ -116,6 +116,47 @@ pub fn level() -> Isa {
     cap().map_or(d, |c| c.min(d))
 }
 
+/// Runs `f` compiled for the vector width of the level in use ([`level`]): 256-bit `ymm`
+/// registers at AVX2, 512-bit `zmm` at AVX-512, the baseline target's 128-bit SSE2 below.
+///
+/// For the plain Rust loops that LLVM vectorises (the softmax's `exp`, the encoder's GELU,
+/// the int8 activation quantiser): the release build targets baseline x86-64, so without this
+/// they run 4 lanes wide on every CPU. Mark the closure `#[inline(always)]`: only code
+/// inlined into the feature-enabled frame gets the wider registers (a closure left out of
+/// line is compiled for the baseline target), and so must everything it calls be.
+///
+/// The same operations per element at every width, so the same bits: Rust never contracts
+/// `a * b + c` into a fused multiply-add, and lane counts change only the grouping of loops
+/// that are written lane-parallel already (16 running maxima or sums, as `max_of` does).
+#[inline(always)]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn ymm<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+        #[inline]
+        unsafe fn zmm<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match level() {
+            // SAFETY: `level` never exceeds what CPUID reports (`detected`), and the AVX-512
+            // level requires F, BW and VL besides AVX2, FMA and F16C (`detect`).
+            Isa::Avx512 => unsafe { zmm(f) },
+            // SAFETY: as above; the AVX2 levels require AVX2, FMA and F16C.
+            Isa::Avx2 | Isa::Avx2Vnni => unsafe { ymm(f) },
+            Isa::Portable => f(),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        f()
+    }
+}
+
 /// One line for benchmark tables: the CPU model (from `/proc/cpuinfo`), its SIMD flags that
 /// matter here, and the kernel level in use.
 pub fn describe_cpu() -> String {

@@ -88,7 +88,7 @@ pub(crate) fn small_int(r: f32) -> u32 {
 
 /// The largest `f(x)` over `xs` (`init` when empty; NaNs are passed over), in 16 lanes so
 /// that it vectorises (`f32::max` folds one by one because of its NaN rule).
-#[inline]
+#[inline(always)]
 pub(crate) fn max_of(xs: &[f32], init: f32, f: impl Fn(f32) -> f32) -> f32 {
     let mut m = [init; 16];
     let mut chunks = xs.chunks_exact(16);
@@ -105,18 +105,34 @@ pub(crate) fn max_of(xs: &[f32], init: f32, f: impl Fn(f32) -> f32) -> f32 {
 /// Softmax of one row in place. A row whose every entry is `-inf` becomes all zeros.
 #[inline]
 pub fn softmax_in_place(row: &mut [f32]) {
-    let inv = exp_shifted_in_place(row);
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
+    crate::isa::vectorized(
+        #[inline(always)]
+        || {
+            let inv = exp_shifted_body(row);
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
+        },
+    )
 }
 
 /// The unnormalised softmax: `row[j] = exp(row[j] - max)`, returning `1 / sum` of the new
 /// entries (the factor [`softmax_in_place`] multiplies by; attention applies it to the
 /// `head_dim`-wide output row instead of the `keys`-wide probabilities). A row whose every
 /// entry is `-inf` becomes all zeros and the factor is 0.
+///
+/// Runs at the vector width of the CPU ([`crate::isa::vectorized`]), the same bits at every
+/// width.
 #[inline]
 pub fn exp_shifted_in_place(row: &mut [f32]) -> f32 {
+    crate::isa::vectorized(
+        #[inline(always)]
+        || exp_shifted_body(row),
+    )
+}
+
+#[inline(always)]
+fn exp_shifted_body(row: &mut [f32]) -> f32 {
     let mx = max_of(row, f32::NEG_INFINITY, |x| x);
     if mx == f32::NEG_INFINITY {
         row.fill(0.0);
@@ -579,6 +595,23 @@ mod tests {
             assert_eq!(floor_small(y), y.floor(), "{y}");
         }
         assert!(floor_small(f32::NAN).is_nan());
+    }
+
+    /// `isa::vectorized` runs the softmax 8 or 16 lanes wide; the test's own call of the
+    /// body is compiled for the baseline target (4 lanes): the same bits.
+    #[test]
+    fn vectorized_softmax_gives_the_baseline_bits() {
+        for n in [1usize, 15, 16, 17, 100, 1024, 1029] {
+            let row: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 1013) as f32 - 500.0) * 0.043)
+                .collect();
+            let (mut a, mut b) = (row.clone(), row.clone());
+            let (fa, fb) = (exp_shifted_in_place(&mut a), exp_shifted_body(&mut b));
+            assert_eq!(fa.to_bits(), fb.to_bits(), "factor, {n} entries");
+            for (x, y) in a.iter().zip(&b) {
+                assert_eq!(x.to_bits(), y.to_bits(), "{n} entries");
+            }
+        }
     }
 
     #[test]

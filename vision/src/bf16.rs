@@ -27,11 +27,14 @@ fn pair(lo: f32, hi: f32) -> u32 {
     bf16(lo) | (bf16(hi) << 16)
 }
 
-/// Whether this CPU runs [`weighted_sum`] (AVX-512 F and BF16).
+/// Whether this CPU runs [`weighted_sum`] (AVX-512 F and BF16) and the kernel level in use
+/// is AVX-512 (`AFM_ISA` below it, as in the AVX2 proxy, keeps the f32 gemm).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+        afm_lm::isa::level() >= afm_lm::isa::Isa::Avx512
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -26,12 +26,16 @@ pub enum Act {
 }
 
 impl Act {
-    /// In place over a slice.
+    /// In place over a slice, at the CPU's vector width (`afm_lm::isa::vectorized`; the same
+    /// bits at every width).
     pub fn apply_slice(self, xs: &mut [f32]) {
-        match self {
-            Act::GeluTanh => xs.iter_mut().for_each(|x| *x = Act::GeluTanh.apply(*x)),
-            Act::QuickGelu => xs.iter_mut().for_each(|x| *x = Act::QuickGelu.apply(*x)),
-        }
+        afm_lm::isa::vectorized(
+            #[inline(always)]
+            || match self {
+                Act::GeluTanh => xs.iter_mut().for_each(|x| *x = Act::GeluTanh.apply(*x)),
+                Act::QuickGelu => xs.iter_mut().for_each(|x| *x = Act::QuickGelu.apply(*x)),
+            },
+        )
     }
 
     #[inline(always)]
@@ -56,9 +60,19 @@ impl CustomOp1 for Act {
         out.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14))
             .for_each(|(o, i)| {
-                for (o, &v) in o.iter_mut().zip(i) {
-                    *o = act.apply(v);
-                }
+                afm_lm::isa::vectorized(
+                    #[inline(always)]
+                    || match act {
+                        Act::GeluTanh => o
+                            .iter_mut()
+                            .zip(i)
+                            .for_each(|(o, &v)| *o = Act::GeluTanh.apply(v)),
+                        Act::QuickGelu => o
+                            .iter_mut()
+                            .zip(i)
+                            .for_each(|(o, &v)| *o = Act::QuickGelu.apply(v)),
+                    },
+                )
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
