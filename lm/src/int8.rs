@@ -71,6 +71,9 @@ pub const NR: usize = 32;
 pub const MAX_INPUTS: usize = 66_000;
 /// Activation rows per micro-tile.
 const MR: usize = 8;
+/// Micro-tiles of at least this many rows take AVX2's widened kernel (`avx2::tile_wide`,
+/// which widens a block of weights once for all its rows); fewer take `avx2::tile_madd`.
+const WIDE_ROWS: usize = 3;
 /// Activation rows per parallel task.
 const MB: usize = 64;
 
@@ -287,20 +290,63 @@ impl Int8Matrix {
         let panels = self.out.div_ceil(NR);
         let mut r = 0;
         while r < rows {
-            let m = MR.min(rows - r);
-            let mut tile = [[0f32; NR]; MR];
-            for p in 0..panels {
-                self.panel_tile(qx, r, m, p, &mut tile, isa);
+            let m = MB.min(rows - r);
+            self.sweep(qx, r, m, 0..panels, isa, |p, i0, tile| {
                 let c0 = p * NR;
                 let cols = NR.min(self.out - c0);
-                for (i, accr) in tile.iter().enumerate().take(m) {
-                    let yr = &mut y[(r + i) * stride + c0..(r + i) * stride + c0 + cols];
-                    for (c, yv) in yr.iter_mut().enumerate() {
-                        *yv = accr[c] * (alpha * self.scale[c0 + c]);
-                    }
+                let sc = &self.scale[c0..c0 + cols];
+                for (i, accr) in tile.iter().enumerate() {
+                    let at = (r + i0 + i) * stride + c0;
+                    let yr = &mut y[at..at + cols];
+                    crate::isa::vectorized(
+                        #[inline(always)]
+                        || {
+                            for ((yv, &a), &s) in yr.iter_mut().zip(accr).zip(sc) {
+                                *yv = a * (alpha * s);
+                            }
+                        },
+                    );
                 }
-            }
+            });
             r += m;
+        }
+    }
+
+    /// Rows `r0..r0 + m` (`m <= MB`) against each panel of `panels`: `emit(p, i0, acc)`
+    /// receives panel `p`'s unscaled sums of rows `r0 + i0..r0 + i0 + acc.len()`. AVX2's
+    /// widened kernel takes all `m` rows at once (it widens each block of weights once for
+    /// them); the other kernels take micro-tiles of `MR` rows, each against every panel.
+    fn sweep(
+        &self,
+        qx: &QuantRows,
+        r0: usize,
+        m: usize,
+        panels: std::ops::Range<usize>,
+        isa: Isa,
+        mut emit: impl FnMut(usize, usize, &[[f32; NR]]),
+    ) {
+        debug_assert!(m <= MB);
+        #[cfg(target_arch = "x86_64")]
+        if isa.min(crate::isa::detected()) == Isa::Avx2 && m >= WIDE_ROWS {
+            let mut acc = [[0f32; NR]; MB];
+            for p in panels {
+                let t = self.tile(qx, r0, m, p);
+                // SAFETY: the CPU has AVX2 and FMA (`isa` is capped by what it runs); the
+                // slices of `t` are cut to the sizes `Tile` documents, `m <= MB` rows.
+                unsafe { avx2::tile_wide(&t, &mut acc[..m]) };
+                emit(p, 0, &acc[..m]);
+            }
+            return;
+        }
+        let mut acc = [[0f32; NR]; MR];
+        let mut i0 = 0;
+        while i0 < m {
+            let mm = MR.min(m - i0);
+            for p in panels.clone() {
+                self.panel_tile(qx, r0 + i0, mm, p, &mut acc, isa);
+                emit(p, i0, &acc[..mm]);
+            }
+            i0 += mm;
         }
     }
 
@@ -315,18 +361,7 @@ impl Int8Matrix {
         acc: &mut [[f32; NR]; MR],
         isa: Isa,
     ) {
-        let groups = self.kp / 4;
-        let ng = qx.ngroups;
-        let t = Tile {
-            a: &qx.q[r0 * self.kp..(r0 + m) * self.kp],
-            kp: self.kp,
-            m,
-            panel: &self.packed[p * groups * NR * 4..(p + 1) * groups * NR * 4],
-            steps: self.group / 4,
-            sx: &qx.scale[r0 * ng..(r0 + m) * ng],
-            ng,
-            off: &self.offset[p * ng * NR..(p + 1) * ng * NR],
-        };
+        let t = self.tile(qx, r0, m, p);
         // `isa` never exceeds what the CPU runs (`Isa::supported`, `isa::level`), so the
         // features each kernel is compiled for are there.
         #[cfg(target_arch = "x86_64")]
@@ -337,6 +372,8 @@ impl Int8Matrix {
             // SAFETY: as above (AVX-VNNI, or AVX-512 VNNI + VL when it is absent).
             Isa::Avx2Vnni => unsafe { avx2::tile_vnni(&t, acc, crate::isa::has_avx_vnni()) },
             // SAFETY: as above.
+            Isa::Avx2 if m >= WIDE_ROWS => unsafe { avx2::tile_wide(&t, &mut acc[..]) },
+            // SAFETY: as above.
             Isa::Avx2 => unsafe { avx2::tile_madd(&t, acc) },
             Isa::Portable => tile_scalar(&t, acc),
         }
@@ -344,6 +381,22 @@ impl Int8Matrix {
         {
             let _ = isa;
             tile_scalar(&t, acc);
+        }
+    }
+
+    /// The operands of rows `r0..r0 + m` and panel `p`.
+    fn tile<'a>(&'a self, qx: &'a QuantRows, r0: usize, m: usize, p: usize) -> Tile<'a> {
+        let groups = self.kp / 4;
+        let ng = qx.ngroups;
+        Tile {
+            a: &qx.q[r0 * self.kp..(r0 + m) * self.kp],
+            kp: self.kp,
+            m,
+            panel: &self.packed[p * groups * NR * 4..(p + 1) * groups * NR * 4],
+            steps: self.group / 4,
+            sx: &qx.scale[r0 * ng..(r0 + m) * ng],
+            ng,
+            off: &self.offset[p * ng * NR..(p + 1) * ng * NR],
         }
     }
 
@@ -383,13 +436,7 @@ impl Int8Matrix {
             par_chunks_mut(self.pool, &mut y, MB * self.out, |blk, yb| {
                 let r0 = blk * MB;
                 let n = yb.len() / self.out;
-                let mut r = 0;
-                while r < n {
-                    let m = MR.min(n - r);
-                    let yt = &mut yb[r * self.out..];
-                    self.rows_tile(&qx, r0 + r, m, 0..panels, yt, self.out, bias, isa);
-                    r += m;
-                }
+                self.rows_tile(&qx, r0, n, 0..panels, yb, self.out, bias, isa);
                 post(yb);
             });
             return y;
@@ -403,12 +450,7 @@ impl Int8Matrix {
             let p0 = t * per_task;
             let p1 = (p0 + per_task).min(panels);
             let cols = buf.len() / rows.max(1);
-            let mut r = 0;
-            while r < rows {
-                let m = MR.min(rows - r);
-                self.rows_tile(&qx, r, m, p0..p1, &mut buf[r * cols..], cols, bias, isa);
-                r += m;
-            }
+            self.rows_tile(&qx, 0, rows, p0..p1, buf, cols, bias, isa);
             post(buf);
         });
         for (t, buf) in parts.chunks(rows * width).enumerate() {
@@ -421,7 +463,7 @@ impl Int8Matrix {
         y
     }
 
-    /// Rows `r0..r0 + m` (`m <= MR`) of the output, columns of `panels`, into `y`: row `i`
+    /// Rows `r0..r0 + m` (`m <= MB`) of the output, columns of `panels`, into `y`: row `i`
     /// at `y[i * stride..]`, the first panel's first column at index 0 of it.
     #[allow(clippy::too_many_arguments)]
     fn rows_tile(
@@ -435,21 +477,32 @@ impl Int8Matrix {
         b: Option<&[f32]>,
         isa: Isa,
     ) {
-        let mut acc = [[0f32; NR]; MR];
         let first = panels.start;
-        for p in panels {
-            self.panel_tile(qx, r0, m, p, &mut acc, isa);
+        self.sweep(qx, r0, m, panels, isa, |p, i0, acc| {
             let c0 = p * NR;
             let cols = NR.min(self.out - c0);
             let at = (p - first) * NR;
-            for (i, accr) in acc.iter().enumerate().take(m) {
-                let yr = &mut y[i * stride + at..i * stride + at + cols];
-                for (c, yv) in yr.iter_mut().enumerate() {
-                    let o = c0 + c;
-                    *yv = accr[c] * self.scale[o] + b.map_or(0.0, |b| b[o]);
-                }
+            let sc = &self.scale[c0..c0 + cols];
+            for (i, accr) in acc.iter().enumerate() {
+                let yr = &mut y[(i0 + i) * stride + at..(i0 + i) * stride + at + cols];
+                crate::isa::vectorized(
+                    #[inline(always)]
+                    || match b {
+                        Some(b) => {
+                            let bs = &b[c0..c0 + cols];
+                            for (((yv, &a), &s), &bv) in yr.iter_mut().zip(accr).zip(sc).zip(bs) {
+                                *yv = a * s + bv;
+                            }
+                        }
+                        None => {
+                            for ((yv, &a), &s) in yr.iter_mut().zip(accr).zip(sc) {
+                                *yv = a * s + 0.0;
+                            }
+                        }
+                    },
+                );
             }
-        }
+        });
     }
 }
 
@@ -637,6 +690,47 @@ mod tests {
         }
     }
 
+    /// AVX2's two kernels, widened (`vpmaddwd`, up to `MB` rows at once) and byte
+    /// (`vpmaddubsw`, `MR` rows), sum the same integers and scale them by the same fused
+    /// multiply-add: the same bits, for every height up to a micro-tile and some taller
+    /// ones, with groups within one block, across blocks, and one per row.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernels_give_the_same_bits() {
+        if crate::isa::detected() < Isa::Avx2 {
+            return;
+        }
+        let rows = MB;
+        for &(inp, out, group) in &[(70, 45, 8), (301, 70, 200), (600, 33, 0)] {
+            let x = lcg(rows * inp, 5 + inp as u64);
+            let wt = lcg(inp * out, 6 + inp as u64);
+            let mut m = Int8Matrix::from_transposed(&wt, inp, out);
+            if group > 0 {
+                m = m.with_act_group(group);
+            }
+            let qx = quantize_rows(Pool::Inline, &x, rows, inp, m.group);
+            for h in (1..=MR).chain([13, 37, MB]) {
+                for p in 0..out.div_ceil(NR) {
+                    let mut wide = [[1f32; NR]; MB];
+                    // SAFETY: the CPU has AVX2 and FMA (checked above); `tile` cuts the
+                    // slices to the sizes `Tile` documents; `h <= MB`.
+                    unsafe { avx2::tile_wide(&m.tile(&qx, rows - h, h, p), &mut wide[..h]) };
+                    for r0 in (0..h).step_by(MR) {
+                        let mr = MR.min(h - r0);
+                        let mut byte = [[7f32; NR]; MR];
+                        // SAFETY: as above.
+                        unsafe { avx2::tile_madd(&m.tile(&qx, rows - h + r0, mr, p), &mut byte) };
+                        for (r1, r2) in wide[r0..r0 + mr].iter().zip(&byte[..mr]) {
+                            for (v1, v2) in r1.iter().zip(r2) {
+                                assert_eq!(v1.to_bits(), v2.to_bits(), "{h} rows: {v1} vs {v2}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn kernels_match_the_definition_and_stay_close_to_f32() {
         // odd sizes: inputs not a multiple of 4, channels not a multiple of 32, rows past
@@ -649,6 +743,9 @@ mod tests {
             (130, 96, 64, 32),
             (1, 40, 300, 0),
             (9, 33, 1000, 12),
+            // groups of more than one block of AVX2's widened kernel (32 steps of 4 inputs)
+            (20, 301, 70, 0),
+            (20, 301, 70, 200),
         ] {
             let x = lcg(rows * inp, 1 + rows as u64);
             let wt = lcg(inp * out, 2 + inp as u64);

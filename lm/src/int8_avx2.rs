@@ -12,8 +12,9 @@
 //! A panel step (4 inputs x 32 channels, 128 bytes) is four 256-bit registers; two rows at
 //! a time keep the 8 accumulators and the 4 weight registers in the 16 `ymm` registers.
 
-use super::{Tile, MR, NR};
+use super::{Tile, MB, MR, NR};
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 /// Rows per micro-kernel call.
 const M2: usize = 2;
@@ -91,6 +92,129 @@ unsafe fn rows_madd<const M: usize>(t: &Tile, r0: usize, acc: &mut [[f32; NR]; M
     }
     for (r, fr) in f.iter().enumerate() {
         store(acc, r0 + r, fr);
+    }
+}
+
+/// Weight steps (4 inputs x 32 channels each) per block of [`tile_wide`]: the block's
+/// weights widened to i16 (`KB` x 256 bytes = 8 KiB) stay in L1 while every row runs over
+/// them.
+const KB: usize = 32;
+
+/// AVX2 kernel for three or more rows, up to [`MB`] at once: bytes widened to i16 and
+/// multiplied by `vpmaddwd`, 16 products per instruction with no sign fix-ups, where
+/// [`tile_madd`] spends a `vpsignb`, a `vpmaddubsw` and a `vpmaddwd` on 32.
+///
+/// Per group, per block of [`KB`] steps: the block's weights are widened once for all the
+/// rows (`vpmovsxbw`; register `j` of a step holds channels `4j..4j + 4`, each as its 4
+/// inputs) and so are the rows' activations (`qx = byte - 128`); then each pair of rows runs
+/// over one half of the channels at a time (4 weight registers, 2 x 4 accumulators).
+/// `vpmaddwd` by the 4 inputs broadcast leaves each channel's sum in two adjacent lanes
+/// (inputs 0-1 and 2-3), added together at the end of the group (`vphaddd`). The same
+/// integer sums as the other kernels (exact in i32), scaled into `acc` by the same fused
+/// multiply-add as [`tile_madd`], so the same bits as it.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; the slices of `t` must have the sizes `Tile` documents;
+/// `t.m <= MB` and `acc` holds `t.m` rows.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn tile_wide(t: &Tile, acc: &mut [[f32; NR]]) {
+    let groups = t.kp / 4;
+    let m = t.m;
+    assert!(m <= MB && acc.len() >= m, "tile_wide takes up to {MB} rows");
+    // scratch that every use writes first (only the first `n * 8` weight registers and
+    // `n * 4` values per row are read): not zeroed, 26 KiB per call
+    let mut w = MaybeUninit::<[__m256i; KB * 8]>::uninit();
+    let w = w.as_mut_ptr() as *mut __m256i;
+    let mut a = MaybeUninit::<[i16; MB * KB * 4]>::uninit();
+    let a = a.as_mut_ptr() as *mut i16;
+    let mut s = MaybeUninit::<[[__m256i; 8]; MB]>::uninit();
+    let s = s.as_mut_ptr() as *mut [__m256i; 8];
+    for accr in acc.iter_mut().take(m) {
+        *accr = [0.0; NR];
+    }
+    for g in 0..t.ng {
+        let (k0, k1) = (g * t.steps, ((g + 1) * t.steps).min(groups));
+        for r in 0..m {
+            s.add(r).write([_mm256_setzero_si256(); 8]);
+        }
+        let mut b0 = k0;
+        while b0 < k1 {
+            let n = KB.min(k1 - b0);
+            let src = t.panel.as_ptr().add(b0 * NR * 4) as *const __m128i;
+            for i in 0..n * 8 {
+                w.add(i)
+                    .write(_mm256_cvtepi8_epi16(_mm_loadu_si128(src.add(i))));
+            }
+            for r in 0..m {
+                let src = &t.a[r * t.kp + b0 * 4..r * t.kp + (b0 + n) * 4];
+                let dst = a.add(r * KB * 4);
+                for (i, &q) in src.iter().enumerate() {
+                    dst.add(i).write(q as i16 - 128);
+                }
+            }
+            for h in 0..2 {
+                let mut r = 0;
+                while r < m {
+                    if m - r >= 2 {
+                        wide_rows::<2>(w, a, n, h, s, r);
+                    } else {
+                        wide_rows::<1>(w, a, n, h, s, r);
+                    }
+                    r += 2;
+                }
+            }
+            b0 += n;
+        }
+        for (r, accr) in acc.iter_mut().take(m).enumerate() {
+            let sr = &*s.add(r);
+            let sx = _mm256_set1_ps(*t.sx.get_unchecked(r * t.ng + g));
+            for i in 0..4 {
+                // lanes (channel 8i + c, inputs 0-1 | 2-3) -> one lane per channel, in order
+                let sum = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(
+                    sr[2 * i],
+                    sr[2 * i + 1],
+                ));
+                let p = accr.as_mut_ptr().add(8 * i);
+                _mm256_storeu_ps(
+                    p,
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sx, _mm256_loadu_ps(p)),
+                );
+            }
+        }
+    }
+}
+
+/// Rows `r0..r0 + M` of [`tile_wide`] over the widened block (`n` steps at `w`, each
+/// row's `n * 4` values at `a + row * KB * 4`), channels `16h..16h + 16`: the running sums
+/// `s` stay in registers for the block.
+#[inline(always)]
+unsafe fn wide_rows<const M: usize>(
+    w: *const __m256i,
+    a: *const i16,
+    n: usize,
+    h: usize,
+    s: *mut [__m256i; 8],
+    r0: usize,
+) {
+    let mut v = [[_mm256_setzero_si256(); 4]; M];
+    for (i, vi) in v.iter_mut().enumerate() {
+        let sr = &*s.add(r0 + i);
+        vi.copy_from_slice(&sr[4 * h..4 * h + 4]);
+    }
+    for kg in 0..n {
+        let wp = w.add(kg * 8 + 4 * h);
+        let wj = [*wp, *wp.add(1), *wp.add(2), *wp.add(3)];
+        for (i, vi) in v.iter_mut().enumerate() {
+            let x = std::ptr::read_unaligned(a.add((r0 + i) * KB * 4 + kg * 4) as *const i64);
+            let b = _mm256_set1_epi64x(x);
+            for j in 0..4 {
+                vi[j] = _mm256_add_epi32(vi[j], _mm256_madd_epi16(b, wj[j]));
+            }
+        }
+    }
+    for (i, vi) in v.iter().enumerate() {
+        let sr = &mut *s.add(r0 + i);
+        sr[4 * h..4 * h + 4].copy_from_slice(vi);
     }
 }
 
