@@ -381,7 +381,7 @@ pub fn bench_vision(a: &VisionBench, threads: usize) -> Result<()> {
     let ours_q = if a.int8 {
         if !afm::vision::int8::int8_kernel_is_fast() {
             eprintln!(
-                "note: the int8 kernel in use ({}) has no vpdpbusd; expect no gain over f32",
+                "note: the int8 kernel in use ({}) is the portable loop; expect it to be slower than f32",
                 afm::lm::isa::level().name()
             );
         }

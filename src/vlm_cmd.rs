@@ -264,7 +264,7 @@ impl ModelArgs {
         let t0 = Instant::now();
         if self.int8 && !afm::vision::int8::int8_kernel_is_fast() {
             eprintln!(
-                "note: --int8: the int8 kernel in use ({}) has no vpdpbusd (AVX-512 VNNI or AVX-VNNI): expect no gain over f32",
+                "note: --int8: the int8 kernel in use ({}) is the portable loop (no AVX2): expect it to be slower than f32",
                 afm::lm::isa::level().name()
             );
         }

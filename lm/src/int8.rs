@@ -18,9 +18,12 @@
 //! ([`MAX_INPUTS`]; callers refuse wider matrices).
 //!
 //! # Speed
-//! On CPUs with AVX-512 VNNI one `vpdpbusd` does 64 multiply-adds where an f32 FMA does 16.
-//! Elsewhere a portable loop computes the same integers (slower than the f32 path: the
-//! int8 path is then not worth turning on; [`int8_kernel_is_fast`] tells).
+//! On CPUs with AVX-512 VNNI one `vpdpbusd` does 64 multiply-adds where an f32 FMA does 16
+//! (AVX-VNNI: 32 against 8). With AVX2 alone, tiles of three or more rows widen the bytes to
+//! i16 and `vpmaddwd` does 16 (with a `vpaddd`), one row or two take `vpmaddubsw`; at most
+//! twice f32's rate, as far as the multiply ports go. Elsewhere a portable loop computes the
+//! same integers (slower than the f32 path: the int8 path is then not worth turning on;
+//! [`int8_kernel_is_fast`] tells).
 //!
 //! # Layout of the packed weights
 //! Output channels in panels of [`NR`] = 32; inside a panel, for each group of 4 inputs, the
@@ -506,11 +509,12 @@ impl Int8Matrix {
     }
 }
 
-/// Whether the int8 kernel in use ([`crate::isa::level`]) multiplies bytes with `vpdpbusd`
-/// (AVX-512 VNNI, or AVX-VNNI at 256 bits), where it beats the f32 path; with AVX2 alone
-/// (`vpmaddubsw`) it is about as fast as f32, and the portable loop is slower.
+/// Whether the int8 kernel in use ([`crate::isa::level`]) is faster than the f32 path: with
+/// `vpdpbusd` (AVX-512 VNNI, or AVX-VNNI at 256 bits) by about 2x in the vision encoder,
+/// with AVX2 alone (`vpmaddwd`, the widened kernel) by about 1.2x (`bench vision` in the
+/// AVX2 proxy, docs/performance.md); the portable loop is slower than f32.
 pub fn int8_kernel_is_fast() -> bool {
-    crate::isa::level() >= Isa::Avx2Vnni
+    crate::isa::level() >= Isa::Avx2
 }
 
 /// One micro-tile's operands: `m` activation rows of `kp` bytes, a panel of `kp / 4` groups
