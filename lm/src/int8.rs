@@ -74,8 +74,9 @@ pub const NR: usize = 32;
 pub const MAX_INPUTS: usize = 66_000;
 /// Activation rows per micro-tile.
 const MR: usize = 8;
-/// Micro-tiles of at least this many rows take AVX2's widened kernel (`avx2::tile_wide`,
-/// which widens a block of weights once for all its rows); fewer take `avx2::tile_madd`.
+/// At AVX2, at least this many rows take the widened kernel (`avx2::tile_wide`, which
+/// widens a block of weights once for all its rows: all of `Int8Matrix::sweep`'s rows, up
+/// to `MB`, or a micro-tile in `panel_tile`); fewer take `avx2::tile_madd`.
 const WIDE_ROWS: usize = 3;
 /// Activation rows per parallel task.
 const MB: usize = 64;
@@ -298,18 +299,18 @@ impl Int8Matrix {
                 let c0 = p * NR;
                 let cols = NR.min(self.out - c0);
                 let sc = &self.scale[c0..c0 + cols];
-                for (i, accr) in tile.iter().enumerate() {
-                    let at = (r + i0 + i) * stride + c0;
-                    let yr = &mut y[at..at + cols];
-                    crate::isa::vectorized(
-                        #[inline(always)]
-                        || {
-                            for ((yv, &a), &s) in yr.iter_mut().zip(accr).zip(sc) {
+                let y = &mut *y;
+                crate::isa::vectorized(
+                    #[inline(always)]
+                    || {
+                        for (i, accr) in tile.iter().enumerate() {
+                            let at = (r + i0 + i) * stride + c0;
+                            for ((yv, &a), &s) in y[at..at + cols].iter_mut().zip(accr).zip(sc) {
                                 *yv = a * (alpha * s);
                             }
-                        },
-                    );
-                }
+                        }
+                    },
+                );
             });
             r += m;
         }
@@ -486,25 +487,30 @@ impl Int8Matrix {
             let cols = NR.min(self.out - c0);
             let at = (p - first) * NR;
             let sc = &self.scale[c0..c0 + cols];
-            for (i, accr) in acc.iter().enumerate() {
-                let yr = &mut y[(i0 + i) * stride + at..(i0 + i) * stride + at + cols];
-                crate::isa::vectorized(
-                    #[inline(always)]
-                    || match b {
-                        Some(b) => {
-                            let bs = &b[c0..c0 + cols];
-                            for (((yv, &a), &s), &bv) in yr.iter_mut().zip(accr).zip(sc).zip(bs) {
-                                *yv = a * s + bv;
+            let y = &mut *y;
+            crate::isa::vectorized(
+                #[inline(always)]
+                || {
+                    for (i, accr) in acc.iter().enumerate() {
+                        let at = (i0 + i) * stride + at;
+                        let yr = &mut y[at..at + cols];
+                        match b {
+                            Some(b) => {
+                                let bs = &b[c0..c0 + cols];
+                                for (((yv, &a), &s), &bv) in yr.iter_mut().zip(accr).zip(sc).zip(bs)
+                                {
+                                    *yv = a * s + bv;
+                                }
+                            }
+                            None => {
+                                for ((yv, &a), &s) in yr.iter_mut().zip(accr).zip(sc) {
+                                    *yv = a * s + 0.0;
+                                }
                             }
                         }
-                        None => {
-                            for ((yv, &a), &s) in yr.iter_mut().zip(accr).zip(sc) {
-                                *yv = a * s + 0.0;
-                            }
-                        }
-                    },
-                );
-            }
+                    }
+                },
+            );
         });
     }
 }

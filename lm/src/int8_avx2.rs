@@ -6,11 +6,16 @@
 //!   `|qw|` times `qx` with the sign of `qw` (pairs stay within `2 * 127 * 127 < 2^15`), then
 //!   `vpmaddwd` by ones sums the pairs into i32. That is `sum qx * qw` directly, so the
 //!   `128 * sum qw` offsets are not subtracted.
+//! * [`tile_wide`] (AVX2, three rows or more, up to 64 at once): the bytes widened to i16,
+//!   a block of weights once for all the rows, and `vpmaddwd` by the inputs broadcast: 16
+//!   products per multiply instruction with no sign fix-ups. The same integers as
+//!   `tile_madd` and the same fused scaling, so the same bits.
 //! * [`tile_vnni`] (AVX-VNNI, or AVX-512 VNNI with VL): `vpdpbusd` on `qx + 128` as the
 //!   AVX-512 kernel does, minus the offsets.
 //!
-//! A panel step (4 inputs x 32 channels, 128 bytes) is four 256-bit registers; two rows at
-//! a time keep the 8 accumulators and the 4 weight registers in the 16 `ymm` registers.
+//! A panel step (4 inputs x 32 channels, 128 bytes) is four 256-bit registers; `tile_madd`
+//! and `tile_vnni` take two rows at a time, keeping the 8 accumulators and the 4 weight
+//! registers in the 16 `ymm` registers.
 
 use super::{Tile, MB, MR, NR};
 use std::arch::x86_64::*;
@@ -122,7 +127,7 @@ pub unsafe fn tile_wide(t: &Tile, acc: &mut [[f32; NR]]) {
     let m = t.m;
     assert!(m <= MB && acc.len() >= m, "tile_wide takes up to {MB} rows");
     // scratch that every use writes first (only the first `n * 8` weight registers and
-    // `n * 4` values per row are read): not zeroed, 26 KiB per call
+    // `n * 4` values per row are read): not zeroed, 40 KiB of stack per call
     let mut w = MaybeUninit::<[__m256i; KB * 8]>::uninit();
     let w = w.as_mut_ptr() as *mut __m256i;
     let mut a = MaybeUninit::<[i16; MB * KB * 4]>::uninit();

@@ -218,7 +218,9 @@ mod tests {
     #[test]
     fn weighted_sum_matches_its_definition() {
         if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            eprintln!(
+                "skipped: no AVX-512 BF16 on this CPU, or AFM_ISA caps the level below AVX-512"
+            );
             return;
         }
         let unbf = |x: f32| f32::from_bits(bf16(x) << 16) as f64;

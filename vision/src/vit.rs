@@ -220,8 +220,9 @@ impl VisionEncoder {
     /// quantised per output channel, activations and queries per row; `crate::int8`,
     /// `crate::kernels::FusedAttention::int8`) on the fused inference path, or back in f32.
     /// Softmax, the weighted sum of values, layer norms, embeddings and activations stay
-    /// f32. With AVX-512 VNNI or AVX-VNNI it is about twice as fast as f32 in the encoder,
-    /// with AVX2 alone about 1.2x ([`crate::int8::int8_kernel_is_fast`]); without AVX2 its
+    /// f32. With AVX-512 VNNI it is about twice as fast as f32 in the encoder (AVX-VNNI,
+    /// the same instruction at 256 bits, is unmeasured), with AVX2 alone about 1.2x
+    /// ([`crate::int8::int8_kernel_is_fast`], in an AVX2 proxy); without AVX2 its
     /// portable loop is slower than f32, so leave it off there. The
     /// differentiable path (`set_fast_kernels(false)`) always runs f32.
     pub fn set_int8(&mut self, on: bool) -> Result<()> {
