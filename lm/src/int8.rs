@@ -134,11 +134,16 @@ pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usiz
                 #[inline(always)]
                 || max_of(xs, 0.0, f32::abs),
             );
-            // a NaN or infinite input makes the row's output NaN, as in f32
-            *s = if amax.is_finite() {
+            // a NaN or infinite input makes the row's output NaN, as in f32; a group whose
+            // largest value is so small that `1 / scale` overflows (below ~3.7e-37) is
+            // quantised as zeros, its contribution of that size dropped (its zeros would
+            // otherwise quantise from `0 * inf = NaN` to any byte)
+            *s = if !amax.is_finite() {
+                f32::NAN
+            } else if (127.0 / amax).is_finite() {
                 amax / 127.0
             } else {
-                f32::NAN
+                0.0
             };
         }
     });
@@ -673,6 +678,19 @@ mod tests {
             }
         }
         y
+    }
+
+    /// A group of tiny values (its `1 / scale` would overflow) quantises to zeros with a
+    /// zero scale, not to the bytes that `0 * inf` would give; normal small values keep
+    /// their scale.
+    #[test]
+    fn tiny_groups_quantise_to_zeros() {
+        let x = [1e-40f32, 0.0, -3e-41, 0.0, 1.1e-30, 0.0, -2e-30, 5e-31];
+        let q = quantize_rows(Pool::Inline, &x, 1, 8, 4);
+        assert_eq!(q.scale[0], 0.0);
+        assert!(q.q[..4].iter().all(|&b| b == 128), "{:?}", &q.q[..4]);
+        assert_eq!(q.scale[1], 2e-30 / 127.0);
+        assert_eq!(&q.q[4..], &[128 + 70, 128, 128 - 127, 128 + 32]);
     }
 
     /// The quantiser rounds half away from zero (`f32::round`) at every vector width,
