@@ -221,7 +221,10 @@ impl Int8Matrix {
                 *so = f32::NAN;
                 continue;
             }
-            if amax == 0.0 {
+            // a channel so small that `127 / amax` overflows (below ~3.7e-37) is kept as
+            // zeros, as the activation quantiser does with such groups: with an infinite
+            // `inv` its weights would quantise to +-127 and its zeros from NaN
+            if amax == 0.0 || !(127.0 / amax).is_finite() {
                 continue;
             }
             let inv = 127.0 / amax;
@@ -678,6 +681,40 @@ mod tests {
             }
         }
         y
+    }
+
+    /// A weight channel of tiny values (`127 / amax` would overflow) is kept as zeros with a
+    /// zero scale, as tiny activation groups are; a normal small channel keeps its values.
+    #[test]
+    fn tiny_weight_channels_are_zeros() {
+        let (inp, out) = (8, 2);
+        // W^T (inp, out): channel 0 tiny, channel 1 small but normal
+        let wt: Vec<f32> = (0..inp * out)
+            .map(|i| {
+                if i % 2 == 0 {
+                    1e-40 * (i as f32 - 7.0)
+                } else {
+                    1e-30 * (i as f32 - 7.0)
+                }
+            })
+            .collect();
+        let m = Int8Matrix::from_transposed(&wt, inp, out);
+        assert_eq!(m.scale[0], 0.0);
+        assert!(
+            m.packed[..4].iter().all(|&q| q == 0),
+            "{:?}",
+            &m.packed[..4]
+        );
+        assert!(m.scale[1] > 0.0);
+        let x = vec![1.0f32; inp];
+        let y = m.forward(&x, 1, None, |_| {});
+        assert_eq!(y[0], 0.0);
+        let want: f32 = (0..inp).map(|k| wt[k * out + 1]).sum();
+        assert!(
+            (y[1] - want).abs() <= 0.02 * want.abs(),
+            "{} vs {want}",
+            y[1]
+        );
     }
 
     /// A group of tiny values (its `1 / scale` would overflow) quantises to zeros with a
