@@ -193,7 +193,7 @@ pub fn describe_cpu() -> String {
         .collect();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
-        "{model}, {cores} logical CPUs, flags: {}; kernels: {}{}",
+        "{model}, {cores} logical CPUs, flags: {}; kernels: {}{}; {}",
         if have.is_empty() {
             "none of avx2/avx512".to_string()
         } else {
@@ -203,8 +203,24 @@ pub fn describe_cpu() -> String {
         match cap() {
             Some(c) if c < detected() => format!(" (capped by AFM_ISA={})", c.name()),
             _ => String::new(),
-        }
+        },
+        gemm_isa(have.contains(&"avx512f"))
     )
+}
+
+/// Which kernels candle's f32 matmul (the `gemm` crate) can use: `AFM_ISA` does not reach
+/// them. gemm picks AVX-512 at run time when the CPU has it and the build has gemm's `x86-v4`
+/// feature (this crate's default feature `avx512-gemm`); a build without it stops at AVX2.
+fn gemm_isa(cpu_has_avx512f: bool) -> &'static str {
+    if !cfg!(target_arch = "x86_64") {
+        "f32 matmul: gemm"
+    } else if !cfg!(feature = "avx512-gemm") {
+        "f32 matmul: gemm up to AVX2 (built without the avx512-gemm feature)"
+    } else if cpu_has_avx512f {
+        "f32 matmul: gemm AVX-512"
+    } else {
+        "f32 matmul: gemm AVX2"
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +266,22 @@ mod tests {
         assert!(level() <= detected());
         assert_eq!(Isa::supported().next(), Some(Isa::Portable));
         assert!(describe_cpu().contains("kernels: "));
+        assert!(describe_cpu().contains("f32 matmul: gemm"));
+    }
+
+    /// The bench header says whether candle's matmul can reach AVX-512, which `AFM_ISA` does
+    /// not cap: only a build without `avx512-gemm` stops it at AVX2 on an AVX-512 CPU.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn gemm_isa_names_the_build() {
+        if cfg!(feature = "avx512-gemm") {
+            assert_eq!(gemm_isa(true), "f32 matmul: gemm AVX-512");
+            assert_eq!(gemm_isa(false), "f32 matmul: gemm AVX2");
+        } else {
+            for avx512 in [false, true] {
+                assert!(gemm_isa(avx512).contains("up to AVX2"), "{}", gemm_isa(avx512));
+            }
+        }
     }
 }
 
