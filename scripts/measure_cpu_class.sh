@@ -1,40 +1,54 @@
 #!/usr/bin/env bash
-# Every figure of the README's per-CPU-class performance table, measured on this machine in one
-# unattended run: the references are built and the checkpoints generated first, then each
-# `afm bench` command runs alone, one after the other. For a session that lands on a CPU class
-# whose table is stale (issue 20: AVX2-only CPUs such as AMD Zen 3 or Intel client chips).
+# Every figure of the README's per-CPU-class performance tables (all but the 2-bit row),
+# measured on this machine in one unattended run: the references are built and the checkpoints
+# generated first, then each `afm bench` command runs alone, one after the other. For a session
+# that lands on a CPU class whose table is stale (issue 20: AVX2-only CPUs such as AMD Zen 3 or
+# Intel client chips).
 #
-# Usage: scripts/measure_cpu_class.sh [OUT]          (default: target/cpu-class)
-#   OUT/report.md   every command with the tables it printed (stdout), the CPU line and the load,
-#                   assembled from OUT/STEP.md
+# Usage: scripts/measure_cpu_class.sh [OUT]
+#   (default OUT: target/cpu-class, or target/cpu-class-avx2-proxy with AFM_PROXY_AVX2=1)
+#   OUT/report.md   every command with the tables it printed (stdout), the CPU line and the load
+#                   average before it started, assembled from OUT/STEP.md
 #   OUT/STEP.log    each step's full output; a step whose log ends in "STEP OK" is skipped on a
-#                   second run (delete the log to measure it again), so the run is resumable
+#                   second run (delete the log to measure it again), so the run is resumable.
+#                   A step fails when a reference is missing from its output.
+#   OUT/mode        native or avx2-proxy: one OUT holds one mode (a mismatch is refused)
 # Env:
 #   STEPS           which steps, in order (default: "setup lm busy 3b serve vision vlm")
-#   THREADS         --threads of every bench (default: all logical CPUs)
+#   THREADS         --threads of every bench (default: the online logical CPUs)
 #   AFM_PROXY_AVX2=1  the AVX2 class on an AVX-512 machine: afm built without its `avx512-gemm`
-#                   feature and run with AFM_ISA=avx2, llama.cpp built with LLAMA_ISA=avx2, and
-#                   PyTorch capped to AVX2 (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS,
-#                   ONEDNN_MAX_CPU_ISA, and FBGEMM_ENABLE_INSTRUCTIONS for its int8 backend). A
-#                   proxy, not a substitute for the CPU class itself: memory, caches and clocks
-#                   stay the host's.
+#                   feature (candle's f32 matmul stops at AVX2) and run with AFM_ISA=avx2 (afm's
+#                   own kernels), llama.cpp built with LLAMA_ISA=avx2, and PyTorch capped to
+#                   AVX2 (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, and
+#                   FBGEMM_ENABLE_INSTRUCTIONS for its int8 backend). A proxy, not a substitute
+#                   for the CPU class itself: memory, caches and clocks stay the host's, and
+#                   libc's string functions still pick AVX-512. Without it, those variables are
+#                   unset.
 #   PYTHON          the Python that makes the venv for PyTorch (default: python3)
-#   CARGO_TARGET_DIR  as for cargo (default: target)
+#   CARGO_TARGET_DIR  as for cargo (default: target); the setup step checks that the binary it
+#                   copies from there is the one it built (its kernel line)
 # Needs: cargo, a C/C++ compiler, Python with venv and pip, and PyPI (PyTorch's wheels are ~3 GB).
-# Takes about an hour on 2 cores: builds ~20 min (afm, llama.cpp), benches ~40 min. Nothing else
-# should run meanwhile (a build or a training run on the same cores makes every ratio wrong);
-# each step logs `uptime` before it starts.
-set -Eeuo pipefail
+# Takes about an hour on 2 cores: builds ~20 min (afm, llama.cpp), benches ~20-40 min. Nothing
+# else should run meanwhile (a build or a training run on the same cores makes every ratio
+# wrong); each bench command records the load average before it starts.
+set -euo pipefail
+CALLER=$(pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-OUT=${1:-target/cpu-class}
+PROXY=${AFM_PROXY_AVX2:-0}
+if [ "$PROXY" = 1 ]; then MODE=avx2-proxy; DEFAULT_OUT=target/cpu-class-avx2-proxy; else MODE=native; DEFAULT_OUT=target/cpu-class; fi
+OUT=${1:-$ROOT/$DEFAULT_OUT}
+case "$OUT" in /*) ;; *) OUT="$CALLER/$OUT" ;; esac
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+if [ -f "$OUT/mode" ] && [ "$(cat "$OUT/mode")" != "$MODE" ]; then
+  echo "$OUT holds a $(cat "$OUT/mode") run; this is a $MODE run: use another OUT" >&2
+  exit 2
+fi
 STEPS=${STEPS:-setup lm busy 3b serve vision vlm}
-THREADS=${THREADS:-$(nproc)}
+THREADS=${THREADS:-$(getconf _NPROCESSORS_ONLN)}
 PY=${PYTHON:-python3}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-PROXY=${AFM_PROXY_AVX2:-0}
 
 AFM="$OUT/afm"
 VENV="$OUT/venv-torch"
@@ -48,43 +62,65 @@ if [ "$PROXY" = 1 ]; then
   export FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 else
   LLAMA="$OUT/llama.cpp"
+  unset AFM_ISA ATEN_CPU_CAPABILITY MKL_ENABLE_INSTRUCTIONS ONEDNN_MAX_CPU_ISA FBGEMM_ENABLE_INSTRUCTIONS
 fi
 REPORT="$OUT/report.md"
 ALL_STEPS="setup lm busy 3b serve vision vlm"
 
-# Runs one command of a step: its stdout (the tables) goes to the step's report part and the
-# log, its stderr (progress, per-run figures) to the log only.
+# `bench LOG EXPECT CMD...` runs one command of a step: its stdout (the tables) goes to the
+# step's report part and the log, its stderr (progress, per-run figures) to the log only. The
+# step fails when the output lacks EXPECT (a reference that did not run leaves its line out).
 bench() {
-  local log=$1; shift
-  local md=${log%.log}.md
+  local log=$1 expect=$2; shift 2
+  local md=${log%.log}.md out
   {
     echo
     echo "\`\`\`"
     echo "\$ $*"
     echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), load average$(uptime | sed 's/.*load average//')"
   } | tee -a "$md" >> "$log"
-  "$@" 2>> "$log" | tee -a "$log" >> "$md"
+  out=$("$@" 2>> "$log")
+  printf '%s\n' "$out" | tee -a "$log" >> "$md"
   echo "\`\`\`" >> "$md"
+  if [[ "$out" != *"$expect"* ]]; then
+    echo "$*: the output lacks \"$expect\" (see $log)" >&2
+    return 1
+  fi
 }
 
 step_setup() {
   local log=$1
+  echo "$MODE" > "$OUT/mode"
   if [ "$PROXY" = 1 ]; then
     # gemm's AVX-512 kernels stay out of the build; AFM_ISA caps afm's own kernels at run time
     cargo build --release -p afm --bins --no-default-features >> "$log" 2>&1
+    cp "$TARGET/release/afm" "$AFM"
+    # put the ordinary binary back in the target dir (both builds' crates stay cached)
+    cargo build --release -p afm --bins >> "$log" 2>&1
   else
     cargo build --release -p afm --bins >> "$log" 2>&1
+    cp "$TARGET/release/afm" "$AFM"
   fi
-  cp "$TARGET/release/afm" "$AFM"
+  # the binary copied is the one built: its f32 matmul line says which build it is
+  local kernels
+  kernels=$("$AFM" bench lm --no-reference --processes 1 --runs 1 --new-tokens 2 2>&1 | grep -m1 '^cpu: ' || true)
+  case "$PROXY:$kernels" in
+    1:*"up to AVX2"*|0:*"f32 matmul: gemm"*) ;;
+    *) echo "$AFM is not the $MODE build ($kernels); is CARGO_TARGET_DIR right?" >&2; return 1 ;;
+  esac
+  case "$PROXY:$kernels" in
+    0:*"up to AVX2"*) echo "$AFM was built without avx512-gemm; rebuild it" >&2; return 1 ;;
+  esac
   bash scripts/fetch_smollm2.sh >> "$log" 2>&1
   if [ "$PROXY" = 1 ]; then
     LLAMA_ISA=avx2 LLAMA_TARGETS="llama-bench llama-server" bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
   else
     LLAMA_TARGETS="llama-bench llama-completion llama-server" bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
   fi
-  if ! "$VENV/bin/python" -c "import torch, transformers" 2>/dev/null; then
-    "$PY" -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet torch transformers numpy pillow safetensors >> "$log" 2>&1
+  # gguf: the SmolVLM script reads SmolLM2's tokenizer from its GGUF through transformers
+  if ! "$VENV/bin/python" -c "import torch, transformers, gguf" 2>/dev/null; then
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet torch transformers numpy pillow safetensors gguf >> "$log" 2>&1
   fi
   if [ ! -f "$VLM_DIR/model.safetensors" ]; then
     HF_HUB_OFFLINE=1 "$VENV/bin/python" scripts/ref_hf_idefics3.py --full "$VLM_DIR" --skip-tiny >> "$log" 2>&1
@@ -94,12 +130,12 @@ step_setup() {
       --out "$GGUF_3B" >> "$log" 2>&1
   fi
   {
-    echo "# afm on $(hostname): $(git rev-parse --short HEAD), $(date -u '+%Y-%m-%d')"
+    echo "# afm $(git describe --always --dirty), measured $(date -u '+%Y-%m-%d')"
     echo
-    if [ "$PROXY" = 1 ]; then echo "AVX2 proxy (AFM_PROXY_AVX2=1): afm without avx512-gemm, AFM_ISA=avx2; llama.cpp LLAMA_ISA=avx2; PyTorch capped to AVX2."; fi
+    if [ "$PROXY" = 1 ]; then echo "AVX2 proxy (AFM_PROXY_AVX2=1): afm built without avx512-gemm, AFM_ISA=avx2; llama.cpp LLAMA_ISA=avx2; PyTorch capped to AVX2."; fi
     echo
     echo "\`\`\`"
-    "$AFM" bench lm --no-reference --processes 1 --runs 1 --new-tokens 2 2>&1 | grep -m1 '^cpu: ' || true
+    echo "$kernels"
     lscpu | grep -E '^(Model name|CPU family|Model|Thread|Core|Socket|CPU max MHz|L2|L3)' || true
     echo "PyTorch: $("$VENV/bin/python" -c 'import torch, transformers; print(torch.__version__, "/ transformers", transformers.__version__, "/", torch.backends.cpu.get_cpu_capability())')"
     echo "\`\`\`"
@@ -111,40 +147,40 @@ step_lm() {
   local log=$1
   echo -e "\n## SmolLM2-135M Q4_1 against llama-bench (three invocations)" >> "${log%.log}.md"
   for _ in 1 2 3; do
-    bench "$log" "$AFM" --threads "$THREADS" bench lm --llama-bench "$LB" --prompt-tokens 85
+    bench "$log" "afm / llama-bench:" "$AFM" --threads "$THREADS" bench lm --llama-bench "$LB" --prompt-tokens 85
   done
 }
 step_busy() {
   local log=$1
   echo -e "\n## A busy machine (a busy loop holds one core)" >> "${log%.log}.md"
-  bench "$log" "$AFM" --threads "$THREADS" bench lm --llama-bench "$LB" --prompt-tokens 85 --busy
-  bench "$log" "$AFM" --threads "$THREADS" bench vision --no-reference --busy
-  bench "$log" "$AFM" --threads "$THREADS" bench server --busy
+  bench "$log" "afm / llama-bench:" "$AFM" --threads "$THREADS" bench lm --llama-bench "$LB" --prompt-tokens 85 --busy
+  bench "$log" "2 threads / 1 thread" "$AFM" --threads "$THREADS" bench vision --no-reference --busy
+  bench "$log" "tracks parallel / sequential" "$AFM" --threads "$THREADS" bench server --busy
 }
 step_3b() {
   local log=$1
   echo -e "\n## The 3.1B on-device model (2-bit, random weights) against the bandwidth limit" >> "${log%.log}.md"
   for _ in 1 2; do
-    bench "$log" "$AFM" --threads "$THREADS" bench lm --model "$GGUF_3B" --prompt-tokens 16 \
+    bench "$log" "of it" "$AFM" --threads "$THREADS" bench lm --model "$GGUF_3B" --prompt-tokens 16 \
       --new-tokens 33 --no-reference --processes 1 --runs 3
   done
 }
 step_serve() {
   local log=$1
   echo -e "\n## afm serve against llama-server" >> "${log%.log}.md"
-  bench "$log" "$AFM" --threads "$THREADS" bench serve --llama-server "$LLAMA/bin/llama-server" \
+  bench "$log" "vs llama.cpp \`llama-server\`" "$AFM" --threads "$THREADS" bench serve --llama-server "$LLAMA/bin/llama-server" \
     --prefix-cache --repeat 5
 }
 step_vision() {
   local log=$1
   echo -e "\n## SigLIP-B/16-512 per tile against PyTorch" >> "${log%.log}.md"
-  bench "$log" "$AFM" --threads "$THREADS" bench vision --int8 --python "$VENV/bin/python"
+  bench "$log" "afm int8 / PyTorch dynamic int8" "$AFM" --threads "$THREADS" bench vision --int8 --python "$VENV/bin/python"
 }
 step_vlm() {
   local log=$1
   echo -e "\n## SmolVLM-256M (random weights, full size) against transformers" >> "${log%.log}.md"
-  bench "$log" "$AFM" --threads "$THREADS" bench vlm --model "$VLM_DIR" --python "$VENV/bin/python"
-  bench "$log" "$AFM" --threads "$THREADS" bench vlm --model "$VLM_DIR" --python "$VENV/bin/python" --int8
+  bench "$log" "afm / transformers f32" "$AFM" --threads "$THREADS" bench vlm --model "$VLM_DIR" --python "$VENV/bin/python"
+  bench "$log" "afm int8 / transformers dynamic int8" "$AFM" --threads "$THREADS" bench vlm --model "$VLM_DIR" --python "$VENV/bin/python" --int8
 }
 
 for s in $STEPS; do
@@ -153,7 +189,8 @@ for s in $STEPS; do
     *) echo "unknown step '$s' (steps: $ALL_STEPS)" >&2; exit 2 ;;
   esac
 done
-trap 'echo "${s:-?}: FAILED at line $LINENO, see ${log:-$OUT}" >&2' ERR
+s=; log=
+trap 'rc=$?; if [ "$rc" != 0 ] && [ -n "$s" ]; then echo "$s: FAILED (exit $rc), see $log" >&2; fi' EXIT
 for s in $STEPS; do
   log="$OUT/$s.log"
   if [ -f "$log" ] && [ "$(tail -n1 "$log")" = "STEP OK" ]; then
@@ -162,6 +199,7 @@ for s in $STEPS; do
   fi
   if [ "$s" != setup ] && [ ! -x "$AFM" ]; then
     echo "$s: run the setup step first ($AFM is missing)" >&2
+    s=
     exit 1
   fi
   echo "$s: started $(date -u '+%H:%M:%S'), log $log"
@@ -170,6 +208,7 @@ for s in $STEPS; do
   "step_$s" "$log"
   echo "STEP OK" >> "$log"
 done
+s=
 for s in $ALL_STEPS; do
   if [ -f "$OUT/$s.md" ]; then cat "$OUT/$s.md"; fi
 done > "$REPORT"

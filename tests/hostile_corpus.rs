@@ -118,8 +118,15 @@ fn run_library(c: &Case) -> Result<String, String> {
                 .iter()
                 .zip(&want)
                 .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            if got.len() != want.len() || !(d <= tol.max(1e-4)) {
+                // NaN-propagating: `f32::max` would skip a NaN logit and call it a match
+                .fold(0f32, |m, x| {
+                    if m.is_nan() || x.is_nan() {
+                        f32::NAN
+                    } else {
+                        m.max(x)
+                    }
+                });
+            if got.len() != want.len() || d.is_nan() || d > tol.max(1e-4) {
                 return Err(format!("wrong: logits differ from the base by {d}"));
             }
             Ok(format!("logits match the base (max diff {d:.2e})"))
@@ -327,8 +334,7 @@ fn classify_library(c: &Case, manifest: &Path) -> (Outcome, String) {
 
 fn last_line(s: &str) -> String {
     s.lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
+        .rfind(|l| !l.trim().is_empty())
         .unwrap_or("")
         .to_string()
 }

@@ -137,7 +137,7 @@ fn sentences(text: &str) -> Vec<&str> {
 fn quoted_in(s: &str) -> Vec<&str> {
     let parts: Vec<&str> = s.split('"').collect();
     // odd pieces are inside quotes; with an odd number of quotes the last is unclosed
-    let closed = if parts.len() % 2 == 0 {
+    let closed = if parts.len().is_multiple_of(2) {
         parts.len() - 1
     } else {
         parts.len()

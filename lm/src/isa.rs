@@ -223,68 +223,6 @@ fn gemm_isa(cpu_has_avx512f: bool) -> &'static str {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The workspace's build settings must not pin the build to the building machine's CPU
-    /// (`target-cpu=native` made binaries that crash elsewhere): every test of this suite
-    /// then runs on a baseline x86-64 build, with the kernels chosen at run time.
-    #[test]
-    fn the_build_targets_baseline_x86_64() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        for f in [".cargo/config.toml", ".cargo/config"] {
-            if let Ok(s) = std::fs::read_to_string(root.join(f)) {
-                let code: String = s
-                    .lines()
-                    .filter(|l| !l.trim_start().starts_with('#'))
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                assert!(
-                    !code.contains("target-cpu") && !code.contains("target-feature"),
-                    "{f} pins the target CPU:\n{code}"
-                );
-            }
-        }
-        // and the compiler was not told about AVX2 some other way (RUSTFLAGS)
-        if std::env::var("AFM_ALLOW_NATIVE").is_err() {
-            assert!(
-                !cfg!(target_feature = "avx2"),
-                "this test binary was built for AVX2 (RUSTFLAGS?): set AFM_ALLOW_NATIVE=1 to allow"
-            );
-        }
-    }
-
-    #[test]
-    fn names_round_trip_and_levels_are_ordered() {
-        for i in Isa::ALL {
-            assert_eq!(Isa::parse(i.name()), Some(i));
-        }
-        assert_eq!(Isa::parse(" AVX2 "), Some(Isa::Avx2));
-        assert_eq!(Isa::parse("sse9"), None);
-        assert!(Isa::Portable < Isa::Avx2 && Isa::Avx2Vnni < Isa::Avx512);
-        assert!(level() <= detected());
-        assert_eq!(Isa::supported().next(), Some(Isa::Portable));
-        assert!(describe_cpu().contains("kernels: "));
-        assert!(describe_cpu().contains("f32 matmul: gemm"));
-    }
-
-    /// The bench header says whether candle's matmul can reach AVX-512, which `AFM_ISA` does
-    /// not cap: only a build without `avx512-gemm` stops it at AVX2 on an AVX-512 CPU.
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn gemm_isa_names_the_build() {
-        if cfg!(feature = "avx512-gemm") {
-            assert_eq!(gemm_isa(true), "f32 matmul: gemm AVX-512");
-            assert_eq!(gemm_isa(false), "f32 matmul: gemm AVX2");
-        } else {
-            for avx512 in [false, true] {
-                assert!(gemm_isa(avx512).contains("up to AVX2"), "{}", gemm_isa(avx512));
-            }
-        }
-    }
-}
-
 /// The kernel set of a group layout (16 interleaved weight rows; `quant::groups`,
 /// `lowbit::groups`): declares `GroupKernels` (the kernels for 1, 2, 3 and 4 activation rows,
 /// of the invoking module's type `$kernel<C>`) with its constructors from the invoking
@@ -353,3 +291,71 @@ macro_rules! group_kernels {
     };
 }
 pub(crate) use group_kernels;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The workspace's build settings must not pin the build to the building machine's CPU
+    /// (`target-cpu=native` made binaries that crash elsewhere): every test of this suite
+    /// then runs on a baseline x86-64 build, with the kernels chosen at run time.
+    #[test]
+    // the `cfg!(target_feature)` assertion is a constant by design: the build is under test
+    #[allow(clippy::assertions_on_constants)]
+    fn the_build_targets_baseline_x86_64() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for f in [".cargo/config.toml", ".cargo/config"] {
+            if let Ok(s) = std::fs::read_to_string(root.join(f)) {
+                let code: String = s
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with('#'))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                assert!(
+                    !code.contains("target-cpu") && !code.contains("target-feature"),
+                    "{f} pins the target CPU:\n{code}"
+                );
+            }
+        }
+        // and the compiler was not told about AVX2 some other way (RUSTFLAGS)
+        if std::env::var("AFM_ALLOW_NATIVE").is_err() {
+            assert!(
+                !cfg!(target_feature = "avx2"),
+                "this test binary was built for AVX2 (RUSTFLAGS?): set AFM_ALLOW_NATIVE=1 to allow"
+            );
+        }
+    }
+
+    #[test]
+    fn names_round_trip_and_levels_are_ordered() {
+        for i in Isa::ALL {
+            assert_eq!(Isa::parse(i.name()), Some(i));
+        }
+        assert_eq!(Isa::parse(" AVX2 "), Some(Isa::Avx2));
+        assert_eq!(Isa::parse("sse9"), None);
+        assert!(Isa::Portable < Isa::Avx2 && Isa::Avx2Vnni < Isa::Avx512);
+        assert!(level() <= detected());
+        assert_eq!(Isa::supported().next(), Some(Isa::Portable));
+        assert!(describe_cpu().contains("kernels: "));
+        assert!(describe_cpu().contains("f32 matmul: gemm"));
+    }
+
+    /// The bench header says whether candle's matmul can reach AVX-512, which `AFM_ISA` does
+    /// not cap: only a build without `avx512-gemm` stops it at AVX2 on an AVX-512 CPU.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn gemm_isa_names_the_build() {
+        if cfg!(feature = "avx512-gemm") {
+            assert_eq!(gemm_isa(true), "f32 matmul: gemm AVX-512");
+            assert_eq!(gemm_isa(false), "f32 matmul: gemm AVX2");
+        } else {
+            for avx512 in [false, true] {
+                assert!(
+                    gemm_isa(avx512).contains("up to AVX2"),
+                    "{}",
+                    gemm_isa(avx512)
+                );
+            }
+        }
+    }
+}

@@ -21,6 +21,8 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// The served model: a language model alone, or a vision-language pipeline.
+// one per server, so the larger variant's size does not matter
+#[allow(clippy::large_enum_variant)]
 pub enum Model {
     Text(Checkpoint),
     Vision(Box<Vlm<DeviceModel>>),

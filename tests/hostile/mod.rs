@@ -235,7 +235,7 @@ impl Gguf {
             off = off.div_ceil(self.align as u64) * self.align as u64;
         }
         let a = self.align.max(1);
-        while o.len() % a != 0 {
+        while !o.len().is_multiple_of(a) {
             o.push(0);
         }
         let base = o.len();
@@ -272,7 +272,7 @@ impl St {
 
     pub fn bytes_with_header(&self, header: &str) -> Vec<u8> {
         let mut h = header.as_bytes().to_vec();
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let mut o = (h.len() as u64).to_le_bytes().to_vec();

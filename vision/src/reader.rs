@@ -106,7 +106,7 @@ impl ReaderConfig {
         if self.hidden == 0 || self.hidden > 4096 {
             return bad("hidden", format!("{}: must be 1-4096", self.hidden));
         }
-        if self.max_width < 4 * self.height || self.max_width % STEP_PX != 0 {
+        if self.max_width < 4 * self.height || !self.max_width.is_multiple_of(STEP_PX) {
             return bad(
                 "max_width",
                 format!(

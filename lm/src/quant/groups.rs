@@ -455,12 +455,12 @@ mod simd {
                 _mm512_cvtepi16_epi32(_mm256_loadu_si256(w.m.as_ptr().add(b * G) as *const _)),
                 7,
             );
-            for c in 0..C {
+            for (c, ac) in acc.iter_mut().enumerate() {
                 let col = c0 + c;
                 let y = a.qs.as_ptr().add(col * cols + b * QK) as *const i32;
                 let dot = _mm512_sub_epi32(block_dot::<true>(&x, y), bias);
                 let dx = _mm512_set1_ps(*a.d.get_unchecked(col * nb + b));
-                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, dx), acc[c]);
+                *ac = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, dx), *ac);
             }
         }
         let mut out = [[0f32; G]; C];
@@ -592,11 +592,11 @@ mod simd256 {
             }
         }
         let mut out = [0f32; G];
-        for h in 0..2 {
+        for (h, a) in acc.iter().enumerate() {
             // + 0 as the portable definition adds its (absent) min term: -0 becomes +0
             _mm256_storeu_ps(
                 out.as_mut_ptr().add(h * 8),
-                _mm256_add_ps(acc[h], _mm256_setzero_ps()),
+                _mm256_add_ps(*a, _mm256_setzero_ps()),
             );
         }
         out
