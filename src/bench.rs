@@ -146,6 +146,7 @@ pub fn bench_vlm(a: &VlmBench, threads: usize) -> Result<()> {
         part(1),
         part(2)
     );
+    println!("CPU: {}\n", afm::lm::isa::describe_cpu());
     println!("| engine | time to first token | decode tok/s | prompt tokens |");
     println!("|---|---:|---:|---:|");
     println!(

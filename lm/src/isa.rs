@@ -204,22 +204,42 @@ pub fn describe_cpu() -> String {
             Some(c) if c < detected() => format!(" (capped by AFM_ISA={})", c.name()),
             _ => String::new(),
         },
-        gemm_isa(have.contains(&"avx512f"))
+        gemm_isa(cpu_has("avx512f"), cpu_has("fma"))
     )
 }
 
-/// Which kernels candle's f32 matmul (the `gemm` crate) can use: `AFM_ISA` does not reach
-/// them. gemm picks AVX-512 at run time when the CPU has it and the build has gemm's `x86-v4`
-/// feature (this crate's default feature `avx512-gemm`); a build without it stops at AVX2.
-fn gemm_isa(cpu_has_avx512f: bool) -> &'static str {
+/// Which kernels candle's f32 matmul (the `gemm` crate) uses: `AFM_ISA` does not reach them.
+/// gemm picks at run time, as here: AVX-512 when the CPU has AVX-512F and the build has gemm's
+/// `x86-v4` feature (this crate's default feature `avx512-gemm`; a build without it stops at
+/// AVX2), else AVX2 + FMA when the CPU has FMA, else its portable loops.
+fn gemm_isa(avx512f: bool, fma: bool) -> &'static str {
     if !cfg!(target_arch = "x86_64") {
         "f32 matmul: gemm"
-    } else if !cfg!(feature = "avx512-gemm") {
-        "f32 matmul: gemm up to AVX2 (built without the avx512-gemm feature)"
-    } else if cpu_has_avx512f {
+    } else if avx512f && cfg!(feature = "avx512-gemm") {
         "f32 matmul: gemm AVX-512"
+    } else if !fma {
+        "f32 matmul: gemm portable (no FMA)"
+    } else if avx512f {
+        "f32 matmul: gemm up to AVX2 (built without the avx512-gemm feature)"
     } else {
         "f32 matmul: gemm AVX2"
+    }
+}
+
+/// Whether the CPU has `feature` (run-time detection, as gemm does; false off x86-64).
+fn cpu_has(feature: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match feature {
+            "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+            "fma" => std::arch::is_x86_feature_detected!("fma"),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = feature;
+        false
     }
 }
 
@@ -345,17 +365,15 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn gemm_isa_names_the_build() {
+        assert_eq!(gemm_isa(false, true), "f32 matmul: gemm AVX2");
+        assert_eq!(gemm_isa(false, false), "f32 matmul: gemm portable (no FMA)");
         if cfg!(feature = "avx512-gemm") {
-            assert_eq!(gemm_isa(true), "f32 matmul: gemm AVX-512");
-            assert_eq!(gemm_isa(false), "f32 matmul: gemm AVX2");
+            assert_eq!(gemm_isa(true, true), "f32 matmul: gemm AVX-512");
         } else {
-            for avx512 in [false, true] {
-                assert!(
-                    gemm_isa(avx512).contains("up to AVX2"),
-                    "{}",
-                    gemm_isa(avx512)
-                );
-            }
+            assert!(gemm_isa(true, true).contains("up to AVX2"));
         }
+        // this machine's line names the kernels gemm picks here
+        let here = gemm_isa(cpu_has("avx512f"), cpu_has("fma"));
+        assert!(describe_cpu().ends_with(here), "{}", describe_cpu());
     }
 }
