@@ -204,7 +204,7 @@ pub fn describe_cpu() -> String {
             Some(c) if c < detected() => format!(" (capped by AFM_ISA={})", c.name()),
             _ => String::new(),
         },
-        gemm_isa(cpu_has("avx512f"), cpu_has("fma"))
+        gemm_kernels()
     )
 }
 
@@ -226,20 +226,16 @@ fn gemm_isa(avx512f: bool, fma: bool) -> &'static str {
     }
 }
 
-/// Whether the CPU has `feature` (run-time detection, as gemm does; false off x86-64).
-fn cpu_has(feature: &str) -> bool {
+/// [`gemm_isa`] for this CPU, detected at run time as gemm does.
+fn gemm_kernels() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        match feature {
-            "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
-            "fma" => std::arch::is_x86_feature_detected!("fma"),
-            _ => false,
-        }
+        use std::is_x86_feature_detected as has;
+        gemm_isa(has!("avx512f"), has!("fma"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = feature;
-        false
+        gemm_isa(false, false)
     }
 }
 
@@ -373,7 +369,10 @@ mod tests {
             assert!(gemm_isa(true, true).contains("up to AVX2"));
         }
         // this machine's line names the kernels gemm picks here
-        let here = gemm_isa(cpu_has("avx512f"), cpu_has("fma"));
-        assert!(describe_cpu().ends_with(here), "{}", describe_cpu());
+        assert!(
+            describe_cpu().ends_with(gemm_kernels()),
+            "{}",
+            describe_cpu()
+        );
     }
 }
