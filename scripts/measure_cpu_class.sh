@@ -6,13 +6,15 @@
 # Intel client chips).
 #
 # Usage: scripts/measure_cpu_class.sh [OUT]
-#   (default OUT: target/cpu-class, or target/cpu-class-avx2-proxy with AFM_PROXY_AVX2=1)
+#   (default OUT: target/cpu-class, target/cpu-class-avx2-proxy with AFM_PROXY_AVX2=1, or
+#   target/cpu-class-avx2-vnni-proxy with AFM_PROXY_AVX2=vnni)
 #   OUT/report.md   every command with the tables it printed (stdout), the CPU line and the load
 #                   average before it started, assembled from OUT/STEP.md
 #   OUT/STEP.log    each step's full output; a step whose log ends in "STEP OK" is skipped on a
 #                   second run (delete the log to measure it again), so the run is resumable.
 #                   A step fails when a reference is missing from its output.
-#   OUT/mode        native or avx2-proxy: one OUT holds one mode (a mismatch is refused)
+#   OUT/mode        native, avx2-proxy or avx2-vnni-proxy: one OUT holds one mode (a mismatch
+#                   is refused)
 # Env:
 #   STEPS           which steps, in order (default: "setup lm busy 3b serve vision vlm")
 #   THREADS         --threads of every bench (default: the online logical CPUs)
@@ -24,6 +26,13 @@
 #                   for the CPU class itself: memory, caches and clocks stay the host's, and
 #                   libc's string functions still pick AVX-512. Without it, those variables are
 #                   unset.
+#   AFM_PROXY_AVX2=vnni  the AVX2 + AVX-VNNI class (Intel client cores since Alder Lake): as
+#                   above, but afm's kernels run with AFM_ISA=avx2-vnni (256-bit `vpdpbusd`; the
+#                   host's EVEX encoding of the instruction those CPUs run in VEX form). PyTorch
+#                   keeps the AVX2 caps: its f32 paths have no use for VNNI and fbgemm has no
+#                   AVX-VNNI kernels. llama.cpp's AVX-VNNI build uses the VEX form, which an
+#                   AVX-512 host without AVX-VNNI (Zen 4, Xeons before Sapphire Rapids) cannot run,
+#                   so this mode's steps are those without llama.cpp: setup 3b vision vlm.
 #   PYTHON          the Python that makes the venv for PyTorch (default: python3)
 #   CARGO_TARGET_DIR  as for cargo (default: target); the setup step checks that the binary it
 #                   copies from there is the one it built (its kernel line)
@@ -36,16 +45,30 @@ CALLER=$(pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PROXY=${AFM_PROXY_AVX2:-0}
-if [ "$PROXY" = 1 ]; then MODE=avx2-proxy; DEFAULT_OUT=target/cpu-class-avx2-proxy; else MODE=native; DEFAULT_OUT=target/cpu-class; fi
+case "$PROXY" in
+  0) MODE=native; DEFAULT_OUT=target/cpu-class ;;
+  1) MODE=avx2-proxy; DEFAULT_OUT=target/cpu-class-avx2-proxy ;;
+  vnni) MODE=avx2-vnni-proxy; DEFAULT_OUT=target/cpu-class-avx2-vnni-proxy ;;
+  *) echo "AFM_PROXY_AVX2=$PROXY: expected 1 (AVX2) or vnni (AVX2 + AVX-VNNI)" >&2; exit 2 ;;
+esac
 OUT=${1:-$ROOT/$DEFAULT_OUT}
 case "$OUT" in /*) ;; *) OUT="$CALLER/$OUT" ;; esac
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if [ -f "$OUT/mode" ] && [ "$(cat "$OUT/mode")" != "$MODE" ]; then
-  echo "$OUT holds a $(cat "$OUT/mode") run; this is a $MODE run: use another OUT" >&2
+if [ -f "$OUT/mode" ]; then
+  if [ "$(cat "$OUT/mode")" != "$MODE" ]; then
+    echo "$OUT holds a $(cat "$OUT/mode") run; this is a $MODE run: use another OUT" >&2
+    exit 2
+  fi
+elif compgen -G "$OUT/*.log" > /dev/null; then
+  echo "$OUT holds a run without a mode file (older than it): use another OUT, or write its mode (native, avx2-proxy or avx2-vnni-proxy) into $OUT/mode" >&2
   exit 2
 fi
-STEPS=${STEPS:-setup lm busy 3b serve vision vlm}
+ALL_STEPS="setup lm busy 3b serve vision vlm"
+# the steps that run llama.cpp's binaries (none of which the VNNI proxy can build faithfully)
+LLAMA_STEPS="lm busy serve"
+if [ "$PROXY" = vnni ]; then ALL_STEPS="setup 3b vision vlm"; fi
+STEPS=${STEPS:-$ALL_STEPS}
 THREADS=${THREADS:-$(getconf _NPROCESSORS_ONLN)}
 PY=${PYTHON:-python3}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -55,9 +78,9 @@ VENV="$OUT/venv-torch"
 SMOLLM="$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 VLM_DIR="$OUT/smolvlm-256m-random"
 GGUF_3B="$OUT/afm-3b-2bit.gguf"
-if [ "$PROXY" = 1 ]; then
+if [ "$PROXY" != 0 ]; then
   LLAMA="$OUT/llama.cpp-avx2"
-  export AFM_ISA=avx2
+  if [ "$PROXY" = vnni ]; then export AFM_ISA=avx2-vnni; else export AFM_ISA=avx2; fi
   export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
   export FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 else
@@ -65,7 +88,6 @@ else
   unset AFM_ISA ATEN_CPU_CAPABILITY MKL_ENABLE_INSTRUCTIONS ONEDNN_MAX_CPU_ISA FBGEMM_ENABLE_INSTRUCTIONS
 fi
 REPORT="$OUT/report.md"
-ALL_STEPS="setup lm busy 3b serve vision vlm"
 
 # `bench LOG EXPECT CMD...` runs one command of a step: its stdout (the tables) goes to the
 # step's report part and the log, its stderr (progress, per-run figures) to the log only. The
@@ -91,7 +113,7 @@ bench() {
 step_setup() {
   local log=$1
   echo "$MODE" > "$OUT/mode"
-  if [ "$PROXY" = 1 ]; then
+  if [ "$PROXY" != 0 ]; then
     # gemm's AVX-512 kernels stay out of the build; AFM_ISA caps afm's own kernels at run time
     cargo build --release -p afm --bins --no-default-features >> "$log" 2>&1
     cp "$TARGET/release/afm" "$AFM"
@@ -105,14 +127,16 @@ step_setup() {
   local kernels
   kernels=$("$AFM" bench lm --no-reference --processes 1 --runs 1 --new-tokens 2 2>&1 | grep -m1 '^cpu: ' || true)
   case "$PROXY:$kernels" in
-    1:*"up to AVX2"*|0:*"f32 matmul: gemm"*) ;;
+    1:*"kernels: avx2 "*"up to AVX2"*|vnni:*"kernels: avx2-vnni "*"up to AVX2"*|0:*"f32 matmul: gemm"*) ;;
     *) echo "$AFM is not the $MODE build ($kernels); is CARGO_TARGET_DIR right?" >&2; return 1 ;;
   esac
   case "$PROXY:$kernels" in
     0:*"up to AVX2"*) echo "$AFM was built without avx512-gemm; rebuild it" >&2; return 1 ;;
   esac
   bash scripts/fetch_smollm2.sh >> "$log" 2>&1
-  if [ "$PROXY" = 1 ]; then
+  if [ "$PROXY" = vnni ]; then
+    : # no llama.cpp step in this mode
+  elif [ "$PROXY" = 1 ]; then
     LLAMA_ISA=avx2 LLAMA_TARGETS="llama-bench llama-server" bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
   else
     LLAMA_TARGETS="llama-bench llama-completion llama-server" bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
@@ -133,6 +157,7 @@ step_setup() {
     echo "# afm $(git describe --always --dirty), measured $(date -u '+%Y-%m-%d')"
     echo
     if [ "$PROXY" = 1 ]; then echo "AVX2 proxy (AFM_PROXY_AVX2=1): afm built without avx512-gemm, AFM_ISA=avx2; llama.cpp LLAMA_ISA=avx2; PyTorch capped to AVX2."; fi
+    if [ "$PROXY" = vnni ]; then echo "AVX2 + AVX-VNNI proxy (AFM_PROXY_AVX2=vnni): afm built without avx512-gemm, AFM_ISA=avx2-vnni (256-bit vpdpbusd, EVEX-encoded on this host); PyTorch capped to AVX2 (fbgemm has no AVX-VNNI kernels); no llama.cpp step."; fi
     echo
     echo "\`\`\`"
     echo "$kernels"
@@ -186,7 +211,13 @@ step_vlm() {
 for s in $STEPS; do
   case " $ALL_STEPS " in
     *" $s "*) ;;
-    *) echo "unknown step '$s' (steps: $ALL_STEPS)" >&2; exit 2 ;;
+    *)
+      if [ "$PROXY" = vnni ] && [[ " $LLAMA_STEPS " == *" $s "* ]]; then
+        echo "step '$s' runs llama.cpp, whose AVX-VNNI build this host may not run; the $MODE steps: $ALL_STEPS" >&2
+      else
+        echo "unknown step '$s' (steps: $ALL_STEPS)" >&2
+      fi
+      exit 2 ;;
   esac
 done
 s=; log=
