@@ -8,7 +8,9 @@
 # Env:   PYTHON (default python3; needs pip), LLAMA_CPP_PYTHON_VERSION (default 0.3.36),
 #        JOBS (default: number of CPUs), LLAMA_ISA (default native; `avx2` builds for AVX2 +
 #        FMA + F16C without AVX-512, the AVX2 class on an AVX-512 machine, to set beside
-#        `AFM_ISA=avx2`), LLAMA_TARGETS (space-separated, default all five below).
+#        `AFM_ISA=avx2`; `avx2-vnni` adds the 256-bit `vpdpbusd` in the EVEX form an AVX-512
+#        VNNI host has, to set beside `AFM_ISA=avx2-vnni`), LLAMA_TARGETS (space-separated,
+#        default all five below).
 # Needs a C/C++ compiler; cmake is taken from PATH, else installed from PyPI into OUT_DIR/venv.
 # Prints the bin directory last; `afm bench lm --llama-bench OUT_DIR/bin/llama-bench`.
 # `llama-completion` is the one-shot command line that llama.cpp called `llama-cli` until late
@@ -33,7 +35,18 @@ case "${LLAMA_ISA:-native}" in
   native) ISA_FLAGS=(-DGGML_NATIVE=ON) ;;
   avx2) ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
                    -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF) ;;
-  *) echo "LLAMA_ISA=${LLAMA_ISA}: expected native or avx2" >&2; exit 2 ;;
+  # AVX2 + the 256-bit `vpdpbusd` in its EVEX form, for an AVX-512 VNNI host standing in for
+  # AVX-VNNI CPUs (whose VEX form it lacks): ggml's AVX2 paths take `_mm256_dpbusd_epi32`
+  # when __AVX512VNNI__ and __AVX512VL__ are defined; __AVX512F__ is undefined so its 512-bit
+  # paths stay off, and the vectoriser keeps to 256 bits. The compiler may still use EVEX-only
+  # forms in 256-bit code (32 registers, masks), which an AVX-VNNI CPU lacks: if anything, this
+  # build is faster than llama.cpp's own AVX-VNNI build there.
+  avx2-vnni)
+    VNNI_FLAGS="-mavx512vnni -mavx512vl -mprefer-vector-width=256 -U__AVX512F__"
+    ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+               -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF
+               "-DCMAKE_C_FLAGS=$VNNI_FLAGS" "-DCMAKE_CXX_FLAGS=$VNNI_FLAGS") ;;
+  *) echo "LLAMA_ISA=${LLAMA_ISA}: expected native, avx2 or avx2-vnni" >&2; exit 2 ;;
 esac
 have=1
 for t in "${TARGETS[@]}"; do [ -x "$OUT/bin/$t" ] || have=0; done

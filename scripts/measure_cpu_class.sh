@@ -26,13 +26,13 @@
 #                   for the CPU class itself: memory, caches and clocks stay the host's, and
 #                   libc's string functions still pick AVX-512. Without it, those variables are
 #                   unset.
-#   AFM_PROXY_AVX2=vnni  the AVX2 + AVX-VNNI class (Intel client cores since Alder Lake): as
-#                   above, but afm's kernels run with AFM_ISA=avx2-vnni (256-bit `vpdpbusd`; the
-#                   host's EVEX encoding of the instruction those CPUs run in VEX form). PyTorch
-#                   keeps the AVX2 caps: its f32 paths have no use for VNNI and fbgemm has no
-#                   AVX-VNNI kernels. llama.cpp's AVX-VNNI build uses the VEX form, which an
-#                   AVX-512 host without AVX-VNNI (Zen 4, Xeons before Sapphire Rapids) cannot run,
-#                   so this mode's steps are those without llama.cpp: setup 3b vision vlm.
+#   AFM_PROXY_AVX2=vnni  the AVX2 + AVX-VNNI class (Intel client cores since Alder Lake) on an
+#                   AVX-512 VNNI host: as above, but afm's kernels run with AFM_ISA=avx2-vnni
+#                   (256-bit `vpdpbusd`, in the EVEX form the host has; those CPUs have the VEX
+#                   one) and llama.cpp is built with LLAMA_ISA=avx2-vnni (its AVX2 paths with the
+#                   same EVEX `vpdpbusd`; llama.cpp's own AVX-VNNI build emits the VEX form, which
+#                   Zen 4 cannot run). PyTorch keeps the AVX2 caps: its f32 paths have no use for
+#                   VNNI and fbgemm has no AVX-VNNI kernels.
 #   PYTHON          the Python that makes the venv for PyTorch (default: python3)
 #   CARGO_TARGET_DIR  as for cargo (default: target); the setup step checks that the binary it
 #                   copies from there is the one it built (its kernel line)
@@ -65,10 +65,11 @@ elif compgen -G "$OUT/*.log" > /dev/null; then
   exit 2
 fi
 ALL_STEPS="setup lm busy 3b serve vision vlm"
-# the steps that run llama.cpp's binaries (none of which the VNNI proxy can build faithfully)
-LLAMA_STEPS="lm busy serve"
-if [ "$PROXY" = vnni ]; then ALL_STEPS="setup 3b vision vlm"; fi
 STEPS=${STEPS:-$ALL_STEPS}
+if [ "$PROXY" = vnni ] && ! grep -qw avx512_vnni /proc/cpuinfo; then
+  echo "AFM_PROXY_AVX2=vnni needs a host with AVX-512 VNNI (its EVEX vpdpbusd stands in for AVX-VNNI); on an AVX-VNNI CPU, run without AFM_PROXY_AVX2" >&2
+  exit 2
+fi
 THREADS=${THREADS:-$(getconf _NPROCESSORS_ONLN)}
 PY=${PYTHON:-python3}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -80,7 +81,12 @@ VLM_DIR="$OUT/smolvlm-256m-random"
 GGUF_3B="$OUT/afm-3b-2bit.gguf"
 if [ "$PROXY" != 0 ]; then
   LLAMA="$OUT/llama.cpp-avx2"
-  if [ "$PROXY" = vnni ]; then export AFM_ISA=avx2-vnni; else export AFM_ISA=avx2; fi
+  if [ "$PROXY" = vnni ]; then
+    LLAMA="$OUT/llama.cpp-avx2-vnni"
+    export AFM_ISA=avx2-vnni
+  else
+    export AFM_ISA=avx2
+  fi
   export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
   export FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 else
@@ -135,7 +141,7 @@ step_setup() {
   esac
   bash scripts/fetch_smollm2.sh >> "$log" 2>&1
   if [ "$PROXY" = vnni ]; then
-    : # no llama.cpp step in this mode
+    LLAMA_ISA=avx2-vnni LLAMA_TARGETS="llama-bench llama-server" bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
   elif [ "$PROXY" = 1 ]; then
     LLAMA_ISA=avx2 LLAMA_TARGETS="llama-bench llama-server" bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
   else
@@ -157,7 +163,7 @@ step_setup() {
     echo "# afm $(git describe --always --dirty), measured $(date -u '+%Y-%m-%d')"
     echo
     if [ "$PROXY" = 1 ]; then echo "AVX2 proxy (AFM_PROXY_AVX2=1): afm built without avx512-gemm, AFM_ISA=avx2; llama.cpp LLAMA_ISA=avx2; PyTorch capped to AVX2."; fi
-    if [ "$PROXY" = vnni ]; then echo "AVX2 + AVX-VNNI proxy (AFM_PROXY_AVX2=vnni): afm built without avx512-gemm, AFM_ISA=avx2-vnni (256-bit vpdpbusd, EVEX-encoded on this host); PyTorch capped to AVX2 (fbgemm has no AVX-VNNI kernels); no llama.cpp step."; fi
+    if [ "$PROXY" = vnni ]; then echo "AVX2 + AVX-VNNI proxy (AFM_PROXY_AVX2=vnni): afm built without avx512-gemm, AFM_ISA=avx2-vnni (256-bit vpdpbusd, EVEX-encoded on this host); llama.cpp LLAMA_ISA=avx2-vnni (EVEX vpdpbusd at 256 bits); PyTorch capped to AVX2 (fbgemm has no AVX-VNNI kernels)."; fi
     echo
     echo "\`\`\`"
     echo "$kernels"
@@ -211,13 +217,7 @@ step_vlm() {
 for s in $STEPS; do
   case " $ALL_STEPS " in
     *" $s "*) ;;
-    *)
-      if [ "$PROXY" = vnni ] && [[ " $LLAMA_STEPS " == *" $s "* ]]; then
-        echo "step '$s' runs llama.cpp, whose AVX-VNNI build this host may not run; the $MODE steps: $ALL_STEPS" >&2
-      else
-        echo "unknown step '$s' (steps: $ALL_STEPS)" >&2
-      fi
-      exit 2 ;;
+    *) echo "unknown step '$s' (steps: $ALL_STEPS)" >&2; exit 2 ;;
   esac
 done
 s=; log=
