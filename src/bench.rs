@@ -483,6 +483,10 @@ pub struct RunReport {
     /// Thread-pool synchronisation points per decoded token (afm only).
     #[serde(default)]
     pub barriers_per_token: f64,
+    /// Read bandwidth (bytes/s) measured just before each run, when the worker measured it
+    /// (afm only; empty otherwise).
+    #[serde(default)]
+    pub bandwidth: Vec<f64>,
 }
 
 pub fn peak_rss_kb() -> u64 {
@@ -496,6 +500,50 @@ pub fn peak_rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// Zeroed `u64`s from the system allocator, not the binary's global one (mimalloc keeps
+/// freed memory for reuse): a buffer this large is its own mapping, returned to the OS on
+/// drop, so the process's RSS after a bandwidth probe is what it was before.
+struct SystemBuf {
+    ptr: std::ptr::NonNull<u64>,
+    len: usize,
+}
+
+impl SystemBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::array::<u64>(len.max(1)).expect("probe buffer size")
+    }
+
+    fn new(len: usize) -> Self {
+        use std::alloc::GlobalAlloc;
+        let layout = Self::layout(len);
+        // SAFETY: `layout` has a non-zero size (at least one u64).
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) } as *mut u64;
+        let ptr =
+            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { ptr, len }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u64] {
+        // SAFETY: `ptr` holds `len` zero-initialised u64s (`new`), owned by `self` and
+        // borrowed mutably once here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for SystemBuf {
+    fn drop(&mut self) {
+        use std::alloc::GlobalAlloc;
+        // SAFETY: allocated by `System` with this same layout in `new`, freed once.
+        unsafe { std::alloc::System.dealloc(self.ptr.as_ptr() as *mut u8, Self::layout(self.len)) }
+    }
+}
+
+/// Restarts this process's peak-RSS count (`VmHWM`) at its current RSS (Linux
+/// `clear_refs`); false where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Read bandwidth of this machine with `threads` threads, in bytes/s: each thread sums its
 /// own quarter-GiB slice of a 1 GiB buffer (far beyond any cache), best of three passes.
 /// This is the denominator of decode's bandwidth limit: a decode step has to read every
@@ -504,7 +552,8 @@ pub fn read_bandwidth(threads: usize) -> f64 {
     const BYTES: usize = 1 << 30;
     let threads = threads.max(1);
     let per = BYTES / 8 / threads;
-    let mut buf = vec![0u64; per * threads];
+    let mut probe = SystemBuf::new(per * threads);
+    let buf = probe.as_mut_slice();
     for (i, v) in buf.iter_mut().enumerate() {
         *v = i as u64;
     }
@@ -539,6 +588,48 @@ pub fn read_bandwidth(threads: usize) -> f64 {
     (per * threads * 8) as f64 / best
 }
 
+/// Decode against the bandwidth limit, run by run.
+#[derive(Debug, PartialEq)]
+pub(crate) struct BandwidthShares {
+    pub runs: usize,
+    /// Lowest and highest read bandwidth, GB/s.
+    pub gbps: (f64, f64),
+    /// Lowest and highest limit, tok/s.
+    pub limit: (f64, f64),
+    /// Lowest, median and highest share of its run's limit.
+    pub share: (f64, f64, f64),
+}
+
+/// Each run's decode speed (`tokens / decode_s[i]`) as a share of its limit (`bandwidth[i] /
+/// weight_bytes` tokens/s; bandwidth in bytes/s).
+pub(crate) fn bandwidth_shares(
+    bandwidth: &[f64],
+    decode_s: &[f64],
+    tokens: f64,
+    weight_bytes: usize,
+) -> BandwidthShares {
+    let wb = weight_bytes.max(1) as f64;
+    let mut share: Vec<f64> = bandwidth
+        .iter()
+        .zip(decode_s)
+        .map(|(&bw, &s)| (tokens / s) / (bw / wb))
+        .collect();
+    let lo_hi = |v: &[f64]| {
+        v.iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                (lo.min(x), hi.max(x))
+            })
+    };
+    let (blo, bhi) = lo_hi(bandwidth);
+    let (slo, shi) = lo_hi(&share);
+    BandwidthShares {
+        runs: share.len(),
+        gbps: (blo / 1e9, bhi / 1e9),
+        limit: (blo / wb, bhi / wb),
+        share: (slo, median(&mut share), shi),
+    }
+}
+
 /// The middle value (upper middle for an even count), sorting `v`; NaN when empty.
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -549,13 +640,30 @@ pub(crate) fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Child process: reads token ids on stdin, measures, prints a `RunReport` line.
-pub fn worker(model: &std::path::Path, new_tokens: usize, runs: usize) -> Result<()> {
+/// With `bandwidth`, the machine's read bandwidth is measured just before each run (the
+/// limit of that run's decode): a shared machine's bandwidth can move by 2x over minutes (32
+/// to 66 GB/s on the development VM), so one reading at the start can be far from the one a
+/// run met. The probe's
+/// gigabyte is not the model's: the peak-RSS count restarts after each probe (the load's
+/// peak is kept), and without that restart nothing is probed.
+pub fn worker(
+    model: &std::path::Path,
+    new_tokens: usize,
+    runs: usize,
+    bandwidth: bool,
+) -> Result<()> {
     let mut input = String::new();
     std::io::stdin().lock().read_to_string(&mut input)?;
     let ids: Vec<u32> = serde_json::from_str(&input).context("reading token ids")?;
     let m = DeviceModel::load(model)?;
     let mut rep = RunReport::default();
+    let mut peak = peak_rss_kb();
+    let probe = bandwidth && reset_peak_rss();
     for _ in 0..runs {
+        if probe {
+            rep.bandwidth.push(read_bandwidth(afm::lm::par::threads()));
+            reset_peak_rss();
+        }
         let mut cache = m.new_cache();
         let t0 = Instant::now();
         let l = m.forward_tokens(&ids, &mut cache, &LogitsFor::Last)?;
@@ -570,8 +678,9 @@ pub fn worker(model: &std::path::Path, new_tokens: usize, runs: usize) -> Result
         rep.decode_s.push(t1.elapsed().as_secs_f64());
         rep.barriers_per_token =
             (afm::lm::par::barriers() - b0) as f64 / new_tokens.saturating_sub(1).max(1) as f64;
+        peak = peak.max(peak_rss_kb());
     }
-    rep.peak_rss_kb = peak_rss_kb();
+    rep.peak_rss_kb = peak;
     println!("{}", serde_json::to_string(&rep)?);
     Ok(())
 }
@@ -836,11 +945,19 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
                 "--runs",
                 &a.runs.to_string(),
             ]);
+        // on a busy machine the probe would measure the busy loop: the reading before it
+        // started stands
+        if !a.busy {
+            c.arg("--bandwidth");
+        }
         let r = run_child(c, &ids_json)?;
         eprintln!(
             "  afm ({t} threads) process {p}: prefill {:?} s, decode {:?} s, {:.1} barriers/token",
             r.prefill_s, r.decode_s, r.barriers_per_token
         );
+        if r.bandwidth.len() == r.decode_s.len() {
+            into.bandwidth.extend(r.bandwidth);
+        }
         into.prefill_s.extend(r.prefill_s);
         into.decode_s.extend(r.decode_s);
         into.peak_rss_kb = into.peak_rss_kb.max(r.peak_rss_kb);
@@ -924,16 +1041,37 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
     );
     println!("| engine | prefill tok/s | decode tok/s | peak RSS | barriers/token |");
     println!("|---|---:|---:|---:|---:|");
+    // each run against the bandwidth measured just before it (before `row` sorts the runs)
+    let per_run = (!ours.bandwidth.is_empty() && ours.bandwidth.len() == ours.decode_s.len())
+        .then(|| bandwidth_shares(&ours.bandwidth, &ours.decode_s, d, weight_bytes));
     let (p1, d1) = row(&format!("afm ({threads} threads)"), &mut ours);
     let mut ratios = Vec::new();
-    let limit = bandwidth / weight_bytes.max(1) as f64;
-    ratios.push(format!(
-        "bandwidth limit: {:.1} MB of weights read per token, {:.2} GB/s read bandwidth ({threads} threads) \
-         -> {limit:.1} tok/s; afm decodes at {:.0}% of it",
-        weight_bytes as f64 / 1e6,
-        bandwidth / 1e9,
-        100.0 * d1 / limit
-    ));
+    let mb = weight_bytes as f64 / 1e6;
+    match per_run {
+        Some(b) => ratios.push(format!(
+            "bandwidth limit: {mb:.1} MB of weights read per token, {:.2}-{:.2} GB/s read bandwidth \
+             ({threads} threads, measured before each of the {} runs) -> {:.1}-{:.1} tok/s; afm decodes \
+             at {:.0}% of it (median over the runs, each against the bandwidth measured before it; \
+             {:.0}-{:.0}%)",
+            b.gbps.0,
+            b.gbps.1,
+            b.runs,
+            b.limit.0,
+            b.limit.1,
+            100.0 * b.share.1,
+            100.0 * b.share.0,
+            100.0 * b.share.2
+        )),
+        None => {
+            let limit = bandwidth / weight_bytes.max(1) as f64;
+            ratios.push(format!(
+                "bandwidth limit: {mb:.1} MB of weights read per token, {:.2} GB/s read bandwidth ({threads} threads) \
+                 -> {limit:.1} tok/s; afm decodes at {:.0}% of it",
+                bandwidth / 1e9,
+                100.0 * d1 / limit
+            ))
+        }
+    }
     if one_thread_too {
         let (p0, d0) = row("afm (1 thread)", &mut ours1);
         ratios.push(format!(
@@ -1062,4 +1200,25 @@ pub fn bench_kv(a: &KvBench) -> Result<()> {
         100.0 * (1.0 - bytes_shared as f64 / bytes_full as f64)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_run_is_held_to_the_bandwidth_measured_before_it() {
+        // 1 GB per token; runs of 10 tokens at 10, 20 and 25 tok/s against 20, 25 and 50 GB/s
+        let b = bandwidth_shares(&[20e9, 25e9, 50e9], &[1.0, 0.5, 0.4], 10.0, 1_000_000_000);
+        assert_eq!(b.runs, 3);
+        assert_eq!(b.gbps, (20.0, 50.0));
+        assert_eq!(b.limit, (20.0, 50.0));
+        // 10/20, 20/25, 25/50; one reading of 20 GB/s would have put the median run at 100%
+        assert_eq!(b.share, (0.5, 0.5, 0.8));
+        let one = bandwidth_shares(&[30e9], &[2.0], 40.0, 1_000_000_000);
+        assert_eq!(
+            (one.runs, one.share),
+            (1, (20.0 / 30.0, 20.0 / 30.0, 20.0 / 30.0))
+        );
+    }
 }

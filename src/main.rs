@@ -96,6 +96,9 @@ enum Cmd {
         new_tokens: usize,
         #[arg(long)]
         runs: usize,
+        /// Measure the read bandwidth before each run.
+        #[arg(long)]
+        bandwidth: bool,
     },
 }
 
@@ -478,6 +481,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             new_tokens,
             runs,
-        } => bench::worker(&model, new_tokens, runs),
+            bandwidth,
+        } => bench::worker(&model, new_tokens, runs, bandwidth),
     }
 }
