@@ -13,6 +13,7 @@
 #        default all five below).
 # Needs a C/C++ compiler; cmake is taken from PATH, else installed from PyPI into OUT_DIR/venv.
 # Prints the bin directory last; `afm bench lm --llama-bench OUT_DIR/bin/llama-bench`.
+# OUT_DIR/bin/isa names the LLAMA_ISA of the binaries there; asked for another, it rebuilds.
 # `llama-completion` is the one-shot command line that llama.cpp called `llama-cli` until late
 # 2025 (`llama-cli` is now an interactive chat client built on the server).
 set -euo pipefail
@@ -31,7 +32,11 @@ TARGETS=(llama-bench llama-completion llama-quantize llama-perplexity llama-serv
 if [ -n "${LLAMA_TARGETS:-}" ]; then
   read -r -a TARGETS <<< "$LLAMA_TARGETS"
 fi
-case "${LLAMA_ISA:-native}" in
+ISA=${LLAMA_ISA:-native}
+# compiler flags beyond ggml's own, passed every time (empty but for avx2-vnni), so that a
+# build directory reused for another ISA does not keep the last one's from the CMake cache
+EXTRA_FLAGS=
+case "$ISA" in
   native) ISA_FLAGS=(-DGGML_NATIVE=ON) ;;
   avx2) ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
                    -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF) ;;
@@ -42,17 +47,21 @@ case "${LLAMA_ISA:-native}" in
   # forms in 256-bit code (32 registers, masks), which an AVX-VNNI CPU lacks: if anything, this
   # build is faster than llama.cpp's own AVX-VNNI build there.
   avx2-vnni)
-    VNNI_FLAGS="-mavx512vnni -mavx512vl -mprefer-vector-width=256 -U__AVX512F__"
+    EXTRA_FLAGS="-mavx512vnni -mavx512vl -mprefer-vector-width=256 -U__AVX512F__"
     ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
-               -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF
-               "-DCMAKE_C_FLAGS=$VNNI_FLAGS" "-DCMAKE_CXX_FLAGS=$VNNI_FLAGS") ;;
-  *) echo "LLAMA_ISA=${LLAMA_ISA}: expected native, avx2 or avx2-vnni" >&2; exit 2 ;;
+               -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF) ;;
+  *) echo "LLAMA_ISA=$ISA: expected native, avx2 or avx2-vnni" >&2; exit 2 ;;
 esac
+# OUT/bin/isa names the build the binaries are (a directory from before it holds native ones)
 have=1
 for t in "${TARGETS[@]}"; do [ -x "$OUT/bin/$t" ] || have=0; done
-if [ "$have" = 1 ]; then
+built=$(cat "$OUT/bin/isa" 2>/dev/null || echo native)
+if [ "$have" = 1 ] && [ "$built" = "$ISA" ]; then
   echo "$OUT/bin"
   exit 0
+fi
+if [ "$have" = 1 ]; then
+  echo "$OUT/bin holds a $built build; rebuilding it for $ISA" >&2
 fi
 
 SDIST="$OUT/llama_cpp_python-$VER.tar.gz"
@@ -77,9 +86,12 @@ fi
 
 BUILD="$OUT/build"
 "$CMAKE" -S "$SRC/vendor/llama.cpp" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release \
-  "${ISA_FLAGS[@]}" -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
+  "${ISA_FLAGS[@]}" "-DCMAKE_C_FLAGS=$EXTRA_FLAGS" "-DCMAKE_CXX_FLAGS=$EXTRA_FLAGS" \
+  -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >&2
 "$CMAKE" --build "$BUILD" --config Release -j "$JOBS" --target "${TARGETS[@]}" >&2
 mkdir -p "$OUT/bin"
+rm -f "$OUT/bin/isa"
 for t in "${TARGETS[@]}"; do cp "$BUILD/bin/$t" "$OUT/bin/"; done
+echo "$ISA" > "$OUT/bin/isa"
 echo "$OUT/bin"

@@ -80,11 +80,11 @@ SMOLLM="$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 VLM_DIR="$OUT/smolvlm-256m-random"
 GGUF_3B="$OUT/afm-3b-2bit.gguf"
 if [ "$PROXY" != 0 ]; then
-  LLAMA="$OUT/llama.cpp-avx2"
   if [ "$PROXY" = vnni ]; then
     LLAMA="$OUT/llama.cpp-avx2-vnni"
     export AFM_ISA=avx2-vnni
   else
+    LLAMA="$OUT/llama.cpp-avx2"
     export AFM_ISA=avx2
   fi
   export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
