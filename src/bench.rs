@@ -643,9 +643,8 @@ pub(crate) fn median(v: &mut [f64]) -> f64 {
 /// With `bandwidth`, the machine's read bandwidth is measured just before each run (the
 /// limit of that run's decode): a shared machine's bandwidth can move by 2x over minutes (32
 /// to 66 GB/s on the development VM), so one reading at the start can be far from the one a
-/// run met. The probe's
-/// gigabyte is not the model's: the peak-RSS count restarts after each probe (the load's
-/// peak is kept), and without that restart nothing is probed.
+/// run met. The probe's gigabyte is not the model's: the peak-RSS count restarts after each
+/// probe (the load's peak is kept), and without that restart nothing is probed.
 pub fn worker(
     model: &std::path::Path,
     new_tokens: usize,
@@ -926,8 +925,9 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
         a.processes,
         a.runs
     );
-    // Measured before the busy loop starts: the machine's own bandwidth.
-    let bandwidth = read_bandwidth(threads);
+    // On a busy machine, measured before the busy loop starts: the machine's own bandwidth.
+    // Otherwise each worker measures it before each run, and this probe is only the fallback.
+    let busy_bandwidth = a.busy.then(|| read_bandwidth(threads));
     let _busy = crate::busy::maybe(a.busy);
     let one_thread_too = a.busy && threads > 1;
     let mut ours = RunReport::default();
@@ -1063,6 +1063,7 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
             100.0 * b.share.2
         )),
         None => {
+            let bandwidth = busy_bandwidth.unwrap_or_else(|| read_bandwidth(threads));
             let limit = bandwidth / weight_bytes.max(1) as f64;
             ratios.push(format!(
                 "bandwidth limit: {mb:.1} MB of weights read per token, {:.2} GB/s read bandwidth ({threads} threads) \

@@ -478,6 +478,55 @@ fn a_closed_stdout_pipe_ends_quietly() {
     }
 }
 
+/// `afm bench lm` holds each run to the read bandwidth measured just before it, in the worker
+/// process, and the probe's gigabyte does not count in the peak RSS it reports (it did once:
+/// mimalloc kept the freed buffer). A smoke test: no speed is asserted.
+#[test]
+fn bench_lm_holds_each_run_to_its_own_bandwidth_reading() {
+    let Some(model) = common::smollm2_gguf() else {
+        return;
+    };
+    let out = afm()
+        .args([
+            "--threads",
+            "2",
+            "bench",
+            "lm",
+            "--no-reference",
+            "--processes",
+            "1",
+            "--runs",
+            "2",
+            "--new-tokens",
+            "4",
+            "--prompt-tokens",
+            "16",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let (stdout, _) = common::succeeded(&out);
+    assert!(
+        stdout.contains("measured before each of the 2 runs") && stdout.contains("% of it (median"),
+        "{stdout}"
+    );
+    // | afm (2 threads) | prefill | decode | NNN MB | barriers |
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("| afm (2 threads)"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let rss: f64 = row
+        .split('|')
+        .nth(4)
+        .unwrap()
+        .trim()
+        .trim_end_matches(" MB")
+        .parse()
+        .unwrap();
+    assert!(rss > 0.0 && rss < 700.0, "peak RSS {rss} MB: {row}");
+}
+
 /// `afm bench guided` runs end to end on SmolLM2 and prints its figures, the within-run mask
 /// share among them (a smoke test: no speed is asserted).
 #[test]
