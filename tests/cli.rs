@@ -478,35 +478,39 @@ fn a_closed_stdout_pipe_ends_quietly() {
     }
 }
 
+/// `afm --threads 2 bench ARGS --model SMOLLM2`'s stdout, after checking it succeeded; `None`
+/// (the test skips) without the real SmolLM2 weights.
+fn bench_on_smollm2(args: &[&str]) -> Option<String> {
+    let model = common::smollm2_gguf()?;
+    let out = afm()
+        .args(["--threads", "2", "bench"])
+        .args(args)
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    Some(common::succeeded(&out).0)
+}
+
 /// `afm bench lm` holds each run to the read bandwidth measured just before it, in the worker
 /// process, and the probe's gigabyte does not count in the peak RSS it reports (it did once:
 /// mimalloc kept the freed buffer). A smoke test: no speed is asserted.
 #[test]
 fn bench_lm_holds_each_run_to_its_own_bandwidth_reading() {
-    let Some(model) = common::smollm2_gguf() else {
+    let Some(stdout) = bench_on_smollm2(&[
+        "lm",
+        "--no-reference",
+        "--processes",
+        "1",
+        "--runs",
+        "2",
+        "--new-tokens",
+        "4",
+        "--prompt-tokens",
+        "16",
+    ]) else {
         return;
     };
-    let out = afm()
-        .args([
-            "--threads",
-            "2",
-            "bench",
-            "lm",
-            "--no-reference",
-            "--processes",
-            "1",
-            "--runs",
-            "2",
-            "--new-tokens",
-            "4",
-            "--prompt-tokens",
-            "16",
-            "--model",
-        ])
-        .arg(&model)
-        .output()
-        .unwrap();
-    let (stdout, _) = common::succeeded(&out);
     assert!(
         stdout.contains("measured before each of the 2 runs") && stdout.contains("% of it (median"),
         "{stdout}"
@@ -531,25 +535,9 @@ fn bench_lm_holds_each_run_to_its_own_bandwidth_reading() {
 /// share among them (a smoke test: no speed is asserted).
 #[test]
 fn bench_guided_prints_its_figures() {
-    let Some(model) = common::smollm2_gguf() else {
+    let Some(stdout) = bench_on_smollm2(&["guided", "--runs", "1", "--new-tokens", "8"]) else {
         return;
     };
-    let out = afm()
-        .args([
-            "--threads",
-            "2",
-            "bench",
-            "guided",
-            "--runs",
-            "1",
-            "--new-tokens",
-            "8",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .output()
-        .unwrap();
-    let (stdout, _) = common::succeeded(&out);
     for line in [
         "mask per token",
         "decode, unconstrained:",
