@@ -10,7 +10,9 @@
 #        FMA + F16C without AVX-512, the AVX2 class on an AVX-512 machine, to set beside
 #        `AFM_ISA=avx2`; `avx2-vnni` adds the 256-bit `vpdpbusd` in the EVEX form an AVX-512
 #        VNNI host has, to set beside `AFM_ISA=avx2-vnni`), LLAMA_TARGETS (space-separated,
-#        default all five below).
+#        default all five below), LLAMA_PY_VENV (a venv, created if missing: llama-cpp-python
+#        is also installed there, built from the same sdist with the same ISA flags: the second
+#        reference of `afm bench lm --python LLAMA_PY_VENV/bin/python`).
 # Needs a C/C++ compiler; cmake is taken from PATH, else installed from PyPI into OUT_DIR/venv.
 # Prints the bin directory last; `afm bench lm --llama-bench OUT_DIR/bin/llama-bench`.
 # OUT_DIR/bin/isa names the LLAMA_ISA of the binaries there; asked for another, it rebuilds.
@@ -52,6 +54,29 @@ case "$ISA" in
                -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF) ;;
   *) echo "LLAMA_ISA=$ISA: expected native, avx2 or avx2-vnni" >&2; exit 2 ;;
 esac
+SDIST="$OUT/llama_cpp_python-$VER.tar.gz"
+if [ ! -f "$SDIST" ]; then
+  # the sdist only (build dependencies come as wheels; nothing is compiled here)
+  "$PY" -m pip download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VER" -d "$OUT" >&2
+fi
+
+# llama-cpp-python in LLAMA_PY_VENV, from the same sdist and with the same ISA flags (pip builds
+# it with cmake through scikit-build-core, from CMAKE_ARGS); VENV/llama-isa names its build
+if [ -n "${LLAMA_PY_VENV:-}" ]; then
+  PYV="$LLAMA_PY_VENV"
+  [ -x "$PYV/bin/python" ] || "$PY" -m venv "$PYV" >&2
+  if [ "$(cat "$PYV/llama-isa" 2>/dev/null)" != "$ISA $VER" ] \
+      || ! "$PYV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+    rm -f "$PYV/llama-isa"
+    "$PYV/bin/pip" uninstall --quiet -y llama-cpp-python > /dev/null 2>&1 || true
+    # --no-cache-dir: a wheel cached from another ISA's build is not reused
+    CMAKE_ARGS="${ISA_FLAGS[*]} -DCMAKE_C_FLAGS='$EXTRA_FLAGS' -DCMAKE_CXX_FLAGS='$EXTRA_FLAGS'" \
+      "$PYV/bin/pip" install --no-cache-dir "$SDIST" >&2
+    "$PYV/bin/python" -c "import llama_cpp" >&2
+    echo "$ISA $VER" > "$PYV/llama-isa"
+  fi
+fi
+
 # OUT/bin/isa names the build the binaries are (a directory from before it holds native ones)
 have=1
 for t in "${TARGETS[@]}"; do [ -x "$OUT/bin/$t" ] || have=0; done
@@ -64,11 +89,6 @@ if [ "$have" = 1 ]; then
   echo "$OUT/bin holds a $built build; rebuilding it for $ISA" >&2
 fi
 
-SDIST="$OUT/llama_cpp_python-$VER.tar.gz"
-if [ ! -f "$SDIST" ]; then
-  # the sdist only (build dependencies come as wheels; nothing is compiled here)
-  "$PY" -m pip download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VER" -d "$OUT" >&2
-fi
 SRC="$OUT/src"
 if [ ! -d "$SRC/vendor/llama.cpp" ]; then
   rm -rf "$SRC" && mkdir -p "$SRC"

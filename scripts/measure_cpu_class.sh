@@ -16,7 +16,9 @@
 #   OUT/mode        native, avx2-proxy or avx2-vnni-proxy: one OUT holds one mode (a mismatch
 #                   is refused)
 # Env:
-#   STEPS           which steps, in order (default: "setup lm busy 3b serve vision vlm")
+#   STEPS           which steps, in order (default: "setup pyref lm busy 3b serve vision vlm";
+#                   pyref installs llama-cpp-python, the lm step's second reference, into
+#                   OUT/venv-llamacpp, built from the same sdist with llama.cpp's ISA flags)
 #   THREADS         --threads of every bench (default: the online logical CPUs)
 #   AFM_PROXY_AVX2=1  the AVX2 class on an AVX-512 machine: afm built without its `avx512-gemm`
 #                   feature (candle's f32 matmul stops at AVX2) and run with AFM_ISA=avx2 (afm's
@@ -37,7 +39,8 @@
 #   CARGO_TARGET_DIR  as for cargo (default: target); the setup step checks that the binary it
 #                   copies from there is the one it built (its kernel line)
 # Needs: cargo, a C/C++ compiler, Python with venv and pip, and PyPI (PyTorch's wheels are ~3 GB).
-# Takes about an hour on 2 cores: builds ~20 min (afm, llama.cpp), benches ~20-40 min. Nothing
+# Takes about an hour on 2 cores: builds ~30 min (afm, llama.cpp twice: its binaries and
+# llama-cpp-python), benches ~20-40 min. Nothing
 # else should run meanwhile (a build or a training run on the same cores makes every ratio
 # wrong); each bench command records the load average before it starts.
 set -euo pipefail
@@ -64,7 +67,7 @@ elif compgen -G "$OUT/*.log" > /dev/null; then
   echo "$OUT holds a run without a mode file (older than it): use another OUT, or write its mode (native, avx2-proxy or avx2-vnni-proxy) into $OUT/mode" >&2
   exit 2
 fi
-ALL_STEPS="setup lm busy 3b serve vision vlm"
+ALL_STEPS="setup pyref lm busy 3b serve vision vlm"
 STEPS=${STEPS:-$ALL_STEPS}
 if [ "$PROXY" = vnni ] && ! grep -qw avx512_vnni /proc/cpuinfo; then
   echo "AFM_PROXY_AVX2=vnni needs a host with AVX-512 VNNI (its EVEX vpdpbusd stands in for AVX-VNNI); on an AVX-VNNI CPU, run without AFM_PROXY_AVX2" >&2
@@ -76,6 +79,7 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 
 AFM="$OUT/afm"
 VENV="$OUT/venv-torch"
+PYREF="$OUT/venv-llamacpp"
 SMOLLM="$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 VLM_DIR="$OUT/smolvlm-256m-random"
 GGUF_3B="$OUT/afm-3b-2bit.gguf"
@@ -97,7 +101,8 @@ REPORT="$OUT/report.md"
 
 # `bench LOG EXPECT CMD...` runs one command of a step: its stdout (the tables) goes to the
 # step's report part and the log, its stderr (progress, per-run figures) to the log only. The
-# step fails when the output lacks EXPECT (a reference that did not run leaves its line out).
+# step fails when the output lacks a line of EXPECT (a reference that did not run leaves its
+# line out).
 bench() {
   local log=$1 expect=$2; shift 2
   local md=${log%.log}.md out
@@ -110,10 +115,13 @@ bench() {
   out=$("$@" 2>> "$log")
   printf '%s\n' "$out" | tee -a "$log" >> "$md"
   echo "\`\`\`" >> "$md"
-  if [[ "$out" != *"$expect"* ]]; then
-    echo "$*: the output lacks \"$expect\" (see $log)" >&2
-    return 1
-  fi
+  local e
+  while IFS= read -r e; do
+    if [[ "$out" != *"$e"* ]]; then
+      echo "$*: the output lacks \"$e\" (see $log)" >&2
+      return 1
+    fi
+  done <<< "$expect"
 }
 
 step_setup() {
@@ -173,12 +181,27 @@ step_setup() {
   } > "$OUT/setup.md"
 }
 
+llama_isa() {
+  case "$PROXY" in vnni) echo avx2-vnni ;; 1) echo avx2 ;; *) echo native ;; esac
+}
+step_pyref() {
+  local log=$1
+  # the sdist build_llamacpp.sh downloaded in the setup step, built again as a Python package
+  LLAMA_ISA=$(llama_isa) LLAMA_TARGETS=llama-bench LLAMA_PY_VENV="$PYREF" \
+    bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
+  echo -e "\nSecond reference: llama-cpp-python $("$PYREF/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)'), built with LLAMA_ISA=$(cut -d" " -f1 "$PYREF/llama-isa") from the sdist that llama-bench comes from." \
+    | tee "${log%.log}.md" >> "$log"
+}
+
 LB="$LLAMA/bin/llama-bench"
 step_lm() {
-  local log=$1
+  local log=$1 expect="afm / llama-bench:"
   echo -e "\n## SmolLM2-135M Q4_1 against llama-bench (three invocations)" >> "${log%.log}.md"
+  # llama-cpp-python too when the pyref step installed it
+  if [ -f "$PYREF/llama-isa" ]; then expect+=$'\nafm / llama-cpp-python:'; fi
   for _ in 1 2 3; do
-    bench "$log" "afm / llama-bench:" "$AFM" --threads "$THREADS" bench lm --llama-bench "$LB" --prompt-tokens 85
+    bench "$log" "$expect" "$AFM" --threads "$THREADS" bench lm --llama-bench "$LB" --prompt-tokens 85 \
+      --python "$PYREF/bin/python"
   done
 }
 step_busy() {
