@@ -243,9 +243,14 @@ fn gemm_kernels() -> &'static str {
 /// `lowbit::groups`): declares `GroupKernels` (the kernels for 1, 2, 3 and 4 activation rows,
 /// of the invoking module's type `$kernel<C>`) with its constructors from the invoking
 /// module's `scalar::<C>` (portable), `simd::kernel::<C>` (AVX-512 VNNI) and
-/// `simd256::kernel::<C>` (AVX2), and `at(level)`: the fastest at a kernel level.
+/// `simd256::kernel::<C>` (AVX2), `simd256::VNNI::<C>` (the 256-bit `vpdpbusd`, VEX or EVEX;
+/// `group_kernels!(GroupKernel, VNNI)`, else the AVX2 kernels at that level too), and
+/// `at(level)`: the fastest at a kernel level.
 macro_rules! group_kernels {
     ($kernel:ident) => {
+        crate::isa::group_kernels!($kernel, kernel);
+    };
+    ($kernel:ident, $vnni:ident) => {
         /// The kernels for groups: 1, 2, 3 and 4 activation rows at a time.
         #[derive(Clone, Copy)]
         pub(super) struct GroupKernels {
@@ -293,12 +298,28 @@ macro_rules! group_kernels {
                 None
             }
 
+            /// The kernels for CPUs with the 256-bit `vpdpbusd` (AVX-VNNI, or AVX-512 VNNI
+            /// with VL), else `None`.
+            pub(super) fn avx2_vnni() -> Option<Self> {
+                #[cfg(target_arch = "x86_64")]
+                if crate::isa::detected() >= crate::isa::Isa::Avx2Vnni {
+                    return Some(Self {
+                        k1: simd256::$vnni::<1>,
+                        k2: simd256::$vnni::<2>,
+                        k3: simd256::$vnni::<3>,
+                        k4: simd256::$vnni::<4>,
+                    });
+                }
+                None
+            }
+
             /// The fastest kernels at kernel level `isa` (capped to what the CPU runs).
             pub(super) fn at(isa: crate::isa::Isa) -> Self {
                 use crate::isa::Isa;
                 let fast = match isa.min(crate::isa::detected()) {
                     Isa::Avx512 => Self::avx512(),
-                    Isa::Avx2 | Isa::Avx2Vnni => Self::avx2(),
+                    Isa::Avx2Vnni => Self::avx2_vnni(),
+                    Isa::Avx2 => Self::avx2(),
                     Isa::Portable => None,
                 };
                 fast.unwrap_or_else(Self::portable)
@@ -307,6 +328,47 @@ macro_rules! group_kernels {
     };
 }
 pub(crate) use group_kernels;
+
+/// Instantiates a one-row kernel macro of the group layouts (`lowbit::groups`, `quant::groups`)
+/// three times, as `$avx2`, `$avxvnni` and `$evex`: the macro is given the functions' doc line,
+/// name, target features, the number of partial sums per half of the group (`parts`: loads
+/// alternate between them), `|t, x, y| step` (add the products of unsigned code bytes `x` and
+/// signed activation bytes `y` to the sums `t`) and `|s| widen` (a half's partial sums to one sum
+/// of i32). AVX2 sums `vpmaddubsw` products in one i16 sum and widens it with one `vpmaddwd`; the
+/// VNNI forms add each `vpdpbusd` into two i32 sums (even and odd loads, so that no chain of
+/// `vpdpbusd` is longer than four). The products of 4-bit or 2-bit codes and activations in
+/// -127..=127 never saturate `vpmaddubsw`, and the kernels add at most 8 of its results in
+/// i16 (8 x 2 x 15 x 127 = 30,480 at most), so all three give the exact integer sums, and the
+/// same bits.
+macro_rules! dot_step_variants {
+    ($kernel:ident, $avx2:ident, $avxvnni:ident, $evex:ident) => {
+        $kernel!(
+            /// AVX2: `vpmaddubsw` and an i16 add per step, one `vpmaddwd` per half and block.
+            $avx2,
+            "avx2,fma,f16c",
+            1,
+            |t, x, y| _mm256_add_epi16(t, _mm256_maddubs_epi16(x, y)),
+            |s| _mm256_madd_epi16(s[0], _mm256_set1_epi16(1))
+        );
+        $kernel!(
+            /// AVX-VNNI: one `vpdpbusd` (VEX) per step, into i32.
+            $avxvnni,
+            "avx2,fma,f16c,avxvnni",
+            2,
+            |t, x, y| _mm256_dpbusd_avx_epi32(t, x, y),
+            |s| _mm256_add_epi32(s[0], s[1])
+        );
+        $kernel!(
+            /// AVX-512 VNNI + VL: one `vpdpbusd` (EVEX, 256 bits) per step, into i32.
+            $evex,
+            "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+            2,
+            |t, x, y| _mm256_dpbusd_epi32(t, x, y),
+            |s| _mm256_add_epi32(s[0], s[1])
+        );
+    };
+}
+pub(crate) use dot_step_variants;
 
 #[cfg(test)]
 mod tests {

@@ -1065,7 +1065,7 @@ mod tests {
                         k11: simd::k256::<1, 1>,
                         k41: simd::k256::<4, 1>,
                         k14: simd::k256::<1, 4>,
-                        groups: g,
+                        groups: groups::GroupKernels::avx2_vnni().unwrap_or(g),
                     },
                 ));
             }

@@ -1376,6 +1376,8 @@ mod tests {
         for (kind, (rows, cols, m)) in [QKind::Q4_1, QKind::Q8_0].into_iter().flat_map(|k| {
             [
                 (16, 32, 1),
+                // one row over many blocks: the decode kernels
+                (48, 576, 1),
                 (16, 64, 5),
                 (17, 96, 3),
                 (33, 128, 4),
@@ -1424,7 +1426,11 @@ mod tests {
                     "{kind:?} rows {rows} m {m}: grouped {g} vs rows {w}"
                 );
             }
-            let simd = [groups::GroupKernels::avx512(), groups::GroupKernels::avx2()];
+            let simd = [
+                groups::GroupKernels::avx512(),
+                groups::GroupKernels::avx2(),
+                groups::GroupKernels::avx2_vnni(),
+            ];
             for fast in simd.into_iter().flatten() {
                 for k in [scalar_kernels(), kernels(cols / QK)] {
                     let got = grouped.matmul_with(&xs, m, k, fast);
@@ -1478,7 +1484,11 @@ mod tests {
             for (g, e) in port.iter().zip(&exact) {
                 assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{g} vs {e}");
             }
-            let simd = [groups::GroupKernels::avx512(), groups::GroupKernels::avx2()];
+            let simd = [
+                groups::GroupKernels::avx512(),
+                groups::GroupKernels::avx2(),
+                groups::GroupKernels::avx2_vnni(),
+            ];
             for fast in simd.into_iter().flatten() {
                 let got = w.matmul_with(&xs, m, scalar_kernels(), fast);
                 for (i, (g, p)) in got.iter().zip(&port).enumerate() {

@@ -194,7 +194,7 @@ fn check_bounds(m: &Meta, w: &Group<'_>, a: &Act, c0: usize, c: usize) {
     );
 }
 
-crate::isa::group_kernels!(GroupKernel);
+crate::isa::group_kernels!(GroupKernel, kernel_vnni);
 
 impl GroupKernels {
     /// Activation rows `c0 .. c0 + n` (`n` in 1..=4) against group `w`; entries past `n`
@@ -382,6 +382,35 @@ mod simd256 {
         out
     }
 
+    /// [`kernel`] on a CPU with the 256-bit `vpdpbusd`: one activation row (a decode step)
+    /// takes [`lowbit1_avxvnni`] or [`lowbit1_evex`]; more rows stay on the AVX2 kernels.
+    pub fn kernel_vnni<const C: usize>(
+        m: &Meta,
+        w: Group<'_>,
+        a: &Act,
+        c0: usize,
+    ) -> [[f32; G]; C] {
+        if C != 1 {
+            return kernel::<C>(m, w, a, c0);
+        }
+        super::check_bounds(m, &w, a, c0, 1);
+        let mut out = [[0f32; G]; C];
+        let vex = crate::isa::has_avx_vnni();
+        // SAFETY: `GroupKernels::avx2_vnni` hands out this kernel only when the CPU has AVX2,
+        // FMA, F16C and AVX-VNNI (`vex`) or AVX-512 VNNI + VL (its level is at least
+        // `Avx2Vnni`); `check_bounds` (one activation row from c0) keeps every load inside
+        // the slices.
+        out[0] = unsafe {
+            match (vex, m.bits) {
+                (true, 2) => lowbit1_avxvnni::<2>(m, w, a, c0),
+                (true, _) => lowbit1_avxvnni::<4>(m, w, a, c0),
+                (false, 2) => lowbit1_evex::<2>(m, w, a, c0),
+                (false, _) => lowbit1_evex::<4>(m, w, a, c0),
+            }
+        };
+        out
+    }
+
     /// Field `shift` (a multiple of 2 below 8) of every byte of `v`, under `mask`.
     ///
     /// # Safety
@@ -396,65 +425,85 @@ mod simd256 {
         }
     }
 
-    /// [`lowbit`] for one activation row (a decode step), both halves of the group in one
-    /// pass: each broadcast of 4 activation bytes serves all 16 rows, and each code vector
-    /// is unpacked as it is used. At one row the kernel is bound by its vector operations
-    /// (the codes are few next to the work), and per block this saves eight broadcasts, a
-    /// scale broadcast and the second pass's loop. The same operations per lane as
-    /// [`lowbit`] (exact integer sums, then the same float steps): the same bits.
+    /// Generates the kernel for one activation row (a decode step) of [`lowbit`]'s rows, both
+    /// halves of the group in one pass: each broadcast of 4 activation bytes serves all 16
+    /// rows, and each code vector is unpacked as it is used. At one row the kernel is bound by
+    /// its vector operations (the codes are few next to the work), and per block this saves
+    /// eight broadcasts, a scale broadcast and the second pass's loop.
     ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C, and `check_bounds(m, &w, a, c0, 1)` must hold.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lowbit1<const B: u32>(m: &Meta, w: Group<'_>, a: &Act, c0: usize) -> [f32; G] {
-        let (bb, ng) = (block_bytes(B), m.nb / m.gpb);
-        // 64-byte loads per block, and values per byte
-        let (loads, per) = if B == 2 { (2, 4) } else { (4, 2) };
-        let mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut corr = [_mm256_setzero_ps(); 2];
-        for b in 0..m.nb {
-            let base = w.qs.as_ptr().add(b * bb);
-            let y = a.qs.as_ptr().add(c0 * m.kp + b * BLOCK) as *const i32;
-            let mut t = [_mm256_setzero_si256(); 2];
-            for l in 0..loads {
-                let v = [
-                    _mm256_loadu_si256(base.add(l * 64) as *const __m256i),
-                    _mm256_loadu_si256(base.add(l * 64 + 32) as *const __m256i),
-                ];
-                for k in 0..per {
-                    let yv = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(l * per + k)));
-                    for (th, &vh) in t.iter_mut().zip(&v) {
-                        let x = field(vh, B * k as u32, mask);
-                        *th = _mm256_add_epi16(*th, _mm256_maddubs_epi16(x, yv));
+    /// `|t, x, y| step` adds the products of code bytes `x` (unsigned) and activation bytes `y` to
+    /// the sums `t`; `|s| widen` turns a half's `parts` partial sums (the 64-byte loads alternate
+    /// between them) into one of i32 ([`crate::isa::dot_step_variants`]). Either way the sums are
+    /// the exact integer sums of the products (codes 0..=15 times activations in -127..=127, at
+    /// most 8 * 2 * 15 * 127 = 30,480 in i16), and the float steps after them are [`lowbit`]'s: the
+    /// same bits.
+    macro_rules! lowbit1 {
+        ($(#[$doc:meta])* $name:ident, $feat:literal, $parts:literal,
+         |$t:ident, $x:ident, $y:ident| $step:expr,
+         |$s:ident| $widen:expr) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// The CPU must have the features enabled below, and `check_bounds(m, &w, a, c0,
+            /// 1)` must hold.
+            // `l % $parts` with one part (AVX2) is 0: every load into one sum
+            #[allow(clippy::modulo_one)]
+            #[target_feature(enable = $feat)]
+            unsafe fn $name<const B: u32>(m: &Meta, w: Group<'_>, a: &Act, c0: usize) -> [f32; G] {
+                let (bb, ng) = (block_bytes(B), m.nb / m.gpb);
+                // 64-byte loads per block, and values per byte
+                let (loads, per) = if B == 2 { (2, 4) } else { (4, 2) };
+                let mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
+                let mut acc = [_mm256_setzero_ps(); 2];
+                let mut corr = [_mm256_setzero_ps(); 2];
+                for b in 0..m.nb {
+                    let base = w.qs.as_ptr().add(b * bb);
+                    let y = a.qs.as_ptr().add(c0 * m.kp + b * BLOCK) as *const i32;
+                    // [half][partial sum]
+                    let mut t = [[_mm256_setzero_si256(); 2]; 2];
+                    for l in 0..loads {
+                        let v = [
+                            _mm256_loadu_si256(base.add(l * 64) as *const __m256i),
+                            _mm256_loadu_si256(base.add(l * 64 + 32) as *const __m256i),
+                        ];
+                        for k in 0..per {
+                            let yv =
+                                _mm256_set1_epi32(std::ptr::read_unaligned(y.add(l * per + k)));
+                            for (th, &vh) in t.iter_mut().zip(&v) {
+                                let x = field(vh, B * k as u32, mask);
+                                let ($t, $x, $y) = (th[l % $parts], x, yv);
+                                th[l % $parts] = $step;
+                            }
+                        }
+                    }
+                    let s = b / m.gpb;
+                    let dx = _mm256_set1_ps(*a.d.get_unchecked(c0 * m.nb + b));
+                    for h in 0..2 {
+                        let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                            w.d.as_ptr().add(s * G + h * 8) as *const __m128i,
+                        ));
+                        let $s = t[h];
+                        let dot = _mm256_cvtepi32_ps($widen);
+                        acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, dx), acc[h]);
+                        if b % m.gpb == 0 {
+                            let sg = _mm256_set1_ps(*a.sg.get_unchecked(c0 * ng + s));
+                            corr[h] = _mm256_fmadd_ps(dw, sg, corr[h]);
+                        }
                     }
                 }
-            }
-            let s = b / m.gpb;
-            let dx = _mm256_set1_ps(*a.d.get_unchecked(c0 * m.nb + b));
-            for h in 0..2 {
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(
-                    w.d.as_ptr().add(s * G + h * 8) as *const __m128i
-                ));
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t[h], ones));
-                acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, dx), acc[h]);
-                if b % m.gpb == 0 {
-                    let sg = _mm256_set1_ps(*a.sg.get_unchecked(c0 * ng + s));
-                    corr[h] = _mm256_fmadd_ps(dw, sg, corr[h]);
+                let c = _mm256_set1_ps(offset(B));
+                let mut out = [0f32; G];
+                for h in 0..2 {
+                    _mm256_storeu_ps(
+                        out.as_mut_ptr().add(h * 8),
+                        _mm256_fnmadd_ps(c, corr[h], acc[h]),
+                    );
                 }
+                out
             }
-        }
-        let c = _mm256_set1_ps(offset(B));
-        let mut out = [0f32; G];
-        for h in 0..2 {
-            _mm256_storeu_ps(
-                out.as_mut_ptr().add(h * 8),
-                _mm256_fnmadd_ps(c, corr[h], acc[h]),
-            );
-        }
-        out
+        };
     }
+    crate::isa::dot_step_variants!(lowbit1, lowbit1, lowbit1_avxvnni, lowbit1_evex);
 
     /// Rows `8 * half .. 8 * half + 8` of a group: per block and activation row, the eight
     /// `vpmaddubsw` products of the 32 values summed in i16 (at most 8 * 2 * 15 * 127 =

@@ -263,7 +263,7 @@ fn check_bounds(w: &Group<'_>, a: &Act, c0: usize, c: usize, cols: usize) {
     );
 }
 
-crate::isa::group_kernels!(GroupKernel);
+crate::isa::group_kernels!(GroupKernel, kernel_vnni);
 
 /// How far ahead of the block in hand the SIMD kernels prefetch a group's quant bytes: 8
 /// blocks (2 KiB of Q4_1, 4 KiB of Q8_0). With four activation rows the products take about
@@ -509,53 +509,107 @@ mod simd256 {
         out
     }
 
-    /// [`q4_1`] for one activation row (a decode step), both halves of the group in one
-    /// pass: each broadcast of activation bytes and scales serves all 16 rows. The same
-    /// operations per lane (exact integer sums, then the same float steps): the same bits.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C, and `check_bounds(&w, a, c0, 1, cols)` must
-    /// hold.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_one(nb: usize, w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [f32; G] {
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut accm = [_mm256_setzero_ps(); 2];
-        let q = w.qs.as_ptr();
-        for b in 0..nb {
-            super::prefetch_ahead(q, b, 16 * G);
-            let base = q.add(b * 16 * G);
-            let y = a.qs.as_ptr().add(c0 * cols + b * QK) as *const i32;
-            let mut t = [_mm256_setzero_si256(); 2];
-            for l in 0..4 {
-                let ylo = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(2 * l)));
-                let yhi = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(2 * l + 1)));
-                for (h, th) in t.iter_mut().enumerate() {
-                    let v = _mm256_loadu_si256(base.add(l * 64 + h * 32) as *const __m256i);
-                    let lo = _mm256_and_si256(v, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                    *th = _mm256_add_epi16(*th, _mm256_maddubs_epi16(lo, ylo));
-                    *th = _mm256_add_epi16(*th, _mm256_maddubs_epi16(hi, yhi));
-                }
-            }
-            let dx = _mm256_set1_ps(*a.d.get_unchecked(c0 * nb + b));
-            let sx = _mm256_set1_ps(*a.s.get_unchecked(c0 * nb + b));
-            for h in 0..2 {
-                let at = b * G + h * 8;
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
-                let mw = _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(at) as *const __m128i));
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t[h], ones));
-                acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, dx), acc[h]);
-                accm[h] = _mm256_fmadd_ps(mw, sx, accm[h]);
-            }
+    /// [`kernel`] on a CPU with the 256-bit `vpdpbusd`: one activation row of Q4_1 (a decode
+    /// step) takes [`q4_1_one_avxvnni`] or [`q4_1_one_evex`]; Q8_0 and more rows stay on the
+    /// AVX2 kernels.
+    pub fn kernel_vnni<const C: usize>(
+        w: Group<'_>,
+        a: &Act,
+        c0: usize,
+        cols: usize,
+    ) -> [[f32; G]; C] {
+        if C != 1 || w.kind != QKind::Q4_1 {
+            return kernel::<C>(w, a, c0, cols);
         }
-        let mut out = [0f32; G];
-        for h in 0..2 {
-            _mm256_storeu_ps(out.as_mut_ptr().add(h * 8), _mm256_add_ps(acc[h], accm[h]));
-        }
+        let nb = cols / QK;
+        super::check_bounds(&w, a, c0, 1, cols);
+        let mut out = [[0f32; G]; C];
+        // SAFETY: `GroupKernels::avx2_vnni` hands out this kernel only when the CPU has AVX2,
+        // FMA, F16C and AVX-VNNI (then `has_avx_vnni`) or AVX-512 VNNI + VL (its level is at
+        // least `Avx2Vnni`); `check_bounds` (one activation row from c0) keeps every load
+        // inside the slices.
+        out[0] = unsafe {
+            if crate::isa::has_avx_vnni() {
+                q4_1_one_avxvnni(nb, w, a, c0, cols)
+            } else {
+                q4_1_one_evex(nb, w, a, c0, cols)
+            }
+        };
         out
     }
+
+    /// Generates the kernel for one activation row of Q4_1 (a decode step), both halves of
+    /// the group in one pass: each broadcast of activation bytes and scales serves all 16
+    /// rows.
+    ///
+    /// `|t, x, y| step` adds the products of code bytes `x` (unsigned) and activation bytes `y` to
+    /// the sums `t`; `|s| widen` turns a half's `parts` partial sums (the 64-byte loads alternate
+    /// between them) into one of i32 ([`crate::isa::dot_step_variants`]). Either way the sums are
+    /// the exact integer sums of the products (codes 0..=15 times activations in -127..=127, at
+    /// most 8 * 2 * 15 * 127 = 30,480 in i16), and the float steps after them are [`q4_1`]'s: the
+    /// same bits.
+    macro_rules! q4_1_one {
+        ($(#[$doc:meta])* $name:ident, $feat:literal, $parts:literal,
+         |$t:ident, $x:ident, $y:ident| $step:expr,
+         |$s:ident| $widen:expr) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// The CPU must have the features enabled below, and `check_bounds(&w, a, c0, 1,
+            /// cols)` must hold.
+            // `l % $parts` with one part (AVX2) is 0: every load into one sum
+            #[allow(clippy::modulo_one)]
+            #[target_feature(enable = $feat)]
+            unsafe fn $name(nb: usize, w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [f32; G] {
+                let mask = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); 2];
+                let mut accm = [_mm256_setzero_ps(); 2];
+                let q = w.qs.as_ptr();
+                for b in 0..nb {
+                    super::prefetch_ahead(q, b, 16 * G);
+                    let base = q.add(b * 16 * G);
+                    let y = a.qs.as_ptr().add(c0 * cols + b * QK) as *const i32;
+                    // [half][partial sum]
+                    let mut t = [[_mm256_setzero_si256(); 2]; 2];
+                    for l in 0..4 {
+                        let ylo = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(2 * l)));
+                        let yhi = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(2 * l + 1)));
+                        for (h, th) in t.iter_mut().enumerate() {
+                            let v =
+                                _mm256_loadu_si256(base.add(l * 64 + h * 32) as *const __m256i);
+                            let lo = _mm256_and_si256(v, mask);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                            for (x, yv) in [(lo, ylo), (hi, yhi)] {
+                                let ($t, $x, $y) = (th[l % $parts], x, yv);
+                                th[l % $parts] = $step;
+                            }
+                        }
+                    }
+                    let dx = _mm256_set1_ps(*a.d.get_unchecked(c0 * nb + b));
+                    let sx = _mm256_set1_ps(*a.s.get_unchecked(c0 * nb + b));
+                    for h in 0..2 {
+                        let at = b * G + h * 8;
+                        let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                            w.d.as_ptr().add(at) as *const __m128i
+                        ));
+                        let mw = _mm256_cvtph_ps(_mm_loadu_si128(
+                            w.m.as_ptr().add(at) as *const __m128i
+                        ));
+                        let $s = t[h];
+                        let dot = _mm256_cvtepi32_ps($widen);
+                        acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, dx), acc[h]);
+                        accm[h] = _mm256_fmadd_ps(mw, sx, accm[h]);
+                    }
+                }
+                let mut out = [0f32; G];
+                for h in 0..2 {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(h * 8), _mm256_add_ps(acc[h], accm[h]));
+                }
+                out
+            }
+        };
+    }
+    crate::isa::dot_step_variants!(q4_1_one, q4_1_one, q4_1_one_avxvnni, q4_1_one_evex);
 
     /// [`q8_0`] for one activation row, both halves of the group in one pass (as
     /// [`q4_1_one`]); the same bits.
