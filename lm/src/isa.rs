@@ -243,8 +243,9 @@ fn gemm_kernels() -> &'static str {
 /// `lowbit::groups`): declares `GroupKernels` (the kernels for 1, 2, 3 and 4 activation rows,
 /// of the invoking module's type `$kernel<C>`) with its constructors from the invoking
 /// module's `scalar::<C>` (portable), `simd::kernel::<C>` (AVX-512 VNNI) and
-/// `simd256::kernel::<C>` (AVX2), `simd256::VNNI::<C>` (the 256-bit `vpdpbusd`, VEX or EVEX;
-/// `group_kernels!(GroupKernel, VNNI)`, else the AVX2 kernels at that level too), and
+/// `simd256::kernel::<C>` (AVX2), the kernels for the 256-bit `vpdpbusd` (VEX or EVEX) named
+/// by the second argument (`group_kernels!(GroupKernel, kernel_vnni)` takes
+/// `simd256::kernel_vnni::<C>`; without it the AVX2 kernels serve that level too), and
 /// `at(level)`: the fastest at a kernel level.
 macro_rules! group_kernels {
     ($kernel:ident) => {
