@@ -383,9 +383,10 @@ fn generate_with<M: LanguageModel>(
 /// option 4 in mimalloc 2's enum, no named constant in libmimalloc-sys). On this project's
 /// Linux VM, loading the 3.1B 2-bit model then took 8.75-11.35 s, half of it in the kernel's
 /// `clear_page` under huge-page faults (`perf`), against 5.6-6.1 s with lazy commit (peak
-/// RSS 1.13 GB either way; decode and SmolLM2's speeds unchanged within noise). Set from `.init_array` ([`COMMIT_ARENAS_LAZILY`]): set in `main`, it
-/// came too late for the arena the runtime's first allocations had reserved (7.2-11.5 s).
-/// `MIMALLOC_ARENA_EAGER_COMMIT=1` in the environment still restores mimalloc's default.
+/// RSS 1.13 GB either way; decode and SmolLM2's speeds unchanged within noise). Set from
+/// `.init_array` ([`COMMIT_ARENAS_LAZILY`]): set in `main`, it came too late for the arena
+/// the runtime's first allocations had reserved (7.2-11.5 s). `MIMALLOC_ARENA_EAGER_COMMIT=1`
+/// in the environment still restores mimalloc's default.
 extern "C" fn commit_arenas_lazily() {
     const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
     // SAFETY: mi_option_set only stores an integer in mimalloc's option table, which mimalloc
