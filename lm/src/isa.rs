@@ -331,38 +331,40 @@ macro_rules! group_kernels {
 pub(crate) use group_kernels;
 
 /// Instantiates a one-row kernel macro of the group layouts (`lowbit::groups`, `quant::groups`)
-/// three times, as `$avx2`, `$avxvnni` and `$evex`: the macro is given the functions' doc line,
-/// name, target features, the number of partial sums per half of the group (`parts`: loads
-/// alternate between them), `|t, x, y| step` (add the products of unsigned code bytes `x` and
-/// signed activation bytes `y` to the sums `t`) and `|s| widen` (a half's partial sums to one sum
-/// of i32). AVX2 sums `vpmaddubsw` products in one i16 sum and widens it with one `vpmaddwd`; the
-/// VNNI forms add each `vpdpbusd` into two i32 sums (even and odd loads, so that no chain of
-/// `vpdpbusd` is longer than four). The products of 4-bit or 2-bit codes and activations in
-/// -127..=127 never saturate `vpmaddubsw`, and the kernels add at most 8 of its results in
-/// i16 (8 x 2 x 15 x 127 = 30,480 at most), so all three give the exact integer sums, and the
-/// same bits.
+/// three times, as `$avx2`, `$avxvnni` and `$evex`: the macro is given the functions' attributes (a
+/// doc line, the target features and, for AVX2's single sum, clippy's leave for `l % 1`), name, the
+/// number of partial sums per half of the group (`parts`: loads alternate between them), `|t, x, y|
+/// step` (add the products of unsigned code bytes `x` and signed activation bytes `y` to the sums
+/// `t`) and `|s| widen` (a half's partial sums to one sum of i32). AVX2 sums `vpmaddubsw` products
+/// in one i16 sum and widens it with one `vpmaddwd`; the VNNI forms add each `vpdpbusd` into two
+/// i32 sums (even and odd loads, so that no chain of `vpdpbusd` is longer than four). The products
+/// of 4-bit or 2-bit codes and activations in -127..=127 never saturate `vpmaddubsw`, and the
+/// kernels add at most 8 of its results in i16 (8 x 2 x 15 x 127 = 30,480 at most), so all three
+/// give the exact integer sums, and the same bits.
 macro_rules! dot_step_variants {
     ($kernel:ident, $avx2:ident, $avxvnni:ident, $evex:ident) => {
         $kernel!(
             /// AVX2: `vpmaddubsw` and an i16 add per step, one `vpmaddwd` per half and block.
+            // one sum: `l % 1` is 0, every load into it
+            #[allow(clippy::modulo_one)]
+            #[target_feature(enable = "avx2,fma,f16c")]
             $avx2,
-            "avx2,fma,f16c",
             1,
             |t, x, y| _mm256_add_epi16(t, _mm256_maddubs_epi16(x, y)),
             |s| _mm256_madd_epi16(s[0], _mm256_set1_epi16(1))
         );
         $kernel!(
             /// AVX-VNNI: one `vpdpbusd` (VEX) per step, into i32.
+            #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
             $avxvnni,
-            "avx2,fma,f16c,avxvnni",
             2,
             |t, x, y| _mm256_dpbusd_avx_epi32(t, x, y),
             |s| _mm256_add_epi32(s[0], s[1])
         );
         $kernel!(
             /// AVX-512 VNNI + VL: one `vpdpbusd` (EVEX, 256 bits) per step, into i32.
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
             $evex,
-            "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
             2,
             |t, x, y| _mm256_dpbusd_epi32(t, x, y),
             |s| _mm256_add_epi32(s[0], s[1])

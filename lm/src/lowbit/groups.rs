@@ -431,24 +431,18 @@ mod simd256 {
     /// its vector operations (the codes are few next to the work), and per block this saves
     /// eight broadcasts, a scale broadcast and the second pass's loop.
     ///
-    /// `|t, x, y| step` adds the products of code bytes `x` (unsigned) and activation bytes `y` to
-    /// the sums `t`; `|s| widen` turns a half's `parts` partial sums (the 64-byte loads alternate
-    /// between them) into one of i32 ([`crate::isa::dot_step_variants`]). Either way the sums are
-    /// the exact integer sums of the products (codes 0..=15 times activations in -127..=127, at
-    /// most 8 * 2 * 15 * 127 = 30,480 in i16), and the float steps after them are [`lowbit`]'s: the
-    /// same bits.
+    /// `|t, x, y| step` and `|s| widen` sum the products per half of the group
+    /// ([`crate::isa::dot_step_variants`] gives them for AVX2 and both VNNI forms): the exact
+    /// integer sums, and the float steps after them are [`lowbit`]'s: the same bits.
     macro_rules! lowbit1 {
-        ($(#[$doc:meta])* $name:ident, $feat:literal, $parts:literal,
+        ($(#[$attr:meta])* $name:ident, $parts:literal,
          |$t:ident, $x:ident, $y:ident| $step:expr,
          |$s:ident| $widen:expr) => {
-            $(#[$doc])*
+            $(#[$attr])*
             ///
             /// # Safety
-            /// The CPU must have the features enabled below, and `check_bounds(m, &w, a, c0,
+            /// The CPU must have the features enabled above, and `check_bounds(m, &w, a, c0,
             /// 1)` must hold.
-            // `l % $parts` with one part (AVX2) is 0: every load into one sum
-            #[allow(clippy::modulo_one)]
-            #[target_feature(enable = $feat)]
             unsafe fn $name<const B: u32>(m: &Meta, w: Group<'_>, a: &Act, c0: usize) -> [f32; G] {
                 let (bb, ng) = (block_bytes(B), m.nb / m.gpb);
                 // 64-byte loads per block, and values per byte

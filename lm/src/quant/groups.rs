@@ -542,24 +542,18 @@ mod simd256 {
     /// the group in one pass: each broadcast of activation bytes and scales serves all 16
     /// rows.
     ///
-    /// `|t, x, y| step` adds the products of code bytes `x` (unsigned) and activation bytes `y` to
-    /// the sums `t`; `|s| widen` turns a half's `parts` partial sums (the 64-byte loads alternate
-    /// between them) into one of i32 ([`crate::isa::dot_step_variants`]). Either way the sums are
-    /// the exact integer sums of the products (codes 0..=15 times activations in -127..=127, at
-    /// most 8 * 2 * 15 * 127 = 30,480 in i16), and the float steps after them are [`q4_1`]'s: the
-    /// same bits.
+    /// `|t, x, y| step` and `|s| widen` sum the products per half of the group
+    /// ([`crate::isa::dot_step_variants`] gives them for AVX2 and both VNNI forms): the exact
+    /// integer sums, and the float steps after them are [`q4_1`]'s: the same bits.
     macro_rules! q4_1_one {
-        ($(#[$doc:meta])* $name:ident, $feat:literal, $parts:literal,
+        ($(#[$attr:meta])* $name:ident, $parts:literal,
          |$t:ident, $x:ident, $y:ident| $step:expr,
          |$s:ident| $widen:expr) => {
-            $(#[$doc])*
+            $(#[$attr])*
             ///
             /// # Safety
-            /// The CPU must have the features enabled below, and `check_bounds(&w, a, c0, 1,
+            /// The CPU must have the features enabled above, and `check_bounds(&w, a, c0, 1,
             /// cols)` must hold.
-            // `l % $parts` with one part (AVX2) is 0: every load into one sum
-            #[allow(clippy::modulo_one)]
-            #[target_feature(enable = $feat)]
             unsafe fn $name(nb: usize, w: Group<'_>, a: &Act, c0: usize, cols: usize) -> [f32; G] {
                 let mask = _mm256_set1_epi8(0x0F);
                 let mut acc = [_mm256_setzero_ps(); 2];
