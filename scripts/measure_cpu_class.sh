@@ -83,17 +83,15 @@ PYREF="$OUT/venv-llamacpp"
 SMOLLM="$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 VLM_DIR="$OUT/smolvlm-256m-random"
 GGUF_3B="$OUT/afm-3b-2bit.gguf"
+# llama.cpp's build (scripts/build_llamacpp.sh's LLAMA_ISA): the proxies' level, as afm's
 if [ "$PROXY" != 0 ]; then
-  if [ "$PROXY" = vnni ]; then
-    LLAMA="$OUT/llama.cpp-avx2-vnni"
-    export AFM_ISA=avx2-vnni
-  else
-    LLAMA="$OUT/llama.cpp-avx2"
-    export AFM_ISA=avx2
-  fi
+  if [ "$PROXY" = vnni ]; then L_ISA=avx2-vnni; else L_ISA=avx2; fi
+  LLAMA="$OUT/llama.cpp-$L_ISA"
+  export AFM_ISA=$L_ISA
   export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
   export FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 else
+  L_ISA=native
   LLAMA="$OUT/llama.cpp"
   unset AFM_ISA ATEN_CPU_CAPABILITY MKL_ENABLE_INSTRUCTIONS ONEDNN_MAX_CPU_ISA FBGEMM_ENABLE_INSTRUCTIONS
 fi
@@ -148,13 +146,9 @@ step_setup() {
     0:*"up to AVX2"*) echo "$AFM was built without avx512-gemm; rebuild it" >&2; return 1 ;;
   esac
   bash scripts/fetch_smollm2.sh >> "$log" 2>&1
-  if [ "$PROXY" = vnni ]; then
-    LLAMA_ISA=avx2-vnni LLAMA_TARGETS="llama-bench llama-server" bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
-  elif [ "$PROXY" = 1 ]; then
-    LLAMA_ISA=avx2 LLAMA_TARGETS="llama-bench llama-server" bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
-  else
-    LLAMA_TARGETS="llama-bench llama-completion llama-server" bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
-  fi
+  local targets="llama-bench llama-server"
+  if [ "$PROXY" = 0 ]; then targets="llama-bench llama-completion llama-server"; fi
+  LLAMA_ISA=$L_ISA LLAMA_TARGETS="$targets" bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
   # gguf: the SmolVLM script reads SmolLM2's tokenizer from its GGUF through transformers
   if ! "$VENV/bin/python" -c "import torch, transformers, gguf" 2>/dev/null; then
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -181,13 +175,10 @@ step_setup() {
   } > "$OUT/setup.md"
 }
 
-llama_isa() {
-  case "$PROXY" in vnni) echo avx2-vnni ;; 1) echo avx2 ;; *) echo native ;; esac
-}
 step_pyref() {
   local log=$1
   # the sdist build_llamacpp.sh downloaded in the setup step, built again as a Python package
-  LLAMA_ISA=$(llama_isa) LLAMA_TARGETS=llama-bench LLAMA_PY_VENV="$PYREF" \
+  LLAMA_ISA=$L_ISA LLAMA_TARGETS=llama-bench LLAMA_PY_VENV="$PYREF" \
     bash scripts/build_llamacpp.sh "$LLAMA" >> "$log" 2>&1
   echo -e "\nSecond reference: llama-cpp-python $("$PYREF/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)'), built with LLAMA_ISA=$(cut -d" " -f1 "$PYREF/llama-isa") from the sdist that llama-bench comes from." \
     | tee "${log%.log}.md" >> "$log"
