@@ -95,6 +95,21 @@ pub fn has_avx_vnni() -> bool {
     })
 }
 
+/// Prefetches the `bytes` at `p` into L1, one 64-byte line at a time: the group kernels
+/// (`quant::groups`, `lowbit::groups`) call it for the weight bytes some distance ahead of
+/// the block in hand. A prefetch never faults, so `p` may lie past the matrix's end (the
+/// next allocation's bytes, or nothing of use).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_lines(p: *const u8, bytes: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    for l in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch never faults and changes nothing but timing, whatever the
+        // address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(l) as *const i8) };
+    }
+}
+
 /// The cap from `AFM_ISA` (None when unset or invalid).
 pub fn cap() -> Option<Isa> {
     static C: OnceLock<Option<Isa>> = OnceLock::new();

@@ -277,13 +277,7 @@ const PREFETCH_BLOCKS: usize = 8;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_ahead(q: *const u8, b: usize, bb: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let ahead = q.wrapping_add((b + PREFETCH_BLOCKS) * bb);
-    for l in (0..bb).step_by(64) {
-        // SAFETY: a prefetch never faults and changes nothing but timing, whatever the
-        // address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8) };
-    }
+    crate::isa::prefetch_lines(q.wrapping_add((b + PREFETCH_BLOCKS) * bb), bb);
 }
 
 /// Whether matrices of `kind` are grouped at kernel level `isa`: both kinds from AVX2 up
