@@ -23,7 +23,7 @@
 //! The scales of weight group `s` of the 16 rows sit at `(g * ng + s) * G + i` (`ng` scales
 //! per row).
 
-use super::{code, offset, pack_pair, Act, BLOCK, PAIR};
+use super::{offset, pack_pair, Act, BLOCK, PAIR};
 
 /// Rows per group: one 512-bit lane of 4 bytes per row.
 pub(super) const G: usize = 16;
@@ -87,47 +87,96 @@ impl Meta {
 }
 
 /// Row-layout codes and scales to the group layout (`to_groups`) or back, for the first
-/// `rows / G * G` rows; the tail rows are left as they are.
+/// `rows / G * G` rows; the tail rows are left as they are. The groups are permuted in
+/// parallel (each touches only its own bytes), and into the group layout a word at a time
+/// ([`block_to_group`]): value by value on one thread, this was most of the 3.1B model's
+/// load (7.0-7.6 s on an Intel Xeon, now 2.0-2.4 s).
 pub(super) fn permute(m: &Meta, qs: &mut [u8], d: &mut [u16], rows: usize, to_groups: bool) {
+    use rayon::prelude::*;
     let rb = m.kp * m.bits as usize / 8;
     let pb = PAIR * m.bits as usize / 8;
     let bb = block_bytes(m.bits);
     let ng = m.ng();
-    let mut codes = vec![0u8; m.kp];
-    for g in 0..rows / G {
-        let qsg = &mut qs[g * G * rb..(g + 1) * G * rb];
-        let dg = &mut d[g * G * ng..(g + 1) * G * ng];
-        let (src_q, src_d) = (qsg.to_vec(), dg.to_vec());
-        if to_groups {
-            qsg.fill(0);
-        }
-        for i in 0..G {
+    let groups = rows / G;
+    let qs = &mut qs[..groups * G * rb];
+    let d = &mut d[..groups * G * ng];
+    qs.par_chunks_mut(G * rb)
+        .zip(d.par_chunks_mut(G * ng))
+        .for_each(|(qsg, dg)| {
+            let mut codes = vec![0u8; m.kp];
+            let (src_q, src_d) = (qsg.to_vec(), dg.to_vec());
             if to_groups {
-                let row = &src_q[i * rb..(i + 1) * rb];
-                for b in 0..m.nb {
-                    for k in 0..BLOCK {
-                        let c = code(m.bits, &row[(b / 2) * pb..], (b % 2) * BLOCK + k);
-                        let (o, sh) = place(m.bits, i, k);
-                        qsg[b * bb + o] |= c << sh;
+                qsg.fill(0);
+            }
+            for i in 0..G {
+                if to_groups {
+                    let row = &src_q[i * rb..(i + 1) * rb];
+                    for b in 0..m.nb {
+                        block_to_group(
+                            m.bits,
+                            &row[(b / 2) * pb..(b / 2 + 1) * pb],
+                            b % 2,
+                            i,
+                            &mut qsg[b * bb..(b + 1) * bb],
+                        );
                     }
-                }
-                for s in 0..ng {
-                    dg[s * G + i] = src_d[i * ng + s];
-                }
-            } else {
-                for b in 0..m.nb {
-                    for k in 0..BLOCK {
-                        codes[b * BLOCK + k] =
-                            grouped_code(m.bits, &src_q[b * bb..(b + 1) * bb], i, k);
+                    for s in 0..ng {
+                        dg[s * G + i] = src_d[i * ng + s];
                     }
-                }
-                for (p, out) in qsg[i * rb..(i + 1) * rb].chunks_exact_mut(pb).enumerate() {
-                    pack_pair(m.bits, &codes[p * PAIR..(p + 1) * PAIR], out);
-                }
-                for s in 0..ng {
-                    dg[i * ng + s] = src_d[s * G + i];
+                } else {
+                    for b in 0..m.nb {
+                        for k in 0..BLOCK {
+                            codes[b * BLOCK + k] =
+                                grouped_code(m.bits, &src_q[b * bb..(b + 1) * bb], i, k);
+                        }
+                    }
+                    for (p, out) in qsg[i * rb..(i + 1) * rb].chunks_exact_mut(pb).enumerate() {
+                        pack_pair(m.bits, &codes[p * PAIR..(p + 1) * PAIR], out);
+                    }
+                    for s in 0..ng {
+                        dg[i * ng + s] = src_d[s * G + i];
+                    }
                 }
             }
+        });
+}
+
+/// Row `i`'s block `half` (0 or 1) of the row-layout pair `pair` (16 or 32 bytes) into its
+/// lanes of the group block `out` ([`block_bytes`] bytes; the other rows' bytes are left as
+/// they are), a word at a time:
+/// the same bytes as placing each value with [`place`], at a fraction of the cost (the 3.1B
+/// model's 3.1 billion values, one by one, took most of its load time).
+fn block_to_group(bits: u32, pair: &[u8], half: usize, i: usize, out: &mut [u8]) {
+    // the 32 codes of the block, one per byte, as eight little-endian words (word v holds
+    // values 4v .. 4v + 4)
+    let mut w = [0u32; 8];
+    if bits == 2 {
+        // value k of the pair at byte k % 16, bits 2 (k / 16): this block's values 0..16 at
+        // shift 4 half, 16..32 at 4 half + 2
+        let p = u128::from_le_bytes(pair[..16].try_into().expect("a 2-bit pair is 16 bytes"));
+        let mask = u128::from_le_bytes([3; 16]);
+        let s = 4 * half as u32;
+        let (a, b) = ((p >> s) & mask, (p >> (s + 2)) & mask);
+        for j in 0..4 {
+            w[j] = (a >> (32 * j)) as u32;
+            w[4 + j] = (b >> (32 * j)) as u32;
+        }
+        // load l: lanes 4l .. 4l + 4 at bits 0, 2, 4, 6
+        for l in 0..2 {
+            let v = w[4 * l] | w[4 * l + 1] << 2 | w[4 * l + 2] << 4 | w[4 * l + 3] << 6;
+            out[l * 4 * G + 4 * i..][..4].copy_from_slice(&v.to_le_bytes());
+        }
+    } else {
+        // value k of the pair at byte k % 32, bits 4 (k / 32): this block's at shift 4 half
+        let s = 4 * half as u32;
+        for (v, c) in w.iter_mut().zip(pair[..32].chunks_exact(4)) {
+            let x = u32::from_le_bytes(c.try_into().expect("4 bytes"));
+            *v = (x >> s) & 0x0F0F_0F0F;
+        }
+        // load l: lanes 2l, 2l + 1 in the low and high nibbles
+        for l in 0..4 {
+            let v = w[2 * l] | w[2 * l + 1] << 4;
+            out[l * 4 * G + 4 * i..][..4].copy_from_slice(&v.to_le_bytes());
         }
     }
 }
