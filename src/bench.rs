@@ -583,7 +583,7 @@ pub fn read_bandwidth(threads: usize) -> f64 {
 }
 
 /// What [`sum_slice`] prefetches.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Prefetch {
     None,
     L1,

@@ -103,13 +103,10 @@ pub(super) fn permute(m: &Meta, qs: &mut [u8], d: &mut [u16], rows: usize, to_gr
     qs.par_chunks_mut(G * rb)
         .zip(d.par_chunks_mut(G * ng))
         .for_each(|(qsg, dg)| {
-            let mut codes = vec![0u8; m.kp];
             let (src_q, src_d) = (qsg.to_vec(), dg.to_vec());
             if to_groups {
-                qsg.fill(0);
-            }
-            for i in 0..G {
-                if to_groups {
+                // every byte of the group is written: each row's lanes of each block
+                for i in 0..G {
                     let row = &src_q[i * rb..(i + 1) * rb];
                     for b in 0..m.nb {
                         block_to_group(
@@ -123,7 +120,10 @@ pub(super) fn permute(m: &Meta, qs: &mut [u8], d: &mut [u16], rows: usize, to_gr
                     for s in 0..ng {
                         dg[s * G + i] = src_d[i * ng + s];
                     }
-                } else {
+                }
+            } else {
+                let mut codes = vec![0u8; m.kp];
+                for i in 0..G {
                     for b in 0..m.nb {
                         for k in 0..BLOCK {
                             codes[b * BLOCK + k] =
@@ -143,9 +143,9 @@ pub(super) fn permute(m: &Meta, qs: &mut [u8], d: &mut [u16], rows: usize, to_gr
 
 /// Row `i`'s block `half` (0 or 1) of the row-layout pair `pair` (16 or 32 bytes) into its
 /// lanes of the group block `out` ([`block_bytes`] bytes; the other rows' bytes are left as
-/// they are), a word at a time:
-/// the same bytes as placing each value with [`place`], at a fraction of the cost (the 3.1B
-/// model's 3.1 billion values, one by one, took most of its load time).
+/// they are), a word at a time: the same bytes as placing each value with [`place`], at a
+/// fraction of the cost (the 3.1B model's 3.1 billion values, one by one, took most of its
+/// load time).
 fn block_to_group(bits: u32, pair: &[u8], half: usize, i: usize, out: &mut [u8]) {
     // the 32 codes of the block, one per byte, as eight little-endian words (word v holds
     // values 4v .. 4v + 4)
