@@ -76,10 +76,12 @@ fn fmadd(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// The integer-valued `r` (|r| < 2^22) as two's-complement bits, by vector float and
-/// integer ops: `r as i32` is a saturating conversion that LLVM emits lane by lane (it kept
-/// the whole softmax scalar). Adding `1.5 * 2^23` puts the integer in the low mantissa
-/// bits. NaN gives some value, not a panic.
+/// `r` (|r| < 2^22) rounded to the nearest integer, ties to even (exact for an integer-valued
+/// `r`), as two's-complement bits, by vector float and integer ops: `r as i32` is a
+/// saturating conversion that LLVM emits lane by lane (it kept the whole softmax scalar).
+/// Adding `1.5 * 2^23` lands where the spacing of f32 is 1, so the FPU's default rounding
+/// rounds it and the integer sits in the low mantissa bits. NaN gives some value, not a
+/// panic.
 #[inline(always)]
 pub(crate) fn small_int(r: f32) -> u32 {
     const MAGIC: f32 = 12_582_912.0;

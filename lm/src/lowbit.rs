@@ -592,7 +592,8 @@ impl Act {
                         let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
                         let mut sum = 0i32;
                         for (o, &v) in qb.iter_mut().zip(xb) {
-                            let r = crate::kernels::round_small(v * id);
+                            // small_int rounds to nearest even as it converts
+                            let r = v * id;
                             let r = if r.is_nan() { 0.0 } else { r };
                             let qv = crate::kernels::small_int(r) as i32;
                             sum += qv;
