@@ -1,8 +1,19 @@
 //! The weighted sum of values `out = p v` of the encoder's int8 attention path in bfloat16:
 //! probabilities and values rounded to bf16 (8 significant bits, round to nearest even),
 //! products summed in f32 by AVX-512 BF16 `vdpbf16ps`, 32 multiply-adds per instruction
-//! against 16 for an f32 FMA. It replaces the f32 gemm there only on CPUs with the
+//! against 16 for an f32 FMA. It replaces the f32 gemm there only on AMD CPUs with the
 //! `avx512bf16` feature ([`available`]); elsewhere the int8 path keeps the f32 gemm.
+//!
+//! # Why AMD only
+//! Measured end to end (`afm bench vision --int8`, one 512x512 tile, 2 threads):
+//! * AMD EPYC Zen 4 (family 25 model 17): 0.485 s per tile with the f32 gemm, 0.44-0.47 s
+//!   with this kernel;
+//! * Intel Xeon (family 6 model 207, AVX-512 BF16 too): 0.507-0.545 s with the f32 gemm,
+//!   0.581-0.587 s with this kernel (alternated, two rounds each). Those cores run two
+//!   512-bit FMAs per cycle, so `vdpbf16ps` gains nothing over f32 there and the packing
+//!   into pairs is extra work.
+//!
+//! CPUID's feature bits do not tell the two apart, so the vendor does.
 //!
 //! # Layout
 //! `vdpbf16ps` multiplies pairs: lane `c` of the result gains `a[2c] b[2c] + a[2c+1] b[2c+1]`.
@@ -27,14 +38,36 @@ fn pair(lo: f32, hi: f32) -> u32 {
     bf16(lo) | (bf16(hi) << 16)
 }
 
+/// Whether the encoder uses [`weighted_sum`]: this CPU runs it ([`runs`]) and is AMD's
+/// (module docs: on Intel's AVX-512 cores the f32 gemm measured faster).
+pub fn available() -> bool {
+    runs() && amd()
+}
+
 /// Whether this CPU runs [`weighted_sum`] (AVX-512 F and BF16) and the kernel level in use
 /// is AVX-512 (`AFM_ISA` below it, as in the AVX2 proxy, keeps the f32 gemm).
-pub fn available() -> bool {
+pub fn runs() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         afm_lm::isa::level() >= afm_lm::isa::Isa::Avx512
             && std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether CPUID's vendor string is "AuthenticAMD".
+fn amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid(0);
+        [r.ebx, r.edx, r.ecx]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .eq(*b"AuthenticAMD")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -84,7 +117,7 @@ impl BfValues {
 /// row `r` starting at `r * out_stride`.
 ///
 /// # Panics
-/// If [`available`] is false, `v.head_dim` is not a multiple of 16, or `p` or `f` is
+/// If [`runs`] is false, `v.head_dim` is not a multiple of 16, or `p` or `f` is
 /// shorter than its shape; the caller checks the first two.
 ///
 /// # Safety
@@ -102,7 +135,7 @@ pub unsafe fn weighted_sum(
     let (n, hd) = (v.keys, v.head_dim);
     let np = n.div_ceil(2);
     assert!(
-        available() && hd % 16 == 0,
+        runs() && hd % 16 == 0,
         "bf16 weighted sum on this CPU / width"
     );
     assert!(p.len() >= rows * n && f.len() >= rows);
@@ -130,7 +163,7 @@ pub unsafe fn weighted_sum(
                 c0,
                 f: &f[r0..r0 + m],
             };
-            // SAFETY: `available()` checked the CPU features the kernels are compiled for;
+            // SAFETY: `runs()` checked the CPU features the kernels are compiled for;
             // the tile's slices hold MR rows of np pairs and np rows of hd value pairs;
             // columns c0..c0+16*NQ <= hd of the output rows r0..r0+m, which the caller
             // vouches for.
@@ -205,19 +238,33 @@ unsafe fn tile<const NQ: usize>(t: &Tile, out: *mut f32, out_stride: usize) {
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn tile<const NQ: usize>(_: &Tile, _: *mut f32, _: usize) {
-    unreachable!("weighted_sum checks available()")
+    unreachable!("weighted_sum checks runs()")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The vendor test reads CPUID as `/proc/cpuinfo` reports it.
+    #[test]
+    fn the_vendor_is_cpuinfos() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+            eprintln!("skipped: no /proc/cpuinfo");
+            return;
+        };
+        let Some(vendor) = info.lines().find(|l| l.starts_with("vendor_id")) else {
+            eprintln!("skipped: /proc/cpuinfo names no vendor");
+            return;
+        };
+        assert_eq!(amd(), vendor.ends_with("AuthenticAMD"), "{vendor}");
+    }
+
     /// Against an f64 sum over the same bf16-rounded inputs (the kernel's only rounding
     /// after that is f32 accumulation), and against the unrounded product within bf16's
     /// precision; odd key counts, row counts off the tile size, and 16..80 columns.
     #[test]
     fn weighted_sum_matches_its_definition() {
-        if !available() {
+        if !runs() {
             eprintln!(
                 "skipped: no AVX-512 BF16 on this CPU, or AFM_ISA caps the level below AVX-512"
             );

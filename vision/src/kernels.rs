@@ -149,7 +149,7 @@ impl CustomOp2 for FusedAttention {
         let optr = &optr;
         let nblk = t.div_ceil(QBLOCK);
         // int8: every (sequence, head)'s keys, centred and quantised, once, and its values
-        // in bf16 where the CPU has the bf16 dot product
+        // in bf16 where that is the faster product (`bf16::available`)
         let bf16_values = self.int8 && hd % 16 == 0 && crate::bf16::available();
         let keys: Vec<(Int8Matrix, Option<BfValues>)> = if self.int8 {
             (0..n * heads)
