@@ -9,9 +9,10 @@
 //! * AMD EPYC Zen 4 (family 25 model 17): 0.485 s per tile with the f32 gemm, 0.44-0.47 s
 //!   with this kernel;
 //! * Intel Xeon (family 6 model 207, AVX-512 BF16 too): 0.507-0.545 s with the f32 gemm,
-//!   0.581-0.587 s with this kernel (alternated, two rounds each). Those cores run two
-//!   512-bit FMAs per cycle, so `vdpbf16ps` gains nothing over f32 there and the packing
-//!   into pairs is extra work.
+//!   0.581-0.587 s with this kernel (alternated, two rounds each). The kernel ran at about
+//!   35 GMAC/s per thread there; likely `vdpbf16ps` does no more multiply-adds per cycle
+//!   than the two 512-bit FMAs of Intel's server cores, and the packing into pairs is
+//!   extra work.
 //!
 //! CPUID's feature bits do not tell the two apart, so the vendor does.
 //!
@@ -59,20 +60,24 @@ pub fn runs() -> bool {
     }
 }
 
-/// Whether CPUID's vendor string is "AuthenticAMD".
+/// Whether CPUID's vendor string is "AuthenticAMD", read once (in a VM every `cpuid` exits
+/// to the hypervisor, and [`available`] is asked on every attention call).
 fn amd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let r = std::arch::x86_64::__cpuid(0);
-        [r.ebx, r.edx, r.ecx]
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .eq(*b"AuthenticAMD")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMD.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let r = std::arch::x86_64::__cpuid(0);
+            [r.ebx, r.edx, r.ecx]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .eq(*b"AuthenticAMD")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 /// One head's values, packed once per sequence for [`weighted_sum`].
@@ -245,7 +250,7 @@ unsafe fn tile<const NQ: usize>(_: &Tile, _: *mut f32, _: usize) {
 mod tests {
     use super::*;
 
-    /// The vendor test reads CPUID as `/proc/cpuinfo` reports it.
+    /// `amd()` agrees with `/proc/cpuinfo`'s `vendor_id`.
     #[test]
     fn the_vendor_is_cpuinfos() {
         let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
