@@ -116,6 +116,32 @@ impl QuantRows {
     }
 }
 
+/// `|x|`, and infinity for NaN (which `max_of` and `f32::max` pass over): a NaN input
+/// then makes its scale NaN, and so its outputs, as in f32.
+#[inline(always)]
+fn abs_or_inf(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::INFINITY
+    } else {
+        x.abs()
+    }
+}
+
+/// `x` clamped to `[-127, 127]` and rounded half away from zero, as `f32::round`, in a form
+/// that vectorises: `round` and `trunc` are library calls on baseline x86-64 (no SSE4.1),
+/// and `as i32` is done lane by lane (see `small_int`). Ties to even, then ties moved away
+/// from zero (`t - r` is exact here; adding 0.5 first would round 0.49999997 + 0.5 up to 1).
+#[inline(always)]
+fn round_away(x: f32) -> f32 {
+    let t = x.clamp(-127.0, 127.0);
+    let r = round_small(t);
+    if (t - r).abs() == 0.5 {
+        t + 0.5f32.copysign(t)
+    } else {
+        r
+    }
+}
+
 /// Quantises `rows` rows of `inp` values with one scale per `group` inputs (a multiple of 4;
 /// `inp` or more for one per row; see the module docs).
 pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usize) -> QuantRows {
@@ -132,7 +158,7 @@ pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usiz
             let xs = &x[r * inp + k0..r * inp + k1];
             let amax = crate::isa::vectorized(
                 #[inline(always)]
-                || max_of(xs, 0.0, f32::abs),
+                || max_of(xs, 0.0, abs_or_inf),
             );
             // a NaN or infinite input makes the row's output NaN, as in f32; a group whose
             // largest value is so small that `1 / scale` overflows (below ~3.7e-37) is
@@ -160,20 +186,7 @@ pub fn quantize_rows(pool: Pool, x: &[f32], rows: usize, inp: usize, group: usiz
                         #[inline(always)]
                         || {
                             for (d, &v) in qg.iter_mut().zip(xg) {
-                                // round half away from zero, as `f32::round`, in a form
-                                // that vectorises: `round` and `trunc` are library calls on
-                                // baseline x86-64 (no SSE4.1), and `as i32` is done lane by
-                                // lane (see `small_int`). Ties to even, then ties moved
-                                // away from zero (`t - r` is exact here; adding 0.5 first
-                                // would round 0.49999997 + 0.5 up to 1)
-                                let t = (v * inv).clamp(-127.0, 127.0);
-                                let r = round_small(t);
-                                let r = if (t - r).abs() == 0.5 {
-                                    t + 0.5f32.copysign(t)
-                                } else {
-                                    r
-                                };
-                                *d = small_int(r).wrapping_add(128) as u8;
+                                *d = small_int(round_away(v * inv)).wrapping_add(128) as u8;
                             }
                         },
                     )
@@ -216,7 +229,7 @@ impl Int8Matrix {
         let mut packed = vec![0i8; panels * groups * NR * 4];
         let mut scale = vec![0f32; panels * NR];
         for (o, so) in scale.iter_mut().enumerate().take(out) {
-            let amax = (0..inp).fold(0f32, |m, k| m.max(w(k, o).abs()));
+            let amax = (0..inp).fold(0f32, |m, k| m.max(abs_or_inf(w(k, o))));
             if !amax.is_finite() {
                 *so = f32::NAN;
                 continue;
@@ -247,6 +260,82 @@ impl Int8Matrix {
         };
         m.offset = m.offsets();
         m
+    }
+
+    /// Quantises `W` whose output channel `o` holds the `inp` inputs at
+    /// `rows[o * stride..o * stride + inp]` (rows of keys, say): the same matrix as
+    /// [`Int8Matrix::from_fn`] with `w(k, o) = rows[o * stride + k]`, in loops that
+    /// vectorise (`from_fn` reads a closure per value and rounds with a `roundf` call on
+    /// baseline x86-64; the vision encoder's int8 attention quantises every head's keys
+    /// of every layer with this).
+    ///
+    /// # Shapes
+    /// `rows`: at least `(out - 1) * stride + inp` values.
+    ///
+    /// # Panics
+    /// When `inp > MAX_INPUTS` or `rows` is too short (callers check first).
+    pub fn from_rows(inp: usize, out: usize, rows: &[f32], stride: usize) -> Self {
+        assert!(
+            inp <= MAX_INPUTS,
+            "{inp} inputs per row overflow the i32 sums"
+        );
+        assert!(
+            out == 0 || rows.len() >= (out - 1) * stride + inp,
+            "rows too short for {out} channels of {inp} inputs"
+        );
+        let kp = inp.div_ceil(4) * 4;
+        let panels = out.div_ceil(NR);
+        let groups = kp / 4;
+        let mut packed = vec![0i8; panels * groups * NR * 4];
+        let mut scale = vec![0f32; panels * NR];
+        // one activation scale per row (`group = kp`): one offset per channel
+        let mut offset = vec![0i32; panels * NR];
+        let mut q = vec![0i8; kp];
+        for o in 0..out {
+            let w = &rows[o * stride..o * stride + inp];
+            let amax = crate::isa::vectorized(
+                #[inline(always)]
+                || max_of(w, 0.0, abs_or_inf),
+            );
+            // NaN, infinity and tiny channels as in `from_fn`
+            if !amax.is_finite() {
+                scale[o] = f32::NAN;
+                continue;
+            }
+            if amax == 0.0 || !(127.0 / amax).is_finite() {
+                continue;
+            }
+            let inv = 127.0 / amax;
+            scale[o] = amax / 127.0;
+            let sum = crate::isa::vectorized(
+                #[inline(always)]
+                || {
+                    let mut sum = 0i32;
+                    for (d, &v) in q.iter_mut().zip(w) {
+                        let b = small_int(round_away(v * inv)) as i8;
+                        *d = b;
+                        sum += b as i32;
+                    }
+                    sum
+                },
+            );
+            let (p, c) = (o / NR, o % NR);
+            for (g, quad) in q.chunks_exact(4).enumerate() {
+                let at = (p * groups + g) * NR * 4 + c * 4;
+                packed[at..at + 4].copy_from_slice(quad);
+            }
+            offset[o] = 128 * sum;
+        }
+        Self {
+            inp,
+            out,
+            kp,
+            packed,
+            scale,
+            offset,
+            group: kp,
+            pool: Pool::default(),
+        }
     }
 
     /// One activation scale per `group` inputs of a row (rounded up to a multiple of 4)
@@ -681,6 +770,58 @@ mod tests {
             }
         }
         y
+    }
+
+    /// `from_rows` builds the same matrix as `from_fn` over the same values (packing,
+    /// scales and offsets), with padding inputs (`inp` not a multiple of 4), a partial last
+    /// panel, a row stride wider than `inp`, a zero channel, a tiny channel and exact ties.
+    #[test]
+    fn from_rows_equals_from_fn() {
+        for (inp, out, stride) in [(64, 70, 192), (7, 33, 7), (13, 5, 20)] {
+            let mut rows = lcg(out * stride, 11 + inp as u64);
+            rows[..inp].fill(0.0);
+            rows[stride..stride + inp]
+                .iter_mut()
+                .for_each(|v| *v *= 1e-39);
+            // channel 2: a maximum of 127 (a scale of 1), and ties at 0.5 and -1.5
+            rows[2 * stride] = 127.0;
+            rows[2 * stride + 1] = 0.5;
+            rows[2 * stride + 2] = -1.5;
+            let a = Int8Matrix::from_rows(inp, out, &rows, stride);
+            let b = Int8Matrix::from_fn(inp, out, |k, o| rows[o * stride + k]);
+            assert_eq!(a.packed, b.packed, "{inp} x {out}");
+            assert_eq!(a.offset, b.offset, "{inp} x {out}");
+            assert_eq!(
+                a.scale.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                b.scale.iter().map(|s| s.to_bits()).collect::<Vec<_>>()
+            );
+            assert_eq!((a.kp, a.group), (b.kp, b.group));
+            assert_eq!(a.packed[2 * 4 + 1], 1, "0.5 rounds away from zero");
+            assert_eq!(a.packed[2 * 4 + 2], -2, "-1.5 rounds away from zero");
+        }
+    }
+
+    /// A NaN in a weight channel (from either constructor) or in an activation row makes
+    /// that channel's or row's outputs NaN, as in f32, and leaves the others finite.
+    #[test]
+    fn nan_inputs_give_nan_outputs() {
+        let (rows, inp, out) = (3, 40, 36);
+        let mut w = lcg(out * inp, 5);
+        w[4 * inp + 17] = f32::NAN;
+        let mut x = lcg(rows * inp, 6);
+        x[inp + 3] = f32::NAN;
+        for m in [
+            Int8Matrix::from_rows(inp, out, &w, inp),
+            Int8Matrix::from_fn(inp, out, |k, o| w[o * inp + k]),
+        ] {
+            let y = m.forward(&x, rows, None, |_| {});
+            for r in 0..rows {
+                for o in 0..out {
+                    let v = y[r * out + o];
+                    assert_eq!(v.is_nan(), r == 1 || o == 4, "row {r} channel {o}: {v}");
+                }
+            }
+        }
     }
 
     /// A weight channel of tiny values (`127 / amax` would overflow) is kept as zeros with a

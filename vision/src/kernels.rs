@@ -164,8 +164,14 @@ impl CustomOp2 for FusedAttention {
                         }
                     }
                     mean.iter_mut().for_each(|m| *m /= t as f32);
-                    let km = Int8Matrix::from_fn(hd, t, |c, j| k[j * 3 * d + c] - mean[c])
-                        .with_pool(Pool::Inline);
+                    // the centred keys, one row of `hd` per key, quantised per key
+                    let mut centred = vec![0f32; t * hd];
+                    for (j, c) in centred.chunks_exact_mut(hd).enumerate() {
+                        for ((c, v), m) in c.iter_mut().zip(&k[j * 3 * d..]).zip(&mean) {
+                            *c = v - m;
+                        }
+                    }
+                    let km = Int8Matrix::from_rows(hd, t, &centred, hd).with_pool(Pool::Inline);
                     let v = &qkv[seq * t * 3 * d + 2 * d + h * hd..];
                     (km, bf16_values.then(|| BfValues::new(v, 3 * d, t, hd)))
                 })
