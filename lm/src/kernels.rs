@@ -156,8 +156,9 @@ fn exp_shifted_body(row: &mut [f32]) -> f32 {
     1.0 / sum
 }
 
-/// Rows of queries per attention task.
-const QBLOCK: usize = 64;
+/// Rows per task of [`causal_attention`] from this many rows on (each task takes all the
+/// query heads of one K/V head); fewer rows go one task per (query head, row).
+const PREFILL_ROWS: usize = 16;
 
 thread_local! {
     /// Per thread: a block's scores, and its rows' softmax factors.
@@ -320,11 +321,14 @@ pub unsafe fn attend_block_with(
 
 /// Causal multi-head attention with grouped K/V heads: query row `i` (at absolute position
 /// `pos[i]`, ascending) attends to keys `0..=pos[i]`; query head `j * (heads / kv_heads) + r`
-/// uses K/V head `j`. Work is split into `(head, block of 64 rows)` tasks on our pool; each
-/// row is one `rows::attend_row` over its own keys (scores, softmax, weighted sum of values)
-/// through a per-thread score buffer: the arithmetic of a row does not depend on the other
-/// rows, so a prefill and a run of decode steps compute the same numbers (test
-/// `prefill_rows_equal_decode_rows`).
+/// uses K/V head `j`. Each (row, query head) is attended over its own keys (scores,
+/// softmax, weighted sum of values) through a per-thread score buffer. From 16 rows on, work
+/// is split into `(K/V head, block of 16 rows)` tasks on our pool, and in each the (row,
+/// query head) pairs that share the K/V head go four at a time (`rows::attend_rows`, which
+/// loads each key once for the four and gives each the numbers of `rows::attend_row`);
+/// fewer rows (a decode step) make one task per (query head, row), one `rows::attend_row`
+/// each. The arithmetic of a row does not depend on the other rows, so a prefill and a run
+/// of decode steps compute the same numbers (test `prefill_rows_equal_decode_rows`).
 ///
 /// # Shapes
 /// `q: (t, heads * hd)` (roped), `k, v: (n_keys, kv_heads * hd)` (f32 or f16) ->
@@ -345,21 +349,20 @@ pub fn causal_attention<T: KvElem>(
     let n_keys = k.len() / kw.max(1);
     assert!(q.len() == t * qw && v.len() == k.len() && pos.iter().all(|&p| p < n_keys));
     let rep = heads / kv_heads;
-    let nblk = t.div_ceil(QBLOCK);
     let mut out = vec![0f32; t * qw];
     let optr = OutPtr(out.as_mut_ptr());
     let optr = &optr;
-    par_ranges(heads * nblk, |range| {
-        SCORES.with(|buf| {
-            let (scores, _) = &mut *buf.borrow_mut();
-            for task in range {
-                let (head, blk) = (task / nblk, task % nblk);
-                let g = head / rep;
-                let r0 = blk * QBLOCK;
-                for r in r0..(r0 + QBLOCK).min(t) {
-                    let n = pos[r] + 1;
+    if t < PREFILL_ROWS {
+        // a decode step or a short prompt: one task per (query head, row), so that every
+        // thread has work
+        par_ranges(heads * t, |range| {
+            SCORES.with(|buf| {
+                let (scores, _) = &mut *buf.borrow_mut();
+                for task in range {
+                    let (head, r) = (task / t, task % t);
+                    let g = head / rep;
                     // SAFETY: row r, columns head*hd..+hd of the output belong to this
-                    // (head, blk) task alone, and `out` (t * qw floats) outlives the loop.
+                    // task alone, and `out` (t * qw floats) outlives the loop.
                     let o = unsafe {
                         std::slice::from_raw_parts_mut(optr.0.add(r * qw + head * hd), hd)
                     };
@@ -368,10 +371,53 @@ pub fn causal_attention<T: KvElem>(
                         &k[g * hd..],
                         &v[g * hd..],
                         kw,
-                        n,
+                        pos[r] + 1,
                         scale,
                         scores,
                         o,
+                    );
+                }
+            });
+        });
+        return out;
+    }
+    let nblk = t.div_ceil(PREFILL_ROWS);
+    // tasks of (K/V head, block of rows); in each, the (row, query head) pairs that share
+    // the K/V head, in order, four at a time (`rows::attend_rows`)
+    par_ranges(kv_heads * nblk, |range| {
+        SCORES.with(|buf| {
+            let (scores, _) = &mut *buf.borrow_mut();
+            for task in range {
+                let (g, blk) = (task / nblk, task % nblk);
+                let r0 = blk * PREFILL_ROWS;
+                let r1 = (r0 + PREFILL_ROWS).min(t);
+                let pairs: Vec<(usize, usize)> = (r0..r1)
+                    .flat_map(|r| (g * rep..(g + 1) * rep).map(move |h| (r, h)))
+                    .collect();
+                for group in pairs.chunks(4) {
+                    let qs: Vec<&[f32]> = group
+                        .iter()
+                        .map(|&(r, h)| &q[r * qw + h * hd..][..hd])
+                        .collect();
+                    let ns: Vec<usize> = group.iter().map(|&(r, _)| pos[r] + 1).collect();
+                    // SAFETY: row r, columns h*hd..+hd of the output belong to this (g, blk)
+                    // task alone (h is one of g's query heads, r one of blk's rows), the
+                    // pairs are distinct, and `out` (t * qw floats) outlives the loop.
+                    let mut outs: Vec<&mut [f32]> = group
+                        .iter()
+                        .map(|&(r, h)| unsafe {
+                            std::slice::from_raw_parts_mut(optr.0.add(r * qw + h * hd), hd)
+                        })
+                        .collect();
+                    rows::attend_rows(
+                        &qs,
+                        &ns,
+                        &k[g * hd..],
+                        &v[g * hd..],
+                        kw,
+                        scale,
+                        scores,
+                        &mut outs,
                     );
                 }
             }

@@ -16,6 +16,9 @@
 //! calls cost about a tenth of a decode step (perf), and a quarter of a 4-sequence
 //! continuous-batching step.
 //!
+//! A prefill's rows that share a K/V head go up to four per call ([`attend_rows`]), each
+//! key and value loaded once for all of them, with each row's numbers unchanged.
+//!
 //! The level is [`crate::isa::level`]: AVX2 + FMA when the head width is a multiple of 8,
 //! else the portable loop (keys one after another, each key's products in 8 lanes and a
 //! fixed tree).
@@ -132,6 +135,84 @@ pub(crate) fn attend_row<T: KvElem>(
         for (o, x) in out.iter_mut().zip(&v[j * stride..][..hd]) {
             *o += p * x.get();
         }
+    }
+}
+
+/// [`attend_row`] for up to four queries over the same keys and values (the rows of a
+/// prefill that share a K/V head): query `i` attends to keys `0..ns[i]`, and gets exactly
+/// the numbers one `attend_row` per query gives (test
+/// `attend_rows_equals_one_row_at_a_time`). At the AVX2 level, while the queries' keys
+/// overlap, each key and value chunk is loaded once for all of them: a prefill's rows read
+/// their head's K/V from L2 at one load per multiply-add, and this was the prefill
+/// attention's limit.
+///
+/// # Shapes
+/// `qs[i]: (hd)`; key and value `j` at `k[j * stride..][..hd]`, `v[j * stride..][..hd]`;
+/// `scores`: scratch, grown when shorter; `outs[i]: (hd)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_rows<T: KvElem>(
+    qs: &[&[f32]],
+    ns: &[usize],
+    k: &[T],
+    v: &[T],
+    stride: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    outs: &mut [&mut [f32]],
+) {
+    let r = qs.len();
+    assert!((1..=4).contains(&r) && ns.len() == r && outs.len() == r);
+    let hd = qs[0].len();
+    let nmax = ns.iter().copied().max().unwrap_or(0);
+    assert!(
+        ns.iter().all(|&n| n >= 1)
+            && qs.iter().all(|q| q.len() == hd)
+            && outs.iter().all(|o| o.len() == hd)
+            && k.len() >= (nmax - 1) * stride + hd
+            && v.len() >= (nmax - 1) * stride + hd
+    );
+    #[cfg(target_arch = "x86_64")]
+    if r > 1 && hd.is_multiple_of(8) && crate::isa::level() >= crate::isa::Isa::Avx2 {
+        if scores.len() < r * nmax {
+            scores.resize(r * nmax, 0.0);
+        }
+        let s = &mut scores[..r * nmax];
+        let (kp, vp) = (k.as_ptr(), v.as_ptr());
+        // SAFETY: the level is at least AVX2 (AVX2, FMA and F16C detected); each query and
+        // output holds `hd` (a multiple of 8) floats, the outputs are distinct slices, the
+        // keys and values hold `max(ns)` rows of `hd` at `stride` (asserted above), and
+        // `s` holds `r * max(ns)` floats.
+        unsafe {
+            let q = |i: usize| qs[i].as_ptr();
+            let o = |i: usize, outs: &mut [&mut [f32]]| outs[i].as_mut_ptr();
+            match r {
+                2 => avx2::attend_rows::<T, 2, 4>(
+                    [q(0), q(1)],
+                    [ns[0], ns[1]],
+                    (kp, vp, stride, hd, scale),
+                    s,
+                    [o(0, outs), o(1, outs)],
+                ),
+                3 => avx2::attend_rows::<T, 3, 2>(
+                    [q(0), q(1), q(2)],
+                    [ns[0], ns[1], ns[2]],
+                    (kp, vp, stride, hd, scale),
+                    s,
+                    [o(0, outs), o(1, outs), o(2, outs)],
+                ),
+                _ => avx2::attend_rows::<T, 4, 2>(
+                    [q(0), q(1), q(2), q(3)],
+                    [ns[0], ns[1], ns[2], ns[3]],
+                    (kp, vp, stride, hd, scale),
+                    s,
+                    [o(0, outs), o(1, outs), o(2, outs), o(3, outs)],
+                ),
+            }
+        }
+        return;
+    }
+    for ((q, &n), o) in qs.iter().zip(ns).zip(outs.iter_mut()) {
+        attend_row(q, k, v, stride, n, scale, scores, o);
     }
 }
 
@@ -401,6 +482,121 @@ mod avx2 {
         }
     }
 
+    /// [`super::attend_rows`] for `R` (2 to 4) queries on AVX2 + FMA + F16C. Every score
+    /// is [`score_group`]'s formula (its key's own 8-lane accumulator, chunk after chunk
+    /// from zero, then [`reduce8`]'s tree and the scale), every weighted sum
+    /// [`weighted_from`]'s (each chunk's accumulator in key order from zero; the sums go
+    /// through `out` where a query continues alone, which does not round them): the same
+    /// numbers as [`attend_row`] per query. While the keys overlap (`0..min(ns)`), `KB`
+    /// keys' chunks are loaded once for all `R` queries (`R * KB <= 8` accumulators), and in
+    /// the weighted sum `KB` chunks of each value row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `hd` is a multiple of 8; each `qs[i]` and
+    /// `outs[i]` holds `hd` floats, the outputs do not overlap the rest; `max(ns)` keys and
+    /// values of `hd` at `stride` lie at `k` and `v`; `s.len() == R * max(ns)`; every
+    /// `ns[i] >= 1`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn attend_rows<T: KvElem, const R: usize, const KB: usize>(
+        qs: [*const f32; R],
+        ns: [usize; R],
+        (k, v, stride, hd, scale): (*const T, *const T, usize, usize, f32),
+        s: &mut [f32],
+        outs: [*mut f32; R],
+    ) {
+        debug_assert!(R * KB <= 8);
+        let chunks = hd / 8;
+        let nmax = s.len() / R;
+        let nmin = ns.iter().copied().min().unwrap_or(0);
+        let sc = _mm256_set1_ps(scale);
+        // the scores of keys every query sees, `KB` keys at a time
+        let mut j = 0;
+        while j + KB <= nmin {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in 0..chunks {
+                // SAFETY: chunk c of each query, and of keys j .. j + KB <= min(ns).
+                unsafe {
+                    let mut qc = [_mm256_setzero_ps(); R];
+                    for (x, q) in qc.iter_mut().zip(&qs) {
+                        *x = _mm256_loadu_ps(q.add(8 * c));
+                    }
+                    for t in 0..KB {
+                        let kc = T::load8(k.add((j + t) * stride + 8 * c));
+                        for (i, x) in qc.iter().enumerate() {
+                            acc[i * KB + t] = _mm256_fmadd_ps(*x, kc, acc[i * KB + t]);
+                        }
+                    }
+                }
+            }
+            let mut lanes = [0f32; 8];
+            // SAFETY: eight floats into `lanes`.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_mul_ps(reduce8(&acc), sc)) };
+            for i in 0..R {
+                for t in 0..KB {
+                    s[i * nmax + j + t] = lanes[i * KB + t];
+                }
+            }
+            j += KB;
+        }
+        // each query's other keys, eight at a time as `attend_row`, then its softmax
+        for (i, &n) in ns.iter().enumerate() {
+            let mut jj = j;
+            while jj < n {
+                let m = (n - jj).min(8);
+                // SAFETY: keys jj .. jj + m <= n lie at k; query i holds `hd` floats.
+                let lanes =
+                    unsafe { score_group(qs[i], k.add(jj * stride), stride, chunks, m, sc) };
+                s[i * nmax + jj..i * nmax + jj + m].copy_from_slice(&lanes[..m]);
+                jj += 8;
+            }
+            crate::kernels::softmax_in_place(&mut s[i * nmax..i * nmax + n]);
+        }
+        // out_i = sum_j p_ij v_j in key order, `KB` chunks of every query at a time
+        let mut c0 = 0;
+        while c0 + KB <= chunks {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for jj in 0..nmin {
+                // SAFETY: chunks c0 .. c0 + KB of value jj < min(ns).
+                unsafe {
+                    let mut vc = [_mm256_setzero_ps(); KB];
+                    for (c, x) in vc.iter_mut().enumerate() {
+                        *x = T::load8(v.add(jj * stride + 8 * (c0 + c)));
+                    }
+                    for i in 0..R {
+                        let p = _mm256_set1_ps(*s.get_unchecked(i * nmax + jj));
+                        for (c, x) in vc.iter().enumerate() {
+                            acc[i * KB + c] = _mm256_fmadd_ps(p, *x, acc[i * KB + c]);
+                        }
+                    }
+                }
+            }
+            for (i, &n) in ns.iter().enumerate() {
+                // SAFETY: chunks c0 .. c0 + KB of output i; values nmin .. n lie at v.
+                unsafe {
+                    let oc = outs[i].add(8 * c0);
+                    for c in 0..KB {
+                        _mm256_storeu_ps(oc.add(8 * c), acc[i * KB + c]);
+                    }
+                    if n > nmin {
+                        let p = &s[i * nmax + nmin..i * nmax + n];
+                        weighted_from(p, v.add(nmin * stride + 8 * c0), stride, oc, KB, true);
+                    }
+                }
+            }
+            c0 += KB;
+        }
+        // fewer than `KB` chunks left: each query alone over all its keys
+        if c0 < chunks {
+            for (i, &n) in ns.iter().enumerate() {
+                // SAFETY: chunks c0 .. chunks of output i and of values 0 .. n.
+                unsafe {
+                    let (p, oc) = (&s[i * nmax..i * nmax + n], outs[i].add(8 * c0));
+                    weighted_from(p, v.add(8 * c0), stride, oc, chunks - c0, false);
+                }
+            }
+        }
+    }
+
     /// Keys per block of the weighted sum: the block's value rows are read by every head
     /// while they are in L1 (16 rows of `kv_heads * hd` floats: 12 kB for SmolLM2-135M).
     const KEY_BLOCK: usize = 16;
@@ -472,5 +668,58 @@ mod avx2 {
             }
             j0 = j1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rows' kernel gives every query `attend_row`'s bits: 2, 3 and 4 queries, whose
+    /// key counts are equal or differ (the shared keys not a multiple of the key group,
+    /// tails of one to nine keys), head widths of one, two and a partial group of chunks
+    /// (64, 128, 72) and not a multiple of 8 (20: the per-query path), over f32, f16 and
+    /// int8 K/V.
+    #[test]
+    fn attend_rows_equals_one_row_at_a_time() {
+        fn check<T: KvElem>(conv: impl Fn(f32) -> T) {
+            let f = |i: usize, s: f32| (i as f32 * s).sin() * 0.9;
+            for hd in [64usize, 128, 72, 20] {
+                let stride = 3 * hd;
+                let nkeys = 41;
+                let k: Vec<T> = (0..nkeys * stride).map(|i| conv(f(i, 0.71))).collect();
+                let v: Vec<T> = (0..nkeys * stride).map(|i| conv(f(i, 1.13))).collect();
+                for ns in [
+                    vec![7usize, 7],
+                    vec![1, 2, 3],
+                    vec![30, 31, 32, 33],
+                    vec![41, 9, 17, 1],
+                    vec![40, 40, 40],
+                    vec![13, 22],
+                ] {
+                    let r = ns.len();
+                    let q: Vec<f32> = (0..r * hd).map(|i| f(i + hd, 0.37) * 2.0).collect();
+                    let qs: Vec<&[f32]> = q.chunks_exact(hd).collect();
+                    let mut got = vec![0f32; r * hd];
+                    let mut outs: Vec<&mut [f32]> = got.chunks_exact_mut(hd).collect();
+                    let mut scores = Vec::new();
+                    attend_rows(&qs, &ns, &k, &v, stride, 0.3, &mut scores, &mut outs);
+                    for i in 0..r {
+                        let mut want = vec![0f32; hd];
+                        attend_row(qs[i], &k, &v, stride, ns[i], 0.3, &mut scores, &mut want);
+                        let g = &got[i * hd..(i + 1) * hd];
+                        assert!(
+                            g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "hd {hd}, keys {ns:?}, query {i}: {:?} vs {:?}",
+                            &g[..4],
+                            &want[..4]
+                        );
+                    }
+                }
+            }
+        }
+        check(|x| x);
+        check(half::f16::from_f32);
+        check(|x| (x * 127.0).round() as i8);
     }
 }
