@@ -224,61 +224,25 @@ impl Int8Matrix {
         Self::from_fn(inp, out, |k, o| wt[k * out + o])
     }
 
-    /// Quantises `W` whose element `(o, k)` (output channel `o`, input `k`) is `w(k, o)`.
-    /// A channel holding NaN or infinity gives NaN outputs, as in f32.
+    /// Quantises `W` whose element `(o, k)` (output channel `o`, input `k`) is `w(k, o)`:
+    /// the values gathered into rows, then [`Int8Matrix::from_rows`].
     ///
     /// # Panics
     /// When `inp > MAX_INPUTS` (callers check first).
     pub fn from_fn(inp: usize, out: usize, w: impl Fn(usize, usize) -> f32) -> Self {
-        assert!(
-            inp <= MAX_INPUTS,
-            "{inp} inputs per row overflow the i32 sums"
-        );
-        let kp = inp.div_ceil(4) * 4;
-        let panels = out.div_ceil(NR);
-        let groups = kp / 4;
-        let mut packed = vec![0i8; panels * groups * NR * 4];
-        let mut scale = vec![0f32; panels * NR];
-        for (o, so) in scale.iter_mut().enumerate().take(out) {
-            let amax = (0..inp).fold(0f32, |m, k| m.max(abs_or_inf(w(k, o))));
-            if !amax.is_finite() {
-                *so = f32::NAN;
-                continue;
-            }
-            // a channel so small that `127 / amax` overflows (below ~3.7e-37) is kept as
-            // zeros, as the activation quantiser does with such groups: with an infinite
-            // `inv` its weights would quantise to +-127 and its zeros from NaN
-            if amax == 0.0 || !(127.0 / amax).is_finite() {
-                continue;
-            }
-            let inv = 127.0 / amax;
-            *so = amax / 127.0;
-            let (p, c) = (o / NR, o % NR);
-            for k in 0..inp {
-                let q = (w(k, o) * inv).round().clamp(-127.0, 127.0) as i8;
-                packed[(p * groups + k / 4) * NR * 4 + c * 4 + k % 4] = q;
-            }
-        }
-        let mut m = Self {
-            inp,
-            out,
-            kp,
-            packed,
-            scale,
-            offset: Vec::new(),
-            group: kp,
-            pool: Pool::default(),
-        };
-        m.offset = m.offsets();
-        m
+        let rows: Vec<f32> = (0..out)
+            .flat_map(|o| (0..inp).map(move |k| (k, o)))
+            .map(|(k, o)| w(k, o))
+            .collect();
+        Self::from_rows(inp, out, &rows, inp)
     }
 
     /// Quantises `W` whose output channel `o` holds the `inp` inputs at
-    /// `rows[o * stride..o * stride + inp]` (rows of keys, say): the same matrix as
-    /// [`Int8Matrix::from_fn`] with `w(k, o) = rows[o * stride + k]`, in loops that
-    /// vectorise (`from_fn` reads a closure per value and rounds with a `roundf` call on
-    /// baseline x86-64; the vision encoder's int8 attention quantises every head's keys
-    /// of every layer with this).
+    /// `rows[o * stride..o * stride + inp]` (rows of keys, say), in loops that vectorise
+    /// (the vision encoder's int8 attention quantises every head's keys of every layer with
+    /// this): per channel, `scale = max |w| / 127` and `q = round(w / scale)`, half away
+    /// from zero. A channel holding NaN or infinity gives NaN outputs, as in f32; a channel
+    /// of zeros, or so small that `127 / max` overflows, is kept as zeros.
     ///
     /// # Shapes
     /// `rows`: at least `(out - 1) * stride + inp` values.
@@ -308,7 +272,10 @@ impl Int8Matrix {
                 #[inline(always)]
                 || max_of(w, 0.0, abs_or_inf),
             );
-            // NaN, infinity and tiny channels as in `from_fn`
+            // NaN or infinity: a NaN scale; a channel so small that `127 / amax` overflows
+            // (below ~3.7e-37) is kept as zeros, as the activation quantiser does with such
+            // groups (with an infinite `inv` its weights would quantise to +-127 and its
+            // zeros from NaN)
             if !amax.is_finite() {
                 scale[o] = f32::NAN;
                 continue;
@@ -792,11 +759,12 @@ mod tests {
         y
     }
 
-    /// `from_rows` builds the same matrix as `from_fn` over the same values (packing,
-    /// scales and offsets), with padding inputs (`inp` not a multiple of 4), a partial last
-    /// panel, a row stride wider than `inp`, a zero channel, a tiny channel and exact ties.
+    /// `from_rows` against the definition, computed here one value at a time with
+    /// `f32::round`: packing, scales and offsets, with padding inputs (`inp` not a multiple
+    /// of 4), a partial last panel, a row stride wider than `inp`, a zero channel, a tiny
+    /// channel and exact ties. `from_fn` (the same constructor over a closure) as well.
     #[test]
-    fn from_rows_equals_from_fn() {
+    fn from_rows_matches_the_definition() {
         for (inp, out, stride) in [(64, 70, 192), (7, 33, 7), (13, 5, 20)] {
             let mut rows = lcg(out * stride, 11 + inp as u64);
             rows[..inp].fill(0.0);
@@ -807,15 +775,34 @@ mod tests {
             rows[2 * stride] = 127.0;
             rows[2 * stride + 1] = 0.5;
             rows[2 * stride + 2] = -1.5;
+            let (kp, panels) = (inp.div_ceil(4) * 4, out.div_ceil(NR));
+            let mut packed = vec![0i8; panels * kp * NR];
+            let mut scale = vec![0f32; panels * NR];
+            let mut offset = vec![0i32; panels * NR];
+            for o in 0..out {
+                let w = &rows[o * stride..o * stride + inp];
+                let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                if amax == 0.0 || !(127.0 / amax).is_finite() {
+                    continue;
+                }
+                scale[o] = amax / 127.0;
+                for (k, v) in w.iter().enumerate() {
+                    let q = (v * (127.0 / amax)).round().clamp(-127.0, 127.0) as i8;
+                    packed[((o / NR) * (kp / 4) + k / 4) * NR * 4 + (o % NR) * 4 + k % 4] = q;
+                    offset[o] += 128 * q as i32;
+                }
+            }
             let a = Int8Matrix::from_rows(inp, out, &rows, stride);
             let b = Int8Matrix::from_fn(inp, out, |k, o| rows[o * stride + k]);
-            assert_eq!(a.packed, b.packed, "{inp} x {out}");
-            assert_eq!(a.offset, b.offset, "{inp} x {out}");
-            assert_eq!(
-                a.scale.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
-                b.scale.iter().map(|s| s.to_bits()).collect::<Vec<_>>()
-            );
-            assert_eq!((a.kp, a.group), (b.kp, b.group));
+            for m in [&a, &b] {
+                assert_eq!(m.packed, packed, "{inp} x {out}");
+                assert_eq!(m.offset, offset, "{inp} x {out}");
+                assert_eq!(
+                    m.scale.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                    scale.iter().map(|s| s.to_bits()).collect::<Vec<_>>()
+                );
+                assert_eq!((m.kp, m.group), (kp, kp));
+            }
             assert_eq!(a.packed[2 * 4 + 1], 1, "0.5 rounds away from zero");
             assert_eq!(a.packed[2 * 4 + 2], -2, "-1.5 rounds away from zero");
         }
