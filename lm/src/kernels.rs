@@ -395,29 +395,30 @@ pub fn causal_attention<T: KvElem>(
                     .flat_map(|r| (g * rep..(g + 1) * rep).map(move |h| (r, h)))
                     .collect();
                 for group in pairs.chunks(4) {
-                    let qs: Vec<&[f32]> = group
-                        .iter()
-                        .map(|&(r, h)| &q[r * qw + h * hd..][..hd])
-                        .collect();
-                    let ns: Vec<usize> = group.iter().map(|&(r, _)| pos[r] + 1).collect();
-                    // SAFETY: row r, columns h*hd..+hd of the output belong to this (g, blk)
-                    // task alone (h is one of g's query heads, r one of blk's rows), the
-                    // pairs are distinct, and `out` (t * qw floats) outlives the loop.
-                    let mut outs: Vec<&mut [f32]> = group
-                        .iter()
-                        .map(|&(r, h)| unsafe {
+                    // on the stack: a prefill makes one such group per four (row, head) pairs
+                    let (mut qs, mut ns) = ([&[][..]; 4], [0usize; 4]);
+                    let mut outs: [&mut [f32]; 4] = Default::default();
+                    for (i, &(r, h)) in group.iter().enumerate() {
+                        qs[i] = &q[r * qw + h * hd..][..hd];
+                        ns[i] = pos[r] + 1;
+                        // SAFETY: row r, columns h*hd..+hd of the output belong to this
+                        // (g, blk) task alone (h is one of g's query heads, r one of blk's
+                        // rows), the pairs are distinct, and `out` (t * qw floats) outlives
+                        // the loop.
+                        outs[i] = unsafe {
                             std::slice::from_raw_parts_mut(optr.0.add(r * qw + h * hd), hd)
-                        })
-                        .collect();
+                        };
+                    }
+                    let m = group.len();
                     rows::attend_rows(
-                        &qs,
-                        &ns,
+                        &qs[..m],
+                        &ns[..m],
                         &k[g * hd..],
                         &v[g * hd..],
                         kw,
                         scale,
                         scores,
-                        &mut outs,
+                        &mut outs[..m],
                     );
                 }
             }
