@@ -487,6 +487,10 @@ pub struct RunReport {
     /// (afm only; empty otherwise).
     #[serde(default)]
     pub bandwidth: Vec<f64>,
+    /// Per run: waits for a preempted pool thread (`par::stalls`), each followed by a
+    /// period of jobs on one thread; they explain a slow run on a shared machine (afm only).
+    #[serde(default)]
+    pub stalls: Vec<u64>,
 }
 
 pub fn peak_rss_kb() -> u64 {
@@ -701,12 +705,14 @@ pub fn worker(
         let mut tok = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
         let t1 = Instant::now();
         let b0 = afm::lm::par::barriers();
+        let s0 = afm::lm::par::stalls();
         for _ in 0..new_tokens.saturating_sub(1) {
             let l = m.forward_tokens(&[tok], &mut cache, &LogitsFor::Last)?;
             tok = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
         }
         rep.prefill_s.push((t1 - t0).as_secs_f64());
         rep.decode_s.push(t1.elapsed().as_secs_f64());
+        rep.stalls.push(afm::lm::par::stalls() - s0);
         rep.barriers_per_token =
             (afm::lm::par::barriers() - b0) as f64 / new_tokens.saturating_sub(1).max(1) as f64;
         peak = peak.max(peak_rss_kb());
@@ -984,8 +990,9 @@ pub fn bench_lm(a: &LmBench, threads: usize, model: PathBuf) -> Result<()> {
         }
         let r = run_child(c, &ids_json)?;
         eprintln!(
-            "  afm ({t} threads) process {p}: prefill {:?} s, decode {:?} s, {:.1} barriers/token",
-            r.prefill_s, r.decode_s, r.barriers_per_token
+            "  afm ({t} threads) process {p}: prefill {:?} s, decode {:?} s, {:.1} barriers/token, \
+             waits for a preempted thread in each decode {:?}",
+            r.prefill_s, r.decode_s, r.barriers_per_token, r.stalls
         );
         if r.bandwidth.len() == r.decode_s.len() {
             into.bandwidth.extend(r.bandwidth);
