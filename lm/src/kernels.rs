@@ -19,6 +19,77 @@ pub fn round_small(x: f32) -> f32 {
     (x + MAGIC) - MAGIC
 }
 
+/// `127 / amax`, or 0 when that is not finite: a zero block, and a block so small
+/// (`amax < 127 / f32::MAX`) that the quotient overflows (an infinite factor made every code
+/// saturate or wrap, and the sum of such codes overflow).
+#[inline(always)]
+pub(crate) fn inverse_scale(amax: f32) -> f32 {
+    let id = 127.0 / amax;
+    if amax != 0.0 && id.is_finite() {
+        id
+    } else {
+        0.0
+    }
+}
+
+/// One block of 32 values to int8 codes, eight at a time on AVX2, as the int8 activation
+/// quantisers define them: `q = round_half_even(x * inverse_scale(amax))` with `amax` the
+/// largest magnitude. Returns `(amax, sum of the codes, the codes)`, or `None` when the
+/// block holds a NaN or an infinity: the caller's
+/// definition then handles it (a lanes' maximum need not pass NaNs over as it does).
+/// Elementwise IEEE products, the same rounding ([`round_small`]), an order-free maximum
+/// and an integer sum, so the same codes as the definition.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn round_block_avx2(x: &[f32; 32]) -> Option<(f32, i32, [u8; 32])> {
+    use std::arch::x86_64::*;
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let magic = _mm256_set1_ps(12_582_912.0);
+    // SAFETY: x holds 32 floats: four loads of 8.
+    let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
+    let mut m = _mm256_and_ps(v[0], abs_mask);
+    for vi in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_and_ps(*vi, abs_mask));
+    }
+    // the lanes' maximum in lane 0, by halving (order-free for values that are not NaN)
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    let nan = v.iter().fold(0, |n, vi| {
+        n | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(*vi, *vi))
+    });
+    if nan != 0 || !amax.is_finite() {
+        return None;
+    }
+    let id = _mm256_set1_ps(inverse_scale(amax));
+    let c: [__m256i; 4] = std::array::from_fn(|i| {
+        let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v[i], id), magic), magic);
+        _mm256_cvtps_epi32(r)
+    });
+    let sum8 = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+    let s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(sum8),
+        _mm256_extracti128_si256::<1>(sum8),
+    );
+    let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2)));
+    // i32 -> i16 -> i8 packs interleave 128-bit lanes; the permutation restores the order
+    let bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(
+            _mm256_packs_epi32(c[0], c[1]),
+            _mm256_packs_epi32(c[2], c[3]),
+        ),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+    );
+    let mut q = [0u8; 32];
+    // SAFETY: q holds 32 bytes.
+    unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes) };
+    Some((amax, sum, q))
+}
+
 /// `exp(x)` for f32 in plain arithmetic that LLVM vectorises: Cephes' `expf` (range reduction
 /// by `ln 2` in two parts, a degree-6 polynomial, the exponent put in by bits). Relative error
 /// below 2e-7 over the whole range; `exp(x) = 0` below -87.3 (so `-inf` gives exactly 0) and

@@ -225,59 +225,17 @@ unsafe fn quantize_row_q8_avx2(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut 
     use std::arch::x86_64::*;
     let nb = x.len() / QK;
     assert!(qs.len() >= nb * QK && d.len() >= nb && s.len() >= nb);
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let magic = _mm256_set1_ps(12_582_912.0);
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for b in 0..nb {
-        let xb = &x[b * QK..(b + 1) * QK];
-        // SAFETY: xb holds 32 floats: four loads of 8.
-        let v: [__m256; 4] =
-            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * i)) });
-        let mut m = _mm256_and_ps(v[0], abs_mask);
-        for vi in &v[1..] {
-            m = _mm256_max_ps(m, _mm256_and_ps(*vi, abs_mask));
-        }
-        // the lanes' maximum in lane 0, by halving (order-free for values that are not NaN)
-        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
-        let nan = v.iter().fold(0, |n, vi| {
-            n | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(*vi, *vi))
-        });
-        if nan != 0 || !amax.is_finite() {
-            // a NaN (which the lanes' maximum need not order as the definition does) or an
-            // infinity: the definition, for this block
-            quantize_row_q8_body(
-                xb,
-                &mut qs[b * QK..(b + 1) * QK],
-                &mut d[b..b + 1],
-                &mut s[b..b + 1],
-            );
+        let xb: &[f32; QK] = x[b * QK..(b + 1) * QK].try_into().expect("a whole block");
+        let qb = &mut qs[b * QK..(b + 1) * QK];
+        // SAFETY: the caller vouches for AVX2.
+        let Some((amax, sum, codes)) = (unsafe { crate::kernels::round_block_avx2(xb) }) else {
+            // a NaN or an infinity: the definition, for this block
+            quantize_row_q8_body(xb, qb, &mut d[b..b + 1], &mut s[b..b + 1]);
             continue;
-        }
+        };
+        qb.copy_from_slice(&codes);
         let db = amax / 127.0;
-        let id = _mm256_set1_ps(inverse_scale(amax));
-        let q: [__m256i; 4] = std::array::from_fn(|i| {
-            let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v[i], id), magic), magic);
-            _mm256_cvtps_epi32(r)
-        });
-        let sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        let s4 = _mm_add_epi32(
-            _mm256_castsi256_si128(sum8),
-            _mm256_extracti128_si256::<1>(sum8),
-        );
-        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
-        let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2)));
-        // i32 -> i16 -> i8 packs interleave 128-bit lanes; the permutation restores the order
-        let bytes = _mm256_permutevar8x32_epi32(
-            _mm256_packs_epi16(
-                _mm256_packs_epi32(q[0], q[1]),
-                _mm256_packs_epi32(q[2], q[3]),
-            ),
-            order,
-        );
-        // SAFETY: qs holds nb * 32 bytes (asserted), 32 of them from b * 32.
-        unsafe { _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK) as *mut __m256i, bytes) };
         // both scales through f16 at once (F16C rounds to nearest even, as f16::from_f32)
         let ds = _mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_setr_ps(
             db,
@@ -290,25 +248,12 @@ unsafe fn quantize_row_q8_avx2(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut 
     }
 }
 
-/// `127 / amax`, or 0 when that is not finite: a zero block, and a block so small
-/// (`amax < 127 / f32::MAX`) that the quotient overflows, whose `d` is 0 in f16 anyway (an
-/// infinite factor made every byte saturate, and the sum of such bytes overflow).
-#[inline(always)]
-fn inverse_scale(amax: f32) -> f32 {
-    let id = 127.0 / amax;
-    if amax != 0.0 && id.is_finite() {
-        id
-    } else {
-        0.0
-    }
-}
-
 /// The definition, one value at a time.
 fn quantize_row_q8_body(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32]) {
     for (b, xb) in x.chunks_exact(QK).enumerate() {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let db = amax / 127.0;
-        let id = inverse_scale(amax);
+        let id = crate::kernels::inverse_scale(amax);
         let mut sum = 0i32;
         for (j, v) in xb.iter().enumerate() {
             let q = crate::kernels::round_small(v * id) as i32;

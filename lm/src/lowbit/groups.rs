@@ -45,6 +45,23 @@ fn prefetch_ahead(q: *const u8, b: usize, bb: usize) {
     crate::isa::prefetch_lines(q.wrapping_add(b * bb + PREFETCH_BYTES), bb);
 }
 
+/// Prefetches the f16 scales at `d` (the group's, `G` per weight group) as far ahead of
+/// block `b` as [`prefetch_ahead`] the codes, one cache line each time the scales in hand
+/// reach a new line: past the group's end, the next group's (the groups' scales lie end to
+/// end too). The scales are a second stream beside the codes (a fifth of the 2-bit
+/// matrices' bytes at 32 values per scale) that only the hardware prefetchers fetched ahead.
+/// On the Intel Xeon (family 6 model 207) the 3.1B model's 2-bit decode went from a median
+/// of 21.5 to 22.0 tok/s (20.0-21.8 and 21.3-22.8) in six alternated rounds of `bench lm`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_scales(d: *const u16, m: &Meta, b: usize) {
+    let ahead = PREFETCH_BYTES / block_bytes(m.bits) / m.gpb;
+    let s = b / m.gpb;
+    if b.is_multiple_of(m.gpb) && (s * G * 2).is_multiple_of(64) {
+        crate::isa::prefetch_lines(d.wrapping_add((s + ahead) * G) as *const u8, 64);
+    }
+}
+
 /// Code bytes of one group's block: 32 values of 16 rows.
 pub(super) fn block_bytes(bits: u32) -> usize {
     4 * bits as usize * G
@@ -387,6 +404,7 @@ mod simd {
         let mut corr = [_mm512_setzero_ps(); C];
         for b in 0..m.nb {
             super::prefetch_ahead(w.qs.as_ptr(), b, bb);
+            super::prefetch_scales(w.d.as_ptr(), m, b);
             let x = unpack::<B>(w.qs.as_ptr().add(b * bb));
             let s = b / m.gpb;
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.d.as_ptr().add(s * G) as *const _));
@@ -519,6 +537,7 @@ mod simd256 {
                 let mut corr = [_mm256_setzero_ps(); 2];
                 for b in 0..m.nb {
                     super::prefetch_ahead(w.qs.as_ptr(), b, bb);
+                    super::prefetch_scales(w.d.as_ptr(), m, b);
                     let base = w.qs.as_ptr().add(b * bb);
                     let y = a.qs.as_ptr().add(c0 * m.kp + b * BLOCK) as *const i32;
                     // [half][partial sum]
@@ -585,6 +604,7 @@ mod simd256 {
         for b in 0..m.nb {
             if half == 0 {
                 super::prefetch_ahead(w.qs.as_ptr(), b, bb);
+                super::prefetch_scales(w.d.as_ptr(), m, b);
             }
             let base = w.qs.as_ptr().add(b * bb + half * 32);
             let mut x = [_mm256_setzero_si256(); 8];
