@@ -433,8 +433,40 @@ pub(crate) fn check_segments(n: usize, counts: &[usize], caches: usize) -> Resul
 }
 
 /// `x <- clip(round(x / s), -128, 127) * s`, in f32 (round half to even, as torch).
+/// Compiled for the level in use ([`crate::isa::vectorized`]): on the baseline x86-64 target
+/// `round_ties_even` is a C library call per value (0.3% of the 3.1B model's decode on an
+/// Intel Xeon, `perf`), with AVX a vector rounding instruction; the same numbers.
 pub fn fake_quant_i8(x: &mut [f32], s: f32) {
-    for v in x.iter_mut() {
-        *v = (*v / s).round_ties_even().clamp(-128.0, 127.0) * s;
+    crate::isa::vectorized(
+        #[inline(always)]
+        || {
+            for v in x.iter_mut() {
+                *v = (*v / s).round_ties_even().clamp(-128.0, 127.0) * s;
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake_quant_i8;
+
+    /// At the level in use, the same bits as the plain loop (the baseline target's library
+    /// rounding): ties to even, signed zeros, clamping, infinities and NaN.
+    #[test]
+    fn fake_quant_is_the_plain_loop_bit_for_bit() {
+        let s = 0.37f32;
+        let mut x: Vec<f32> = (-4000..4000).map(|i| i as f32 * 0.0173).collect();
+        x.extend([0.5, 1.5, 2.5, -0.5, -1.5, -0.1, -0.0, 0.0, 1e9, -1e9]);
+        x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+        x.extend((0..256).map(|k| (k as f32 - 128.0 + 0.5) * s));
+        let mut fast = x.clone();
+        fake_quant_i8(&mut fast, s);
+        let plain: Vec<f32> = x
+            .iter()
+            .map(|v| (v / s).round_ties_even().clamp(-128.0, 127.0) * s)
+            .collect();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast), bits(&plain));
     }
 }
