@@ -33,12 +33,12 @@ pub(crate) fn inverse_scale(amax: f32) -> f32 {
 }
 
 /// One block of 32 values to int8 codes, eight at a time on AVX2, as the int8 activation
-/// quantisers define them: `q = round_half_even(x * inverse_scale(amax))` with `amax` the
-/// largest magnitude. Returns `(amax, sum of the codes, the codes)`, or `None` when the
-/// block holds a NaN or an infinity: the caller's
-/// definition then handles it (a lanes' maximum need not pass NaNs over as it does).
-/// Elementwise IEEE products, the same rounding ([`round_small`]), an order-free maximum
-/// and an integer sum, so the same codes as the definition.
+/// quantisers (`quant`'s Q8 rows, `lowbit`'s activation rows) define them: `q =
+/// round_half_even(x * inverse_scale(amax))` with `amax` the largest magnitude. Returns
+/// `(amax, sum of the codes, the codes)`, or `None` when the block holds a NaN or an
+/// infinity: the caller's definition then handles it (a lanes' maximum need not pass NaNs
+/// over as the definitions do). Elementwise IEEE products, the same rounding
+/// ([`round_small`]), an order-free maximum and an integer sum, so the definitions' codes.
 ///
 /// # Safety
 /// The CPU must have AVX2.
