@@ -593,36 +593,38 @@ impl Act {
                 let xb = &xr[lo..hi];
                 let qb = &mut q[b * BLOCK..b * BLOCK + xb.len()];
                 #[cfg(target_arch = "x86_64")]
-                if let (true, Ok(xa)) = (avx2, <&[f32; BLOCK]>::try_from(xb)) {
+                let fast = match (avx2, <&[f32; BLOCK]>::try_from(xb)) {
                     // SAFETY: `avx2` says the level in use, so the CPU, has AVX2.
-                    if let Some((amax, sum, codes)) =
-                        unsafe { crate::kernels::round_block_avx2(xa) }
-                    {
+                    (true, Ok(xa)) => unsafe { crate::kernels::round_block_avx2(xa) },
+                    _ => None,
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let fast: Option<(f32, i32, [u8; BLOCK])> = None;
+                let (amax, sum) = match fast {
+                    Some((amax, sum, codes)) => {
                         for (o, c) in qb.iter_mut().zip(codes) {
                             *o = c as i8;
                         }
-                        d[b] = amax / 127.0;
-                        sg[b * BLOCK / group] += d[b] * sum as f32;
-                        continue;
-                    }
-                }
-                let (amax, sum) = crate::isa::vectorized(
-                    #[inline(always)]
-                    || {
-                        let amax = crate::kernels::max_of(xb, 0.0, f32::abs);
-                        let id = crate::kernels::inverse_scale(amax);
-                        let mut sum = 0i32;
-                        for (o, &v) in qb.iter_mut().zip(xb) {
-                            // small_int rounds to nearest even as it converts
-                            let r = v * id;
-                            let r = if r.is_nan() { 0.0 } else { r };
-                            let qv = crate::kernels::small_int(r) as i32;
-                            sum += qv;
-                            *o = qv as i8;
-                        }
                         (amax, sum)
-                    },
-                );
+                    }
+                    None => crate::isa::vectorized(
+                        #[inline(always)]
+                        || {
+                            let amax = crate::kernels::max_of(xb, 0.0, f32::abs);
+                            let id = crate::kernels::inverse_scale(amax);
+                            let mut sum = 0i32;
+                            for (o, &v) in qb.iter_mut().zip(xb) {
+                                // small_int rounds to nearest even as it converts
+                                let r = v * id;
+                                let r = if r.is_nan() { 0.0 } else { r };
+                                let qv = crate::kernels::small_int(r) as i32;
+                                sum += qv;
+                                *o = qv as i8;
+                            }
+                            (amax, sum)
+                        },
+                    ),
+                };
                 d[b] = amax / 127.0;
                 sg[b * BLOCK / group] += d[b] * sum as f32;
             }
