@@ -45,19 +45,26 @@ fn prefetch_ahead(q: *const u8, b: usize, bb: usize) {
     crate::isa::prefetch_lines(q.wrapping_add(b * bb + PREFETCH_BYTES), bb);
 }
 
-/// Prefetches the f16 scales at `d` (the group's, `G` per weight group) as far ahead of
-/// block `b` as [`prefetch_ahead`] the codes, one cache line each time the scales in hand
-/// reach a new line: past the group's end, the next group's (the groups' scales lie end to
-/// end too). The scales are a second stream beside the codes (a fifth of the 2-bit
+/// Weight groups between the block in hand and the one [`prefetch_ahead`] fetches codes
+/// for: how far ahead [`prefetch_scales`] goes. Computed once per kernel call, outside the
+/// loop over blocks.
+#[cfg(target_arch = "x86_64")]
+fn scales_ahead(m: &Meta) -> usize {
+    PREFETCH_BYTES / block_bytes(m.bits) / m.gpb
+}
+
+/// Prefetches the f16 scales at `d` (the group's, `G` per weight group) of weight group `s +
+/// ahead` ([`scales_ahead`]), as far ahead as [`prefetch_ahead`] the codes; called at weight
+/// group `s`'s first block, it fetches a line each time the scales in hand reach a new one
+/// (`G` scales are 32 bytes): past the group's end, the next group's (the groups' scales lie
+/// end to end too). The scales are a second stream beside the codes (a fifth of the 2-bit
 /// matrices' bytes at 32 values per scale) that only the hardware prefetchers fetched ahead.
 /// On the Intel Xeon (family 6 model 207) the 3.1B model's 2-bit decode went from a median
 /// of 21.5 to 22.0 tok/s (20.0-21.8 and 21.3-22.8) in six alternated rounds of `bench lm`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch_scales(d: *const u16, m: &Meta, b: usize) {
-    let ahead = PREFETCH_BYTES / block_bytes(m.bits) / m.gpb;
-    let s = b / m.gpb;
-    if b.is_multiple_of(m.gpb) && (s * G * 2).is_multiple_of(64) {
+fn prefetch_scales(d: *const u16, s: usize, ahead: usize) {
+    if (s * G * 2).is_multiple_of(64) {
         crate::isa::prefetch_lines(d.wrapping_add((s + ahead) * G) as *const u8, 64);
     }
 }
@@ -402,11 +409,14 @@ mod simd {
         let (bb, ng) = (block_bytes(B), m.nb / m.gpb);
         let mut acc = [_mm512_setzero_ps(); C];
         let mut corr = [_mm512_setzero_ps(); C];
+        let ahead = super::scales_ahead(m);
         for b in 0..m.nb {
             super::prefetch_ahead(w.qs.as_ptr(), b, bb);
-            super::prefetch_scales(w.d.as_ptr(), m, b);
-            let x = unpack::<B>(w.qs.as_ptr().add(b * bb));
             let s = b / m.gpb;
+            if b % m.gpb == 0 {
+                super::prefetch_scales(w.d.as_ptr(), s, ahead);
+            }
+            let x = unpack::<B>(w.qs.as_ptr().add(b * bb));
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.d.as_ptr().add(s * G) as *const _));
             for c in 0..C {
                 let col = c0 + c;
@@ -535,9 +545,13 @@ mod simd256 {
                 let mask = _mm256_set1_epi8(((1u32 << B) - 1) as i8);
                 let mut acc = [_mm256_setzero_ps(); 2];
                 let mut corr = [_mm256_setzero_ps(); 2];
+                let ahead = super::scales_ahead(m);
                 for b in 0..m.nb {
                     super::prefetch_ahead(w.qs.as_ptr(), b, bb);
-                    super::prefetch_scales(w.d.as_ptr(), m, b);
+                    let s = b / m.gpb;
+                    if b % m.gpb == 0 {
+                        super::prefetch_scales(w.d.as_ptr(), s, ahead);
+                    }
                     let base = w.qs.as_ptr().add(b * bb);
                     let y = a.qs.as_ptr().add(c0 * m.kp + b * BLOCK) as *const i32;
                     // [half][partial sum]
@@ -557,7 +571,6 @@ mod simd256 {
                             }
                         }
                     }
-                    let s = b / m.gpb;
                     let dx = _mm256_set1_ps(*a.d.get_unchecked(c0 * m.nb + b));
                     for h in 0..2 {
                         let dw = _mm256_cvtph_ps(_mm_loadu_si128(
@@ -601,10 +614,14 @@ mod simd256 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); C];
         let mut corr = [_mm256_setzero_ps(); C];
+        let ahead = super::scales_ahead(m);
         for b in 0..m.nb {
+            let s = b / m.gpb;
             if half == 0 {
                 super::prefetch_ahead(w.qs.as_ptr(), b, bb);
-                super::prefetch_scales(w.d.as_ptr(), m, b);
+                if b % m.gpb == 0 {
+                    super::prefetch_scales(w.d.as_ptr(), s, ahead);
+                }
             }
             let base = w.qs.as_ptr().add(b * bb + half * 32);
             let mut x = [_mm256_setzero_si256(); 8];
@@ -625,7 +642,6 @@ mod simd256 {
                     x[2 * l + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                 }
             }
-            let s = b / m.gpb;
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(
                 w.d.as_ptr().add(s * G + half * 8) as *const __m128i
             ));
