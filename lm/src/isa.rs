@@ -355,7 +355,10 @@ pub(crate) use group_kernels;
 /// i32 sums (even and odd loads, so that no chain of `vpdpbusd` is longer than four). The products
 /// of 4-bit or 2-bit codes and activations in -127..=127 never saturate `vpmaddubsw`, and the
 /// kernels add at most 8 of its results in i16 (8 x 2 x 15 x 127 = 30,480 at most), so all three
-/// give the exact integer sums, and the same bits.
+/// give the exact integer sums, and the same bits. `|s| quarter` (for the 2-bit kernel, whose
+/// second partial sum holds the products of 4 times the codes: `lowbit::groups`) adds a quarter
+/// of the second partial sum to the first, by an arithmetic shift: exact, as that sum is a
+/// multiple of 4.
 macro_rules! dot_step_variants {
     ($kernel:ident, $avx2:ident, $avxvnni:ident, $evex:ident) => {
         $kernel!(
@@ -366,7 +369,8 @@ macro_rules! dot_step_variants {
             $avx2,
             1,
             |t, x, y| _mm256_add_epi16(t, _mm256_maddubs_epi16(x, y)),
-            |s| _mm256_madd_epi16(s[0], _mm256_set1_epi16(1))
+            |s| _mm256_madd_epi16(s[0], _mm256_set1_epi16(1)),
+            |s| _mm256_add_epi16(s[0], _mm256_srai_epi16::<2>(s[1]))
         );
         $kernel!(
             /// AVX-VNNI: one `vpdpbusd` (VEX) per step, into i32.
@@ -374,7 +378,8 @@ macro_rules! dot_step_variants {
             $avxvnni,
             2,
             |t, x, y| _mm256_dpbusd_avx_epi32(t, x, y),
-            |s| _mm256_add_epi32(s[0], s[1])
+            |s| _mm256_add_epi32(s[0], s[1]),
+            |s| _mm256_add_epi32(s[0], _mm256_srai_epi32::<2>(s[1]))
         );
         $kernel!(
             /// AVX-512 VNNI + VL: one `vpdpbusd` (EVEX, 256 bits) per step, into i32.
@@ -382,7 +387,8 @@ macro_rules! dot_step_variants {
             $evex,
             2,
             |t, x, y| _mm256_dpbusd_epi32(t, x, y),
-            |s| _mm256_add_epi32(s[0], s[1])
+            |s| _mm256_add_epi32(s[0], s[1]),
+            |s| _mm256_add_epi32(s[0], _mm256_srai_epi32::<2>(s[1]))
         );
     };
 }

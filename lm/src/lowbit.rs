@@ -1227,6 +1227,38 @@ mod tests {
         }
     }
 
+    /// The kernels' integer sums at their bounds: every code at its largest and every
+    /// activation at +127 or -127, where a sum in i16 past 32,767 or a saturating
+    /// `vpmaddubsw` would show (the 2-bit kernels add four times the odd fields' codes).
+    #[test]
+    fn kernels_are_exact_at_the_largest_codes_and_activations() {
+        let (rows, cols) = (32, 256);
+        for (bits, group) in [(2, 32), (2, 64), (4, 32)] {
+            let qs = vec![0xFF; rows * cols * bits as usize / 8];
+            let d = vec![0x3C00; rows * cols / group];
+            let mut q = LowBitMatrix::from_parts(bits, group, rows, cols, qs, d).unwrap();
+            let top = ((1u32 << bits) - 1) as f64 / 2.0;
+            for (sign, m) in [(1f32, 1), (-1f32, 1), (1f32, 4), (-1f32, 3)] {
+                let x = vec![sign; m * cols];
+                // every weight is `top` and every input `sign`; the activation scale 1/127
+                // rounds, so the sums agree to f32's precision (a wrapped or saturated sum
+                // would be off by a third or more)
+                let want = sign as f64 * top * cols as f64;
+                for grouped in [false, true] {
+                    q.set_grouped(grouped);
+                    for (name, k) in families() {
+                        for g in q.matmul_with(&x, m, k) {
+                            assert!(
+                                (g as f64 - want).abs() < 1e-5 * want.abs(),
+                                "{bits}-bit g{group} {name} grouped {grouped} m {m}: {g} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The group layout is a permutation: the row-layout parts, the dequantized matrix and
     /// the embedding rows are unchanged by it, and so is a concatenation of grouped matrices.
     #[test]

@@ -542,7 +542,9 @@ mod simd256 {
     macro_rules! q4_1_one {
         ($(#[$attr:meta])* $name:ident, $parts:literal,
          |$t:ident, $x:ident, $y:ident| $step:expr,
-         |$s:ident| $widen:expr) => {
+         |$s:ident| $widen:expr,
+         // Q4_1's codes are unscaled: no quarter sum
+         |$_q:ident| $_quarter:expr) => {
             $(#[$attr])*
             ///
             /// # Safety
