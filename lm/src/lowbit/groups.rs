@@ -306,17 +306,14 @@ fn check_bounds(m: &Meta, w: &Group<'_>, a: &Act, c0: usize, c: usize) {
 crate::isa::group_kernels!(GroupKernel, kernel_vnni);
 
 impl GroupKernels {
-    /// Activation rows `c0 .. c0 + n` (`n` in 1..=4) against group `w`; entries past `n`
-    /// are zero.
-    fn run(&self, m: &Meta, w: Group<'_>, a: &Act, c0: usize, n: usize) -> [[f32; G]; 4] {
-        let mut r = [[0f32; G]; 4];
+    /// Activation rows `c0 .. c0 + n` (`n` in 1..=4) against group `w`, into `r[..n]`.
+    fn run(&self, m: &Meta, w: Group<'_>, a: &Act, c0: usize, n: usize, r: &mut [[f32; G]; 4]) {
         match n {
-            4 => r = (self.k4)(m, w, a, c0),
+            4 => *r = (self.k4)(m, w, a, c0),
             3 => r[..3].copy_from_slice(&(self.k3)(m, w, a, c0)),
             2 => r[..2].copy_from_slice(&(self.k2)(m, w, a, c0)),
             _ => r[0] = (self.k1)(m, w, a, c0)[0],
         }
-        r
     }
 }
 
@@ -344,12 +341,12 @@ pub(super) fn matmul(
             && act.sg.len() == n * ng
             && out.len() == n * rows
     );
-    crate::par::row_groups::<G>(groups, rows, n, out, |g, c0, c| {
+    crate::par::row_groups::<G>(groups, rows, n, out, |g, c0, c, r| {
         let w = Group {
             qs: &qs[g * meta.nb * bb..(g + 1) * meta.nb * bb],
             d: &d[g * ng * G..(g + 1) * ng * G],
         };
-        k.run(meta, w, act, c0, c)
+        k.run(meta, w, act, c0, c, r)
     });
 }
 

@@ -289,17 +289,14 @@ pub(super) fn grouped_at(kind: QKind, isa: crate::isa::Isa) -> bool {
 }
 
 impl GroupKernels {
-    /// Activation rows `c0 .. c0 + n` (`n` in 1..=4) against group `w`; entries past `n`
-    /// are zero.
-    fn run(&self, w: Group<'_>, a: &Act, c0: usize, n: usize, cols: usize) -> [[f32; G]; 4] {
-        let mut r = [[0f32; G]; 4];
+    /// Activation rows `c0 .. c0 + n` (`n` in 1..=4) against group `w`, into `r[..n]`.
+    fn run(&self, w: Group<'_>, a: &Act, c0: usize, n: usize, cols: usize, r: &mut [[f32; G]; 4]) {
         match n {
-            4 => r = (self.k4)(w, a, c0, cols),
+            4 => *r = (self.k4)(w, a, c0, cols),
             3 => r[..3].copy_from_slice(&(self.k3)(w, a, c0, cols)),
             2 => r[..2].copy_from_slice(&(self.k2)(w, a, c0, cols)),
             _ => r[0] = (self.k1)(w, a, c0, cols)[0],
         }
-        r
     }
 }
 
@@ -332,14 +329,14 @@ pub(super) fn matmul(
             && act.s.len() == m * nb
             && out.len() == m * rows
     );
-    crate::par::row_groups::<G>(groups, rows, m, out, |g, c0, n| {
+    crate::par::row_groups::<G>(groups, rows, m, out, |g, c0, n, r| {
         let w = Group {
             kind,
             qs: &qs[g * nb * q * G..(g + 1) * nb * q * G],
             d: &d[g * nb * G..(g + 1) * nb * G],
             m: &mm[g * nb * G..(g + 1) * nb * G],
         };
-        k.run(w, act, c0, n, cols)
+        k.run(w, act, c0, n, cols, r)
     });
 }
 
