@@ -31,14 +31,22 @@ legs does a spider have? Answer: eight. The committee met on Tuesday, 3 March, a
 agreed that the budget (EUR 12,500) should cover printing, travel and two new laptops. Then \
 the conversation turned to the weather, to football, and to the strange noise in the attic.";
 
-/// Appends `x` quantized with scale `s` to `out`.
+/// Appends `x` quantized with scale `s` to `out`. Compiled for the level in use
+/// ([`crate::isa::vectorized`]): on the baseline x86-64 target `round_ties_even` is a C
+/// library call per value (`rintf`, 0.1-0.2% of a thread's time in the 3.1B model's decode
+/// on an Intel Xeon, `perf`); the same codes.
 pub fn quantize_into(x: &[f32], s: f32, out: &mut Vec<i8>) {
-    // `x / s` as tamm computes it (a division, not a multiply by the inverse), so that
-    // ties fall exactly where tamm has them
-    out.extend(
-        x.iter()
-            .map(|&v| (v / s).round_ties_even().clamp(-128.0, 127.0) as i8),
-    );
+    crate::isa::vectorized(
+        #[inline(always)]
+        || {
+            // `x / s` as tamm computes it (a division, not a multiply by the inverse), so
+            // that ties fall exactly where tamm has them
+            out.extend(
+                x.iter()
+                    .map(|&v| (v / s).round_ties_even().clamp(-128.0, 127.0) as i8),
+            )
+        },
+    )
 }
 
 /// Scale of a layer whose largest absolute key (or value) is `amax`: `amax / 127`, or 1 when
@@ -177,6 +185,27 @@ mod tests {
         assert_eq!(out, vec![0, 0, 2, 127, -128, 0]);
         assert_eq!(scale_for(127.0), 1.0);
         assert_eq!(scale_for(0.0), 1.0);
+    }
+
+    /// At the level in use, the codes of the plain loop (the baseline target's library
+    /// rounding): ties to even, clipping, signed zeros, infinities and NaN (which `as i8`
+    /// makes 0).
+    #[test]
+    fn quantize_is_the_plain_loop() {
+        let s = 0.37f32;
+        let mut x: Vec<f32> = (-30000..30000).map(|i| i as f32 * 0.0031).collect();
+        x.extend([0.5, 1.5, 2.5, -0.5, -1.5, -0.0, 1e9, -1e9]);
+        x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+        x.extend((0..256).map(|k| (k as f32 - 128.0 + 0.5) * s));
+        let mut fast = vec![7i8];
+        quantize_into(&x, s, &mut fast);
+        let plain: Vec<i8> = std::iter::once(7)
+            .chain(
+                x.iter()
+                    .map(|v| (v / s).round_ties_even().clamp(-128.0, 127.0) as i8),
+            )
+            .collect();
+        assert_eq!(fast, plain);
     }
 
     /// On ragged head widths (multiples of 8 take the SIMD path) and row counts: close to the
