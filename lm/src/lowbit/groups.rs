@@ -20,15 +20,17 @@
 //!   form, [`crate::quant`]).
 //!
 //! So a 64-byte load, shifted and masked, gives four values of all 16 rows, one lane per row.
-//!
-//! # Unpacking 2-bit codes
-//! The SIMD kernels take the four 2-bit fields of a byte with one shift per load and one AND
-//! per field: `v & 3`, `v & 12`, `(v >> 4) & 3`, `(v >> 4) & 12`, so the odd fields hold 4
-//! times their codes. Their products go to a second partial sum, which is then divided by 4
-//! exactly (it is a multiple of 4). At most 4 x 2 x 12 x 127 = 12,192 in AVX2's i16 sums. It
-//! replaced three shifts and four ANDs per load (seven operations for five).
 //! The scales of weight group `s` of the 16 rows sit at `(g * ng + s) * G + i` (`ng` scales
 //! per row).
+//!
+//! # Unpacking 2-bit codes
+//! The one-row kernels and AVX-512's take the four 2-bit fields of a byte with one shift per
+//! load and one AND per field: `v & 3`, `v & 12`, `(v >> 4) & 3`, `(v >> 4) & 12` (five
+//! operations where three shifts and four ANDs took seven), so the odd fields hold 4 times
+//! their codes. Their products go to a second partial sum, which is then divided by 4
+//! exactly (it is a multiple of 4); AVX2's i16 sums stay below 4 x 2 x 12 x 127 = 12,192.
+//! AVX2's kernel for 2 to 4 activation rows keeps the shifted fields: it unpacks a block
+//! once for all its rows, and the division would cost one more operation per row.
 
 use super::{offset, pack_pair, Act, BLOCK, PAIR};
 
@@ -559,7 +561,8 @@ mod simd256 {
     /// its vector operations (the codes are few next to the work), and per block this saves
     /// eight broadcasts, a scale broadcast and the second pass's loop.
     ///
-    /// `|t, x, y| step` and `|s| widen` sum the products per half of the group
+    /// `|t, x, y| step` and `|s| widen` sum the products per half of the group, and at 2
+    /// bits `|s| quarter` first adds the 4x fields' sum, divided by 4, to the other
     /// ([`crate::isa::dot_step_variants`] gives them for AVX2 and both VNNI forms): the exact
     /// integer sums, and the float steps after them are [`lowbit`]'s: the same bits.
     macro_rules! lowbit1 {
