@@ -355,10 +355,11 @@ pub(crate) use group_kernels;
 /// i32 sums (even and odd loads, so that no chain of `vpdpbusd` is longer than four). The products
 /// of 4-bit or 2-bit codes and activations in -127..=127 never saturate `vpmaddubsw`, and the
 /// kernels add at most 8 of its results in i16 (8 x 2 x 15 x 127 = 30,480 at most), so all three
-/// give the exact integer sums, and the same bits. `|s| quarter` (for the 2-bit kernel, whose
-/// second partial sum holds the products of 4 times the codes: `lowbit::groups`) adds a quarter
-/// of the second partial sum to the first, by an arithmetic shift: exact, as that sum is a
-/// multiple of 4.
+/// give the exact integer sums, and the same bits. `|s| quarter` is for the 2-bit kernel, which
+/// splits its two partial sums by field instead of by load (`lowbit::groups`, "Unpacking 2-bit
+/// codes"; AVX2 then has two i16 sums too): it adds a quarter of the second, whose products are
+/// of 4 times the codes, to the first, by an arithmetic shift: exact, as that sum is a multiple
+/// of 4.
 macro_rules! dot_step_variants {
     ($kernel:ident, $avx2:ident, $avxvnni:ident, $evex:ident) => {
         $kernel!(
