@@ -15,7 +15,6 @@ pub mod config;
 pub mod device_model;
 pub mod diff_model;
 pub mod error;
-pub mod gemv;
 pub mod generate;
 pub mod gguf_check;
 pub mod gguf_write;

@@ -10,10 +10,6 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
-/// Up to this many activation rows, [`Linear::Dense`] runs [`crate::gemv`] (the decode
-/// step), above it candle's matmul (gemm, for prefill).
-pub const GEMV_ROWS: usize = 4;
-
 #[derive(Debug, Clone)]
 pub enum Linear {
     /// Dense f32 (safetensors, F16/F32 GGUF) or a quantized type candle handles.
@@ -121,13 +117,6 @@ impl Linear {
                         x.len()
                     )));
                 }
-                if m <= GEMV_ROWS && wt.dtype() == DType::F32 && wt.is_contiguous() {
-                    let (ws, l) = wt.storage_and_layout();
-                    if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) = &*ws {
-                        let w = &w[l.start_offset()..][..inp * wt.dims()[1]];
-                        return Ok(crate::gemv::matmul(x, m, w, inp, wt.dims()[1]));
-                    }
-                }
                 let t = Tensor::from_slice(x, (m, inp), &Device::Cpu)?;
                 Ok(t.matmul(wt)?.flatten_all()?.to_vec1::<f32>()?)
             }
@@ -137,21 +126,6 @@ impl Linear {
                         "matmul: {} inputs for {m} rows",
                         x.len()
                     )));
-                }
-                if let QMatMul::Tensor(wt) = w {
-                    // a dense (out, in) matrix: the tied embedding as the output head
-                    if let (true, Ok((out, inp))) = (
-                        m <= GEMV_ROWS && wt.dtype() == DType::F32 && wt.is_contiguous(),
-                        wt.dims2(),
-                    ) {
-                        let (ws, l) = wt.storage_and_layout();
-                        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), true) =
-                            (&*ws, x.len() == m * inp)
-                        {
-                            let v = &v[l.start_offset()..][..out * inp];
-                            return Ok(crate::gemv::matmul_t(x, m, v, out, inp));
-                        }
-                    }
                 }
                 let t = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
                 Ok(w.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
