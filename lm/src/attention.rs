@@ -432,7 +432,8 @@ pub(crate) fn check_segments(n: usize, counts: &[usize], caches: usize) -> Resul
     Ok(())
 }
 
-/// `x <- clip(round(x / s), -128, 127) * s`, in f32 (round half to even, as torch).
+/// `x <- clip(round(x / s), -128, 127) * s`, in f32 (round half to even, as torch;
+/// [`crate::kv8::code`], the int8 cache's rounding).
 /// Compiled for the level in use ([`crate::isa::vectorized`]): on the baseline x86-64 target
 /// `round_ties_even` is a C library call per value (0.3% of the 3.1B model's decode on an
 /// Intel Xeon, `perf`), with AVX a vector rounding instruction; the same numbers.
@@ -441,7 +442,7 @@ pub fn fake_quant_i8(x: &mut [f32], s: f32) {
         #[inline(always)]
         || {
             for v in x.iter_mut() {
-                *v = (*v / s).round_ties_even().clamp(-128.0, 127.0) * s;
+                *v = crate::kv8::code(*v, s) * s;
             }
         },
     )

@@ -31,6 +31,16 @@ legs does a spider have? Answer: eight. The committee met on Tuesday, 3 March, a
 agreed that the budget (EUR 12,500) should cover printing, travel and two new laptops. Then \
 the conversation turned to the weather, to football, and to the strange noise in the attic.";
 
+/// The code of `v` at scale `s`, as an f32: `clip(round(v / s), -128, 127)`, ties to even, as
+/// tamm computes it (a division, not a multiply by the inverse, so that ties fall exactly
+/// where tamm has them). The int8 cache stores it ([`quantize_into`]); the 8-bit K/V mode
+/// of an f32 cache multiplies it back by `s` ([`crate::attention::fake_quant_i8`]), so both
+/// round alike. Inlined, for the callers' [`crate::isa::vectorized`] loops.
+#[inline(always)]
+pub(crate) fn code(v: f32, s: f32) -> f32 {
+    (v / s).round_ties_even().clamp(-128.0, 127.0)
+}
+
 /// Appends `x` quantized with scale `s` to `out`. Compiled for the level in use
 /// ([`crate::isa::vectorized`]): on the baseline x86-64 target `round_ties_even` is a C
 /// library call per value (`rintf`, 0.1-0.2% of a thread's time in the 3.1B model's decode
@@ -38,14 +48,7 @@ the conversation turned to the weather, to football, and to the strange noise in
 pub fn quantize_into(x: &[f32], s: f32, out: &mut Vec<i8>) {
     crate::isa::vectorized(
         #[inline(always)]
-        || {
-            // `x / s` as tamm computes it (a division, not a multiply by the inverse), so
-            // that ties fall exactly where tamm has them
-            out.extend(
-                x.iter()
-                    .map(|&v| (v / s).round_ties_even().clamp(-128.0, 127.0) as i8),
-            )
-        },
+        || out.extend(x.iter().map(|&v| code(v, s) as i8)),
     )
 }
 
